@@ -1,0 +1,17 @@
+//! Generated protobuf and gRPC code for the platform's events and APIs.
+//! The `.proto` sources under `proto/` are the contract; this crate only compiles them.
+
+/// Encoded `FileDescriptorSet` of every proto here, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+pub mod events {
+    pub mod v1 {
+        tonic::include_proto!("creto.enablement.events.v1");
+    }
+}
+
+pub mod metering {
+    pub mod v1 {
+        tonic::include_proto!("creto.enablement.metering.v1");
+    }
+}

@@ -1,0 +1,97 @@
+//! Dead letters: events that could not be applied, parked with the reason, the original
+//! stream, subject and sequence, and the original payload and headers, so they can be listed
+//! and re-driven after a fix.
+use crate::headers::{names, Headers};
+use crate::log::{AppendEvent, StoredEvent};
+
+/// Builds the dead-letter append for `event`. Its id is derived from the original stream and
+/// sequence, so dead-lettering the same event twice (after a crash) stores it once.
+pub fn letter(
+    event: &StoredEvent,
+    subject: &str,
+    reason: &str,
+    detail: &str,
+    deliveries: u32,
+) -> AppendEvent {
+    let mut headers = Headers::new();
+    for (k, v) in event.headers.iter() {
+        // JetStream control headers must not be replayed onto the dead-letter stream.
+        if !k.starts_with("Nats-") && !k.starts_with("Creto-DL-") {
+            headers.insert(k, v);
+        }
+    }
+    headers.insert(names::DL_REASON, reason);
+    headers.insert(names::DL_DETAIL, truncate(detail, 1024));
+    headers.insert(names::DL_STREAM, &event.stream);
+    headers.insert(names::DL_SUBJECT, &event.subject);
+    headers.insert(names::DL_SEQUENCE, event.sequence.to_string());
+    headers.insert(names::DL_DELIVERIES, deliveries.to_string());
+    AppendEvent {
+        subject: subject.to_string(),
+        id: format!("dl:{}:{}", event.stream, event.sequence),
+        expected_subject_sequence: None,
+        headers,
+        payload: event.payload.clone(),
+    }
+}
+
+/// A dead letter as read back from the dead-letter stream.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub sequence: u64,
+    pub reason: String,
+    pub detail: String,
+    pub original_stream: String,
+    pub original_subject: String,
+    pub original_sequence: u64,
+    pub deliveries: u32,
+    pub event: StoredEvent,
+}
+
+impl DeadLetter {
+    pub fn parse(event: StoredEvent) -> Option<DeadLetter> {
+        let h = &event.headers;
+        Some(DeadLetter {
+            sequence: event.sequence,
+            reason: h.get(names::DL_REASON)?.to_string(),
+            detail: h.get(names::DL_DETAIL).unwrap_or_default().to_string(),
+            original_stream: h.get(names::DL_STREAM)?.to_string(),
+            original_subject: h.get(names::DL_SUBJECT)?.to_string(),
+            original_sequence: h.get(names::DL_SEQUENCE)?.parse().ok()?,
+            deliveries: h
+                .get(names::DL_DELIVERIES)
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0),
+            event,
+        })
+    }
+
+    /// The append that sends the original event back to its subject. It gets a fresh id:
+    /// the original's may still be inside the duplicate window.
+    pub fn redrive(&self) -> AppendEvent {
+        let mut headers = Headers::new();
+        for (k, v) in self.event.headers.iter() {
+            if !k.starts_with("Creto-DL-") && !k.starts_with("Nats-") {
+                headers.insert(k, v);
+            }
+        }
+        AppendEvent {
+            subject: self.original_subject.clone(),
+            id: format!("redrive:{}:{}", self.original_stream, self.sequence),
+            expected_subject_sequence: None,
+            headers,
+            payload: self.event.payload.clone(),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

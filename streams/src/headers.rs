@@ -1,0 +1,75 @@
+//! Message headers, independent of the log backend.
+use std::fmt;
+
+/// Header names the platform writes. JetStream's own (`Nats-Msg-Id`, …) are set by the adapter.
+pub mod names {
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    pub const EVENT_TYPE: &str = "Creto-Event-Type";
+    pub const TENANT: &str = "Creto-Tenant";
+    /// W3C trace context, so one trace spans command, append and projection.
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const TRACESTATE: &str = "tracestate";
+    pub const DL_REASON: &str = "Creto-DL-Reason";
+    pub const DL_DETAIL: &str = "Creto-DL-Detail";
+    pub const DL_STREAM: &str = "Creto-DL-Stream";
+    pub const DL_SUBJECT: &str = "Creto-DL-Subject";
+    pub const DL_SEQUENCE: &str = "Creto-DL-Sequence";
+    pub const DL_DELIVERIES: &str = "Creto-DL-Deliveries";
+}
+
+/// Content types of payloads on the log.
+pub mod content_types {
+    /// `EventEnvelope` protobuf written by the platform.
+    pub const ENVELOPE: &str = "application/vnd.creto.envelope+protobuf";
+    /// A producer's CloudEvents 1.0 JSON (structured mode).
+    pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+    /// A producer's CloudEvent as `creto.enablement.metering.v1.UsageEvent` protobuf.
+    pub const PROTOBUF: &str = "application/protobuf";
+}
+
+/// An ordered multi-map of string headers. Wraps the NATS header map so a message read from
+/// JetStream needs no conversion, while the type itself stays backend-neutral.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(pub(crate) async_nats::HeaderMap);
+
+impl Headers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, name: &str, value: impl AsRef<str>) -> Self {
+        self.insert(name, value);
+        self
+    }
+
+    /// Inserts a header. Line breaks would corrupt the wire format, so they become spaces.
+    pub fn insert(&mut self, name: &str, value: impl AsRef<str>) {
+        let value = value.as_ref();
+        if value.contains(['\r', '\n']) {
+            self.0
+                .insert(name, value.replace(['\r', '\n'], " ").as_str());
+        } else {
+            self.0.insert(name, value);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.as_ref(), v.as_str())))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().next().is_none()
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}

@@ -1,0 +1,581 @@
+//! The JetStream adapter of the log port.
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, AckPolicy, DeliverPolicy},
+    context::{GetStreamErrorKind, PublishErrorKind},
+    message::{AckKind, Acker, PublishMessage},
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use async_trait::async_trait;
+use futures::{stream::BoxStream, FutureExt, StreamExt, TryStreamExt};
+
+use crate::catalog::{Catalog, StreamSpec};
+use crate::headers::Headers;
+use crate::log::*;
+
+/// How long an append keeps retrying a transient failure (server restart, leader election)
+/// before it reports `Unavailable`. Retries reuse the event id, so they never duplicate.
+const APPEND_RETRY_BUDGET: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct JetStreamLog {
+    context: jetstream::Context,
+    catalog: Catalog,
+}
+
+impl JetStreamLog {
+    /// Connects to `url`. The error names the URL and what to do about it.
+    pub async fn connect(url: &str, catalog: Catalog) -> Result<Self, LogError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("creto-enablement")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| {
+                LogError::Unavailable(format!(
+                    "cannot reach NATS at {url} ({e}); start nats-server with JetStream enabled (-js) or set NATS_URL"
+                ))
+            })?;
+        Ok(Self::from_client(client, catalog))
+    }
+
+    pub fn from_client(client: async_nats::Client, catalog: Catalog) -> Self {
+        let context = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .max_ack_inflight(16_384)
+            .backpressure_on_inflight(true)
+            .build(client);
+        JetStreamLog { context, catalog }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn stream_config(spec: &StreamSpec) -> stream::Config {
+        stream::Config {
+            name: spec.name.clone(),
+            subjects: spec.subjects.clone(),
+            description: Some(spec.description.clone()),
+            max_age: spec.max_age,
+            max_bytes: spec.max_bytes,
+            max_messages: -1,
+            max_message_size: spec.max_message_size,
+            duplicate_window: spec.duplicate_window,
+            num_replicas: spec.replicas,
+            storage: StorageType::File,
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    async fn stream(&self, name: &str) -> Result<stream::Stream, LogError> {
+        self.context
+            .get_stream(name)
+            .await
+            .map_err(|e| match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    LogError::UnknownStream(name.to_string())
+                }
+                _ => unavailable(e),
+            })
+    }
+
+    async fn publish_once(&self, event: &AppendEvent) -> Result<Appended, (LogError, bool)> {
+        let mut publish = PublishMessage::build()
+            .payload(event.payload.clone())
+            .headers(event.headers.0.clone())
+            .message_id(&event.id);
+        if let Some(expected) = event.expected_subject_sequence {
+            publish = publish.expected_last_subject_sequence(expected);
+        }
+        let ack = match self
+            .context
+            .send_publish(event.subject.clone(), publish)
+            .await
+        {
+            Ok(fut) => fut.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) if ack.duplicate => Ok(Appended::Duplicate {
+                sequence: ack.sequence,
+            }),
+            Ok(ack) => Ok(Appended::New {
+                sequence: ack.sequence,
+            }),
+            Err(e) => Err(publish_error(e, event)),
+        }
+    }
+}
+
+/// Maps a publish error to the port's error and whether retrying with the same id is safe
+/// and useful (the server may or may not have stored the message).
+fn publish_error(e: jetstream::context::PublishError, event: &AppendEvent) -> (LogError, bool) {
+    match e.kind() {
+        PublishErrorKind::WrongLastSequence => (
+            LogError::Conflict {
+                subject: event.subject.clone(),
+                expected: event.expected_subject_sequence.unwrap_or(0),
+            },
+            false,
+        ),
+        PublishErrorKind::StreamNotFound => (LogError::NoStream(event.subject.clone()), false),
+        PublishErrorKind::MaxPayloadExceeded => (
+            LogError::TooLarge {
+                size: event.payload.len(),
+                limit: 1024 * 1024,
+            },
+            false,
+        ),
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            (LogError::Unavailable(e.to_string()), true)
+        }
+        _ => {
+            let text = e.to_string();
+            // A message over the stream's max_message_size comes back as a generic error.
+            if text.contains("message size exceeds") {
+                (
+                    LogError::TooLarge {
+                        size: event.payload.len(),
+                        limit: 1024 * 1024,
+                    },
+                    false,
+                )
+            } else {
+                (LogError::Other(text), false)
+            }
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+fn deliver_policy(from: ReplayFrom) -> DeliverPolicy {
+    match from {
+        ReplayFrom::Start | ReplayFrom::Sequence(0) => DeliverPolicy::All,
+        ReplayFrom::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+        ReplayFrom::Time(start_time) => DeliverPolicy::ByStartTime { start_time },
+    }
+}
+
+fn stored(
+    stream: &str,
+    message: async_nats::Message,
+    sequence: u64,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+) -> StoredEvent {
+    StoredEvent {
+        stream: stream.to_string(),
+        sequence,
+        subject: message.subject.to_string(),
+        headers: Headers(message.headers.unwrap_or_default()),
+        payload: message.payload,
+        recorded_at,
+    }
+}
+
+/// Splits a JetStream message into the stored event and its acker.
+fn split(stream: &str, message: jetstream::Message) -> Result<(StoredEvent, u32, Acker), LogError> {
+    let (sequence, delivered, published) = {
+        let info = message
+            .info()
+            .map_err(|e| LogError::Other(format!("bad JetStream reply subject: {e}")))?;
+        (
+            info.stream_sequence,
+            info.delivered.max(1) as u32,
+            info.published,
+        )
+    };
+    let (message, acker) = message.split();
+    Ok((
+        stored(stream, message, sequence, published),
+        delivered,
+        acker,
+    ))
+}
+
+fn drift(live: &stream::Config, want: &stream::Config) -> (Vec<String>, Vec<String>) {
+    let mut updatable = Vec::new();
+    let mut fixed = Vec::new();
+    macro_rules! cmp {
+        ($list:ident, $field:ident) => {
+            if live.$field != want.$field {
+                $list.push(format!(
+                    "{}: {:?} → {:?}",
+                    stringify!($field),
+                    live.$field,
+                    want.$field
+                ));
+            }
+        };
+    }
+    cmp!(updatable, subjects);
+    cmp!(updatable, description);
+    cmp!(updatable, max_age);
+    cmp!(updatable, max_bytes);
+    cmp!(updatable, max_message_size);
+    cmp!(updatable, duplicate_window);
+    cmp!(updatable, num_replicas);
+    cmp!(updatable, discard);
+    cmp!(updatable, allow_direct);
+    cmp!(fixed, storage);
+    cmp!(fixed, retention);
+    (updatable, fixed)
+}
+
+#[async_trait]
+impl EventLog for JetStreamLog {
+    async fn ensure_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        let mut out = Vec::new();
+        for spec in specs {
+            let want = Self::stream_config(spec);
+            let outcome = match self.stream(&spec.name).await {
+                Err(LogError::UnknownStream(_)) => {
+                    self.context
+                        .create_stream(want)
+                        .await
+                        .map_err(unavailable)?;
+                    EnsureOutcome::Created
+                }
+                Err(e) => return Err(e),
+                Ok(live) => {
+                    let (updatable, fixed) = drift(&live.cached_info().config, &want);
+                    if !fixed.is_empty() {
+                        EnsureOutcome::Drifted(fixed.into_iter().chain(updatable).collect())
+                    } else if updatable.is_empty() {
+                        EnsureOutcome::Unchanged
+                    } else {
+                        self.context
+                            .update_stream(want)
+                            .await
+                            .map_err(unavailable)?;
+                        EnsureOutcome::Updated(updatable)
+                    }
+                }
+            };
+            out.push((spec.name.clone(), outcome));
+        }
+        Ok(out)
+    }
+
+    async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {
+        let deadline = tokio::time::Instant::now() + APPEND_RETRY_BUDGET;
+        let mut retried = false;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.publish_once(&event).await {
+                // After an ambiguous failure a duplicate is almost surely our own first attempt.
+                Ok(Appended::Duplicate { sequence }) if retried => {
+                    return Ok(Appended::New { sequence })
+                }
+                Ok(done) => return Ok(done),
+                Err((e, true)) if tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::warn!(error = %e, subject = %event.subject, "append failed, retrying with the same id");
+                    retried = true;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
+        // Pipelined: send everything, then collect the acks in order. A failed ack is retried
+        // on its own (same id, so never duplicated).
+        let mut pending = Vec::with_capacity(events.len());
+        for event in &events {
+            let mut publish = PublishMessage::build()
+                .payload(event.payload.clone())
+                .headers(event.headers.0.clone())
+                .message_id(&event.id);
+            if let Some(expected) = event.expected_subject_sequence {
+                publish = publish.expected_last_subject_sequence(expected);
+            }
+            pending.push(
+                self.context
+                    .send_publish(event.subject.clone(), publish)
+                    .await,
+            );
+        }
+        let mut out = Vec::with_capacity(events.len());
+        for (event, sent) in events.into_iter().zip(pending) {
+            let result = match sent {
+                Ok(fut) => match fut.await {
+                    Ok(ack) if ack.duplicate => Ok(Appended::Duplicate {
+                        sequence: ack.sequence,
+                    }),
+                    Ok(ack) => Ok(Appended::New {
+                        sequence: ack.sequence,
+                    }),
+                    Err(e) => match publish_error(e, &event) {
+                        (_, true) => self.append(event).await,
+                        (e, false) => Err(e),
+                    },
+                },
+                Err(e) => match publish_error(e, &event) {
+                    (_, true) => self.append(event).await,
+                    (e, false) => Err(e),
+                },
+            };
+            out.push(result);
+        }
+        out
+    }
+
+    async fn replay(
+        &self,
+        stream_name: &str,
+        from: ReplayFrom,
+        to: Option<u64>,
+        filter_subject: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        let mut stream = self.stream(stream_name).await?;
+        let last = stream
+            .info()
+            .await
+            .map_err(unavailable)?
+            .state
+            .last_sequence;
+        let end = to.map_or(last, |t| t.min(last));
+        if let ReplayFrom::Sequence(s) = from {
+            if s > end {
+                return Ok(futures::stream::empty().boxed());
+            }
+        }
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: deliver_policy(from),
+                filter_subject: filter_subject.unwrap_or_default().to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        // The ordered consumer never ends by itself: stop after what was pending at creation,
+        // or at the end sequence, whichever comes first.
+        let initially_pending = consumer.cached_info().num_pending;
+        if initially_pending == 0 || end == 0 {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        let name = stream_name.to_string();
+        // Ends right after the last wanted event, without polling the consumer again (which
+        // would wait for events that may never come).
+        let events = futures::stream::unfold(
+            (messages, 0u64, false),
+            move |(mut messages, seen, done)| {
+                let name = name.clone();
+                async move {
+                    if done {
+                        return None;
+                    }
+                    let item = match messages.next().await? {
+                        Ok(m) => split(&name, m).map(|(e, _, _)| e),
+                        Err(e) => Err(unavailable(e)),
+                    };
+                    let seen = seen + 1;
+                    let done = match &item {
+                        Ok(e) if e.sequence > end => return None,
+                        Ok(e) => e.sequence >= end || seen >= initially_pending,
+                        Err(_) => true,
+                    };
+                    Some((item, (messages, seen, done)))
+                }
+            },
+        );
+        Ok(events.boxed())
+    }
+
+    async fn get(&self, stream_name: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
+        let stream = self.stream(stream_name).await?;
+        match stream.get_raw_message(sequence).await {
+            Ok(m) => Ok(Some(StoredEvent {
+                stream: stream_name.to_string(),
+                sequence: m.sequence,
+                subject: m.subject.to_string(),
+                headers: Headers(m.headers),
+                payload: m.payload,
+                recorded_at: m.time,
+            })),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn last_subject_sequence(
+        &self,
+        stream_name: &str,
+        subject: &str,
+    ) -> Result<u64, LogError> {
+        let stream = self.stream(stream_name).await?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn stream_state(&self, stream_name: &str) -> Result<StreamState, LogError> {
+        let mut stream = self.stream(stream_name).await?;
+        let state = stream.info().await.map_err(unavailable)?.state.clone();
+        let mut consumers: Vec<ConsumerState> = stream
+            .consumers()
+            .map_ok(|c| ConsumerState {
+                name: c.name,
+                pending: c.num_pending,
+                ack_pending: c.num_ack_pending as u64,
+                ack_floor: c.ack_floor.stream_sequence,
+            })
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        consumers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(StreamState {
+            name: stream_name.to_string(),
+            messages: state.messages,
+            bytes: state.bytes,
+            first_sequence: state.first_sequence,
+            last_sequence: state.last_sequence,
+            consumers,
+        })
+    }
+
+    async fn consumer(
+        &self,
+        stream_name: &str,
+        spec: ConsumerSpec,
+    ) -> Result<Box<dyn DurableConsumer>, LogError> {
+        let stream = self.stream(stream_name).await?;
+        let config = pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            ack_policy: match spec.ack {
+                AckMode::Each => AckPolicy::Explicit,
+                AckMode::Cumulative => AckPolicy::All,
+            },
+            ack_wait: spec.ack_wait,
+            // The server never gives up on a message: we dead-letter it ourselves at
+            // `spec.max_deliver`, so a crash on the last delivery cannot lose it.
+            max_deliver: -1,
+            max_ack_pending: 50_000,
+            filter_subject: spec.filter_subject.clone().unwrap_or_default(),
+            deliver_policy: deliver_policy(spec.start),
+            ..Default::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer(&spec.durable, config)
+            .await
+            .map_err(unavailable)?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(1_000)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::new(JetStreamConsumer {
+            stream: stream_name.to_string(),
+            messages,
+            max_deliver: spec.max_deliver.max(1),
+            log: Arc::new(self.clone()),
+            deadletter_subject: logical_deadletter_subject(&self.catalog, stream_name),
+        }))
+    }
+
+    async fn delete_consumer(&self, stream_name: &str, durable: &str) -> Result<(), LogError> {
+        let stream = self.stream(stream_name).await?;
+        match stream.delete_consumer(durable).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn delete_stream(&self, stream_name: &str) -> Result<(), LogError> {
+        match self.context.delete_stream(stream_name).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
+/// `T42_METERING` → `t42.deadletter.metering`.
+fn logical_deadletter_subject(catalog: &Catalog, stream_name: &str) -> String {
+    let logical = match catalog.namespace() {
+        Some(ns) => stream_name
+            .strip_prefix(&format!("{}_", ns.to_ascii_uppercase()))
+            .unwrap_or(stream_name),
+        None => stream_name,
+    };
+    catalog.deadletter_subject(logical)
+}
+
+struct JetStreamConsumer {
+    stream: String,
+    messages: pull::Stream,
+    max_deliver: u32,
+    log: Arc<JetStreamLog>,
+    deadletter_subject: String,
+}
+
+struct JetStreamAck(Acker);
+
+#[async_trait]
+impl AckHandle for JetStreamAck {
+    async fn ack(&self) -> Result<(), LogError> {
+        self.0.ack().await.map_err(unavailable)
+    }
+    async fn nak(&self, delay: Duration) -> Result<(), LogError> {
+        self.0
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(unavailable)
+    }
+    async fn term(&self) -> Result<(), LogError> {
+        self.0.ack_with(AckKind::Term).await.map_err(unavailable)
+    }
+}
+
+impl JetStreamConsumer {
+    fn delivery(&self, message: jetstream::Message) -> Result<Delivery, LogError> {
+        let (event, delivered, acker) = split(&self.stream, message)?;
+        Ok(Delivery {
+            event,
+            delivered,
+            max_deliver: self.max_deliver,
+            handle: Box::new(JetStreamAck(acker)),
+            log: self.log.clone(),
+            deadletter_subject: self.deadletter_subject.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl DurableConsumer for JetStreamConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, LogError> {
+        let mut out = Vec::new();
+        match tokio::time::timeout(wait, self.messages.next()).await {
+            Err(_) | Ok(None) => return Ok(out),
+            Ok(Some(m)) => out.push(self.delivery(m.map_err(unavailable)?)?),
+        }
+        while out.len() < max {
+            match self.messages.next().now_or_never() {
+                Some(Some(m)) => out.push(self.delivery(m.map_err(unavailable)?)?),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
