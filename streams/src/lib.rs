@@ -14,6 +14,6 @@ pub mod headers;
 pub mod jetstream;
 pub mod log;
 
-pub use catalog::{Catalog, StreamSpec};
+pub use catalog::{Catalog, StreamSpec, DEADLETTERS, MESSAGING, METERING, OVERSIGHT, RUNTIME};
 pub use headers::Headers;
 pub use log::*;
