@@ -1,1 +1,5 @@
+//! Pure domain logic of the four products: commands, events, validation and the math that
+//! decides outcomes. No I/O and no async here, so every rule can be tested in isolation and a
+//! replay decides exactly as the live path did.
 
+pub mod metering;

@@ -1,1 +1,10 @@
+//! Gateways: the tonic services of each product, their HTTP metrics and health endpoints, and
+//! the `enablement` command line that runs and operates the platform.
 
+pub mod cli;
+pub mod config;
+pub mod grpc_metrics;
+pub mod metering;
+pub mod platform;
+pub mod server;
+pub mod status;

@@ -1,1 +1,10 @@
+//! Projector workers: they read the log and build the read models (Postgres, Redis), with the
+//! checkpoint committed in the same transaction as the rows it covers.
 
+pub mod metering;
+pub mod metrics;
+pub mod postgres;
+pub mod rebuild;
+pub mod runner;
+
+pub use runner::{ApplyReport, ProjectionError, Projector};

@@ -1,0 +1,456 @@
+//! Validation of producer usage events (CloudEvents 1.0, structured JSON or protobuf).
+//!
+//! "Now" is always passed in: the live projection uses the time the log recorded the event,
+//! so replaying the log years later accepts and rejects exactly the same events.
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Map, Value};
+
+/// Limits on accepted events, all configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestLimits {
+    /// Largest accepted event, in bytes.
+    pub max_bytes: usize,
+    /// How far ahead of the log's clock an event time may be.
+    pub max_future: Duration,
+    /// How far behind the log's clock an event time may be (the late-event window).
+    pub late_window: Duration,
+}
+
+impl Default for IngestLimits {
+    fn default() -> Self {
+        IngestLimits {
+            max_bytes: 64 * 1024,
+            max_future: Duration::minutes(5),
+            late_window: Duration::days(7),
+        }
+    }
+}
+
+/// Why an event was refused. `as_str` is the `reason` label of
+/// `metering_events_invalid_total` and the dead-letter reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InvalidReason {
+    MalformedJson,
+    MalformedProtobuf,
+    UnsupportedSpecversion,
+    MissingField,
+    WrongType,
+    InvalidField,
+    SubjectMismatch,
+    QuantityNegative,
+    QuantityNotFinite,
+    TimeInFuture,
+    TimeTooOld,
+    Oversized,
+}
+
+impl InvalidReason {
+    pub const ALL: [InvalidReason; 12] = [
+        Self::MalformedJson,
+        Self::MalformedProtobuf,
+        Self::UnsupportedSpecversion,
+        Self::MissingField,
+        Self::WrongType,
+        Self::InvalidField,
+        Self::SubjectMismatch,
+        Self::QuantityNegative,
+        Self::QuantityNotFinite,
+        Self::TimeInFuture,
+        Self::TimeTooOld,
+        Self::Oversized,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed_json",
+            Self::MalformedProtobuf => "malformed_protobuf",
+            Self::UnsupportedSpecversion => "unsupported_specversion",
+            Self::MissingField => "missing_field",
+            Self::WrongType => "wrong_type",
+            Self::InvalidField => "invalid_field",
+            Self::SubjectMismatch => "subject_mismatch",
+            Self::QuantityNegative => "quantity_negative",
+            Self::QuantityNotFinite => "quantity_not_finite",
+            Self::TimeInFuture => "time_in_future",
+            Self::TimeTooOld => "time_too_old",
+            Self::Oversized => "oversized",
+        }
+    }
+}
+
+/// A refused event: a machine-readable reason and a sentence that says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {detail}", reason.as_str())]
+pub struct Invalid {
+    pub reason: InvalidReason,
+    pub detail: String,
+}
+
+fn invalid(reason: InvalidReason, detail: impl Into<String>) -> Invalid {
+    Invalid {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// A usage event as a producer sent it, before validation. Every field optional so that
+/// "missing" and "wrong type" can be told apart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawUsageEvent {
+    pub specversion: Option<Value>,
+    pub id: Option<Value>,
+    pub source: Option<Value>,
+    pub event_type: Option<Value>,
+    pub subject: Option<Value>,
+    /// RFC 3339 text (JSON) or an already parsed time (protobuf).
+    pub time: Option<Value>,
+    pub data: Option<Value>,
+    /// CloudEvents extension attribute naming the tenant.
+    pub tenant: Option<Value>,
+}
+
+impl RawUsageEvent {
+    /// Parses CloudEvents structured-mode JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<RawUsageEvent, Invalid> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| invalid(InvalidReason::MalformedJson, format!("not valid JSON: {e}")))?;
+        let Value::Object(mut o) = value else {
+            return Err(invalid(
+                InvalidReason::MalformedJson,
+                "a CloudEvent must be a JSON object",
+            ));
+        };
+        Ok(RawUsageEvent {
+            specversion: o.remove("specversion"),
+            id: o.remove("id"),
+            source: o.remove("source"),
+            event_type: o.remove("type"),
+            subject: o.remove("subject"),
+            time: o.remove("time"),
+            data: o.remove("data"),
+            tenant: o.remove("tenant"),
+        })
+    }
+}
+
+/// An accepted usage event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    pub id: String,
+    pub source: String,
+    pub event_type: String,
+    pub subscription_id: String,
+    pub tenant: String,
+    pub time: DateTime<Utc>,
+    pub quantity: f64,
+    /// `data` without `quantity`: the dimensions.
+    pub dimensions: Map<String, Value>,
+}
+
+pub const DEFAULT_TENANT: &str = "default";
+
+fn text(field: &'static str, v: Option<Value>, max: usize) -> Result<String, Invalid> {
+    match v {
+        None | Some(Value::Null) => Err(invalid(
+            InvalidReason::MissingField,
+            format!("`{field}` is required"),
+        )),
+        Some(Value::String(s)) if s.is_empty() => Err(invalid(
+            InvalidReason::MissingField,
+            format!("`{field}` must not be empty"),
+        )),
+        Some(Value::String(s)) if s.len() > max => Err(invalid(
+            InvalidReason::InvalidField,
+            format!("`{field}` is longer than {max} bytes"),
+        )),
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(invalid(
+            InvalidReason::InvalidField,
+            format!("`{field}` contains control characters"),
+        )),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(invalid(
+            InvalidReason::WrongType,
+            format!("`{field}` must be a string, got {}", type_name(&other)),
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Characters allowed in a subscription id: it is a NATS subject token and a Redis key part.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Event types: `agent.execution`, `llm.tokens/v2`.
+pub fn is_event_type(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':'))
+}
+
+/// Validates a raw event.
+///
+/// `subject_token` is the last token of the NATS subject it arrived on (None for gRPC);
+/// `now` is when the log recorded it; `size` its encoded size in bytes.
+pub fn validate(
+    raw: RawUsageEvent,
+    subject_token: Option<&str>,
+    now: DateTime<Utc>,
+    size: usize,
+    limits: &IngestLimits,
+) -> Result<UsageRecord, Invalid> {
+    if size > limits.max_bytes {
+        return Err(invalid(
+            InvalidReason::Oversized,
+            format!(
+                "event is {size} bytes, the limit is {} bytes",
+                limits.max_bytes
+            ),
+        ));
+    }
+    match &raw.specversion {
+        Some(Value::String(v)) if v == "1.0" => {}
+        None | Some(Value::Null) => {
+            return Err(invalid(
+                InvalidReason::MissingField,
+                "`specversion` is required and must be \"1.0\"",
+            ))
+        }
+        Some(other) => {
+            return Err(invalid(
+                InvalidReason::UnsupportedSpecversion,
+                format!("`specversion` must be \"1.0\", got {other}"),
+            ))
+        }
+    }
+    let id = text("id", raw.id, 256)?;
+    let source = text("source", raw.source, 512)?;
+    let event_type = text("type", raw.event_type, 128)?;
+    if !is_event_type(&event_type) {
+        return Err(invalid(
+            InvalidReason::InvalidField,
+            "`type` may contain only letters, digits and . _ - / :",
+        ));
+    }
+    let subscription_id = text("subject", raw.subject, 128)?;
+    if !is_token(&subscription_id) {
+        return Err(invalid(
+            InvalidReason::InvalidField,
+            "`subject` (the subscription id) may contain only letters, digits, _ and -",
+        ));
+    }
+    if let Some(token) = subject_token {
+        if token != subscription_id {
+            return Err(invalid(
+                InvalidReason::SubjectMismatch,
+                format!("`subject` is {subscription_id:?} but the event was published to metering.events.{token}"),
+            ));
+        }
+    }
+    let tenant = match raw.tenant {
+        None | Some(Value::Null) => DEFAULT_TENANT.to_string(),
+        t => text("tenant", t, 128)?,
+    };
+    let time = match raw.time {
+        None | Some(Value::Null) => {
+            return Err(invalid(
+                InvalidReason::MissingField,
+                "`time` is required (RFC 3339)",
+            ))
+        }
+        Some(Value::String(s)) => DateTime::parse_from_rfc3339(&s)
+            .map_err(|e| {
+                invalid(
+                    InvalidReason::InvalidField,
+                    format!("`time` is not RFC 3339 ({e}): {s:?}"),
+                )
+            })?
+            .with_timezone(&Utc),
+        Some(other) => {
+            return Err(invalid(
+                InvalidReason::WrongType,
+                format!(
+                    "`time` must be an RFC 3339 string, got {}",
+                    type_name(&other)
+                ),
+            ))
+        }
+    };
+    if time > now + limits.max_future {
+        return Err(invalid(
+            InvalidReason::TimeInFuture,
+            format!(
+                "`time` {time} is more than {} s ahead of the platform clock ({now})",
+                limits.max_future.num_seconds()
+            ),
+        ));
+    }
+    if time < now - limits.late_window {
+        return Err(invalid(
+            InvalidReason::TimeTooOld,
+            format!(
+                "`time` {time} is older than the late-event window of {} h",
+                limits.late_window.num_hours()
+            ),
+        ));
+    }
+    let mut dimensions = match raw.data {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(invalid(
+                InvalidReason::WrongType,
+                format!("`data` must be a JSON object, got {}", type_name(&other)),
+            ))
+        }
+    };
+    let quantity = match dimensions.remove("quantity") {
+        None | Some(Value::Null) => 1.0,
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(other) => {
+            return Err(invalid(
+                InvalidReason::WrongType,
+                format!(
+                    "`data.quantity` must be a number, got {}",
+                    type_name(&other)
+                ),
+            ))
+        }
+    };
+    if !quantity.is_finite() {
+        return Err(invalid(
+            InvalidReason::QuantityNotFinite,
+            "`data.quantity` must be a finite number",
+        ));
+    }
+    if quantity < 0.0 {
+        return Err(invalid(
+            InvalidReason::QuantityNegative,
+            format!(
+                "`data.quantity` must be >= 0, got {quantity}; use a correction to reduce usage"
+            ),
+        ));
+    }
+    Ok(UsageRecord {
+        id,
+        source,
+        event_type,
+        subscription_id,
+        tenant,
+        time,
+        quantity,
+        dimensions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap()
+    }
+
+    fn check(json: &str, token: Option<&str>) -> Result<UsageRecord, Invalid> {
+        let raw = RawUsageEvent::from_json(json.as_bytes())?;
+        validate(raw, token, now(), json.len(), &IngestLimits::default())
+    }
+
+    fn ev(extra: &str) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"e1","source":"test","type":"agent.execution","subject":"sub_1","time":"2026-11-26T11:59:00Z"{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn accepts_a_well_formed_event_with_default_quantity() {
+        let r = check(&ev(r#","data":{"model":"m1"}"#), Some("sub_1")).unwrap();
+        assert_eq!(r.quantity, 1.0);
+        assert_eq!(r.dimensions["model"], "m1");
+        assert_eq!(r.tenant, DEFAULT_TENANT);
+    }
+
+    #[test]
+    fn each_bad_input_has_its_reason() {
+        let cases: Vec<(String, InvalidReason)> = vec![
+            ("{not json".into(), InvalidReason::MalformedJson),
+            ("[1,2]".into(), InvalidReason::MalformedJson),
+            (
+                ev("").replace(r#""specversion":"1.0","#, ""),
+                InvalidReason::MissingField,
+            ),
+            (
+                ev("").replace(r#""1.0""#, r#""0.3""#),
+                InvalidReason::UnsupportedSpecversion,
+            ),
+            (
+                ev("").replace(r#""id":"e1","#, ""),
+                InvalidReason::MissingField,
+            ),
+            (
+                ev("").replace(r#""id":"e1""#, r#""id":7"#),
+                InvalidReason::WrongType,
+            ),
+            (
+                ev("").replace(r#""subject":"sub_1""#, r#""subject":"sub.1""#),
+                InvalidReason::InvalidField,
+            ),
+            (
+                ev("").replace(r#""subject":"sub_1""#, r#""subject":"sub_2""#),
+                InvalidReason::SubjectMismatch,
+            ),
+            (
+                ev(r#","data":{"quantity":-1}"#),
+                InvalidReason::QuantityNegative,
+            ),
+            (ev(r#","data":{"quantity":"3"}"#), InvalidReason::WrongType),
+            (ev(r#","data":[1]"#), InvalidReason::WrongType),
+            (
+                ev("").replace("11:59:00Z", "12:05:01Z"),
+                InvalidReason::TimeInFuture,
+            ),
+            (
+                ev("").replace("2026-11-26T11", "2026-11-10T11"),
+                InvalidReason::TimeTooOld,
+            ),
+            (
+                ev("").replace("2026-11-26T11:59:00Z", "yesterday"),
+                InvalidReason::InvalidField,
+            ),
+            (
+                ev(&format!(r#","data":{{"pad":"{}"}}"#, "x".repeat(70_000))),
+                InvalidReason::Oversized,
+            ),
+        ];
+        for (json, reason) in cases {
+            let err = check(&json, Some("sub_1")).expect_err(&json[..json.len().min(120)]);
+            assert_eq!(err.reason, reason, "{json:.120}: {err}");
+            assert!(!err.detail.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_edges_of_the_time_window_are_inclusive() {
+        assert!(check(&ev("").replace("11:59:00Z", "12:05:00Z"), None).is_ok());
+        assert!(check(
+            &ev("").replace("2026-11-26T11:59:00Z", "2026-11-19T12:00:00Z"),
+            None
+        )
+        .is_ok());
+    }
+}

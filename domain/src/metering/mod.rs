@@ -1,0 +1,10 @@
+//! Metering: usage events, meters, windows.
+
+pub mod event;
+pub mod meter;
+pub mod reference;
+pub mod window;
+
+pub use event::{IngestLimits, Invalid, InvalidReason, RawUsageEvent, UsageRecord};
+pub use meter::{Aggregation, Meter, MeterError};
+pub use window::Window;

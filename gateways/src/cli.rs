@@ -1,0 +1,619 @@
+//! The `enablement` command line.
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use creto_projections::rebuild;
+use creto_streams::{EnsureOutcome, EventLog};
+use futures::TryStreamExt;
+
+use crate::config::{ConnectArgs, Settings};
+use crate::platform::{self, ConnectError, Platform};
+use crate::server::{self, ServeOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "enablement",
+    version,
+    about = "Creto Enablement Layer: metering, oversight, runtime and messaging for AI agents"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Product {
+    Metering,
+    All,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run gateways and their projectors against NATS, PostgreSQL and Redis.
+    Serve {
+        #[arg(long, value_enum, default_value = "all")]
+        product: Product,
+        /// Run the gateways only; projectors run elsewhere (`enablement project`).
+        #[arg(long)]
+        no_projectors: bool,
+        /// gRPC listen address of the metering gateway.
+        #[arg(long, env = "METERING_GRPC_ADDR", default_value = server::METERING_GRPC)]
+        metering_grpc_addr: SocketAddr,
+        /// Metrics and health listen address of metering.
+        #[arg(long, env = "METERING_METRICS_ADDR", default_value = server::METERING_METRICS)]
+        metering_metrics_addr: SocketAddr,
+    },
+    /// Run projectors only (workers that build the read models from the streams).
+    Project {
+        #[arg(long, value_enum, default_value = "all")]
+        product: Product,
+        #[arg(long, env = "METERING_METRICS_ADDR", default_value = server::METERING_METRICS)]
+        metering_metrics_addr: SocketAddr,
+    },
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Manage the JetStream streams of the catalog.
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCommand,
+    },
+    /// List and re-drive dead letters.
+    Deadletters {
+        #[command(subcommand)]
+        command: DeadlettersCommand,
+    },
+    /// Rebuild read models from the streams.
+    Replay {
+        #[arg(value_enum)]
+        product: Product,
+        /// Rebuild into fresh tables and switch readers over when done (blue/green).
+        #[arg(long)]
+        rebuild: bool,
+        /// Decode and validate every event without writing anything; report by outcome.
+        #[arg(long, conflicts_with = "rebuild")]
+        dry_run: bool,
+        /// Discard an interrupted rebuild instead of resuming it.
+        #[arg(long, requires = "rebuild")]
+        restart: bool,
+        /// Events per transaction.
+        #[arg(long, default_value_t = 5_000)]
+        batch: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamsCommand {
+    /// Create or update every stream of the catalog; a second run changes nothing.
+    Init {
+        /// Only report differences; exit 1 if any stream is missing or drifted.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Messages, bytes, sequences and durable consumers with their lag, per stream.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeadlettersCommand {
+    /// List dead letters of a product's stream, oldest first.
+    List {
+        #[arg(long, value_enum, default_value = "metering")]
+        stream: Product,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their original subject (after fixing the cause).
+    Redrive {
+        #[arg(long, value_enum, default_value = "metering")]
+        stream: Product,
+        /// Only those parked for this reason (e.g. `time_too_old`).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Errors that end the process, with their exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Connect(_) => 3,
+            CliError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> CliError {
+    CliError::Failed(e.to_string())
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json_logs = matches!(cli.command, Command::Serve { .. } | Command::Project { .. });
+    init_logging(json_logs);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let settings = Settings::resolve(&cli.connect)?;
+    match cli.command {
+        Command::Serve {
+            product: _,
+            no_projectors,
+            metering_grpc_addr,
+            metering_metrics_addr,
+        } => {
+            let platform = Arc::new(Platform::connect(settings).await?);
+            ensure_streams(&*platform.log, &platform.catalog).await?;
+            let running = server::start_metering(
+                platform,
+                ServeOptions {
+                    gateways: true,
+                    projectors: !no_projectors,
+                    grpc_addr: metering_grpc_addr,
+                    metrics_addr: metering_metrics_addr,
+                },
+            )
+            .await?;
+            tracing::info!(grpc = ?running.grpc_addr, metrics = %running.metrics_addr, "metering serving");
+            shutdown_signal().await;
+            running.stop().await;
+            Ok(())
+        }
+        Command::Project {
+            product: _,
+            metering_metrics_addr,
+        } => {
+            let platform = Arc::new(Platform::connect(settings).await?);
+            ensure_streams(&*platform.log, &platform.catalog).await?;
+            let running = server::start_metering(
+                platform,
+                ServeOptions {
+                    gateways: false,
+                    projectors: true,
+                    grpc_addr: metering_metrics_addr,
+                    metrics_addr: metering_metrics_addr,
+                },
+            )
+            .await?;
+            tracing::info!(metrics = %running.metrics_addr, "metering projector running");
+            shutdown_signal().await;
+            running.stop().await;
+            Ok(())
+        }
+        Command::Migrate => {
+            let pool = creto_projections::postgres::connect(&settings.database_url, 2)
+                .await
+                .map_err(ConnectError::from)?;
+            let applied = creto_projections::postgres::migrate(&pool)
+                .await
+                .map_err(ConnectError::from)?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            }
+            for m in applied {
+                println!("applied migration {m}");
+            }
+            Ok(())
+        }
+        Command::Streams { command } => {
+            let log = platform::connect_log(&settings).await?;
+            let catalog = settings.catalog();
+            match command {
+                StreamsCommand::Init { check } => streams_init(&*log, &catalog, check).await,
+                StreamsCommand::Info { json } => streams_info(&*log, &catalog, json).await,
+            }
+        }
+        Command::Deadletters { command } => {
+            let log = platform::connect_log(&settings).await?;
+            deadletters(&*log, &settings.catalog(), command).await
+        }
+        Command::Replay {
+            product: _,
+            rebuild,
+            dry_run,
+            restart,
+            batch,
+            json,
+        } => {
+            let log = platform::connect_log(&settings).await?;
+            if dry_run {
+                return replay_dry_run(log, &settings, json).await;
+            }
+            if !rebuild {
+                return Err(fail("say --rebuild to rebuild the read models (blue/green), or --dry-run to check the stream"));
+            }
+            let pool = platform::connect_postgres(&settings).await?;
+            let redis = platform::connect_redis(&settings).await?;
+            replay_rebuild(log, pool, redis, &settings, restart, batch.max(1), json).await
+        }
+    }
+}
+
+async fn ensure_streams(
+    log: &dyn EventLog,
+    catalog: &creto_streams::Catalog,
+) -> Result<(), CliError> {
+    for (name, outcome) in log.ensure_streams(&catalog.specs()).await.map_err(fail)? {
+        match outcome {
+            EnsureOutcome::Created => tracing::info!(stream = %name, "stream created"),
+            EnsureOutcome::Updated(changes) => {
+                tracing::warn!(stream = %name, ?changes, "stream config drifted; updated")
+            }
+            EnsureOutcome::Drifted(changes) => {
+                tracing::error!(stream = %name, ?changes, "stream config drifted and cannot be changed in place")
+            }
+            EnsureOutcome::Unchanged => {}
+        }
+    }
+    Ok(())
+}
+
+async fn streams_init(
+    log: &dyn EventLog,
+    catalog: &creto_streams::Catalog,
+    check: bool,
+) -> Result<(), CliError> {
+    let specs = catalog.specs();
+    if check {
+        // Report only: compare by asking for each stream's state and config through init on a
+        // dry copy is not possible in JetStream, so check existence and report drift via init.
+        let mut missing = Vec::new();
+        for s in &specs {
+            if log.stream_state(&s.name).await.is_err() {
+                missing.push(s.name.clone());
+            }
+        }
+        if missing.is_empty() {
+            println!("all {} streams exist", specs.len());
+            return Ok(());
+        }
+        return Err(fail(format!(
+            "missing streams: {}; run `enablement streams init`",
+            missing.join(", ")
+        )));
+    }
+    let outcomes = log.ensure_streams(&specs).await.map_err(fail)?;
+    let mut changed = 0;
+    let mut drifted = false;
+    for (name, outcome) in &outcomes {
+        match outcome {
+            EnsureOutcome::Created => {
+                changed += 1;
+                println!("{name}: created");
+            }
+            EnsureOutcome::Unchanged => println!("{name}: unchanged"),
+            EnsureOutcome::Updated(changes) => {
+                changed += 1;
+                println!(
+                    "{name}: drifted from the catalog, updated: {}",
+                    changes.join("; ")
+                );
+            }
+            EnsureOutcome::Drifted(changes) => {
+                drifted = true;
+                println!(
+                    "{name}: DRIFTED and cannot be changed in place: {}",
+                    changes.join("; ")
+                );
+            }
+        }
+    }
+    if changed == 0 && !drifted {
+        println!("no change: every stream matches the catalog");
+    }
+    if drifted {
+        return Err(fail("some streams drifted in ways JetStream cannot update; see above (recreate them from a backup or the audit archive)"));
+    }
+    Ok(())
+}
+
+async fn streams_info(
+    log: &dyn EventLog,
+    catalog: &creto_streams::Catalog,
+    json: bool,
+) -> Result<(), CliError> {
+    let mut states = Vec::new();
+    for spec in catalog.specs() {
+        match log.stream_state(&spec.name).await {
+            Ok(s) => states.push(s),
+            Err(creto_streams::LogError::UnknownStream(name)) => {
+                return Err(fail(format!(
+                    "stream {name} does not exist; run `enablement streams init`"
+                )))
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    if json {
+        let out: Vec<_> = states
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "stream": s.name, "messages": s.messages, "bytes": s.bytes,
+                    "first_sequence": s.first_sequence, "last_sequence": s.last_sequence,
+                    "consumers": s.consumers.iter().map(|c| serde_json::json!({
+                        "name": c.name, "pending": c.pending, "ack_pending": c.ack_pending, "ack_floor": c.ack_floor
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out).map_err(fail)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>12} {:>14} {:>12} {:>12}",
+        "STREAM", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ"
+    );
+    for s in &states {
+        println!(
+            "{:<24} {:>12} {:>14} {:>12} {:>12}",
+            s.name, s.messages, s.bytes, s.first_sequence, s.last_sequence
+        );
+        for c in &s.consumers {
+            println!(
+                "  consumer {:<30} pending (lag) {:>10}   unacked {:>8}   ack floor {:>10}",
+                c.name, c.pending, c.ack_pending, c.ack_floor
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn deadletters(
+    log: &dyn EventLog,
+    catalog: &creto_streams::Catalog,
+    command: DeadlettersCommand,
+) -> Result<(), CliError> {
+    match command {
+        DeadlettersCommand::List {
+            stream: _,
+            after,
+            limit,
+            json,
+        } => {
+            let letters = crate::metering::service::list_dead_letters(log, catalog, after, limit)
+                .await
+                .map_err(fail)?;
+            for l in &letters {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "sequence": l.sequence, "reason": l.reason, "detail": l.detail,
+                            "original_stream": l.original_stream, "original_subject": l.original_subject,
+                            "original_sequence": l.original_sequence,
+                            "payload": String::from_utf8_lossy(&l.event.payload),
+                        })
+                    );
+                } else {
+                    println!(
+                        "#{} {} {}:{} — {}",
+                        l.sequence, l.reason, l.original_stream, l.original_sequence, l.detail
+                    );
+                }
+            }
+            if !json {
+                println!("{} dead letter(s)", letters.len());
+            }
+            Ok(())
+        }
+        DeadlettersCommand::Redrive {
+            stream: _,
+            reason,
+            after,
+            dry_run,
+        } => {
+            let letters =
+                crate::metering::service::list_dead_letters(log, catalog, after, usize::MAX)
+                    .await
+                    .map_err(fail)?;
+            let mut sent = 0;
+            for l in letters
+                .iter()
+                .filter(|l| reason.as_ref().is_none_or(|r| *r == l.reason))
+            {
+                if !dry_run {
+                    log.append(l.redrive()).await.map_err(fail)?;
+                }
+                sent += 1;
+            }
+            println!(
+                "{} {sent} dead letter(s)",
+                if dry_run {
+                    "would re-drive"
+                } else {
+                    "re-drove"
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn replay_dry_run(
+    log: Arc<dyn EventLog>,
+    settings: &Settings,
+    json: bool,
+) -> Result<(), CliError> {
+    let catalog = settings.catalog();
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut events = log
+        .replay(
+            &catalog.stream(creto_streams::METERING),
+            creto_streams::ReplayFrom::Start,
+            None,
+            None,
+        )
+        .await
+        .map_err(fail)?;
+    while let Some(e) = events.try_next().await.map_err(fail)? {
+        let key = match creto_projections::metering::decode(&e, &catalog, &settings.limits) {
+            creto_projections::metering::Decoded::Usage(_) => "usage".to_string(),
+            creto_projections::metering::Decoded::MeterDefined { .. } => {
+                "meter_defined".to_string()
+            }
+            creto_projections::metering::Decoded::Invalid(i) => {
+                format!("invalid:{}", i.reason.as_str())
+            }
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    if json {
+        println!("{}", serde_json::to_string(&counts).map_err(fail)?);
+    } else {
+        for (k, v) in counts {
+            println!("{k:<32} {v}");
+        }
+    }
+    Ok(())
+}
+
+async fn replay_rebuild(
+    log: Arc<dyn EventLog>,
+    pool: sqlx::PgPool,
+    redis: redis::aio::ConnectionManager,
+    settings: &Settings,
+    restart: bool,
+    batch: usize,
+    json: bool,
+) -> Result<(), CliError> {
+    let started = std::time::Instant::now();
+    let projector = rebuild::prepare_metering(
+        &pool,
+        log.clone(),
+        settings.catalog(),
+        settings.limits,
+        restart,
+    )
+    .await
+    .map_err(fail)?;
+    let resumed_from = creto_projections::Projector::checkpoint(&projector)
+        .await
+        .map_err(fail)?;
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} metering rebuild [{bar:40}] {pos}/{len} seq  {msg}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    };
+    if resumed_from > 0 && !json {
+        bar.println(format!(
+            "resuming an interrupted rebuild from sequence {resumed_from}"
+        ));
+    }
+    let applied = rebuild::catch_up(&log, &projector, None, batch, |p| {
+        bar.set_length(p.target);
+        bar.set_position(p.applied_to);
+        bar.set_message(format!(
+            "{:.0} events/s",
+            p.events as f64 / p.elapsed.as_secs_f64().max(1e-9)
+        ));
+    })
+    .await
+    .map_err(fail)?;
+    let checkpoint = rebuild::switch_over(&pool, &log, &projector)
+        .await
+        .map_err(fail)?;
+    bar.finish_and_clear();
+    // Redis counters are a projection of the new tables too.
+    creto_projections::metering::counters::Counters::new(redis, &settings.redis_prefix())
+        .resync_if_behind(&pool, u64::MAX)
+        .await;
+    let elapsed = started.elapsed();
+    let rate = applied as f64 / elapsed.as_secs_f64().max(1e-9);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"product": "metering", "events": applied, "resumed_from": resumed_from, "checkpoint": checkpoint,
+                "elapsed_ms": elapsed.as_millis(), "events_per_second": rate.round(), "switched": true})
+        );
+    } else {
+        println!("metering rebuilt: {applied} events in {:.1} s ({rate:.0} events/s), readers switched at sequence {checkpoint}", elapsed.as_secs_f64());
+    }
+    Ok(())
+}

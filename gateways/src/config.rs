@@ -1,0 +1,165 @@
+//! Configuration: flags, then environment, then an optional TOML file, then defaults.
+use std::path::{Path, PathBuf};
+
+use creto_domain::metering::IngestLimits;
+use serde::Deserialize;
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/enablement";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Connection settings shared by every subcommand (flags and their environment variables).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConnectArgs {
+    /// NATS server with JetStream.
+    #[arg(long, env = "NATS_URL", global = true)]
+    pub nats_url: Option<String>,
+    /// PostgreSQL for the read models; the database is created if missing.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    /// Redis for shared counters.
+    #[arg(long, env = "REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    /// Optional TOML file with the same settings (snake_case keys); flags and environment win.
+    #[arg(long, env = "ENABLEMENT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Prefix for stream names, subjects and Redis keys, to run side by side with another
+    /// environment on the same servers (tests use it).
+    #[arg(long, env = "ENABLEMENT_NAMESPACE", global = true)]
+    pub namespace: Option<String>,
+    /// PostgreSQL connections per process.
+    #[arg(long, env = "DATABASE_POOL_SIZE", global = true)]
+    pub database_pool_size: Option<u32>,
+}
+
+/// The optional file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    nats_url: Option<String>,
+    database_url: Option<String>,
+    redis_url: Option<String>,
+    namespace: Option<String>,
+    database_pool_size: Option<u32>,
+    late_window_hours: Option<i64>,
+    max_event_bytes: Option<usize>,
+    metrics_subscription_label_limit: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub nats_url: String,
+    pub database_url: String,
+    pub redis_url: String,
+    pub namespace: Option<String>,
+    pub database_pool_size: u32,
+    pub limits: IngestLimits,
+    /// Distinct `subscription_id` label values before the rest are counted as `other`.
+    pub metrics_subscription_label_limit: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {detail}")]
+    Read { path: String, detail: String },
+    #[error("config file {path} is not valid: {detail}")]
+    Parse { path: String, detail: String },
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+impl Settings {
+    pub fn resolve(args: &ConnectArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let pick = |flag: &Option<String>, file: Option<String>, default: &str| {
+            flag.clone().or(file).unwrap_or_else(|| default.to_string())
+        };
+        let mut limits = IngestLimits::default();
+        if let Some(h) = file.late_window_hours {
+            limits.late_window = chrono::Duration::hours(h.max(0));
+        }
+        if let Some(b) = file.max_event_bytes {
+            limits.max_bytes = b;
+        }
+        Ok(Settings {
+            nats_url: pick(&args.nats_url, file.nats_url, DEFAULT_NATS_URL),
+            database_url: pick(&args.database_url, file.database_url, DEFAULT_DATABASE_URL),
+            redis_url: pick(&args.redis_url, file.redis_url, DEFAULT_REDIS_URL),
+            namespace: args
+                .namespace
+                .clone()
+                .or(file.namespace)
+                .filter(|n| !n.is_empty()),
+            database_pool_size: args
+                .database_pool_size
+                .or(file.database_pool_size)
+                .unwrap_or(10),
+            limits,
+            metrics_subscription_label_limit: file
+                .metrics_subscription_label_limit
+                .unwrap_or(1_000),
+        })
+    }
+
+    pub fn catalog(&self) -> creto_streams::Catalog {
+        match &self.namespace {
+            Some(ns) => creto_streams::Catalog::namespaced(ns),
+            None => creto_streams::Catalog::default(),
+        }
+    }
+
+    /// Prefix of Redis keys (empty without a namespace).
+    pub fn redis_prefix(&self) -> String {
+        self.namespace
+            .as_ref()
+            .map(|n| format!("{n}:"))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "nats_url = \"nats://file:4222\"\nredis_url = \"redis://file\"\nlate_window_hours = 2\n").unwrap();
+        let args = ConnectArgs {
+            nats_url: Some("nats://flag:4222".into()),
+            config: Some(path),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!(s.nats_url, "nats://flag:4222");
+        assert_eq!(s.redis_url, "redis://file");
+        assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(s.limits.late_window, chrono::Duration::hours(2));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "nats = \"typo\"\n").unwrap();
+        let err = Settings::resolve(&ConnectArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,5 @@
+//! Metering's gRPC service: `creto.enablement.metering.v1.MeteringService`.
+
+pub mod service;
+
+pub use service::MeteringGateway;

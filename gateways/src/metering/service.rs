@@ -1,0 +1,504 @@
+//! Commands are validated by `domain`, appended to the log and answered with their stream
+//! sequence; queries read the Postgres read model, optionally after waiting for a sequence.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use creto_domain::metering::{self, event::DEFAULT_TENANT, IngestLimits, Window};
+use creto_projections::metering::decode::{
+    meter_from_proto, meter_to_proto, raw_from_proto, METER_DEFINED,
+};
+use creto_projections::metering::query::{self, UsageQuery};
+use creto_projections::{metrics, runner};
+use creto_schemas::metering::v1 as pb;
+use creto_schemas::metering::v1::metering_service_server::MeteringService;
+use creto_streams::deadletter::{self, DeadLetter};
+use creto_streams::envelope::{self, EventMeta};
+use creto_streams::headers::{content_types, names};
+use creto_streams::{
+    AppendEvent, Catalog, EventLog, Headers, LogError, ReplayFrom, StoredEvent, DEADLETTERS,
+};
+use futures::TryStreamExt;
+use prost::Message;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+
+pub const MAX_BATCH: usize = 1_000;
+/// Upper bound on windows in one answer, so a MINUTE query over a year is refused up front.
+pub const MAX_WINDOWS: i64 = 50_000;
+
+pub struct MeteringGateway {
+    pub log: Arc<dyn EventLog>,
+    pub pool: PgPool,
+    pub catalog: Catalog,
+    pub limits: IngestLimits,
+}
+
+/// Who is calling. Authentication arrives with the platform issue; until then every caller is
+/// the default tenant.
+fn tenant<T>(_request: &Request<T>) -> String {
+    DEFAULT_TENANT.to_string()
+}
+
+fn log_status(e: LogError) -> Status {
+    match e {
+        LogError::Unavailable(m) => {
+            Status::unavailable(format!("the event log is unavailable: {m}; retry"))
+        }
+        LogError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
+        LogError::Conflict { .. } => Status::aborted(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn db_status(e: sqlx::Error) -> Status {
+    Status::unavailable(format!("the read model is unavailable: {e}; retry"))
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    envelope::timestamp(t)
+}
+
+impl MeteringGateway {
+    fn deadletter_rejected(
+        &self,
+        tenant: &str,
+        event: &pb::UsageEvent,
+        invalid: &metering::Invalid,
+    ) -> AppendEvent {
+        // Rejected gRPC events never reach the metering stream; they are parked as they came.
+        let original = StoredEvent {
+            stream: "grpc".into(),
+            sequence: 0,
+            subject: self
+                .catalog
+                .subject(&format!("metering.events.{}", event.subject)),
+            headers: Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::TENANT, tenant),
+            payload: event.encode_to_vec().into(),
+            recorded_at: Utc::now(),
+        };
+        let mut letter = deadletter::letter(
+            &original,
+            &self.catalog.deadletter_subject(creto_streams::METERING),
+            invalid.reason.as_str(),
+            &invalid.detail,
+            0,
+        );
+        letter.id = format!(
+            "dl:grpc:{tenant}:{}:{}:{}",
+            event.subject,
+            event.id,
+            invalid.reason.as_str()
+        );
+        letter
+    }
+}
+
+#[tonic::async_trait]
+impl MeteringService for MeteringGateway {
+    async fn ingest_events(
+        &self,
+        request: Request<pb::IngestEventsRequest>,
+    ) -> Result<Response<pb::IngestEventsResponse>, Status> {
+        let tenant = tenant(&request);
+        let events = request.into_inner().events;
+        if events.is_empty() {
+            return Err(Status::invalid_argument(
+                "events is empty: send 1 to 1000 events",
+            ));
+        }
+        if events.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} events in one call; send at most {MAX_BATCH} per IngestEvents",
+                events.len()
+            )));
+        }
+        let now = Utc::now();
+        let mut results: Vec<pb::IngestResult> = Vec::with_capacity(events.len());
+        let mut appends = Vec::new();
+        let mut append_index = Vec::new();
+        let mut rejections = Vec::new();
+        // (subscription, id) → index of its first occurrence in this batch
+        let mut first_seen: HashMap<(String, String), usize> = HashMap::new();
+        for (i, e) in events.iter().enumerate() {
+            let checked = raw_from_proto(e, Some(&tenant)).and_then(|raw| {
+                metering::event::validate(raw, None, now, e.encoded_len(), &self.limits)
+            });
+            let mut result = pb::IngestResult {
+                id: e.id.clone(),
+                ..Default::default()
+            };
+            match checked {
+                Err(invalid) => {
+                    result.status = pb::IngestStatus::Rejected as i32;
+                    result.reason = invalid.to_string();
+                    metrics::METERING_INVALID
+                        .with_label_values(&[invalid.reason.as_str()])
+                        .inc();
+                    rejections.push(self.deadletter_rejected(&tenant, e, &invalid));
+                }
+                Ok(record) => {
+                    let key = (record.subscription_id.clone(), record.id.clone());
+                    if let Some(&first) = first_seen.get(&key) {
+                        result.status = pb::IngestStatus::Duplicate as i32;
+                        result.sequence = first as u64; // resolved below
+                        result.reason = "same id as an earlier event of this batch".into();
+                    } else {
+                        first_seen.insert(key, i);
+                        append_index.push(i);
+                        appends.push(AppendEvent {
+                            subject: self
+                                .catalog
+                                .subject(&format!("metering.events.{}", record.subscription_id)),
+                            id: format!("{tenant}:{}:{}", record.subscription_id, record.id),
+                            expected_subject_sequence: None,
+                            headers: Headers::new()
+                                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                                .with(names::TENANT, &tenant)
+                                .with(names::EVENT_TYPE, &record.event_type),
+                            payload: e.encode_to_vec().into(),
+                        });
+                    }
+                }
+            }
+            results.push(result);
+        }
+
+        // Ids applied long ago (past JetStream's duplicate window) are still duplicates.
+        let keys: Vec<(String, String)> = append_index
+            .iter()
+            .map(|&i| (events[i].subject.clone(), events[i].id.clone()))
+            .collect();
+        let known: std::collections::HashSet<(String, String)> =
+            query::existing_ids(&self.pool, &tenant, &keys)
+                .await
+                .map_err(db_status)?
+                .into_iter()
+                .collect();
+        let mut to_append = Vec::new();
+        let mut to_append_index = Vec::new();
+        for (append, i) in appends.into_iter().zip(append_index) {
+            if known.contains(&(events[i].subject.clone(), events[i].id.clone())) {
+                results[i].status = pb::IngestStatus::Duplicate as i32;
+                results[i].reason = "this id was already accepted for this subscription".into();
+            } else {
+                to_append.push(append);
+                to_append_index.push(i);
+            }
+        }
+
+        let outcomes = self.log.append_batch(to_append).await;
+        let mut failed = None;
+        for (outcome, i) in outcomes.into_iter().zip(&to_append_index) {
+            match outcome {
+                Ok(a) => {
+                    results[*i].sequence = a.sequence();
+                    results[*i].status = if a.is_duplicate() {
+                        pb::IngestStatus::Duplicate
+                    } else {
+                        pb::IngestStatus::Accepted
+                    } as i32;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(Status::unavailable(format!(
+                "{e}; retry the whole batch: events already appended will come back as duplicates"
+            )));
+        }
+        // In-batch duplicates point at their first occurrence's sequence.
+        for i in 0..results.len() {
+            if results[i].status == pb::IngestStatus::Duplicate as i32
+                && results[i].reason.starts_with("same id")
+            {
+                let first = results[i].sequence as usize;
+                results[i].sequence = results[first].sequence;
+            }
+        }
+        for r in self.log.append_batch(rejections).await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not park a rejected event in the dead letters");
+            }
+        }
+        let count =
+            |s: pb::IngestStatus| results.iter().filter(|r| r.status == s as i32).count() as u32;
+        Ok(Response::new(pb::IngestEventsResponse {
+            sequence: results.iter().map(|r| r.sequence).max().unwrap_or(0),
+            accepted: count(pb::IngestStatus::Accepted),
+            duplicates: count(pb::IngestStatus::Duplicate),
+            rejected: count(pb::IngestStatus::Rejected),
+            results,
+        }))
+    }
+
+    async fn query_usage(
+        &self,
+        request: Request<pb::QueryUsageRequest>,
+    ) -> Result<Response<pb::QueryUsageResponse>, Status> {
+        let tenant = tenant(&request);
+        let r = request.into_inner();
+        let started = std::time::Instant::now();
+
+        let applied_sequence = if r.min_sequence > 0 {
+            let wait = Duration::from_millis(if r.wait_ms == 0 {
+                5_000
+            } else {
+                u64::from(r.wait_ms).min(30_000)
+            });
+            let at = runner::wait_for(&self.pool, "metering", r.min_sequence, wait)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if at < r.min_sequence {
+                return Err(Status::deadline_exceeded(format!(
+                    "the projection has applied sequence {at}, not yet {}; retry or raise wait_ms",
+                    r.min_sequence
+                )));
+            }
+            at
+        } else {
+            runner::wait_for(&self.pool, "metering", 0, Duration::ZERO)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+        };
+
+        let mut filters: Vec<(String, String)> = r.filters.into_iter().collect();
+        filters.sort();
+        let meter = if !r.meter.is_empty() {
+            let m = query::meter(&self.pool, &tenant, &r.meter)
+                .await
+                .map_err(db_status)?
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no meter {:?}; create it with CreateMeter or list them with ListMeters",
+                        r.meter
+                    ))
+                })?;
+            if !r.subscription_id.is_empty() {
+                filters.push(("subscription_id".into(), r.subscription_id.clone()));
+            }
+            m
+        } else if !r.subscription_id.is_empty() && !r.event_type.is_empty() {
+            filters.push(("subscription_id".into(), r.subscription_id.clone()));
+            query::quantity_meter(&r.event_type)
+        } else {
+            return Err(Status::invalid_argument(
+                "set `meter`, or `subscription_id` and `event_type`",
+            ));
+        };
+        let from = r
+            .from
+            .as_ref()
+            .and_then(envelope::from_timestamp)
+            .ok_or_else(|| Status::invalid_argument("`from` is required"))?;
+        let to =
+            r.to.as_ref()
+                .and_then(envelope::from_timestamp)
+                .ok_or_else(|| Status::invalid_argument("`to` is required"))?;
+        if from >= to {
+            return Err(Status::invalid_argument("`from` must be before `to`"));
+        }
+        let window = match pb::Window::try_from(r.window).unwrap_or(pb::Window::Unspecified) {
+            pb::Window::Minute => Window::Minute,
+            pb::Window::Hour => Window::Hour,
+            pb::Window::Day => Window::Day,
+            pb::Window::Month => Window::Month,
+            pb::Window::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "`window` must be MINUTE, HOUR, DAY or MONTH",
+                ))
+            }
+        };
+        let minutes = (to - from).num_minutes();
+        let windows = match window {
+            Window::Minute => minutes,
+            Window::Hour => minutes / 60,
+            Window::Day => minutes / 1440,
+            Window::Month => minutes / 43_200,
+        };
+        if windows > MAX_WINDOWS {
+            return Err(Status::invalid_argument(format!(
+                "{windows} windows requested; at most {MAX_WINDOWS}: use a larger window or a shorter range"
+            )));
+        }
+        let tz: Tz = if r.time_zone.is_empty() {
+            Tz::UTC
+        } else {
+            r.time_zone.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "unknown time zone {:?}; use an IANA name such as Europe/Paris",
+                    r.time_zone
+                ))
+            })?
+        };
+        for g in &r.group_by {
+            if g != "subscription_id" && !meter.group_by.contains(g) && !meter.slug.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "meter {} cannot be grouped by {g:?}; its dimensions are {:?} (and subscription_id)",
+                    meter.slug, meter.group_by
+                )));
+            }
+            if !metering::meter::is_dimension(g) {
+                return Err(Status::invalid_argument(format!(
+                    "group_by {g:?} is not a dimension name"
+                )));
+            }
+        }
+        if let Some((k, _)) = filters
+            .iter()
+            .find(|(k, _)| !metering::meter::is_dimension(k))
+        {
+            return Err(Status::invalid_argument(format!(
+                "filter key {k:?} is not a dimension name"
+            )));
+        }
+        let q = UsageQuery {
+            tenant,
+            meter,
+            from,
+            to,
+            window,
+            tz,
+            group_by: r.group_by.clone(),
+            filters,
+        };
+        let rows = query::usage(&self.pool, &q).await;
+        metrics::METERING_POSTGRES_QUERIES
+            .with_label_values(&["query_usage", metrics::status(rows.is_ok())])
+            .inc();
+        let rows = rows.map_err(db_status)?;
+        metrics::METERING_AGGREGATION_SECONDS
+            .with_label_values(&[q.meter.aggregation.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(pb::QueryUsageResponse {
+            applied_sequence,
+            rows: rows
+                .into_iter()
+                .map(|row| pb::UsageRow {
+                    window_start: Some(timestamp(row.window_start)),
+                    window_end: Some(timestamp(row.window_end)),
+                    value: row.value,
+                    subscription_id: row
+                        .group
+                        .iter()
+                        .find(|(k, _)| k == "subscription_id")
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default(),
+                    group: row.group.into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_meter(
+        &self,
+        request: Request<pb::CreateMeterRequest>,
+    ) -> Result<Response<pb::CreateMeterResponse>, Status> {
+        let tenant = tenant(&request);
+        let proto = request
+            .into_inner()
+            .meter
+            .ok_or_else(|| Status::invalid_argument("`meter` is required"))?;
+        let meter = meter_from_proto(&proto).map_err(|e| Status::invalid_argument(e.0))?;
+        let canonical = meter_to_proto(&meter);
+        let mut append = envelope::seal(
+            self.catalog
+                .subject(&format!("metering.meters.{}", meter.slug)),
+            EventMeta {
+                id: format!("meter:{}", meter.slug),
+                event_type: METER_DEFINED.into(),
+                schema_version: 1,
+                tenant,
+                ..Default::default()
+            },
+            &pb::MeterDefined {
+                meter: Some(canonical.clone()),
+            },
+        );
+        // A slug is defined once: the subject must still be empty.
+        append.expected_subject_sequence = Some(0);
+        match self.log.append(append).await {
+            Ok(a) if !a.is_duplicate() => Ok(Response::new(pb::CreateMeterResponse {
+                meter: Some(canonical),
+                sequence: a.sequence(),
+            })),
+            Ok(_) | Err(LogError::Conflict { .. }) => Err(Status::already_exists(format!(
+                "meter {:?} already exists; meters are immutable, create one with a new slug",
+                meter.slug
+            ))),
+            Err(e) => Err(log_status(e)),
+        }
+    }
+
+    async fn list_meters(
+        &self,
+        request: Request<pb::ListMetersRequest>,
+    ) -> Result<Response<pb::ListMetersResponse>, Status> {
+        let tenant = tenant(&request);
+        let meters = query::meters(&self.pool, &tenant)
+            .await
+            .map_err(db_status)?;
+        Ok(Response::new(pb::ListMetersResponse {
+            meters: meters.iter().map(meter_to_proto).collect(),
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let _tenant = tenant(&request);
+        let r = request.into_inner();
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(1_000)
+        } as usize;
+        let letters = list_dead_letters(&*self.log, &self.catalog, r.after_sequence, limit)
+            .await
+            .map_err(log_status)?;
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: letters
+                .into_iter()
+                .map(|l| pb::DeadLetter {
+                    sequence: l.sequence,
+                    reason: l.reason,
+                    detail: l.detail,
+                    original_subject: l.original_subject,
+                    original_sequence: l.original_sequence,
+                    payload: l.event.payload.to_vec(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Metering's dead letters after `after`, oldest first.
+pub async fn list_dead_letters(
+    log: &dyn EventLog,
+    catalog: &Catalog,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, LogError> {
+    let subject = catalog.deadletter_subject(creto_streams::METERING);
+    let mut events = log
+        .replay(
+            &catalog.stream(DEADLETTERS),
+            ReplayFrom::Sequence(after + 1),
+            None,
+            Some(&subject),
+        )
+        .await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match events.try_next().await? {
+            Some(e) => out.extend(DeadLetter::parse(e)),
+            None => break,
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,182 @@
+//! Runs a product: its gRPC gateway (with health, reflection and gRPC metrics), its metrics
+//! and health HTTP port, its projector, and the dependency checker.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use creto_projections::metering::counters::Counters;
+use creto_projections::metering::MeteringProjector;
+use creto_projections::runner::{self, RunnerConfig};
+use creto_schemas::metering::v1::metering_service_server::MeteringServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::grpc_metrics::GrpcMetricsLayer;
+use crate::metering::MeteringGateway;
+use crate::platform::Platform;
+use crate::status::{self, Health};
+
+pub const METERING_GRPC: &str = "0.0.0.0:50051";
+pub const METERING_METRICS: &str = "0.0.0.0:9090";
+
+/// What to run in this process.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub gateways: bool,
+    pub projectors: bool,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+/// A running product; dropping `shutdown` (or sending `true`) stops it.
+pub struct Running {
+    pub grpc_addr: Option<SocketAddr>,
+    pub metrics_addr: SocketAddr,
+    pub shutdown: watch::Sender<bool>,
+    pub tasks: JoinSet<()>,
+}
+
+impl Running {
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what} ({e}); is another instance running? choose another address with the flags"))
+}
+
+/// Keeps a projector running: restarts it with backoff when it stops on an error.
+async fn supervise_projector(platform: Arc<Platform>, shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let s = &platform.settings;
+        let projector = MeteringProjector::new(
+            platform.pool.clone(),
+            platform.log.clone(),
+            platform.catalog.clone(),
+            s.limits,
+        )
+        .with_counters(Counters::new(platform.redis.clone(), &s.redis_prefix()))
+        .with_label_limit(s.metrics_subscription_label_limit);
+        let result = runner::run(
+            platform.log.clone(),
+            platform.pool.clone(),
+            Arc::new(projector),
+            RunnerConfig::default(),
+            shutdown.clone(),
+        )
+        .await;
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::error!(error = %e, "metering projector stopped; restarting");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+pub async fn start_metering(
+    platform: Arc<Platform>,
+    options: ServeOptions,
+) -> anyhow::Result<Running> {
+    status::register_metrics();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let health = Health::default();
+
+    let metrics_listener = bind(options.metrics_addr, "metrics").await?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let router = status::router(health.clone());
+    let mut rx = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let _ = axum::serve(metrics_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.changed().await;
+            })
+            .await;
+    });
+    tasks.spawn(status::watch_dependencies(
+        platform.clone(),
+        health.clone(),
+        shutdown_rx.clone(),
+    ));
+
+    let mut grpc_addr = None;
+    if options.gateways {
+        let listener = bind(options.grpc_addr, "the metering gRPC gateway").await?;
+        grpc_addr = Some(listener.local_addr()?);
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<MeteringServiceServer<MeteringGateway>>()
+            .await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(creto_schemas::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        // grpcurl 1.8 only speaks v1alpha.
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let gateway = MeteringGateway {
+            log: platform.log.clone(),
+            pool: platform.pool.clone(),
+            catalog: platform.catalog.clone(),
+            limits: platform.settings.limits,
+        };
+        let service =
+            MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024);
+        let mut rx = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .layer(GrpcMetricsLayer)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "metering gateway stopped");
+            }
+        });
+        // gRPC health follows the dependencies.
+        let mut rx = shutdown_rx.clone();
+        let h = health.clone();
+        tasks.spawn(async move {
+            loop {
+                if h.all_up() {
+                    reporter
+                        .set_serving::<MeteringServiceServer<MeteringGateway>>()
+                        .await;
+                } else {
+                    reporter
+                        .set_not_serving::<MeteringServiceServer<MeteringGateway>>()
+                        .await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = rx.changed() => return,
+                }
+            }
+        });
+    }
+    if options.projectors {
+        tasks.spawn(supervise_projector(platform.clone(), shutdown_rx.clone()));
+    }
+    Ok(Running {
+        grpc_addr,
+        metrics_addr,
+        shutdown,
+        tasks,
+    })
+}

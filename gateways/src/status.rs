@@ -1,0 +1,157 @@
+//! The metrics port: `/metrics` (Prometheus text) and `/health` (each dependency's state),
+//! plus the dependency checker that also drives gRPC health.
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
+
+use axum::{http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use prometheus::{
+    register_int_counter, register_int_gauge, register_int_gauge_vec, Encoder, IntCounter,
+    IntGauge, IntGaugeVec,
+};
+use tokio::sync::watch;
+
+use crate::platform::Platform;
+
+static POOL_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "postgres_pool_connections_active",
+        "PostgreSQL connections in use"
+    )
+    .unwrap()
+});
+static POOL_IDLE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "postgres_pool_connections_idle",
+        "Idle PostgreSQL connections"
+    )
+    .unwrap()
+});
+static POOL_MAX: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("postgres_pool_connections_max", "PostgreSQL pool size").unwrap()
+});
+static PG_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "postgres_connection_errors_total",
+        "Failed PostgreSQL health checks"
+    )
+    .unwrap()
+});
+static REDIS_UP: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("redis_up", "1 when Redis answers PING").unwrap());
+static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "enablement_build_info",
+        "Build of the running binary",
+        &["version"]
+    )
+    .unwrap()
+});
+
+/// State of each dependency, shared by `/health` and gRPC health.
+#[derive(Clone, Default)]
+pub struct Health(Arc<RwLock<BTreeMap<&'static str, String>>>);
+
+impl Health {
+    pub fn set(&self, dependency: &'static str, state: impl Into<String>) {
+        self.0.write().unwrap().insert(dependency, state.into());
+    }
+    pub fn all_up(&self) -> bool {
+        self.0.read().unwrap().values().all(|s| s == "up")
+    }
+    fn snapshot(&self) -> BTreeMap<&'static str, String> {
+        self.0.read().unwrap().clone()
+    }
+}
+
+/// Makes every shared family visible on `/metrics` before it is first used.
+pub fn register_metrics() {
+    for m in [&*POOL_ACTIVE, &*POOL_IDLE, &*POOL_MAX, &*REDIS_UP] {
+        m.get();
+    }
+    PG_ERRORS.get();
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    crate::grpc_metrics::register();
+    use creto_projections::metrics as m;
+    for reason in creto_domain::metering::InvalidReason::ALL {
+        m::METERING_INVALID.with_label_values(&[reason.as_str()]);
+    }
+    m::METERING_AGGREGATION_SECONDS.with_label_values(&["projection_batch"]);
+    m::METERING_POSTGRES_QUERIES.with_label_values(&["projection_batch", "success"]);
+    m::METERING_REDIS_OPERATIONS.with_label_values(&["set", "success"]);
+    m::PROJECTOR_APPLIED.with_label_values(&["metering"]);
+    m::PROJECTOR_LAG.with_label_values(&["metering"]);
+    m::PROJECTOR_BATCH_SECONDS.with_label_values(&["metering"]);
+    let _ = &*m::METERING_EVENTS;
+    let _ = &*m::DEADLETTERS;
+    let _ = &*m::STREAM_MESSAGES;
+    let _ = &*m::CONSUMER_PENDING;
+}
+
+async fn metrics() -> impl IntoResponse {
+    let mut out = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    let _ = encoder.encode(&prometheus::gather(), &mut out);
+    ([("content-type", encoder.format_type().to_string())], out)
+}
+
+pub fn router(health: Health) -> Router {
+    Router::new().route("/metrics", get(metrics)).route(
+        "/health",
+        get(move || {
+            let health = health.clone();
+            async move {
+                let deps = health.snapshot();
+                let up = health.all_up();
+                let body = serde_json::json!({ "status": if up { "ok" } else { "degraded" }, "dependencies": deps });
+                (if up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+            }
+        }),
+    )
+}
+
+/// Checks NATS, PostgreSQL and Redis every few seconds until `shutdown`.
+pub async fn watch_dependencies(
+    platform: Arc<Platform>,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = platform.catalog.stream(creto_streams::METERING);
+        health.set(
+            "nats",
+            match platform.log.stream_state(&stream).await {
+                Ok(_) => "up".to_string(),
+                Err(e) => format!("down: {e}"),
+            },
+        );
+        match sqlx::query("SELECT 1").execute(&platform.pool).await {
+            Ok(_) => health.set("postgres", "up"),
+            Err(e) => {
+                PG_ERRORS.inc();
+                health.set("postgres", format!("down: {e}"));
+            }
+        }
+        let size = platform.pool.size() as i64;
+        let idle = platform.pool.num_idle() as i64;
+        POOL_ACTIVE.set(size - idle);
+        POOL_IDLE.set(idle);
+        POOL_MAX.set(platform.settings.database_pool_size as i64);
+        let mut redis = platform.redis.clone();
+        let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut redis).await;
+        REDIS_UP.set(pong.is_ok() as i64);
+        health.set(
+            "redis",
+            match pong {
+                Ok(_) => "up".to_string(),
+                Err(e) => format!("down: {e}"),
+            },
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

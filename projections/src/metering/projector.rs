@@ -1,0 +1,409 @@
+//! Applies metering facts to Postgres in one transaction per batch: raw events (deduplicated
+//! by their key), the hourly upsert computed from the rows actually inserted, meters, and the
+//! checkpoint. Invalid events are dead-lettered with their reason and counted.
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use creto_domain::metering::{IngestLimits, UsageRecord};
+use creto_streams::deadletter;
+use creto_streams::{Catalog, EventLog, StoredEvent, METERING};
+use sqlx::PgPool;
+
+use super::counters::Counters;
+use super::decode::{decode, Decoded};
+use crate::metrics::{self, LabelBudget};
+use crate::postgres::quote_ident;
+use crate::runner::{ApplyReport, ProjectionError, Projector};
+
+pub const PRODUCT: &str = "metering";
+
+pub struct MeteringProjector {
+    pool: PgPool,
+    log: Arc<dyn EventLog>,
+    catalog: Catalog,
+    stream: String,
+    limits: IngestLimits,
+    /// Schema holding the read models: `public` live, another during a rebuild.
+    schema: String,
+    counters: Option<Counters>,
+    labels: LabelBudget,
+    /// Counted only by the live projector: a rebuild must not count events a second time.
+    live: bool,
+    sql: Sql,
+    daily_refreshed: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+const DAILY_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('creto.projection.metering'))";
+
+struct Sql {
+    checkpoint: String,
+    save_checkpoint: String,
+    insert_usage: String,
+    insert_meter: String,
+}
+
+impl Sql {
+    fn new(schema: &str) -> Sql {
+        let s = quote_ident(schema);
+        Sql {
+            checkpoint: format!("SELECT last_sequence FROM {s}.projection_checkpoints WHERE projector = $1 FOR UPDATE"),
+            save_checkpoint: format!(
+                "INSERT INTO {s}.projection_checkpoints (projector, stream, last_sequence, updated_at)
+                 VALUES ($1, $2, $3, now())
+                 ON CONFLICT (projector) DO UPDATE SET last_sequence = EXCLUDED.last_sequence, updated_at = now()"
+            ),
+            // Only rows really inserted (not duplicates) feed the hourly aggregate.
+            insert_usage: format!(
+                "WITH input AS (
+                    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                         $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::int8[])
+                        AS t(tenant, subscription_id, event_id, event_type, source, occurred_at, recorded_at, quantity, data, seq)
+                 ), inserted AS (
+                    INSERT INTO {s}.metering_events
+                        (tenant, subscription_id, event_id, event_type, source, occurred_at, recorded_at, quantity, data, stream_sequence)
+                    SELECT tenant, subscription_id, event_id, event_type, source, occurred_at, recorded_at,
+                           quantity::numeric, data::jsonb, seq
+                    FROM input
+                    ON CONFLICT DO NOTHING
+                    RETURNING tenant, subscription_id, event_type, occurred_at, quantity
+                 ), hourly AS (
+                    SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC') AS hour,
+                           count(*) AS n, sum(quantity) AS q
+                    FROM inserted GROUP BY 1, 2, 3, 4
+                 ), upserted AS (
+                    INSERT INTO {s}.usage_hourly AS u (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
+                    SELECT tenant, subscription_id, event_type, hour, n, q FROM hourly
+                    ON CONFLICT (tenant, subscription_id, event_type, hour) DO UPDATE
+                        SET event_count = u.event_count + EXCLUDED.event_count,
+                            quantity_sum = u.quantity_sum + EXCLUDED.quantity_sum
+                    RETURNING 1
+                 )
+                 SELECT h.tenant, h.subscription_id, h.event_type, h.n::int8
+                 FROM hourly h, (SELECT count(*) FROM upserted) AS done"
+            ),
+            insert_meter: format!(
+                "INSERT INTO {s}.meters (slug, tenant, event_type, aggregation, value_property, group_by, description, defined_sequence)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (slug) DO NOTHING"
+            ),
+        }
+    }
+}
+
+impl MeteringProjector {
+    pub fn new(
+        pool: PgPool,
+        log: Arc<dyn EventLog>,
+        catalog: Catalog,
+        limits: IngestLimits,
+    ) -> Self {
+        Self::in_schema(pool, log, catalog, limits, "public")
+    }
+
+    /// A projector writing to another schema (a rebuild). It counts no metrics.
+    pub fn in_schema(
+        pool: PgPool,
+        log: Arc<dyn EventLog>,
+        catalog: Catalog,
+        limits: IngestLimits,
+        schema: &str,
+    ) -> Self {
+        MeteringProjector {
+            stream: catalog.stream(METERING),
+            pool,
+            log,
+            catalog,
+            limits,
+            schema: schema.to_string(),
+            counters: None,
+            labels: LabelBudget::new(1_000),
+            live: schema == "public",
+            sql: Sql::new(schema),
+            daily_refreshed: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn with_counters(mut self, counters: Counters) -> Self {
+        self.counters = Some(counters);
+        self
+    }
+
+    pub fn with_label_limit(mut self, limit: usize) -> Self {
+        self.labels = LabelBudget::new(limit);
+        self
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// `usage_daily` is the runbook's materialized view over `usage_hourly`; the live projector
+    /// refreshes it in the background at most once per `DAILY_REFRESH_EVERY`.
+    fn refresh_daily_if_due(&self) {
+        let mut last = self.daily_refreshed.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < DAILY_REFRESH_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r = sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY usage_daily")
+                .execute(&pool)
+                .await;
+            metrics::METERING_POSTGRES_QUERIES
+                .with_label_values(&["refresh_usage_daily", metrics::status(r.is_ok())])
+                .inc();
+            metrics::METERING_AGGREGATION_SECONDS
+                .with_label_values(&["usage_daily"])
+                .observe(started.elapsed().as_secs_f64());
+        });
+    }
+
+    /// Applies `events` inside `tx`, which must hold the projection lock ([`Self::lock`]).
+    /// Returns the report and the keys whose usage changed.
+    pub async fn apply_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        events: &[StoredEvent],
+    ) -> Result<(ApplyReport, Vec<Applied>), ProjectionError> {
+        let Some(last) = events.last() else {
+            return Ok((ApplyReport::default(), Vec::new()));
+        };
+        let checkpoint: Option<i64> = sqlx::query_scalar(&self.sql.checkpoint)
+            .bind(PRODUCT)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let checkpoint = checkpoint.unwrap_or(0) as u64;
+        if last.sequence <= checkpoint {
+            return Ok((
+                ApplyReport {
+                    checkpoint,
+                    ..Default::default()
+                },
+                Vec::new(),
+            ));
+        }
+
+        let mut columns = Columns::default();
+        let mut report = ApplyReport {
+            checkpoint: last.sequence,
+            ..Default::default()
+        };
+        let mut invalid_reasons: Vec<&'static str> = Vec::new();
+        for e in events.iter().filter(|e| e.sequence > checkpoint) {
+            match decode(e, &self.catalog, &self.limits) {
+                Decoded::Usage(r) => columns.push(r, e),
+                Decoded::MeterDefined { meter, tenant } => {
+                    sqlx::query(&self.sql.insert_meter)
+                        .bind(&meter.slug)
+                        .bind(&tenant)
+                        .bind(&meter.event_type)
+                        .bind(meter.aggregation.as_str())
+                        .bind(meter.value_property())
+                        .bind(&meter.group_by)
+                        .bind(&meter.description)
+                        .bind(e.sequence as i64)
+                        .execute(&mut **tx)
+                        .await?;
+                    report.applied += 1;
+                }
+                Decoded::Invalid(invalid) => {
+                    // Parked before the commit; its id is derived from the sequence, so a retry
+                    // of this batch stores it once.
+                    let subject = self.catalog.deadletter_subject(METERING);
+                    let letter = deadletter::letter(
+                        e,
+                        &subject,
+                        invalid.reason.as_str(),
+                        &invalid.detail,
+                        1,
+                    );
+                    self.log.append(letter).await?;
+                    report.dead_lettered += 1;
+                    invalid_reasons.push(invalid.reason.as_str());
+                }
+            }
+        }
+
+        let submitted = columns.id.len() as u64;
+        let mut inserted_by_key: Vec<(String, String, String, i64)> = Vec::new();
+        if submitted > 0 {
+            inserted_by_key = sqlx::query_as(&self.sql.insert_usage)
+                .bind(&columns.tenant)
+                .bind(&columns.subscription)
+                .bind(&columns.id)
+                .bind(&columns.event_type)
+                .bind(&columns.source)
+                .bind(&columns.occurred)
+                .bind(&columns.recorded)
+                .bind(&columns.quantity)
+                .bind(&columns.data)
+                .bind(&columns.seq)
+                .fetch_all(&mut **tx)
+                .await?;
+        }
+        let inserted: u64 = inserted_by_key.iter().map(|k| k.3 as u64).sum();
+        report.applied += inserted;
+        report.duplicates = submitted - inserted;
+
+        sqlx::query(&self.sql.save_checkpoint)
+            .bind(PRODUCT)
+            .bind(&self.stream)
+            .bind(last.sequence as i64)
+            .execute(&mut **tx)
+            .await?;
+        Ok((
+            report,
+            inserted_by_key
+                .into_iter()
+                .map(|(tenant, subscription_id, event_type, n)| Applied {
+                    tenant,
+                    subscription_id,
+                    event_type,
+                    events: n as u64,
+                    invalid: None,
+                })
+                .chain(invalid_reasons.into_iter().map(|r| Applied {
+                    invalid: Some(r),
+                    ..Default::default()
+                }))
+                .collect(),
+        ))
+    }
+
+    /// Takes the projection lock for the rest of `tx`: batches of the live projector and a
+    /// rebuild's switch-over never interleave.
+    pub async fn lock(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<(), ProjectionError> {
+        sqlx::query(LOCK).execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+/// What a batch changed, per key (or one invalid event with its reason).
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    pub tenant: String,
+    pub subscription_id: String,
+    pub event_type: String,
+    pub events: u64,
+    pub invalid: Option<&'static str>,
+}
+
+/// Shortest decimal that round-trips the f64 (Rust's `Display` never uses an exponent),
+/// stored as `numeric`: sums are exact from here on.
+fn quantity_text(q: f64) -> String {
+    q.to_string()
+}
+
+#[derive(Default)]
+struct Columns {
+    tenant: Vec<String>,
+    subscription: Vec<String>,
+    id: Vec<String>,
+    event_type: Vec<String>,
+    source: Vec<String>,
+    occurred: Vec<DateTime<Utc>>,
+    recorded: Vec<DateTime<Utc>>,
+    quantity: Vec<String>,
+    data: Vec<String>,
+    seq: Vec<i64>,
+}
+
+impl Columns {
+    fn push(&mut self, r: UsageRecord, e: &StoredEvent) {
+        self.tenant.push(r.tenant);
+        self.subscription.push(r.subscription_id);
+        self.id.push(r.id);
+        self.event_type.push(r.event_type);
+        self.source.push(r.source);
+        self.occurred.push(r.time);
+        self.recorded.push(e.recorded_at);
+        self.quantity.push(quantity_text(r.quantity));
+        self.data
+            .push(serde_json::Value::Object(r.dimensions).to_string());
+        self.seq.push(e.sequence as i64);
+    }
+}
+
+#[async_trait]
+impl Projector for MeteringProjector {
+    fn product(&self) -> &'static str {
+        PRODUCT
+    }
+
+    fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    async fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        let at: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT last_sequence FROM {}.projection_checkpoints WHERE projector = $1",
+            quote_ident(&self.schema)
+        ))
+        .bind(PRODUCT)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(at.unwrap_or(0) as u64)
+    }
+
+    async fn on_activate(&self) -> Result<(), ProjectionError> {
+        if let Some(c) = &self.counters {
+            c.resync_if_behind(&self.pool, self.checkpoint().await?)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
+        let started = std::time::Instant::now();
+        let Some(last) = events.last() else {
+            return Ok(ApplyReport::default());
+        };
+        let mut tx = self.pool.begin().await?;
+        Self::lock(&mut tx).await?;
+        let (report, applied) = self.apply_in(&mut tx, events).await?;
+        let committed = tx.commit().await;
+        if self.live {
+            metrics::METERING_POSTGRES_QUERIES
+                .with_label_values(&["projection_batch", metrics::status(committed.is_ok())])
+                .inc();
+        }
+        committed?;
+
+        if self.live {
+            let mut keys = Vec::new();
+            for a in applied {
+                match a.invalid {
+                    Some(reason) => {
+                        metrics::METERING_INVALID.with_label_values(&[reason]).inc();
+                        metrics::DEADLETTERS
+                            .with_label_values(&[&self.stream, reason])
+                            .inc();
+                    }
+                    None => {
+                        metrics::METERING_EVENTS
+                            .with_label_values(&[
+                                self.labels.label(&a.subscription_id),
+                                &a.event_type,
+                            ])
+                            .inc_by(a.events);
+                        keys.push((a.tenant, a.subscription_id, a.event_type));
+                    }
+                }
+            }
+            metrics::METERING_AGGREGATION_SECONDS
+                .with_label_values(&["projection_batch"])
+                .observe(started.elapsed().as_secs_f64());
+            if let Some(c) = &self.counters {
+                c.refresh(&self.pool, &keys, last.sequence).await;
+            }
+            self.refresh_daily_if_due();
+        }
+        Ok(report)
+    }
+}

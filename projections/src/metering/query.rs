@@ -1,0 +1,222 @@
+//! Usage queries over the read model: windows in a time zone, group-by dimensions, filters.
+//! The reference in `creto_domain::metering::reference` defines the expected answers.
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use creto_domain::metering::{Aggregation, Meter, Window};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row as _};
+
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    pub tenant: String,
+    pub meter: Meter,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub window: Window,
+    pub tz: Tz,
+    pub group_by: Vec<String>,
+    pub filters: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub group: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// The implicit meter of "subscription_id + event_type": the sum of `quantity`.
+pub fn quantity_meter(event_type: &str) -> Meter {
+    Meter {
+        slug: String::new(),
+        event_type: event_type.to_string(),
+        aggregation: Aggregation::Sum,
+        value_path: vec!["quantity".into()],
+        group_by: vec![],
+        description: String::new(),
+    }
+}
+
+fn dimension(q: &mut QueryBuilder<'_, Postgres>, key: &str) {
+    if key == "subscription_id" {
+        q.push("subscription_id");
+    } else {
+        q.push("COALESCE(data ->> ")
+            .push_bind(key.to_string())
+            .push(", '')");
+    }
+}
+
+fn value(q: &mut QueryBuilder<'_, Postgres>, meter: &Meter) {
+    if meter.value_path == ["quantity"] {
+        q.push("quantity::float8");
+    } else {
+        q.push("(CASE WHEN jsonb_typeof(data #> ")
+            .push_bind(meter.value_path.clone())
+            .push(") = 'number' THEN (data #>> ")
+            .push_bind(meter.value_path.clone())
+            .push(")::float8 END)");
+    }
+}
+
+pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, sqlx::Error> {
+    let meter = &query.meter;
+    let mut q = QueryBuilder::<Postgres>::new("SELECT date_trunc(");
+    q.push_bind(query.window.as_sql())
+        .push(", occurred_at, ")
+        .push_bind(query.tz.name())
+        .push(") AS ws");
+    for g in &query.group_by {
+        q.push(", ");
+        dimension(&mut q, g);
+    }
+    q.push(", ");
+    match meter.aggregation {
+        Aggregation::Count => {
+            q.push("count(*)::float8");
+        }
+        Aggregation::UniqueCount => {
+            if meter.value_path == ["quantity"] {
+                q.push("count(DISTINCT quantity)::float8");
+            } else {
+                q.push("(count(DISTINCT data #>> ")
+                    .push_bind(meter.value_path.clone())
+                    .push(") FILTER (WHERE jsonb_typeof(data #> ")
+                    .push_bind(meter.value_path.clone())
+                    .push(") IN ('number', 'string')))::float8");
+            }
+        }
+        Aggregation::Latest => {
+            q.push("(array_agg(");
+            value(&mut q, meter);
+            q.push(" ORDER BY occurred_at DESC, stream_sequence DESC) FILTER (WHERE ");
+            value(&mut q, meter);
+            q.push(" IS NOT NULL))[1]");
+        }
+        agg => {
+            q.push(match agg {
+                Aggregation::Sum => "sum(",
+                Aggregation::Avg => "avg(",
+                Aggregation::Min => "min(",
+                _ => "max(",
+            });
+            value(&mut q, meter);
+            q.push(")::float8");
+        }
+    }
+    q.push(" AS v FROM metering_events WHERE tenant = ")
+        .push_bind(query.tenant.clone())
+        .push(" AND event_type = ")
+        .push_bind(meter.event_type.clone())
+        .push(" AND occurred_at >= ")
+        .push_bind(query.from)
+        .push(" AND occurred_at < ")
+        .push_bind(query.to);
+    for (k, v) in &query.filters {
+        q.push(" AND ");
+        dimension(&mut q, k);
+        q.push(" = ").push_bind(v.clone());
+    }
+    q.push(" GROUP BY ");
+    for i in 1..=query.group_by.len() + 1 {
+        if i > 1 {
+            q.push(", ");
+        }
+        q.push(i.to_string());
+    }
+    q.push(" ORDER BY ");
+    for i in 1..=query.group_by.len() + 1 {
+        if i > 1 {
+            q.push(", ");
+        }
+        q.push(i.to_string());
+    }
+    let rows = q.build().fetch_all(pool).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let value: Option<f64> = row.try_get("v")?;
+        let Some(value) = value else { continue };
+        let window_start: DateTime<Utc> = row.try_get("ws")?;
+        let mut group = Vec::with_capacity(query.group_by.len());
+        for (i, g) in query.group_by.iter().enumerate() {
+            group.push((g.clone(), row.try_get::<String, _>(i + 1)?));
+        }
+        out.push(UsageRow {
+            window_start,
+            window_end: query.window.end(window_start, query.tz),
+            group,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// Loads a meter of `tenant` by slug.
+pub async fn meter(pool: &PgPool, tenant: &str, slug: &str) -> Result<Option<Meter>, sqlx::Error> {
+    let row: Option<(String, String, String, Vec<String>, String)> = sqlx::query_as(
+        "SELECT event_type, aggregation, value_property, group_by, description FROM meters WHERE slug = $1 AND tenant = $2",
+    )
+    .bind(slug)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(
+        |(event_type, aggregation, value_property, group_by, description)| {
+            Meter::new(
+                slug,
+                &event_type,
+                Aggregation::parse(&aggregation)?,
+                &value_property,
+                group_by,
+                &description,
+            )
+            .ok()
+        },
+    ))
+}
+
+pub async fn meters(pool: &PgPool, tenant: &str) -> Result<Vec<Meter>, sqlx::Error> {
+    let rows: Vec<(String, String, String, String, Vec<String>, String)> = sqlx::query_as(
+        "SELECT slug, event_type, aggregation, value_property, group_by, description FROM meters WHERE tenant = $1 ORDER BY slug",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(
+            |(slug, event_type, aggregation, value_property, group_by, description)| {
+                Meter::new(
+                    &slug,
+                    &event_type,
+                    Aggregation::parse(&aggregation)?,
+                    &value_property,
+                    group_by,
+                    &description,
+                )
+                .ok()
+            },
+        )
+        .collect())
+}
+
+/// Which (subscription, id) pairs of `tenant` were already applied: lets the gateway answer
+/// "duplicate" for an id seen long after JetStream's duplicate window.
+pub async fn existing_ids(
+    pool: &PgPool,
+    tenant: &str,
+    keys: &[(String, String)],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let (subs, ids): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
+    sqlx::query_as(
+        "SELECT e.subscription_id, e.event_id FROM metering_events e
+         JOIN UNNEST($2::text[], $3::text[]) AS k(subscription_id, event_id)
+           ON e.subscription_id = k.subscription_id AND e.event_id = k.event_id
+         WHERE e.tenant = $1",
+    )
+    .bind(tenant)
+    .bind(&subs)
+    .bind(&ids)
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,196 @@
+//! Blue/green rebuild of a product's read models from its stream.
+//!
+//! The new tables are built in a side schema from the same DDL as the live ones while readers
+//! keep using the old tables. At the end, one transaction holding the projection lock catches
+//! up to the live checkpoint and swaps the tables: readers see the old or the new model, never
+//! a mix. An interrupted rebuild resumes from the side schema's own checkpoint.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use creto_streams::{EventLog, ReplayFrom, StoredEvent};
+use futures::StreamExt;
+use sqlx::{Executor, PgPool};
+
+use crate::metering::MeteringProjector;
+use crate::postgres::{quote_ident, CHECKPOINT_DDL, METERING_DDL};
+use crate::runner::{ProjectionError, Projector};
+
+/// Tables and views of the metering read model, moved together at the switch.
+pub const METERING_RELATIONS: &[(&str, &str)] = &[
+    ("TABLE", "metering_events"),
+    ("TABLE", "usage_hourly"),
+    ("MATERIALIZED VIEW", "usage_daily"),
+    ("TABLE", "meters"),
+];
+
+pub const REBUILD_SCHEMA: &str = "metering_rebuild";
+const RETIRED_SCHEMA: &str = "metering_retired";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub applied_to: u64,
+    pub target: u64,
+    pub events: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub checkpoint: u64,
+    pub resumed_from: u64,
+    pub switched: bool,
+    pub elapsed_ms: u128,
+}
+
+/// Prepares (or resumes) the side schema and returns the rebuild projector.
+pub async fn prepare_metering(
+    pool: &PgPool,
+    log: Arc<dyn EventLog>,
+    catalog: creto_streams::Catalog,
+    limits: creto_domain::metering::IngestLimits,
+    restart: bool,
+) -> Result<MeteringProjector, ProjectionError> {
+    let schema = quote_ident(REBUILD_SCHEMA);
+    if restart {
+        pool.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+            .await?;
+    }
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(REBUILD_SCHEMA)
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        let mut tx = pool.begin().await?;
+        tx.execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await?;
+        tx.execute(format!("SET LOCAL search_path TO {schema}").as_str())
+            .await?;
+        tx.execute(CHECKPOINT_DDL).await?;
+        tx.execute(METERING_DDL).await?;
+        tx.commit().await?;
+    }
+    Ok(MeteringProjector::in_schema(
+        pool.clone(),
+        log,
+        catalog,
+        limits,
+        REBUILD_SCHEMA,
+    ))
+}
+
+/// Replays the stream into the side schema up to `to` (default: the stream's end now).
+pub async fn catch_up(
+    log: &Arc<dyn EventLog>,
+    projector: &MeteringProjector,
+    to: Option<u64>,
+    batch: usize,
+    mut progress: impl FnMut(Progress),
+) -> Result<u64, ProjectionError> {
+    let started = Instant::now();
+    let target = match to {
+        Some(t) => t,
+        None => log.stream_state(projector.stream()).await?.last_sequence,
+    };
+    let from = projector.checkpoint().await?;
+    if from >= target {
+        return Ok(0);
+    }
+    let mut events = log
+        .replay(
+            projector.stream(),
+            ReplayFrom::Sequence(from + 1),
+            Some(target),
+            None,
+        )
+        .await?;
+    let mut buffer: Vec<StoredEvent> = Vec::with_capacity(batch);
+    let mut applied = 0u64;
+    loop {
+        let next = events.next().await;
+        let end = next.is_none();
+        if let Some(e) = next {
+            buffer.push(e?);
+        }
+        if buffer.len() >= batch || (end && !buffer.is_empty()) {
+            let report = projector.apply(&buffer).await?;
+            applied += buffer.len() as u64;
+            buffer.clear();
+            progress(Progress {
+                applied_to: report.checkpoint,
+                target,
+                events: applied,
+                elapsed: started.elapsed(),
+            });
+        }
+        if end {
+            return Ok(applied);
+        }
+    }
+}
+
+/// Catches up to the live checkpoint under the lock and swaps the side schema's tables in.
+pub async fn switch_over(
+    pool: &PgPool,
+    log: &Arc<dyn EventLog>,
+    projector: &MeteringProjector,
+) -> Result<u64, ProjectionError> {
+    let mut tx = pool.begin().await?;
+    MeteringProjector::lock(&mut tx).await?;
+    let live: Option<i64> = sqlx::query_scalar(
+        "SELECT last_sequence FROM public.projection_checkpoints WHERE projector = $1",
+    )
+    .bind(projector.product())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let live = live.unwrap_or(0) as u64;
+    let mut at = projector.checkpoint().await?;
+    if at < live {
+        let mut tail = log
+            .replay(
+                projector.stream(),
+                ReplayFrom::Sequence(at + 1),
+                Some(live),
+                None,
+            )
+            .await?;
+        let mut buffer = Vec::new();
+        while let Some(e) = tail.next().await {
+            buffer.push(e?);
+        }
+        at = projector
+            .apply_in(&mut tx, &buffer)
+            .await?
+            .0
+            .checkpoint
+            .max(at);
+    }
+    let rebuild = quote_ident(REBUILD_SCHEMA);
+    let retired = quote_ident(RETIRED_SCHEMA);
+    tx.execute(format!("REFRESH MATERIALIZED VIEW {rebuild}.usage_daily").as_str())
+        .await?;
+    tx.execute(
+        format!("DROP SCHEMA IF EXISTS {retired} CASCADE; CREATE SCHEMA {retired}").as_str(),
+    )
+    .await?;
+    for (kind, name) in METERING_RELATIONS {
+        tx.execute(format!("ALTER {kind} public.{name} SET SCHEMA {retired}").as_str())
+            .await?;
+        tx.execute(format!("ALTER {kind} {rebuild}.{name} SET SCHEMA public").as_str())
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO public.projection_checkpoints (projector, stream, last_sequence, updated_at) VALUES ($1, $2, $3, now())
+         ON CONFLICT (projector) DO UPDATE SET last_sequence = EXCLUDED.last_sequence, updated_at = now()",
+    )
+    .bind(projector.product())
+    .bind(projector.stream())
+    .bind(at as i64)
+    .execute(&mut *tx)
+    .await?;
+    tx.execute(format!("DROP SCHEMA {rebuild} CASCADE; DROP SCHEMA {retired} CASCADE").as_str())
+        .await?;
+    tx.commit().await?;
+    Ok(at)
+}

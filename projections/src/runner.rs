@@ -1,0 +1,203 @@
+//! The projector runtime: fetch a batch → apply it (rows and checkpoint in one transaction)
+//! → ack. One active instance per projector (a Postgres advisory lock); others wait as
+//! standbys. A batch that fails for a passing reason (database down) is retried, never acked.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use creto_streams::{AckMode, ConsumerSpec, EventLog, ReplayFrom, StoredEvent};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("log error: {0}")]
+    Log(#[from] creto_streams::LogError),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Events applied to the read model (after dropping those at or below the checkpoint).
+    pub applied: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    /// Checkpoint after the batch.
+    pub checkpoint: u64,
+}
+
+#[async_trait]
+pub trait Projector: Send + Sync + 'static {
+    /// Product name: the `product` label and the checkpoint key.
+    fn product(&self) -> &'static str;
+    /// The stream it reads.
+    fn stream(&self) -> &str;
+    async fn checkpoint(&self) -> Result<u64, ProjectionError>;
+    /// Applies the events after the checkpoint, in order, and moves the checkpoint to the last
+    /// one, in one transaction.
+    async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError>;
+    /// Called after a successful commit (caches outside the transaction, e.g. Redis).
+    async fn after_commit(&self, _report: &ApplyReport) {}
+    /// Called once when this instance becomes the active one, before consuming.
+    async fn on_activate(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// How the runner batches.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerConfig {
+    pub batch: usize,
+    pub wait: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            batch: 5_000,
+            wait: Duration::from_millis(500),
+        }
+    }
+}
+
+fn lock_key(product: &str) -> i64 {
+    // Stable across builds and processes (not Rust's randomized hasher).
+    product.bytes().fold(0x4352_4554_4fi64, |h, b| {
+        h.wrapping_mul(31).wrapping_add(b as i64)
+    })
+}
+
+/// Runs `projector` until `shutdown` turns true.
+pub async fn run(
+    log: Arc<dyn EventLog>,
+    pool: PgPool,
+    projector: Arc<dyn Projector>,
+    config: RunnerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProjectionError> {
+    let product = projector.product();
+    // Leadership: hold a session advisory lock on a dedicated connection for as long as we run.
+    let mut leader = pool.acquire().await?;
+    loop {
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(lock_key(product))
+            .fetch_one(&mut *leader)
+            .await?;
+        if got {
+            break;
+        }
+        tracing::info!(product, "another instance is projecting; standing by");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    projector.on_activate().await?;
+
+    // The checkpoint in Postgres is the truth; the durable consumer is repositioned to it so a
+    // dropped read model is rebuilt and nothing is skipped.
+    let durable = format!("projector-{product}");
+    let checkpoint = projector.checkpoint().await?;
+    let state = log.stream_state(projector.stream()).await?;
+    let floor = state
+        .consumers
+        .iter()
+        .find(|c| c.name == durable)
+        .map(|c| c.ack_floor);
+    if floor != Some(checkpoint) {
+        log.delete_consumer(projector.stream(), &durable).await?;
+    }
+    let spec = ConsumerSpec {
+        ack: AckMode::Cumulative,
+        ack_wait: Duration::from_secs(60),
+        start: ReplayFrom::Sequence(checkpoint + 1),
+        ..ConsumerSpec::new(durable)
+    };
+    let mut consumer = log.consumer(projector.stream(), spec).await?;
+    tracing::info!(product, checkpoint, "projector active");
+
+    let mut last_lag_update = Instant::now() - Duration::from_secs(10);
+    let mut applied_to = checkpoint;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let batch = tokio::select! {
+            b = consumer.fetch(config.batch, config.wait) => b?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        if last_lag_update.elapsed() > Duration::from_secs(2) || batch.is_empty() {
+            if let Ok(state) = log.stream_state(projector.stream()).await {
+                metrics::PROJECTOR_LAG
+                    .with_label_values(&[product])
+                    .set(state.last_sequence.saturating_sub(applied_to) as i64);
+                metrics::STREAM_MESSAGES
+                    .with_label_values(&[projector.stream()])
+                    .set(state.messages as i64);
+                for c in &state.consumers {
+                    metrics::CONSUMER_PENDING
+                        .with_label_values(&[projector.stream(), &c.name])
+                        .set(c.pending as i64);
+                }
+            }
+            last_lag_update = Instant::now();
+        }
+        let Some(last) = batch.last() else { continue };
+        let events: Vec<StoredEvent> = batch.iter().map(|d| d.event.clone()).collect();
+        let mut backoff = Duration::from_millis(100);
+        let report = loop {
+            let started = Instant::now();
+            match projector.apply(&events).await {
+                Ok(report) => {
+                    metrics::PROJECTOR_BATCH_SECONDS
+                        .with_label_values(&[product])
+                        .observe(started.elapsed().as_secs_f64());
+                    break report;
+                }
+                Err(e) => {
+                    tracing::error!(product, error = %e, "batch failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        // Acking the last delivery acks the whole batch (cumulative mode).
+        last.ack().await?;
+        applied_to = report.checkpoint;
+        metrics::PROJECTOR_APPLIED
+            .with_label_values(&[product])
+            .inc_by(report.applied);
+        projector.after_commit(&report).await;
+    }
+}
+
+/// Waits until `projector`'s checkpoint reaches `sequence` or `deadline` passes.
+pub async fn wait_for(
+    pool: &PgPool,
+    product: &str,
+    sequence: u64,
+    deadline: Duration,
+) -> Result<u64, ProjectionError> {
+    let until = Instant::now() + deadline;
+    loop {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1",
+        )
+        .bind(product)
+        .fetch_optional(pool)
+        .await?;
+        let at = at.unwrap_or(0) as u64;
+        if at >= sequence || Instant::now() >= until {
+            return Ok(at);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
