@@ -20,7 +20,7 @@ type Row = (String, String, String, i64, String);
 
 const MONTH_TOTALS: &str = "SELECT h.tenant, h.subscription_id, h.event_type, sum(h.event_count)::int8, sum(h.quantity_sum)::text
      FROM usage_hourly h
-     JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(tenant, subscription_id, event_type)
+     JOIN (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[], $3::text[])) AS k(tenant, subscription_id, event_type)
        ON (h.tenant, h.subscription_id, h.event_type) = (k.tenant, k.subscription_id, k.event_type)
      WHERE h.hour >= date_trunc('month', now(), 'UTC')
      GROUP BY 1, 2, 3";

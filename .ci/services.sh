@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Makes sure NATS (with JetStream), PostgreSQL and Redis answer on loopback: uses them when
+# they run, starts them when installed but stopped, installs them from Debian packages when
+# missing (as root). Idempotent; prints one line per service.
+set -euo pipefail
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 60); do listening "$1" && return 0; sleep 0.5; done
+  echo "services: $2 did not start on port $1" >&2
+  return 1
+}
+
+apt_updated=""
+install() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "services: $* missing and not root: install them (apt-get install $*)" >&2
+    exit 1
+  fi
+  if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# NATS with JetStream.
+if listening 4222; then
+  echo "services: nats on 4222 (running)"
+else
+  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || install nats-server
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server || echo /usr/sbin/nats-server)" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port 4222 nats-server
+  echo "services: nats on 4222 (started)"
+fi
+
+# PostgreSQL, reachable as postgres@127.0.0.1 without a password.
+if listening 5432; then
+  echo "services: postgresql on 5432 (running)"
+else
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    install postgresql
+    hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -n 1)
+    # A test machine: trust loopback so the default DATABASE_URL works.
+    sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+  wait_port 5432 postgresql
+  echo "services: postgresql on 5432 (started)"
+fi
+
+# Redis, without persistence: it only holds projections.
+if listening 6379; then
+  echo "services: redis on 6379 (running)"
+else
+  command -v redis-server >/dev/null || install redis-server
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port 6379 redis-server
+  echo "services: redis on 6379 (started)"
+fi

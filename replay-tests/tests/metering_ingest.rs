@@ -1,0 +1,483 @@
+//! Metering from producer to query on the real services: NATS and gRPC producers, bad input,
+//! duplicates, read-your-writes, dead letters, and the runbook's SQL.
+use chrono::{Duration as Ch, Utc};
+use creto_replay_tests::{cloud_event, Env};
+use creto_schemas::metering::v1 as pb;
+use creto_streams::{ReplayFrom, DEADLETTERS, METERING};
+use futures::TryStreamExt;
+use prost::Message;
+use tonic::Code;
+
+fn ts(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
+    creto_streams::envelope::timestamp(t)
+}
+
+fn usage_request(sub: &str, event_type: &str, min_sequence: u64) -> pb::QueryUsageRequest {
+    let now = Utc::now();
+    pb::QueryUsageRequest {
+        subscription_id: sub.into(),
+        event_type: event_type.into(),
+        from: Some(ts(now - Ch::days(8))),
+        to: Some(ts(now + Ch::hours(1))),
+        window: pb::Window::Day as i32,
+        min_sequence,
+        ..Default::default()
+    }
+}
+
+fn total(rows: &[pb::UsageRow]) -> f64 {
+    rows.iter().map(|r| r.value).sum()
+}
+
+fn grpc_event(id: &str, sub: &str, quantity: f64) -> pb::UsageEvent {
+    let mut data = prost_types::Struct::default();
+    data.fields.insert(
+        "quantity".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(quantity)),
+        },
+    );
+    pb::UsageEvent {
+        id: id.into(),
+        source: "grpc-test".into(),
+        r#type: "agent.execution".into(),
+        subject: sub.into(),
+        time: Some(ts(Utc::now())),
+        data: Some(data),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_producers_bad_input_and_duplicates() {
+    let env = Env::new().await;
+    let (running, mut client) = env.start_metering(true).await;
+    let nats = async_nats::connect(creto_replay_tests::nats_url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let now = Utc::now();
+    let subject = env.subject("metering.events.sub_a");
+    let publish = |payload: String, headers: Option<async_nats::HeaderMap>| {
+        let js = js.clone();
+        let subject = subject.clone();
+        async move {
+            let ack = match headers {
+                Some(h) => js
+                    .publish_with_headers(subject, h, payload.into())
+                    .await
+                    .unwrap(),
+                None => js.publish(subject, payload.into()).await.unwrap(),
+            };
+            ack.await.unwrap().sequence
+        }
+    };
+
+    // Good events: JSON (one without data → quantity 1), and the protobuf form.
+    publish(
+        cloud_event(
+            "e1",
+            "sub_a",
+            "agent.execution",
+            now,
+            serde_json::json!({"quantity": 2.5, "model": "m1"}),
+        ),
+        None,
+    )
+    .await;
+    publish(
+        cloud_event(
+            "e2",
+            "sub_a",
+            "agent.execution",
+            now - Ch::hours(30),
+            serde_json::Value::Null,
+        ),
+        None,
+    )
+    .await;
+    let mut proto_headers = async_nats::HeaderMap::new();
+    proto_headers.insert("Content-Type", "application/protobuf");
+    publish(
+        grpc_event("e3", "sub_a", 4.0)
+            .encode_to_vec()
+            .into_iter()
+            .map(char::from)
+            .collect::<String>(),
+        None,
+    )
+    .await; // wrong content type: malformed JSON
+    let proto_bytes = grpc_event("e4", "sub_a", 4.0).encode_to_vec();
+    let ack = js
+        .publish_with_headers(subject.clone(), proto_headers, proto_bytes.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ack.sequence > 0);
+
+    // Bad input, each with its reason.
+    let bad: Vec<(String, &str)> = vec![
+        ("{not json".into(), "malformed_json"),
+        (cloud_event("b1", "sub_a", "agent.execution", now, serde_json::json!({"quantity": -1})), "quantity_negative"),
+        (cloud_event("b2", "sub_a", "agent.execution", now, serde_json::json!({"quantity": "7"})), "wrong_type"),
+        (cloud_event("b3", "sub_other", "agent.execution", now, serde_json::json!({})), "subject_mismatch"),
+        (cloud_event("b4", "sub_a", "agent.execution", now + Ch::minutes(10), serde_json::json!({})), "time_in_future"),
+        (cloud_event("b5", "sub_a", "agent.execution", now - Ch::days(9), serde_json::json!({})), "time_too_old"),
+        (cloud_event("b6", "sub_a", "agent.execution", now, serde_json::json!({"pad": "x".repeat(70_000)})), "oversized"),
+        (r#"{"specversion":"1.0","source":"s","type":"agent.execution","subject":"sub_a","time":"2026-01-01T00:00:00Z"}"#.into(), "missing_field"),
+    ];
+    for (payload, _) in &bad {
+        publish(payload.clone(), None).await;
+    }
+    // Duplicates: same id again, without Nats-Msg-Id, and once more after it was applied.
+    let first_dup = publish(
+        cloud_event(
+            "e1",
+            "sub_a",
+            "agent.execution",
+            now,
+            serde_json::json!({"quantity": 100}),
+        ),
+        None,
+    )
+    .await;
+    env.wait_applied(first_dup).await;
+    let last = publish(
+        cloud_event(
+            "e1",
+            "sub_a",
+            "agent.execution",
+            now,
+            serde_json::json!({"quantity": 100}),
+        ),
+        None,
+    )
+    .await;
+
+    let rows = client
+        .query_usage(usage_request("sub_a", "agent.execution", last))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rows.applied_sequence >= last);
+    assert_eq!(total(&rows.rows), 2.5 + 1.0 + 4.0, "{:?}", rows.rows);
+
+    // Every invalid event is parked with its reason (plus the mislabelled protobuf).
+    let letters: Vec<creto_streams::deadletter::DeadLetter> = env
+        .platform
+        .log
+        .replay(
+            &env.platform.catalog.stream(DEADLETTERS),
+            ReplayFrom::Start,
+            None,
+            None,
+        )
+        .await
+        .unwrap()
+        .map_ok(|e| creto_streams::deadletter::DeadLetter::parse(e).unwrap())
+        .try_collect()
+        .await
+        .unwrap();
+    let mut reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    reasons.sort();
+    let mut expected: Vec<&str> = bad
+        .iter()
+        .map(|(_, r)| *r)
+        .chain(["malformed_json"])
+        .collect();
+    expected.sort();
+    assert_eq!(reasons, expected);
+    assert!(letters.iter().all(
+        |l| l.original_stream == env.platform.catalog.stream(METERING) && l.original_sequence > 0
+    ));
+
+    // The operator sees them through gRPC too, and can re-drive them.
+    let listed = client
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            limit: 100,
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.dead_letters.len(), expected.len());
+
+    // Metrics: invalid by reason, accepted by subscription.
+    let metrics = reqwest_metrics(running.metrics_addr).await;
+    assert!(
+        metrics.contains("metering_events_invalid_total{reason=\"time_too_old\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "metering_events_total{event_type=\"agent.execution\",subscription_id=\"sub_a\"} 3"
+    ));
+
+    // Redis holds the month-to-date counter under the runbook's key shape.
+    let counters = creto_projections::metering::counters::Counters::new(
+        env.platform.redis.clone(),
+        &env.settings.redis_prefix(),
+    );
+    let (month, quantity, count) = counters
+        .get("sub_a", "agent.execution")
+        .await
+        .unwrap()
+        .expect("counter");
+    assert_eq!(month, Utc::now().format("%Y-%m").to_string());
+    let in_month = [(2.5, now), (1.0, now - Ch::hours(30)), (4.0, now)]
+        .iter()
+        .filter(|(_, t)| t.format("%Y-%m").to_string() == month)
+        .map(|(q, _)| q)
+        .sum::<f64>();
+    assert_eq!(quantity.parse::<f64>().unwrap(), in_month);
+    assert!(count >= 2);
+
+    running.stop().await;
+    env.drop().await;
+}
+
+async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
+    let env = Env::new().await;
+    let (running, mut client) = env.start_metering(true).await;
+
+    let batch = vec![
+        grpc_event("g1", "sub_g", 10.0),
+        grpc_event("g1", "sub_g", 10.0),
+        grpc_event("g2", "sub_g", -1.0),
+        grpc_event("g3", "sub_g", f64::NAN),
+    ];
+    let r = client
+        .ingest_events(pb::IngestEventsRequest { events: batch })
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses: Vec<i32> = r.results.iter().map(|x| x.status).collect();
+    use pb::IngestStatus::*;
+    assert_eq!(
+        statuses,
+        vec![
+            Accepted as i32,
+            Duplicate as i32,
+            Rejected as i32,
+            Rejected as i32
+        ]
+    );
+    assert!(r.results[2].reason.starts_with("quantity_negative"));
+    assert!(r.results[3].reason.starts_with("quantity_not_finite"));
+    assert_eq!(r.results[1].sequence, r.results[0].sequence);
+
+    // Read your writes: the query waits for the returned sequence.
+    let rows = client
+        .query_usage(usage_request("sub_g", "agent.execution", r.sequence))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(total(&rows.rows), 10.0);
+
+    // Long after JetStream's duplicate window the read model still knows the id.
+    let again = client
+        .ingest_events(pb::IngestEventsRequest {
+            events: vec![grpc_event("g1", "sub_g", 10.0)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.results[0].status, Duplicate as i32);
+
+    // Limits and malformed requests.
+    let too_many = (0..1001)
+        .map(|i| grpc_event(&format!("x{i}"), "sub_g", 1.0))
+        .collect();
+    let err = client
+        .ingest_events(pb::IngestEventsRequest { events: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 1000"));
+    let err = client
+        .ingest_events(pb::IngestEventsRequest { events: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut q = usage_request("sub_g", "agent.execution", 0);
+    q.time_zone = "Mars/Olympus".into();
+    assert_eq!(
+        client.query_usage(q).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut q = usage_request("sub_g", "agent.execution", 0);
+    q.window = pb::Window::Minute as i32;
+    q.from = Some(ts(Utc::now() - Ch::days(365)));
+    let err = client.query_usage(q).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let mut q = usage_request("sub_g", "agent.execution", 0);
+    q.meter = "nope".into();
+    assert_eq!(
+        client.query_usage(q).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let mut q = usage_request("sub_g", "agent.execution", 10_000_000);
+    q.wait_ms = 200;
+    assert_eq!(
+        client.query_usage(q).await.unwrap_err().code(),
+        Code::DeadlineExceeded
+    );
+
+    // Meters: defined once, with group-by.
+    let meter = pb::Meter {
+        slug: "exec_by_model".into(),
+        event_type: "agent.execution".into(),
+        aggregation: pb::Aggregation::Count as i32,
+        group_by: vec!["model".into()],
+        ..Default::default()
+    };
+    let created = client
+        .create_meter(pb::CreateMeterRequest {
+            meter: Some(meter.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = client
+        .create_meter(pb::CreateMeterRequest { meter: Some(meter) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    env.wait_applied(created.sequence).await;
+    let meters = client
+        .list_meters(pb::ListMetersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .meters;
+    assert_eq!(meters.len(), 1);
+    let mut q = usage_request("", "", 0);
+    q.meter = "exec_by_model".into();
+    q.group_by = vec!["not_a_dimension".into()];
+    assert_eq!(
+        client.query_usage(q).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    running.stop().await;
+    env.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runbook_section_9_3_sql_runs_against_the_schema() {
+    let env = Env::new().await;
+    let pool = &env.platform.pool;
+    sqlx::query(
+        "INSERT INTO usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
+         SELECT 'default', 'sub_' || (i % 50), 'agent.execution', date_trunc('hour', now()) - (i || ' hours')::interval, i, i
+         FROM generate_series(1, 500) AS i",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    // The runbook's statements, verbatim. Our schema already ships the indexes and the
+    // materialized view they create, so those two may only fail with "already exists".
+    let statements = [
+        // The runbook writes `tablename`; pg_stat_user_tables calls it `relname` (fixed in ops/runbook.md).
+        "SELECT schemaname, relname AS tablename, seq_scan, seq_tup_read, idx_scan, seq_tup_read / NULLIF(seq_scan, 0) AS avg_seq_tup FROM pg_stat_user_tables WHERE seq_scan > 0 ORDER BY seq_tup_read DESC LIMIT 10",
+        "CREATE INDEX CONCURRENTLY idx_usage_hourly_subscription_hour ON usage_hourly (subscription_id, hour DESC)",
+        "EXPLAIN ANALYZE SELECT * FROM usage_hourly WHERE subscription_id = 'sub_123' AND hour >= '2024-12-01'",
+        "SELECT * FROM usage_hourly WHERE hour >= now() - interval '7 days' AND event_type = 'agent.execution'",
+        "CREATE INDEX idx_usage_hourly_event_hour ON usage_hourly (event_type, hour DESC)",
+        "CREATE MATERIALIZED VIEW usage_daily AS SELECT subscription_id, event_type, date_trunc('day', hour) AS day, SUM(event_count) AS total_count FROM usage_hourly GROUP BY subscription_id, event_type, day",
+        "REFRESH MATERIALIZED VIEW CONCURRENTLY usage_daily",
+        "VACUUM ANALYZE usage_hourly",
+        "REINDEX INDEX CONCURRENTLY usage_hourly_subscription_idx",
+        "SELECT count(*) FROM usage_hourly",
+    ];
+    for sql in statements {
+        match sqlx::raw_sql(sql).execute(pool).await {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P07") => {}
+            Err(e) => panic!("runbook SQL failed: {sql}: {e}"),
+        }
+    }
+    let daily: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_daily")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(daily > 0);
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN SELECT * FROM usage_hourly WHERE subscription_id = 'sub_7' AND hour >= now() - interval '3 days'")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert!(
+        plan.join("\n")
+            .contains("idx_usage_hourly_subscription_hour")
+            || plan.join("\n").contains("Index"),
+        "{plan:?}"
+    );
+    env.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_redriven_after_a_fix() {
+    let env = Env::new().await;
+    let (running, mut client) = env.start_metering(true).await;
+    let nats = async_nats::connect(creto_replay_tests::nats_url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nats);
+    // Rejected because the subject names another subscription; an operator fixes nothing in the
+    // event itself here, so re-driving parks it again with the same reason: nothing is lost.
+    let bad = cloud_event(
+        "r1",
+        "sub_x",
+        "agent.execution",
+        Utc::now(),
+        serde_json::json!({}),
+    );
+    let seq = js
+        .publish(env.subject("metering.events.sub_r"), bad.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    env.wait_applied(seq).await;
+    let letters = creto_gateways::metering::service::list_dead_letters(
+        &*env.platform.log,
+        &env.platform.catalog,
+        0,
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(letters.len(), 1);
+    let a = env.platform.log.append(letters[0].redrive()).await.unwrap();
+    env.wait_applied(a.sequence()).await;
+    let again = creto_gateways::metering::service::list_dead_letters(
+        &*env.platform.log,
+        &env.platform.catalog,
+        0,
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[1].original_sequence, a.sequence());
+    let rows = client
+        .query_usage(usage_request("sub_r", "agent.execution", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rows.rows.is_empty());
+    running.stop().await;
+    env.drop().await;
+}
