@@ -82,11 +82,13 @@ pub async fn run(
 ) -> Result<(), ProjectionError> {
     let product = projector.product();
     // Leadership: hold a session advisory lock on a dedicated connection for as long as we run.
-    let mut leader = pool.acquire().await?;
+    // Detached from the pool so that if this task dies, the connection closes and the lock is
+    // released, instead of going back to the pool still held.
+    let mut leader = pool.acquire().await?.detach();
     loop {
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(lock_key(product))
-            .fetch_one(&mut *leader)
+            .fetch_one(&mut leader)
             .await?;
         if got {
             break;
@@ -99,26 +101,12 @@ pub async fn run(
     }
     projector.on_activate().await?;
 
-    // The checkpoint in Postgres is the truth; the durable consumer is repositioned to it so a
-    // dropped read model is rebuilt and nothing is skipped.
+    // The checkpoint in Postgres is the truth. The durable consumer is always recreated at
+    // checkpoint + 1: one left over from a dead instance may hold prefetched, unacked messages
+    // that would only come back after ack_wait, behind newer ones, and be skipped.
     let durable = format!("projector-{product}");
     let checkpoint = projector.checkpoint().await?;
-    let state = log.stream_state(projector.stream()).await?;
-    let floor = state
-        .consumers
-        .iter()
-        .find(|c| c.name == durable)
-        .map(|c| c.ack_floor);
-    if floor != Some(checkpoint) {
-        log.delete_consumer(projector.stream(), &durable).await?;
-    }
-    let spec = ConsumerSpec {
-        ack: AckMode::Cumulative,
-        ack_wait: Duration::from_secs(60),
-        start: ReplayFrom::Sequence(checkpoint + 1),
-        ..ConsumerSpec::new(durable)
-    };
-    let mut consumer = log.consumer(projector.stream(), spec).await?;
+    let mut consumer = open_at(&*log, projector.stream(), &durable, checkpoint).await?;
     tracing::info!(product, checkpoint, "projector active");
 
     let mut last_lag_update = Instant::now() - Duration::from_secs(10);
@@ -148,7 +136,30 @@ pub async fn run(
             last_lag_update = Instant::now();
         }
         let Some(last) = batch.last() else { continue };
-        let events: Vec<StoredEvent> = batch.iter().map(|d| d.event.clone()).collect();
+        let events: Vec<StoredEvent> = batch
+            .iter()
+            .map(|d| d.event.clone())
+            .filter(|e| e.sequence > applied_to)
+            .collect();
+        match events.first() {
+            None => {
+                last.ack().await?;
+                continue;
+            }
+            // Never skip: a hole means deliveries are out of order; start again from the checkpoint.
+            Some(first) if first.sequence != applied_to + 1 => {
+                tracing::warn!(
+                    product,
+                    expected = applied_to + 1,
+                    got = first.sequence,
+                    "gap in deliveries; repositioning the consumer"
+                );
+                drop(batch);
+                consumer = open_at(&*log, projector.stream(), &durable, applied_to).await?;
+                continue;
+            }
+            Some(_) => {}
+        }
         let mut backoff = Duration::from_millis(100);
         let report = loop {
             let started = Instant::now();
@@ -177,6 +188,22 @@ pub async fn run(
             .inc_by(report.applied);
         projector.after_commit(&report).await;
     }
+}
+
+async fn open_at(
+    log: &dyn EventLog,
+    stream: &str,
+    durable: &str,
+    checkpoint: u64,
+) -> Result<Box<dyn creto_streams::DurableConsumer>, ProjectionError> {
+    log.delete_consumer(stream, durable).await?;
+    let spec = ConsumerSpec {
+        ack: AckMode::Cumulative,
+        ack_wait: Duration::from_secs(60),
+        start: ReplayFrom::Sequence(checkpoint + 1),
+        ..ConsumerSpec::new(durable)
+    };
+    Ok(log.consumer(stream, spec).await?)
 }
 
 /// Waits until `projector`'s checkpoint reaches `sequence` or `deadline` passes.
