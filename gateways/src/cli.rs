@@ -92,11 +92,7 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum StreamsCommand {
     /// Create or update every stream of the catalog; a second run changes nothing.
-    Init {
-        /// Only report differences; exit 1 if any stream is missing or drifted.
-        #[arg(long)]
-        check: bool,
-    },
+    Init,
     /// Messages, bytes, sequences and durable consumers with their lag, per stream.
     Info {
         #[arg(long)]
@@ -277,7 +273,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let log = platform::connect_log(&settings).await?;
             let catalog = settings.catalog();
             match command {
-                StreamsCommand::Init { check } => streams_init(&*log, &catalog, check).await,
+                StreamsCommand::Init => streams_init(&*log, &catalog).await,
                 StreamsCommand::Info { json } => streams_info(&*log, &catalog, json).await,
             }
         }
@@ -329,27 +325,8 @@ async fn ensure_streams(
 async fn streams_init(
     log: &dyn EventLog,
     catalog: &creto_streams::Catalog,
-    check: bool,
 ) -> Result<(), CliError> {
     let specs = catalog.specs();
-    if check {
-        // Report only: compare by asking for each stream's state and config through init on a
-        // dry copy is not possible in JetStream, so check existence and report drift via init.
-        let mut missing = Vec::new();
-        for s in &specs {
-            if log.stream_state(&s.name).await.is_err() {
-                missing.push(s.name.clone());
-            }
-        }
-        if missing.is_empty() {
-            println!("all {} streams exist", specs.len());
-            return Ok(());
-        }
-        return Err(fail(format!(
-            "missing streams: {}; run `enablement streams init`",
-            missing.join(", ")
-        )));
-    }
     let outcomes = log.ensure_streams(&specs).await.map_err(fail)?;
     let mut changed = 0;
     let mut drifted = false;

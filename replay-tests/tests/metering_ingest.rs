@@ -217,17 +217,26 @@ async fn nats_producers_bad_input_and_duplicates() {
         env.platform.redis.clone(),
         &env.settings.redis_prefix(),
     );
-    let (month, quantity, count) = counters
-        .get("sub_a", "agent.execution")
-        .await
-        .unwrap()
-        .expect("counter");
-    assert_eq!(month, Utc::now().format("%Y-%m").to_string());
+    let this_month = Utc::now().format("%Y-%m").to_string();
     let in_month = [(2.5, now), (1.0, now - Ch::hours(30)), (4.0, now)]
         .iter()
-        .filter(|(_, t)| t.format("%Y-%m").to_string() == month)
+        .filter(|(_, t)| t.format("%Y-%m").to_string() == this_month)
         .map(|(q, _)| q)
         .sum::<f64>();
+    // Written by a background writer after the commit: poll briefly.
+    let mut counter = None;
+    for _ in 0..100 {
+        counter = counters.get("sub_a", "agent.execution").await.unwrap();
+        if counter
+            .as_ref()
+            .is_some_and(|c| c.1.parse::<f64>().unwrap() == in_month)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (month, quantity, count) = counter.expect("counter");
+    assert_eq!(month, this_month);
     assert_eq!(quantity.parse::<f64>().unwrap(), in_month);
     assert!(count >= 2);
 

@@ -178,6 +178,23 @@ async fn rebuilt_tables_equal_live_built_ones() {
         live,
         "rebuilt tables differ from the live-built ones"
     );
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+    )
+    .fetch_all(&env.platform.pool)
+    .await
+    .unwrap();
+    for wanted in [
+        "idx_usage_hourly_subscription_hour",
+        "idx_usage_hourly_event_hour",
+        "metering_events_usage_idx",
+        "usage_daily_key",
+    ] {
+        assert!(
+            indexes.iter().any(|i| i == wanted),
+            "{wanted} missing after the switch: {indexes:?}"
+        );
+    }
     let daily: i64 = sqlx::query_scalar("SELECT sum(total_count)::int8 FROM usage_daily")
         .fetch_one(&env.platform.pool)
         .await

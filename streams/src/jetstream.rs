@@ -20,6 +20,9 @@ use crate::log::*;
 /// before it reports `Unavailable`. Retries reuse the event id, so they never duplicate.
 const APPEND_RETRY_BUDGET: Duration = Duration::from_secs(15);
 
+/// How long `fetch` keeps collecting after the first delivery.
+const LINGER: Duration = Duration::from_millis(20);
+
 #[derive(Clone)]
 pub struct JetStreamLog {
     context: jetstream::Context,
@@ -480,7 +483,10 @@ impl EventLog for JetStreamLog {
             .map_err(unavailable)?;
         let messages = consumer
             .stream()
-            .max_messages_per_batch(1_000)
+            .max_messages_per_batch(match spec.ack {
+                AckMode::Each => 1_000,
+                AckMode::Cumulative => 5_000,
+            })
             .messages()
             .await
             .map_err(unavailable)?;
@@ -570,10 +576,20 @@ impl DurableConsumer for JetStreamConsumer {
             Err(_) | Ok(None) => return Ok(out),
             Ok(Some(m)) => out.push(self.delivery(m.map_err(unavailable)?)?),
         }
+        // Then gather what arrives within a short linger, so batches fill under load without
+        // delaying a lone event by more than LINGER.
+        let until = tokio::time::Instant::now() + LINGER.min(wait);
         while out.len() < max {
-            match self.messages.next().now_or_never() {
-                Some(Some(m)) => out.push(self.delivery(m.map_err(unavailable)?)?),
-                _ => break,
+            let next = match self.messages.next().now_or_never() {
+                Some(m) => m,
+                None => match tokio::time::timeout_at(until, self.messages.next()).await {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            match next {
+                Some(m) => out.push(self.delivery(m.map_err(unavailable)?)?),
+                None => break,
             }
         }
         Ok(out)

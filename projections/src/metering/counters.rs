@@ -17,6 +17,21 @@ pub struct Counters {
 }
 
 type Row = (String, String, String, i64, String);
+/// (tenant, subscription_id, event_type)
+pub type Key = (String, String, String);
+
+/// Feeds the background writer.
+#[derive(Clone)]
+pub struct CounterWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<(Vec<Key>, u64)>,
+}
+
+impl CounterWriter {
+    pub fn touched(&self, keys: Vec<Key>, sequence: u64) {
+        // The writer only stops with the process; a send error then is harmless.
+        let _ = self.tx.send((keys, sequence));
+    }
+}
 
 const MONTH_TOTALS: &str = "SELECT h.tenant, h.subscription_id, h.event_type, sum(h.event_count)::int8, sum(h.quantity_sum)::text
      FROM usage_hourly h
@@ -101,6 +116,28 @@ impl Counters {
             }
             Err(e) => tracing::warn!(error = %e, "month totals query failed"),
         }
+    }
+
+    /// Starts the single background writer the projector feeds after each commit. Requests
+    /// that pile up while it works are merged, so Redis never slows the projection down and one
+    /// writer means a later write always reflects a later state.
+    pub fn spawn_writer(&self, pool: PgPool) -> CounterWriter {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<Key>, u64)>();
+        let counters = self.clone();
+        tokio::spawn(async move {
+            while let Some((keys, mut sequence)) = rx.recv().await {
+                let mut merged: std::collections::HashSet<Key> = keys.into_iter().collect();
+                while let Ok((more, s)) = rx.try_recv() {
+                    merged.extend(more);
+                    sequence = sequence.max(s);
+                }
+                let keys: Vec<Key> = merged.into_iter().collect();
+                for chunk in keys.chunks(5_000) {
+                    counters.refresh(&pool, chunk, sequence).await;
+                }
+            }
+        });
+        CounterWriter { tx }
     }
 
     /// Rebuilds every current-month counter when Redis does not reflect `checkpoint`.

@@ -10,7 +10,7 @@ use creto_streams::deadletter;
 use creto_streams::{Catalog, EventLog, StoredEvent, METERING};
 use sqlx::PgPool;
 
-use super::counters::Counters;
+use super::counters::{CounterWriter, Counters};
 use super::decode::{decode, Decoded};
 use crate::metrics::{self, LabelBudget};
 use crate::postgres::quote_ident;
@@ -26,7 +26,7 @@ pub struct MeteringProjector {
     limits: IngestLimits,
     /// Schema holding the read models: `public` live, another during a rebuild.
     schema: String,
-    counters: Option<Counters>,
+    counters: Option<(Counters, CounterWriter)>,
     labels: LabelBudget,
     /// Counted only by the live projector: a rebuild must not count events a second time.
     live: bool,
@@ -125,8 +125,10 @@ impl MeteringProjector {
         }
     }
 
+    /// Keeps the Redis counters current (live projector only; spawns their writer task).
     pub fn with_counters(mut self, counters: Counters) -> Self {
-        self.counters = Some(counters);
+        let writer = counters.spawn_writer(self.pool.clone());
+        self.counters = Some((counters, writer));
         self
     }
 
@@ -352,7 +354,7 @@ impl Projector for MeteringProjector {
     }
 
     async fn on_activate(&self) -> Result<(), ProjectionError> {
-        if let Some(c) = &self.counters {
+        if let Some((c, _)) = &self.counters {
             c.resync_if_behind(&self.pool, self.checkpoint().await?)
                 .await;
         }
@@ -399,8 +401,8 @@ impl Projector for MeteringProjector {
             metrics::METERING_AGGREGATION_SECONDS
                 .with_label_values(&["projection_batch"])
                 .observe(started.elapsed().as_secs_f64());
-            if let Some(c) = &self.counters {
-                c.refresh(&self.pool, &keys, last.sequence).await;
+            if let Some((_, writer)) = &self.counters {
+                writer.touched(keys, last.sequence);
             }
             self.refresh_daily_if_due();
         }
