@@ -67,7 +67,7 @@ impl Default for RunnerConfig {
 
 fn lock_key(product: &str) -> i64 {
     // Stable across builds and processes (not Rust's randomized hasher).
-    product.bytes().fold(0x4352_4554_4fi64, |h, b| {
+    product.bytes().fold(0x0043_5245_544f_i64, |h, b| {
         h.wrapping_mul(31).wrapping_add(b as i64)
     })
 }

@@ -168,6 +168,9 @@ fn to_event(e: &Ev, sub: &str, now: DateTime<Utc>) -> (pb::UsageEvent, UsageReco
     (proto, record)
 }
 
+/// A row of the gRPC answer: window start, sorted group, value.
+type GotRow = (DateTime<Utc>, Vec<(String, String)>, f64);
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
 }
@@ -295,7 +298,7 @@ fn query_usage_matches_a_recomputation_from_raw_events() {
             let mut want =
                 reference::usage(&records, meter, from, to, window, tz, &group_by, &filters);
             want.sort_by(|a, b| (a.window_start, &a.group).cmp(&(b.window_start, &b.group)));
-            let mut got: Vec<(DateTime<Utc>, Vec<(String, String)>, f64)> = got
+            let mut got: Vec<GotRow> = got
                 .into_iter()
                 .map(|r| {
                     let start =

@@ -31,6 +31,9 @@ pub fn dimension_text(record: &UsageRecord, key: &str) -> String {
     }
 }
 
+/// One event in a bucket: its time, its position in log order, and the meter's value.
+type Item<'a> = (DateTime<Utc>, usize, Option<MeterValue<'a>>);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub window_start: DateTime<Utc>,
@@ -51,10 +54,7 @@ pub fn usage(
     filters: &[(String, String)],
 ) -> Vec<Row> {
     // (window start, group values) → (values in log order with their times)
-    let mut buckets: BTreeMap<
-        (DateTime<Utc>, Vec<String>),
-        Vec<(DateTime<Utc>, usize, Option<MeterValue<'_>>)>,
-    > = BTreeMap::new();
+    let mut buckets: BTreeMap<(DateTime<Utc>, Vec<String>), Vec<Item<'_>>> = BTreeMap::new();
     for (pos, e) in dedupe(events).into_iter().enumerate() {
         if e.event_type != meter.event_type || e.time < from || e.time >= to {
             continue;
