@@ -216,43 +216,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             metering_grpc_addr,
             metering_metrics_addr,
         } => {
-            let platform = Arc::new(Platform::connect(settings).await?);
-            ensure_streams(&*platform.log, &platform.catalog).await?;
-            let running = server::start_metering(
-                platform,
-                ServeOptions {
-                    gateways: true,
-                    projectors: !no_projectors,
-                    grpc_addr: metering_grpc_addr,
-                    metrics_addr: metering_metrics_addr,
-                },
-            )
-            .await?;
-            tracing::info!(grpc = ?running.grpc_addr, metrics = %running.metrics_addr, "metering serving");
-            shutdown_signal().await;
-            running.stop().await;
-            Ok(())
+            let options = ServeOptions {
+                gateways: true,
+                projectors: !no_projectors,
+                grpc_addr: metering_grpc_addr,
+                metrics_addr: metering_metrics_addr,
+            };
+            run_until_signal(settings, options).await
         }
         Command::Project {
             product: _,
             metering_metrics_addr,
         } => {
-            let platform = Arc::new(Platform::connect(settings).await?);
-            ensure_streams(&*platform.log, &platform.catalog).await?;
-            let running = server::start_metering(
-                platform,
-                ServeOptions {
-                    gateways: false,
-                    projectors: true,
-                    grpc_addr: metering_metrics_addr,
-                    metrics_addr: metering_metrics_addr,
-                },
-            )
-            .await?;
-            tracing::info!(metrics = %running.metrics_addr, "metering projector running");
-            shutdown_signal().await;
-            running.stop().await;
-            Ok(())
+            let options = ServeOptions {
+                gateways: false,
+                projectors: true,
+                grpc_addr: metering_metrics_addr,
+                metrics_addr: metering_metrics_addr,
+            };
+            run_until_signal(settings, options).await
         }
         Command::Migrate => {
             let pool = creto_projections::postgres::connect(&settings.database_url, 2)
@@ -301,6 +283,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             replay_rebuild(log, pool, redis, &settings, restart, batch.max(1), json).await
         }
     }
+}
+
+/// Connects, makes sure the streams exist, runs metering until SIGINT or SIGTERM.
+async fn run_until_signal(settings: Settings, options: ServeOptions) -> Result<(), CliError> {
+    let platform = Arc::new(Platform::connect(settings).await?);
+    ensure_streams(&*platform.log, &platform.catalog).await?;
+    let running = server::start_metering(platform, options).await?;
+    tracing::info!(grpc = ?running.grpc_addr, metrics = %running.metrics_addr, "metering running");
+    shutdown_signal().await;
+    running.stop().await;
+    Ok(())
 }
 
 async fn ensure_streams(

@@ -92,16 +92,9 @@ impl JetStreamLog {
     }
 
     async fn publish_once(&self, event: &AppendEvent) -> Result<Appended, (LogError, bool)> {
-        let mut publish = PublishMessage::build()
-            .payload(event.payload.clone())
-            .headers(event.headers.0.clone())
-            .message_id(&event.id);
-        if let Some(expected) = event.expected_subject_sequence {
-            publish = publish.expected_last_subject_sequence(expected);
-        }
         let ack = match self
             .context
-            .send_publish(event.subject.clone(), publish)
+            .send_publish(event.subject.clone(), publish_message(event))
             .await
         {
             Ok(fut) => fut.await,
@@ -156,6 +149,18 @@ fn publish_error(e: jetstream::context::PublishError, event: &AppendEvent) -> (L
                 (LogError::Other(text), false)
             }
         }
+    }
+}
+
+/// The JetStream message for an append: id as `Nats-Msg-Id`, optional expected sequence.
+fn publish_message(event: &AppendEvent) -> PublishMessage {
+    let publish = PublishMessage::build()
+        .payload(event.payload.clone())
+        .headers(event.headers.0.clone())
+        .message_id(&event.id);
+    match event.expected_subject_sequence {
+        Some(expected) => publish.expected_last_subject_sequence(expected),
+        None => publish,
     }
 }
 
@@ -301,16 +306,9 @@ impl EventLog for JetStreamLog {
         // on its own (same id, so never duplicated).
         let mut pending = Vec::with_capacity(events.len());
         for event in &events {
-            let mut publish = PublishMessage::build()
-                .payload(event.payload.clone())
-                .headers(event.headers.0.clone())
-                .message_id(&event.id);
-            if let Some(expected) = event.expected_subject_sequence {
-                publish = publish.expected_last_subject_sequence(expected);
-            }
             pending.push(
                 self.context
-                    .send_publish(event.subject.clone(), publish)
+                    .send_publish(event.subject.clone(), publish_message(event))
                     .await,
             );
         }
