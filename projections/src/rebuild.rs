@@ -4,6 +4,7 @@
 //! keep using the old tables. At the end, one transaction holding the projection lock catches
 //! up to the live checkpoint and swaps the tables: readers see the old or the new model, never
 //! a mix. An interrupted rebuild resumes from the side schema's own checkpoint.
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,11 @@ pub async fn prepare_metering(
         tx.execute(METERING_DDL).await?;
         // Load with the primary key only (it deduplicates); secondary indexes are built once
         // at the end, which is several times faster than maintaining them row by row.
+        tx.execute(
+            format!("ALTER TABLE {schema}.metering_events DROP CONSTRAINT metering_events_pkey")
+                .as_str(),
+        )
+        .await?;
         for (name, _) in secondary_indexes() {
             tx.execute(format!("DROP INDEX {schema}.{}", quote_ident(&name)).as_str())
                 .await?;
@@ -111,6 +117,15 @@ pub async fn catch_up(
             None,
         )
         .await?;
+    // Keys already loaded (non-empty when resuming an interrupted rebuild).
+    let mut seen: HashSet<(String, String, String)> = sqlx::query_as(&format!(
+        "SELECT tenant, subscription_id, event_id FROM {}.metering_events",
+        quote_ident(projector.schema())
+    ))
+    .fetch_all(projector.pool())
+    .await?
+    .into_iter()
+    .collect();
     let mut buffer: Vec<StoredEvent> = Vec::with_capacity(batch);
     let mut applied = 0u64;
     loop {
@@ -120,7 +135,7 @@ pub async fn catch_up(
             buffer.push(e?);
         }
         if buffer.len() >= batch || (end && !buffer.is_empty()) {
-            let report = projector.apply(&buffer).await?;
+            let report = projector.bulk_load(&buffer, &mut seen).await?;
             applied += buffer.len() as u64;
             buffer.clear();
             progress(Progress {
@@ -158,8 +173,28 @@ fn secondary_indexes() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Builds the secondary indexes a rebuild left out (those not built yet).
+/// Finishes a bulk load: the primary key and `usage_hourly` (in one transaction), then the
+/// secondary indexes, each only if not built yet (so this resumes too).
 async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
+    let schema = quote_ident(REBUILD_SCHEMA);
+    let has_key: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{REBUILD_SCHEMA}.metering_events_pkey"))
+        .fetch_one(pool)
+        .await?;
+    if !has_key {
+        let mut tx = pool.begin().await?;
+        tx.execute(
+            format!(
+                "ALTER TABLE {schema}.metering_events ADD CONSTRAINT metering_events_pkey PRIMARY KEY (tenant, subscription_id, event_id);
+                 INSERT INTO {schema}.usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
+                 SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
+                 FROM {schema}.metering_events GROUP BY 1, 2, 3, 4"
+            )
+            .as_str(),
+        )
+        .await?;
+        tx.commit().await?;
+    }
     for (name, create) in secondary_indexes() {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(format!("{REBUILD_SCHEMA}.{name}"))

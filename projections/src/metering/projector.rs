@@ -43,6 +43,7 @@ struct Sql {
     save_checkpoint: String,
     insert_usage: String,
     insert_meter: String,
+    copy_events: String,
 }
 
 impl Sql {
@@ -83,6 +84,9 @@ impl Sql {
                  )
                  SELECT h.tenant, h.subscription_id, h.event_type, h.n::int8
                  FROM hourly h, (SELECT count(*) FROM upserted) AS done"
+            ),
+            copy_events: format!(
+                "COPY {s}.metering_events (tenant, subscription_id, event_id, event_type, source, occurred_at, recorded_at, quantity, data, stream_sequence) FROM STDIN"
             ),
             insert_meter: format!(
                 "INSERT INTO {s}.meters (slug, tenant, event_type, aggregation, value_property, group_by, description, defined_sequence)
@@ -139,6 +143,10 @@ impl MeteringProjector {
 
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// `usage_daily` is the runbook's materialized view over `usage_hourly`; the live projector
@@ -276,12 +284,81 @@ impl MeteringProjector {
         ))
     }
 
+    /// The rebuild's fast path into a side schema whose `metering_events` has no keys yet:
+    /// duplicates are dropped here, in log order (the first occurrence wins, as live), and the
+    /// rows are streamed with COPY. `usage_hourly` and the keys are built once at the end
+    /// (`rebuild::switch_over`). `seen` holds the keys loaded so far.
+    pub async fn bulk_load(
+        &self,
+        events: &[StoredEvent],
+        seen: &mut std::collections::HashSet<(String, String, String)>,
+    ) -> Result<ApplyReport, ProjectionError> {
+        let Some(last) = events.last() else {
+            return Ok(ApplyReport::default());
+        };
+        let mut report = ApplyReport {
+            checkpoint: last.sequence,
+            ..Default::default()
+        };
+        let mut rows = String::with_capacity(events.len() * 256);
+        let mut meters = Vec::new();
+        for e in events {
+            match decode(e, &self.catalog, &self.limits) {
+                Decoded::Usage(r) => {
+                    if !seen.insert((r.tenant.clone(), r.subscription_id.clone(), r.id.clone())) {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    copy_row(&mut rows, r, e);
+                    report.applied += 1;
+                }
+                Decoded::MeterDefined { meter, tenant } => meters.push((meter, tenant, e.sequence)),
+                Decoded::Invalid(_) => report.dead_lettered += 1,
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let mut sink = tx.copy_in_raw(&self.sql.copy_events).await?;
+        sink.send(rows.into_bytes()).await?;
+        sink.finish().await?;
+        for (meter, tenant, sequence) in meters {
+            sqlx::query(&self.sql.insert_meter)
+                .bind(&meter.slug)
+                .bind(&tenant)
+                .bind(&meter.event_type)
+                .bind(meter.aggregation.as_str())
+                .bind(meter.value_property())
+                .bind(&meter.group_by)
+                .bind(&meter.description)
+                .bind(sequence as i64)
+                .execute(&mut *tx)
+                .await?;
+            report.applied += 1;
+        }
+        sqlx::query(&self.sql.save_checkpoint)
+            .bind(PRODUCT)
+            .bind(&self.stream)
+            .bind(last.sequence as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(report)
+    }
+
     /// Takes the projection lock for the rest of `tx`: batches of the live projector and a
     /// rebuild's switch-over never interleave.
     pub async fn lock(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     ) -> Result<(), ProjectionError> {
         sqlx::query(LOCK).execute(&mut **tx).await?;
+        // The read model is a projection: if PostgreSQL crashes, a batch committed without
+        // waiting for its WAL flush is lost whole, checkpoint included, and is re-applied from
+        // the log. Atomicity is kept; only the wait for the flush goes.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
@@ -300,6 +377,50 @@ pub struct Applied {
 /// stored as `numeric`: sums are exact from here on.
 fn quantity_text(q: f64) -> String {
     q.to_string()
+}
+
+/// Appends one row in COPY text format.
+fn copy_row(out: &mut String, r: UsageRecord, e: &StoredEvent) {
+    use std::fmt::Write;
+    let data = serde_json::Value::Object(r.dimensions).to_string();
+    for field in [
+        &r.tenant,
+        &r.subscription_id,
+        &r.id,
+        &r.event_type,
+        &r.source,
+    ] {
+        copy_text(out, field);
+        out.push('\t');
+    }
+    let _ = write!(
+        out,
+        "{}\t{}\t{}\t",
+        micros(r.time),
+        micros(e.recorded_at),
+        quantity_text(r.quantity)
+    );
+    copy_text(out, &data);
+    let _ = writeln!(out, "\t{}", e.sequence);
+}
+
+/// PostgreSQL keeps microseconds; the binary bind of the live path truncates to them, so the
+/// text form must truncate too (PostgreSQL would round more digits).
+fn micros(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// COPY text escaping: backslash, tab, newline and carriage return.
+fn copy_text(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
 }
 
 #[derive(Default)]
