@@ -1,0 +1,102 @@
+//! The `enablement` binary as an operator meets it: help, errors that name the failing URL
+//! and what to do, exit codes, never a panic or a backtrace.
+use std::process::Command;
+
+fn enablement(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_enablement"))
+        .args(args)
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let (code, out, _) = enablement(&["--help"]);
+    assert_eq!(code, 0);
+    for sub in [
+        "serve",
+        "project",
+        "migrate",
+        "streams",
+        "deadletters",
+        "replay",
+    ] {
+        assert!(out.contains(sub), "{sub} missing from --help:\n{out}");
+    }
+}
+
+#[test]
+fn unreachable_services_name_the_url_and_exit_3() {
+    let cases: [(&[&str], &str, &str); 3] = [
+        (
+            &["--nats-url", "nats://127.0.0.1:1", "streams", "info"],
+            "nats://127.0.0.1:1",
+            "NATS_URL",
+        ),
+        (
+            &[
+                "--database-url",
+                "postgres://postgres@127.0.0.1:1/x",
+                "migrate",
+            ],
+            "127.0.0.1:1",
+            "DATABASE_URL",
+        ),
+        (
+            &[
+                "--redis-url",
+                "redis://127.0.0.1:1",
+                "--database-url",
+                "postgres://postgres@127.0.0.1:5432/enablement_cli_test",
+                "serve",
+            ],
+            "redis://127.0.0.1:1",
+            "REDIS_URL",
+        ),
+    ];
+    for (args, url, hint) in cases {
+        let (code, _, err) = enablement(args);
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert!(err.contains(url) && err.contains(hint), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("stack backtrace"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_config_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("enablement-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "nats_url = 42\n").unwrap();
+    let (code, _, err) = enablement(&["--config", path.to_str().unwrap(), "streams", "info"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("nats_url"),
+        "{err}"
+    );
+    let (code, _, err) = enablement(&["--config", "/nonexistent/enablement.toml", "migrate"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot read config file"), "{err}");
+}
+
+#[test]
+fn replay_without_a_mode_says_what_to_do() {
+    let (code, _, err) = enablement(&["replay", "metering"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--rebuild") && err.contains("--dry-run"),
+        "{err}"
+    );
+}
