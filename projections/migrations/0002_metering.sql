@@ -29,7 +29,7 @@ CREATE TABLE usage_hourly (
     event_count      bigint NOT NULL,
     quantity_sum     numeric NOT NULL,
     PRIMARY KEY (tenant, subscription_id, event_type, hour)
-);
+) WITH (fillfactor = 70); -- room on each page so counter updates are HOT (no index churn)
 CREATE INDEX idx_usage_hourly_subscription_hour ON usage_hourly (subscription_id, hour DESC);
 CREATE INDEX idx_usage_hourly_event_hour ON usage_hourly (event_type, hour DESC);
 CREATE INDEX usage_hourly_subscription_idx ON usage_hourly (subscription_id);

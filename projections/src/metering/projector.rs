@@ -34,7 +34,7 @@ pub struct MeteringProjector {
     daily_refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-const DAILY_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+const DAILY_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('creto.projection.metering'))";
 
@@ -150,7 +150,8 @@ impl MeteringProjector {
     }
 
     /// `usage_daily` is the runbook's materialized view over `usage_hourly`; the live projector
-    /// refreshes it in the background at most once per `DAILY_REFRESH_EVERY`.
+    /// refreshes it in the background at most once per `DAILY_REFRESH_EVERY` (the runbook
+    /// refreshes it daily; queries never read it).
     fn refresh_daily_if_due(&self) {
         let mut last = self.daily_refreshed.lock().unwrap();
         if last.is_some_and(|t| t.elapsed() < DAILY_REFRESH_EVERY) {
