@@ -63,11 +63,12 @@ pub async fn connect_redis(settings: &Settings) -> Result<ConnectionManager, Con
 }
 
 impl Platform {
-    /// Connects to NATS, PostgreSQL (applying migrations) and Redis.
+    /// Connects to NATS, Redis, then PostgreSQL (creating and migrating the database last, so
+    /// an unreachable service fails the start before anything is written).
     pub async fn connect(settings: Settings) -> Result<Platform, ConnectError> {
         let log = connect_log(&settings).await?;
-        let pool = connect_postgres(&settings).await?;
         let redis = connect_redis(&settings).await?;
+        let pool = connect_postgres(&settings).await?;
         Ok(Platform {
             catalog: settings.catalog(),
             settings,

@@ -56,7 +56,8 @@ fn unreachable_services_name_the_url_and_exit_3() {
                 "--redis-url",
                 "redis://127.0.0.1:1",
                 "--database-url",
-                "postgres://postgres@127.0.0.1:5432/enablement_cli_test",
+                // Redis is checked before PostgreSQL: no database is touched.
+                "postgres://postgres@127.0.0.1:1/never",
                 "serve",
             ],
             "redis://127.0.0.1:1",
