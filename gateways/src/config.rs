@@ -30,6 +30,9 @@ pub struct ConnectArgs {
     /// PostgreSQL connections per process.
     #[arg(long, env = "DATABASE_POOL_SIZE", global = true)]
     pub database_pool_size: Option<u32>,
+    /// Replicas of each stream `streams init` creates: 1 on a single server, 3 on a cluster.
+    #[arg(long, env = "ENABLEMENT_STREAM_REPLICAS", global = true)]
+    pub stream_replicas: Option<usize>,
 }
 
 /// The optional file.
@@ -41,6 +44,7 @@ struct FileConfig {
     redis_url: Option<String>,
     namespace: Option<String>,
     database_pool_size: Option<u32>,
+    stream_replicas: Option<usize>,
     late_window_hours: Option<i64>,
     max_event_bytes: Option<usize>,
     metrics_subscription_label_limit: Option<usize>,
@@ -53,6 +57,7 @@ pub struct Settings {
     pub redis_url: String,
     pub namespace: Option<String>,
     pub database_pool_size: u32,
+    pub stream_replicas: usize,
     pub limits: IngestLimits,
     /// Distinct `subscription_id` label values before the rest are counted as `other`.
     pub metrics_subscription_label_limit: usize,
@@ -106,6 +111,7 @@ impl Settings {
                 .database_pool_size
                 .or(file.database_pool_size)
                 .unwrap_or(10),
+            stream_replicas: args.stream_replicas.or(file.stream_replicas).unwrap_or(1),
             limits,
             metrics_subscription_label_limit: file
                 .metrics_subscription_label_limit
@@ -114,10 +120,11 @@ impl Settings {
     }
 
     pub fn catalog(&self) -> creto_streams::Catalog {
-        match &self.namespace {
+        let catalog = match &self.namespace {
             Some(ns) => creto_streams::Catalog::namespaced(ns),
             None => creto_streams::Catalog::default(),
-        }
+        };
+        catalog.with_replicas(self.stream_replicas)
     }
 
     /// Prefix of Redis keys (empty without a namespace).
@@ -137,7 +144,7 @@ mod tests {
     fn flags_beat_file_and_file_beats_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "nats_url = \"nats://file:4222\"\nredis_url = \"redis://file\"\nlate_window_hours = 2\n").unwrap();
+        std::fs::write(&path, "nats_url = \"nats://file:4222\"\nredis_url = \"redis://file\"\nlate_window_hours = 2\nstream_replicas = 3\n").unwrap();
         let args = ConnectArgs {
             nats_url: Some("nats://flag:4222".into()),
             config: Some(path),
@@ -148,6 +155,7 @@ mod tests {
         assert_eq!(s.redis_url, "redis://file");
         assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(s.limits.late_window, chrono::Duration::hours(2));
+        assert!(s.catalog().specs().iter().all(|spec| spec.replicas == 3));
     }
 
     #[test]

@@ -42,6 +42,7 @@ impl Env {
             ),
             namespace: Some(name.clone()),
             database_pool_size: Some(8),
+            stream_replicas: None,
             config: None,
         };
         let settings = Settings::resolve(&args).unwrap();
