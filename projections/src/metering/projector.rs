@@ -208,17 +208,7 @@ impl MeteringProjector {
             match decode(e, &self.catalog, &self.limits) {
                 Decoded::Usage(r) => columns.push(r, e),
                 Decoded::MeterDefined { meter, tenant } => {
-                    sqlx::query(&self.sql.insert_meter)
-                        .bind(&meter.slug)
-                        .bind(&tenant)
-                        .bind(&meter.event_type)
-                        .bind(meter.aggregation.as_str())
-                        .bind(meter.value_property())
-                        .bind(&meter.group_by)
-                        .bind(&meter.description)
-                        .bind(e.sequence as i64)
-                        .execute(&mut **tx)
-                        .await?;
+                    self.insert_meter(tx, &meter, &tenant, e.sequence).await?;
                     report.applied += 1;
                 }
                 Decoded::Invalid(invalid) => {
@@ -285,6 +275,28 @@ impl MeteringProjector {
         ))
     }
 
+    /// Records a meter definition; the first definition of a slug wins, as in the log.
+    async fn insert_meter(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        meter: &creto_domain::metering::Meter,
+        tenant: &str,
+        sequence: u64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.sql.insert_meter)
+            .bind(&meter.slug)
+            .bind(tenant)
+            .bind(&meter.event_type)
+            .bind(meter.aggregation.as_str())
+            .bind(meter.value_property())
+            .bind(&meter.group_by)
+            .bind(&meter.description)
+            .bind(sequence as i64)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// The rebuild's fast path into a side schema whose `metering_events` has no keys yet:
     /// duplicates are dropped here, in log order (the first occurrence wins, as live), and the
     /// rows are streamed with COPY. `usage_hourly` and the keys are built once at the end
@@ -325,16 +337,7 @@ impl MeteringProjector {
         sink.send(rows.into_bytes()).await?;
         sink.finish().await?;
         for (meter, tenant, sequence) in meters {
-            sqlx::query(&self.sql.insert_meter)
-                .bind(&meter.slug)
-                .bind(&tenant)
-                .bind(&meter.event_type)
-                .bind(meter.aggregation.as_str())
-                .bind(meter.value_property())
-                .bind(&meter.group_by)
-                .bind(&meter.description)
-                .bind(sequence as i64)
-                .execute(&mut *tx)
+            self.insert_meter(&mut tx, &meter, &tenant, sequence)
                 .await?;
             report.applied += 1;
         }
