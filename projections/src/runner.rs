@@ -17,8 +17,6 @@ pub enum ProjectionError {
     Database(#[from] sqlx::Error),
     #[error("log error: {0}")]
     Log(#[from] creto_streams::LogError),
-    #[error("{0}")]
-    Other(String),
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -41,8 +39,6 @@ pub trait Projector: Send + Sync + 'static {
     /// Applies the events after the checkpoint, in order, and moves the checkpoint to the last
     /// one, in one transaction.
     async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError>;
-    /// Called after a successful commit (caches outside the transaction, e.g. Redis).
-    async fn after_commit(&self, _report: &ApplyReport) {}
     /// Called once when this instance becomes the active one, before consuming.
     async fn on_activate(&self) -> Result<(), ProjectionError> {
         Ok(())
@@ -186,7 +182,6 @@ pub async fn run(
         metrics::PROJECTOR_APPLIED
             .with_label_values(&[product])
             .inc_by(report.applied);
-        projector.after_commit(&report).await;
     }
 }
 

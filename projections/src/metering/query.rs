@@ -117,20 +117,15 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, s
         dimension(&mut q, k);
         q.push(" = ").push_bind(v.clone());
     }
-    q.push(" GROUP BY ");
-    for i in 1..=query.group_by.len() + 1 {
-        if i > 1 {
-            q.push(", ");
-        }
-        q.push(i.to_string());
-    }
-    q.push(" ORDER BY ");
-    for i in 1..=query.group_by.len() + 1 {
-        if i > 1 {
-            q.push(", ");
-        }
-        q.push(i.to_string());
-    }
+    // Group and order by the window and every group-by column, by position.
+    let columns = (1..=query.group_by.len() + 1)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    q.push(" GROUP BY ")
+        .push(&columns)
+        .push(" ORDER BY ")
+        .push(&columns);
     let rows = q.build().fetch_all(pool).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
