@@ -13,7 +13,7 @@ pub const DEADLETTERS: &str = "DEADLETTERS";
 
 /// What a stream should look like. Compared field by field with the live config by
 /// `streams init`, so every field here is one the operator can reason about.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StreamSpec {
     pub name: String,
     pub subjects: Vec<String>,

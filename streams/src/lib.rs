@@ -9,10 +9,12 @@
 pub mod catalog;
 pub mod conformance;
 pub mod deadletter;
+pub mod embedded;
 pub mod envelope;
 pub mod headers;
 pub mod jetstream;
 pub mod log;
+pub mod subject;
 
 pub use catalog::{Catalog, StreamSpec, DEADLETTERS, MESSAGING, METERING, OVERSIGHT, RUNTIME};
 pub use headers::Headers;

@@ -1,0 +1,1081 @@
+//! The embedded adapter of the log port, on sled: what `enablement dev` runs on when there is
+//! no NATS server. Same semantics as the JetStream adapter, held to the same conformance suite:
+//! idempotent appends inside the duplicate window, expected-last-subject-sequence concurrency,
+//! ordered replay, durable consumers with ack / nak / redelivery after `ack_wait`, and the
+//! dead-letter path of [`Delivery`].
+//!
+//! Layout: one sled tree per stream with prefixed keys, so one append batch is one atomic
+//! `apply_batch` (message, id, subject index and the stream counters together):
+//! `m<seq>` → record (with its id), `i<id>` → seq + time, `s<subject>` → last seq,
+//! `z` → counters. Ids expire in message order, so no separate time index is needed. Stream specs and consumer positions live in
+//! their own trees. An append returns after sled has flushed it to disk.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::stream::{self, BoxStream, StreamExt};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::catalog::{Catalog, StreamSpec};
+use crate::headers::Headers;
+use crate::log::*;
+use crate::subject;
+
+const MSG: u8 = b'm';
+const ID: u8 = b'i';
+const SUBJECT: u8 = b's';
+const COUNTS: &[u8] = b"z";
+/// How often expired ids and messages past `max_age` are removed.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
+/// Messages read from sled per step of a replay.
+const REPLAY_CHUNK: usize = 512;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Record {
+    #[prost(string, tag = "1")]
+    subject: String,
+    #[prost(message, repeated, tag = "2")]
+    headers: Vec<Header>,
+    #[prost(bytes = "bytes", tag = "3")]
+    payload: Bytes,
+    #[prost(int64, tag = "4")]
+    recorded_at_micros: i64,
+    /// The idempotency key, so ids can be forgotten in message order.
+    #[prost(string, tag = "5")]
+    id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Header {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    value: String,
+}
+
+/// Per-stream counters, written in the same batch as the messages they count.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+struct Counts {
+    first: u64,
+    last: u64,
+    messages: u64,
+    bytes: u64,
+    /// Recorded times never go backwards within a stream, so replay by time can bisect.
+    last_micros: i64,
+    /// Ids of messages up to here have left the duplicate window and were forgotten.
+    ids_forgotten_to: u64,
+}
+
+fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn msg_key(seq: u64) -> [u8; 9] {
+    let mut k = [MSG; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_be_bytes(b)
+}
+
+fn storage(e: sled::Error) -> LogError {
+    LogError::Unavailable(format!("embedded log storage: {e}"))
+}
+
+/// Bytes a message counts against `max_message_size` and `max_bytes`: payload and headers.
+fn size_of(headers: &Headers, payload: &[u8]) -> usize {
+    payload.len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+}
+
+fn micros_to_time(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
+}
+
+struct Stream {
+    name: String,
+    tree: sled::Tree,
+    spec: Mutex<StreamSpec>,
+    /// Also the append lock: appends to one stream are serialized, as on a stream leader.
+    counts: Mutex<Counts>,
+    last: watch::Sender<u64>,
+    maintained: Mutex<Instant>,
+}
+
+impl Stream {
+    fn counts(&self) -> Counts {
+        *self.counts.lock().unwrap()
+    }
+
+    fn read(&self, seq: u64) -> Result<Option<StoredEvent>, LogError> {
+        match self.tree.get(msg_key(seq)).map_err(storage)? {
+            Some(v) => self.decode(seq, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decode(&self, seq: u64, bytes: &[u8]) -> Result<StoredEvent, LogError> {
+        let r = Record::decode(bytes)
+            .map_err(|e| LogError::Other(format!("corrupt record {seq} in {}: {e}", self.name)))?;
+        let mut headers = Headers::new();
+        for h in r.headers {
+            headers.0.append(h.name.as_str(), h.value.as_str());
+        }
+        Ok(StoredEvent {
+            stream: self.name.clone(),
+            sequence: seq,
+            subject: r.subject,
+            headers,
+            payload: r.payload,
+            recorded_at: micros_to_time(r.recorded_at_micros),
+        })
+    }
+
+    /// First sequence recorded at or after `t` (bisection: recorded times never decrease).
+    fn first_at_or_after(&self, t: DateTime<Utc>) -> Result<u64, LogError> {
+        let c = self.counts();
+        let (mut lo, mut hi) = (c.first.max(1), c.last + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.read(mid)? {
+                Some(e) if e.recorded_at < t => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Appends a run of events that all belong to this stream, atomically.
+    fn append_run(&self, events: &[AppendEvent]) -> Vec<Result<Appended, LogError>> {
+        let spec = self.spec.lock().unwrap().clone();
+        let mut counts = self.counts.lock().unwrap();
+        let before = *counts;
+        let micros = Utc::now().timestamp_micros().max(counts.last_micros);
+        let window = spec.duplicate_window.as_micros() as i64;
+        let mut batch = sled::Batch::default();
+        let mut ids: HashMap<&str, u64> = HashMap::new();
+        let mut subjects: HashMap<&str, u64> = HashMap::new();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            out.push(self.stage(
+                e,
+                &spec,
+                micros,
+                window,
+                &mut counts,
+                &mut batch,
+                &mut ids,
+                &mut subjects,
+            ));
+        }
+        counts.last_micros = micros;
+        if counts.last == before.last {
+            return out;
+        }
+        batch.insert(
+            COUNTS,
+            serde_json::to_vec(&*counts).expect("counts serialize"),
+        );
+        if let Err(e) = self.tree.apply_batch(batch) {
+            *counts = before;
+            let e = storage(e);
+            return out
+                .into_iter()
+                .map(|r| match r {
+                    Ok(Appended::New { .. }) => Err(e.clone()),
+                    other => other,
+                })
+                .collect();
+        }
+        self.last.send_replace(counts.last);
+        let mut maintained = self.maintained.lock().unwrap();
+        if maintained.elapsed() >= MAINTENANCE_EVERY {
+            *maintained = Instant::now();
+            if let Err(e) = self.maintain(&spec, &mut counts) {
+                tracing::warn!(stream = %self.name, error = %e, "embedded log maintenance failed");
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage<'a>(
+        &self,
+        e: &'a AppendEvent,
+        spec: &StreamSpec,
+        micros: i64,
+        window: i64,
+        counts: &mut Counts,
+        batch: &mut sled::Batch,
+        ids: &mut HashMap<&'a str, u64>,
+        subjects: &mut HashMap<&'a str, u64>,
+    ) -> Result<Appended, LogError> {
+        let size = size_of(&e.headers, &e.payload);
+        if size > spec.max_message_size.max(0) as usize {
+            return Err(LogError::TooLarge {
+                size,
+                limit: spec.max_message_size as usize,
+            });
+        }
+        if !e.id.is_empty() {
+            if let Some(&sequence) = ids.get(e.id.as_str()) {
+                return Ok(Appended::Duplicate { sequence });
+            }
+            if let Some(v) = self.tree.get(key(ID, e.id.as_bytes())).map_err(storage)? {
+                let seen = u64_at(&v, 8) as i64;
+                if micros - seen < window {
+                    return Ok(Appended::Duplicate {
+                        sequence: u64_at(&v, 0),
+                    });
+                }
+            }
+        }
+        if let Some(expected) = e.expected_subject_sequence {
+            let last = match subjects.get(e.subject.as_str()) {
+                Some(s) => *s,
+                None => self
+                    .tree
+                    .get(key(SUBJECT, e.subject.as_bytes()))
+                    .map_err(storage)?
+                    .map_or(0, |v| u64_at(&v, 0)),
+            };
+            if last != expected {
+                return Err(LogError::Conflict {
+                    subject: e.subject.clone(),
+                    expected,
+                });
+            }
+        }
+        let seq = counts.last + 1;
+        counts.last = seq;
+        if counts.first == 0 {
+            counts.first = seq;
+        }
+        counts.messages += 1;
+        counts.bytes += size as u64;
+        let record = Record {
+            subject: e.subject.clone(),
+            headers: e
+                .headers
+                .iter()
+                .map(|(name, value)| Header {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                })
+                .collect(),
+            payload: e.payload.clone(),
+            recorded_at_micros: micros,
+            id: e.id.clone(),
+        };
+        batch.insert(&msg_key(seq), record.encode_to_vec());
+        if !e.id.is_empty() {
+            let mut v = seq.to_be_bytes().to_vec();
+            v.extend_from_slice(&(micros as u64).to_be_bytes());
+            batch.insert(key(ID, e.id.as_bytes()), v);
+            ids.insert(&e.id, seq);
+        }
+        batch.insert(key(SUBJECT, e.subject.as_bytes()), &seq.to_be_bytes());
+        subjects.insert(&e.subject, seq);
+        Ok(Appended::New { sequence: seq })
+    }
+
+    /// Forgets ids past the duplicate window and drops messages past `max_age` / `max_bytes`
+    /// (oldest first, as JetStream's discard-old).
+    fn maintain(&self, spec: &StreamSpec, counts: &mut Counts) -> Result<(), LogError> {
+        let now = Utc::now().timestamp_micros();
+        let id_cut = now - spec.duplicate_window.as_micros() as i64;
+        let mut batch = sled::Batch::default();
+        let from = counts.ids_forgotten_to.max(counts.first.saturating_sub(1)) + 1;
+        for kv in self.tree.range(msg_key(from)..=msg_key(counts.last)) {
+            let (k, v) = kv.map_err(storage)?;
+            let seq = u64_at(&k, 1);
+            let r = Record::decode(v.as_ref()).map_err(|e| LogError::Other(e.to_string()))?;
+            if r.recorded_at_micros >= id_cut {
+                break;
+            }
+            let id = key(ID, r.id.as_bytes());
+            // A later message may have reused the id after it expired: keep that one.
+            if let Some(v) = self.tree.get(&id).map_err(storage)? {
+                if u64_at(&v, 0) == seq {
+                    batch.remove(id);
+                }
+            }
+            counts.ids_forgotten_to = seq;
+        }
+        let age_cut = (!spec.max_age.is_zero()).then(|| now - spec.max_age.as_micros() as i64);
+        while counts.messages > 0 {
+            let Some(oldest) = self.read(counts.first)? else {
+                break;
+            };
+            let too_old = age_cut.is_some_and(|cut| oldest.recorded_at.timestamp_micros() < cut);
+            let too_big = spec.max_bytes >= 0 && counts.bytes > spec.max_bytes as u64;
+            if !too_old && !too_big {
+                break;
+            }
+            batch.remove(&msg_key(counts.first));
+            counts.bytes = counts
+                .bytes
+                .saturating_sub(size_of(&oldest.headers, &oldest.payload) as u64);
+            counts.messages -= 1;
+            counts.first += 1;
+        }
+        batch.insert(
+            COUNTS,
+            serde_json::to_vec(&*counts).expect("counts serialize"),
+        );
+        self.tree.apply_batch(batch).map_err(storage)
+    }
+}
+
+/// A durable consumer's position, as persisted (`consumers` tree).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Position {
+    filter: Option<String>,
+    cumulative: bool,
+    ack_wait_ms: u64,
+    /// Next sequence never delivered yet.
+    next: u64,
+    ack_floor: u64,
+    /// Acked above the floor (individual acks while an earlier one is pending).
+    acked: Vec<u64>,
+    /// Delivery counts of pending messages delivered more than once, so a poison message
+    /// still reaches the dead letters across restarts.
+    redelivered: Vec<(u64, u32)>,
+}
+
+struct Pending {
+    delivered: u32,
+    due: Instant,
+}
+
+struct Core {
+    stream: Arc<Stream>,
+    durable: String,
+    filter: Option<String>,
+    cumulative: bool,
+    ack_wait: Duration,
+    next: u64,
+    ack_floor: u64,
+    acked: BTreeSet<u64>,
+    pending: BTreeMap<u64, Pending>,
+}
+
+impl Core {
+    fn position(&self) -> Position {
+        Position {
+            filter: self.filter.clone(),
+            cumulative: self.cumulative,
+            ack_wait_ms: self.ack_wait.as_millis() as u64,
+            next: self.next,
+            ack_floor: self.ack_floor,
+            acked: self.acked.iter().copied().collect(),
+            redelivered: self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.delivered > 1)
+                .map(|(s, p)| (*s, p.delivered))
+                .collect(),
+        }
+    }
+
+    fn matches(&self, subject: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|f| f.is_empty() || subject::matches(f, subject))
+    }
+
+    /// Due redeliveries first, then new messages, up to `max`.
+    fn collect(&mut self, max: usize) -> Result<Vec<(StoredEvent, u32)>, LogError> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(s, _)| *s)
+            .take(max)
+            .collect();
+        for seq in due {
+            match self.stream.read(seq)? {
+                // Restored after a restart without knowing the filter outcome.
+                Some(e) if !self.matches(&e.subject) => {
+                    self.pending.remove(&seq);
+                }
+                Some(e) => {
+                    let p = self.pending.get_mut(&seq).expect("pending");
+                    p.delivered += 1;
+                    p.due = now + self.ack_wait;
+                    out.push((e, p.delivered));
+                }
+                None => {
+                    self.pending.remove(&seq);
+                }
+            }
+        }
+        let last = self.stream.counts().last;
+        if out.len() < max && self.next <= last {
+            let from = self.next.max(self.stream.counts().first);
+            for kv in self.stream.tree.range(msg_key(from)..=msg_key(last)) {
+                let (k, v) = kv.map_err(storage)?;
+                let seq = u64_at(&k, 1);
+                self.next = seq + 1;
+                if self.acked.contains(&seq) {
+                    continue;
+                }
+                let e = self.stream.decode(seq, &v)?;
+                if !self.matches(&e.subject) {
+                    continue;
+                }
+                let delivered = 1;
+                self.pending.insert(
+                    seq,
+                    Pending {
+                        delivered,
+                        due: now + self.ack_wait,
+                    },
+                );
+                out.push((e, delivered));
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.due).min()
+    }
+
+    fn settle(&mut self, seq: u64) {
+        if self.cumulative {
+            self.pending = self.pending.split_off(&(seq + 1));
+            self.ack_floor = self.ack_floor.max(seq);
+        } else {
+            self.pending.remove(&seq);
+            self.acked.insert(seq);
+        }
+        let floor = self
+            .pending
+            .keys()
+            .next()
+            .map_or(self.next.saturating_sub(1), |s| s - 1);
+        self.ack_floor = self.ack_floor.max(floor);
+        self.acked = self.acked.split_off(&(self.ack_floor + 1));
+    }
+}
+
+/// (stream, durable)
+type ConsumerKey = (String, String);
+
+struct Inner {
+    db: sled::Db,
+    catalog: Catalog,
+    specs: sled::Tree,
+    positions: sled::Tree,
+    streams: Mutex<HashMap<String, Arc<Stream>>>,
+    consumers: Mutex<HashMap<ConsumerKey, Arc<Mutex<Core>>>>,
+}
+
+/// The log on sled. Cheap to clone; one per data directory per process (sled locks it).
+#[derive(Clone)]
+pub struct SledLog {
+    inner: Arc<Inner>,
+}
+
+impl SledLog {
+    /// Opens (creating if needed) the log under `dir`.
+    pub fn open(dir: &Path, catalog: Catalog) -> Result<SledLog, LogError> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            LogError::Unavailable(format!(
+                "cannot open the embedded log at {} ({e}); is another `enablement dev` using this directory?",
+                dir.display()
+            ))
+        })?;
+        let specs = db.open_tree("streams").map_err(storage)?;
+        let positions = db.open_tree("consumers").map_err(storage)?;
+        let log = SledLog {
+            inner: Arc::new(Inner {
+                db,
+                catalog,
+                specs,
+                positions,
+                streams: Mutex::new(HashMap::new()),
+                consumers: Mutex::new(HashMap::new()),
+            }),
+        };
+        for kv in log.inner.specs.iter() {
+            let (_, v) = kv.map_err(storage)?;
+            let spec: StreamSpec = serde_json::from_slice(&v)
+                .map_err(|e| LogError::Other(format!("corrupt stream spec: {e}")))?;
+            log.load_stream(spec)?;
+        }
+        for kv in log.inner.positions.iter() {
+            let (k, v) = kv.map_err(storage)?;
+            let key = String::from_utf8_lossy(&k).to_string();
+            let Some((stream, durable)) = key.split_once('\0') else {
+                continue;
+            };
+            let position: Position = serde_json::from_slice(&v)
+                .map_err(|e| LogError::Other(format!("corrupt consumer {key}: {e}")))?;
+            if let Ok(s) = log.stream(stream) {
+                log.restore_consumer(s, durable, position);
+            }
+        }
+        Ok(log)
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    /// Bytes on disk (for `streams info` and the benchmark).
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn load_stream(&self, spec: StreamSpec) -> Result<Arc<Stream>, LogError> {
+        let tree = self
+            .inner
+            .db
+            .open_tree(format!("stream:{}", spec.name))
+            .map_err(storage)?;
+        let counts: Counts = match tree.get(COUNTS).map_err(storage)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| LogError::Other(format!("corrupt counters of {}: {e}", spec.name)))?,
+            None => Counts::default(),
+        };
+        let stream = Arc::new(Stream {
+            name: spec.name.clone(),
+            tree,
+            spec: Mutex::new(spec.clone()),
+            counts: Mutex::new(counts),
+            last: watch::channel(counts.last).0,
+            maintained: Mutex::new(Instant::now() - MAINTENANCE_EVERY),
+        });
+        self.inner
+            .streams
+            .lock()
+            .unwrap()
+            .insert(spec.name, stream.clone());
+        Ok(stream)
+    }
+
+    fn stream(&self, name: &str) -> Result<Arc<Stream>, LogError> {
+        self.inner
+            .streams
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownStream(name.to_string()))
+    }
+
+    fn route(&self, subject: &str) -> Result<Arc<Stream>, LogError> {
+        self.inner
+            .streams
+            .lock()
+            .unwrap()
+            .values()
+            .find(|s| {
+                s.spec
+                    .lock()
+                    .unwrap()
+                    .subjects
+                    .iter()
+                    .any(|p| subject::matches(p, subject))
+            })
+            .cloned()
+            .ok_or_else(|| LogError::NoStream(subject.to_string()))
+    }
+
+    fn position_key(stream: &str, durable: &str) -> Vec<u8> {
+        format!("{stream}\0{durable}").into_bytes()
+    }
+
+    fn save(&self, core: &Core) {
+        let key = Self::position_key(&core.stream.name, &core.durable);
+        let value = serde_json::to_vec(&core.position()).expect("position serializes");
+        if let Err(e) = self.inner.positions.insert(key, value) {
+            // Losing a position only means redelivery (at least once), never loss.
+            tracing::warn!(durable = %core.durable, error = %e, "consumer position not saved");
+        }
+    }
+
+    fn restore_consumer(&self, stream: Arc<Stream>, durable: &str, p: Position) {
+        let now = Instant::now();
+        let acked: BTreeSet<u64> = p.acked.into_iter().collect();
+        let counts: HashMap<u64, u32> = p.redelivered.into_iter().collect();
+        // Delivered before the restart and never acked: redeliver now, counting that delivery.
+        let pending = (p.ack_floor + 1..p.next)
+            .filter(|s| !acked.contains(s))
+            .map(|s| {
+                (
+                    s,
+                    Pending {
+                        delivered: counts.get(&s).copied().unwrap_or(1),
+                        due: now,
+                    },
+                )
+            })
+            .collect();
+        let core = Core {
+            stream: stream.clone(),
+            durable: durable.to_string(),
+            filter: p.filter,
+            cumulative: p.cumulative,
+            ack_wait: Duration::from_millis(p.ack_wait_ms),
+            next: p.next,
+            ack_floor: p.ack_floor,
+            acked,
+            pending,
+        };
+        self.inner.consumers.lock().unwrap().insert(
+            (stream.name.clone(), durable.to_string()),
+            Arc::new(Mutex::new(core)),
+        );
+    }
+
+    fn drift(live: &StreamSpec, want: &StreamSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        macro_rules! cmp {
+            ($field:ident) => {
+                if live.$field != want.$field {
+                    out.push(format!(
+                        "{}: {:?} → {:?}",
+                        stringify!($field),
+                        live.$field,
+                        want.$field
+                    ));
+                }
+            };
+        }
+        // Replicas mean nothing to a single embedded store.
+        cmp!(subjects);
+        cmp!(description);
+        cmp!(max_age);
+        cmp!(max_bytes);
+        cmp!(max_message_size);
+        cmp!(duplicate_window);
+        out
+    }
+
+    fn store_spec(&self, spec: &StreamSpec) -> Result<(), LogError> {
+        self.inner
+            .specs
+            .insert(
+                spec.name.as_bytes(),
+                serde_json::to_vec(spec).expect("spec serializes"),
+            )
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), LogError> {
+        self.inner.db.flush_async().await.map_err(storage)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventLog for SledLog {
+    async fn ensure_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        let mut out = Vec::new();
+        for want in specs {
+            let outcome = match self.stream(&want.name) {
+                Err(_) => {
+                    self.store_spec(want)?;
+                    self.load_stream(want.clone())?;
+                    EnsureOutcome::Created
+                }
+                Ok(s) => {
+                    let drift = Self::drift(&s.spec.lock().unwrap(), want);
+                    if drift.is_empty() {
+                        EnsureOutcome::Unchanged
+                    } else {
+                        self.store_spec(want)?;
+                        *s.spec.lock().unwrap() = want.clone();
+                        EnsureOutcome::Updated(drift)
+                    }
+                }
+            };
+            out.push((want.name.clone(), outcome));
+        }
+        self.flush().await?;
+        Ok(out)
+    }
+
+    async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {
+        self.append_batch(vec![event])
+            .await
+            .pop()
+            .expect("one result per event")
+    }
+
+    async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
+        let mut out = Vec::with_capacity(events.len());
+        let mut start = 0;
+        // Consecutive events of one stream are appended as one atomic batch.
+        while start < events.len() {
+            let stream = match self.route(&events[start].subject) {
+                Ok(s) => s,
+                Err(e) => {
+                    out.push(Err(e));
+                    start += 1;
+                    continue;
+                }
+            };
+            let mut end = start + 1;
+            while end < events.len()
+                && self
+                    .route(&events[end].subject)
+                    .is_ok_and(|s| Arc::ptr_eq(&s, &stream))
+            {
+                end += 1;
+            }
+            out.extend(stream.append_run(&events[start..end]));
+            start = end;
+        }
+        // Acknowledged means on disk.
+        if out.iter().any(|r| matches!(r, Ok(Appended::New { .. }))) {
+            if let Err(e) = self.flush().await {
+                return out
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(Appended::New { .. }) => Err(e.clone()),
+                        other => other,
+                    })
+                    .collect();
+            }
+        }
+        out
+    }
+
+    async fn replay(
+        &self,
+        stream_name: &str,
+        from: ReplayFrom,
+        to: Option<u64>,
+        filter_subject: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        let stream = self.stream(stream_name)?;
+        let counts = stream.counts();
+        let end = to.map_or(counts.last, |t| t.min(counts.last));
+        let start = match from {
+            ReplayFrom::Start => counts.first.max(1),
+            ReplayFrom::Sequence(s) => s.max(counts.first).max(1),
+            ReplayFrom::Time(t) => stream.first_at_or_after(t)?,
+        };
+        if start > end {
+            return Ok(stream::empty().boxed());
+        }
+        let filter = filter_subject.filter(|f| !f.is_empty()).map(str::to_string);
+        let chunks = stream::unfold(Some(start), move |next| {
+            let stream = stream.clone();
+            let filter = filter.clone();
+            async move {
+                let next = next?;
+                let mut items = Vec::new();
+                let mut cursor = None;
+                for kv in stream
+                    .tree
+                    .range(msg_key(next)..=msg_key(end))
+                    .take(REPLAY_CHUNK)
+                {
+                    let item = kv.map_err(storage).and_then(|(k, v)| {
+                        let seq = u64_at(&k, 1);
+                        cursor = (seq < end).then_some(seq + 1);
+                        stream.decode(seq, &v)
+                    });
+                    match item {
+                        Ok(e)
+                            if filter
+                                .as_deref()
+                                .is_some_and(|f| !subject::matches(f, &e.subject)) => {}
+                        Ok(e) => items.push(Ok(e)),
+                        Err(e) => {
+                            items.push(Err(e));
+                            cursor = None;
+                            break;
+                        }
+                    }
+                }
+                Some((stream::iter(items), cursor))
+            }
+        });
+        Ok(chunks.flatten().boxed())
+    }
+
+    async fn get(&self, stream_name: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
+        self.stream(stream_name)?.read(sequence)
+    }
+
+    async fn last_subject_sequence(
+        &self,
+        stream_name: &str,
+        subject: &str,
+    ) -> Result<u64, LogError> {
+        let stream = self.stream(stream_name)?;
+        Ok(stream
+            .tree
+            .get(key(SUBJECT, subject.as_bytes()))
+            .map_err(storage)?
+            .map_or(0, |v| u64_at(&v, 0)))
+    }
+
+    async fn stream_state(&self, stream_name: &str) -> Result<StreamState, LogError> {
+        let stream = self.stream(stream_name)?;
+        let counts = stream.counts();
+        let cores: Vec<Arc<Mutex<Core>>> = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((s, _), _)| s == stream_name)
+            .map(|(_, c)| c.clone())
+            .collect();
+        let mut consumers = Vec::new();
+        for core in cores {
+            let core = core.lock().unwrap();
+            let from = core.next.max(counts.first);
+            let pending = if core.filter.as_deref().is_none_or(str::is_empty) {
+                (counts.last + 1).saturating_sub(from)
+            } else {
+                let mut n = 0;
+                for kv in stream.tree.range(msg_key(from)..=msg_key(counts.last)) {
+                    let (k, v) = kv.map_err(storage)?;
+                    if core.matches(&stream.decode(u64_at(&k, 1), &v)?.subject) {
+                        n += 1;
+                    }
+                }
+                n
+            };
+            consumers.push(ConsumerState {
+                name: core.durable.clone(),
+                pending,
+                ack_pending: core.pending.len() as u64,
+                ack_floor: core.ack_floor,
+            });
+        }
+        consumers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(StreamState {
+            name: stream_name.to_string(),
+            messages: counts.messages,
+            bytes: counts.bytes,
+            first_sequence: counts.first,
+            last_sequence: counts.last,
+            consumers,
+        })
+    }
+
+    async fn consumer(
+        &self,
+        stream_name: &str,
+        spec: ConsumerSpec,
+    ) -> Result<Box<dyn DurableConsumer>, LogError> {
+        let stream = self.stream(stream_name)?;
+        let key = (stream_name.to_string(), spec.durable.clone());
+        let existing = self.inner.consumers.lock().unwrap().get(&key).cloned();
+        let core = match existing {
+            Some(core) => core,
+            None => {
+                let next = match spec.start {
+                    ReplayFrom::Start => 1,
+                    ReplayFrom::Sequence(s) => s.max(1),
+                    ReplayFrom::Time(t) => stream.first_at_or_after(t)?,
+                };
+                let core = Core {
+                    stream: stream.clone(),
+                    durable: spec.durable.clone(),
+                    filter: spec.filter_subject.clone(),
+                    cumulative: spec.ack == AckMode::Cumulative,
+                    ack_wait: spec.ack_wait,
+                    next,
+                    ack_floor: next - 1,
+                    acked: BTreeSet::new(),
+                    pending: BTreeMap::new(),
+                };
+                self.save(&core);
+                let core = Arc::new(Mutex::new(core));
+                self.inner
+                    .consumers
+                    .lock()
+                    .unwrap()
+                    .insert(key, core.clone());
+                core
+            }
+        };
+        Ok(Box::new(SledConsumer {
+            core,
+            stream,
+            log: self.clone(),
+            max_deliver: spec.max_deliver.max(1),
+            deadletter_subject: deadletter_subject(&self.inner.catalog, stream_name),
+        }))
+    }
+
+    async fn delete_consumer(&self, stream_name: &str, durable: &str) -> Result<(), LogError> {
+        self.inner
+            .consumers
+            .lock()
+            .unwrap()
+            .remove(&(stream_name.to_string(), durable.to_string()));
+        self.inner
+            .positions
+            .remove(Self::position_key(stream_name, durable))
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    async fn delete_stream(&self, stream_name: &str) -> Result<(), LogError> {
+        let removed = self.inner.streams.lock().unwrap().remove(stream_name);
+        if removed.is_none() {
+            return Ok(());
+        }
+        let durables: Vec<String> = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|(s, _)| s == stream_name)
+            .map(|(_, d)| d.clone())
+            .collect();
+        for d in durables {
+            self.delete_consumer(stream_name, &d).await?;
+        }
+        self.inner.specs.remove(stream_name).map_err(storage)?;
+        self.inner
+            .db
+            .drop_tree(format!("stream:{stream_name}"))
+            .map_err(storage)?;
+        self.flush().await
+    }
+}
+
+/// `T42_METERING` → `t42.deadletter.metering`.
+fn deadletter_subject(catalog: &Catalog, stream_name: &str) -> String {
+    let logical = match catalog.namespace() {
+        Some(ns) => stream_name
+            .strip_prefix(&format!("{}_", ns.to_ascii_uppercase()))
+            .unwrap_or(stream_name),
+        None => stream_name,
+    };
+    catalog.deadletter_subject(logical)
+}
+
+struct SledConsumer {
+    core: Arc<Mutex<Core>>,
+    stream: Arc<Stream>,
+    log: SledLog,
+    max_deliver: u32,
+    deadletter_subject: String,
+}
+
+struct SledAck {
+    core: Arc<Mutex<Core>>,
+    log: SledLog,
+    sequence: u64,
+}
+
+impl SledAck {
+    fn update(&self, f: impl FnOnce(&mut Core)) {
+        let mut core = self.core.lock().unwrap();
+        f(&mut core);
+        self.log.save(&core);
+    }
+}
+
+#[async_trait]
+impl AckHandle for SledAck {
+    async fn ack(&self) -> Result<(), LogError> {
+        self.update(|c| c.settle(self.sequence));
+        Ok(())
+    }
+    async fn nak(&self, delay: Duration) -> Result<(), LogError> {
+        self.update(|c| {
+            if let Some(p) = c.pending.get_mut(&self.sequence) {
+                p.due = Instant::now() + delay;
+            }
+        });
+        Ok(())
+    }
+    async fn term(&self) -> Result<(), LogError> {
+        self.update(|c| {
+            if c.cumulative {
+                c.pending.remove(&self.sequence);
+                c.acked.insert(self.sequence);
+            } else {
+                c.settle(self.sequence);
+            }
+        });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DurableConsumer for SledConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, LogError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            // Subscribe before looking, so an append in between still wakes us.
+            let mut appended = self.stream.last.subscribe();
+            let (batch, next_due) = {
+                let mut core = self.core.lock().unwrap();
+                let batch = core.collect(max.max(1))?;
+                if !batch.is_empty() {
+                    self.log.save(&core);
+                }
+                (batch, core.next_due())
+            };
+            if !batch.is_empty() {
+                let log: Arc<dyn EventLog> = Arc::new(self.log.clone());
+                return Ok(batch
+                    .into_iter()
+                    .map(|(event, delivered)| Delivery {
+                        handle: Box::new(SledAck {
+                            core: self.core.clone(),
+                            log: self.log.clone(),
+                            sequence: event.sequence,
+                        }),
+                        event,
+                        delivered,
+                        max_deliver: self.max_deliver,
+                        log: log.clone(),
+                        deadletter_subject: self.deadletter_subject.clone(),
+                    })
+                    .collect());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let wake = next_due.map_or(deadline, |d| d.min(deadline)).max(now);
+            tokio::select! {
+                _ = appended.changed() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
