@@ -1,5 +1,6 @@
 //! The `enablement` command line.
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,19 @@ pub enum Product {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the whole platform in this process with no external service: the log, the read
+    /// models and the cache are embedded, with data kept under --data-dir across restarts.
+    Dev {
+        /// Where the embedded log and read models keep their data.
+        #[arg(long, env = "ENABLEMENT_DATA_DIR", default_value = ".enablement")]
+        data_dir: PathBuf,
+        /// gRPC listen address of the metering gateway (loopback: no authentication yet).
+        #[arg(long, env = "METERING_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+        metering_grpc_addr: SocketAddr,
+        /// Metrics and health listen address of metering.
+        #[arg(long, env = "METERING_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+        metering_metrics_addr: SocketAddr,
+    },
     /// Run gateways and their projectors against NATS, PostgreSQL and Redis.
     Serve {
         #[arg(long, value_enum, default_value = "all")]
@@ -210,6 +224,19 @@ async fn shutdown_signal() {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let settings = Settings::resolve(&cli.connect)?;
     match cli.command {
+        Command::Dev {
+            data_dir,
+            metering_grpc_addr,
+            metering_metrics_addr,
+        } => {
+            let options = ServeOptions {
+                gateways: true,
+                projectors: true,
+                grpc_addr: metering_grpc_addr,
+                metrics_addr: metering_metrics_addr,
+            };
+            dev(settings, &data_dir, options).await
+        }
         Command::Serve {
             product: _,
             no_projectors,
@@ -283,6 +310,36 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             replay_rebuild(log, pool, redis, &settings, restart, batch.max(1), json).await
         }
     }
+}
+
+/// The embedded default: opens the data directory, starts every product, says where they are.
+async fn dev(
+    settings: Settings,
+    dir: &std::path::Path,
+    options: ServeOptions,
+) -> Result<(), CliError> {
+    let platform = Arc::new(Platform::open_embedded(settings, dir).await?);
+    let running = server::start_metering(platform, options).await?;
+    let grpc = running.grpc_addr.expect("dev runs the gateways");
+    let metrics = running.metrics_addr;
+    let data = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    println!(
+        "Creto Enablement Layer: development mode, embedded (no NATS, PostgreSQL or Redis needed)"
+    );
+    println!(
+        "  data       {} (kept across restarts; delete it to start over)",
+        data.display()
+    );
+    println!("  metering   grpc {grpc}   metrics http://{metrics}/metrics   health http://{metrics}/health");
+    println!("  oversight, runtime, messaging: not part of this build yet");
+    println!(
+        "  auth       none yet: listening on loopback only (tokens arrive with the platform issue)"
+    );
+    println!("  try        grpcurl -plaintext {grpc} list");
+    println!("ready");
+    shutdown_signal().await;
+    running.stop().await;
+    Ok(())
 }
 
 /// Connects, makes sure the streams exist, runs metering until SIGINT or SIGTERM.
@@ -571,9 +628,15 @@ async fn replay_rebuild(
         .map_err(fail)?;
     bar.finish_and_clear();
     // Redis counters are a projection of the new tables too.
-    creto_projections::metering::counters::Counters::new(redis, &settings.redis_prefix())
-        .resync_if_behind(&pool, u64::MAX)
-        .await;
+    creto_projections::metering::counters::Counters::new(
+        Arc::new(creto_projections::cache::RedisCache(redis)),
+        &settings.redis_prefix(),
+    )
+    .resync_if_behind(
+        &creto_projections::metering::PgReadModel::new(pool.clone()),
+        u64::MAX,
+    )
+    .await;
     let elapsed = started.elapsed();
     let rate = applied as f64 / elapsed.as_secs_f64().max(1e-9);
     if json {

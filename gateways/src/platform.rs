@@ -1,9 +1,18 @@
-//! Connections to the services the platform runs on, each failing with the URL that failed
-//! and what to do about it.
+//! What the platform runs on: either the services (NATS JetStream, PostgreSQL, Redis), each
+//! connection failing with the URL that failed and what to do about it, or the embedded
+//! default (sled and in-process memory under one data directory). Every port has both.
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use creto_projections::cache::{Cache, MemoryCache, RedisCache};
+use creto_projections::metering::counters::Counters;
+use creto_projections::metering::embedded::{SledProjector, SledReadModel};
+use creto_projections::metering::{MeteringProjector, MeteringReadModel, PgReadModel};
 use creto_projections::postgres;
+use creto_projections::runner::Leadership;
+use creto_projections::Projector;
+use creto_streams::embedded::SledLog;
 use creto_streams::jetstream::JetStreamLog;
 use creto_streams::{Catalog, EventLog};
 use redis::aio::ConnectionManager;
@@ -19,14 +28,31 @@ pub enum ConnectError {
     Postgres(#[from] postgres::PgError),
     #[error("cannot reach Redis at {url} ({detail}); start redis-server or set REDIS_URL")]
     Redis { url: String, detail: String },
+    #[error("{0}")]
+    Embedded(String),
+}
+
+/// The adapters behind the ports.
+pub enum Stores {
+    /// NATS JetStream, PostgreSQL and Redis.
+    Services {
+        pool: PgPool,
+        redis: ConnectionManager,
+    },
+    /// The embedded default: everything in this process, under `dir`.
+    Embedded {
+        dir: PathBuf,
+        metering: Arc<SledReadModel>,
+    },
 }
 
 pub struct Platform {
     pub settings: Settings,
     pub catalog: Catalog,
     pub log: Arc<dyn EventLog>,
-    pub pool: PgPool,
-    pub redis: ConnectionManager,
+    pub cache: Arc<dyn Cache>,
+    pub metering: Arc<dyn MeteringReadModel>,
+    pub stores: Stores,
 }
 
 pub async fn connect_log(settings: &Settings) -> Result<Arc<dyn EventLog>, ConnectError> {
@@ -73,8 +99,82 @@ impl Platform {
             catalog: settings.catalog(),
             settings,
             log,
-            pool,
-            redis,
+            cache: Arc::new(RedisCache(redis.clone())),
+            metering: Arc::new(PgReadModel::new(pool.clone())),
+            stores: Stores::Services { pool, redis },
         })
+    }
+
+    /// Opens the embedded default under `dir` (created if missing): the log in `dir/log`,
+    /// the read models in `dir/read-models`, the cache in memory. Streams are created.
+    pub async fn open_embedded(settings: Settings, dir: &Path) -> Result<Platform, ConnectError> {
+        let embedded = |e: &dyn std::fmt::Display| ConnectError::Embedded(e.to_string());
+        std::fs::create_dir_all(dir).map_err(|e| {
+            ConnectError::Embedded(format!(
+                "cannot create the data directory {} ({e}); choose another with --data-dir",
+                dir.display()
+            ))
+        })?;
+        let catalog = settings.catalog();
+        let log = SledLog::open(&dir.join("log"), catalog.clone()).map_err(|e| embedded(&e))?;
+        log.ensure_streams(&catalog.specs())
+            .await
+            .map_err(|e| embedded(&e))?;
+        let metering =
+            Arc::new(SledReadModel::open(&dir.join("read-models")).map_err(|e| embedded(&e))?);
+        Ok(Platform {
+            catalog,
+            settings,
+            log: Arc::new(log),
+            cache: Arc::new(MemoryCache::new()),
+            metering: metering.clone(),
+            stores: Stores::Embedded {
+                dir: dir.to_path_buf(),
+                metering,
+            },
+        })
+    }
+
+    /// The PostgreSQL pool, when running on the services.
+    pub fn pool(&self) -> Option<&PgPool> {
+        match &self.stores {
+            Stores::Services { pool, .. } => Some(pool),
+            Stores::Embedded { .. } => None,
+        }
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        match &self.stores {
+            Stores::Services { pool, .. } => Leadership::Postgres(pool.clone()),
+            Stores::Embedded { .. } => Leadership::Process,
+        }
+    }
+
+    /// The live metering projector for these stores, with its usage counters.
+    pub fn metering_projector(&self) -> Arc<dyn Projector> {
+        let s = &self.settings;
+        let counters = Counters::new(self.cache.clone(), &s.redis_prefix());
+        match &self.stores {
+            Stores::Services { pool, .. } => Arc::new(
+                MeteringProjector::new(
+                    pool.clone(),
+                    self.log.clone(),
+                    self.catalog.clone(),
+                    s.limits,
+                )
+                .with_counters(counters)
+                .with_label_limit(s.metrics_subscription_label_limit),
+            ),
+            Stores::Embedded { metering, .. } => Arc::new(
+                SledProjector::new(
+                    metering.clone(),
+                    self.log.clone(),
+                    self.catalog.clone(),
+                    s.limits,
+                )
+                .with_counters(counters)
+                .with_label_limit(s.metrics_subscription_label_limit),
+            ),
+        }
     }
 }

@@ -4,8 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use creto_projections::metering::counters::Counters;
-use creto_projections::metering::MeteringProjector;
 use creto_projections::runner::{self, RunnerConfig};
 use creto_schemas::metering::v1::metering_service_server::MeteringServiceServer;
 use tokio::net::TcpListener;
@@ -55,19 +53,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 async fn supervise_projector(platform: Arc<Platform>, shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        let s = &platform.settings;
-        let projector = MeteringProjector::new(
-            platform.pool.clone(),
-            platform.log.clone(),
-            platform.catalog.clone(),
-            s.limits,
-        )
-        .with_counters(Counters::new(platform.redis.clone(), &s.redis_prefix()))
-        .with_label_limit(s.metrics_subscription_label_limit);
         let result = runner::run(
             platform.log.clone(),
-            platform.pool.clone(),
-            Arc::new(projector),
+            platform.leadership(),
+            platform.metering_projector(),
             RunnerConfig::default(),
             shutdown.clone(),
         )
@@ -127,7 +116,7 @@ pub async fn start_metering(
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let gateway = MeteringGateway {
             log: platform.log.clone(),
-            pool: platform.pool.clone(),
+            read_model: platform.metering.clone(),
             catalog: platform.catalog.clone(),
             limits: platform.settings.limits,
         };

@@ -112,7 +112,7 @@ pub fn router(health: Health) -> Router {
     )
 }
 
-/// Checks NATS, PostgreSQL and Redis every few seconds until `shutdown`.
+/// Checks the log, PostgreSQL (when used) and the cache every few seconds until `shutdown`.
 pub async fn watch_dependencies(
     platform: Arc<Platform>,
     health: Health,
@@ -120,30 +120,36 @@ pub async fn watch_dependencies(
 ) {
     loop {
         let stream = platform.catalog.stream(creto_streams::METERING);
+        // Named after what runs behind each port, as operators know them.
+        let (log_name, cache_name) = match &platform.stores {
+            crate::platform::Stores::Services { .. } => ("nats", "redis"),
+            crate::platform::Stores::Embedded { .. } => ("embedded_log", "memory_cache"),
+        };
         health.set(
-            "nats",
+            log_name,
             match platform.log.stream_state(&stream).await {
                 Ok(_) => "up".to_string(),
                 Err(e) => format!("down: {e}"),
             },
         );
-        match sqlx::query("SELECT 1").execute(&platform.pool).await {
-            Ok(_) => health.set("postgres", "up"),
-            Err(e) => {
-                PG_ERRORS.inc();
-                health.set("postgres", format!("down: {e}"));
+        if let crate::platform::Stores::Services { pool, .. } = &platform.stores {
+            match sqlx::query("SELECT 1").execute(pool).await {
+                Ok(_) => health.set("postgres", "up"),
+                Err(e) => {
+                    PG_ERRORS.inc();
+                    health.set("postgres", format!("down: {e}"));
+                }
             }
+            let size = pool.size() as i64;
+            let idle = pool.num_idle() as i64;
+            POOL_ACTIVE.set(size - idle);
+            POOL_IDLE.set(idle);
+            POOL_MAX.set(platform.settings.database_pool_size as i64);
         }
-        let size = platform.pool.size() as i64;
-        let idle = platform.pool.num_idle() as i64;
-        POOL_ACTIVE.set(size - idle);
-        POOL_IDLE.set(idle);
-        POOL_MAX.set(platform.settings.database_pool_size as i64);
-        let mut redis = platform.redis.clone();
-        let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut redis).await;
+        let pong = platform.cache.ping().await;
         REDIS_UP.set(pong.is_ok() as i64);
         health.set(
-            "redis",
+            cache_name,
             match pong {
                 Ok(_) => "up".to_string(),
                 Err(e) => format!("down: {e}"),

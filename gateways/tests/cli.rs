@@ -23,6 +23,7 @@ fn help_lists_every_subcommand() {
     let (code, out, _) = enablement(&["--help"]);
     assert_eq!(code, 0);
     for sub in [
+        "dev",
         "serve",
         "project",
         "migrate",

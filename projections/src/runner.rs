@@ -1,6 +1,7 @@
 //! The projector runtime: fetch a batch → apply it (rows and checkpoint in one transaction)
-//! → ack. One active instance per projector (a Postgres advisory lock); others wait as
-//! standbys. A batch that fails for a passing reason (database down) is retried, never acked.
+//! → ack. One active instance per projector (a Postgres advisory lock, or the embedded
+//! store's directory lock); others wait as standbys. A batch that fails for a passing reason
+//! (database down) is retried, never acked.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,17 @@ pub enum ProjectionError {
     Database(#[from] sqlx::Error),
     #[error("log error: {0}")]
     Log(#[from] creto_streams::LogError),
+    #[error("embedded store error: {0}")]
+    Embedded(String),
+}
+
+/// How a projector instance knows it is the only active one.
+#[derive(Clone)]
+pub enum Leadership {
+    /// A PostgreSQL session advisory lock: any number of processes, one active.
+    Postgres(PgPool),
+    /// The embedded store is opened by one process only (sled locks its directory).
+    Process,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -68,18 +80,15 @@ fn lock_key(product: &str) -> i64 {
     })
 }
 
-/// Runs `projector` until `shutdown` turns true.
-pub async fn run(
-    log: Arc<dyn EventLog>,
-    pool: PgPool,
-    projector: Arc<dyn Projector>,
-    config: RunnerConfig,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ProjectionError> {
-    let product = projector.product();
-    // Leadership: hold a session advisory lock on a dedicated connection for as long as we run.
-    // Detached from the pool so that if this task dies, the connection closes and the lock is
-    // released, instead of going back to the pool still held.
+/// Takes the advisory lock of `product` on a dedicated connection, waiting as a standby while
+/// another instance holds it. The connection is detached from the pool so that if this task
+/// dies, the connection closes and the lock is released, instead of going back to the pool
+/// still held. `None`: shut down while waiting.
+async fn lead(
+    pool: &PgPool,
+    product: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<sqlx::PgConnection>, ProjectionError> {
     let mut leader = pool.acquire().await?.detach();
     loop {
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -87,17 +96,36 @@ pub async fn run(
             .fetch_one(&mut leader)
             .await?;
         if got {
-            break;
+            return Ok(Some(leader));
         }
         tracing::info!(product, "another instance is projecting; standing by");
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.changed() => return Ok(None),
         }
     }
+}
+
+/// Runs `projector` until `shutdown` turns true.
+pub async fn run(
+    log: Arc<dyn EventLog>,
+    leadership: Leadership,
+    projector: Arc<dyn Projector>,
+    config: RunnerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProjectionError> {
+    let product = projector.product();
+    // Held for as long as we run.
+    let _leader = match leadership {
+        Leadership::Postgres(pool) => match lead(&pool, product, &mut shutdown).await? {
+            Some(connection) => Some(connection),
+            None => return Ok(()),
+        },
+        Leadership::Process => None,
+    };
     projector.on_activate().await?;
 
-    // The checkpoint in Postgres is the truth. The durable consumer is always recreated at
+    // The checkpoint in the read model is the truth. The durable consumer is always recreated at
     // checkpoint + 1: one left over from a dead instance may hold prefetched, unacked messages
     // that would only come back after ack_wait, behind newer ones, and be skipped.
     let durable = format!("projector-{product}");
@@ -199,27 +227,4 @@ async fn open_at(
         ..ConsumerSpec::new(durable)
     };
     Ok(log.consumer(stream, spec).await?)
-}
-
-/// Waits until `projector`'s checkpoint reaches `sequence` or `deadline` passes.
-pub async fn wait_for(
-    pool: &PgPool,
-    product: &str,
-    sequence: u64,
-    deadline: Duration,
-) -> Result<u64, ProjectionError> {
-    let until = Instant::now() + deadline;
-    loop {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1",
-        )
-        .bind(product)
-        .fetch_optional(pool)
-        .await?;
-        let at = at.unwrap_or(0) as u64;
-        if at >= sequence || Instant::now() >= until {
-            return Ok(at);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -103,9 +103,8 @@ async fn main() {
     let started = Instant::now();
     let last = publish(&js, &subjects, &payloads).await;
     let published = started.elapsed();
-    while creto_projections::runner::wait_for(
-        &env.platform.pool,
-        "metering",
+    while creto_projections::metering::read_model::wait_for(
+        &*env.platform.metering,
         last,
         Duration::from_secs(600),
     )
@@ -124,7 +123,7 @@ async fn main() {
     );
     running.stop().await;
     let stored: i64 = sqlx::query_scalar("SELECT sum(event_count)::int8 FROM usage_hourly")
-        .fetch_one(&env.platform.pool)
+        .fetch_one(env.pool())
         .await
         .unwrap();
     assert_eq!(stored as usize, n, "every event counted exactly once");
@@ -148,7 +147,7 @@ async fn main() {
     let log = env.platform.log.clone();
     let started = Instant::now();
     let projector = rebuild::prepare_metering(
-        &env.platform.pool,
+        env.pool(),
         log.clone(),
         env.platform.catalog.clone(),
         env.settings.limits,
@@ -159,7 +158,7 @@ async fn main() {
     rebuild::catch_up(&log, &projector, None, 5_000, |_| {})
         .await
         .unwrap();
-    rebuild::switch_over(&env.platform.pool, &log, &projector)
+    rebuild::switch_over(env.pool(), &log, &projector)
         .await
         .unwrap();
     let rebuilt = started.elapsed();

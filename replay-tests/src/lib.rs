@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use creto_gateways::config::{ConnectArgs, Settings};
-use creto_gateways::platform::Platform;
+use creto_gateways::platform::{Platform, Stores};
 use creto_gateways::server::{self, Running, ServeOptions};
 use creto_schemas::metering::v1::metering_service_client::MeteringServiceClient;
 use sqlx::Executor;
@@ -24,6 +24,8 @@ pub struct Env {
     pub name: String,
     pub settings: Settings,
     pub platform: Arc<Platform>,
+    /// The data directory of an embedded environment, removed with it.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Env {
@@ -60,7 +62,36 @@ impl Env {
             name,
             settings,
             platform,
+            dir: None,
         }
+    }
+
+    /// A fresh embedded environment (sled log and read models, in-process cache) in a
+    /// temporary directory: the adapters of `enablement dev`.
+    pub async fn embedded() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("enablement-dev-")
+            .tempdir()
+            .unwrap();
+        let settings = Settings::resolve(&ConnectArgs::default()).unwrap();
+        let platform = Arc::new(
+            Platform::open_embedded(settings.clone(), dir.path())
+                .await
+                .expect("embedded stores open"),
+        );
+        Env {
+            name: "embedded".into(),
+            settings,
+            platform,
+            dir: Some(dir),
+        }
+    }
+
+    /// The PostgreSQL pool of an environment on the services.
+    pub fn pool(&self) -> &sqlx::PgPool {
+        self.platform
+            .pool()
+            .expect("this test needs PostgreSQL: use Env::new(), not Env::embedded()")
     }
 
     pub fn subject(&self, logical: &str) -> String {
@@ -90,9 +121,8 @@ impl Env {
 
     /// Waits until the metering projection has applied `sequence`.
     pub async fn wait_applied(&self, sequence: u64) {
-        let at = creto_projections::runner::wait_for(
-            &self.platform.pool,
-            "metering",
+        let at = creto_projections::metering::read_model::wait_for(
+            &*self.platform.metering,
             sequence,
             Duration::from_secs(30),
         )
@@ -104,22 +134,26 @@ impl Env {
         );
     }
 
-    /// Removes the database, streams and Redis keys.
+    /// Removes the database, streams and cache keys (or the embedded data directory).
     pub async fn drop(self) {
         for spec in self.platform.catalog.specs() {
             let _ = self.platform.log.delete_stream(&spec.name).await;
         }
-        let mut redis = self.platform.redis.clone();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.settings.redis_prefix()))
-            .query_async(&mut redis)
+        let Stores::Services { pool, redis } = &self.platform.stores else {
+            return; // the temporary directory goes with `self.dir`
+        };
+        let keys = self
+            .platform
+            .cache
+            .keys(&self.settings.redis_prefix())
             .await
             .unwrap_or_default();
         if !keys.is_empty() {
+            let mut redis = redis.clone();
             let _: redis::RedisResult<()> =
                 redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
         }
-        self.platform.pool.close().await;
+        pool.close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&admin_url()).await {
             let _ = admin
                 .execute(
@@ -131,6 +165,7 @@ impl Env {
                 )
                 .await;
         }
+        drop(self.dir);
     }
 }
 

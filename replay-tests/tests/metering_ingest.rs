@@ -214,7 +214,7 @@ async fn nats_producers_bad_input_and_duplicates() {
 
     // Redis holds the month-to-date counter under the runbook's key shape.
     let counters = creto_projections::metering::counters::Counters::new(
-        env.platform.redis.clone(),
+        env.platform.cache.clone(),
         &env.settings.redis_prefix(),
     );
     let this_month = Utc::now().format("%Y-%m").to_string();
@@ -386,7 +386,7 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runbook_section_9_3_sql_runs_against_the_schema() {
     let env = Env::new().await;
-    let pool = &env.platform.pool;
+    let pool = env.pool();
     sqlx::query(
         "INSERT INTO usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
          SELECT 'default', 'sub_' || (i % 50), 'agent.execution', date_trunc('hour', now()) - (i || ' hours')::interval, i, i

@@ -175,14 +175,24 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
 }
 
+/// The read-model port's conformance: the same properties on both adapters.
 #[test]
-fn query_usage_matches_a_recomputation_from_raw_events() {
+fn query_usage_matches_a_recomputation_on_postgres() {
+    check_query_usage(|rt| rt.block_on(Env::new()));
+}
+
+#[test]
+fn query_usage_matches_a_recomputation_on_embedded() {
+    check_query_usage(|rt| rt.block_on(Env::embedded()));
+}
+
+fn check_query_usage(make: impl FnOnce(&tokio::runtime::Runtime) -> Env) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let env = rt.block_on(Env::new());
+    let env = make(&rt);
     let (running, mut client) = rt.block_on(env.start_metering(true));
     // One meter per aggregation, grouped by both dimensions.
     let mut meters = Vec::new();

@@ -68,7 +68,7 @@ async fn publish_all(env: &Env, n: usize, seed: u64) -> u64 {
 
 fn projector(env: &Env) -> Arc<MeteringProjector> {
     Arc::new(MeteringProjector::new(
-        env.platform.pool.clone(),
+        env.pool().clone(),
         env.platform.log.clone(),
         env.platform.catalog.clone(),
         env.settings.limits,
@@ -90,7 +90,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
     for _ in 0..6 {
         let task = tokio::spawn(runner::run(
             env.platform.log.clone(),
-            env.platform.pool.clone(),
+            runner::Leadership::Postgres(env.pool().clone()),
             projector(&env),
             config,
             stop_rx.clone(),
@@ -102,17 +102,17 @@ async fn rebuilt_tables_equal_live_built_ones() {
     let last = last.max(publish_all(&env, 2_000, 2).await);
     let task = tokio::spawn(runner::run(
         env.platform.log.clone(),
-        env.platform.pool.clone(),
+        runner::Leadership::Postgres(env.pool().clone()),
         projector(&env),
         config,
         stop_rx.clone(),
     ));
     env.wait_applied(last).await;
 
-    let live = metering_checksums(&env.platform.pool).await;
+    let live = metering_checksums(env.pool()).await;
     let (events, hourly_total): (i64, i64) =
         sqlx::query_as("SELECT (SELECT count(*) FROM metering_events), (SELECT sum(event_count)::int8 FROM usage_hourly)")
-            .fetch_one(&env.platform.pool)
+            .fetch_one(env.pool())
             .await
             .unwrap();
     // 8,000 published, 10% duplicates, 2% invalid (some of those duplicates of valid ones).
@@ -134,7 +134,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
     // Rebuild, interrupted halfway and resumed.
     let log = env.platform.log.clone();
     let rebuilding = rebuild::prepare_metering(
-        &env.platform.pool,
+        env.pool(),
         log.clone(),
         env.platform.catalog.clone(),
         env.settings.limits,
@@ -147,7 +147,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
         .unwrap();
     drop(rebuilding);
     let resumed = rebuild::prepare_metering(
-        &env.platform.pool,
+        env.pool(),
         log.clone(),
         env.platform.catalog.clone(),
         env.settings.limits,
@@ -167,21 +167,21 @@ async fn rebuilt_tables_equal_live_built_ones() {
         .unwrap();
     assert!(updates > 0);
     // Readers still see the live tables until the switch.
-    assert_eq!(metering_checksums(&env.platform.pool).await, live);
+    assert_eq!(metering_checksums(env.pool()).await, live);
 
-    let switched_at = rebuild::switch_over(&env.platform.pool, &log, &resumed)
+    let switched_at = rebuild::switch_over(env.pool(), &log, &resumed)
         .await
         .unwrap();
     assert_eq!(switched_at, last);
     assert_eq!(
-        metering_checksums(&env.platform.pool).await,
+        metering_checksums(env.pool()).await,
         live,
         "rebuilt tables differ from the live-built ones"
     );
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
     )
-    .fetch_all(&env.platform.pool)
+    .fetch_all(env.pool())
     .await
     .unwrap();
     for wanted in [
@@ -196,7 +196,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
         );
     }
     let daily: i64 = sqlx::query_scalar("SELECT sum(total_count)::int8 FROM usage_daily")
-        .fetch_one(&env.platform.pool)
+        .fetch_one(env.pool())
         .await
         .unwrap();
     assert_eq!(daily, hourly_total);
@@ -205,7 +205,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
     let more = publish_all(&env, 500, 3).await;
     env.wait_applied(more).await;
     let after: i64 = sqlx::query_scalar("SELECT count(*) FROM metering_events")
-        .fetch_one(&env.platform.pool)
+        .fetch_one(env.pool())
         .await
         .unwrap();
     assert!(after > events);

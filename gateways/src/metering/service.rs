@@ -11,7 +11,8 @@ use creto_projections::metering::decode::{
     meter_from_proto, meter_to_proto, raw_from_proto, METER_DEFINED,
 };
 use creto_projections::metering::query::{self, UsageQuery};
-use creto_projections::{metrics, runner};
+use creto_projections::metering::read_model::{self, MeteringReadModel};
+use creto_projections::{metrics, ProjectionError};
 use creto_schemas::metering::v1 as pb;
 use creto_schemas::metering::v1::metering_service_server::MeteringService;
 use creto_streams::deadletter::{self, DeadLetter};
@@ -22,7 +23,6 @@ use creto_streams::{
 };
 use futures::TryStreamExt;
 use prost::Message;
-use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
 pub const MAX_BATCH: usize = 1_000;
@@ -31,7 +31,7 @@ pub const MAX_WINDOWS: i64 = 50_000;
 
 pub struct MeteringGateway {
     pub log: Arc<dyn EventLog>,
-    pub pool: PgPool,
+    pub read_model: Arc<dyn MeteringReadModel>,
     pub catalog: Catalog,
     pub limits: IngestLimits,
 }
@@ -53,7 +53,7 @@ fn log_status(e: LogError) -> Status {
     }
 }
 
-fn db_status(e: sqlx::Error) -> Status {
+fn db_status(e: ProjectionError) -> Status {
     Status::unavailable(format!("the read model is unavailable: {e}; retry"))
 }
 
@@ -173,12 +173,13 @@ impl MeteringService for MeteringGateway {
             .iter()
             .map(|&i| (events[i].subject.clone(), events[i].id.clone()))
             .collect();
-        let known: std::collections::HashSet<(String, String)> =
-            query::existing_ids(&self.pool, &tenant, &keys)
-                .await
-                .map_err(db_status)?
-                .into_iter()
-                .collect();
+        let known: std::collections::HashSet<(String, String)> = self
+            .read_model
+            .existing_ids(&tenant, &keys)
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .collect();
         let mut to_append = Vec::new();
         let mut to_append_index = Vec::new();
         for (append, i) in appends.into_iter().zip(append_index) {
@@ -250,9 +251,9 @@ impl MeteringService for MeteringGateway {
             } else {
                 u64::from(r.wait_ms).min(30_000)
             });
-            let at = runner::wait_for(&self.pool, "metering", r.min_sequence, wait)
+            let at = read_model::wait_for(&*self.read_model, r.min_sequence, wait)
                 .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+                .map_err(db_status)?;
             if at < r.min_sequence {
                 return Err(Status::deadline_exceeded(format!(
                     "the projection has applied sequence {at}, not yet {}; retry or raise wait_ms",
@@ -261,15 +262,15 @@ impl MeteringService for MeteringGateway {
             }
             at
         } else {
-            runner::wait_for(&self.pool, "metering", 0, Duration::ZERO)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
+            self.read_model.checkpoint().await.map_err(db_status)?
         };
 
         let mut filters: Vec<(String, String)> = r.filters.into_iter().collect();
         filters.sort();
         let meter = if !r.meter.is_empty() {
-            let m = query::meter(&self.pool, &tenant, &r.meter)
+            let m = self
+                .read_model
+                .meter(&tenant, &r.meter)
                 .await
                 .map_err(db_status)?
                 .ok_or_else(|| {
@@ -366,7 +367,7 @@ impl MeteringService for MeteringGateway {
             group_by: r.group_by.clone(),
             filters,
         };
-        let rows = query::usage(&self.pool, &q).await;
+        let rows = self.read_model.usage(&q).await;
         metrics::METERING_POSTGRES_QUERIES
             .with_label_values(&["query_usage", metrics::status(rows.is_ok())])
             .inc();
@@ -439,9 +440,7 @@ impl MeteringService for MeteringGateway {
         request: Request<pb::ListMetersRequest>,
     ) -> Result<Response<pb::ListMetersResponse>, Status> {
         let tenant = tenant(&request);
-        let meters = query::meters(&self.pool, &tenant)
-            .await
-            .map_err(db_status)?;
+        let meters = self.read_model.meters(&tenant).await.map_err(db_status)?;
         Ok(Response::new(pb::ListMetersResponse {
             meters: meters.iter().map(meter_to_proto).collect(),
         }))

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use creto_domain::metering::{IngestLimits, UsageRecord};
-use creto_streams::deadletter;
 use creto_streams::{Catalog, EventLog, StoredEvent, METERING};
 use sqlx::PgPool;
 
-use super::counters::{CounterWriter, Counters};
+use super::batch::{self, Added, LiveEffects};
+use super::counters::Counters;
 use super::decode::{decode, Decoded};
-use crate::metrics::{self, LabelBudget};
+use super::read_model::PgReadModel;
+use crate::metrics;
 use crate::postgres::quote_ident;
 use crate::runner::{ApplyReport, ProjectionError, Projector};
 
@@ -26,10 +27,8 @@ pub struct MeteringProjector {
     limits: IngestLimits,
     /// Schema holding the read models: `public` live, another during a rebuild.
     schema: String,
-    counters: Option<(Counters, CounterWriter)>,
-    labels: LabelBudget,
-    /// Counted only by the live projector: a rebuild must not count events a second time.
-    live: bool,
+    /// Only the live projector (schema `public`) has these.
+    live: Option<LiveEffects>,
     sql: Sql,
     daily_refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -114,30 +113,29 @@ impl MeteringProjector {
         limits: IngestLimits,
         schema: &str,
     ) -> Self {
+        let stream = catalog.stream(METERING);
         MeteringProjector {
-            stream: catalog.stream(METERING),
+            live: (schema == "public").then(|| LiveEffects::new(&stream)),
+            stream,
             pool,
             log,
             catalog,
             limits,
             schema: schema.to_string(),
-            counters: None,
-            labels: LabelBudget::new(1_000),
-            live: schema == "public",
             sql: Sql::new(schema),
             daily_refreshed: std::sync::Mutex::new(None),
         }
     }
 
-    /// Keeps the Redis counters current (live projector only; spawns their writer task).
+    /// Keeps the usage counters current (live projector only; spawns their writer task).
     pub fn with_counters(mut self, counters: Counters) -> Self {
-        let writer = counters.spawn_writer(self.pool.clone());
-        self.counters = Some((counters, writer));
+        let read_model = std::sync::Arc::new(PgReadModel::new(self.pool.clone()));
+        self.live = self.live.map(|l| l.with_counters(counters, read_model));
         self
     }
 
     pub fn with_label_limit(mut self, limit: usize) -> Self {
-        self.labels = LabelBudget::new(limit);
+        self.live = self.live.map(|l| l.with_label_limit(limit));
         self
     }
 
@@ -174,14 +172,14 @@ impl MeteringProjector {
     }
 
     /// Applies `events` inside `tx`, which must hold the projection lock ([`Self::lock`]).
-    /// Returns the report and the keys whose usage changed.
+    /// Returns the report, the usage added per key and the reasons of invalid events.
     pub async fn apply_in(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         events: &[StoredEvent],
-    ) -> Result<(ApplyReport, Vec<Applied>), ProjectionError> {
+    ) -> Result<Applied, ProjectionError> {
         let Some(last) = events.last() else {
-            return Ok((ApplyReport::default(), Vec::new()));
+            return Ok(Default::default());
         };
         let checkpoint: Option<i64> = sqlx::query_scalar(&self.sql.checkpoint)
             .bind(PRODUCT)
@@ -195,38 +193,24 @@ impl MeteringProjector {
                     ..Default::default()
                 },
                 Vec::new(),
+                Vec::new(),
             ));
         }
 
-        let mut columns = Columns::default();
+        let sorted =
+            batch::sort(events, checkpoint, &self.catalog, &self.limits, &*self.log).await?;
         let mut report = ApplyReport {
             checkpoint: last.sequence,
+            dead_lettered: sorted.invalid.len() as u64,
             ..Default::default()
         };
-        let mut invalid_reasons: Vec<&'static str> = Vec::new();
-        for e in events.iter().filter(|e| e.sequence > checkpoint) {
-            match decode(e, &self.catalog, &self.limits) {
-                Decoded::Usage(r) => columns.push(r, e),
-                Decoded::MeterDefined { meter, tenant } => {
-                    self.insert_meter(tx, &meter, &tenant, e.sequence).await?;
-                    report.applied += 1;
-                }
-                Decoded::Invalid(invalid) => {
-                    // Parked before the commit; its id is derived from the sequence, so a retry
-                    // of this batch stores it once.
-                    let subject = self.catalog.deadletter_subject(METERING);
-                    let letter = deadletter::letter(
-                        e,
-                        &subject,
-                        invalid.reason.as_str(),
-                        &invalid.detail,
-                        1,
-                    );
-                    self.log.append(letter).await?;
-                    report.dead_lettered += 1;
-                    invalid_reasons.push(invalid.reason.as_str());
-                }
-            }
+        for (meter, tenant, sequence) in &sorted.meters {
+            self.insert_meter(tx, meter, tenant, *sequence).await?;
+            report.applied += 1;
+        }
+        let mut columns = Columns::default();
+        for (r, e) in sorted.usage {
+            columns.push(r, e);
         }
 
         let submitted = columns.id.len() as u64;
@@ -256,23 +240,14 @@ impl MeteringProjector {
             .bind(last.sequence as i64)
             .execute(&mut **tx)
             .await?;
-        Ok((
-            report,
-            inserted_by_key
-                .into_iter()
-                .map(|(tenant, subscription_id, event_type, n)| Applied {
-                    tenant,
-                    subscription_id,
-                    event_type,
-                    events: n as u64,
-                    invalid: None,
-                })
-                .chain(invalid_reasons.into_iter().map(|r| Applied {
-                    invalid: Some(r),
-                    ..Default::default()
-                }))
-                .collect(),
-        ))
+        let added = inserted_by_key
+            .into_iter()
+            .map(|(tenant, subscription_id, event_type, n)| Added {
+                key: (tenant, subscription_id, event_type),
+                events: n as u64,
+            })
+            .collect();
+        Ok((report, added, sorted.invalid))
     }
 
     /// Records a meter definition; the first definition of a slug wins, as in the log.
@@ -367,15 +342,9 @@ impl MeteringProjector {
     }
 }
 
-/// What a batch changed, per key (or one invalid event with its reason).
-#[derive(Debug, Default, Clone)]
-pub struct Applied {
-    pub tenant: String,
-    pub subscription_id: String,
-    pub event_type: String,
-    pub events: u64,
-    pub invalid: Option<&'static str>,
-}
+/// What [`MeteringProjector::apply_in`] did: the report, the usage added per key, and the
+/// reasons of the invalid events it parked.
+pub type Applied = (ApplyReport, Vec<Added>, Vec<&'static str>);
 
 /// Shortest decimal that round-trips the f64 (Rust's `Display` never uses an exponent),
 /// stored as `numeric`: sums are exact from here on.
@@ -479,9 +448,9 @@ impl Projector for MeteringProjector {
     }
 
     async fn on_activate(&self) -> Result<(), ProjectionError> {
-        if let Some((c, _)) = &self.counters {
-            c.resync_if_behind(&self.pool, self.checkpoint().await?)
-                .await;
+        if let Some(live) = &self.live {
+            let read_model = PgReadModel::new(self.pool.clone());
+            live.activate(&read_model, self.checkpoint().await?).await;
         }
         Ok(())
     }
@@ -493,43 +462,17 @@ impl Projector for MeteringProjector {
         };
         let mut tx = self.pool.begin().await?;
         Self::lock(&mut tx).await?;
-        let (report, applied) = self.apply_in(&mut tx, events).await?;
+        let (report, added, invalid) = self.apply_in(&mut tx, events).await?;
         let committed = tx.commit().await;
-        if self.live {
+        if let Some(live) = &self.live {
             metrics::METERING_POSTGRES_QUERIES
                 .with_label_values(&["projection_batch", metrics::status(committed.is_ok())])
                 .inc();
-        }
-        committed?;
-
-        if self.live {
-            let mut keys = Vec::new();
-            for a in applied {
-                match a.invalid {
-                    Some(reason) => {
-                        metrics::METERING_INVALID.with_label_values(&[reason]).inc();
-                        metrics::DEADLETTERS
-                            .with_label_values(&[&self.stream, reason])
-                            .inc();
-                    }
-                    None => {
-                        metrics::METERING_EVENTS
-                            .with_label_values(&[
-                                self.labels.label(&a.subscription_id),
-                                &a.event_type,
-                            ])
-                            .inc_by(a.events);
-                        keys.push((a.tenant, a.subscription_id, a.event_type));
-                    }
-                }
-            }
-            metrics::METERING_AGGREGATION_SECONDS
-                .with_label_values(&["projection_batch"])
-                .observe(started.elapsed().as_secs_f64());
-            if let Some((_, writer)) = &self.counters {
-                writer.touched(keys, last.sequence);
-            }
+            committed?;
+            live.committed(added, &invalid, last.sequence, started);
             self.refresh_daily_if_due();
+        } else {
+            committed?;
         }
         Ok(report)
     }

@@ -5,6 +5,8 @@ use chrono_tz::Tz;
 use creto_domain::metering::{Aggregation, Meter, Window};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row as _};
 
+use super::read_model::{Key, MonthTotal};
+
 #[derive(Debug, Clone)]
 pub struct UsageQuery {
     pub tenant: String,
@@ -214,4 +216,51 @@ pub async fn existing_ids(
     .bind(&ids)
     .fetch_all(pool)
     .await
+}
+
+const MONTH_TOTALS: &str = "SELECT h.tenant, h.subscription_id, h.event_type, sum(h.event_count)::int8, sum(h.quantity_sum)::text
+     FROM usage_hourly h
+     JOIN (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[], $3::text[])) AS k(tenant, subscription_id, event_type)
+       ON (h.tenant, h.subscription_id, h.event_type) = (k.tenant, k.subscription_id, k.event_type)
+     WHERE h.hour >= date_trunc('month', now(), 'UTC')
+     GROUP BY 1, 2, 3";
+
+const ALL_MONTH_TOTALS: &str =
+    "SELECT tenant, subscription_id, event_type, sum(event_count)::int8, sum(quantity_sum)::text
+     FROM usage_hourly WHERE hour >= date_trunc('month', now(), 'UTC') GROUP BY 1, 2, 3";
+
+/// Month-to-date totals from `usage_hourly`, of `keys` or of every key.
+pub async fn month_totals(
+    pool: &PgPool,
+    keys: Option<&[Key]>,
+) -> Result<Vec<MonthTotal>, sqlx::Error> {
+    let rows: Vec<(String, String, String, i64, String)> = match keys {
+        None => sqlx::query_as(ALL_MONTH_TOTALS).fetch_all(pool).await?,
+        Some(keys) => {
+            let mut t = Vec::with_capacity(keys.len());
+            let mut s = Vec::with_capacity(keys.len());
+            let mut e = Vec::with_capacity(keys.len());
+            for k in keys {
+                t.push(k.0.as_str());
+                s.push(k.1.as_str());
+                e.push(k.2.as_str());
+            }
+            sqlx::query_as(MONTH_TOTALS)
+                .bind(&t)
+                .bind(&s)
+                .bind(&e)
+                .fetch_all(pool)
+                .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(
+            |(tenant, subscription, event_type, count, quantity)| MonthTotal {
+                key: (tenant, subscription, event_type),
+                count,
+                quantity,
+            },
+        )
+        .collect())
 }

@@ -1,0 +1,342 @@
+//! The cache port: fast shared state the read path needs in microseconds (quota counters).
+//! Redis in production; an in-process map in the embedded default. Both run the conformance
+//! suite in [`conformance`].
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("cache unavailable: {0}")]
+pub struct CacheError(pub String);
+
+/// One write of a [`Cache::write`] batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheWrite {
+    /// Sets fields of a hash (others are kept), then its time to live.
+    Hash {
+        key: String,
+        fields: Vec<(String, String)>,
+        ttl: Option<Duration>,
+    },
+    Set {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+#[async_trait]
+pub trait Cache: Send + Sync + 'static {
+    /// Applies the writes in order, in one round trip.
+    async fn write(&self, writes: Vec<CacheWrite>) -> Result<(), CacheError>;
+    /// Every field of a hash; empty when the key is absent or expired.
+    async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError>;
+    async fn get(&self, key: &str) -> Result<Option<String>, CacheError>;
+    async fn ping(&self) -> Result<(), CacheError>;
+    /// Keys starting with `prefix` (operators' inspection and test cleanup; not a hot path).
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError>;
+}
+
+/// Redis.
+#[derive(Clone)]
+pub struct RedisCache(pub ConnectionManager);
+
+fn redis_error(e: redis::RedisError) -> CacheError {
+    CacheError(e.to_string())
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn write(&self, writes: Vec<CacheWrite>) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        for w in writes {
+            match w {
+                CacheWrite::Hash { key, fields, ttl } => {
+                    pipe.hset_multiple(&key, &fields).ignore();
+                    if let Some(ttl) = ttl {
+                        pipe.pexpire(&key, ttl.as_millis() as i64).ignore();
+                    }
+                }
+                CacheWrite::Set { key, value } => {
+                    pipe.set(key, value).ignore();
+                }
+                CacheWrite::Delete { key } => {
+                    pipe.del(key).ignore();
+                }
+            }
+        }
+        let mut conn = self.0.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(redis_error)
+    }
+
+    async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError> {
+        let mut conn = self.0.clone();
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
+        let mut conn = self.0.clone();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn ping(&self) -> Result<(), CacheError> {
+        let mut conn = self.0.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(redis_error)
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError> {
+        let mut conn = self.0.clone();
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        // SCAN, not KEYS: it never blocks a production Redis.
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", escape_glob(prefix)))
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+enum Value {
+    Text(String),
+    Hash(HashMap<String, String>),
+}
+
+/// The in-process cache of the embedded default: the same semantics, in one process's memory.
+/// Like Redis here, it keeps nothing across restarts; its owners rebuild it from the read
+/// models (see `metering::counters`).
+#[derive(Default)]
+pub struct MemoryCache(Mutex<HashMap<String, (Value, Option<Instant>)>>);
+
+impl MemoryCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn live<'a>(
+        map: &'a mut HashMap<String, (Value, Option<Instant>)>,
+        key: &str,
+    ) -> Option<&'a mut Value> {
+        if map
+            .get(key)
+            .is_some_and(|(_, exp)| exp.is_some_and(|e| e <= Instant::now()))
+        {
+            map.remove(key);
+        }
+        map.get_mut(key).map(|(v, _)| v)
+    }
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    async fn write(&self, writes: Vec<CacheWrite>) -> Result<(), CacheError> {
+        let mut map = self.0.lock().unwrap();
+        for w in writes {
+            match w {
+                CacheWrite::Hash { key, fields, ttl } => {
+                    if !matches!(Self::live(&mut map, &key), Some(Value::Hash(_))) {
+                        map.insert(key.clone(), (Value::Hash(HashMap::new()), None));
+                    }
+                    let entry = map.get_mut(&key).expect("inserted above");
+                    if let Value::Hash(h) = &mut entry.0 {
+                        h.extend(fields);
+                    }
+                    if let Some(ttl) = ttl {
+                        entry.1 = Some(Instant::now() + ttl);
+                    }
+                }
+                CacheWrite::Set { key, value } => {
+                    map.insert(key, (Value::Text(value), None));
+                }
+                CacheWrite::Delete { key } => {
+                    map.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError> {
+        let mut map = self.0.lock().unwrap();
+        Ok(match Self::live(&mut map, key) {
+            Some(Value::Hash(h)) => h.clone(),
+            _ => HashMap::new(),
+        })
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
+        let mut map = self.0.lock().unwrap();
+        Ok(match Self::live(&mut map, key) {
+            Some(Value::Text(t)) => Some(t.clone()),
+            _ => None,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError> {
+        let now = Instant::now();
+        let map = self.0.lock().unwrap();
+        let mut keys: Vec<String> = map
+            .iter()
+            .filter(|(k, (_, exp))| k.starts_with(prefix) && exp.is_none_or(|e| e > now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+/// The cache port's conformance suite: every adapter runs these, with keys under `prefix`.
+pub mod conformance {
+    use super::*;
+
+    fn hash(key: &str, fields: &[(&str, &str)], ttl: Option<Duration>) -> CacheWrite {
+        CacheWrite::Hash {
+            key: key.to_string(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ttl,
+        }
+    }
+
+    pub async fn hashes_merge_fields_and_read_back(cache: &dyn Cache, prefix: &str) {
+        let key = format!("{prefix}quota:s1:t");
+        assert!(cache.hash(&key).await.unwrap().is_empty());
+        cache
+            .write(vec![hash(
+                &key,
+                &[("count", "1"), ("month", "2026-11")],
+                None,
+            )])
+            .await
+            .unwrap();
+        cache
+            .write(vec![hash(&key, &[("count", "2"), ("tenant", "a")], None)])
+            .await
+            .unwrap();
+        let h = cache.hash(&key).await.unwrap();
+        let mut fields: Vec<_> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            vec![("count", "2"), ("month", "2026-11"), ("tenant", "a")]
+        );
+        cache.write(vec![CacheWrite::Delete { key }]).await.unwrap();
+    }
+
+    pub async fn writes_apply_in_order(cache: &dyn Cache, prefix: &str) {
+        let key = format!("{prefix}seq");
+        cache
+            .write(vec![
+                CacheWrite::Set {
+                    key: key.clone(),
+                    value: "1".into(),
+                },
+                CacheWrite::Delete { key: key.clone() },
+                CacheWrite::Set {
+                    key: key.clone(),
+                    value: "3".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        assert_eq!(cache.get(&key).await.unwrap().as_deref(), Some("3"));
+        assert_eq!(cache.get(&format!("{prefix}absent")).await.unwrap(), None);
+        cache
+            .write(vec![CacheWrite::Delete { key: key.clone() }])
+            .await
+            .unwrap();
+        assert_eq!(cache.get(&key).await.unwrap(), None);
+    }
+
+    pub async fn expired_hashes_disappear(cache: &dyn Cache, prefix: &str) {
+        let short = format!("{prefix}short");
+        let long = format!("{prefix}long");
+        cache
+            .write(vec![
+                hash(&short, &[("a", "1")], Some(Duration::from_millis(300))),
+                hash(&long, &[("a", "1")], Some(Duration::from_secs(60))),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            cache.keys(prefix).await.unwrap(),
+            vec![long.clone(), short.clone()]
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(cache.hash(&short).await.unwrap().is_empty());
+        assert_eq!(cache.keys(prefix).await.unwrap(), vec![long.clone()]);
+        cache.ping().await.unwrap();
+        cache
+            .write(vec![CacheWrite::Delete { key: long }])
+            .await
+            .unwrap();
+        assert!(cache.keys(prefix).await.unwrap().is_empty());
+    }
+
+    /// Instantiates the suite; `$make` is an async fn returning `(Arc<dyn Cache>, prefix)`.
+    #[macro_export]
+    macro_rules! cache_conformance_suite {
+        ($make:expr) => {
+            $crate::cache_conformance_suite!(@tests $make;
+                hashes_merge_fields_and_read_back,
+                writes_apply_in_order,
+                expired_hashes_disappear);
+        };
+        (@tests $make:expr; $($name:ident),*) => {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (cache, prefix) = $make().await;
+                    $crate::cache::conformance::$name(&*cache, &prefix).await;
+                }
+            )*
+        };
+    }
+}

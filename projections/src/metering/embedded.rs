@@ -1,0 +1,463 @@
+//! The embedded metering read model, on sled: the same facts as the PostgreSQL one (raw
+//! accepted events deduplicated by tenant + subscription + id, hourly usage, meters, the
+//! checkpoint), written in one atomic batch per projector batch. Queries scan the events of
+//! one tenant and event type in time order and aggregate them with the domain's own meter
+//! semantics (`creto_domain::metering::reference`), the definition the PostgreSQL SQL is
+//! property-tested against.
+//!
+//! Keys (components length-prefixed, so any text is safe):
+//! `c` → checkpoint; `i|tenant|sub|id` → sequence; `e|tenant|type|time|seq` → event;
+//! `h|tenant|sub|type|hour` → (count, quantity); `m|tenant|slug` → meter.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
+use creto_domain::metering::{reference, IngestLimits, Meter, UsageRecord};
+use creto_schemas::metering::v1 as pb;
+use creto_streams::{Catalog, EventLog, StoredEvent, METERING};
+use prost::Message as _;
+
+use super::batch::{self, Added, LiveEffects};
+use super::counters::Counters;
+use super::decode::{meter_from_proto, meter_to_proto};
+use super::projector::PRODUCT;
+use super::query::{UsageQuery, UsageRow};
+use super::read_model::{Key, MeteringReadModel, MonthTotal};
+use crate::runner::{ApplyReport, ProjectionError, Projector};
+
+const CHECKPOINT: &[u8] = b"c";
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EventRow {
+    #[prost(string, tag = "1")]
+    subscription_id: String,
+    #[prost(string, tag = "2")]
+    id: String,
+    #[prost(string, tag = "3")]
+    source: String,
+    #[prost(double, tag = "4")]
+    quantity: f64,
+    /// The dimensions as JSON text.
+    #[prost(string, tag = "5")]
+    data: String,
+    #[prost(int64, tag = "6")]
+    recorded_at_micros: i64,
+}
+
+fn store_error(e: sled::Error) -> ProjectionError {
+    ProjectionError::Embedded(e.to_string())
+}
+
+/// A key: a prefix byte, then each part as u16 length + bytes, then fixed-width suffixes.
+fn key(prefix: u8, parts: &[&str]) -> Vec<u8> {
+    let mut k = vec![prefix];
+    for p in parts {
+        k.extend_from_slice(&(p.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+/// Order-preserving bytes of a time (micros since the epoch, sign bit flipped).
+fn time_bytes(t: DateTime<Utc>) -> [u8; 8] {
+    ((t.timestamp_micros() as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn time_from(bytes: &[u8]) -> DateTime<Utc> {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(bytes);
+    DateTime::from_timestamp_micros((u64::from_be_bytes(b) ^ (1 << 63)) as i64).unwrap_or_default()
+}
+
+fn u64_of(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Splits the length-prefixed parts after the prefix byte; returns them and the rest.
+fn parts(k: &[u8], n: usize) -> (Vec<String>, &[u8]) {
+    let mut out = Vec::with_capacity(n);
+    let mut at = 1;
+    for _ in 0..n {
+        let len = u16::from_be_bytes([k[at], k[at + 1]]) as usize;
+        out.push(String::from_utf8_lossy(&k[at + 2..at + 2 + len]).into_owned());
+        at += 2 + len;
+    }
+    (out, &k[at..])
+}
+
+fn hour_of(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.with_nanosecond(0)
+        .and_then(|t| t.with_second(0))
+        .and_then(|t| t.with_minute(0))
+        .unwrap_or(t)
+}
+
+fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now)
+}
+
+/// Hourly totals: 8 bytes count, 8 bytes f64 quantity.
+fn hourly_value(count: u64, quantity: f64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&count.to_be_bytes());
+    v[8..].copy_from_slice(&quantity.to_be_bytes());
+    v
+}
+
+fn hourly_of(v: &[u8]) -> (u64, f64) {
+    let mut q = [0u8; 8];
+    q.copy_from_slice(&v[8..16]);
+    (u64_of(v), f64::from_be_bytes(q))
+}
+
+/// The embedded metering read model (the query side; [`SledProjector`] writes it).
+pub struct SledReadModel {
+    tree: sled::Tree,
+}
+
+impl SledReadModel {
+    /// Opens the metering read model of the embedded store in `dir`.
+    pub fn open(dir: &Path) -> Result<SledReadModel, ProjectionError> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            ProjectionError::Embedded(format!(
+                "cannot open the embedded read models at {} ({e}); is another `enablement dev` using this directory?",
+                dir.display()
+            ))
+        })?;
+        Ok(SledReadModel {
+            tree: db.open_tree("metering").map_err(store_error)?,
+        })
+    }
+
+    fn checkpoint_now(&self) -> Result<u64, ProjectionError> {
+        Ok(self
+            .tree
+            .get(CHECKPOINT)
+            .map_err(store_error)?
+            .map_or(0, |v| u64_of(&v)))
+    }
+
+    fn row_to_record(
+        tenant: &str,
+        event_type: &str,
+        k: &[u8],
+        v: &[u8],
+    ) -> Option<(u64, UsageRecord)> {
+        let (_, rest) = parts(k, 2);
+        let time = time_from(&rest[..8]);
+        let seq = u64_of(&rest[8..]);
+        let row = EventRow::decode(v).ok()?;
+        let dimensions = serde_json::from_str(&row.data).unwrap_or_default();
+        Some((
+            seq,
+            UsageRecord {
+                id: row.id,
+                source: row.source,
+                event_type: event_type.to_string(),
+                subscription_id: row.subscription_id,
+                tenant: tenant.to_string(),
+                time,
+                quantity: row.quantity,
+                dimensions,
+            },
+        ))
+    }
+}
+
+/// The embedded metering projector.
+pub struct SledProjector {
+    read_model: Arc<SledReadModel>,
+    log: Arc<dyn EventLog>,
+    catalog: Catalog,
+    stream: String,
+    limits: IngestLimits,
+    live: LiveEffects,
+    /// Batches are applied one at a time (the runner never overlaps them; this makes it so).
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl SledProjector {
+    pub fn new(
+        read_model: Arc<SledReadModel>,
+        log: Arc<dyn EventLog>,
+        catalog: Catalog,
+        limits: IngestLimits,
+    ) -> Self {
+        let stream = catalog.stream(METERING);
+        SledProjector {
+            live: LiveEffects::new(&stream),
+            read_model,
+            log,
+            catalog,
+            stream,
+            limits,
+            writing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Keeps the in-process usage counters current (spawns their writer task).
+    pub fn with_counters(mut self, counters: Counters) -> Self {
+        self.live = self.live.with_counters(counters, self.read_model.clone());
+        self
+    }
+
+    pub fn with_label_limit(mut self, limit: usize) -> Self {
+        self.live = self.live.with_label_limit(limit);
+        self
+    }
+}
+
+#[async_trait]
+impl MeteringReadModel for SledReadModel {
+    async fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        self.checkpoint_now()
+    }
+
+    async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, ProjectionError> {
+        let meter = &q.meter;
+        let prefix = key(b'e', &[&q.tenant, &meter.event_type]);
+        let mut from = prefix.clone();
+        from.extend_from_slice(&time_bytes(q.from));
+        let mut to = prefix;
+        to.extend_from_slice(&time_bytes(q.to));
+        let mut events = Vec::new();
+        for kv in self.tree.range(from..to) {
+            let (k, v) = kv.map_err(store_error)?;
+            events.extend(Self::row_to_record(&q.tenant, &meter.event_type, &k, &v));
+        }
+        // Log order decides ties (LATEST), as in PostgreSQL's ORDER BY stream_sequence.
+        events.sort_by_key(|(seq, _)| *seq);
+        let records: Vec<UsageRecord> = events.into_iter().map(|(_, r)| r).collect();
+        Ok(reference::usage(
+            &records,
+            meter,
+            q.from,
+            q.to,
+            q.window,
+            q.tz,
+            &q.group_by,
+            &q.filters,
+        )
+        .into_iter()
+        .map(|r| UsageRow {
+            window_end: q.window.end(r.window_start, q.tz),
+            window_start: r.window_start,
+            group: r.group,
+            value: r.value,
+        })
+        .collect())
+    }
+
+    async fn meter(&self, tenant: &str, slug: &str) -> Result<Option<Meter>, ProjectionError> {
+        Ok(self
+            .tree
+            .get(key(b'm', &[tenant, slug]))
+            .map_err(store_error)?
+            .and_then(|v| pb::Meter::decode(v.as_ref()).ok())
+            .and_then(|m| meter_from_proto(&m).ok()))
+    }
+
+    async fn meters(&self, tenant: &str) -> Result<Vec<Meter>, ProjectionError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(key(b'm', &[tenant])) {
+            let (_, v) = kv.map_err(store_error)?;
+            if let Some(m) = pb::Meter::decode(v.as_ref())
+                .ok()
+                .and_then(|m| meter_from_proto(&m).ok())
+            {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn existing_ids(
+        &self,
+        tenant: &str,
+        keys: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, ProjectionError> {
+        let mut out = Vec::new();
+        for (sub, id) in keys {
+            if self
+                .tree
+                .contains_key(key(b'i', &[tenant, sub, id]))
+                .map_err(store_error)?
+            {
+                out.push((sub.clone(), id.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn month_totals(&self, keys: Option<&[Key]>) -> Result<Vec<MonthTotal>, ProjectionError> {
+        let since = time_bytes(month_start(Utc::now()));
+        let mut totals: BTreeMap<Key, (u64, f64)> = BTreeMap::new();
+        let mut add = |k: &[u8], v: &[u8]| {
+            let (p, rest) = parts(k, 3);
+            if rest[..8] >= since[..] {
+                let (c, q) = hourly_of(v);
+                let t = totals
+                    .entry((p[0].clone(), p[1].clone(), p[2].clone()))
+                    .or_default();
+                t.0 += c;
+                t.1 += q;
+            }
+        };
+        match keys {
+            Some(keys) => {
+                for (tenant, sub, event_type) in keys {
+                    for kv in self.tree.scan_prefix(key(b'h', &[tenant, sub, event_type])) {
+                        let (k, v) = kv.map_err(store_error)?;
+                        add(&k, &v);
+                    }
+                }
+            }
+            None => {
+                for kv in self.tree.scan_prefix([b'h']) {
+                    let (k, v) = kv.map_err(store_error)?;
+                    add(&k, &v);
+                }
+            }
+        }
+        Ok(totals
+            .into_iter()
+            .map(|(key, (count, quantity))| MonthTotal {
+                key,
+                count: count as i64,
+                quantity: quantity.to_string(),
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Projector for SledProjector {
+    fn product(&self) -> &'static str {
+        PRODUCT
+    }
+
+    fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    async fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        self.read_model.checkpoint_now()
+    }
+
+    async fn on_activate(&self) -> Result<(), ProjectionError> {
+        self.live
+            .activate(&*self.read_model, self.read_model.checkpoint_now()?)
+            .await;
+        Ok(())
+    }
+
+    async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
+        let started = std::time::Instant::now();
+        let _writing = self.writing.lock().await;
+        let checkpoint = self.read_model.checkpoint_now()?;
+        let Some(last) = events.last().filter(|l| l.sequence > checkpoint) else {
+            return Ok(ApplyReport {
+                checkpoint,
+                ..Default::default()
+            });
+        };
+        let sorted =
+            batch::sort(events, checkpoint, &self.catalog, &self.limits, &*self.log).await?;
+        let mut report = ApplyReport {
+            checkpoint: last.sequence,
+            dead_lettered: sorted.invalid.len() as u64,
+            ..Default::default()
+        };
+        let mut writes = sled::Batch::default();
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut hourly: HashMap<Vec<u8>, (u64, f64)> = HashMap::new();
+        let mut added: HashMap<Key, u64> = HashMap::new();
+        for (r, e) in sorted.usage {
+            let id = key(b'i', &[&r.tenant, &r.subscription_id, &r.id]);
+            // First occurrence wins, in log order, however late the duplicate comes.
+            if seen.contains(&id)
+                || self
+                    .read_model
+                    .tree
+                    .contains_key(&id)
+                    .map_err(store_error)?
+            {
+                report.duplicates += 1;
+                continue;
+            }
+            writes.insert(id.clone(), &e.sequence.to_be_bytes());
+            seen.insert(id);
+            let mut ek = key(b'e', &[&r.tenant, &r.event_type]);
+            ek.extend_from_slice(&time_bytes(r.time));
+            ek.extend_from_slice(&e.sequence.to_be_bytes());
+            let row = EventRow {
+                subscription_id: r.subscription_id.clone(),
+                id: r.id.clone(),
+                source: r.source.clone(),
+                quantity: r.quantity,
+                data: serde_json::Value::Object(r.dimensions).to_string(),
+                recorded_at_micros: e.recorded_at.timestamp_micros(),
+            };
+            writes.insert(ek, row.encode_to_vec());
+            let mut hk = key(b'h', &[&r.tenant, &r.subscription_id, &r.event_type]);
+            hk.extend_from_slice(&time_bytes(hour_of(r.time)));
+            let total = match hourly.get_mut(&hk) {
+                Some(t) => t,
+                None => {
+                    let stored = self
+                        .read_model
+                        .tree
+                        .get(&hk)
+                        .map_err(store_error)?
+                        .map_or((0, 0.0), |v| hourly_of(&v));
+                    hourly.entry(hk).or_insert(stored)
+                }
+            };
+            total.0 += 1;
+            total.1 += r.quantity;
+            *added
+                .entry((r.tenant, r.subscription_id, r.event_type))
+                .or_default() += 1;
+            report.applied += 1;
+        }
+        for (hk, (count, quantity)) in hourly {
+            writes.insert(hk, &hourly_value(count, quantity));
+        }
+        for (meter, tenant, _) in &sorted.meters {
+            // The first definition of a slug wins, as in the log.
+            let mk = key(b'm', &[tenant, &meter.slug]);
+            if !seen.contains(&mk)
+                && !self
+                    .read_model
+                    .tree
+                    .contains_key(&mk)
+                    .map_err(store_error)?
+            {
+                writes.insert(mk.clone(), meter_to_proto(meter).encode_to_vec());
+                seen.insert(mk);
+            }
+            report.applied += 1;
+        }
+        writes.insert(CHECKPOINT, &last.sequence.to_be_bytes());
+        self.read_model
+            .tree
+            .apply_batch(writes)
+            .map_err(store_error)?;
+        self.live.committed(
+            added
+                .into_iter()
+                .map(|(key, events)| Added { key, events })
+                .collect(),
+            &sorted.invalid,
+            last.sequence,
+            started,
+        );
+        Ok(report)
+    }
+}

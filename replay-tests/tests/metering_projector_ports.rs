@@ -1,0 +1,184 @@
+//! The metering projector and read model on both adapters (PostgreSQL + Redis, and the
+//! embedded sled + in-process cache), through the log port: duplicates that reach the
+//! projector past the log's duplicate window (different log ids, same event id) count once,
+//! the first occurrence wins, invalid events are dead-lettered, meters apply once, the
+//! checkpoint moves with the rows, and the usage counters are written to the cache.
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{Duration as Ch, DurationRound, Utc};
+use creto_domain::metering::Window;
+use creto_projections::metering::counters::Counters;
+use creto_projections::metering::query::{quantity_meter, UsageQuery};
+use creto_projections::runner::{self, RunnerConfig};
+use creto_replay_tests::{cloud_event, Env};
+use creto_streams::headers::{content_types, names};
+use creto_streams::{AppendEvent, Headers, ReplayFrom, DEADLETTERS};
+use futures::TryStreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_and_read_model_on_postgres() {
+    check(Env::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_and_read_model_on_embedded() {
+    check(Env::embedded().await).await;
+}
+
+fn append(env: &Env, log_id: &str, json: String, sub: &str) -> AppendEvent {
+    AppendEvent {
+        subject: env.subject(&format!("metering.events.{sub}")),
+        id: log_id.to_string(),
+        expected_subject_sequence: None,
+        headers: Headers::new().with(names::CONTENT_TYPE, content_types::CLOUDEVENTS_JSON),
+        payload: Bytes::from(json),
+    }
+}
+
+async fn check(env: Env) {
+    let now = Utc::now().duration_trunc(Ch::minutes(1)).unwrap();
+    let t = now - Ch::minutes(5);
+    let q = |x: f64| serde_json::json!({ "quantity": x, "model": "m1" });
+    let events = vec![
+        append(
+            &env,
+            "l1",
+            cloud_event("a", "s1", "llm.tokens", t, q(10.0)),
+            "s1",
+        ),
+        append(
+            &env,
+            "l2",
+            cloud_event("b", "s1", "llm.tokens", t, q(5.0)),
+            "s1",
+        ),
+        // The same event id again under another log id: the first one wins.
+        append(
+            &env,
+            "l3",
+            cloud_event("a", "s1", "llm.tokens", t, q(99.0)),
+            "s1",
+        ),
+        // The same id on another subscription is another event.
+        append(
+            &env,
+            "l4",
+            cloud_event("a", "s2", "llm.tokens", t, q(1.0)),
+            "s2",
+        ),
+        // Negative quantity: invalid, parked.
+        append(
+            &env,
+            "l5",
+            cloud_event("c", "s1", "llm.tokens", t, q(-1.0)),
+            "s1",
+        ),
+        append(&env, "l6", "{not json".into(), "s1"),
+    ];
+    let last = env
+        .platform
+        .log
+        .append_batch(events)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().sequence())
+        .max()
+        .unwrap();
+
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        env.platform.log.clone(),
+        env.platform.leadership(),
+        env.platform.metering_projector(),
+        RunnerConfig::default(),
+        stop_rx,
+    ));
+    env.wait_applied(last).await;
+
+    // A later batch repeating an applied id, after a restart of the projector.
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let again = env
+        .platform
+        .log
+        .append(append(
+            &env,
+            "l7",
+            cloud_event("b", "s1", "llm.tokens", t, q(7.0)),
+            "s1",
+        ))
+        .await
+        .unwrap()
+        .sequence();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        env.platform.log.clone(),
+        env.platform.leadership(),
+        env.platform.metering_projector(),
+        RunnerConfig::default(),
+        stop_rx,
+    ));
+    env.wait_applied(again).await;
+
+    let rm = &env.platform.metering;
+    let usage = |sub: &str| UsageQuery {
+        tenant: "default".into(),
+        meter: quantity_meter("llm.tokens"),
+        from: now - Ch::hours(1),
+        to: now + Ch::hours(1),
+        window: Window::Hour,
+        tz: chrono_tz::UTC,
+        group_by: vec!["subscription_id".into()],
+        filters: vec![("subscription_id".into(), sub.into())],
+    };
+    let s1 = rm.usage(&usage("s1")).await.unwrap();
+    assert_eq!(s1.len(), 1, "{s1:?}");
+    assert_eq!(s1[0].value, 15.0, "first occurrence of each id, once");
+    assert_eq!(s1[0].group, vec![("subscription_id".into(), "s1".into())]);
+    assert_eq!(rm.usage(&usage("s2")).await.unwrap()[0].value, 1.0);
+    assert_eq!(rm.checkpoint().await.unwrap(), again);
+    let known = rm
+        .existing_ids(
+            "default",
+            &[("s1".into(), "a".into()), ("s1".into(), "zzz".into())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(known, vec![("s1".to_string(), "a".to_string())]);
+
+    let letters: Vec<_> = env
+        .platform
+        .log
+        .replay(
+            &env.platform.catalog.stream(DEADLETTERS),
+            ReplayFrom::Start,
+            None,
+            None,
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 2, "the two invalid events are parked");
+
+    // Month-to-date counters reach the cache (written in the background after the commit).
+    let counters = Counters::new(env.platform.cache.clone(), &env.settings.redis_prefix());
+    let this_month = t.format("%Y-%m").to_string() == now.format("%Y-%m").to_string();
+    let mut got = None;
+    for _ in 0..200 {
+        got = counters.get("s1", "llm.tokens").await.unwrap();
+        if got.as_ref().is_some_and(|c| c.2 == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    if this_month {
+        let (_, quantity, count) = got.expect("counter written");
+        assert_eq!((quantity.parse::<f64>().unwrap(), count), (15.0, 2));
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    env.drop().await;
+}
