@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure NATS (with JetStream), PostgreSQL and Redis answer on loopback: uses them when
-# they run, starts them when installed but stopped, installs them from Debian packages when
-# missing (as root). Idempotent; prints one line per service.
+# Makes sure NATS (with JetStream), PostgreSQL, Redis and an S3 stand-in (moto) answer on
+# loopback: uses them when they run, starts them when installed but stopped, installs them when
+# missing (as root: Debian packages, and moto from PyPI). Idempotent; prints one line per service.
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -59,4 +59,23 @@ else
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_port 6379 redis-server
   echo "services: redis on 6379 (started)"
+fi
+
+# S3 for the archive port's tests: moto's server, an in-memory stand-in (no persistence).
+if listening 5000; then
+  echo "services: s3 (moto) on 5000 (running)"
+else
+  moto=$(command -v moto_server || true)
+  if [ -z "$moto" ]; then
+    # Its own virtualenv: works whatever the system Python allows pip to do (PEP 668).
+    moto=/opt/moto-server/bin/moto_server
+    if [ ! -x "$moto" ]; then
+      python3 -c 'import venv, ensurepip' 2>/dev/null || install python3 python3-venv
+      python3 -m venv /opt/moto-server
+      /opt/moto-server/bin/python -m pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
+    fi
+  fi
+  setsid "$moto" -H 127.0.0.1 -p 5000 >/tmp/moto-server.log 2>&1 </dev/null &
+  wait_port 5000 "moto_server (log: /tmp/moto-server.log)"
+  echo "services: s3 (moto) on 5000 (started)"
 fi

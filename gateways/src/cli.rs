@@ -319,6 +319,7 @@ async fn dev(
     options: ServeOptions,
 ) -> Result<(), CliError> {
     let platform = Arc::new(Platform::open_embedded(settings, dir).await?);
+    let archive = platform.archive.as_ref().map(|a| a.describe());
     let running = server::start_metering(platform, options).await?;
     let grpc = running.grpc_addr.expect("dev runs the gateways");
     let metrics = running.metrics_addr;
@@ -331,6 +332,7 @@ async fn dev(
         data.display()
     );
     println!("  metering   grpc {grpc}   metrics http://{metrics}/metrics   health http://{metrics}/health");
+    println!("  archive    {}", archive.unwrap_or_default());
     println!("  oversight, runtime, messaging: not part of this build yet");
     println!(
         "  auth       none yet: listening on loopback only (tokens arrive with the platform issue)"

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use creto_projections::archive::{Archive, LocalDirArchive, S3Archive, S3Settings};
 use creto_projections::cache::{Cache, MemoryCache, RedisCache};
 use creto_projections::metering::counters::Counters;
 use creto_projections::metering::embedded::{SledProjector, SledReadModel};
@@ -52,6 +53,9 @@ pub struct Platform {
     pub log: Arc<dyn EventLog>,
     pub cache: Arc<dyn Cache>,
     pub metering: Arc<dyn MeteringReadModel>,
+    /// Where audit exports and backups go: S3 when `S3_BUCKET` is set, a local directory
+    /// when embedded.
+    pub archive: Option<Arc<dyn Archive>>,
     pub stores: Stores,
 }
 
@@ -101,12 +105,15 @@ impl Platform {
             log,
             cache: Arc::new(RedisCache(redis.clone())),
             metering: Arc::new(PgReadModel::new(pool.clone())),
+            archive: S3Settings::from_env()
+                .map(|s| Arc::new(S3Archive::new(s)) as Arc<dyn Archive>),
             stores: Stores::Services { pool, redis },
         })
     }
 
     /// Opens the embedded default under `dir` (created if missing): the log in `dir/log`,
-    /// the read models in `dir/read-models`, the cache in memory. Streams are created.
+    /// the read models in `dir/read-models`, the archive in `dir/archive`, the cache in
+    /// memory. Streams are created.
     pub async fn open_embedded(settings: Settings, dir: &Path) -> Result<Platform, ConnectError> {
         let embedded = |e: &dyn std::fmt::Display| ConnectError::Embedded(e.to_string());
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -128,6 +135,7 @@ impl Platform {
             log: Arc::new(log),
             cache: Arc::new(MemoryCache::new()),
             metering: metering.clone(),
+            archive: Some(Arc::new(LocalDirArchive::new(dir.join("archive")))),
             stores: Stores::Embedded {
                 dir: dir.to_path_buf(),
                 metering,

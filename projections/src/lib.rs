@@ -1,6 +1,7 @@
 //! Projector workers: they read the log and build the read models (Postgres, Redis), with the
 //! checkpoint committed in the same transaction as the rows it covers.
 
+pub mod archive;
 pub mod cache;
 pub mod metering;
 pub mod metrics;
