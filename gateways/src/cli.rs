@@ -23,6 +23,8 @@ use crate::server::{self, ServeOptions};
 pub struct Cli {
     #[command(flatten)]
     pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -71,6 +73,11 @@ pub enum Command {
     },
     /// Apply the database migrations and exit.
     Migrate,
+    /// Mint bearer tokens and signing keys.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Manage the JetStream streams of the catalog.
     Streams {
         #[command(subcommand)]
@@ -100,6 +107,29 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a token signed with the ring's signing key (ENABLEMENT_AUTH_KEYS / --auth-keys).
+    Issue {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        subject: String,
+        /// Comma-separated roles: admin, operator, producer, reader, or your policy's own.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Lifetime, e.g. 15m, 12h, 30d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Print a new key entry to add to a key ring (rotation: add it first, then mark the old
+    /// key `verify_only = true`, then remove the old one once its tokens expired).
+    Keygen {
+        #[arg(long)]
+        kid: String,
     },
 }
 
@@ -171,13 +201,17 @@ fn fail(e: impl std::fmt::Display) -> CliError {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let json_logs = matches!(cli.command, Command::Serve { .. } | Command::Project { .. });
-    init_logging(json_logs);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
+    };
+    // The OTLP exporter runs on this runtime; the guard (dropped before it) flushes the spans.
+    let _telemetry = {
+        let _runtime = runtime.enter();
+        init_logging(json_logs)
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -188,22 +222,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
-    } else {
-        builder.compact().init();
-    }
+/// Logs on stderr, and traces over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+fn init_logging(json: bool) -> crate::telemetry::TelemetryGuard {
+    crate::telemetry::init(json)
 }
 
 async fn shutdown_signal() {
@@ -223,6 +244,12 @@ async fn shutdown_signal() {
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let settings = Settings::resolve(&cli.connect)?;
+    let auth_args = cli.auth;
+    let auth = |dev_keys: Option<&std::path::Path>| {
+        auth_args
+            .build(dev_keys)
+            .map_err(|e| CliError::Config(crate::config::ConfigError::Invalid(e)))
+    };
     match cli.command {
         Command::Dev {
             data_dir,
@@ -235,7 +262,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 grpc_addr: metering_grpc_addr,
                 metrics_addr: metering_metrics_addr,
             };
-            dev(settings, &data_dir, options).await
+            let keys = dev_key_ring(&data_dir)?;
+            let auth = auth(Some(&keys))?;
+            dev(settings, &data_dir, options, auth, &keys).await
+        }
+        Command::Token { command } => {
+            match command {
+                TokenCommand::Keygen { kid } => {
+                    print!("{}", crate::auth::token::keygen(&kid));
+                    Ok(())
+                }
+                TokenCommand::Issue {
+                    tenant,
+                    subject,
+                    roles,
+                    ttl,
+                } => {
+                    let path = auth_args.auth_keys.clone().ok_or_else(|| {
+                    fail("set ENABLEMENT_AUTH_KEYS or --auth-keys to the key ring that signs tokens")
+                })?;
+                    let ring = crate::auth::token::KeyRing::load(&path).map_err(fail)?;
+                    println!(
+                        "{}",
+                        ring.issue(&tenant, &subject, &roles, ttl).map_err(fail)?
+                    );
+                    Ok(())
+                }
+            }
         }
         Command::Serve {
             product: _,
@@ -249,7 +302,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 grpc_addr: metering_grpc_addr,
                 metrics_addr: metering_metrics_addr,
             };
-            run_until_signal(settings, options).await
+            run_until_signal(settings, options, auth(None)?).await
         }
         Command::Project {
             product: _,
@@ -261,7 +314,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 grpc_addr: metering_metrics_addr,
                 metrics_addr: metering_metrics_addr,
             };
-            run_until_signal(settings, options).await
+            // Projectors serve no gRPC: nothing to authenticate.
+            run_until_signal(settings, options, auth_args_disabled()?).await
         }
         Command::Migrate => {
             let pool = creto_projections::postgres::connect(&settings.database_url, 2)
@@ -312,15 +366,49 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+fn auth_args_disabled() -> Result<Arc<crate::auth::layer::Auth>, CliError> {
+    crate::auth::AuthArgs::disabled()
+        .build(None)
+        .map_err(|e| CliError::Config(crate::config::ConfigError::Invalid(e)))
+}
+
+/// The key ring `enablement dev` keeps in its data directory (created once, owner-only).
+fn dev_key_ring(dir: &std::path::Path) -> Result<PathBuf, CliError> {
+    let path = dir.join("auth-keys.toml");
+    if !path.exists() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        std::fs::write(&path, crate::auth::token::keygen("dev-1")).map_err(fail)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(fail)?;
+        }
+    }
+    Ok(path)
+}
+
 /// The embedded default: opens the data directory, starts every product, says where they are.
 async fn dev(
     settings: Settings,
     dir: &std::path::Path,
     options: ServeOptions,
+    auth: Arc<crate::auth::layer::Auth>,
+    keys: &std::path::Path,
 ) -> Result<(), CliError> {
     let platform = Arc::new(Platform::open_embedded(settings, dir).await?);
     let archive = platform.archive.as_ref().map(|a| a.describe());
-    let running = server::start_metering(platform, options).await?;
+    let token = crate::auth::token::KeyRing::load(keys)
+        .and_then(|ring| {
+            ring.issue(
+                creto_domain::metering::event::DEFAULT_TENANT,
+                "developer",
+                &["admin".to_string()],
+                Duration::from_secs(30 * 24 * 3600),
+            )
+        })
+        .map_err(fail)?;
+    let running = server::start_metering(platform, options, auth).await?;
     let grpc = running.grpc_addr.expect("dev runs the gateways");
     let metrics = running.metrics_addr;
     let data = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -335,9 +423,13 @@ async fn dev(
     println!("  archive    {}", archive.unwrap_or_default());
     println!("  oversight, runtime, messaging: not part of this build yet");
     println!(
-        "  auth       none yet: listening on loopback only (tokens arrive with the platform issue)"
+        "  auth       bearer token for tenant default, role admin, valid 30 days (key ring {}):",
+        keys.display()
     );
-    println!("  try        grpcurl -plaintext {grpc} list");
+    println!("export ENABLEMENT_TOKEN={token}");
+    println!(
+        "  try        grpcurl -plaintext -H \"authorization: Bearer $ENABLEMENT_TOKEN\" {grpc} list"
+    );
     println!("ready");
     shutdown_signal().await;
     running.stop().await;
@@ -345,10 +437,14 @@ async fn dev(
 }
 
 /// Connects, makes sure the streams exist, runs metering until SIGINT or SIGTERM.
-async fn run_until_signal(settings: Settings, options: ServeOptions) -> Result<(), CliError> {
+async fn run_until_signal(
+    settings: Settings,
+    options: ServeOptions,
+    auth: Arc<crate::auth::layer::Auth>,
+) -> Result<(), CliError> {
     let platform = Arc::new(Platform::connect(settings).await?);
     ensure_streams(&*platform.log, &platform.catalog).await?;
-    let running = server::start_metering(platform, options).await?;
+    let running = server::start_metering(platform, options, auth).await?;
     tracing::info!(grpc = ?running.grpc_addr, metrics = %running.metrics_addr, "metering running");
     shutdown_signal().await;
     running.stop().await;
@@ -478,9 +574,10 @@ async fn deadletters(
             limit,
             json,
         } => {
-            let letters = crate::metering::service::list_dead_letters(log, catalog, after, limit)
-                .await
-                .map_err(fail)?;
+            let letters =
+                crate::metering::service::list_dead_letters(log, catalog, after, limit, None)
+                    .await
+                    .map_err(fail)?;
             for l in &letters {
                 if json {
                     println!(
@@ -511,7 +608,7 @@ async fn deadletters(
             dry_run,
         } => {
             let letters =
-                crate::metering::service::list_dead_letters(log, catalog, after, usize::MAX)
+                crate::metering::service::list_dead_letters(log, catalog, after, usize::MAX, None)
                     .await
                     .map_err(fail)?;
             let mut sent = 0;

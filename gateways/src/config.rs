@@ -69,6 +69,8 @@ pub enum ConfigError {
     Read { path: String, detail: String },
     #[error("config file {path} is not valid: {detail}")]
     Parse { path: String, detail: String },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {

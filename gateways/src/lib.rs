@@ -1,6 +1,7 @@
 //! Gateways: the tonic services of each product, their HTTP metrics and health endpoints, and
 //! the `enablement` command line that runs and operates the platform.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod grpc_metrics;
@@ -8,3 +9,4 @@ pub mod metering;
 pub mod platform;
 pub mod server;
 pub mod status;
+pub mod telemetry;

@@ -11,10 +11,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::auth::layer::{Auth, AuthLayer};
 use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::metering::MeteringGateway;
 use crate::platform::Platform;
 use crate::status::{self, Health};
+use crate::telemetry::GrpcTraceLayer;
 
 pub const METERING_GRPC: &str = "0.0.0.0:50051";
 pub const METERING_METRICS: &str = "0.0.0.0:9090";
@@ -75,6 +77,7 @@ async fn supervise_projector(platform: Arc<Platform>, shutdown: watch::Receiver<
 pub async fn start_metering(
     platform: Arc<Platform>,
     options: ServeOptions,
+    auth: Arc<Auth>,
 ) -> anyhow::Result<Running> {
     status::register_metrics();
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -107,9 +110,12 @@ pub async fn start_metering(
             .set_serving::<MeteringServiceServer<MeteringGateway>>()
             .await;
         let reflection = || {
+            // Only what this server serves (the descriptor set also holds creto-authz's API).
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(creto_schemas::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("creto.enablement.metering.v1.MeteringService")
+                .with_service_name("grpc.health.v1.Health")
         };
         let reflection_v1 = reflection().build_v1()?;
         // grpcurl 1.8 only speaks v1alpha.
@@ -124,8 +130,21 @@ pub async fn start_metering(
             MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024);
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = auth.tls.clone() {
+                builder = match builder.tls_config(tls) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS configuration refused; metering gateway not started");
+                        return;
+                    }
+                };
+            }
+            let result = builder
                 .layer(GrpcMetricsLayer)
+                // Outside authentication, so refused calls are traced and auth runs in the span.
+                .layer(GrpcTraceLayer)
+                .layer(AuthLayer(auth))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -74,6 +74,8 @@ pub fn register_metrics() {
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
     crate::grpc_metrics::register();
+    crate::auth::authz_remote::register_metrics();
+    std::sync::LazyLock::force(&crate::auth::RATE_LIMITED);
     use creto_projections::metrics as m;
     for reason in creto_domain::metering::InvalidReason::ALL {
         m::METERING_INVALID.with_label_values(&[reason.as_str()]);

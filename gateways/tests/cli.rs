@@ -8,6 +8,8 @@ fn enablement(args: &[&str]) -> (i32, String, String) {
         .env_remove("NATS_URL")
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
+        .env_remove("ENABLEMENT_AUTH")
+        .env_remove("ENABLEMENT_AUTH_KEYS")
         .env("RUST_BACKTRACE", "1")
         .output()
         .expect("binary runs");
@@ -59,6 +61,8 @@ fn unreachable_services_name_the_url_and_exit_3() {
                 "--database-url",
                 // Redis is checked before PostgreSQL: no database is touched.
                 "postgres://postgres@127.0.0.1:1/never",
+                "--auth",
+                "none",
                 "serve",
             ],
             "redis://127.0.0.1:1",
@@ -101,4 +105,55 @@ fn replay_without_a_mode_says_what_to_do() {
         err.contains("--rebuild") && err.contains("--dry-run"),
         "{err}"
     );
+}
+
+#[test]
+fn serving_without_authentication_configured_is_refused_with_the_fix() {
+    let (code, _, err) = enablement(&["serve"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("ENABLEMENT_AUTH_KEYS") && err.contains("enablement token keygen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tokens_are_minted_from_a_key_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, key, _) = enablement(&["token", "keygen", "--kid", "k1"]);
+    assert_eq!(code, 0);
+    let ring = dir.path().join("keys.toml");
+    std::fs::write(&ring, key).unwrap();
+    let ring = ring.to_str().unwrap();
+    let (code, token, err) = enablement(&[
+        "--auth-keys",
+        ring,
+        "token",
+        "issue",
+        "--tenant",
+        "acme",
+        "--subject",
+        "ci",
+        "--roles",
+        "producer,reader",
+        "--ttl",
+        "15m",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(token.trim().split('.').count(), 3, "a JWT: {token}");
+    let (code, _, err) = enablement(&[
+        "--auth-keys",
+        ring,
+        "token",
+        "issue",
+        "--tenant",
+        "no spaces",
+        "--subject",
+        "x",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not a valid name"), "{err}");
+    let (code, _, err) = enablement(&["token", "issue", "--tenant", "a", "--subject", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("ENABLEMENT_AUTH_KEYS"), "{err}");
 }

@@ -6,8 +6,12 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use creto_gateways::auth::Bearer;
 use creto_schemas::metering::v1 as pb;
 use creto_schemas::metering::v1::metering_service_client::MeteringServiceClient;
+use tonic::service::interceptor::InterceptedService;
+
+type Client = MeteringServiceClient<InterceptedService<tonic::transport::Channel, Bearer>>;
 
 fn spare_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -20,6 +24,7 @@ fn spare_port() -> u16 {
 struct Dev {
     child: Child,
     grpc: String,
+    token: String,
 }
 
 fn start(dir: &std::path::Path) -> Dev {
@@ -57,13 +62,19 @@ fn start(dir: &std::path::Path) -> Dev {
             && banner.contains(&dir.canonicalize().unwrap().display().to_string()),
         "{banner}"
     );
+    let token = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("export ENABLEMENT_TOKEN="))
+        .expect("dev prints a development token")
+        .to_string();
     Dev {
         child,
         grpc: format!("http://127.0.0.1:{grpc}"),
+        token,
     }
 }
 
-async fn usage(client: &mut MeteringServiceClient<tonic::transport::Channel>, min: u64) -> f64 {
+async fn usage(client: &mut Client, min: u64) -> f64 {
     let now = chrono::Utc::now();
     let rows = client
         .query_usage(pb::QueryUsageRequest {
@@ -87,7 +98,7 @@ async fn usage(client: &mut MeteringServiceClient<tonic::transport::Channel>, mi
     rows.iter().map(|r| r.value).sum()
 }
 
-async fn ingest(client: &mut MeteringServiceClient<tonic::transport::Channel>, id: &str) -> u64 {
+async fn ingest(client: &mut Client, id: &str) -> u64 {
     let data: prost_types::Struct = prost_types::Struct {
         fields: [(
             "quantity".to_string(),
@@ -115,10 +126,20 @@ async fn ingest(client: &mut MeteringServiceClient<tonic::transport::Channel>, i
     r.sequence
 }
 
-async fn connect(dev: &Dev) -> MeteringServiceClient<tonic::transport::Channel> {
-    MeteringServiceClient::connect(dev.grpc.clone())
+async fn connect(dev: &Dev) -> Client {
+    let channel = tonic::transport::Channel::from_shared(dev.grpc.clone())
+        .unwrap()
+        .connect()
         .await
-        .expect("gateway listening once ready is printed")
+        .expect("gateway listening once ready is printed");
+    // Without the token the gateway refuses; with it the caller is tenant default's admin.
+    let mut anonymous = MeteringServiceClient::new(channel.clone());
+    let refused = anonymous
+        .list_meters(pb::ListMetersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    MeteringServiceClient::with_interceptor(channel, Bearer::new(&dev.token))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,13 +47,15 @@ FROM usage_hourly
 GROUP BY tenant, subscription_id, event_type, date_trunc('day', hour, 'UTC');
 CREATE UNIQUE INDEX usage_daily_key ON usage_daily (tenant, subscription_id, event_type, day);
 
+-- Slugs are per tenant: two tenants may each define `tokens`.
 CREATE TABLE meters (
-    slug              text PRIMARY KEY,
+    slug              text NOT NULL,
     tenant            text NOT NULL,
     event_type        text NOT NULL,
     aggregation       text NOT NULL,
     value_property    text NOT NULL,
     group_by          text[] NOT NULL,
     description       text NOT NULL,
-    defined_sequence  bigint NOT NULL
+    defined_sequence  bigint NOT NULL,
+    PRIMARY KEY (tenant, slug)
 );

@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod postgres;
 pub mod rebuild;
 pub mod runner;
+pub mod trace_context;
 
 pub use runner::{ApplyReport, ProjectionError, Projector};

@@ -99,7 +99,6 @@ pub static METERING_REDIS_OPERATIONS: LazyLock<IntCounterVec> = LazyLock::new(||
     )
     .unwrap()
 });
-
 /// Bounds the cardinality of per-subscription labels: the first `limit` distinct values keep
 /// their own series, the rest are counted under `other`.
 pub struct LabelBudget {

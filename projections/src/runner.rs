@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use creto_streams::{AckMode, ConsumerSpec, EventLog, ReplayFrom, StoredEvent};
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::metrics;
 
@@ -185,9 +186,11 @@ pub async fn run(
             Some(_) => {}
         }
         let mut backoff = Duration::from_millis(100);
+        // `project {product}`, parented or linked to the traces in the events' traceparent.
+        let span = crate::trace_context::batch_span(product, &events);
         let report = loop {
             let started = Instant::now();
-            match projector.apply(&events).await {
+            match projector.apply(&events).instrument(span.clone()).await {
                 Ok(report) => {
                     metrics::PROJECTOR_BATCH_SECONDS
                         .with_label_values(&[product])

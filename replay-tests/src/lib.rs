@@ -98,12 +98,28 @@ impl Env {
         self.platform.catalog.subject(logical)
     }
 
-    /// Starts metering (gateway + projector) on spare ports.
+    /// Starts metering (gateway + projector) on spare ports, explicitly unauthenticated
+    /// (every caller is an admin of tenant `default`): for tests of other concerns.
     pub async fn start_metering(
         &self,
         projectors: bool,
     ) -> (Running, MeteringServiceClient<Channel>) {
-        let running = server::start_metering(
+        let auth = creto_gateways::auth::AuthArgs::disabled()
+            .build(None)
+            .unwrap();
+        let running = self.start_metering_with(projectors, auth).await;
+        let url = format!("http://{}", running.grpc_addr.unwrap());
+        let client = MeteringServiceClient::connect(url).await.unwrap();
+        (running, client)
+    }
+
+    /// Starts metering with the given authentication, authorization and rate limits.
+    pub async fn start_metering_with(
+        &self,
+        projectors: bool,
+        auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
+    ) -> Running {
+        server::start_metering(
             self.platform.clone(),
             ServeOptions {
                 gateways: true,
@@ -111,12 +127,10 @@ impl Env {
                 grpc_addr: "127.0.0.1:0".parse().unwrap(),
                 metrics_addr: "127.0.0.1:0".parse().unwrap(),
             },
+            auth,
         )
         .await
-        .unwrap();
-        let url = format!("http://{}", running.grpc_addr.unwrap());
-        let client = MeteringServiceClient::connect(url).await.unwrap();
-        (running, client)
+        .unwrap()
     }
 
     /// Waits until the metering projection has applied `sequence`.
@@ -183,7 +197,7 @@ pub async fn metering_checksums(pool: &sqlx::PgPool) -> Vec<(String, String)> {
     for (table, order) in [
         ("metering_events", "tenant, subscription_id, event_id"),
         ("usage_hourly", "tenant, subscription_id, event_type, hour"),
-        ("meters", "slug"),
+        ("meters", "tenant, slug"),
     ] {
         out.push((table.to_string(), checksum(pool, table, order).await));
     }

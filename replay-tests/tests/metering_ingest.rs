@@ -226,7 +226,10 @@ async fn nats_producers_bad_input_and_duplicates() {
     // Written by a background writer after the commit: poll briefly.
     let mut counter = None;
     for _ in 0..100 {
-        counter = counters.get("sub_a", "agent.execution").await.unwrap();
+        counter = counters
+            .get("default", "sub_a", "agent.execution")
+            .await
+            .unwrap();
         if counter
             .as_ref()
             .is_some_and(|c| c.1.parse::<f64>().unwrap() == in_month)
@@ -465,6 +468,7 @@ async fn dead_letters_can_be_redriven_after_a_fix() {
         &env.platform.catalog,
         0,
         10,
+        None,
     )
     .await
     .unwrap();
@@ -476,6 +480,7 @@ async fn dead_letters_can_be_redriven_after_a_fix() {
         &env.platform.catalog,
         0,
         10,
+        None,
     )
     .await
     .unwrap();

@@ -168,7 +168,7 @@ async fn check(env: Env) {
     let this_month = t.format("%Y-%m").to_string() == now.format("%Y-%m").to_string();
     let mut got = None;
     for _ in 0..200 {
-        got = counters.get("s1", "llm.tokens").await.unwrap();
+        got = counters.get("default", "s1", "llm.tokens").await.unwrap();
         if got.as_ref().is_some_and(|c| c.2 == 2) {
             break;
         }

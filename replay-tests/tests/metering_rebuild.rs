@@ -126,6 +126,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
         &env.platform.catalog,
         0,
         10_000,
+        None,
     )
     .await
     .unwrap();

@@ -15,3 +15,10 @@ pub mod metering {
         tonic::include_proto!("creto.enablement.metering.v1");
     }
 }
+
+/// The external creto-authz service (client side; the gateways call `Check` per request).
+pub mod authz {
+    pub mod v1 {
+        tonic::include_proto!("creto.authz.v1");
+    }
+}

@@ -25,6 +25,8 @@ use futures::TryStreamExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::telemetry;
+
 pub const MAX_BATCH: usize = 1_000;
 /// Upper bound on windows in one answer, so a MINUTE query over a year is refused up front.
 pub const MAX_WINDOWS: i64 = 50_000;
@@ -36,10 +38,9 @@ pub struct MeteringGateway {
     pub limits: IngestLimits,
 }
 
-/// Who is calling. Authentication arrives with the platform issue; until then every caller is
-/// the default tenant.
-fn tenant<T>(_request: &Request<T>) -> String {
-    DEFAULT_TENANT.to_string()
+/// The caller's tenant: every read and write below is scoped to it.
+fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
+    Ok(crate::auth::layer::caller(request)?.tenant.clone())
 }
 
 fn log_status(e: LogError) -> Status {
@@ -104,7 +105,7 @@ impl MeteringService for MeteringGateway {
         &self,
         request: Request<pb::IngestEventsRequest>,
     ) -> Result<Response<pb::IngestEventsResponse>, Status> {
-        let tenant = tenant(&request);
+        let tenant = tenant(&request)?;
         let events = request.into_inner().events;
         if events.is_empty() {
             return Err(Status::invalid_argument(
@@ -192,7 +193,7 @@ impl MeteringService for MeteringGateway {
             }
         }
 
-        let outcomes = self.log.append_batch(to_append).await;
+        let outcomes = telemetry::append_batch(&*self.log, "metering.events", to_append).await;
         let mut failed = None;
         for (outcome, i) in outcomes.into_iter().zip(&to_append_index) {
             match outcome {
@@ -221,9 +222,22 @@ impl MeteringService for MeteringGateway {
                 results[i].sequence = results[first].sequence;
             }
         }
-        for r in self.log.append_batch(rejections).await {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "could not park a rejected event in the dead letters");
+        // Counted like the projector's dead letters, so DeadLettersGrowing sees these too.
+        let reasons: Vec<String> = rejections
+            .iter()
+            .map(|l| l.headers.get(names::DL_REASON).unwrap_or("").to_string())
+            .collect();
+        let stream = self.catalog.stream(creto_streams::METERING);
+        let parked = self.log.append_batch(rejections).await;
+        for (r, reason) in parked.into_iter().zip(&reasons) {
+            match r {
+                Ok(a) if !a.is_duplicate() => metrics::DEADLETTERS
+                    .with_label_values(&[stream.as_str(), reason.as_str()])
+                    .inc(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not park a rejected event in the dead letters")
+                }
             }
         }
         let count =
@@ -241,7 +255,7 @@ impl MeteringService for MeteringGateway {
         &self,
         request: Request<pb::QueryUsageRequest>,
     ) -> Result<Response<pb::QueryUsageResponse>, Status> {
-        let tenant = tenant(&request);
+        let tenant = tenant(&request)?;
         let r = request.into_inner();
         let started = std::time::Instant::now();
 
@@ -399,7 +413,7 @@ impl MeteringService for MeteringGateway {
         &self,
         request: Request<pb::CreateMeterRequest>,
     ) -> Result<Response<pb::CreateMeterResponse>, Status> {
-        let tenant = tenant(&request);
+        let tenant = tenant(&request)?;
         let proto = request
             .into_inner()
             .meter
@@ -408,9 +422,9 @@ impl MeteringService for MeteringGateway {
         let canonical = meter_to_proto(&meter);
         let mut append = envelope::seal(
             self.catalog
-                .subject(&format!("metering.meters.{}", meter.slug)),
+                .subject(&format!("metering.meters.{tenant}.{}", meter.slug)),
             EventMeta {
-                id: format!("meter:{}", meter.slug),
+                id: format!("meter:{tenant}:{}", meter.slug),
                 event_type: METER_DEFINED.into(),
                 schema_version: 1,
                 tenant,
@@ -422,7 +436,7 @@ impl MeteringService for MeteringGateway {
         );
         // A slug is defined once: the subject must still be empty.
         append.expected_subject_sequence = Some(0);
-        match self.log.append(append).await {
+        match telemetry::append(&*self.log, "metering.meters", append).await {
             Ok(a) if !a.is_duplicate() => Ok(Response::new(pb::CreateMeterResponse {
                 meter: Some(canonical),
                 sequence: a.sequence(),
@@ -439,7 +453,7 @@ impl MeteringService for MeteringGateway {
         &self,
         request: Request<pb::ListMetersRequest>,
     ) -> Result<Response<pb::ListMetersResponse>, Status> {
-        let tenant = tenant(&request);
+        let tenant = tenant(&request)?;
         let meters = self.read_model.meters(&tenant).await.map_err(db_status)?;
         Ok(Response::new(pb::ListMetersResponse {
             meters: meters.iter().map(meter_to_proto).collect(),
@@ -450,14 +464,17 @@ impl MeteringService for MeteringGateway {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        let _tenant = tenant(&request);
+        let who = crate::auth::layer::caller(&request)?.clone();
+        // Platform operators see every tenant's dead letters; anyone else only their own.
+        let every_tenant = who.has_role("operator");
         let r = request.into_inner();
         let limit = if r.limit == 0 {
             100
         } else {
             r.limit.min(1_000)
         } as usize;
-        let letters = list_dead_letters(&*self.log, &self.catalog, r.after_sequence, limit)
+        let only = (!every_tenant).then_some(who.tenant.as_str());
+        let letters = list_dead_letters(&*self.log, &self.catalog, r.after_sequence, limit, only)
             .await
             .map_err(log_status)?;
         Ok(Response::new(pb::ListDeadLettersResponse {
@@ -476,12 +493,25 @@ impl MeteringService for MeteringGateway {
     }
 }
 
-/// Metering's dead letters after `after`, oldest first.
+/// The tenant a dead letter belongs to: the tenant header the gateway wrote, else the
+/// CloudEvent's `tenant` attribute, else the default tenant (an unreadable event).
+fn letter_tenant(l: &DeadLetter) -> String {
+    if let Some(t) = l.event.headers.get(names::TENANT) {
+        return t.to_string();
+    }
+    serde_json::from_slice::<serde_json::Value>(&l.event.payload)
+        .ok()
+        .and_then(|v| v.get("tenant")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| DEFAULT_TENANT.to_string())
+}
+
+/// Metering's dead letters after `after`, oldest first; only `tenant`'s when given.
 pub async fn list_dead_letters(
     log: &dyn EventLog,
     catalog: &Catalog,
     after: u64,
     limit: usize,
+    tenant: Option<&str>,
 ) -> Result<Vec<DeadLetter>, LogError> {
     let subject = catalog.deadletter_subject(creto_streams::METERING);
     let mut events = log
@@ -495,7 +525,9 @@ pub async fn list_dead_letters(
     let mut out = Vec::new();
     while out.len() < limit {
         match events.try_next().await? {
-            Some(e) => out.extend(DeadLetter::parse(e)),
+            Some(e) => out.extend(
+                DeadLetter::parse(e).filter(|l| tenant.is_none_or(|t| letter_tenant(l) == t)),
+            ),
             None => break,
         }
     }

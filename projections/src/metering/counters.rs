@@ -44,8 +44,18 @@ impl Counters {
         }
     }
 
-    pub fn key(&self, subscription_id: &str, event_type: &str) -> String {
-        format!("{}quota:{subscription_id}:{event_type}", self.prefix)
+    /// The runbook's `quota:{subscription_id}:{event_type}` for the default tenant; other
+    /// tenants' keys carry the tenant first, so one tenant can never touch another's counter
+    /// by reusing its subscription ids.
+    pub fn key(&self, tenant: &str, subscription_id: &str, event_type: &str) -> String {
+        if tenant == creto_domain::metering::event::DEFAULT_TENANT {
+            format!("{}quota:{subscription_id}:{event_type}", self.prefix)
+        } else {
+            format!(
+                "{}tenant:{tenant}:quota:{subscription_id}:{event_type}",
+                self.prefix
+            )
+        }
     }
 
     fn sequence_key(&self) -> String {
@@ -59,7 +69,7 @@ impl Counters {
             .map(|r| {
                 let (tenant, subscription, event_type) = r.key;
                 CacheWrite::Hash {
-                    key: self.key(&subscription, &event_type),
+                    key: self.key(&tenant, &subscription, &event_type),
                     fields: vec![
                         ("month".into(), month.clone()),
                         ("quantity".into(), r.quantity),
@@ -144,12 +154,13 @@ impl Counters {
     /// Reads one counter: (month, quantity, count).
     pub async fn get(
         &self,
+        tenant: &str,
         subscription_id: &str,
         event_type: &str,
     ) -> Result<Option<(String, String, i64)>, CacheError> {
         let v = self
             .cache
-            .hash(&self.key(subscription_id, event_type))
+            .hash(&self.key(tenant, subscription_id, event_type))
             .await?;
         Ok(match (v.get("month"), v.get("quantity"), v.get("count")) {
             (Some(m), Some(q), Some(c)) => Some((m.clone(), q.clone(), c.parse().unwrap_or(0))),

@@ -89,7 +89,7 @@ impl Sql {
             ),
             insert_meter: format!(
                 "INSERT INTO {s}.meters (slug, tenant, event_type, aggregation, value_property, group_by, description, defined_sequence)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (slug) DO NOTHING"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant, slug) DO NOTHING"
             ),
         }
     }

@@ -1,0 +1,256 @@
+//! The embedded authorizer: an ordered list of rules by tenant, role, product and method,
+//! from a TOML file (`ENABLEMENT_POLICY`, re-read when it changes) or the built-in default.
+//! The first rule that matches decides; nothing matching means deny.
+//!
+//! ```toml
+//! [[rules]]
+//! roles = ["producer"]              # any of; omitted = any role
+//! products = ["metering"]           # omitted = every product
+//! methods = ["IngestEvents"]        # omitted = every method
+//! tenants = ["acme"]                # omitted = every tenant
+//! effect = "allow"                  # or "deny"
+//! ```
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use super::{Action, Authorizer, Decision, Identity};
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub products: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub effect: Effect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    rules: Vec<Rule>,
+}
+
+fn any_or(list: &[String], value: &str) -> bool {
+    list.is_empty() || list.iter().any(|x| x == "*" || x == value)
+}
+
+impl Rule {
+    fn matches(&self, who: &Identity, action: &Action) -> bool {
+        any_or(&self.tenants, &who.tenant)
+            && (self.roles.is_empty() || self.roles.iter().any(|r| who.has_role(r)))
+            && any_or(&self.products, &action.product)
+            && any_or(&self.methods, &action.method)
+    }
+}
+
+/// The rules when no file is configured: `admin` and `operator` may do everything, `producer`
+/// may send usage, `reader` may call the read methods (`Query*`, `List*`, `Get*`).
+pub const DEFAULT_POLICY: &str = r#"
+[[rules]]
+roles = ["admin", "operator"]
+effect = "allow"
+
+[[rules]]
+roles = ["producer"]
+methods = ["IngestEvents"]
+effect = "allow"
+
+[[rules]]
+roles = ["reader"]
+methods = ["QueryUsage", "ListMeters", "ListDeadLetters"]
+effect = "allow"
+"#;
+
+pub fn parse(text: &str, origin: &str) -> Result<Vec<Rule>, String> {
+    let file: PolicyFile =
+        toml::from_str(text).map_err(|e| format!("policy {origin} is not valid: {e}"))?;
+    Ok(file.rules)
+}
+
+struct Loaded {
+    rules: Vec<Rule>,
+    modified: Option<SystemTime>,
+}
+
+#[derive(Clone)]
+pub struct PolicyAuthorizer {
+    path: Option<PathBuf>,
+    loaded: Arc<RwLock<Loaded>>,
+}
+
+impl PolicyAuthorizer {
+    pub fn default_policy() -> Self {
+        PolicyAuthorizer {
+            path: None,
+            loaded: Arc::new(RwLock::new(Loaded {
+                rules: parse(DEFAULT_POLICY, "built-in").expect("built-in policy parses"),
+                modified: None,
+            })),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read policy {} ({e})", path.display()))?;
+        Ok(PolicyAuthorizer {
+            loaded: Arc::new(RwLock::new(Loaded {
+                rules: parse(&text, &path.display().to_string())?,
+                modified: std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+            })),
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Re-reads the file when it changed; a broken file keeps the previous rules.
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let now = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if now == self.loaded.read().unwrap().modified {
+            return Ok(false);
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read policy {} ({e})", path.display()))?;
+        let rules = parse(&text, &path.display().to_string())?;
+        *self.loaded.write().unwrap() = Loaded {
+            rules,
+            modified: now,
+        };
+        Ok(true)
+    }
+
+    pub fn spawn_reloader(&self, every: Duration) {
+        let policy = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match policy.reload_if_changed() {
+                    Ok(true) => tracing::info!("authorization policy reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy not reloaded; keeping the previous rules")
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Authorizer for PolicyAuthorizer {
+    async fn decide(&self, who: &Identity, action: &Action) -> Decision {
+        let loaded = self.loaded.read().unwrap();
+        match loaded.rules.iter().find(|r| r.matches(who, action)) {
+            Some(r) if r.effect == Effect::Allow => Decision::Allow,
+            Some(_) => Decision::Deny(format!(
+                "the policy denies {}/{} to {} of tenant {}",
+                action.product, action.method, who.subject, who.tenant
+            )),
+            None => Decision::Deny(format!(
+                "no policy rule allows {}/{} for roles {:?}; ask an operator for a role that does",
+                action.product, action.method, who.roles
+            )),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.path {
+            Some(p) => format!("policy file {}", p.display()),
+            None => "built-in policy (admin, operator, producer, reader)".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthMethod;
+
+    fn who(tenant: &str, roles: &[&str]) -> Identity {
+        Identity {
+            tenant: tenant.into(),
+            subject: "s".into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            via: AuthMethod::Bearer,
+        }
+    }
+
+    fn act(method: &str) -> Action {
+        Action {
+            product: "metering".into(),
+            method: method.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn first_matching_rule_decides_and_nothing_matching_denies() {
+        let p = PolicyAuthorizer::default_policy();
+        assert_eq!(
+            p.decide(&who("a", &["admin"]), &act("CreateMeter")).await,
+            Decision::Allow
+        );
+        assert_eq!(
+            p.decide(&who("a", &["producer"]), &act("IngestEvents"))
+                .await,
+            Decision::Allow
+        );
+        assert!(matches!(
+            p.decide(&who("a", &["producer"]), &act("QueryUsage")).await,
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            p.decide(&who("a", &["reader"]), &act("QueryUsage")).await,
+            Decision::Allow
+        );
+        assert!(matches!(
+            p.decide(&who("a", &[]), &act("QueryUsage")).await,
+            Decision::Deny(_)
+        ));
+
+        let rules = r#"
+            [[rules]]
+            tenants = ["blocked"]
+            effect = "deny"
+            [[rules]]
+            roles = ["admin"]
+            effect = "allow"
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, rules).unwrap();
+        let p = PolicyAuthorizer::load(&path).unwrap();
+        assert!(matches!(
+            p.decide(&who("blocked", &["admin"]), &act("QueryUsage"))
+                .await,
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            p.decide(&who("ok", &["admin"]), &act("QueryUsage")).await,
+            Decision::Allow
+        );
+        assert!(PolicyAuthorizer::load(&dir.path().join("nope")).is_err());
+        std::fs::write(&path, "[[rules]]\neffect = \"maybe\"").unwrap();
+        assert!(PolicyAuthorizer::load(&path)
+            .err()
+            .unwrap()
+            .contains("not valid"));
+    }
+}
