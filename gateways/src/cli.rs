@@ -728,7 +728,7 @@ async fn replay_rebuild(
     bar.finish_and_clear();
     // Redis counters are a projection of the new tables too.
     creto_projections::metering::counters::Counters::new(
-        Arc::new(creto_projections::cache::RedisCache(redis)),
+        Arc::new(creto_projections::cache::RedisCache::new(vec![redis])),
         &settings.redis_prefix(),
     )
     .resync_if_behind(

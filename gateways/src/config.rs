@@ -30,6 +30,9 @@ pub struct ConnectArgs {
     /// PostgreSQL connections per process.
     #[arg(long, env = "DATABASE_POOL_SIZE", global = true)]
     pub database_pool_size: Option<u32>,
+    /// Redis connections per process (each multiplexes many requests).
+    #[arg(long, env = "REDIS_POOL_SIZE", global = true)]
+    pub redis_pool_size: Option<u32>,
     /// Replicas of each stream `streams init` creates: 1 on a single server, 3 on a cluster.
     #[arg(long, env = "ENABLEMENT_STREAM_REPLICAS", global = true)]
     pub stream_replicas: Option<usize>,
@@ -44,6 +47,7 @@ struct FileConfig {
     redis_url: Option<String>,
     namespace: Option<String>,
     database_pool_size: Option<u32>,
+    redis_pool_size: Option<u32>,
     stream_replicas: Option<usize>,
     late_window_hours: Option<i64>,
     max_event_bytes: Option<usize>,
@@ -57,6 +61,7 @@ pub struct Settings {
     pub redis_url: String,
     pub namespace: Option<String>,
     pub database_pool_size: u32,
+    pub redis_pool_size: u32,
     pub stream_replicas: usize,
     pub limits: IngestLimits,
     /// Distinct `subscription_id` label values before the rest are counted as `other`.
@@ -113,6 +118,11 @@ impl Settings {
                 .database_pool_size
                 .or(file.database_pool_size)
                 .unwrap_or(10),
+            redis_pool_size: args
+                .redis_pool_size
+                .or(file.redis_pool_size)
+                .unwrap_or(4)
+                .max(1),
             stream_replicas: args.stream_replicas.or(file.stream_replicas).unwrap_or(1),
             limits,
             metrics_subscription_label_limit: file

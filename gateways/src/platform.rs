@@ -92,18 +92,31 @@ pub async fn connect_redis(settings: &Settings) -> Result<ConnectionManager, Con
     }
 }
 
+/// `REDIS_POOL_SIZE` connections: the one already checked, and more of the same.
+async fn redis_pool(
+    settings: &Settings,
+    first: &ConnectionManager,
+) -> Result<Vec<ConnectionManager>, ConnectError> {
+    let mut pool = vec![first.clone()];
+    while pool.len() < settings.redis_pool_size as usize {
+        pool.push(connect_redis(settings).await?);
+    }
+    Ok(pool)
+}
+
 impl Platform {
     /// Connects to NATS, Redis, then PostgreSQL (creating and migrating the database last, so
     /// an unreachable service fails the start before anything is written).
     pub async fn connect(settings: Settings) -> Result<Platform, ConnectError> {
         let log = connect_log(&settings).await?;
         let redis = connect_redis(&settings).await?;
+        let redis_pool = redis_pool(&settings, &redis).await?;
         let pool = connect_postgres(&settings).await?;
         Ok(Platform {
             catalog: settings.catalog(),
             settings,
             log,
-            cache: Arc::new(RedisCache(redis.clone())),
+            cache: Arc::new(RedisCache::new(redis_pool)),
             metering: Arc::new(PgReadModel::new(pool.clone())),
             archive: S3Settings::from_env()
                 .map(|s| Arc::new(S3Archive::new(s)) as Arc<dyn Archive>),

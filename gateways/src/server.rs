@@ -157,7 +157,8 @@ pub async fn start_metering(
                 tracing::error!(error = %e, "metering gateway stopped");
             }
         });
-        // gRPC health follows the dependencies.
+        // gRPC health follows the dependencies: the product's service is SERVING only when all
+        // are up, and each dependency has its own entry (`dependency.nats`, ...).
         let mut rx = shutdown_rx.clone();
         let h = health.clone();
         tasks.spawn(async move {
@@ -169,6 +170,16 @@ pub async fn start_metering(
                 } else {
                     reporter
                         .set_not_serving::<MeteringServiceServer<MeteringGateway>>()
+                        .await;
+                }
+                for (dependency, state) in h.snapshot() {
+                    let status = if state == "up" {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    reporter
+                        .set_service_status(format!("dependency.{dependency}"), status)
                         .await;
                 }
                 tokio::select! {

@@ -59,7 +59,7 @@ impl Health {
     pub fn all_up(&self) -> bool {
         self.0.read().unwrap().values().all(|s| s == "up")
     }
-    fn snapshot(&self) -> BTreeMap<&'static str, String> {
+    pub fn snapshot(&self) -> BTreeMap<&'static str, String> {
         self.0.read().unwrap().clone()
     }
 }

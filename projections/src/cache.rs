@@ -42,9 +42,29 @@ pub trait Cache: Send + Sync + 'static {
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError>;
 }
 
-/// Redis.
+/// Redis, over a fixed set of multiplexed connections used in turn (`REDIS_POOL_SIZE`): one
+/// connection pipelines many requests, several spread a burst over more server threads and
+/// sockets without ever opening connections on demand (the runbook's 5.4 incident).
 #[derive(Clone)]
-pub struct RedisCache(pub ConnectionManager);
+pub struct RedisCache {
+    connections: std::sync::Arc<Vec<ConnectionManager>>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RedisCache {
+    pub fn new(connections: Vec<ConnectionManager>) -> Self {
+        assert!(!connections.is_empty(), "at least one Redis connection");
+        RedisCache {
+            connections: std::sync::Arc::new(connections),
+            next: Default::default(),
+        }
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.connections[i % self.connections.len()].clone()
+    }
+}
 
 fn redis_error(e: redis::RedisError) -> CacheError {
     CacheError(e.to_string())
@@ -70,12 +90,12 @@ impl Cache for RedisCache {
                 }
             }
         }
-        let mut conn = self.0.clone();
+        let mut conn = self.conn();
         pipe.query_async::<()>(&mut conn).await.map_err(redis_error)
     }
 
     async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError> {
-        let mut conn = self.0.clone();
+        let mut conn = self.conn();
         redis::cmd("HGETALL")
             .arg(key)
             .query_async(&mut conn)
@@ -84,7 +104,7 @@ impl Cache for RedisCache {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
-        let mut conn = self.0.clone();
+        let mut conn = self.conn();
         redis::cmd("GET")
             .arg(key)
             .query_async(&mut conn)
@@ -93,7 +113,7 @@ impl Cache for RedisCache {
     }
 
     async fn ping(&self) -> Result<(), CacheError> {
-        let mut conn = self.0.clone();
+        let mut conn = self.conn();
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
@@ -102,7 +122,7 @@ impl Cache for RedisCache {
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError> {
-        let mut conn = self.0.clone();
+        let mut conn = self.conn();
         let mut keys: Vec<String> = Vec::new();
         let mut cursor: u64 = 0;
         // SCAN, not KEYS: it never blocks a production Redis.

@@ -16,7 +16,7 @@ mod redis_cache {
             .await
             .expect("Redis reachable");
         let prefix = format!("t{}:", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        (Arc::new(RedisCache(conn)), prefix)
+        (Arc::new(RedisCache::new(vec![conn])), prefix)
     }
 
     creto_projections::cache_conformance_suite!(make);

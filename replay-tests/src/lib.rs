@@ -44,6 +44,7 @@ impl Env {
             ),
             namespace: Some(name.clone()),
             database_pool_size: Some(8),
+            redis_pool_size: Some(2),
             stream_replicas: None,
             config: None,
         };

@@ -156,6 +156,25 @@ async fn check(env: Env) {
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
         .expect("health needs no token");
+    // Each dependency has its own gRPC health entry.
+    let dependency = match env.platform.stores {
+        creto_gateways::platform::Stores::Services { .. } => "dependency.redis",
+        creto_gateways::platform::Stores::Embedded { .. } => "dependency.memory_cache",
+    };
+    let mut serving = false;
+    for _ in 0..50 {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: dependency.into(),
+            })
+            .await;
+        if r.is_ok_and(|r| r.into_inner().status == 1) {
+            serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(serving, "{dependency} not reported SERVING");
 
     // Roles: the built-in policy.
     let mut a = client("a", &["admin"]);
