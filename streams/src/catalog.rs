@@ -99,6 +99,18 @@ impl Catalog {
         ))
     }
 
+    /// Subject a dead letter from the stream named `stream_name` (namespaced, e.g.
+    /// `T42_METERING`) is written to: `t42.deadletter.metering`.
+    pub fn deadletter_subject_of_stream(&self, stream_name: &str) -> String {
+        let logical = match &self.namespace {
+            Some(ns) => stream_name
+                .strip_prefix(&format!("{}_", ns.to_ascii_uppercase()))
+                .unwrap_or(stream_name),
+            None => stream_name,
+        };
+        self.deadletter_subject(logical)
+    }
+
     /// Every stream of the platform.
     pub fn specs(&self) -> Vec<StreamSpec> {
         const DAY: u64 = 24 * 3600;

@@ -142,9 +142,11 @@ impl Stream {
             stream: self.name.clone(),
             sequence: seq,
             subject: r.subject,
-            headers,
             payload: r.payload,
-            recorded_at: micros_to_time(r.recorded_at_micros),
+            recorded_at: headers
+                .original_recorded_at()
+                .unwrap_or_else(|| micros_to_time(r.recorded_at_micros)),
+            headers,
         })
     }
 
@@ -931,7 +933,7 @@ impl EventLog for SledLog {
             stream,
             log: self.clone(),
             max_deliver: spec.max_deliver.max(1),
-            deadletter_subject: deadletter_subject(&self.inner.catalog, stream_name),
+            deadletter_subject: self.inner.catalog.deadletter_subject_of_stream(stream_name),
         }))
     }
 
@@ -972,17 +974,6 @@ impl EventLog for SledLog {
             .map_err(storage)?;
         self.flush().await
     }
-}
-
-/// `T42_METERING` → `t42.deadletter.metering`.
-fn deadletter_subject(catalog: &Catalog, stream_name: &str) -> String {
-    let logical = match catalog.namespace() {
-        Some(ns) => stream_name
-            .strip_prefix(&format!("{}_", ns.to_ascii_uppercase()))
-            .unwrap_or(stream_name),
-        None => stream_name,
-    };
-    catalog.deadletter_subject(logical)
 }
 
 struct SledConsumer {

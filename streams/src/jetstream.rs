@@ -182,13 +182,14 @@ fn stored(
     sequence: u64,
     recorded_at: chrono::DateTime<chrono::Utc>,
 ) -> StoredEvent {
+    let headers = Headers(message.headers.unwrap_or_default());
     StoredEvent {
         stream: stream.to_string(),
         sequence,
         subject: message.subject.to_string(),
-        headers: Headers(message.headers.unwrap_or_default()),
+        recorded_at: headers.original_recorded_at().unwrap_or(recorded_at),
+        headers,
         payload: message.payload,
-        recorded_at,
     }
 }
 
@@ -403,14 +404,17 @@ impl EventLog for JetStreamLog {
     async fn get(&self, stream_name: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
         let stream = self.stream(stream_name).await?;
         match stream.get_raw_message(sequence).await {
-            Ok(m) => Ok(Some(StoredEvent {
-                stream: stream_name.to_string(),
-                sequence: m.sequence,
-                subject: m.subject.to_string(),
-                headers: Headers(m.headers),
-                payload: m.payload,
-                recorded_at: m.time,
-            })),
+            Ok(m) => {
+                let headers = Headers(m.headers);
+                Ok(Some(StoredEvent {
+                    stream: stream_name.to_string(),
+                    sequence: m.sequence,
+                    subject: m.subject.to_string(),
+                    recorded_at: headers.original_recorded_at().unwrap_or(m.time),
+                    headers,
+                    payload: m.payload,
+                }))
+            }
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
@@ -493,7 +497,7 @@ impl EventLog for JetStreamLog {
             messages,
             max_deliver: spec.max_deliver.max(1),
             log: Arc::new(self.clone()),
-            deadletter_subject: logical_deadletter_subject(&self.catalog, stream_name),
+            deadletter_subject: self.catalog.deadletter_subject_of_stream(stream_name),
         }))
     }
 
@@ -513,17 +517,6 @@ impl EventLog for JetStreamLog {
             Err(e) => Err(unavailable(e)),
         }
     }
-}
-
-/// `T42_METERING` → `t42.deadletter.metering`.
-fn logical_deadletter_subject(catalog: &Catalog, stream_name: &str) -> String {
-    let logical = match catalog.namespace() {
-        Some(ns) => stream_name
-            .strip_prefix(&format!("{}_", ns.to_ascii_uppercase()))
-            .unwrap_or(stream_name),
-        None => stream_name,
-    };
-    catalog.deadletter_subject(logical)
 }
 
 struct JetStreamConsumer {

@@ -7,6 +7,7 @@ pub mod authz_remote;
 pub mod layer;
 pub mod policy;
 pub mod ratelimit;
+pub mod reload;
 pub mod token;
 
 use std::sync::LazyLock;
@@ -152,7 +153,7 @@ impl AuthArgs {
         let keys = match self.auth_keys.as_deref().or(dev_keys) {
             Some(p) => {
                 let ring = token::KeyRing::load(p).map_err(|e| e.to_string())?;
-                ring.spawn_reloader(RELOAD_EVERY);
+                reload::spawn(ring.clone(), RELOAD_EVERY);
                 Some(ring)
             }
             None => None,
@@ -183,7 +184,7 @@ impl AuthArgs {
                 None => match &self.policy {
                     Some(p) => {
                         let policy = policy::PolicyAuthorizer::load(p)?;
-                        policy.spawn_reloader(RELOAD_EVERY);
+                        reload::spawn(policy.clone(), RELOAD_EVERY);
                         std::sync::Arc::new(policy)
                     }
                     None => std::sync::Arc::new(policy::PolicyAuthorizer::default_policy()),
@@ -192,7 +193,7 @@ impl AuthArgs {
         let limits = match &self.rate_limits {
             Some(p) => {
                 let limits = ratelimit::RateLimits::load(p)?;
-                limits.spawn_reloader(RELOAD_EVERY);
+                reload::spawn(limits.clone(), RELOAD_EVERY);
                 limits
             }
             None => ratelimit::RateLimits::new(ratelimit::LimitsFile::default())?,

@@ -12,7 +12,7 @@
 //! ```
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -136,22 +136,6 @@ impl PolicyAuthorizer {
         };
         Ok(true)
     }
-
-    pub fn spawn_reloader(&self, every: Duration) {
-        let policy = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match policy.reload_if_changed() {
-                    Ok(true) => tracing::info!("authorization policy reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "policy not reloaded; keeping the previous rules")
-                    }
-                }
-            }
-        });
-    }
 }
 
 #[async_trait]
@@ -176,6 +160,13 @@ impl Authorizer for PolicyAuthorizer {
             Some(p) => format!("policy file {}", p.display()),
             None => "built-in policy (admin, operator, producer, reader)".into(),
         }
+    }
+}
+
+impl super::reload::Reloadable for PolicyAuthorizer {
+    const WHAT: &'static str = "authorization policy";
+    fn reload_if_changed(&self) -> Result<bool, String> {
+        PolicyAuthorizer::reload_if_changed(self)
     }
 }
 

@@ -149,22 +149,6 @@ impl RateLimits {
         Ok(true)
     }
 
-    pub fn spawn_reloader(&self, every: Duration) {
-        let limits = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match limits.reload_if_changed() {
-                    Ok(true) => tracing::info!("rate limits reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "rate limits not reloaded; keeping the previous ones")
-                    }
-                }
-            }
-        });
-    }
-
     /// Drops the state of tenants idle long enough to be full again (bounded memory).
     pub fn retain_recent(&self) {
         let inner = self.inner.read().unwrap();
@@ -172,6 +156,13 @@ impl RateLimits {
         for l in inner.tenants.values() {
             l.retain_recent();
         }
+    }
+}
+
+impl super::reload::Reloadable for RateLimits {
+    const WHAT: &'static str = "rate limits";
+    fn reload_if_changed(&self) -> Result<bool, String> {
+        RateLimits::reload_if_changed(self)
     }
 }
 

@@ -189,22 +189,6 @@ impl KeyRing {
     }
 
     /// Reloads every `every` until the process ends.
-    pub fn spawn_reloader(&self, every: Duration) {
-        let ring = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match ring.reload_if_changed() {
-                    Ok(true) => tracing::info!("auth key ring reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "auth key ring not reloaded; keeping the previous keys")
-                    }
-                }
-            }
-        });
-    }
-
     /// Mints a token with the signing key.
     pub fn issue(
         &self,
@@ -287,6 +271,13 @@ impl KeyRing {
             roles: c.roles,
             via: AuthMethod::Bearer,
         })
+    }
+}
+
+impl super::reload::Reloadable for KeyRing {
+    const WHAT: &'static str = "auth key ring";
+    fn reload_if_changed(&self) -> Result<bool, String> {
+        KeyRing::reload_if_changed(self).map_err(|e| e.to_string())
     }
 }
 
