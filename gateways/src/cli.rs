@@ -88,6 +88,31 @@ pub enum Command {
         #[command(subcommand)]
         command: DeadlettersCommand,
     },
+    /// Import historical usage events (CloudEvents JSON, one per line) through the live
+    /// validation and dedupe, rate-limited; report accepted / duplicate / rejected by reason.
+    Backfill {
+        #[arg(value_enum)]
+        product: Product,
+        /// NDJSON file of CloudEvents (the producers' contract).
+        #[arg(long)]
+        file: PathBuf,
+        /// Events per second (0: unlimited).
+        #[arg(long, default_value_t = 5_000)]
+        rate: u32,
+        /// Events per append batch.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// Validate with a late-event window covering the oldest event of the file (history);
+        /// without it, events older than the live window are rejected as time_too_old.
+        #[arg(long)]
+        accept_late: bool,
+        /// Validate and dedupe only; append nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild read models from the streams.
     Replay {
         #[arg(value_enum)]
@@ -101,12 +126,22 @@ pub enum Command {
         /// Discard an interrupted rebuild instead of resuming it.
         #[arg(long, requires = "rebuild")]
         restart: bool,
+        /// Without --rebuild: re-apply this range to the live read models, idempotently
+        /// (rows already there are skipped, the checkpoint does not move); with --dry-run:
+        /// check only this range. A rebuild always replays the whole stream.
+        #[command(flatten)]
+        range: crate::replay::RangeArgs,
         /// Events per transaction.
         #[arg(long, default_value_t = 5_000)]
         batch: usize,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Audit archive of the streams: export, verify, restore (S3 when S3_BUCKET is set).
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit::AuditCommand,
     },
 }
 
@@ -340,24 +375,70 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 StreamsCommand::Info { json } => streams_info(&*log, &catalog, json).await,
             }
         }
+        Command::Audit { command } => {
+            let log = platform::connect_log(&settings).await?;
+            crate::audit::run(log, &settings.catalog(), command, shutdown_signal()).await
+        }
         Command::Deadletters { command } => {
             let log = platform::connect_log(&settings).await?;
             deadletters(&*log, &settings.catalog(), command).await
+        }
+        Command::Backfill {
+            product: _,
+            file,
+            rate,
+            batch,
+            accept_late,
+            dry_run,
+            json,
+        } => {
+            let options = crate::backfill::BackfillOptions {
+                rate,
+                dry_run,
+                accept_late,
+                batch: batch.clamp(1, crate::metering::service::MAX_BATCH),
+            };
+            backfill(&settings, &file, &options, json).await
         }
         Command::Replay {
             product: _,
             rebuild,
             dry_run,
             restart,
+            range,
             batch,
             json,
         } => {
             let log = platform::connect_log(&settings).await?;
             if dry_run {
-                return replay_dry_run(log, &settings, json).await;
+                return replay_dry_run(log, &settings, &range, json).await;
+            }
+            if rebuild && range.is_set() {
+                return Err(fail("a rebuild replays the whole stream: drop the range flags, or drop --rebuild to re-apply the range to the live read models"));
+            }
+            if !rebuild && !range.is_set() {
+                return Err(fail("say --rebuild to rebuild the read models (blue/green), --from-seq/--from-time to re-apply a range, or --dry-run to check the stream"));
             }
             if !rebuild {
-                return Err(fail("say --rebuild to rebuild the read models (blue/green), or --dry-run to check the stream"));
+                let pool = platform::connect_postgres(&settings).await?;
+                let redis = platform::connect_redis(&settings).await?;
+                let report = crate::replay::run_metering(
+                    log,
+                    pool,
+                    redis,
+                    &settings,
+                    &range,
+                    batch.max(1),
+                    json,
+                )
+                .await
+                .map_err(fail)?;
+                if json {
+                    println!("{}", serde_json::to_string(&report).map_err(fail)?);
+                } else {
+                    println!("{}", report.render());
+                }
+                return Ok(());
             }
             let pool = platform::connect_postgres(&settings).await?;
             let redis = platform::connect_redis(&settings).await?;
@@ -408,6 +489,25 @@ async fn dev(
             )
         })
         .map_err(fail)?;
+    // Audit exports of every stream to the local archive, stopped with the rest.
+    let mut exporters = tokio::task::JoinSet::new();
+    let (stop_exporters, exporters_rx) = tokio::sync::watch::channel(false);
+    if let Some(archive) = platform.archive.clone() {
+        let streams = platform
+            .catalog
+            .specs()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        crate::audit::spawn_exporters(
+            &mut exporters,
+            platform.log.clone(),
+            archive,
+            streams,
+            creto_projections::audit::ExportConfig::default(),
+            exporters_rx,
+        );
+    }
     let running = server::start_metering(platform, options, auth).await?;
     let grpc = running.grpc_addr.expect("dev runs the gateways");
     let metrics = running.metrics_addr;
@@ -432,6 +532,9 @@ async fn dev(
     );
     println!("ready");
     shutdown_signal().await;
+    // The exporters write what they hold before the log closes.
+    let _ = stop_exporters.send(true);
+    while exporters.join_next().await.is_some() {}
     running.stop().await;
     Ok(())
 }
@@ -634,25 +737,69 @@ async fn deadletters(
     }
 }
 
+async fn backfill(
+    settings: &Settings,
+    file: &std::path::Path,
+    options: &crate::backfill::BackfillOptions,
+    json: bool,
+) -> Result<(), CliError> {
+    let log = platform::connect_log(settings).await?;
+    let pool = platform::connect_postgres(settings).await?;
+    let read_model = creto_projections::metering::PgReadModel::new(pool);
+    let catalog = settings.catalog();
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} metering backfill [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    };
+    let report = crate::backfill::Backfill {
+        log: &*log,
+        read_model: &read_model,
+        catalog: &catalog,
+        limits: settings.limits,
+    }
+    .file(file, options, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .await
+    .map_err(fail)?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report).map_err(fail)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
 async fn replay_dry_run(
     log: Arc<dyn EventLog>,
     settings: &Settings,
+    range: &crate::replay::RangeArgs,
     json: bool,
 ) -> Result<(), CliError> {
     let catalog = settings.catalog();
     let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut events = log
-        .replay(
-            &catalog.stream(creto_streams::METERING),
-            creto_streams::ReplayFrom::Start,
-            None,
-            None,
-        )
+    let (mut events, _) = range
+        .open(&*log, &catalog.stream(creto_streams::METERING))
         .await
         .map_err(fail)?;
     while let Some(e) = events.try_next().await.map_err(fail)? {
+        if range.past_end(&e) {
+            break;
+        }
         let key = match creto_projections::metering::decode(&e, &catalog, &settings.limits) {
             creto_projections::metering::Decoded::Usage(_) => "usage".to_string(),
+            creto_projections::metering::Decoded::Marker => "restore marker".to_string(),
             creto_projections::metering::Decoded::MeterDefined { .. } => {
                 "meter_defined".to_string()
             }

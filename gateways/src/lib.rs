@@ -1,12 +1,15 @@
 //! Gateways: the tonic services of each product, their HTTP metrics and health endpoints, and
 //! the `enablement` command line that runs and operates the platform.
 
+pub mod audit;
 pub mod auth;
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod grpc_metrics;
 pub mod metering;
 pub mod platform;
+pub mod replay;
 pub mod server;
 pub mod status;
 pub mod telemetry;

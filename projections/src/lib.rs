@@ -2,6 +2,7 @@
 //! checkpoint committed in the same transaction as the rows it covers.
 
 pub mod archive;
+pub mod audit;
 pub mod cache;
 pub mod metering;
 pub mod metrics;

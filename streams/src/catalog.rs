@@ -55,6 +55,14 @@ impl Catalog {
         }
     }
 
+    /// The catalog a stream name belongs to (`T42_METERING` → namespace `t42`).
+    pub fn of_stream(stream_name: &str) -> Self {
+        match stream_name.rsplit_once('_') {
+            Some((ns, _)) => Catalog::namespaced(ns),
+            None => Catalog::default(),
+        }
+    }
+
     pub fn with_replicas(mut self, replicas: usize) -> Self {
         self.replicas = replicas.max(1);
         self
@@ -109,6 +117,14 @@ impl Catalog {
             None => stream_name,
         };
         self.deadletter_subject(logical)
+    }
+
+    /// The subject `audit restore` writes its marker to in the stream named `stream_name`
+    /// (`<prefix>._restored`, payload: the last restored sequence). Producers' credentials only
+    /// allow their own event subjects, so the marker is trusted like meter definitions are.
+    pub fn restore_marker_subject(&self, stream_name: &str) -> Option<String> {
+        let spec = self.specs().into_iter().find(|s| s.name == stream_name)?;
+        restore_marker_of(&spec)
     }
 
     /// Every stream of the platform.
@@ -173,6 +189,14 @@ impl Catalog {
     }
 }
 
+/// The restore marker subject of a stream spec (its first subject with `>` → `_restored`).
+pub fn restore_marker_of(spec: &StreamSpec) -> Option<String> {
+    spec.subjects
+        .first()?
+        .strip_suffix('>')
+        .map(|prefix| format!("{prefix}_restored"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +214,14 @@ mod tests {
         let specs = c.specs();
         assert_eq!(specs.len(), 5);
         assert!(specs.iter().all(|s| s.name.starts_with("T42_")));
+        assert_eq!(
+            Catalog::of_stream("T42_METERING").restore_marker_subject("T42_METERING"),
+            Some("t42.metering._restored".to_string())
+        );
+        assert_eq!(
+            Catalog::of_stream("DEADLETTERS").restore_marker_subject("DEADLETTERS"),
+            Some("deadletter._restored".to_string())
+        );
     }
 
     #[test]

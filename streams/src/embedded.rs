@@ -117,9 +117,33 @@ struct Stream {
     counts: Mutex<Counts>,
     last: watch::Sender<u64>,
     maintained: Mutex<Instant>,
+    /// The sequence of the last restore marker's payload (see `Catalog::restore_marker_subject`),
+    /// read once and forgotten when a new marker is appended.
+    restored: Mutex<Option<u64>>,
 }
 
 impl Stream {
+    /// Events up to this sequence were restored from the archive: their original recorded time
+    /// (a header) is honoured.
+    fn restored_through(&self) -> u64 {
+        if let Some(n) = *self.restored.lock().unwrap() {
+            return n;
+        }
+        let n = crate::catalog::restore_marker_of(&self.spec.lock().unwrap())
+            .and_then(|marker| {
+                self.tree
+                    .get(key(SUBJECT, marker.as_bytes()))
+                    .ok()
+                    .flatten()
+            })
+            .and_then(|v| self.tree.get(msg_key(u64_at(&v, 0))).ok().flatten())
+            .and_then(|v| Record::decode(v.as_ref()).ok())
+            .and_then(|r| std::str::from_utf8(&r.payload).ok()?.trim().parse().ok())
+            .unwrap_or(0);
+        *self.restored.lock().unwrap() = Some(n);
+        n
+    }
+
     fn counts(&self) -> Counts {
         *self.counts.lock().unwrap()
     }
@@ -143,8 +167,9 @@ impl Stream {
             sequence: seq,
             subject: r.subject,
             payload: r.payload,
-            recorded_at: headers
-                .original_recorded_at()
+            recorded_at: (seq <= self.restored_through())
+                .then(|| headers.original_recorded_at())
+                .flatten()
                 .unwrap_or_else(|| micros_to_time(r.recorded_at_micros)),
             headers,
         })
@@ -207,6 +232,11 @@ impl Stream {
                 .collect();
         }
         self.last.send_replace(counts.last);
+        if let Some(marker) = crate::catalog::restore_marker_of(&spec) {
+            if events.iter().any(|e| e.subject == marker) {
+                *self.restored.lock().unwrap() = None;
+            }
+        }
         let mut maintained = self.maintained.lock().unwrap();
         if maintained.elapsed() >= MAINTENANCE_EVERY {
             *maintained = Instant::now();
@@ -571,6 +601,7 @@ impl SledLog {
             counts: Mutex::new(counts),
             last: watch::channel(counts.last).0,
             maintained: Mutex::new(Instant::now() - MAINTENANCE_EVERY),
+            restored: Mutex::new(None),
         });
         self.inner
             .streams

@@ -15,6 +15,11 @@ pub mod names {
     pub const DL_SUBJECT: &str = "Creto-DL-Subject";
     pub const DL_SEQUENCE: &str = "Creto-DL-Sequence";
     pub const DL_DELIVERIES: &str = "Creto-DL-Deliveries";
+    /// Set by `audit restore`: when the log first accepted the event (RFC 3339). The adapters
+    /// report it as `StoredEvent::recorded_at`, so a restored stream decides and projects
+    /// exactly as the original did, but only for sequences up to the stream's restore marker
+    /// (`Catalog::restore_marker_subject`): a producer setting it on a new event is ignored.
+    pub const ORIGINAL_RECORDED_AT: &str = "Creto-Original-Recorded-At";
 }
 
 /// Content types of payloads on the log.
@@ -51,6 +56,25 @@ impl Headers {
         } else {
             self.0.insert(name, value);
         }
+    }
+
+    /// Adds a value to a header, keeping those it already has (multi-valued headers).
+    pub fn append(&mut self, name: &str, value: impl AsRef<str>) {
+        let value = value.as_ref();
+        if value.contains(['\r', '\n']) {
+            self.0
+                .append(name, value.replace(['\r', '\n'], " ").as_str());
+        } else {
+            self.0.append(name, value);
+        }
+    }
+
+    /// The original recorded time of a restored event ([`names::ORIGINAL_RECORDED_AT`]).
+    pub fn original_recorded_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let value = self.get(names::ORIGINAL_RECORDED_AT)?;
+        chrono::DateTime::parse_from_rfc3339(value)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {

@@ -77,6 +77,24 @@ impl JetStreamLog {
         }
     }
 
+    /// The last sequence `audit restore` wrote into this stream (its marker), 0 if none.
+    async fn restored_through(&self, stream: &stream::Stream) -> Result<u64, LogError> {
+        let Some(marker) = crate::catalog::restore_marker_of(&StreamSpec {
+            subjects: stream.cached_info().config.subjects.clone(),
+            ..self.catalog.specs()[0].clone()
+        }) else {
+            return Ok(0);
+        };
+        match stream.get_last_raw_message_by_subject(&marker).await {
+            Ok(m) => Ok(std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     async fn stream(&self, name: &str) -> Result<stream::Stream, LogError> {
         self.context
             .get_stream(name)
@@ -181,20 +199,36 @@ fn stored(
     message: async_nats::Message,
     sequence: u64,
     recorded_at: chrono::DateTime<chrono::Utc>,
+    restored_through: u64,
 ) -> StoredEvent {
     let headers = Headers(message.headers.unwrap_or_default());
     StoredEvent {
         stream: stream.to_string(),
         sequence,
         subject: message.subject.to_string(),
-        recorded_at: headers.original_recorded_at().unwrap_or(recorded_at),
+        recorded_at: original_time(&headers, sequence, restored_through).unwrap_or(recorded_at),
         headers,
         payload: message.payload,
     }
 }
 
+/// The original recorded time of a restored event: honoured only up to the restore marker.
+fn original_time(
+    headers: &Headers,
+    sequence: u64,
+    restored_through: u64,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    (sequence <= restored_through)
+        .then(|| headers.original_recorded_at())
+        .flatten()
+}
+
 /// Splits a JetStream message into the stored event and its acker.
-fn split(stream: &str, message: jetstream::Message) -> Result<(StoredEvent, u32, Acker), LogError> {
+fn split(
+    stream: &str,
+    message: jetstream::Message,
+    restored_through: u64,
+) -> Result<(StoredEvent, u32, Acker), LogError> {
     let (sequence, delivered, published) = {
         let info = message
             .info()
@@ -207,7 +241,7 @@ fn split(stream: &str, message: jetstream::Message) -> Result<(StoredEvent, u32,
     };
     let (message, acker) = message.split();
     Ok((
-        stored(stream, message, sequence, published),
+        stored(stream, message, sequence, published, restored_through),
         delivered,
         acker,
     ))
@@ -374,6 +408,7 @@ impl EventLog for JetStreamLog {
         }
         let messages = consumer.messages().await.map_err(unavailable)?;
         let name = stream_name.to_string();
+        let restored = self.restored_through(&stream).await?;
         // Ends right after the last wanted event, without polling the consumer again (which
         // would wait for events that may never come).
         let events = futures::stream::unfold(
@@ -385,7 +420,7 @@ impl EventLog for JetStreamLog {
                         return None;
                     }
                     let item = match messages.next().await? {
-                        Ok(m) => split(&name, m).map(|(e, _, _)| e),
+                        Ok(m) => split(&name, m, restored).map(|(e, _, _)| e),
                         Err(e) => Err(unavailable(e)),
                     };
                     let seen = seen + 1;
@@ -403,6 +438,7 @@ impl EventLog for JetStreamLog {
 
     async fn get(&self, stream_name: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
         let stream = self.stream(stream_name).await?;
+        let restored = self.restored_through(&stream).await?;
         match stream.get_raw_message(sequence).await {
             Ok(m) => {
                 let headers = Headers(m.headers);
@@ -410,7 +446,7 @@ impl EventLog for JetStreamLog {
                     stream: stream_name.to_string(),
                     sequence: m.sequence,
                     subject: m.subject.to_string(),
-                    recorded_at: headers.original_recorded_at().unwrap_or(m.time),
+                    recorded_at: original_time(&headers, m.sequence, restored).unwrap_or(m.time),
                     headers,
                     payload: m.payload,
                 }))
@@ -493,6 +529,7 @@ impl EventLog for JetStreamLog {
             .await
             .map_err(unavailable)?;
         Ok(Box::new(JetStreamConsumer {
+            restored_through: self.restored_through(&stream).await?,
             stream: stream_name.to_string(),
             messages,
             max_deliver: spec.max_deliver.max(1),
@@ -521,6 +558,7 @@ impl EventLog for JetStreamLog {
 
 struct JetStreamConsumer {
     stream: String,
+    restored_through: u64,
     messages: pull::Stream,
     max_deliver: u32,
     log: Arc<JetStreamLog>,
@@ -547,7 +585,7 @@ impl AckHandle for JetStreamAck {
 
 impl JetStreamConsumer {
     fn delivery(&self, message: jetstream::Message) -> Result<Delivery, LogError> {
-        let (event, delivered, acker) = split(&self.stream, message)?;
+        let (event, delivered, acker) = split(&self.stream, message, self.restored_through)?;
         Ok(Delivery {
             event,
             delivered,

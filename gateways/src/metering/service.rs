@@ -1,6 +1,5 @@
 //! Commands are validated by `domain`, appended to the log and answered with their stream
 //! sequence; queries read the Postgres read model, optionally after waiting for a sequence.
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use futures::TryStreamExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::metering::ingest;
 use crate::telemetry;
 
 pub const MAX_BATCH: usize = 1_000;
@@ -119,22 +119,64 @@ impl MeteringService for MeteringGateway {
             )));
         }
         let now = Utc::now();
-        let mut results: Vec<pb::IngestResult> = Vec::with_capacity(events.len());
-        let mut appends = Vec::new();
-        let mut append_index = Vec::new();
         let mut rejections = Vec::new();
-        // (subscription, id) → index of its first occurrence in this batch
-        let mut first_seen: HashMap<(String, String), usize> = HashMap::new();
-        for (i, e) in events.iter().enumerate() {
-            let checked = raw_from_proto(e, Some(&tenant)).and_then(|raw| {
-                metering::event::validate(raw, None, now, e.encoded_len(), &self.limits)
-            });
+        let mut items = Vec::with_capacity(events.len());
+        for e in &events {
+            let checked = ingest::validate(
+                raw_from_proto(e, Some(&tenant)),
+                now,
+                e.encoded_len(),
+                &self.limits,
+            );
+            items.push(checked.map(|record| {
+                ingest::Candidate {
+                    append: AppendEvent {
+                        subject: self
+                            .catalog
+                            .subject(&format!("metering.events.{}", record.subscription_id)),
+                        id: format!("{tenant}:{}:{}", record.subscription_id, record.id),
+                        expected_subject_sequence: None,
+                        headers: Headers::new()
+                            .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                            .with(names::TENANT, &tenant)
+                            .with(names::EVENT_TYPE, &record.event_type),
+                        payload: e.encode_to_vec().into(),
+                    },
+                    record,
+                }
+            }));
+        }
+        let outcomes = ingest::submit(
+            &*self.log,
+            &*self.read_model,
+            items,
+            &mut ingest::Seen::new(),
+            false,
+        )
+        .await
+        .map_err(|e| match e {
+            ingest::SubmitError::ReadModel(e) => db_status(e),
+            e @ ingest::SubmitError::Log(_) => Status::unavailable(e.to_string()),
+        })?;
+        let mut results: Vec<pb::IngestResult> = Vec::with_capacity(events.len());
+        for (e, outcome) in events.iter().zip(outcomes) {
             let mut result = pb::IngestResult {
                 id: e.id.clone(),
                 ..Default::default()
             };
-            match checked {
-                Err(invalid) => {
+            match outcome {
+                ingest::Outcome::Accepted { sequence } => {
+                    result.status = pb::IngestStatus::Accepted as i32;
+                    result.sequence = sequence;
+                }
+                ingest::Outcome::Duplicate { sequence, of } => {
+                    result.status = pb::IngestStatus::Duplicate as i32;
+                    result.sequence = sequence;
+                    if of != ingest::DuplicateOf::Log {
+                        result.reason = of.sentence().into();
+                    }
+                }
+                ingest::Outcome::Rejected(invalid) => {
                     result.status = pb::IngestStatus::Rejected as i32;
                     result.reason = invalid.to_string();
                     metrics::METERING_INVALID
@@ -142,85 +184,8 @@ impl MeteringService for MeteringGateway {
                         .inc();
                     rejections.push(self.deadletter_rejected(&tenant, e, &invalid));
                 }
-                Ok(record) => {
-                    let key = (record.subscription_id.clone(), record.id.clone());
-                    if let Some(&first) = first_seen.get(&key) {
-                        result.status = pb::IngestStatus::Duplicate as i32;
-                        result.sequence = first as u64; // resolved below
-                        result.reason = "same id as an earlier event of this batch".into();
-                    } else {
-                        first_seen.insert(key, i);
-                        append_index.push(i);
-                        appends.push(AppendEvent {
-                            subject: self
-                                .catalog
-                                .subject(&format!("metering.events.{}", record.subscription_id)),
-                            id: format!("{tenant}:{}:{}", record.subscription_id, record.id),
-                            expected_subject_sequence: None,
-                            headers: Headers::new()
-                                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
-                                .with(names::TENANT, &tenant)
-                                .with(names::EVENT_TYPE, &record.event_type),
-                            payload: e.encode_to_vec().into(),
-                        });
-                    }
-                }
             }
             results.push(result);
-        }
-
-        // Ids applied long ago (past JetStream's duplicate window) are still duplicates.
-        let keys: Vec<(String, String)> = append_index
-            .iter()
-            .map(|&i| (events[i].subject.clone(), events[i].id.clone()))
-            .collect();
-        let known: std::collections::HashSet<(String, String)> = self
-            .read_model
-            .existing_ids(&tenant, &keys)
-            .await
-            .map_err(db_status)?
-            .into_iter()
-            .collect();
-        let mut to_append = Vec::new();
-        let mut to_append_index = Vec::new();
-        for (append, i) in appends.into_iter().zip(append_index) {
-            if known.contains(&(events[i].subject.clone(), events[i].id.clone())) {
-                results[i].status = pb::IngestStatus::Duplicate as i32;
-                results[i].reason = "this id was already accepted for this subscription".into();
-            } else {
-                to_append.push(append);
-                to_append_index.push(i);
-            }
-        }
-
-        let outcomes = telemetry::append_batch(&*self.log, "metering.events", to_append).await;
-        let mut failed = None;
-        for (outcome, i) in outcomes.into_iter().zip(&to_append_index) {
-            match outcome {
-                Ok(a) => {
-                    results[*i].sequence = a.sequence();
-                    results[*i].status = if a.is_duplicate() {
-                        pb::IngestStatus::Duplicate
-                    } else {
-                        pb::IngestStatus::Accepted
-                    } as i32;
-                }
-                Err(e) => failed = Some(e),
-            }
-        }
-        if let Some(e) = failed {
-            return Err(Status::unavailable(format!(
-                "{e}; retry the whole batch: events already appended will come back as duplicates"
-            )));
-        }
-        // In-batch duplicates point at their first occurrence's sequence.
-        for i in 0..results.len() {
-            if results[i].status == pb::IngestStatus::Duplicate as i32
-                && results[i].reason.starts_with("same id")
-            {
-                let first = results[i].sequence as usize;
-                results[i].sequence = results[first].sequence;
-            }
         }
         // Counted like the projector's dead letters, so DeadLettersGrowing sees these too.
         let reasons: Vec<String> = rejections

@@ -36,6 +36,7 @@ pub async fn sort<'a>(
     let mut sorted = Sorted::default();
     for e in events.iter().filter(|e| e.sequence > checkpoint) {
         match decode(e, catalog, limits) {
+            Decoded::Marker => {}
             Decoded::Usage(r) => sorted.usage.push((r, e)),
             Decoded::MeterDefined { meter, tenant } => {
                 sorted.meters.push((meter, tenant, e.sequence))

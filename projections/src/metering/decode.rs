@@ -13,10 +13,23 @@ use serde_json::{Map, Number, Value};
 
 pub const METER_DEFINED: &str = "creto.metering.v1.MeterDefined";
 
+/// Historical events imported by `enablement backfill metering` are appended to
+/// `metering.backfill.<subscription_id>`: producers' NATS credentials only allow
+/// `metering.events.*`, so only the platform writes here.
+pub const BACKFILL_SUBJECT_PREFIX: &str = "metering.backfill.";
+/// On a backfilled event only: the late-event window (hours) the backfill validated it with
+/// (`--accept-late`), so the projection and every replay decide as the backfill did.
+pub const LATE_WINDOW_HOURS: &str = "Creto-Late-Window-Hours";
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
+    /// Nothing to project: the log's own bookkeeping (the restore marker).
+    Marker,
     Usage(UsageRecord),
-    MeterDefined { meter: Meter, tenant: String },
+    MeterDefined {
+        meter: Meter,
+        tenant: String,
+    },
     Invalid(Invalid),
 }
 
@@ -94,9 +107,29 @@ pub fn raw_from_proto(e: &pb::UsageEvent, tenant: Option<&str>) -> Result<RawUsa
 /// Decodes and validates one message of the metering stream. Validation uses the time the log
 /// recorded the message, so a replay decides exactly as the live projection did.
 pub fn decode(event: &StoredEvent, catalog: &Catalog, limits: &IngestLimits) -> Decoded {
+    if event.subject.ends_with("._restored")
+        && catalog.restore_marker_subject(&event.stream).as_deref() == Some(event.subject.as_str())
+    {
+        return Decoded::Marker;
+    }
     let subject = catalog.strip(&event.subject);
     let invalid = |reason, detail: String| Decoded::Invalid(Invalid { reason, detail });
-    if let Some(token) = subject.strip_prefix("metering.events.") {
+    let live = subject.strip_prefix("metering.events.");
+    let backfill = subject.strip_prefix(BACKFILL_SUBJECT_PREFIX);
+    if let Some(token) = live.or(backfill) {
+        let mut limits = *limits;
+        if backfill.is_some() {
+            if let Some(h) = event
+                .headers
+                .get(LATE_WINDOW_HOURS)
+                .and_then(|h| h.parse::<i64>().ok())
+            {
+                // Clamped: a malformed header must not panic the projector (≈ 114 years).
+                let h = h.clamp(0, 1_000_000);
+                limits.late_window = limits.late_window.max(chrono::Duration::hours(h));
+            }
+        }
+        let limits = &limits;
         let content_type = event
             .headers
             .get(names::CONTENT_TYPE)

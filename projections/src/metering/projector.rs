@@ -214,22 +214,7 @@ impl MeteringProjector {
         }
 
         let submitted = columns.id.len() as u64;
-        let mut inserted_by_key: Vec<(String, String, String, i64)> = Vec::new();
-        if submitted > 0 {
-            inserted_by_key = sqlx::query_as(&self.sql.insert_usage)
-                .bind(&columns.tenant)
-                .bind(&columns.subscription)
-                .bind(&columns.id)
-                .bind(&columns.event_type)
-                .bind(&columns.source)
-                .bind(&columns.occurred)
-                .bind(&columns.recorded)
-                .bind(&columns.quantity)
-                .bind(&columns.data)
-                .bind(&columns.seq)
-                .fetch_all(&mut **tx)
-                .await?;
-        }
+        let inserted_by_key = self.insert_usage(tx, &columns).await?;
         let inserted: u64 = inserted_by_key.iter().map(|k| k.3 as u64).sum();
         report.applied += inserted;
         report.duplicates = submitted - inserted;
@@ -248,6 +233,86 @@ impl MeteringProjector {
             })
             .collect();
         Ok((report, added, sorted.invalid))
+    }
+
+    /// Inserts usage rows (duplicates skipped by their key) and adds to `usage_hourly` only
+    /// the rows really inserted; returns the events inserted per key.
+    async fn insert_usage(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        columns: &Columns,
+    ) -> Result<Vec<(String, String, String, i64)>, sqlx::Error> {
+        if columns.id.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_as(&self.sql.insert_usage)
+            .bind(&columns.tenant)
+            .bind(&columns.subscription)
+            .bind(&columns.id)
+            .bind(&columns.event_type)
+            .bind(&columns.source)
+            .bind(&columns.occurred)
+            .bind(&columns.recorded)
+            .bind(&columns.quantity)
+            .bind(&columns.data)
+            .bind(&columns.seq)
+            .fetch_all(&mut **tx)
+            .await
+    }
+
+    /// Re-applies a range of the stream, applied before or not, idempotently
+    /// (`enablement replay metering --from-seq … --to-seq …`): rows already present are
+    /// skipped by their key, `usage_hourly` grows only by the rows really inserted, meters keep
+    /// their first definition. Unlike [`Self::apply_in`] it ignores the checkpoint and never
+    /// moves it, and parks nothing (invalid events were parked when first applied; they are
+    /// counted in `dead_lettered`). `checkpoint` in the report is the last sequence of `events`.
+    pub async fn reapply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
+        let Some(last) = events.last() else {
+            return Ok(ApplyReport::default());
+        };
+        let mut report = ApplyReport {
+            checkpoint: last.sequence,
+            ..Default::default()
+        };
+        let mut tx = self.pool.begin().await?;
+        Self::lock(&mut tx).await?;
+        let mut columns = Columns::default();
+        for e in events {
+            match decode(e, &self.catalog, &self.limits) {
+                Decoded::Usage(r) => columns.push(r, e),
+                Decoded::MeterDefined { meter, tenant } => {
+                    let done = sqlx::query(&self.sql.insert_meter)
+                        .bind(&meter.slug)
+                        .bind(&tenant)
+                        .bind(&meter.event_type)
+                        .bind(meter.aggregation.as_str())
+                        .bind(meter.value_property())
+                        .bind(&meter.group_by)
+                        .bind(&meter.description)
+                        .bind(e.sequence as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                    if done.rows_affected() > 0 {
+                        report.applied += 1;
+                    } else {
+                        report.duplicates += 1;
+                    }
+                }
+                Decoded::Invalid(_) => report.dead_lettered += 1,
+                Decoded::Marker => {}
+            }
+        }
+        let submitted = columns.id.len() as u64;
+        let inserted: u64 = self
+            .insert_usage(&mut tx, &columns)
+            .await?
+            .iter()
+            .map(|k| k.3 as u64)
+            .sum();
+        report.applied += inserted;
+        report.duplicates += submitted - inserted;
+        tx.commit().await?;
+        Ok(report)
     }
 
     /// Records a meter definition; the first definition of a slug wins, as in the log.
@@ -302,6 +367,7 @@ impl MeteringProjector {
                 }
                 Decoded::MeterDefined { meter, tenant } => meters.push((meter, tenant, e.sequence)),
                 Decoded::Invalid(_) => report.dead_lettered += 1,
+                Decoded::Marker => {}
             }
         }
         let mut tx = self.pool.begin().await?;
