@@ -95,6 +95,51 @@ pub enum BackfillError {
     Submit(ingest::SubmitError, u64),
 }
 
+/// Writes every `*.ndjson` / `*.ndjson.gz` object under `prefix` (in key order) into one NDJSON
+/// file at `into`; returns how many objects it read.
+pub async fn fetch_prefix(
+    archive: &dyn creto_projections::archive::Archive,
+    prefix: &str,
+    into: &Path,
+) -> Result<usize, String> {
+    use std::io::{Read, Write};
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(into).map_err(|e| format!("cannot write {}: {e}", into.display()))?,
+    );
+    let mut objects = 0;
+    for o in archive.list(prefix).await.map_err(|e| e.to_string())? {
+        let gz = o.key.ends_with(".ndjson.gz");
+        if !gz && !o.key.ends_with(".ndjson") {
+            continue;
+        }
+        let body = archive
+            .get(&o.key)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} disappeared while reading", o.key))?;
+        let mut text = Vec::with_capacity(body.len());
+        if gz {
+            flate2::read::GzDecoder::new(body.as_ref())
+                .read_to_end(&mut text)
+                .map_err(|e| format!("{} is not valid gzip: {e}", o.key))?;
+        } else {
+            text.extend_from_slice(&body);
+        }
+        out.write_all(&text).map_err(|e| e.to_string())?;
+        if !text.ends_with(b"\n") {
+            out.write_all(b"\n").map_err(|e| e.to_string())?;
+        }
+        objects += 1;
+    }
+    out.flush().map_err(|e| e.to_string())?;
+    if objects == 0 {
+        return Err(format!(
+            "no *.ndjson or *.ndjson.gz object under {prefix}: check the prefix and S3_BUCKET"
+        ));
+    }
+    Ok(objects)
+}
+
 /// The event id of a raw event, when it is a string.
 fn raw_id(raw: &Result<RawUsageEvent, Invalid>) -> Option<String> {
     raw.as_ref().ok()?.id.as_ref()?.as_str().map(str::to_string)

@@ -94,8 +94,16 @@ pub enum Command {
         #[arg(value_enum)]
         product: Product,
         /// NDJSON file of CloudEvents (the producers' contract).
+        #[arg(
+            long,
+            required_unless_present = "s3_prefix",
+            conflicts_with = "s3_prefix"
+        )]
+        file: Option<PathBuf>,
+        /// Or every `*.ndjson` / `*.ndjson.gz` object under this prefix of the archive bucket
+        /// (S3_BUCKET ...), in key order; line numbers in the report count across them.
         #[arg(long)]
-        file: PathBuf,
+        s3_prefix: Option<String>,
         /// Events per second (0: unlimited).
         #[arg(long, default_value_t = 5_000)]
         rate: u32,
@@ -386,6 +394,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Backfill {
             product: _,
             file,
+            s3_prefix,
             rate,
             batch,
             accept_late,
@@ -398,7 +407,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 accept_late,
                 batch: batch.clamp(1, crate::metering::service::MAX_BATCH),
             };
-            backfill(&settings, &file, &options, json).await
+            // Objects are fetched into one local NDJSON file first: the backfill reads its
+            // input twice (count and oldest time, then the events).
+            let staged = tempfile::NamedTempFile::new().map_err(fail)?;
+            let input = match (&file, &s3_prefix) {
+                (Some(f), _) => f.clone(),
+                (None, Some(prefix)) => {
+                    let archive = crate::audit::archive_from_env()?;
+                    let objects = crate::backfill::fetch_prefix(&*archive, prefix, staged.path())
+                        .await
+                        .map_err(fail)?;
+                    if !json {
+                        eprintln!(
+                            "fetched {objects} objects under {prefix} from {}",
+                            archive.describe()
+                        );
+                    }
+                    staged.path().to_path_buf()
+                }
+                (None, None) => return Err(fail("say --file or --s3-prefix")),
+            };
+            backfill(&settings, &input, &options, json).await
         }
         Command::Replay {
             product: _,

@@ -231,3 +231,73 @@ async fn backfill_reports_and_imports_each_valid_event_once() {
         .ok();
     env.drop().await;
 }
+
+/// From an archive prefix: `.ndjson.gz` and `.ndjson` objects in key order, other keys ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_an_archive_prefix() {
+    use creto_projections::archive::{Archive, S3Archive, S3Settings};
+    use std::io::Write;
+    let archive = S3Archive::new(S3Settings {
+        endpoint: Some(
+            std::env::var("S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into()),
+        ),
+        region: "us-east-1".into(),
+        bucket: "enablement-test".into(),
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        force_path_style: true,
+    });
+    archive.ensure_bucket().await.expect("S3 reachable");
+    let env = Env::embedded().await;
+    let prefix = format!("backfill-{}/", uuid::Uuid::new_v4().simple());
+    let now = chrono::Utc::now();
+    let line = |id: &str, q: f64| {
+        creto_replay_tests::cloud_event(
+            id,
+            "sub_s3",
+            "agent.execution",
+            now,
+            json!({ "quantity": q }),
+        )
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    writeln!(gz, "{}\n{}", line("a", 1.0), line("b", 2.0)).unwrap();
+    let objects = [
+        (format!("{prefix}1.ndjson.gz"), gz.finish().unwrap()),
+        // No trailing newline: the next object must still start on its own line.
+        (
+            format!("{prefix}2.ndjson"),
+            format!("{}\n{}", line("c", 4.0), line("a", 9.0)).into_bytes(),
+        ),
+        (format!("{prefix}3.txt"), b"not events".to_vec()),
+    ];
+    for (key, body) in &objects {
+        archive
+            .put(key, body.clone().into(), "application/octet-stream")
+            .await
+            .unwrap();
+    }
+    let staged = tempfile::NamedTempFile::new().unwrap();
+    let n = creto_gateways::backfill::fetch_prefix(&archive, &prefix, staged.path())
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "the .txt object is not read");
+    let report = run(&env, staged.path(), &BackfillOptions::default()).await;
+    assert_eq!(
+        (
+            report.events,
+            report.accepted,
+            report.duplicates,
+            report.rejected
+        ),
+        (4, 3, 1, 0)
+    );
+    let e = creto_gateways::backfill::fetch_prefix(&archive, "nothing-here/", staged.path())
+        .await
+        .unwrap_err();
+    assert!(e.contains("no *.ndjson"), "{e}");
+    for (key, _) in &objects {
+        archive.delete(key).await.unwrap();
+    }
+    env.drop().await;
+}
