@@ -176,15 +176,11 @@ pub async fn run(
         AuditCommand::Restore { stream, force } => {
             let [stream] = <[String; 1]>::try_from(streams(catalog, &stream)?)
                 .map_err(|_| fail("restore one stream at a time: --stream METERING"))?;
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} restore {msg} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            let bar = crate::cli::progress_bar(
+                false,
+                "{spinner} restore {msg} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
             );
             bar.set_message(stream.clone());
-            bar.enable_steady_tick(Duration::from_millis(200));
             let started = std::time::Instant::now();
             let report = audit::restore(&*archive, &stream, &*log, RestoreOptions { force }, |p| {
                 bar.set_length(p.total);

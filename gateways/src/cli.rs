@@ -237,6 +237,20 @@ impl CliError {
     }
 }
 
+/// A progress bar for long CLI work (`template` in indicatif's syntax), hidden with `--json`.
+pub fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
+    if json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 fn fail(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
@@ -776,19 +790,10 @@ async fn backfill(
     let pool = platform::connect_postgres(settings).await?;
     let read_model = creto_projections::metering::PgReadModel::new(pool);
     let catalog = settings.catalog();
-    let bar = if json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} metering backfill [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    };
+    let bar = crate::cli::progress_bar(
+        json,
+        "{spinner} metering backfill [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
+    );
     let report = crate::backfill::Backfill {
         log: &*log,
         read_model: &read_model,
@@ -870,19 +875,10 @@ async fn replay_rebuild(
     let resumed_from = creto_projections::Projector::checkpoint(&projector)
         .await
         .map_err(fail)?;
-    let bar = if json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} metering rebuild [{bar:40}] {pos}/{len} seq  {msg}  ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    };
+    let bar = crate::cli::progress_bar(
+        json,
+        "{spinner} metering rebuild [{bar:40}] {pos}/{len} seq  {msg}  ETA {eta}",
+    );
     if resumed_from > 0 && !json {
         bar.println(format!(
             "resuming an interrupted rebuild from sequence {resumed_from}"

@@ -3,7 +3,7 @@
 //! ([`MeteringProjector::reapply`]): rows already there are skipped by their key, only rows
 //! really inserted feed `usage_hourly`, and the checkpoint never moves.
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use creto_projections::metering::MeteringProjector;
@@ -167,19 +167,10 @@ pub async fn run_metering(
         settings.catalog(),
         settings.limits,
     );
-    let bar = if json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} metering re-apply [{bar:40}] {pos}/{len} seq  {msg}  ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    };
+    let bar = crate::cli::progress_bar(
+        json,
+        "{spinner} metering re-apply [{bar:40}] {pos}/{len} seq  {msg}  ETA {eta}",
+    );
     let started = Instant::now();
     let mut base: Option<u64> = None;
     let report = reapply_metering(&log, &projector, range, batch, |p| {

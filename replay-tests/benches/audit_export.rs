@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use creto_projections::archive::{Archive, S3Archive, S3Settings};
+use creto_projections::archive::Archive;
 use creto_projections::audit::{self, AuditExporter, ExportConfig, RestoreOptions};
 use creto_replay_tests::{cloud_event, Env};
 use creto_streams::{AppendEvent, Headers, ReplayFrom, METERING};
@@ -50,20 +50,8 @@ async fn main() {
             r.unwrap();
         }
     }
-    let archive: Arc<dyn Archive> = {
-        let a = S3Archive::new(S3Settings {
-            endpoint: Some(
-                std::env::var("S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into()),
-            ),
-            region: "us-east-1".into(),
-            bucket: "enablement-bench".into(),
-            access_key_id: "test".into(),
-            secret_access_key: "test".into(),
-            force_path_style: true,
-        });
-        a.ensure_bucket().await.expect("S3 reachable");
-        Arc::new(a)
-    };
+    let archive: Arc<dyn Archive> =
+        Arc::new(creto_replay_tests::test_archive("enablement-bench").await);
 
     // Raw read of the stream (the exporter's input).
     let started = Instant::now();

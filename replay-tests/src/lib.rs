@@ -184,6 +184,27 @@ impl Env {
     }
 }
 
+/// An S3 archive on the local S3 server the test command starts (moto, S3_ENDPOINT or
+/// 127.0.0.1:5000, any credentials), with `bucket` created.
+pub async fn test_archive(bucket: &str) -> creto_projections::archive::S3Archive {
+    use creto_projections::archive::{S3Archive, S3Settings};
+    let archive = S3Archive::new(S3Settings {
+        endpoint: Some(
+            std::env::var("S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into()),
+        ),
+        region: "us-east-1".into(),
+        bucket: bucket.into(),
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        force_path_style: true,
+    });
+    archive
+        .ensure_bucket()
+        .await
+        .expect("S3 reachable (bash .ci/services.sh starts one)");
+    archive
+}
+
 /// Checksum of every row of a table, in primary-key order.
 pub async fn checksum(pool: &sqlx::PgPool, table: &str, order_by: &str) -> String {
     sqlx::query_scalar(&format!("SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY {order_by})), 'empty') FROM {table} t"))

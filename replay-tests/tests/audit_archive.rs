@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use creto_projections::archive::{Archive, LocalDirArchive, S3Archive, S3Settings};
+use creto_projections::archive::{Archive, LocalDirArchive};
 use creto_projections::audit::{
     self, manifest_key, object_key, AuditExporter, ExportConfig, Manifest, RestoreOptions,
 };
@@ -18,21 +18,7 @@ use creto_replay_tests::{cloud_event, metering_checksums, Env};
 use creto_streams::{AppendEvent, Headers, DEADLETTERS, METERING};
 
 async fn s3() -> Arc<dyn Archive> {
-    let archive = S3Archive::new(S3Settings {
-        endpoint: Some(
-            std::env::var("S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into()),
-        ),
-        region: "us-east-1".into(),
-        bucket: "enablement-test".into(),
-        access_key_id: "test".into(),
-        secret_access_key: "test".into(),
-        force_path_style: true,
-    });
-    archive
-        .ensure_bucket()
-        .await
-        .expect("S3 reachable (bash .ci/services.sh starts one)");
-    Arc::new(archive)
+    Arc::new(creto_replay_tests::test_archive("enablement-test").await)
 }
 
 async fn clean(archive: &dyn Archive, stream: &str) {

@@ -235,19 +235,9 @@ async fn backfill_reports_and_imports_each_valid_event_once() {
 /// From an archive prefix: `.ndjson.gz` and `.ndjson` objects in key order, other keys ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_reads_an_archive_prefix() {
-    use creto_projections::archive::{Archive, S3Archive, S3Settings};
+    use creto_projections::archive::Archive;
     use std::io::Write;
-    let archive = S3Archive::new(S3Settings {
-        endpoint: Some(
-            std::env::var("S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into()),
-        ),
-        region: "us-east-1".into(),
-        bucket: "enablement-test".into(),
-        access_key_id: "test".into(),
-        secret_access_key: "test".into(),
-        force_path_style: true,
-    });
-    archive.ensure_bucket().await.expect("S3 reachable");
+    let archive = creto_replay_tests::test_archive("enablement-test").await;
     let env = Env::embedded().await;
     let prefix = format!("backfill-{}/", uuid::Uuid::new_v4().simple());
     let now = chrono::Utc::now();
