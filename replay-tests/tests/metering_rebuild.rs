@@ -66,9 +66,9 @@ async fn publish_all(env: &Env, n: usize, seed: u64) -> u64 {
     last
 }
 
-fn projector(env: &Env) -> Arc<MeteringProjector> {
+fn projector(env: &Env, pool: &sqlx::PgPool) -> Arc<MeteringProjector> {
     Arc::new(MeteringProjector::new(
-        env.pool().clone(),
+        pool.clone(),
         env.platform.log.clone(),
         env.platform.catalog.clone(),
         env.settings.limits,
@@ -88,22 +88,30 @@ async fn rebuilt_tables_equal_live_built_ones() {
     let last = publish_all(&env, 6_000, 1).await;
     let mut rng = rand::rng();
     for _ in 0..6 {
+        // Its own connections, as a projector process has: killing it mid-query must not
+        // leave a half-spoken connection in the pool the test reads with.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&env.settings.database_url)
+            .await
+            .unwrap();
         let task = tokio::spawn(runner::run(
             env.platform.log.clone(),
-            runner::Leadership::Postgres(env.pool().clone()),
-            projector(&env),
+            runner::Leadership::Postgres(pool.clone()),
+            projector(&env, &pool),
             config,
             stop_rx.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(rng.random_range(30..250))).await;
         task.abort(); // dropped wherever it is: mid-transaction included
         let _ = task.await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
     }
     let last = last.max(publish_all(&env, 2_000, 2).await);
     let task = tokio::spawn(runner::run(
         env.platform.log.clone(),
         runner::Leadership::Postgres(env.pool().clone()),
-        projector(&env),
+        projector(&env, env.pool()),
         config,
         stop_rx.clone(),
     ));
