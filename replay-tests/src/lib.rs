@@ -226,6 +226,35 @@ pub async fn metering_checksums(pool: &sqlx::PgPool) -> Vec<(String, String)> {
     out
 }
 
+/// Publishes `(subscription, CloudEvent JSON)` pairs over NATS as producers do, to
+/// `metering.events.<subscription>` in the env's namespace, awaiting acks in chunks (async-nats
+/// bounds the acks in flight); returns the last stream sequence.
+pub async fn publish_events(env: &Env, events: impl IntoIterator<Item = (String, String)>) -> u64 {
+    let nats = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let mut acks = Vec::with_capacity(500);
+    let mut last = 0;
+    for (subscription, payload) in events {
+        acks.push(
+            js.publish(
+                env.subject(&format!("metering.events.{subscription}")),
+                payload.into(),
+            )
+            .await
+            .unwrap(),
+        );
+        if acks.len() == 500 {
+            for a in acks.drain(..) {
+                last = last.max(a.await.unwrap().sequence);
+            }
+        }
+    }
+    for a in acks {
+        last = last.max(a.await.unwrap().sequence);
+    }
+    last
+}
+
 /// A CloudEvent as JSON text.
 pub fn cloud_event(
     id: &str,

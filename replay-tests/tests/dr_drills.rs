@@ -16,14 +16,8 @@ use sqlx::Executor;
 /// Publishes `n` usage events over NATS (the producers' path): every 10th repeats an earlier
 /// id, every 50th has a negative quantity. Returns the last sequence.
 async fn publish(env: &Env, n: usize, seed: u64) -> u64 {
-    let nats = async_nats::connect(creto_replay_tests::nats_url())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(nats);
     let now = Utc::now();
-    let mut acks = Vec::new();
-    let mut last = 0;
-    for i in 0..n {
+    let events = (0..n).map(|i| {
         // The subscription follows the id, so a repeated id is a true duplicate.
         let id_index = if i % 10 == 9 { i - 5 } else { i };
         let k = (id_index as u64)
@@ -43,21 +37,9 @@ async fn publish(env: &Env, n: usize, seed: u64) -> u64 {
             now - Ch::minutes((k % 600) as i64),
             serde_json::json!({"quantity": quantity, "model": format!("m{}", k % 3)}),
         );
-        acks.push(
-            js.publish(
-                env.subject(&format!("metering.events.{sub}")),
-                payload.into(),
-            )
-            .await
-            .unwrap(),
-        );
-        if acks.len() == 500 || i + 1 == n {
-            for a in acks.drain(..) {
-                last = last.max(a.await.unwrap().sequence);
-            }
-        }
-    }
-    last
+        (sub, payload)
+    });
+    creto_replay_tests::publish_events(env, events).await
 }
 
 /// Every counter hash under the environment's prefix.

@@ -12,14 +12,8 @@ use creto_replay_tests::{cloud_event, metering_checksums, Env};
 use rand::Rng;
 
 async fn publish_all(env: &Env, n: usize, seed: u64) -> u64 {
-    let nats = async_nats::connect(creto_replay_tests::nats_url())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(nats);
-    let mut acks = Vec::new();
-    let mut last = 0;
     let now = Utc::now();
-    for i in 0..n {
+    let events = (0..n).map(|i| {
         let k = (i as u64).wrapping_mul(2654435761).wrapping_add(seed);
         let sub = format!("sub_{}", k % 37);
         // Every 10th event repeats an earlier id (a duplicate); every 50th is invalid.
@@ -48,22 +42,9 @@ async fn publish_all(env: &Env, n: usize, seed: u64) -> u64 {
             now - Ch::minutes((k % 3000) as i64),
             serde_json::json!({"quantity": quantity, "model": format!("m{}", k % 3)}),
         );
-        acks.push(
-            js.publish(
-                env.subject(&format!("metering.events.{dup_sub}")),
-                payload.into(),
-            )
-            .await
-            .unwrap(),
-        );
-        // async-nats bounds acks in flight: await them in chunks.
-        if acks.len() == 500 || i + 1 == n {
-            for a in acks.drain(..) {
-                last = last.max(a.await.unwrap().sequence);
-            }
-        }
-    }
-    last
+        (dup_sub, payload)
+    });
+    creto_replay_tests::publish_events(env, events).await
 }
 
 fn projector(env: &Env, pool: &sqlx::PgPool) -> Arc<MeteringProjector> {

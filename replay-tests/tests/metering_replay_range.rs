@@ -9,14 +9,8 @@ use creto_replay_tests::{cloud_event, metering_checksums, Env};
 use sqlx::Executor;
 
 async fn publish(env: &Env, n: usize) -> u64 {
-    let nats = async_nats::connect(creto_replay_tests::nats_url())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(nats);
     let now = Utc::now();
-    let mut acks = Vec::new();
-    let mut last = 0;
-    for i in 0..n {
+    let events = (0..n).map(|i| {
         // every 7th repeats the previous id; every 40th is invalid
         let id = if i % 7 == 6 { i - 1 } else { i };
         let sub = format!("sub_{}", id % 13);
@@ -32,21 +26,9 @@ async fn publish(env: &Env, n: usize) -> u64 {
             now - Ch::minutes((id % 500) as i64),
             serde_json::json!({ "quantity": q }),
         );
-        acks.push(
-            js.publish(
-                env.subject(&format!("metering.events.{sub}")),
-                payload.into(),
-            )
-            .await
-            .unwrap(),
-        );
-        if acks.len() == 500 || i + 1 == n {
-            for a in acks.drain(..) {
-                last = last.max(a.await.unwrap().sequence);
-            }
-        }
-    }
-    last
+        (sub, payload)
+    });
+    creto_replay_tests::publish_events(env, events).await
 }
 
 async fn reapply(env: &Env, range: RangeArgs) -> replay::RangeReport {
