@@ -43,6 +43,13 @@ pub fn register() {
     LazyLock::force(&HANDLING);
 }
 
+/// `/pkg.Service/Method` → (`pkg.Service`, `Method`); empty parts when the path has none.
+pub fn service_and_method(path: &str) -> (&str, &str) {
+    path.trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path.trim_start_matches('/'), ""))
+}
+
 #[derive(Clone, Default)]
 pub struct GrpcMetricsLayer;
 
@@ -81,9 +88,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let mut parts = request.uri().path().trim_start_matches('/').splitn(2, '/');
-        let service = parts.next().unwrap_or_default().to_string();
-        let method = parts.next().unwrap_or_default().to_string();
+        let (service, method) = service_and_method(request.uri().path());
+        let (service, method) = (service.to_string(), method.to_string());
         STARTED.with_label_values(&[&service, &method]).inc();
         let started = Instant::now();
         let future = self.inner.call(request);

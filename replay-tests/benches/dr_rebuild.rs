@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, context::PublishAckFuture};
 use chrono::{Duration as Ch, Utc};
-use creto_projections::rebuild;
 use creto_replay_tests::{cloud_event, metering_checksums, Env};
 use creto_streams::METERING;
 use futures::StreamExt;
@@ -73,21 +72,8 @@ async fn main() {
     let raw = started.elapsed();
 
     // The project: the blue/green rebuild from nothing (the read models lost).
-    let log = env.platform.log.clone();
     let started = Instant::now();
-    let p = rebuild::prepare_metering(
-        env.pool(),
-        log.clone(),
-        env.platform.catalog.clone(),
-        env.settings.limits,
-        true,
-    )
-    .await
-    .unwrap();
-    rebuild::catch_up(&log, &p, None, 5_000, |_| {})
-        .await
-        .unwrap();
-    rebuild::switch_over(env.pool(), &log, &p).await.unwrap();
+    env.rebuild_metering(5_000).await;
     let rebuilt = started.elapsed();
     let stored: i64 = sqlx::query_scalar("SELECT sum(event_count)::int8 FROM usage_hourly")
         .fetch_one(env.pool())
@@ -97,19 +83,7 @@ async fn main() {
     let first = metering_checksums(env.pool()).await;
 
     // Once more, to check the rebuild is deterministic (same checksums).
-    let p = rebuild::prepare_metering(
-        env.pool(),
-        log.clone(),
-        env.platform.catalog.clone(),
-        env.settings.limits,
-        true,
-    )
-    .await
-    .unwrap();
-    rebuild::catch_up(&log, &p, None, 5_000, |_| {})
-        .await
-        .unwrap();
-    rebuild::switch_over(env.pool(), &log, &p).await.unwrap();
+    env.rebuild_metering(5_000).await;
     assert_eq!(metering_checksums(env.pool()).await, first);
 
     println!("DR rebuild: {n} events");

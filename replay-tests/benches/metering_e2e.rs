@@ -146,15 +146,7 @@ async fn main() {
     let raw_consume = started.elapsed();
     let log = env.platform.log.clone();
     let started = Instant::now();
-    let projector = rebuild::prepare_metering(
-        env.pool(),
-        log.clone(),
-        env.platform.catalog.clone(),
-        env.settings.limits,
-        true,
-    )
-    .await
-    .unwrap();
+    let projector = env.prepare_rebuild(true).await;
     rebuild::catch_up(&log, &projector, None, 5_000, |_| {})
         .await
         .unwrap();

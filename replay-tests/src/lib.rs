@@ -134,6 +134,36 @@ impl Env {
         .unwrap()
     }
 
+    /// The first step of `enablement replay metering --rebuild` on this environment: the side
+    /// schema (dropped first with `restart`) and the projector that loads it.
+    pub async fn prepare_rebuild(
+        &self,
+        restart: bool,
+    ) -> creto_projections::metering::MeteringProjector {
+        creto_projections::rebuild::prepare_metering(
+            self.pool(),
+            self.platform.log.clone(),
+            self.platform.catalog.clone(),
+            self.settings.limits,
+            restart,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A whole rebuild from scratch, as the CLI runs it (prepare, catch up in batches of
+    /// `batch`, switch over); returns the sequence the readers were switched at.
+    pub async fn rebuild_metering(&self, batch: usize) -> u64 {
+        let log = self.platform.log.clone();
+        let p = self.prepare_rebuild(true).await;
+        creto_projections::rebuild::catch_up(&log, &p, None, batch, |_| {})
+            .await
+            .unwrap();
+        creto_projections::rebuild::switch_over(self.pool(), &log, &p)
+            .await
+            .unwrap()
+    }
+
     /// Waits until the metering projection has applied `sequence`.
     pub async fn wait_applied(&self, sequence: u64) {
         let at = creto_projections::metering::read_model::wait_for(

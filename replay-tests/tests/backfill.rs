@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use chrono::{Duration as Ch, Utc};
 use creto_gateways::backfill::{Backfill, BackfillOptions, BackfillReport};
-use creto_projections::rebuild;
 use creto_replay_tests::{cloud_event, metering_checksums, Env};
 use serde_json::json;
 
@@ -210,20 +209,7 @@ async fn backfill_reports_and_imports_each_valid_event_once() {
     // A rebuild by replay decides as the backfill did (the widened window travels with the
     // events), so the rebuilt tables equal the live ones.
     let live = metering_checksums(env.pool()).await;
-    let log = env.platform.log.clone();
-    let p = rebuild::prepare_metering(
-        env.pool(),
-        log.clone(),
-        env.platform.catalog.clone(),
-        env.settings.limits,
-        true,
-    )
-    .await
-    .unwrap();
-    rebuild::catch_up(&log, &p, None, 1_000, |_| {})
-        .await
-        .unwrap();
-    rebuild::switch_over(env.pool(), &log, &p).await.unwrap();
+    env.rebuild_metering(1_000).await;
     assert_eq!(metering_checksums(env.pool()).await, live);
 
     tokio::time::timeout(Duration::from_secs(10), running.stop())

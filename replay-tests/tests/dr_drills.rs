@@ -164,15 +164,7 @@ async fn drill_1_read_models_and_cache_lost_rebuilt_by_replay() {
     // rebuilds the counters it finds behind).
     let started = Instant::now();
     let log = env.platform.log.clone();
-    let p = rebuild::prepare_metering(
-        env.pool(),
-        log.clone(),
-        env.platform.catalog.clone(),
-        env.settings.limits,
-        true,
-    )
-    .await
-    .unwrap();
+    let p = env.prepare_rebuild(true).await;
     let events = rebuild::catch_up(&log, &p, None, 2_000, |_| {})
         .await
         .unwrap();
@@ -240,15 +232,7 @@ async fn drill_3_rebuild_killed_at_random_points_resumes_and_switches() {
         let _ = task.await;
         // The process is gone: so are its connections (and their transactions).
         let _ = tokio::time::timeout(Duration::from_secs(5), killed.close()).await;
-        let p = rebuild::prepare_metering(
-            env.pool(),
-            log.clone(),
-            env.platform.catalog.clone(),
-            env.settings.limits,
-            false,
-        )
-        .await
-        .unwrap();
+        let p = env.prepare_rebuild(false).await;
         checkpoints.push(p.checkpoint().await.unwrap());
     }
     let mid = checkpoints.iter().filter(|&&c| c < last).count();
@@ -263,17 +247,7 @@ async fn drill_3_rebuild_killed_at_random_points_resumes_and_switches() {
     // Readers kept the live tables the whole time.
     assert_eq!(metering_checksums(env.pool()).await, live);
 
-    let p = Arc::new(
-        rebuild::prepare_metering(
-            env.pool(),
-            log.clone(),
-            env.platform.catalog.clone(),
-            env.settings.limits,
-            false,
-        )
-        .await
-        .unwrap(),
-    );
+    let p = Arc::new(env.prepare_rebuild(false).await);
     let resumed_from = p.checkpoint().await.unwrap();
     let events = rebuild::catch_up(&log, &p, None, 1_000, |_| {})
         .await

@@ -123,28 +123,12 @@ async fn rebuilt_tables_equal_live_built_ones() {
 
     // Rebuild, interrupted halfway and resumed.
     let log = env.platform.log.clone();
-    let rebuilding = rebuild::prepare_metering(
-        env.pool(),
-        log.clone(),
-        env.platform.catalog.clone(),
-        env.settings.limits,
-        true,
-    )
-    .await
-    .unwrap();
+    let rebuilding = env.prepare_rebuild(true).await;
     rebuild::catch_up(&log, &rebuilding, Some(last / 2), 1_000, |_| {})
         .await
         .unwrap();
     drop(rebuilding);
-    let resumed = rebuild::prepare_metering(
-        env.pool(),
-        log.clone(),
-        env.platform.catalog.clone(),
-        env.settings.limits,
-        false,
-    )
-    .await
-    .unwrap();
+    let resumed = env.prepare_rebuild(false).await;
     use creto_projections::Projector;
     assert_eq!(
         resumed.checkpoint().await.unwrap(),

@@ -34,7 +34,10 @@ fn is_open(path: &str) -> bool {
 
 /// `/creto.enablement.metering.v1.MeteringService/QueryUsage` → (`metering`, `QueryUsage`).
 pub fn action_of(path: &str) -> Option<Action> {
-    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    let (service, method) = crate::grpc_metrics::service_and_method(path);
+    if method.is_empty() {
+        return None;
+    }
     let product = service
         .strip_prefix("creto.enablement.")?
         .split('.')
