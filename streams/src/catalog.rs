@@ -124,7 +124,7 @@ impl Catalog {
     /// allow their own event subjects, so the marker is trusted like meter definitions are.
     pub fn restore_marker_subject(&self, stream_name: &str) -> Option<String> {
         let spec = self.specs().into_iter().find(|s| s.name == stream_name)?;
-        restore_marker_of(&spec)
+        restore_marker_of(&spec.subjects)
     }
 
     /// Every stream of the platform.
@@ -189,9 +189,10 @@ impl Catalog {
     }
 }
 
-/// The restore marker subject of a stream spec (its first subject with `>` → `_restored`).
-pub fn restore_marker_of(spec: &StreamSpec) -> Option<String> {
-    spec.subjects
+/// The restore marker subject of a stream with these subjects (the first with `>` →
+/// `_restored`).
+pub fn restore_marker_of(subjects: &[String]) -> Option<String> {
+    subjects
         .first()?
         .strip_suffix('>')
         .map(|prefix| format!("{prefix}_restored"))

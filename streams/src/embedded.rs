@@ -129,7 +129,7 @@ impl Stream {
         if let Some(n) = *self.restored.lock().unwrap() {
             return n;
         }
-        let n = crate::catalog::restore_marker_of(&self.spec.lock().unwrap())
+        let n = crate::catalog::restore_marker_of(&self.spec.lock().unwrap().subjects)
             .and_then(|marker| {
                 self.tree
                     .get(key(SUBJECT, marker.as_bytes()))
@@ -232,7 +232,7 @@ impl Stream {
                 .collect();
         }
         self.last.send_replace(counts.last);
-        if let Some(marker) = crate::catalog::restore_marker_of(&spec) {
+        if let Some(marker) = crate::catalog::restore_marker_of(&spec.subjects) {
             if events.iter().any(|e| e.subject == marker) {
                 *self.restored.lock().unwrap() = None;
             }

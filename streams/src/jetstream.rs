@@ -79,10 +79,8 @@ impl JetStreamLog {
 
     /// The last sequence `audit restore` wrote into this stream (its marker), 0 if none.
     async fn restored_through(&self, stream: &stream::Stream) -> Result<u64, LogError> {
-        let Some(marker) = crate::catalog::restore_marker_of(&StreamSpec {
-            subjects: stream.cached_info().config.subjects.clone(),
-            ..self.catalog.specs()[0].clone()
-        }) else {
+        let Some(marker) = crate::catalog::restore_marker_of(&stream.cached_info().config.subjects)
+        else {
             return Ok(0);
         };
         match stream.get_last_raw_message_by_subject(&marker).await {
