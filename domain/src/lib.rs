@@ -2,4 +2,5 @@
 //! decides outcomes. No I/O and no async here, so every rule can be tested in isolation and a
 //! replay decides exactly as the live path did.
 
+pub mod messaging;
 pub mod metering;

@@ -16,6 +16,12 @@ pub mod metering {
     }
 }
 
+pub mod messaging {
+    pub mod v1 {
+        tonic::include_proto!("creto.enablement.messaging.v1");
+    }
+}
+
 /// The external creto-authz service (client side; the gateways call `Check` per request).
 pub mod authz {
     pub mod v1 {

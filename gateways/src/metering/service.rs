@@ -24,6 +24,7 @@ use futures::TryStreamExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::log_status::log_status;
 use crate::metering::ingest;
 use crate::telemetry;
 
@@ -41,17 +42,6 @@ pub struct MeteringGateway {
 /// The caller's tenant: every read and write below is scoped to it.
 fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
     Ok(crate::auth::layer::caller(request)?.tenant.clone())
-}
-
-fn log_status(e: LogError) -> Status {
-    match e {
-        LogError::Unavailable(m) => {
-            Status::unavailable(format!("the event log is unavailable: {m}; retry"))
-        }
-        LogError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
-        LogError::Conflict { .. } => Status::aborted(e.to_string()),
-        other => Status::internal(other.to_string()),
-    }
 }
 
 fn db_status(e: ProjectionError) -> Status {
