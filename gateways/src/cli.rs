@@ -32,7 +32,28 @@ pub struct Cli {
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Product {
     Metering,
+    Messaging,
     All,
+}
+
+impl Product {
+    fn metering(self) -> bool {
+        matches!(self, Product::Metering | Product::All)
+    }
+    fn messaging(self) -> bool {
+        matches!(self, Product::Messaging | Product::All)
+    }
+}
+
+/// Backfill and replay work on metering's tables; messaging keeps none (its directory and
+/// queues are read from the log), so there is nothing to import into or rebuild.
+fn metering_only(product: Product, command: &str) -> Result<(), CliError> {
+    if product == Product::Messaging {
+        return Err(CliError::Config(crate::config::ConfigError::Invalid(format!(
+            "{command} applies to metering: messaging has no read model tables (its key directory and queues are read from the MESSAGING stream by every gateway)"
+        ))));
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,6 +70,12 @@ pub enum Command {
         /// Metrics and health listen address of metering.
         #[arg(long, env = "METERING_METRICS_ADDR", default_value = "127.0.0.1:9090")]
         metering_metrics_addr: SocketAddr,
+        /// gRPC listen address of the messaging gateway.
+        #[arg(long, env = "MESSAGING_GRPC_ADDR", default_value = "127.0.0.1:50054")]
+        messaging_grpc_addr: SocketAddr,
+        /// Metrics and health listen address of messaging.
+        #[arg(long, env = "MESSAGING_METRICS_ADDR", default_value = "127.0.0.1:9093")]
+        messaging_metrics_addr: SocketAddr,
     },
     /// Run gateways and their projectors against NATS, PostgreSQL and Redis.
     Serve {
@@ -63,6 +90,12 @@ pub enum Command {
         /// Metrics and health listen address of metering.
         #[arg(long, env = "METERING_METRICS_ADDR", default_value = server::METERING_METRICS)]
         metering_metrics_addr: SocketAddr,
+        /// gRPC listen address of the messaging gateway.
+        #[arg(long, env = "MESSAGING_GRPC_ADDR", default_value = server::MESSAGING_GRPC)]
+        messaging_grpc_addr: SocketAddr,
+        /// Metrics and health listen address of messaging.
+        #[arg(long, env = "MESSAGING_METRICS_ADDR", default_value = server::MESSAGING_METRICS)]
+        messaging_metrics_addr: SocketAddr,
     },
     /// Run projectors only (workers that build the read models from the streams).
     Project {
@@ -312,12 +345,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             data_dir,
             metering_grpc_addr,
             metering_metrics_addr,
+            messaging_grpc_addr,
+            messaging_metrics_addr,
         } => {
-            let options = ServeOptions {
-                gateways: true,
-                projectors: true,
-                grpc_addr: metering_grpc_addr,
-                metrics_addr: metering_metrics_addr,
+            let options = Products {
+                metering: Some(ServeOptions {
+                    gateways: true,
+                    projectors: true,
+                    grpc_addr: metering_grpc_addr,
+                    metrics_addr: metering_metrics_addr,
+                }),
+                messaging: Some(ServeOptions {
+                    gateways: true,
+                    projectors: true,
+                    grpc_addr: messaging_grpc_addr,
+                    metrics_addr: messaging_metrics_addr,
+                }),
             };
             let keys = dev_key_ring(&data_dir)?;
             let auth = auth(Some(&keys))?;
@@ -348,28 +391,46 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Serve {
-            product: _,
+            product,
             no_projectors,
             metering_grpc_addr,
             metering_metrics_addr,
+            messaging_grpc_addr,
+            messaging_metrics_addr,
         } => {
-            let options = ServeOptions {
-                gateways: true,
-                projectors: !no_projectors,
-                grpc_addr: metering_grpc_addr,
-                metrics_addr: metering_metrics_addr,
+            let options = Products {
+                metering: product.metering().then_some(ServeOptions {
+                    gateways: true,
+                    projectors: !no_projectors,
+                    grpc_addr: metering_grpc_addr,
+                    metrics_addr: metering_metrics_addr,
+                }),
+                messaging: product.messaging().then_some(ServeOptions {
+                    gateways: true,
+                    projectors: false,
+                    grpc_addr: messaging_grpc_addr,
+                    metrics_addr: messaging_metrics_addr,
+                }),
             };
             run_until_signal(settings, options, auth(None)?).await
         }
         Command::Project {
-            product: _,
+            product,
             metering_metrics_addr,
         } => {
-            let options = ServeOptions {
-                gateways: false,
-                projectors: true,
-                grpc_addr: metering_metrics_addr,
-                metrics_addr: metering_metrics_addr,
+            if product == Product::Messaging {
+                return Err(fail(
+                    "messaging runs no projector: its gateways read the directory and queues from the log",
+                ));
+            }
+            let options = Products {
+                metering: Some(ServeOptions {
+                    gateways: false,
+                    projectors: true,
+                    grpc_addr: metering_metrics_addr,
+                    metrics_addr: metering_metrics_addr,
+                }),
+                messaging: None,
             };
             // Projectors serve no gRPC: nothing to authenticate.
             run_until_signal(settings, options, auth_args_disabled()?).await
@@ -406,7 +467,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             deadletters(&*log, &settings.catalog(), command).await
         }
         Command::Backfill {
-            product: _,
+            product,
             file,
             s3_prefix,
             rate,
@@ -415,6 +476,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             dry_run,
             json,
         } => {
+            metering_only(product, "backfill")?;
             let options = crate::backfill::BackfillOptions {
                 rate,
                 dry_run,
@@ -444,7 +506,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             backfill(&settings, &input, &options, json).await
         }
         Command::Replay {
-            product: _,
+            product,
             rebuild,
             dry_run,
             restart,
@@ -452,6 +514,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             batch,
             json,
         } => {
+            metering_only(product, "replay")?;
             let log = platform::connect_log(&settings).await?;
             if dry_run {
                 return replay_dry_run(log, &settings, &range, json).await;
@@ -516,7 +579,7 @@ fn dev_key_ring(dir: &std::path::Path) -> Result<PathBuf, CliError> {
 async fn dev(
     settings: Settings,
     dir: &std::path::Path,
-    options: ServeOptions,
+    options: Products,
     auth: Arc<crate::auth::layer::Auth>,
     keys: &std::path::Path,
 ) -> Result<(), CliError> {
@@ -551,9 +614,7 @@ async fn dev(
             exporters_rx,
         );
     }
-    let running = server::start_metering(platform, options, auth).await?;
-    let grpc = running.grpc_addr.expect("dev runs the gateways");
-    let metrics = running.metrics_addr;
+    let running = options.start(platform, auth).await?;
     let data = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     println!(
         "Creto Enablement Layer: development mode, embedded (no NATS, PostgreSQL or Redis needed)"
@@ -562,38 +623,82 @@ async fn dev(
         "  data       {} (kept across restarts; delete it to start over)",
         data.display()
     );
-    println!("  metering   grpc {grpc}   metrics http://{metrics}/metrics   health http://{metrics}/health");
+    for (name, product) in &running {
+        let grpc = product.grpc_addr.expect("dev runs the gateways");
+        let metrics = product.metrics_addr;
+        println!("  {name:<10} grpc {grpc}   metrics http://{metrics}/metrics   health http://{metrics}/health");
+    }
     println!("  archive    {}", archive.unwrap_or_default());
-    println!("  oversight, runtime, messaging: not part of this build yet");
+    println!("  oversight, runtime: not part of this build yet");
     println!(
         "  auth       bearer token for tenant default, role admin, valid 30 days (key ring {}):",
         keys.display()
     );
     println!("export ENABLEMENT_TOKEN={token}");
-    println!(
-        "  try        grpcurl -plaintext -H \"authorization: Bearer $ENABLEMENT_TOKEN\" {grpc} list"
-    );
+    if let Some((_, metering)) = running.first() {
+        println!(
+            "  try        grpcurl -plaintext -H \"authorization: Bearer $ENABLEMENT_TOKEN\" {} list",
+            metering.grpc_addr.expect("dev runs the gateways")
+        );
+    }
     println!("ready");
     shutdown_signal().await;
     // The exporters write what they hold before the log closes.
     let _ = stop_exporters.send(true);
     while exporters.join_next().await.is_some() {}
-    running.stop().await;
+    stop_all(running).await;
     Ok(())
 }
 
-/// Connects, makes sure the streams exist, runs metering until SIGINT or SIGTERM.
+/// Which products this process runs, and where.
+struct Products {
+    metering: Option<ServeOptions>,
+    messaging: Option<ServeOptions>,
+}
+
+impl Products {
+    async fn start(
+        self,
+        platform: Arc<Platform>,
+        auth: Arc<crate::auth::layer::Auth>,
+    ) -> Result<Vec<(&'static str, server::Running)>, CliError> {
+        let mut running = Vec::new();
+        if let Some(options) = self.metering {
+            running.push((
+                "metering",
+                server::start_metering(platform.clone(), options, auth.clone()).await?,
+            ));
+        }
+        if let Some(options) = self.messaging {
+            running.push((
+                "messaging",
+                server::start_messaging(platform, options, auth).await?,
+            ));
+        }
+        Ok(running)
+    }
+}
+
+async fn stop_all(running: Vec<(&'static str, server::Running)>) {
+    for (_, product) in running {
+        product.stop().await;
+    }
+}
+
+/// Connects, makes sure the streams exist, runs the products until SIGINT or SIGTERM.
 async fn run_until_signal(
     settings: Settings,
-    options: ServeOptions,
+    options: Products,
     auth: Arc<crate::auth::layer::Auth>,
 ) -> Result<(), CliError> {
     let platform = Arc::new(Platform::connect(settings).await?);
     ensure_streams(&*platform.log, &platform.catalog).await?;
-    let running = server::start_metering(platform, options, auth).await?;
-    tracing::info!(grpc = ?running.grpc_addr, metrics = %running.metrics_addr, "metering running");
+    let running = options.start(platform, auth).await?;
+    for (name, product) in &running {
+        tracing::info!(grpc = ?product.grpc_addr, metrics = %product.metrics_addr, "{name} running");
+    }
     shutdown_signal().await;
-    running.stop().await;
+    stop_all(running).await;
     Ok(())
 }
 

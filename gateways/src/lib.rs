@@ -7,6 +7,8 @@ pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod grpc_metrics;
+pub mod log_status;
+pub mod messaging;
 pub mod metering;
 pub mod platform;
 pub mod replay;

@@ -4,15 +4,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use creto_domain::messaging::MessagingLimits;
 use creto_projections::runner::{self, RunnerConfig};
+use creto_schemas::messaging::v1::messaging_service_server::MessagingServiceServer;
 use creto_schemas::metering::v1::metering_service_server::MeteringServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
 
 use crate::auth::layer::{Auth, AuthLayer};
 use crate::grpc_metrics::GrpcMetricsLayer;
+use crate::messaging::delivery::Queues;
+use crate::messaging::directory::DirectoryView;
+use crate::messaging::MessagingGateway;
 use crate::metering::MeteringGateway;
 use crate::platform::Platform;
 use crate::status::{self, Health};
@@ -20,6 +26,8 @@ use crate::telemetry::GrpcTraceLayer;
 
 pub const METERING_GRPC: &str = "0.0.0.0:50051";
 pub const METERING_METRICS: &str = "0.0.0.0:9090";
+pub const MESSAGING_GRPC: &str = "0.0.0.0:50054";
+pub const MESSAGING_METRICS: &str = "0.0.0.0:9093";
 
 /// What to run in this process.
 #[derive(Debug, Clone)]
@@ -74,10 +82,96 @@ async fn supervise_projector(platform: Arc<Platform>, shutdown: watch::Receiver<
     }
 }
 
+/// A product's gRPC service and what runs beside it.
+struct Product {
+    /// For messages: "metering", "messaging".
+    name: &'static str,
+    /// Full gRPC service name, for health and reflection.
+    service: &'static str,
+    routes: Routes,
+}
+
 pub async fn start_metering(
     platform: Arc<Platform>,
     options: ServeOptions,
     auth: Arc<Auth>,
+) -> anyhow::Result<Running> {
+    let gateway = MeteringGateway {
+        log: platform.log.clone(),
+        read_model: platform.metering.clone(),
+        catalog: platform.catalog.clone(),
+        limits: platform.settings.limits,
+    };
+    let product = Product {
+        name: "metering",
+        service: "creto.enablement.metering.v1.MeteringService",
+        routes: Routes::new(
+            MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024),
+        ),
+    };
+    let projectors = options.projectors;
+    start_product(
+        platform.clone(),
+        options,
+        auth,
+        product,
+        |tasks, shutdown| {
+            if projectors {
+                tasks.spawn(supervise_projector(platform, shutdown));
+            }
+        },
+    )
+    .await
+}
+
+/// Messaging keeps no table: its directory and queues are read from the log by each replica,
+/// so it has no projector to run and every replica can serve every recipient.
+pub async fn start_messaging(
+    platform: Arc<Platform>,
+    options: ServeOptions,
+    auth: Arc<Auth>,
+) -> anyhow::Result<Running> {
+    crate::messaging::metrics::register();
+    let queues = Queues::new(platform.log.clone(), platform.catalog.clone());
+    let directory = Arc::new(DirectoryView::new(
+        platform.log.clone(),
+        platform.catalog.clone(),
+    ));
+    let limits = MessagingLimits::default();
+    let gateway = MessagingGateway::new(queues.clone(), directory.clone(), limits);
+    let product = Product {
+        name: "messaging",
+        service: "creto.enablement.messaging.v1.MessagingService",
+        // Room for the largest ciphertext plus its header, stanzas and signature.
+        routes: Routes::new(
+            MessagingServiceServer::new(gateway)
+                .max_decoding_message_size(limits.max_ciphertext_bytes + 64 * 1024),
+        ),
+    };
+    let gateways = options.gateways;
+    start_product(platform, options, auth, product, |tasks, shutdown| {
+        if gateways {
+            tasks.spawn(directory.refresh(shutdown.clone()));
+            let mut stop = shutdown.clone();
+            let sessions = queues.clone();
+            tasks.spawn(async move {
+                let _ = stop.changed().await;
+                sessions.stop_sessions();
+            });
+            tasks.spawn(queues.tail(shutdown));
+        }
+    })
+    .await
+}
+
+/// Metrics and health on HTTP, the dependency checker, the gRPC server with the shared layers
+/// (metrics, tracing, auth), health and reflection, and the product's own background tasks.
+async fn start_product(
+    platform: Arc<Platform>,
+    options: ServeOptions,
+    auth: Arc<Auth>,
+    product: Product,
+    background: impl FnOnce(&mut JoinSet<()>, watch::Receiver<bool>),
 ) -> anyhow::Result<Running> {
     status::register_metrics();
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -103,31 +197,30 @@ pub async fn start_metering(
 
     let mut grpc_addr = None;
     if options.gateways {
-        let listener = bind(options.grpc_addr, "the metering gRPC gateway").await?;
+        let name = product.name;
+        let listener = bind(options.grpc_addr, &format!("the {name} gRPC gateway")).await?;
         grpc_addr = Some(listener.local_addr()?);
         let (reporter, health_service) = tonic_health::server::health_reporter();
         reporter
-            .set_serving::<MeteringServiceServer<MeteringGateway>>()
+            .set_service_status(product.service, tonic_health::ServingStatus::Serving)
             .await;
         let reflection = || {
-            // Only what this server serves (the descriptor set also holds creto-authz's API).
+            // Only what this server serves (the descriptor set also holds the other products'
+            // and creto-authz's APIs).
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(creto_schemas::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .with_service_name("creto.enablement.metering.v1.MeteringService")
+                .with_service_name(product.service)
                 .with_service_name("grpc.health.v1.Health")
         };
         let reflection_v1 = reflection().build_v1()?;
         // grpcurl 1.8 only speaks v1alpha.
         let reflection_v1alpha = reflection().build_v1alpha()?;
-        let gateway = MeteringGateway {
-            log: platform.log.clone(),
-            read_model: platform.metering.clone(),
-            catalog: platform.catalog.clone(),
-            limits: platform.settings.limits,
-        };
-        let service =
-            MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024);
+        let routes = product
+            .routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
             let mut builder = tonic::transport::Server::builder();
@@ -135,7 +228,7 @@ pub async fn start_metering(
                 builder = match builder.tls_config(tls) {
                     Ok(b) => b,
                     Err(e) => {
-                        tracing::error!(error = %e, "TLS configuration refused; metering gateway not started");
+                        tracing::error!(error = %e, "TLS configuration refused; {name} gateway not started");
                         return;
                     }
                 };
@@ -145,41 +238,38 @@ pub async fn start_metering(
                 // Outside authentication, so refused calls are traced and auth runs in the span.
                 .layer(GrpcTraceLayer)
                 .layer(AuthLayer(auth))
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(service)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = rx.changed().await;
                 })
                 .await;
             if let Err(e) = result {
-                tracing::error!(error = %e, "metering gateway stopped");
+                tracing::error!(error = %e, "{name} gateway stopped");
             }
         });
         // gRPC health follows the dependencies: the product's service is SERVING only when all
         // are up, and each dependency has its own entry (`dependency.nats`, ...).
         let mut rx = shutdown_rx.clone();
         let h = health.clone();
+        let service = product.service;
         tasks.spawn(async move {
             loop {
-                if h.all_up() {
-                    reporter
-                        .set_serving::<MeteringServiceServer<MeteringGateway>>()
-                        .await;
-                } else {
-                    reporter
-                        .set_not_serving::<MeteringServiceServer<MeteringGateway>>()
-                        .await;
-                }
-                for (dependency, state) in h.snapshot() {
-                    let status = if state == "up" {
+                let serving = |up: bool| {
+                    if up {
                         tonic_health::ServingStatus::Serving
                     } else {
                         tonic_health::ServingStatus::NotServing
-                    };
+                    }
+                };
+                reporter
+                    .set_service_status(service, serving(h.all_up()))
+                    .await;
+                for (dependency, state) in h.snapshot() {
                     reporter
-                        .set_service_status(format!("dependency.{dependency}"), status)
+                        .set_service_status(
+                            format!("dependency.{dependency}"),
+                            serving(state == "up"),
+                        )
                         .await;
                 }
                 tokio::select! {
@@ -189,9 +279,7 @@ pub async fn start_metering(
             }
         });
     }
-    if options.projectors {
-        tasks.spawn(supervise_projector(platform.clone(), shutdown_rx.clone()));
-    }
+    background(&mut tasks, shutdown_rx);
     Ok(Running {
         grpc_addr,
         metrics_addr,

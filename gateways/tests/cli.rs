@@ -108,6 +108,19 @@ fn replay_without_a_mode_says_what_to_do() {
 }
 
 #[test]
+fn messaging_has_nothing_to_replay_or_backfill_and_says_why() {
+    for args in [
+        &["replay", "messaging", "--dry-run"][..],
+        &["backfill", "messaging", "--file", "/dev/null"],
+        &["project", "--product", "messaging"],
+    ] {
+        let (code, _, err) = enablement(args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains("messaging"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn serving_without_authentication_configured_is_refused_with_the_fix() {
     let (code, _, err) = enablement(&["serve"]);
     assert_eq!(code, 2, "{err}");

@@ -1,12 +1,14 @@
 //! `enablement dev`, the README's first command, as a newcomer runs it: no NATS, PostgreSQL or
 //! Redis (their URLs point at closed ports), a metering event ingested through gRPC shows up
-//! in a usage query, and is still there after a clean stop and after a SIGKILL.
+//! in a usage query, and is still there after a clean stop and after a SIGKILL; a sealed
+//! message sent before the restart is received and opened after it.
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use creto_gateways::auth::Bearer;
+use creto_gateways::messaging::client::AgentClient;
 use creto_schemas::metering::v1 as pb;
 use creto_schemas::metering::v1::metering_service_client::MeteringServiceClient;
 use tonic::service::interceptor::InterceptedService;
@@ -24,16 +26,23 @@ fn spare_port() -> u16 {
 struct Dev {
     child: Child,
     grpc: String,
+    messaging: String,
     token: String,
 }
 
 fn start(dir: &std::path::Path) -> Dev {
     let (grpc, metrics) = (spare_port(), spare_port());
+    let (messaging, messaging_metrics) = (spare_port(), spare_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_enablement"))
         .args(["dev", "--data-dir"])
         .arg(dir)
         .args(["--metering-grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--metering-metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .args(["--messaging-grpc-addr", &format!("127.0.0.1:{messaging}")])
+        .args([
+            "--messaging-metrics-addr",
+            &format!("127.0.0.1:{messaging_metrics}"),
+        ])
         // Nothing listens there: dev must not need them.
         .env("NATS_URL", "nats://127.0.0.1:1")
         .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
@@ -59,6 +68,7 @@ fn start(dir: &std::path::Path) -> Dev {
     assert!(
         banner.contains(&format!("grpc 127.0.0.1:{grpc}"))
             && banner.contains(&format!("http://127.0.0.1:{metrics}/metrics"))
+            && banner.contains(&format!("grpc 127.0.0.1:{messaging}"))
             && banner.contains(&dir.canonicalize().unwrap().display().to_string()),
         "{banner}"
     );
@@ -70,6 +80,7 @@ fn start(dir: &std::path::Path) -> Dev {
     Dev {
         child,
         grpc: format!("http://127.0.0.1:{grpc}"),
+        messaging: format!("http://127.0.0.1:{messaging}"),
         token,
     }
 }
@@ -152,6 +163,19 @@ async fn dev_runs_alone_and_keeps_its_data_across_restarts() {
     let mut client = connect(&dev).await;
     let seq = ingest(&mut client, "evt-1").await;
     assert_eq!(usage(&mut client, seq).await, 2.5);
+    // Messaging runs too: Alice seals a message for Bob, who is not listening yet.
+    let mut alice = AgentClient::connect(&dev.messaging, &dev.token, "default", "alice")
+        .await
+        .unwrap();
+    let mut bob = AgentClient::connect(&dev.messaging, &dev.token, "default", "bob")
+        .await
+        .unwrap();
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+    alice
+        .send("bob", b"see you after the restart")
+        .await
+        .unwrap();
     // A clean stop (SIGTERM), as Ctrl-C would.
     // The shell's kill builtin: no procps needed on a minimal machine.
     Command::new("sh")
@@ -163,6 +187,19 @@ async fn dev_runs_alone_and_keeps_its_data_across_restarts() {
     let mut dev = start(&data);
     let mut client = connect(&dev).await;
     assert_eq!(usage(&mut client, seq).await, 2.5, "kept across a restart");
+    // The directory and Bob's queue came back from the embedded log.
+    let mut bob = bob.reconnect(&dev.messaging, &dev.token).await.unwrap();
+    let mut inbox = bob.receive(0).await.unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(10), inbox.message())
+        .await
+        .expect("delivered after the restart")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        bob.open(&message).await.unwrap().plaintext,
+        b"see you after the restart"
+    );
+    bob.ack(message.cursor).await.unwrap();
     // The same id again is still a duplicate; a new one adds.
     let dup = client
         .ingest_events(pb::IngestEventsRequest {

@@ -134,6 +134,36 @@ impl Env {
         .unwrap()
     }
 
+    /// Starts the messaging gateway on spare ports, explicitly unauthenticated (every caller is
+    /// an admin of tenant `default`); returns it and its URL.
+    pub async fn start_messaging(&self) -> (Running, String) {
+        let auth = creto_gateways::auth::AuthArgs::disabled()
+            .build(None)
+            .unwrap();
+        let running = self.start_messaging_with(auth).await;
+        let url = format!("http://{}", running.grpc_addr.unwrap());
+        (running, url)
+    }
+
+    /// Starts the messaging gateway with the given authentication and authorization.
+    pub async fn start_messaging_with(
+        &self,
+        auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
+    ) -> Running {
+        server::start_messaging(
+            self.platform.clone(),
+            ServeOptions {
+                gateways: true,
+                projectors: false,
+                grpc_addr: "127.0.0.1:0".parse().unwrap(),
+                metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            },
+            auth,
+        )
+        .await
+        .unwrap()
+    }
+
     /// The first step of `enablement replay metering --rebuild` on this environment: the side
     /// schema (dropped first with `restart`) and the projector that loads it.
     pub async fn prepare_rebuild(

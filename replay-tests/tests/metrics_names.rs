@@ -1,4 +1,5 @@
-//! `ops/metrics-contract.txt` against what a running metering product serves on `/metrics`.
+//! `ops/metrics-contract.txt` against what running metering and messaging products serve on
+//! `/metrics`.
 //!
 //! The contract lists every name alerts and dashboards use. Names are partitioned by product
 //! prefix (`metering_`, `oversight_`, `runtime_`, `messaging_`; anything else is the shared
@@ -10,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use creto_gateways::messaging::client::AgentClient;
 use creto_replay_tests::Env;
 use creto_schemas::metering::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,7 +21,7 @@ const PRODUCTS: &[(&str, bool)] = &[
     ("metering", true),
     ("oversight", false),
     ("runtime", false),
-    ("messaging", false),
+    ("messaging", true),
 ];
 const PLATFORM: &str = "platform";
 
@@ -185,6 +187,26 @@ async fn every_contract_name_of_a_built_product_is_served() {
         .await
         .unwrap();
 
+    // Messaging: a sealed message sent, received, opened and acknowledged, and one refused.
+    let (messaging, url) = env.start_messaging().await;
+    let mut alice = AgentClient::connect(&url, "", "default", "alice")
+        .await
+        .unwrap();
+    let mut bob = AgentClient::connect(&url, "", "default", "bob")
+        .await
+        .unwrap();
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+    alice.send("bob", b"metrics").await.unwrap();
+    let keys = alice.recipient_keys("bob").await.unwrap();
+    let mut tampered = alice.seal("bob", &keys, b"x").unwrap();
+    tampered.ciphertext[0] ^= 1;
+    assert!(alice.send_envelope(tampered).await.is_err());
+    let mut inbox = bob.receive(0).await.unwrap();
+    let message = inbox.message().await.unwrap().unwrap();
+    bob.open(&message).await.unwrap();
+    bob.ack(message.cursor).await.unwrap();
+
     // Gauges (pool, stream, lag) are refreshed in the background: wait for them a little.
     let expected: Vec<&str> = by_product
         .iter()
@@ -194,7 +216,8 @@ async fn every_contract_name_of_a_built_product_is_served() {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     let (exposition, missing) = loop {
-        let exposition = scrape(running.metrics_addr).await;
+        // One registry per process: both products' ports serve it; scrape both anyway.
+        let exposition = scrape(running.metrics_addr).await + &scrape(messaging.metrics_addr).await;
         let served = served(&exposition);
         let missing: Vec<&str> = expected
             .iter()
@@ -222,6 +245,8 @@ async fn every_contract_name_of_a_built_product_is_served() {
     for (name, feature) in NOT_BUILT {
         println!("SKIPPED  {name}: {feature} not built yet");
     }
+    drop(inbox);
+    messaging.stop().await;
     running.stop().await;
     env.drop().await;
     assert!(

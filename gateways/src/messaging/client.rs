@@ -1,0 +1,329 @@
+//! The messaging client library: an agent that holds its own keys, seals for the recipient's
+//! current keys, and verifies the sender's signature before it opens anything.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use creto_gateways::messaging::client::AgentClient;
+//! let mut alice = AgentClient::connect("http://127.0.0.1:50054", "", "default", "alice").await?;
+//! let mut bob = AgentClient::connect("http://127.0.0.1:50054", "", "default", "bob").await?;
+//! alice.register().await?;
+//! bob.register().await?;
+//! alice.send("bob", b"hello").await?;
+//! let mut inbox = bob.receive(0).await?;
+//! let message = inbox.message().await?.expect("one message");
+//! let opened = bob.open(&message).await?;
+//! bob.ack(message.cursor).await?;
+//! assert_eq!(opened.plaintext, b"hello");
+//! # Ok(()) }
+//! ```
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use creto_domain::messaging::{
+    self as domain, keys, EncryptionKeyPair, EnvelopeError, Opened, SealParams, SigningKeyPair,
+};
+use creto_schemas::messaging::v1 as pb;
+use creto_schemas::messaging::v1::messaging_service_client::MessagingServiceClient;
+use creto_schemas::messaging::v1::KeyPurpose;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+/// Adds the bearer token to every call; with no token (a server without authentication)
+/// nothing is added.
+#[derive(Clone)]
+pub struct Token(Option<crate::auth::Bearer>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        match &mut self.0 {
+            Some(bearer) => bearer.call(request),
+            None => Ok(request),
+        }
+    }
+}
+
+pub type Rpc = MessagingServiceClient<InterceptedService<Channel, Token>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Rpc(#[from] Status),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+}
+
+pub struct AgentClient {
+    pub tenant: String,
+    pub agent_id: String,
+    pub signing: SigningKeyPair,
+    /// Every encryption key this agent holds, newest last (older ones open messages sealed
+    /// during a rotation overlap).
+    pub encryption: Vec<EncryptionKeyPair>,
+    /// Default life of a message.
+    pub ttl: Duration,
+    rpc: Rpc,
+    /// Last sequence used per recipient.
+    sequences: HashMap<String, u64>,
+    /// Senders' verifying keys by (agent, key id).
+    verifying: HashMap<(String, String), ed25519_dalek::VerifyingKey>,
+}
+
+impl AgentClient {
+    /// Connects with fresh keys (`<agent>-sig-1`, `<agent>-enc-1`); `token` may be empty for a
+    /// server without authentication.
+    pub async fn connect(
+        url: &str,
+        token: &str,
+        tenant: &str,
+        agent_id: &str,
+    ) -> Result<Self, ClientError> {
+        let channel = Channel::from_shared(url.to_string())
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(Self::with_rpc(
+            MessagingServiceClient::with_interceptor(
+                channel,
+                Token((!token.is_empty()).then(|| crate::auth::Bearer::new(token))),
+            )
+            .max_decoding_message_size(1024 * 1024),
+            tenant,
+            agent_id,
+        ))
+    }
+
+    /// The same agent (keys, sequences) on a new connection, e.g. after a gateway restart.
+    pub async fn reconnect(self, url: &str, token: &str) -> Result<Self, ClientError> {
+        let fresh = Self::connect(url, token, &self.tenant, &self.agent_id).await?;
+        Ok(AgentClient {
+            rpc: fresh.rpc,
+            ..self
+        })
+    }
+
+    pub fn with_rpc(rpc: Rpc, tenant: &str, agent_id: &str) -> Self {
+        AgentClient {
+            tenant: tenant.to_string(),
+            agent_id: agent_id.to_string(),
+            signing: SigningKeyPair::generate(format!("{agent_id}-sig-1")),
+            encryption: vec![EncryptionKeyPair::generate(format!("{agent_id}-enc-1"))],
+            ttl: Duration::from_secs(3600),
+            rpc,
+            sequences: HashMap::new(),
+            verifying: HashMap::new(),
+        }
+    }
+
+    pub fn rpc(&mut self) -> &mut Rpc {
+        &mut self.rpc
+    }
+
+    /// Registers the signing key (with its proof of possession) and the newest encryption key.
+    pub async fn register(&mut self) -> Result<(), ClientError> {
+        let signing = pb::RegisterKeyRequest {
+            agent_id: self.agent_id.clone(),
+            key_id: self.signing.key_id.clone(),
+            purpose: KeyPurpose::Signing as i32,
+            public_key: self.signing.public().to_vec(),
+            overlap: None,
+            proof: self.signing.proof(&self.tenant, &self.agent_id),
+        };
+        self.rpc.register_key(signing).await?;
+        let newest = self.encryption.last().expect("an encryption key").clone();
+        self.register_encryption(&newest, None).await
+    }
+
+    /// Rotates the encryption key: the new key is registered, the old one stays valid (and
+    /// held here) for `overlap`.
+    pub async fn rotate_encryption(
+        &mut self,
+        key_id: &str,
+        overlap: Duration,
+    ) -> Result<(), ClientError> {
+        let key = EncryptionKeyPair::generate(key_id);
+        self.register_encryption(&key, Some(overlap)).await?;
+        self.encryption.push(key);
+        Ok(())
+    }
+
+    async fn register_encryption(
+        &mut self,
+        key: &EncryptionKeyPair,
+        overlap: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        let request = pb::RegisterKeyRequest {
+            agent_id: self.agent_id.clone(),
+            key_id: key.key_id.clone(),
+            purpose: KeyPurpose::Encryption as i32,
+            public_key: key.public().to_vec(),
+            overlap: overlap.map(|d| d.try_into().expect("overlap fits")),
+            proof: vec![],
+        };
+        self.rpc.register_key(request).await?;
+        Ok(())
+    }
+
+    /// The recipient's usable encryption keys, from the directory.
+    pub async fn recipient_keys(
+        &mut self,
+        to: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+        let keys = self
+            .rpc
+            .lookup_keys(pb::LookupKeysRequest {
+                agent_id: to.to_string(),
+                include_inactive: false,
+            })
+            .await?
+            .into_inner()
+            .keys;
+        Ok(keys
+            .into_iter()
+            .filter(|k| k.purpose == KeyPurpose::Encryption as i32)
+            .map(|k| (k.key_id, k.public_key))
+            .collect())
+    }
+
+    /// The next sequence for `to`: strictly increasing, and seeded from the clock in
+    /// microseconds so a restarted agent without stored counters still moves forward.
+    pub fn next_sequence(&mut self, to: &str) -> u64 {
+        let clock = Utc::now().timestamp_micros().max(1) as u64;
+        let next = self
+            .sequences
+            .get(to)
+            .map_or(clock, |last| (last + 1).max(clock));
+        self.sequences.insert(to.to_string(), next);
+        next
+    }
+
+    /// Seals `plaintext` for `to`'s given keys, with a new message id and sequence.
+    pub fn seal(
+        &mut self,
+        to: &str,
+        recipient_keys: &[(String, Vec<u8>)],
+        plaintext: &[u8],
+    ) -> Result<pb::Envelope, ClientError> {
+        let sequence = self.next_sequence(to);
+        let message_id = uuid::Uuid::now_v7().to_string();
+        Ok(domain::seal(
+            &SealParams {
+                tenant: &self.tenant,
+                sender_agent_id: &self.agent_id,
+                signing_key: &self.signing,
+                recipient_agent_id: to,
+                recipient_keys,
+                message_id: &message_id,
+                sequence,
+                created_at: Utc::now(),
+                ttl: self.ttl,
+                content_type: "application/octet-stream",
+            },
+            plaintext,
+        )?)
+    }
+
+    /// Looks up `to`'s keys, seals and sends.
+    pub async fn send(
+        &mut self,
+        to: &str,
+        plaintext: &[u8],
+    ) -> Result<pb::SendResponse, ClientError> {
+        let keys = self.recipient_keys(to).await?;
+        let envelope = self.seal(to, &keys, plaintext)?;
+        self.send_envelope(envelope).await
+    }
+
+    pub async fn send_envelope(
+        &mut self,
+        envelope: pb::Envelope,
+    ) -> Result<pb::SendResponse, ClientError> {
+        Ok(self
+            .rpc
+            .send(pb::SendRequest {
+                envelope: Some(envelope),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// This agent's messages after `after_cursor` (0: after the last acknowledged one).
+    pub async fn receive(
+        &mut self,
+        after_cursor: u64,
+    ) -> Result<Streaming<pb::ReceivedMessage>, ClientError> {
+        Ok(self
+            .rpc
+            .receive(pb::ReceiveRequest {
+                agent_id: self.agent_id.clone(),
+                after_cursor,
+                ack_wait: None,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// The sender's verifying key for the envelope's key id (from the directory, cached).
+    async fn sender_key(
+        &mut self,
+        agent: &str,
+        key_id: &str,
+    ) -> Result<ed25519_dalek::VerifyingKey, ClientError> {
+        let cache_key = (agent.to_string(), key_id.to_string());
+        if let Some(k) = self.verifying.get(&cache_key) {
+            return Ok(*k);
+        }
+        let found = self
+            .rpc
+            .lookup_keys(pb::LookupKeysRequest {
+                agent_id: agent.to_string(),
+                include_inactive: true,
+            })
+            .await?
+            .into_inner()
+            .keys
+            .into_iter()
+            .find(|k| k.key_id == key_id && k.purpose == KeyPurpose::Signing as i32)
+            .ok_or_else(|| {
+                Status::not_found(format!("sender {agent} has no signing key {key_id}"))
+            })?;
+        let key = keys::verifying_key(&found.public_key)?;
+        self.verifying.insert(cache_key, key);
+        Ok(key)
+    }
+
+    /// Verifies the sender's signature, then decrypts with this agent's keys.
+    pub async fn open(&mut self, message: &pb::ReceivedMessage) -> Result<Opened, ClientError> {
+        let envelope = message
+            .envelope
+            .as_ref()
+            .ok_or_else(|| EnvelopeError::Malformed("no envelope".into()))?;
+        let header = domain::envelope::header(envelope)?;
+        let key = self
+            .sender_key(&header.sender_agent_id, &header.sender_key_id)
+            .await?;
+        Ok(domain::open(
+            envelope,
+            &key,
+            &self.agent_id,
+            &self.encryption,
+            Utc::now(),
+        )?)
+    }
+
+    pub async fn ack(&mut self, through_cursor: u64) -> Result<u64, ClientError> {
+        Ok(self
+            .rpc
+            .ack(pb::AckRequest {
+                agent_id: self.agent_id.clone(),
+                through_cursor,
+            })
+            .await?
+            .into_inner()
+            .acked_through)
+    }
+}

@@ -1,0 +1,664 @@
+//! `creto.enablement.messaging.v1.MessagingService`: key registration and lookup, Send with
+//! every check the server can make without reading the message, Receive and Ack.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use creto_domain::messaging::directory::{AgentKeys, KeyRecord};
+use creto_domain::messaging::envelope::{self, EnvelopeError};
+use creto_domain::messaging::{self as domain, keys, suite, MessagingLimits};
+use creto_schemas::messaging::v1 as pb;
+use creto_schemas::messaging::v1::messaging_service_server::MessagingService;
+use creto_schemas::messaging::v1::{key_event, KeyPurpose};
+use creto_streams::headers::{content_types, names};
+use creto_streams::{AppendEvent, Appended, Headers, LogError, ReplayFrom};
+use futures::TryStreamExt;
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::delivery::{Queues, Session};
+use super::directory::DirectoryView;
+use super::metrics;
+use crate::log_status::log_status;
+
+const DEFAULT_OVERLAP: Duration = Duration::from_secs(24 * 3600);
+const MAX_OVERLAP: Duration = Duration::from_secs(30 * 24 * 3600);
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// The last message stored for a sender-recipient pair: where the next one must go.
+#[derive(Clone)]
+struct PairState {
+    /// Stream sequence of the last message on the pair's subject (0: none).
+    stream_sequence: u64,
+    sequence: u64,
+}
+
+pub struct MessagingGateway {
+    pub queues: Queues,
+    pub directory: Arc<DirectoryView>,
+    pub limits: MessagingLimits,
+    pairs: Mutex<HashMap<String, PairState>>,
+}
+
+fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
+    Ok(crate::auth::layer::caller(request)?.tenant.clone())
+}
+
+fn ts(t: DateTime<Utc>) -> Option<prost_types::Timestamp> {
+    Some(creto_streams::envelope::timestamp(t))
+}
+
+fn invalid(e: String) -> Status {
+    Status::invalid_argument(e)
+}
+
+/// The API view of a key at `now`.
+fn key_to_proto(k: &KeyRecord, now: DateTime<Utc>) -> pb::AgentKey {
+    pb::AgentKey {
+        agent_id: k.agent_id.clone(),
+        key_id: k.key_id.clone(),
+        purpose: k.purpose as i32,
+        public_key: k.public_key.clone(),
+        status: k.status(now) as i32,
+        registered_at: ts(k.registered_at),
+        valid_until: k.valid_until.and_then(ts),
+        revoked_at: k.revoked.as_ref().and_then(|(t, _)| ts(*t)),
+        revoked_reason: k
+            .revoked
+            .as_ref()
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// Why a Send was refused: the status the caller gets and the metrics label.
+struct Refusal {
+    reason: &'static str,
+    status: Status,
+}
+
+impl From<EnvelopeError> for Refusal {
+    fn from(e: EnvelopeError) -> Self {
+        let reason = e.reason();
+        let status = match e {
+            EnvelopeError::Expired(_) => Status::failed_precondition(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        };
+        Refusal { reason, status }
+    }
+}
+
+impl From<Status> for Refusal {
+    fn from(status: Status) -> Self {
+        Refusal {
+            reason: "error",
+            status,
+        }
+    }
+}
+
+fn refuse(reason: &'static str, status: Status) -> Refusal {
+    Refusal { reason, status }
+}
+
+impl MessagingGateway {
+    pub fn new(queues: Queues, directory: Arc<DirectoryView>, limits: MessagingLimits) -> Self {
+        MessagingGateway {
+            queues,
+            directory,
+            limits,
+            pairs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn keys_subject(&self, tenant: &str, agent: &str) -> String {
+        self.queues
+            .catalog
+            .subject(&format!("messaging.keys.{tenant}.{agent}"))
+    }
+
+    /// Appends a key event for the agent, expecting `agent`'s last event (so two registrations
+    /// racing on one agent cannot both decide on stale keys), then catches the directory up.
+    async fn append_key_event(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        expected: u64,
+        id: String,
+        event: key_event::Event,
+        event_type: &str,
+    ) -> Result<(), LogError> {
+        let append = AppendEvent {
+            subject: self.keys_subject(tenant, agent_id),
+            id,
+            expected_subject_sequence: Some(expected),
+            headers: Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::EVENT_TYPE, event_type)
+                .with(names::TENANT, tenant),
+            payload: pb::KeyEvent { event: Some(event) }.encode_to_vec().into(),
+        };
+        self.queues.log.append(append).await?;
+        self.directory.catch_up().await
+    }
+
+    /// Where the pair's next message goes, from memory or from the log.
+    async fn pair_state(&self, subject: &str, refresh: bool) -> Result<PairState, Status> {
+        if !refresh {
+            if let Some(p) = self.pairs.lock().expect("pairs lock").get(subject) {
+                return Ok(p.clone());
+            }
+        }
+        let log = &self.queues.log;
+        let stream = &self.queues.stream;
+        let last = log
+            .last_subject_sequence(stream, subject)
+            .await
+            .map_err(log_status)?;
+        let mut state = PairState {
+            stream_sequence: last,
+            sequence: 0,
+        };
+        if last > 0 {
+            if let Some(event) = log.get(stream, last).await.map_err(log_status)? {
+                let stored = pb::Envelope::decode(event.payload.as_ref())
+                    .map_err(|e| Status::internal(format!("stored envelope undecodable: {e}")))?;
+                state.sequence = envelope::header(&stored)
+                    .map_err(|e| Status::internal(format!("stored envelope: {e}")))?
+                    .sequence;
+            }
+        }
+        self.pairs
+            .lock()
+            .expect("pairs lock")
+            .insert(subject.to_string(), state.clone());
+        Ok(state)
+    }
+
+    /// An envelope whose sequence is not ahead of its pair: the same message again (answered
+    /// as a duplicate with its cursor) or a replay (refused).
+    async fn resent_or_replayed(
+        &self,
+        subject: &str,
+        message_id: &str,
+        bytes: &[u8],
+    ) -> Result<u64, Refusal> {
+        let mut events = self
+            .queues
+            .log
+            .replay(&self.queues.stream, ReplayFrom::Start, None, Some(subject))
+            .await
+            .map_err(log_status)?;
+        while let Some(event) = events.try_next().await.map_err(log_status)? {
+            let Ok(stored) = pb::Envelope::decode(event.payload.as_ref()) else {
+                continue;
+            };
+            if envelope::header(&stored).is_ok_and(|h| h.message_id == message_id) {
+                return if event.payload.as_ref() == bytes {
+                    Ok(event.sequence)
+                } else {
+                    Err(refuse(
+                        "invalid",
+                        Status::already_exists(format!(
+                            "message id {message_id} was already used for another message; use a new id"
+                        )),
+                    ))
+                };
+            }
+        }
+        Err(refuse(
+            "replayed",
+            Status::failed_precondition(
+                "sequence is not ahead of the last message from this sender to this recipient: a replayed or reordered message is refused",
+            ),
+        ))
+    }
+
+    /// Every check, then the append. Returns (cursor, duplicate).
+    async fn send_checked(
+        &self,
+        tenant: &str,
+        envelope: pb::Envelope,
+        now: DateTime<Utc>,
+    ) -> Result<(u64, bool), Refusal> {
+        if envelope.ciphertext.len() > self.limits.max_ciphertext_bytes {
+            return Err(refuse(
+                "oversized",
+                Status::invalid_argument(format!(
+                    "ciphertext of {} bytes exceeds the limit of {} bytes; split the payload",
+                    envelope.ciphertext.len(),
+                    self.limits.max_ciphertext_bytes
+                )),
+            ));
+        }
+        let started = Instant::now();
+        let header = envelope::header(&envelope)?;
+        if header.tenant != tenant {
+            return Err(refuse(
+                "invalid",
+                Status::permission_denied(format!(
+                    "the envelope is for tenant {:?}; your credentials are for tenant {tenant:?}",
+                    header.tenant
+                )),
+            ));
+        }
+        envelope::check_for_sending(&envelope, &header, now, &self.limits)?;
+
+        let unknown = |what: &str, agent: &str, key: &str| {
+            refuse(
+                "unknown_key",
+                Status::failed_precondition(format!(
+                    "{what} key {key:?} of agent {agent:?} is not registered in tenant {tenant:?}; register it with RegisterKey"
+                )),
+            )
+        };
+        let sender = self
+            .directory
+            .agent_fresh(tenant, &header.sender_agent_id, Some(&header.sender_key_id))
+            .await
+            .map_err(log_status)?
+            .unwrap_or_default();
+        let Some(signing) = sender
+            .get(&header.sender_key_id)
+            .filter(|k| k.purpose == KeyPurpose::Signing)
+        else {
+            return Err(unknown(
+                "signing",
+                &header.sender_agent_id,
+                &header.sender_key_id,
+            ));
+        };
+        key_usable(signing, now)?;
+        let verifying = keys::verifying_key(&signing.public_key)?;
+        let verified = envelope::verify(&envelope, &verifying);
+        metrics::ENCRYPTION_SECONDS
+            .with_label_values(&[suite::ALGORITHM_LABEL])
+            .observe(started.elapsed().as_secs_f64());
+        metrics::SIGNATURE_VERIFICATIONS
+            .with_label_values(&[if verified.is_ok() { "valid" } else { "invalid" }])
+            .inc();
+        verified?;
+
+        let recipient = self
+            .directory
+            .agent_fresh(tenant, &header.recipient_agent_id, None)
+            .await
+            .map_err(log_status)?
+            .unwrap_or_default();
+        for key_id in &header.recipient_key_ids {
+            match recipient
+                .get(key_id)
+                .filter(|k| k.purpose == KeyPurpose::Encryption)
+            {
+                Some(k) => key_usable(k, now)?,
+                None => return Err(unknown("encryption", &header.recipient_agent_id, key_id)),
+            }
+        }
+
+        let subject = self.queues.message_subject(
+            tenant,
+            &header.recipient_agent_id,
+            &header.sender_agent_id,
+        );
+        let bytes = envelope.encode_to_vec();
+        let mut refresh = false;
+        for _ in 0..5 {
+            let pair = self.pair_state(&subject, refresh).await?;
+            if header.sequence <= pair.sequence {
+                let cursor = self
+                    .resent_or_replayed(&subject, &header.message_id, &bytes)
+                    .await?;
+                return Ok((cursor, true));
+            }
+            let append = AppendEvent {
+                subject: subject.clone(),
+                id: format!(
+                    "msg:{tenant}:{}:{}",
+                    header.sender_agent_id, header.message_id
+                ),
+                expected_subject_sequence: Some(pair.stream_sequence),
+                headers: Headers::new()
+                    .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                    .with(names::EVENT_TYPE, "messaging.sealed")
+                    .with(names::TENANT, tenant),
+                payload: bytes.clone().into(),
+            };
+            match self.queues.log.append(append).await {
+                Ok(Appended::New { sequence }) => {
+                    self.pairs.lock().expect("pairs lock").insert(
+                        subject,
+                        PairState {
+                            stream_sequence: sequence,
+                            sequence: header.sequence,
+                        },
+                    );
+                    self.queues.hub.wake(tenant, &header.recipient_agent_id);
+                    return Ok((sequence, false));
+                }
+                Ok(Appended::Duplicate { sequence }) => {
+                    // The log saw this id recently: the same message, or another one reusing
+                    // its id.
+                    let original = self
+                        .queues
+                        .log
+                        .get(&self.queues.stream, sequence)
+                        .await
+                        .map_err(log_status)?;
+                    return match original {
+                        Some(o) if o.payload.as_ref() == bytes.as_slice() => Ok((sequence, true)),
+                        _ => Err(refuse(
+                            "invalid",
+                            Status::already_exists(format!(
+                                "message id {} was already used for another message; use a new id",
+                                header.message_id
+                            )),
+                        )),
+                    };
+                }
+                // Another replica stored a message for this pair first: re-read and check the
+                // sequence again.
+                Err(LogError::Conflict { .. }) => refresh = true,
+                Err(e) => return Err(log_status(e).into()),
+            }
+        }
+        Err(Status::aborted("concurrent sends to this recipient kept racing; retry").into())
+    }
+}
+
+fn key_usable(k: &KeyRecord, now: DateTime<Utc>) -> Result<(), Refusal> {
+    if k.usable(now) {
+        return Ok(());
+    }
+    let (reason, why) = match &k.revoked {
+        Some((at, reason)) => ("revoked_key", format!("was revoked at {at} ({reason})")),
+        None => (
+            "retired_key",
+            format!(
+                "retired at {} at the end of its rotation overlap",
+                k.valid_until.unwrap_or_default()
+            ),
+        ),
+    };
+    Err(refuse(
+        reason,
+        Status::failed_precondition(format!(
+            "key {:?} of agent {:?} {why}; use the agent's current key (LookupKeys)",
+            k.key_id, k.agent_id
+        )),
+    ))
+}
+
+fn check_ids(agent_id: &str, key_id: Option<&str>) -> Result<(), Status> {
+    domain::check_agent_id(agent_id).map_err(invalid)?;
+    if let Some(k) = key_id {
+        domain::check_key_id(k).map_err(invalid)?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl MessagingService for MessagingGateway {
+    async fn register_key(
+        &self,
+        request: Request<pb::RegisterKeyRequest>,
+    ) -> Result<Response<pb::RegisterKeyResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let r = request.into_inner();
+        check_ids(&r.agent_id, Some(&r.key_id))?;
+        let purpose = match KeyPurpose::try_from(r.purpose) {
+            Ok(p @ (KeyPurpose::Signing | KeyPurpose::Encryption)) => p,
+            _ => {
+                return Err(invalid(
+                    "purpose must be KEY_PURPOSE_SIGNING or KEY_PURPOSE_ENCRYPTION".into(),
+                ))
+            }
+        };
+        let signing = purpose == KeyPurpose::Signing;
+        keys::check_public_key(signing, &r.public_key).map_err(|e| invalid(e.to_string()))?;
+        if signing {
+            keys::verify_proof(&tenant, &r.agent_id, &r.key_id, &r.public_key, &r.proof)
+                .map_err(|_| {
+                    invalid(
+                        "proof must be the new signing key's signature over its registration (SigningKeyPair::proof)"
+                            .into(),
+                    )
+                })?;
+        }
+        let overlap = match r.overlap {
+            None => DEFAULT_OVERLAP,
+            Some(d) => Duration::try_from(d)
+                .ok()
+                .filter(|d| *d <= MAX_OVERLAP)
+                .ok_or_else(|| invalid("overlap must be between 0 and 30 days".into()))?,
+        };
+        for _ in 0..5 {
+            let agent = self
+                .directory
+                .agent_fresh(&tenant, &r.agent_id, Some(&r.key_id))
+                .await
+                .map_err(log_status)?
+                .unwrap_or_default();
+            let now = Utc::now();
+            if let Some(existing) = agent.get(&r.key_id) {
+                if existing.public_key == r.public_key && existing.purpose == purpose {
+                    return Ok(Response::new(pb::RegisterKeyResponse {
+                        key: Some(key_to_proto(existing, now)),
+                        rotated: vec![],
+                        already_registered: true,
+                    }));
+                }
+                return Err(Status::already_exists(format!(
+                    "key id {:?} of agent {:?} is already registered with other material; choose a new key id",
+                    r.key_id, r.agent_id
+                )));
+            }
+            let replaces = agent.replaced_by_new(purpose);
+            let until = now + chrono::Duration::from_std(overlap).unwrap_or_default();
+            let event = key_event::Event::Registered(pb::KeyRegistered {
+                agent_id: r.agent_id.clone(),
+                key_id: r.key_id.clone(),
+                purpose: purpose as i32,
+                public_key: r.public_key.clone(),
+                registered_at: ts(now),
+                replaces: replaces.clone(),
+                replaced_valid_until: if replaces.is_empty() { None } else { ts(until) },
+            });
+            let id = format!("key:{tenant}:{}:{}", r.agent_id, r.key_id);
+            match self
+                .append_key_event(
+                    &tenant,
+                    &r.agent_id,
+                    agent.last_sequence,
+                    id,
+                    event,
+                    "messaging.key_registered",
+                )
+                .await
+            {
+                Ok(()) => {
+                    let after = self
+                        .directory
+                        .agent(&tenant, &r.agent_id)
+                        .unwrap_or_default();
+                    let view = |id: &str| after.get(id).map(|k| key_to_proto(k, now));
+                    return Ok(Response::new(pb::RegisterKeyResponse {
+                        key: view(&r.key_id),
+                        rotated: replaces.iter().filter_map(|id| view(id)).collect(),
+                        already_registered: false,
+                    }));
+                }
+                Err(LogError::Conflict { .. }) => {
+                    self.directory.catch_up().await.map_err(log_status)?
+                }
+                Err(e) => return Err(log_status(e)),
+            }
+        }
+        Err(Status::aborted(
+            "key registrations for this agent kept racing; retry",
+        ))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let r = request.into_inner();
+        check_ids(&r.agent_id, Some(&r.key_id))?;
+        if r.reason.len() > 512 {
+            return Err(invalid("reason is at most 512 bytes".into()));
+        }
+        for _ in 0..5 {
+            let agent: AgentKeys = self
+                .directory
+                .agent_fresh(&tenant, &r.agent_id, Some(&r.key_id))
+                .await
+                .map_err(log_status)?
+                .unwrap_or_default();
+            let Some(key) = agent.get(&r.key_id) else {
+                return Err(Status::not_found(format!(
+                    "agent {:?} has no key {:?} in tenant {tenant:?}",
+                    r.agent_id, r.key_id
+                )));
+            };
+            let now = Utc::now();
+            if key.revoked.is_some() {
+                return Ok(Response::new(pb::RevokeKeyResponse {
+                    key: Some(key_to_proto(key, now)),
+                }));
+            }
+            let event = key_event::Event::Revoked(pb::KeyRevoked {
+                agent_id: r.agent_id.clone(),
+                key_id: r.key_id.clone(),
+                reason: r.reason.clone(),
+                revoked_at: ts(now),
+            });
+            let id = format!("revoke:{tenant}:{}:{}", r.agent_id, r.key_id);
+            match self
+                .append_key_event(
+                    &tenant,
+                    &r.agent_id,
+                    agent.last_sequence,
+                    id,
+                    event,
+                    "messaging.key_revoked",
+                )
+                .await
+            {
+                Ok(()) => {
+                    let after = self.directory.agent(&tenant, &r.agent_id);
+                    return Ok(Response::new(pb::RevokeKeyResponse {
+                        key: after
+                            .as_ref()
+                            .and_then(|a| a.get(&r.key_id))
+                            .map(|k| key_to_proto(k, now)),
+                    }));
+                }
+                Err(LogError::Conflict { .. }) => {
+                    self.directory.catch_up().await.map_err(log_status)?
+                }
+                Err(e) => return Err(log_status(e)),
+            }
+        }
+        Err(Status::aborted(
+            "key changes for this agent kept racing; retry",
+        ))
+    }
+
+    async fn lookup_keys(
+        &self,
+        request: Request<pb::LookupKeysRequest>,
+    ) -> Result<Response<pb::LookupKeysResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let r = request.into_inner();
+        check_ids(&r.agent_id, None)?;
+        let Some(agent) = self
+            .directory
+            .agent_fresh(&tenant, &r.agent_id, None)
+            .await
+            .map_err(log_status)?
+        else {
+            return Err(Status::not_found(format!(
+                "agent {:?} has no keys in tenant {tenant:?}",
+                r.agent_id
+            )));
+        };
+        let now = Utc::now();
+        let keys = agent
+            .keys
+            .iter()
+            .filter(|k| r.include_inactive || k.usable(now))
+            .map(|k| key_to_proto(k, now))
+            .collect();
+        Ok(Response::new(pb::LookupKeysResponse { keys }))
+    }
+
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let Some(envelope) = request.into_inner().envelope else {
+            return Err(invalid("envelope is required".into()));
+        };
+        // The label is the header's sender once it decodes; before that, "unknown".
+        let sender = pb::EnvelopeHeader::decode(envelope.header.as_slice())
+            .ok()
+            .map(|h| h.sender_agent_id)
+            .filter(|s| domain::check_agent_id(s).is_ok())
+            .unwrap_or_else(|| "unknown".into());
+        let outcome = self.send_checked(&tenant, envelope, Utc::now()).await;
+        let status = match &outcome {
+            Ok((_, false)) => "accepted",
+            Ok((_, true)) => "duplicate",
+            Err(r) => r.reason,
+        };
+        metrics::SENT.with_label_values(&[&sender, status]).inc();
+        let (cursor, duplicate) = outcome.map_err(|r| r.status)?;
+        Ok(Response::new(pb::SendResponse { cursor, duplicate }))
+    }
+
+    type ReceiveStream = ReceiverStream<Result<pb::ReceivedMessage, Status>>;
+
+    async fn receive(
+        &self,
+        request: Request<pb::ReceiveRequest>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let tenant = tenant(&request)?;
+        let r = request.into_inner();
+        check_ids(&r.agent_id, None)?;
+        let ack_wait = match r.ack_wait {
+            None => DEFAULT_ACK_WAIT,
+            Some(d) => Duration::try_from(d)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(3600))
+                .ok_or_else(|| invalid("ack_wait must be between 100 ms and 1 h".into()))?,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let session = Session {
+            queues: self.queues.clone(),
+            tenant,
+            recipient: r.agent_id,
+            after_cursor: r.after_cursor,
+            ack_wait,
+        };
+        tokio::spawn(session.run(tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let tenant = tenant(&request)?;
+        let r = request.into_inner();
+        check_ids(&r.agent_id, None)?;
+        let acked_through = self
+            .queues
+            .ack(&tenant, &r.agent_id, r.through_cursor)
+            .await?;
+        Ok(Response::new(pb::AckResponse { acked_through }))
+    }
+}

@@ -1,0 +1,608 @@
+//! Messaging end to end on a running gateway, on both adapters (JetStream and the embedded
+//! log): only the recipient reads a message and the log holds no plaintext; any altered byte
+//! is refused; rotation overlap and revocation; an offline recipient gets everything in order
+//! and, after acks, exactly once, across a gateway restart; duplicates, replays, expiry and bad
+//! input get clear statuses; tenants are kept apart.
+use std::time::Duration;
+
+use creto_domain::messaging::envelope;
+use creto_gateways::auth::token::{keygen, KeyRing};
+use creto_gateways::auth::AuthArgs;
+use creto_gateways::messaging::client::{AgentClient, ClientError};
+use creto_replay_tests::Env;
+use creto_schemas::messaging::v1 as pb;
+use creto_schemas::messaging::v1::{KeyPurpose, KeyStatus};
+use creto_streams::{ReplayFrom, MESSAGING};
+use futures::TryStreamExt;
+use prost::Message;
+use tonic::Code;
+
+macro_rules! on_both_adapters {
+    ($($name:ident),* $(,)?) => {
+        mod jetstream {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let env = creto_replay_tests::Env::new().await;
+                super::$name(&env).await;
+                env.drop().await;
+            })*
+        }
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let env = creto_replay_tests::Env::embedded().await;
+                super::$name(&env).await;
+                env.drop().await;
+            })*
+        }
+    };
+}
+
+on_both_adapters!(
+    only_the_recipient_reads_and_the_log_holds_no_plaintext,
+    altered_envelopes_are_refused,
+    rotation_overlap_and_revocation,
+    offline_recipient_in_order_and_exactly_once_after_acks,
+    duplicates_replays_and_expiry,
+    bad_input_gets_clear_statuses,
+);
+
+async fn agent(url: &str, id: &str) -> AgentClient {
+    let mut a = AgentClient::connect(url, "", "default", id).await.unwrap();
+    a.register().await.unwrap();
+    a
+}
+
+fn code(e: ClientError) -> (Code, String) {
+    match e {
+        ClientError::Rpc(s) => (s.code(), s.message().to_string()),
+        other => panic!("expected a gRPC status, got {other}"),
+    }
+}
+
+/// The next message on the stream, or None after `wait`.
+async fn next(
+    inbox: &mut tonic::Streaming<pb::ReceivedMessage>,
+    wait: Duration,
+) -> Option<pb::ReceivedMessage> {
+    tokio::time::timeout(wait, inbox.message())
+        .await
+        .ok()
+        .map(|m| m.unwrap().expect("stream open"))
+}
+
+async fn only_the_recipient_reads_and_the_log_holds_no_plaintext(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = agent(&url, "bob").await;
+    let mut carol = agent(&url, "carol").await;
+    let secret = b"the launch code is 0000-SWORDFISH";
+    let sent = alice.send("bob", secret).await.unwrap();
+    assert!(!sent.duplicate);
+
+    let mut inbox = bob.receive(0).await.unwrap();
+    let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(m.cursor, sent.cursor);
+    assert_eq!(m.delivery_attempt, 1);
+    let opened = bob.open(&m).await.unwrap();
+    assert_eq!(opened.plaintext, secret);
+    assert_eq!(opened.header.sender_agent_id, "alice");
+
+    // Carol gets nothing in her queue, and cannot open Bob's message with her keys.
+    let mut carol_inbox = carol.receive(0).await.unwrap();
+    assert!(next(&mut carol_inbox, Duration::from_millis(500))
+        .await
+        .is_none());
+    assert!(carol.open(&m).await.is_err());
+
+    // No stored byte anywhere in the stream carries the plaintext.
+    let stream = env.platform.catalog.stream(MESSAGING);
+    let stored: Vec<_> = env
+        .platform
+        .log
+        .replay(&stream, ReplayFrom::Start, None, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(stored.len() >= 7, "6 keys and a message: {}", stored.len());
+    for e in &stored {
+        assert!(
+            !e.payload.windows(10).any(|w| w == &secret[..10]),
+            "plaintext found in {}",
+            e.subject
+        );
+    }
+    running.stop().await;
+}
+
+async fn altered_envelopes_are_refused(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let _bob = agent(&url, "bob").await;
+    let keys = alice.recipient_keys("bob").await.unwrap();
+    let original = alice.seal("bob", &keys, b"pay 10 EUR").unwrap();
+
+    let mut altered = Vec::new();
+    // Every byte of the header, a byte of each other part.
+    for i in 0..original.header.len() {
+        let mut e = original.clone();
+        e.header[i] ^= 0x01;
+        altered.push(e);
+    }
+    for f in [
+        |e: &mut pb::Envelope| e.ciphertext[3] ^= 0x80,
+        |e: &mut pb::Envelope| e.stanzas[0].wrapped_key[0] ^= 0x01,
+        |e: &mut pb::Envelope| e.stanzas[0].encapsulated_key[31] ^= 0x01,
+        |e: &mut pb::Envelope| e.signature[0] ^= 0x01,
+        |e: &mut pb::Envelope| e.signature.truncate(10),
+    ] {
+        let mut e = original.clone();
+        f(&mut e);
+        altered.push(e);
+    }
+    for e in altered {
+        let (code, message) = code(alice.send_envelope(e).await.unwrap_err());
+        assert!(
+            matches!(
+                code,
+                Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied
+            ),
+            "{code:?} {message}"
+        );
+    }
+    let state = env
+        .platform
+        .log
+        .stream_state(&env.platform.catalog.stream(MESSAGING))
+        .await
+        .unwrap();
+    assert_eq!(
+        state.messages, 4,
+        "only the four key registrations are stored"
+    );
+    // The untouched one still goes through.
+    assert!(!alice.send_envelope(original).await.unwrap().duplicate);
+    running.stop().await;
+}
+
+async fn rotation_overlap_and_revocation(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = agent(&url, "bob").await;
+    let old_keys = alice.recipient_keys("bob").await.unwrap();
+    bob.rotate_encryption("bob-enc-2", Duration::from_secs(3))
+        .await
+        .unwrap();
+
+    // During the overlap both keys are valid; a sender seals for both, and a message sealed
+    // for the old key alone is still accepted.
+    let keys = bob_keys(&mut alice).await;
+    assert_eq!(
+        keys,
+        vec![
+            ("bob-enc-1".to_string(), KeyStatus::Rotating as i32),
+            ("bob-enc-2".to_string(), KeyStatus::Active as i32),
+        ]
+    );
+    alice.send("bob", b"for both keys").await.unwrap();
+    let old_only = alice.seal("bob", &old_keys, b"old key only").unwrap();
+    alice.send_envelope(old_only).await.unwrap();
+    let mut inbox = bob.receive(0).await.unwrap();
+    for expected in [&b"for both keys"[..], b"old key only"] {
+        let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(bob.open(&m).await.unwrap().plaintext, expected);
+    }
+
+    // After the overlap the old key is retired: refused, and the sender is told why.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(
+        bob_keys(&mut alice).await,
+        vec![
+            ("bob-enc-1".to_string(), KeyStatus::Retired as i32),
+            ("bob-enc-2".to_string(), KeyStatus::Active as i32),
+        ]
+    );
+    let late = alice.seal("bob", &old_keys, b"too late").unwrap();
+    let (c, m) = code(alice.send_envelope(late).await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("retired"), "{m}");
+    alice.send("bob", b"new key").await.unwrap();
+
+    // Revoking Alice's signing key stops her at once; a new key lets her send again.
+    alice
+        .rpc()
+        .revoke_key(pb::RevokeKeyRequest {
+            agent_id: "alice".into(),
+            key_id: "alice-sig-1".into(),
+            reason: "laptop stolen".into(),
+        })
+        .await
+        .unwrap();
+    let (c, m) = code(alice.send("bob", b"after revocation").await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("revoked") && m.contains("laptop stolen"), "{m}");
+    alice.signing = creto_domain::messaging::SigningKeyPair::generate("alice-sig-2");
+    alice.register().await.unwrap();
+    alice.send("bob", b"with the new key").await.unwrap();
+    // Bob receives the rest in order; the last verifies with Alice's new key.
+    let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(bob.open(&m).await.unwrap().plaintext, b"new key");
+    let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(bob.open(&m).await.unwrap().plaintext, b"with the new key");
+    running.stop().await;
+}
+
+async fn bob_keys(alice: &mut AgentClient) -> Vec<(String, i32)> {
+    alice
+        .rpc()
+        .lookup_keys(pb::LookupKeysRequest {
+            agent_id: "bob".into(),
+            include_inactive: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .filter(|k| k.purpose == KeyPurpose::Encryption as i32)
+        .map(|k| (k.key_id, k.status))
+        .collect()
+}
+
+async fn offline_recipient_in_order_and_exactly_once_after_acks(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = agent(&url, "bob").await;
+    // Bob is offline while Alice sends 40 messages.
+    for i in 0..40 {
+        alice.send("bob", format!("m{i}").as_bytes()).await.unwrap();
+    }
+    let mut inbox = bob.receive(0).await.unwrap();
+    let mut cursors = Vec::new();
+    for i in 0..40 {
+        let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            bob.open(&m).await.unwrap().plaintext,
+            format!("m{i}").as_bytes()
+        );
+        cursors.push(m.cursor);
+    }
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "in order");
+    bob.ack(cursors[24]).await.unwrap();
+    drop(inbox);
+
+    // A new gateway (every replica restarted): the directory and Bob's position come back
+    // from the log.
+    running.stop().await;
+    let (running, url) = env.start_messaging().await;
+    let mut bob = bob.reconnect(&url, "").await.unwrap();
+    let mut inbox = bob.receive(0).await.unwrap();
+    for (i, cursor) in cursors.iter().enumerate().skip(25) {
+        let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(m.cursor, *cursor);
+        assert_eq!(m.delivery_attempt, 1, "a new session counts afresh");
+        assert_eq!(
+            bob.open(&m).await.unwrap().plaintext,
+            format!("m{i}").as_bytes()
+        );
+    }
+    bob.ack(cursors[39]).await.unwrap();
+    // Acks never move back.
+    assert_eq!(bob.ack(cursors[3]).await.unwrap(), cursors[39]);
+    drop(inbox);
+    let mut inbox = bob.receive(0).await.unwrap();
+    assert!(
+        next(&mut inbox, Duration::from_millis(700)).await.is_none(),
+        "acknowledged messages are not delivered again"
+    );
+
+    // Within a session, what is not acked within ack_wait comes again, in order.
+    let mut alice = alice.reconnect(&url, "").await.unwrap();
+    alice.send("bob", b"x1").await.unwrap();
+    alice.send("bob", b"x2").await.unwrap();
+    let mut session = bob
+        .rpc()
+        .receive(pb::ReceiveRequest {
+            agent_id: "bob".into(),
+            after_cursor: 0,
+            ack_wait: Some(Duration::from_millis(400).try_into().unwrap()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first: Vec<_> = [
+        next(&mut session, Duration::from_secs(5)).await.unwrap(),
+        next(&mut session, Duration::from_secs(5)).await.unwrap(),
+    ]
+    .to_vec();
+    bob.ack(first[0].cursor).await.unwrap();
+    let again = next(&mut session, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again.cursor, first[1].cursor);
+    assert_eq!(again.delivery_attempt, 2);
+    bob.ack(again.cursor).await.unwrap();
+    assert!(next(&mut session, Duration::from_millis(900))
+        .await
+        .is_none());
+
+    // A cursor past the end is refused.
+    let (c, _) = code(bob.ack(u64::MAX / 2).await.unwrap_err());
+    assert_eq!(c, Code::OutOfRange);
+    running.stop().await;
+}
+
+async fn duplicates_replays_and_expiry(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = agent(&url, "bob").await;
+    let keys = alice.recipient_keys("bob").await.unwrap();
+
+    let older = alice.seal("bob", &keys, b"older").unwrap();
+    let newer = alice.seal("bob", &keys, b"newer").unwrap();
+    let first = alice.send_envelope(newer.clone()).await.unwrap();
+    // The same message again: a duplicate with the same cursor, nothing stored.
+    let again = alice.send_envelope(newer.clone()).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.cursor, first.cursor);
+    // An older sequence after a newer one: a replay, refused.
+    let (c, m) = code(alice.send_envelope(older).await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("replayed"), "{m}");
+    // The same message id with other content: refused.
+    let mut h = envelope::header(&newer).unwrap();
+    h.sequence += 1_000;
+    let mut reused = newer.clone();
+    reused.header = h.encode_to_vec();
+    envelope::sign(&mut reused, &alice.signing);
+    let (c, m) = code(alice.send_envelope(reused).await.unwrap_err());
+    assert_eq!(c, Code::AlreadyExists, "{m}");
+
+    // Expired before it is sent: refused.
+    alice.ttl = Duration::from_millis(300);
+    let stale = alice.seal("bob", &keys, b"stale").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (c, m) = code(alice.send_envelope(stale).await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("expired"), "{m}");
+
+    // Expired while waiting for the recipient: dropped with an event, never delivered.
+    alice.ttl = Duration::from_millis(800);
+    alice.send("bob", b"short-lived").await.unwrap();
+    alice.ttl = Duration::from_secs(3600);
+    alice.send("bob", b"long-lived").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut inbox = bob.receive(0).await.unwrap();
+    let got: Vec<Vec<u8>> = {
+        let mut v = Vec::new();
+        while let Some(m) = next(&mut inbox, Duration::from_millis(700)).await {
+            v.push(bob.open(&m).await.unwrap().plaintext);
+        }
+        v
+    };
+    assert_eq!(got, vec![b"newer".to_vec(), b"long-lived".to_vec()]);
+    let expired: Vec<_> = env
+        .platform
+        .log
+        .replay(
+            &env.platform.catalog.stream(MESSAGING),
+            ReplayFrom::Start,
+            None,
+            Some(&env.subject("messaging.expired.default.bob")),
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(expired.len(), 1);
+    let e = pb::Expired::decode(expired[0].payload.as_ref()).unwrap();
+    assert_eq!(e.sender_agent_id, "alice");
+    running.stop().await;
+}
+
+async fn bad_input_gets_clear_statuses(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let _bob = agent(&url, "bob").await;
+    let keys = alice.recipient_keys("bob").await.unwrap();
+
+    // Unknown suite, even correctly signed: refused, never guessed.
+    let mut env_ = alice.seal("bob", &keys, b"x").unwrap();
+    let mut h = envelope::header(&env_).unwrap();
+    h.aead_id = 0x0002;
+    env_.header = h.encode_to_vec();
+    envelope::sign(&mut env_, &alice.signing);
+    let (c, m) = code(alice.send_envelope(env_).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(m.contains("unknown HPKE suite"), "{m}");
+
+    // Oversized.
+    let (c, m) = code(alice.send("bob", &vec![7u8; 300 * 1024]).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(m.contains("exceeds"), "{m}");
+
+    // A recipient or sender key the directory does not know.
+    let to_nobody = alice.seal("nobody", &keys, b"x").unwrap();
+    let (c, m) = code(alice.send_envelope(to_nobody).await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition);
+    assert!(m.contains("not registered"), "{m}");
+    let mut ghost = AgentClient::connect(&url, "", "default", "ghost")
+        .await
+        .unwrap();
+    let (c, m) = code(ghost.send("bob", b"x").await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition);
+    assert!(m.contains("ghost-sig-1"), "{m}");
+
+    // An envelope for another tenant.
+    let mut other = AgentClient::connect(&url, "", "other", "alice")
+        .await
+        .unwrap();
+    other.signing = alice.signing.clone();
+    let cross_tenant = other.seal("bob", &keys, b"x").unwrap();
+    let (c, _) = code(other.send_envelope(cross_tenant).await.unwrap_err());
+    assert_eq!(c, Code::PermissionDenied);
+
+    // Registration: no proof, a wrong proof, a short key, a reused key id, hostile ids.
+    let rpc = alice.rpc();
+    let signing = creto_domain::messaging::SigningKeyPair::generate("alice-sig-9");
+    let base = pb::RegisterKeyRequest {
+        agent_id: "alice".into(),
+        key_id: "alice-sig-9".into(),
+        purpose: KeyPurpose::Signing as i32,
+        public_key: signing.public().to_vec(),
+        overlap: None,
+        proof: signing.proof("default", "alice"),
+    };
+    for (request, expected) in [
+        (
+            pb::RegisterKeyRequest {
+                proof: vec![],
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::RegisterKeyRequest {
+                proof: signing.proof("default", "mallory"),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::RegisterKeyRequest {
+                public_key: vec![1; 31],
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::RegisterKeyRequest {
+                key_id: "alice-sig-1".into(),
+                proof: creto_domain::messaging::SigningKeyPair::from_seed(
+                    "alice-sig-1",
+                    signing.seed(),
+                )
+                .proof("default", "alice"),
+                ..base.clone()
+            },
+            Code::AlreadyExists,
+        ),
+        (
+            pb::RegisterKeyRequest {
+                agent_id: "a.>".into(),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::RegisterKeyRequest {
+                purpose: 0,
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        let e = rpc.register_key(request).await.unwrap_err();
+        assert_eq!(e.code(), expected, "{}", e.message());
+    }
+    // Registering the same key twice is a no-op.
+    assert!(
+        !rpc.register_key(base.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .already_registered
+    );
+    assert!(
+        rpc.register_key(base)
+            .await
+            .unwrap()
+            .into_inner()
+            .already_registered
+    );
+    let e = rpc
+        .receive(pb::ReceiveRequest {
+            agent_id: "bob*".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    running.stop().await;
+}
+
+/// Tenants never see each other: the same agent names in two tenants, with real tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated() {
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, keygen("k1")).unwrap();
+    let auth = AuthArgs {
+        auth_keys: Some(keys.clone()),
+        ..Default::default()
+    }
+    .build(None)
+    .unwrap();
+    let running = env.start_messaging_with(auth).await;
+    let url = format!("http://{}", running.grpc_addr.unwrap());
+    let ring = KeyRing::load(&keys).unwrap();
+    let token = |tenant: &str| {
+        ring.issue(tenant, "agent", &["admin".into()], Duration::from_secs(300))
+            .unwrap()
+    };
+    let connect = |tenant: &'static str, id: &'static str| {
+        let t = token(tenant);
+        let url = url.clone();
+        async move {
+            let mut a = AgentClient::connect(&url, &t, tenant, id).await.unwrap();
+            a.register().await.unwrap();
+            a
+        }
+    };
+    let mut a_alice = connect("a", "alice").await;
+    let mut a_bob = connect("a", "bob").await;
+    let mut b_bob = connect("b", "bob").await;
+    let mut b_eve = connect("b", "eve").await;
+    a_alice.send("bob", b"for a/bob").await.unwrap();
+
+    // b/bob's queue is empty; a/bob's has the message.
+    let mut inbox = b_bob.receive(0).await.unwrap();
+    assert!(next(&mut inbox, Duration::from_millis(600)).await.is_none());
+    let mut inbox = a_bob.receive(0).await.unwrap();
+    assert!(next(&mut inbox, Duration::from_secs(5)).await.is_some());
+    // Tenant b cannot look up tenant a's alice, revoke her keys, or ack for a/bob.
+    let e = b_eve
+        .rpc()
+        .lookup_keys(pb::LookupKeysRequest {
+            agent_id: "alice".into(),
+            include_inactive: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = b_eve
+        .rpc()
+        .revoke_key(pb::RevokeKeyRequest {
+            agent_id: "alice".into(),
+            key_id: "alice-sig-1".into(),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // An envelope claiming tenant a, sent with a tenant-b token.
+    let keys = a_alice.recipient_keys("bob").await.unwrap();
+    let forged = a_alice.seal("bob", &keys, b"x").unwrap();
+    let (c, _) = code(b_eve.send_envelope(forged).await.unwrap_err());
+    assert_eq!(c, Code::PermissionDenied);
+    // No token at all.
+    let mut anonymous = AgentClient::connect(&url, "not-a-token", "a", "alice")
+        .await
+        .unwrap();
+    let (c, _) = code(anonymous.send("bob", b"x").await.unwrap_err());
+    assert_eq!(c, Code::Unauthenticated);
+    running.stop().await;
+    env.drop().await;
+}
