@@ -52,6 +52,8 @@ struct FileConfig {
     late_window_hours: Option<i64>,
     max_event_bytes: Option<usize>,
     metrics_subscription_label_limit: Option<usize>,
+    messaging_max_message_bytes: Option<usize>,
+    messaging_max_ttl_hours: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +68,8 @@ pub struct Settings {
     pub limits: IngestLimits,
     /// Distinct `subscription_id` label values before the rest are counted as `other`.
     pub metrics_subscription_label_limit: usize,
+    /// What a Send may carry: ciphertext size and message life.
+    pub messaging: creto_domain::messaging::MessagingLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +109,19 @@ impl Settings {
         if let Some(b) = file.max_event_bytes {
             limits.max_bytes = b;
         }
+        let mut messaging = creto_domain::messaging::MessagingLimits::default();
+        if let Some(b) = file.messaging_max_message_bytes {
+            // The MESSAGING stream stores at most 1 MiB per message, envelope included.
+            if !(1..=900 * 1024).contains(&b) {
+                return Err(ConfigError::Invalid(format!(
+                    "messaging_max_message_bytes = {b}: choose 1 to 921600 (the stream stores at most 1 MiB per message)"
+                )));
+            }
+            messaging.max_ciphertext_bytes = b;
+        }
+        if let Some(h) = file.messaging_max_ttl_hours {
+            messaging.max_ttl = std::time::Duration::from_secs(h.clamp(1, 24 * 365) * 3600);
+        }
         Ok(Settings {
             nats_url: pick(&args.nats_url, file.nats_url, DEFAULT_NATS_URL),
             database_url: pick(&args.database_url, file.database_url, DEFAULT_DATABASE_URL),
@@ -128,6 +145,7 @@ impl Settings {
             metrics_subscription_label_limit: file
                 .metrics_subscription_label_limit
                 .unwrap_or(1_000),
+            messaging,
         })
     }
 

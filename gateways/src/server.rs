@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use creto_domain::messaging::MessagingLimits;
 use creto_projections::runner::{self, RunnerConfig};
 use creto_schemas::messaging::v1::messaging_service_server::MessagingServiceServer;
 use creto_schemas::metering::v1::metering_service_server::MeteringServiceServer;
@@ -88,6 +87,7 @@ struct Product {
     name: &'static str,
     /// Full gRPC service name, for health and reflection.
     service: &'static str,
+    needs: status::Needs,
     routes: Routes,
 }
 
@@ -105,6 +105,10 @@ pub async fn start_metering(
     let product = Product {
         name: "metering",
         service: "creto.enablement.metering.v1.MeteringService",
+        needs: status::Needs {
+            stream: creto_streams::METERING,
+            read_models: true,
+        },
         routes: Routes::new(
             MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024),
         ),
@@ -137,11 +141,16 @@ pub async fn start_messaging(
         platform.log.clone(),
         platform.catalog.clone(),
     ));
-    let limits = MessagingLimits::default();
+    let limits = platform.settings.messaging;
     let gateway = MessagingGateway::new(queues.clone(), directory.clone(), limits);
     let product = Product {
         name: "messaging",
         service: "creto.enablement.messaging.v1.MessagingService",
+        // Only the log: no table or cache key of messaging exists.
+        needs: status::Needs {
+            stream: creto_streams::MESSAGING,
+            read_models: false,
+        },
         // Room for the largest ciphertext plus its header, stanzas and signature.
         routes: Routes::new(
             MessagingServiceServer::new(gateway)
@@ -192,6 +201,7 @@ async fn start_product(
     tasks.spawn(status::watch_dependencies(
         platform.clone(),
         health.clone(),
+        product.needs,
         shutdown_rx.clone(),
     ));
 

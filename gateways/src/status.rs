@@ -114,14 +114,23 @@ pub fn router(health: Health) -> Router {
     )
 }
 
-/// Checks the log, PostgreSQL (when used) and the cache every few seconds until `shutdown`.
+/// What a product depends on: its stream, and whether it reads PostgreSQL and the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    pub stream: &'static str,
+    pub read_models: bool,
+}
+
+/// Checks the log (the product's stream), and PostgreSQL and the cache when the product uses
+/// them, every few seconds until `shutdown`.
 pub async fn watch_dependencies(
     platform: Arc<Platform>,
     health: Health,
+    needs: Needs,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let stream = platform.catalog.stream(creto_streams::METERING);
+        let stream = platform.catalog.stream(needs.stream);
         // Named after what runs behind each port, as operators know them.
         let (log_name, cache_name) = match &platform.stores {
             crate::platform::Stores::Services { .. } => ("nats", "redis"),
@@ -134,6 +143,12 @@ pub async fn watch_dependencies(
                 Err(e) => format!("down: {e}"),
             },
         );
+        if !needs.read_models {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
         if let crate::platform::Stores::Services { pool, .. } = &platform.stores {
             match sqlx::query("SELECT 1").execute(pool).await {
                 Ok(_) => health.set("postgres", "up"),

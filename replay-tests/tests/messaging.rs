@@ -597,6 +597,44 @@ async fn tenants_are_isolated() {
     let forged = a_alice.seal("bob", &keys, b"x").unwrap();
     let (c, _) = code(b_eve.send_envelope(forged).await.unwrap_err());
     assert_eq!(c, Code::PermissionDenied);
+    // A token with the `agent` role acts only as its own agent: Bob cannot drain Alice's
+    // queue, acknowledge for her, send as her or register keys for her.
+    let bob_token = ring
+        .issue("a", "bob", &["agent".into()], Duration::from_secs(300))
+        .unwrap();
+    let mut as_bob = AgentClient::connect(&url, &bob_token, "a", "bob")
+        .await
+        .unwrap();
+    as_bob.signing = a_bob.signing.clone();
+    as_bob.send("alice", b"from bob, as bob").await.unwrap();
+    let e = as_bob
+        .rpc()
+        .receive(pb::ReceiveRequest {
+            agent_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let e = as_bob
+        .rpc()
+        .ack(pb::AckRequest {
+            agent_id: "alice".into(),
+            through_cursor: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut impostor = AgentClient::connect(&url, &bob_token, "a", "alice")
+        .await
+        .unwrap();
+    impostor.signing = a_alice.signing.clone();
+    let (c, m) = code(impostor.send("bob", b"as alice").await.unwrap_err());
+    assert_eq!(c, Code::PermissionDenied, "{m}");
+    let (c, _) = code(impostor.register().await.unwrap_err());
+    assert_eq!(c, Code::PermissionDenied);
+    assert!(as_bob.receive(0).await.is_ok());
+
     // No token at all.
     let mut anonymous = AgentClient::connect(&url, "not-a-token", "a", "alice")
         .await

@@ -384,12 +384,25 @@ mod tests {
     fn b_opens_what_a_sealed_and_nobody_else_can() {
         let (a, b, c) = (agent("a"), agent("b"), agent("c"));
         let env = sealed(&a, &b, b"launch at dawn");
-        let opened = open(&env, &vk(&a), "b", std::slice::from_ref(&b.encryption), Utc::now()).unwrap();
+        let opened = open(
+            &env,
+            &vk(&a),
+            "b",
+            std::slice::from_ref(&b.encryption),
+            Utc::now(),
+        )
+        .unwrap();
         assert_eq!(opened.plaintext, b"launch at dawn");
         assert_eq!(opened.header.sequence, 1);
         // c has no stanza; c's key under b's key id does not decrypt.
         assert!(matches!(
-            open(&env, &vk(&a), "b", std::slice::from_ref(&c.encryption), Utc::now()),
+            open(
+                &env,
+                &vk(&a),
+                "b",
+                std::slice::from_ref(&c.encryption),
+                Utc::now()
+            ),
             Err(EnvelopeError::NotForKey(_))
         ));
         let impostor = EncryptionKeyPair::from_seed(b.encryption.key_id.clone(), [7; 32]);
@@ -432,7 +445,14 @@ mod tests {
         cases.push(e);
         for e in cases {
             assert!(verify(&e, &key).is_err());
-            assert!(open(&e, &key, "b", std::slice::from_ref(&b.encryption), Utc::now()).is_err());
+            assert!(open(
+                &e,
+                &key,
+                "b",
+                std::slice::from_ref(&b.encryption),
+                Utc::now()
+            )
+            .is_err());
         }
         // Another sender's key does not verify.
         assert_eq!(
@@ -453,7 +473,14 @@ mod tests {
         sign(&mut env, &a.signing);
         assert!(verify(&env, &vk(&a)).is_ok());
         assert_eq!(
-            open(&env, &vk(&a), "b", std::slice::from_ref(&b.encryption), Utc::now()).unwrap_err(),
+            open(
+                &env,
+                &vk(&a),
+                "b",
+                std::slice::from_ref(&b.encryption),
+                Utc::now()
+            )
+            .unwrap_err(),
             EnvelopeError::Decrypt
         );
     }

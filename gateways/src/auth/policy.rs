@@ -61,7 +61,8 @@ impl Rule {
 }
 
 /// The rules when no file is configured: `admin` and `operator` may do everything, `producer`
-/// may send usage, `reader` may call the read methods (`Query*`, `List*`, `Get*`).
+/// may send usage, `reader` may call the read methods (`Query*`, `List*`, `Get*`), `agent`
+/// may use messaging (as the agent its token names: the gateway checks that).
 pub const DEFAULT_POLICY: &str = r#"
 [[rules]]
 roles = ["admin", "operator"]
@@ -75,6 +76,11 @@ effect = "allow"
 [[rules]]
 roles = ["reader"]
 methods = ["QueryUsage", "ListMeters", "ListDeadLetters"]
+effect = "allow"
+
+[[rules]]
+roles = ["agent"]
+products = ["messaging"]
 effect = "allow"
 "#;
 

@@ -30,21 +30,27 @@ pub struct Hub {
 }
 
 impl Hub {
-    fn sender(&self, tenant: &str, agent: &str) -> watch::Sender<u64> {
+    pub fn subscribe(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
         self.recipients
             .lock()
             .expect("hub lock")
             .entry((tenant.to_string(), agent.to_string()))
             .or_insert_with(|| watch::channel(0).0)
-            .clone()
+            .subscribe()
     }
 
-    pub fn subscribe(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
-        self.sender(tenant, agent).subscribe()
-    }
-
+    /// Wakes the recipient's sessions on this replica; forgets recipients with none left, so
+    /// the map holds only connected recipients.
     pub fn wake(&self, tenant: &str, agent: &str) {
-        self.sender(tenant, agent).send_modify(|n| *n += 1);
+        let mut recipients = self.recipients.lock().expect("hub lock");
+        let key = (tenant.to_string(), agent.to_string());
+        if let Some(tx) = recipients.get(&key) {
+            if tx.receiver_count() == 0 {
+                recipients.remove(&key);
+            } else {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
     }
 }
 
@@ -221,6 +227,8 @@ impl Session {
         if let Err(status) = self.deliver(&tx).await {
             let _ = tx.send(Err(status)).await;
         }
+        let _ = metrics::QUEUE_DEPTH
+            .remove_label_values(&[&metrics::agent_label(&self.tenant, &self.recipient)]);
     }
 
     async fn deliver(
@@ -251,7 +259,8 @@ impl Session {
             "messaging.msg.{}.{}.*",
             self.tenant, self.recipient
         ));
-        let depth = metrics::QUEUE_DEPTH.with_label_values(&[&self.recipient]);
+        let label = metrics::agent_label(&self.tenant, &self.recipient);
+        let depth = metrics::QUEUE_DEPTH.with_label_values(&[&label]);
         let mut outstanding = Outstanding::new();
         // Attempts of cursors delivered before, kept across a rewind for `delivery_attempt`.
         let mut attempts: BTreeMap<u64, u32> = BTreeMap::new();
@@ -299,9 +308,7 @@ impl Session {
                     return Ok(());
                 }
                 if attempt == 1 {
-                    metrics::RECEIVED
-                        .with_label_values(&[&self.recipient])
-                        .inc();
+                    metrics::RECEIVED.with_label_values(&[&label]).inc();
                     metrics::DELIVERY_SECONDS
                         .with_label_values(&["delivered"])
                         .observe(age);

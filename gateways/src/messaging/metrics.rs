@@ -1,5 +1,6 @@
-//! Messaging's metrics, with the runbook's names (section 7). Agent ids are labels as the
-//! runbook has them; they are validated ids (64 characters at most), never free text.
+//! Messaging's metrics, with the runbook's names (section 7). The `sender_id` and
+//! `recipient_id` labels are `<tenant>/<agent>` (validated ids, never free text), so the same
+//! agent name in two tenants stays two series.
 use std::sync::LazyLock;
 
 use prometheus::{
@@ -46,7 +47,7 @@ pub static DELIVERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub static QUEUE_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "messaging_queue_depth",
-        "Messages stored for a recipient and not yet acknowledged, as this replica last saw it",
+        "Messages handed to a connected recipient and not yet acknowledged, per replica (the series goes when the recipient disconnects)",
         &["recipient_id"]
     )
     .unwrap()
@@ -68,4 +69,9 @@ pub fn register() {
     LazyLock::force(&DELIVERY_SECONDS);
     LazyLock::force(&QUEUE_DEPTH);
     LazyLock::force(&SIGNATURE_VERIFICATIONS);
+}
+
+/// The label value of an agent: `<tenant>/<agent>`.
+pub fn agent_label(tenant: &str, agent: &str) -> String {
+    format!("{tenant}/{agent}")
 }

@@ -42,6 +42,22 @@ pub struct MessagingGateway {
     pairs: Mutex<HashMap<String, PairState>>,
 }
 
+/// The caller's tenant, after checking it may act as `agent_id`: callers with the `agent` role
+/// act only as the agent their token names (its subject), so one agent cannot register keys
+/// for, send as, or drain the queue of another; `admin` and `operator` act for any agent of
+/// their tenant.
+fn acting_as<T>(request: &Request<T>, agent_id: &str) -> Result<String, Status> {
+    let caller = crate::auth::layer::caller(request)?;
+    let operator = caller.roles.iter().any(|r| r == "admin" || r == "operator");
+    if !operator && caller.subject != agent_id {
+        return Err(Status::permission_denied(format!(
+            "this token acts for agent {:?}, not {agent_id:?}; use a token issued with --subject {agent_id}",
+            caller.subject
+        )));
+    }
+    Ok(caller.tenant.clone())
+}
+
 fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
     Ok(crate::auth::layer::caller(request)?.tenant.clone())
 }
@@ -404,7 +420,7 @@ impl MessagingService for MessagingGateway {
         &self,
         request: Request<pb::RegisterKeyRequest>,
     ) -> Result<Response<pb::RegisterKeyResponse>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = acting_as(&request, &request.get_ref().agent_id)?;
         let r = request.into_inner();
         check_ids(&r.agent_id, Some(&r.key_id))?;
         let purpose = match KeyPurpose::try_from(r.purpose) {
@@ -504,7 +520,7 @@ impl MessagingService for MessagingGateway {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = acting_as(&request, &request.get_ref().agent_id)?;
         let r = request.into_inner();
         check_ids(&r.agent_id, Some(&r.key_id))?;
         if r.reason.len() > 512 {
@@ -599,8 +615,7 @@ impl MessagingService for MessagingGateway {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
-        let tenant = tenant(&request)?;
-        let Some(envelope) = request.into_inner().envelope else {
+        let Some(envelope) = request.get_ref().envelope.as_ref() else {
             return Err(invalid("envelope is required".into()));
         };
         // The label is the header's sender once it decodes; before that, "unknown".
@@ -609,13 +624,24 @@ impl MessagingService for MessagingGateway {
             .map(|h| h.sender_agent_id)
             .filter(|s| domain::check_agent_id(s).is_ok())
             .unwrap_or_else(|| "unknown".into());
+        let label = metrics::agent_label(&tenant(&request)?, &sender);
+        let tenant = match acting_as(&request, &sender) {
+            Ok(t) => t,
+            Err(status) => {
+                metrics::SENT
+                    .with_label_values(&[&label, "forbidden"])
+                    .inc();
+                return Err(status);
+            }
+        };
+        let envelope = request.into_inner().envelope.unwrap_or_default();
         let outcome = self.send_checked(&tenant, envelope, Utc::now()).await;
         let status = match &outcome {
             Ok((_, false)) => "accepted",
             Ok((_, true)) => "duplicate",
             Err(r) => r.reason,
         };
-        metrics::SENT.with_label_values(&[&sender, status]).inc();
+        metrics::SENT.with_label_values(&[&label, status]).inc();
         let (cursor, duplicate) = outcome.map_err(|r| r.status)?;
         Ok(Response::new(pb::SendResponse { cursor, duplicate }))
     }
@@ -626,7 +652,7 @@ impl MessagingService for MessagingGateway {
         &self,
         request: Request<pb::ReceiveRequest>,
     ) -> Result<Response<Self::ReceiveStream>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = acting_as(&request, &request.get_ref().agent_id)?;
         let r = request.into_inner();
         check_ids(&r.agent_id, None)?;
         let ack_wait = match r.ack_wait {
@@ -652,7 +678,7 @@ impl MessagingService for MessagingGateway {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = acting_as(&request, &request.get_ref().agent_id)?;
         let r = request.into_inner();
         check_ids(&r.agent_id, None)?;
         let acked_through = self
