@@ -47,8 +47,16 @@ def ratio(num, den):
 SERVER_ERRORS = f'grpc_code!~"{CLIENT_CODES}"'
 
 
+# Full gRPC service names (the grpc_service label) of the products whose name is fixed.
+GRPC_SERVICES = {
+    "messaging": "creto.enablement.messaging.v1.MessagingService",
+}
+
+
 def svc(product):
-    """Matcher for one product's gRPC service, e.g. creto.metering.v1.Metering."""
+    """Matcher for one product's gRPC service: its full name when known, else a pattern."""
+    if product in GRPC_SERVICES:
+        return f'grpc_service="{GRPC_SERVICES[product]}"'
     return f'grpc_service=~"(?i).*{product}.*"'
 
 
@@ -135,14 +143,16 @@ class Dashboard:
         }
 
 
-def product_tail(d, product):
-    """gRPC and projector panels every product dashboard ends with."""
+def product_tail(d, product, projector=True):
+    """gRPC and projector panels every product dashboard ends with (messaging has no projector)."""
     d.graph(f"{product} gRPC requests by method",
             [(f"sum by (grpc_method, grpc_code) ({rate('grpc_server_handled_total', svc(product))})",
               "{{grpc_method}} {{grpc_code}}")], "reqps")
     d.graph(f"{product} gRPC latency P95 by method",
             [(quantile(0.95, "grpc_server_handling_seconds", "grpc_method", svc(product)),
               "{{grpc_method}}")], "s")
+    if not projector:
+        return
     lag = f'enablement_projector_lag_events{sel(f"product={json.dumps(product)}")}'
     d.graph(f"{product} projection lag",
             [(f"max by (product) ({lag})", "lag")], "short",
@@ -293,31 +303,55 @@ def runtime():
 
 
 def messaging():
+    # Metrics of gateways/src/messaging/metrics.rs. Messaging has no projector: every gateway
+    # replica reads the MESSAGING stream, so there is no projection lag to show.
     d = Dashboard("messaging", "Messaging Dashboard", "Message flow, encryption, delivery",
                   "messaging_messages_sent_total")
-    d.stat("Sent / s", f"sum({rate('messaging_messages_sent_total')})", "ops")
-    d.stat("Delivery ratio",
-           ratio(f"sum({rate('messaging_messages_received_total')})",
-                 f"sum({rate('messaging_messages_sent_total')})"), "percentunit")
-    d.stat("Queued messages", f"sum(messaging_queue_depth{sel()})")
-    bad_sig = rate("messaging_signature_verification_total", 'status!~"(?i)ok|valid|success"')
-    d.stat("Signature failure ratio",
-           ratio(f"sum({bad_sig})",
-                 f"sum({rate('messaging_signature_verification_total')})"), "percentunit")
-    d.graph("Messages sent / s by status",
-            [(f"sum by (status) ({rate('messaging_messages_sent_total')})", "{{status}}")], "ops")
-    d.graph("Messages received / s",
-            [(f"sum({rate('messaging_messages_received_total')})", "received")], "ops")
-    d.graph("Encryption latency P95 by algorithm",
-            [(quantile(0.95, "messaging_encryption_duration_seconds", "algorithm"),
-              "{{algorithm}}")], "s")
+    sent = "messaging_messages_sent_total"
+    sigs = "messaging_signature_verification_total"
+    deliveries = "messaging_delivery_duration_seconds_count"
+    accepted = rate(sent, 'status="accepted"')
+    refused = rate(sent, 'status!~"accepted|duplicate"')
+    bad_sig = rate(sigs, 'status="invalid"')
+    redelivered = rate(deliveries, 'status="redelivered"')
+    expired = rate(deliveries, 'status="expired"')
+    # A replica keeps its last value for a recipient that moved to another replica: take each
+    # recipient's highest value, never the sum over replicas.
+    depth = f"max by (namespace, recipient_id) (messaging_queue_depth{sel()})"
+    d.stat("Sends accepted / s", f"sum({accepted})", "ops")
+    d.stat("Refused send ratio", ratio(f"sum({refused})", f"sum({rate(sent)})"), "percentunit",
+           "Send calls not accepted, any reason (alert MessagingSendsRefused at 5% per reason)")
+    d.stat("Unacknowledged messages", f"sum({depth})", "short",
+           "Delivered and not yet acknowledged, summed over recipients (a replica keeps its "
+           "last value for a recipient that has since disconnected from it)")
+    d.stat("Signature failure ratio", ratio(f"sum({bad_sig})", f"sum({rate(sigs)})"),
+           "percentunit", "Alert MessagingSignatureFailures at 1%")
+    d.graph("Sends / s by status",
+            [(f"sum by (status) ({rate(sent)})", "{{status}}")], "ops",
+            "accepted, duplicate (a resend, answered with the stored cursor) or why refused",
+            stack=True)
+    d.graph("Message flow / s",
+            [(f"sum({accepted})", "accepted"),
+             (f"sum({rate('messaging_messages_received_total')})", "delivered"),
+             (f"sum({redelivered})", "redelivered"),
+             (f"sum({expired})", "expired before delivery")],
+            "ops", "Stored, handed to the recipient the first time, again after ack_wait, expired")
+    d.graph("Signature verifications / s by status",
+            [(f"sum by (status) ({rate(sigs)})", "{{status}}")], "ops")
+    d.graph("Envelope crypto check latency by algorithm",
+            [(quantile(0.5, "messaging_encryption_duration_seconds", "algorithm"),
+              "P50 {{algorithm}}"),
+             (quantile(0.99, "messaging_encryption_duration_seconds", "algorithm"),
+              "P99 {{algorithm}}")], "s",
+            "Server time to decode the suite and verify the signature of one envelope "
+            "(the server never encrypts or decrypts)")
     d.graph("Delivery time P95 by status",
             [(quantile(0.95, "messaging_delivery_duration_seconds", "status"), "{{status}}")],
-            "s")
-    d.graph("Signature verifications / s by status",
-            [(f"sum by (status) ({rate('messaging_signature_verification_total')})",
-              "{{status}}")], "ops")
-    product_tail(d, "messaging")
+            "s", "From store to hand-out (alert MessagingDeliverySlow at 5s for delivered)")
+    d.graph("Unacknowledged messages, top 10 recipients",
+            [(f"topk(10, {depth})", "{{recipient_id}}")], "short",
+            "Alert MessagingQueueDepthGrowing above 1000 and growing")
+    product_tail(d, "messaging", projector=False)
     return d
 
 
