@@ -117,15 +117,22 @@ pub async fn catch_up(
             None,
         )
         .await?;
+    // Resuming after the finishing phase: the keys and `usage_hourly` exist and must be kept
+    // current row by row, as the live projector does.
+    let built = finished_building(projector.pool()).await?;
     // Keys already loaded (non-empty when resuming an interrupted rebuild).
-    let mut seen: HashSet<(String, String, String)> = sqlx::query_as(&format!(
-        "SELECT tenant, subscription_id, event_id FROM {}.metering_events",
-        quote_ident(projector.schema())
-    ))
-    .fetch_all(projector.pool())
-    .await?
-    .into_iter()
-    .collect();
+    let mut seen: HashSet<(String, String, String)> = if built {
+        HashSet::new()
+    } else {
+        sqlx::query_as(&format!(
+            "SELECT tenant, subscription_id, event_id FROM {}.metering_events",
+            quote_ident(projector.schema())
+        ))
+        .fetch_all(projector.pool())
+        .await?
+        .into_iter()
+        .collect()
+    };
     let mut buffer: Vec<StoredEvent> = Vec::with_capacity(batch);
     let mut applied = 0u64;
     loop {
@@ -135,7 +142,11 @@ pub async fn catch_up(
             buffer.push(e?);
         }
         if buffer.len() >= batch || (end && !buffer.is_empty()) {
-            let report = projector.bulk_load(&buffer, &mut seen).await?;
+            let report = if built {
+                projector.apply(&buffer).await?
+            } else {
+                projector.bulk_load(&buffer, &mut seen).await?
+            };
             applied += buffer.len() as u64;
             buffer.clear();
             progress(Progress {
@@ -173,43 +184,104 @@ fn secondary_indexes() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Finishes a bulk load: the primary key and `usage_hourly` (in one transaction), then the
-/// secondary indexes, each only if not built yet (so this resumes too).
-async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
-    let schema = quote_ident(REBUILD_SCHEMA);
-    let has_key: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{REBUILD_SCHEMA}.metering_events_pkey"))
+/// Row of the side schema's checkpoint table that says the finishing phase is done: from then
+/// on `usage_hourly` is maintained row by row, so a resumed rebuild applies events through the
+/// live path instead of the bulk one.
+const BUILT_MARKER: &str = "metering.rebuild_built";
+
+async fn finished_building(pool: &PgPool) -> Result<bool, ProjectionError> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {}.projection_checkpoints WHERE projector = $1)",
+        quote_ident(REBUILD_SCHEMA)
+    ))
+    .bind(BUILT_MARKER)
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn relation_exists(pool: &PgPool, name: &str) -> Result<bool, ProjectionError> {
+    Ok(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{REBUILD_SCHEMA}.{name}"))
         .fetch_one(pool)
+        .await?)
+}
+
+/// Runs `statements` in one transaction with the side schema first on the search path.
+async fn run_in_side_schema(pool: &PgPool, statements: &str) -> Result<(), ProjectionError> {
+    let mut tx = pool.begin().await?;
+    tx.execute(format!("SET LOCAL search_path TO {}", quote_ident(REBUILD_SCHEMA)).as_str())
         .await?;
-    if !has_key {
-        let mut tx = pool.begin().await?;
-        tx.execute(
-            format!(
-                "ALTER TABLE {schema}.metering_events ADD CONSTRAINT metering_events_pkey PRIMARY KEY (tenant, subscription_id, event_id);
-                 INSERT INTO {schema}.usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
-                 SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
-                 FROM {schema}.metering_events GROUP BY 1, 2, 3, 4"
-            )
-            .as_str(),
-        )
-        .await?;
-        tx.commit().await?;
-    }
-    for (name, create) in secondary_indexes() {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(format!("{REBUILD_SCHEMA}.{name}"))
-            .fetch_one(pool)
-            .await?;
-        if !exists {
-            let mut tx = pool.begin().await?;
-            tx.execute(
-                format!("SET LOCAL search_path TO {}", quote_ident(REBUILD_SCHEMA)).as_str(),
-            )
-            .await?;
-            tx.execute(create.as_str()).await?;
-            tx.commit().await?;
+    tx.execute(statements).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Builds the indexes of `indexes` that do not exist yet, one after the other.
+async fn build_missing(pool: &PgPool, indexes: &[(String, String)]) -> Result<(), ProjectionError> {
+    for (name, create) in indexes {
+        if !relation_exists(pool, name).await? {
+            run_in_side_schema(pool, create).await?;
         }
     }
+    Ok(())
+}
+
+/// Finishes a bulk load: the primary key, `usage_hourly` and the secondary indexes. They only
+/// read `metering_events` (CREATE INDEX takes a SHARE lock, which does not block another
+/// reader or index build), so three connections do them at once; the unique index becomes
+/// the primary key at the end. Indexes already built are kept (COPY kept them current), and
+/// `usage_hourly` is recomputed whole unless the phase had finished, so this resumes too.
+async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
+    if finished_building(pool).await? {
+        return Ok(());
+    }
+    let schema = quote_ident(REBUILD_SCHEMA);
+    let (on_events, on_hourly): (Vec<_>, Vec<_>) = secondary_indexes()
+        .into_iter()
+        .partition(|(_, create)| create.contains(" ON metering_events "));
+    let key = async {
+        if !relation_exists(pool, "metering_events_pkey").await? {
+            run_in_side_schema(
+                pool,
+                "CREATE UNIQUE INDEX metering_events_pkey ON metering_events (tenant, subscription_id, event_id)",
+            )
+            .await?;
+        }
+        Ok::<_, ProjectionError>(())
+    };
+    let hourly = async {
+        run_in_side_schema(
+            pool,
+            "TRUNCATE usage_hourly;
+             INSERT INTO usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
+             SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
+             FROM metering_events GROUP BY 1, 2, 3, 4",
+        )
+        .await?;
+        build_missing(pool, &on_hourly).await
+    };
+    tokio::try_join!(key, build_missing(pool, &on_events), hourly)?;
+    let mut tx = pool.begin().await?;
+    let is_constraint: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'metering_events_pkey' AND connamespace = $1::regnamespace)",
+    )
+    .bind(REBUILD_SCHEMA)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !is_constraint {
+        tx.execute(
+            format!("ALTER TABLE {schema}.metering_events ADD CONSTRAINT metering_events_pkey PRIMARY KEY USING INDEX metering_events_pkey")
+                .as_str(),
+        )
+        .await?;
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.projection_checkpoints (projector, stream, last_sequence) VALUES ($1, '', 0)"
+    ))
+    .bind(BUILT_MARKER)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
