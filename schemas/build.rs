@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/creto/enablement/events/v1/envelope.proto",
         "proto/creto/enablement/metering/v1/metering.proto",
         "proto/creto/enablement/messaging/v1/messaging.proto",
+        "proto/creto/enablement/oversight/v1/oversight.proto",
         "proto/creto/authz/v1/authz.proto",
     ];
     for f in files {

@@ -4,3 +4,4 @@
 
 pub mod messaging;
 pub mod metering;
+pub mod oversight;

@@ -22,6 +22,12 @@ pub mod messaging {
     }
 }
 
+pub mod oversight {
+    pub mod v1 {
+        tonic::include_proto!("creto.enablement.oversight.v1");
+    }
+}
+
 /// The external creto-authz service (client side; the gateways call `Check` per request).
 pub mod authz {
     pub mod v1 {

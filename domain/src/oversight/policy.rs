@@ -1,0 +1,184 @@
+//! Approval policies: which actions need a human, who, how many, and what happens on timeout.
+use std::time::Duration;
+
+use creto_schemas::oversight::v1::{Policy, TimeoutAction};
+
+/// Longest a level may wait for its approvers.
+pub const MAX_LEVEL_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const MAX_LEVELS: usize = 8;
+pub const MAX_APPROVERS: usize = 100;
+
+fn check_token(what: &str, id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {id:?} must be 1 to 64 letters, digits, '_' or '-'"
+        ))
+    }
+}
+
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
+    check_token(what, id)
+}
+
+/// A level's timeout as a std duration, or why it is not valid.
+pub fn level_timeout(d: &Option<prost_types::Duration>) -> Result<Duration, String> {
+    let d = d
+        .as_ref()
+        .and_then(|d| Duration::try_from(*d).ok())
+        .ok_or("every level needs a positive timeout")?;
+    if d.is_zero() || d > MAX_LEVEL_TIMEOUT {
+        return Err("a level's timeout is between 1 ms and 30 days".into());
+    }
+    Ok(d)
+}
+
+/// Checks a policy as an operator defines it.
+pub fn validate(p: &Policy) -> Result<(), String> {
+    check_token("policy_id", &p.policy_id)?;
+    if p.action.is_empty() || p.action.len() > 200 {
+        return Err("action is a name or a pattern ending in '*' (1 to 200 characters)".into());
+    }
+    if p.action[..p.action.len() - 1].contains('*') {
+        return Err("'*' may only end the action pattern (\"payments.*\", \"*\")".into());
+    }
+    for a in &p.agents {
+        check_token("agent", a)?;
+    }
+    if !p.require_approval {
+        return Ok(());
+    }
+    if p.levels.is_empty() || p.levels.len() > MAX_LEVELS {
+        return Err(format!(
+            "a policy that requires approval has 1 to {MAX_LEVELS} levels"
+        ));
+    }
+    for (i, level) in p.levels.iter().enumerate() {
+        level_timeout(&level.timeout).map_err(|e| format!("level {i}: {e}"))?;
+        if level.approvers.len() > MAX_APPROVERS
+            || level
+                .approvers
+                .iter()
+                .any(|a| a.is_empty() || a.len() > 254 || a.chars().any(char::is_whitespace))
+        {
+            return Err(format!(
+                "level {i}: at most {MAX_APPROVERS} approvers, each 1 to 254 characters without spaces"
+            ));
+        }
+    }
+    if p.quorum == 0 {
+        return Err("quorum is at least 1".into());
+    }
+    let named = p.levels[0].approvers.len();
+    if named > 0 && (p.quorum as usize) > named {
+        return Err(format!(
+            "quorum {} is more than the {named} approvers of level 0: it could never be reached",
+            p.quorum
+        ));
+    }
+    if TimeoutAction::try_from(p.on_timeout).unwrap_or(TimeoutAction::Unspecified)
+        == TimeoutAction::Unspecified
+    {
+        return Err("on_timeout is TIMEOUT_ACTION_DENY, _APPROVE or _ESCALATE".into());
+    }
+    Ok(())
+}
+
+/// Whether `p` covers this action of this agent.
+pub fn matches(p: &Policy, action: &str, agent: &str) -> bool {
+    let action_ok = match p.action.strip_suffix('*') {
+        Some(prefix) => action.starts_with(prefix),
+        None => p.action == action,
+    };
+    action_ok && (p.agents.is_empty() || p.agents.iter().any(|a| a == agent))
+}
+
+/// The policy that governs an action: the matching one with the highest precedence (the most
+/// specific pattern, then the policy id, break ties so the choice never depends on order).
+pub fn select<'a>(policies: &'a [Policy], action: &str, agent: &str) -> Option<&'a Policy> {
+    policies
+        .iter()
+        .filter(|p| matches(p, action, agent))
+        .max_by(|a, b| {
+            (a.precedence, a.action.len(), !a.agents.is_empty())
+                .cmp(&(b.precedence, b.action.len(), !b.agents.is_empty()))
+                .then_with(|| b.policy_id.cmp(&a.policy_id))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use creto_schemas::oversight::v1::Level;
+
+    pub fn policy(id: &str, action: &str, quorum: u32, approvers: &[&str]) -> Policy {
+        Policy {
+            policy_id: id.into(),
+            precedence: 0,
+            action: action.into(),
+            agents: vec![],
+            require_approval: true,
+            quorum,
+            deny_needs_quorum: false,
+            levels: vec![Level {
+                approvers: approvers.iter().map(|s| s.to_string()).collect(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            }],
+            on_timeout: TimeoutAction::Deny as i32,
+            channels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn validation_says_what_to_fix() {
+        assert!(validate(&policy("p", "payments.*", 2, &["a", "b"])).is_ok());
+        assert!(validate(&policy("p", "pay*ments", 1, &[]))
+            .unwrap_err()
+            .contains("'*'"));
+        assert!(validate(&policy("p", "x", 3, &["a", "b"]))
+            .unwrap_err()
+            .contains("never be reached"));
+        assert!(validate(&policy("p", "x", 0, &[])).is_err());
+        assert!(validate(&policy("p.q", "x", 1, &[])).is_err());
+        let mut no_timeout = policy("p", "x", 1, &[]);
+        no_timeout.levels[0].timeout = None;
+        assert!(validate(&no_timeout).is_err());
+    }
+
+    #[test]
+    fn the_most_specific_matching_policy_wins() {
+        let any = policy("any", "*", 1, &[]);
+        let payments = policy("payments", "payments.*", 1, &[]);
+        let mut refunds = policy("refunds", "payments.refund", 1, &[]);
+        refunds.agents = vec!["billing-bot".into()];
+        let all = [any.clone(), payments.clone(), refunds.clone()];
+        let pick = |a: &str, g: &str| select(&all, a, g).map(|p| p.policy_id.clone());
+        assert_eq!(
+            pick("payments.refund", "billing-bot").as_deref(),
+            Some("refunds")
+        );
+        assert_eq!(
+            pick("payments.refund", "other").as_deref(),
+            Some("payments")
+        );
+        assert_eq!(pick("email.send", "other").as_deref(), Some("any"));
+        assert_eq!(select(&[payments], "email.send", "x"), None);
+        let mut urgent = any;
+        urgent.precedence = 10;
+        assert_eq!(
+            select(&[urgent, refunds], "payments.refund", "billing-bot")
+                .unwrap()
+                .policy_id,
+            "any"
+        );
+    }
+}
