@@ -6,6 +6,7 @@ pub mod audit;
 pub mod cache;
 pub mod metering;
 pub mod metrics;
+pub mod oversight;
 pub mod postgres;
 pub mod rebuild;
 pub mod runner;

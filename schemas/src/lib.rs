@@ -23,6 +23,8 @@ pub mod messaging {
 }
 
 pub mod oversight {
+    // Generated: the request event's `Requested` variant carries the policy snapshot.
+    #[allow(clippy::large_enum_variant)]
     pub mod v1 {
         tonic::include_proto!("creto.enablement.oversight.v1");
     }
