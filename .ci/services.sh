@@ -79,3 +79,23 @@ else
   wait_port 5000 "moto_server (log: /tmp/moto-server.log)"
   echo "services: s3 (moto) on 5000 (started)"
 fi
+
+# An SMTP sink for oversight's e-mail tests: aiosmtpd, which those tests start themselves on a
+# spare port (nothing to run here, only to install). Its own virtualenv, like moto's.
+if python3 -c 'import aiosmtpd' 2>/dev/null || /opt/aiosmtpd/bin/python -c 'import aiosmtpd' 2>/dev/null; then
+  echo "services: aiosmtpd (installed)"
+else
+  python3 -c 'import venv, ensurepip' 2>/dev/null || install python3 python3-venv
+  python3 -m venv /opt/aiosmtpd
+  /opt/aiosmtpd/bin/python -m pip install --quiet --disable-pip-version-check 'aiosmtpd>=1.4,<2'
+  echo "services: aiosmtpd (installed in /opt/aiosmtpd)"
+fi
+
+# Headless Chromium and its WebDriver for the approval page's browser test, which starts
+# chromedriver itself on a spare port (nothing to run here, only to install).
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  echo "services: chromium and chromedriver (installed)"
+else
+  install chromium chromium-driver
+  echo "services: chromium and chromedriver (installed now)"
+fi

@@ -32,6 +32,7 @@ pub struct Cli {
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Product {
     Metering,
+    Oversight,
     Messaging,
     All,
 }
@@ -43,17 +44,22 @@ impl Product {
     fn messaging(self) -> bool {
         matches!(self, Product::Messaging | Product::All)
     }
+    fn oversight(self) -> bool {
+        matches!(self, Product::Oversight | Product::All)
+    }
 }
 
 /// Backfill and replay work on metering's tables; messaging keeps none (its directory and
 /// queues are read from the log), so there is nothing to import into or rebuild.
 fn metering_only(product: Product, command: &str) -> Result<(), CliError> {
-    if product == Product::Messaging {
-        return Err(CliError::Config(crate::config::ConfigError::Invalid(format!(
-            "{command} applies to metering: messaging has no read model tables (its key directory and queues are read from the MESSAGING stream by every gateway)"
-        ))));
-    }
-    Ok(())
+    let why = match product {
+        Product::Messaging => "messaging has no read model tables (its key directory and queues are read from the MESSAGING stream by every gateway)",
+        Product::Oversight if command == "backfill" => "oversight's history is its own requests' events",
+        _ => return Ok(()),
+    };
+    Err(CliError::Config(crate::config::ConfigError::Invalid(
+        format!("{command} applies to metering: {why}"),
+    )))
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,6 +76,12 @@ pub enum Command {
         /// Metrics and health listen address of metering.
         #[arg(long, env = "METERING_METRICS_ADDR", default_value = "127.0.0.1:9090")]
         metering_metrics_addr: SocketAddr,
+        /// gRPC listen address of the oversight gateway.
+        #[arg(long, env = "OVERSIGHT_GRPC_ADDR", default_value = "127.0.0.1:50052")]
+        oversight_grpc_addr: SocketAddr,
+        /// Metrics, health and approval page address of oversight.
+        #[arg(long, env = "OVERSIGHT_METRICS_ADDR", default_value = "127.0.0.1:9091")]
+        oversight_metrics_addr: SocketAddr,
         /// gRPC listen address of the messaging gateway.
         #[arg(long, env = "MESSAGING_GRPC_ADDR", default_value = "127.0.0.1:50054")]
         messaging_grpc_addr: SocketAddr,
@@ -90,6 +102,12 @@ pub enum Command {
         /// Metrics and health listen address of metering.
         #[arg(long, env = "METERING_METRICS_ADDR", default_value = server::METERING_METRICS)]
         metering_metrics_addr: SocketAddr,
+        /// gRPC listen address of the oversight gateway.
+        #[arg(long, env = "OVERSIGHT_GRPC_ADDR", default_value = server::OVERSIGHT_GRPC)]
+        oversight_grpc_addr: SocketAddr,
+        /// Metrics, health and approval page address of oversight.
+        #[arg(long, env = "OVERSIGHT_METRICS_ADDR", default_value = server::OVERSIGHT_METRICS)]
+        oversight_metrics_addr: SocketAddr,
         /// gRPC listen address of the messaging gateway.
         #[arg(long, env = "MESSAGING_GRPC_ADDR", default_value = server::MESSAGING_GRPC)]
         messaging_grpc_addr: SocketAddr,
@@ -103,6 +121,8 @@ pub enum Command {
         product: Product,
         #[arg(long, env = "METERING_METRICS_ADDR", default_value = server::METERING_METRICS)]
         metering_metrics_addr: SocketAddr,
+        #[arg(long, env = "OVERSIGHT_METRICS_ADDR", default_value = server::OVERSIGHT_METRICS)]
+        oversight_metrics_addr: SocketAddr,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -183,6 +203,29 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: crate::audit::AuditCommand,
+    },
+    /// Oversight helpers.
+    Oversight {
+        #[command(subcommand)]
+        command: OversightCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OversightCommand {
+    /// Print an approver's link to the approval page, signed with OVERSIGHT_LINK_SECRET under
+    /// OVERSIGHT_PUBLIC_URL (as the gateway has them): the tenant's pending requests, or one.
+    PageLink {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        approver: String,
+        /// Only this request (default: every request of the tenant).
+        #[arg(long, default_value = "")]
+        request_id: String,
+        /// Lifetime (default: OVERSIGHT_LINK_TTL, else 24h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
     },
 }
 
@@ -345,6 +388,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             data_dir,
             metering_grpc_addr,
             metering_metrics_addr,
+            oversight_grpc_addr,
+            oversight_metrics_addr,
             messaging_grpc_addr,
             messaging_metrics_addr,
         } => {
@@ -354,6 +399,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     projectors: true,
                     grpc_addr: metering_grpc_addr,
                     metrics_addr: metering_metrics_addr,
+                }),
+                oversight: Some(ServeOptions {
+                    gateways: true,
+                    projectors: true,
+                    grpc_addr: oversight_grpc_addr,
+                    metrics_addr: oversight_metrics_addr,
                 }),
                 messaging: Some(ServeOptions {
                     gateways: true,
@@ -390,11 +441,39 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
+        Command::Oversight {
+            command:
+                OversightCommand::PageLink {
+                    tenant,
+                    approver,
+                    request_id,
+                    ttl,
+                },
+        } => {
+            let config = crate::oversight::notify::NotifyConfig::from_env();
+            let (Some(url), Some(secret)) = (&config.public_url, &config.link_secret) else {
+                return Err(fail("set OVERSIGHT_PUBLIC_URL and OVERSIGHT_LINK_SECRET (the same as the oversight gateway's)"));
+            };
+            let ttl = ttl.unwrap_or(config.link_ttl);
+            let token = crate::oversight::notify::links::page_token(
+                secret.as_bytes(),
+                &tenant,
+                &request_id,
+                &approver,
+                std::time::SystemTime::now(),
+                ttl,
+            );
+            let page = crate::oversight::page::page_url(url, &tenant, &request_id, &token);
+            println!("{page}");
+            Ok(())
+        }
         Command::Serve {
             product,
             no_projectors,
             metering_grpc_addr,
             metering_metrics_addr,
+            oversight_grpc_addr,
+            oversight_metrics_addr,
             messaging_grpc_addr,
             messaging_metrics_addr,
         } => {
@@ -404,6 +483,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     projectors: !no_projectors,
                     grpc_addr: metering_grpc_addr,
                     metrics_addr: metering_metrics_addr,
+                }),
+                oversight: product.oversight().then_some(ServeOptions {
+                    gateways: true,
+                    projectors: !no_projectors,
+                    grpc_addr: oversight_grpc_addr,
+                    metrics_addr: oversight_metrics_addr,
                 }),
                 messaging: product.messaging().then_some(ServeOptions {
                     gateways: true,
@@ -417,19 +502,24 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Project {
             product,
             metering_metrics_addr,
+            oversight_metrics_addr,
         } => {
             if product == Product::Messaging {
                 return Err(fail(
                     "messaging runs no projector: its gateways read the directory and queues from the log",
                 ));
             }
+            let projector = |addr| ServeOptions {
+                gateways: false,
+                projectors: true,
+                grpc_addr: addr,
+                metrics_addr: addr,
+            };
             let options = Products {
-                metering: Some(ServeOptions {
-                    gateways: false,
-                    projectors: true,
-                    grpc_addr: metering_metrics_addr,
-                    metrics_addr: metering_metrics_addr,
-                }),
+                metering: product.metering().then(|| projector(metering_metrics_addr)),
+                oversight: product
+                    .oversight()
+                    .then(|| projector(oversight_metrics_addr)),
                 messaging: None,
             };
             // Projectors serve no gRPC: nothing to authenticate.
@@ -516,6 +606,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         } => {
             metering_only(product, "replay")?;
             let log = platform::connect_log(&settings).await?;
+            if product == Product::Oversight {
+                if !rebuild || dry_run || range.is_set() {
+                    return Err(fail(
+                        "oversight replays whole: say `enablement replay oversight --rebuild`",
+                    ));
+                }
+                return replay_oversight(log, &settings, json).await;
+            }
             if dry_run {
                 return replay_dry_run(log, &settings, &range, json).await;
             }
@@ -548,7 +646,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             let pool = platform::connect_postgres(&settings).await?;
             let redis = platform::connect_redis(&settings).await?;
-            replay_rebuild(log, pool, redis, &settings, restart, batch.max(1), json).await
+            replay_rebuild(
+                log.clone(),
+                pool,
+                redis,
+                &settings,
+                restart,
+                batch.max(1),
+                json,
+            )
+            .await?;
+            if product == Product::All {
+                replay_oversight(log, &settings, json).await?;
+            }
+            Ok(())
         }
     }
 }
@@ -557,6 +668,32 @@ fn auth_args_disabled() -> Result<Arc<crate::auth::layer::Auth>, CliError> {
     crate::auth::AuthArgs::disabled()
         .build(None)
         .map_err(|e| CliError::Config(crate::config::ConfigError::Invalid(e)))
+}
+
+/// Rebuilds oversight's PostgreSQL tables from the stream in one transaction: readers see the
+/// old tables until the new ones are complete.
+async fn replay_oversight(
+    log: Arc<dyn EventLog>,
+    settings: &Settings,
+    json: bool,
+) -> Result<(), CliError> {
+    let pool = platform::connect_postgres(settings).await?;
+    let started = std::time::Instant::now();
+    let through = creto_projections::oversight::rebuild(&pool, log, settings.catalog())
+        .await
+        .map_err(fail)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"product": "oversight", "checkpoint": through, "switched": true, "elapsed_ms": started.elapsed().as_millis()})
+        );
+    } else {
+        println!(
+            "oversight: rebuilt through sequence {through} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// The key ring `enablement dev` keeps in its data directory (created once, owner-only).
@@ -629,7 +766,7 @@ async fn dev(
         println!("  {name:<10} grpc {grpc}   metrics http://{metrics}/metrics   health http://{metrics}/health");
     }
     println!("  archive    {}", archive.unwrap_or_default());
-    println!("  oversight, runtime: not part of this build yet");
+    println!("  runtime: not part of this build yet");
     println!(
         "  auth       bearer token for tenant default, role admin, valid 30 days (key ring {}):",
         keys.display()
@@ -653,6 +790,7 @@ async fn dev(
 /// Which products this process runs, and where.
 struct Products {
     metering: Option<ServeOptions>,
+    oversight: Option<ServeOptions>,
     messaging: Option<ServeOptions>,
 }
 
@@ -667,6 +805,18 @@ impl Products {
             running.push((
                 "metering",
                 server::start_metering(platform.clone(), options, auth.clone()).await?,
+            ));
+        }
+        if let Some(options) = self.oversight {
+            running.push((
+                "oversight",
+                server::start_oversight(
+                    platform.clone(),
+                    options,
+                    auth.clone(),
+                    crate::oversight::notify::NotifyConfig::from_env(),
+                )
+                .await?,
             ));
         }
         if let Some(options) = self.messaging {

@@ -10,6 +10,7 @@ pub mod grpc_metrics;
 pub mod log_status;
 pub mod messaging;
 pub mod metering;
+pub mod oversight;
 pub mod platform;
 pub mod replay;
 pub mod server;

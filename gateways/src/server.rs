@@ -4,9 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use creto_projections::oversight::OversightProjector;
 use creto_projections::runner::{self, RunnerConfig};
 use creto_schemas::messaging::v1::messaging_service_server::MessagingServiceServer;
 use creto_schemas::metering::v1::metering_service_server::MeteringServiceServer;
+use creto_schemas::oversight::v1::oversight_service_server::OversightServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -19,12 +21,17 @@ use crate::messaging::delivery::Queues;
 use crate::messaging::directory::DirectoryView;
 use crate::messaging::MessagingGateway;
 use crate::metering::MeteringGateway;
+use crate::oversight::fold::OversightView;
+use crate::oversight::notify::{Notifier, NotifyConfig};
+use crate::oversight::OversightGateway;
 use crate::platform::Platform;
 use crate::status::{self, Health};
 use crate::telemetry::GrpcTraceLayer;
 
 pub const METERING_GRPC: &str = "0.0.0.0:50051";
 pub const METERING_METRICS: &str = "0.0.0.0:9090";
+pub const OVERSIGHT_GRPC: &str = "0.0.0.0:50052";
+pub const OVERSIGHT_METRICS: &str = "0.0.0.0:9091";
 pub const MESSAGING_GRPC: &str = "0.0.0.0:50054";
 pub const MESSAGING_METRICS: &str = "0.0.0.0:9093";
 
@@ -59,13 +66,17 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Keeps a projector running: restarts it with backoff when it stops on an error.
-async fn supervise_projector(platform: Arc<Platform>, shutdown: watch::Receiver<bool>) {
+async fn supervise_projector(
+    platform: Arc<Platform>,
+    projector: Arc<dyn creto_projections::Projector>,
+    shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let result = runner::run(
             platform.log.clone(),
             platform.leadership(),
-            platform.metering_projector(),
+            projector.clone(),
             RunnerConfig::default(),
             shutdown.clone(),
         )
@@ -74,7 +85,7 @@ async fn supervise_projector(platform: Arc<Platform>, shutdown: watch::Receiver<
             return;
         }
         if let Err(e) = result {
-            tracing::error!(error = %e, "metering projector stopped; restarting");
+            tracing::error!(error = %e, product = projector.product(), "projector stopped; restarting");
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -89,6 +100,8 @@ struct Product {
     service: &'static str,
     needs: status::Needs,
     routes: Routes,
+    /// More HTTP routes beside `/metrics` and `/health` (oversight's approval page).
+    http: Option<axum::Router>,
 }
 
 pub async fn start_metering(
@@ -112,6 +125,7 @@ pub async fn start_metering(
         routes: Routes::new(
             MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024),
         ),
+        http: None,
     };
     let projectors = options.projectors;
     start_product(
@@ -121,7 +135,8 @@ pub async fn start_metering(
         product,
         |tasks, shutdown| {
             if projectors {
-                tasks.spawn(supervise_projector(platform, shutdown));
+                let projector = platform.metering_projector();
+                tasks.spawn(supervise_projector(platform, projector, shutdown));
             }
         },
     )
@@ -156,6 +171,7 @@ pub async fn start_messaging(
             MessagingServiceServer::new(gateway)
                 .max_decoding_message_size(limits.max_ciphertext_bytes + 64 * 1024),
         ),
+        http: None,
     };
     let gateways = options.gateways;
     start_product(platform, options, auth, product, |tasks, shutdown| {
@@ -168,6 +184,89 @@ pub async fn start_messaging(
                 sessions.stop_sessions();
             });
             tasks.spawn(queues.tail(shutdown));
+        }
+    })
+    .await
+}
+
+/// Oversight: the gateway decides on a view of the OVERSIGHT stream that every replica folds
+/// (replayed before the first call is served), and every replica runs the durable timers.
+pub async fn start_oversight(
+    platform: Arc<Platform>,
+    options: ServeOptions,
+    auth: Arc<Auth>,
+    notify: NotifyConfig,
+) -> anyhow::Result<Running> {
+    crate::oversight::metrics::register();
+    let view = Arc::new(OversightView::new(
+        platform.log.clone(),
+        platform.catalog.clone(),
+    ));
+    if options.gateways {
+        view.catch_up()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the OVERSIGHT stream: {e}"))?;
+    }
+    let (stop_watches, stopping) = watch::channel(false);
+    let gateway = Arc::new(OversightGateway {
+        log: platform.log.clone(),
+        view: view.clone(),
+        stopping,
+    });
+    // The approval page, on the metrics port of the replicas that serve.
+    let page = options.gateways.then(|| {
+        crate::oversight::page::router(
+            gateway.clone(),
+            crate::oversight::page::PageSigner::from_config(&notify),
+        )
+    });
+    let product = Product {
+        name: "oversight",
+        service: "creto.enablement.oversight.v1.OversightService",
+        needs: status::Needs {
+            stream: creto_streams::OVERSIGHT,
+            read_models: false,
+        },
+        routes: Routes::new(OversightServiceServer::from_arc(gateway)),
+        http: page,
+    };
+    let gateways = options.gateways;
+    let log = platform.log.clone();
+    let catalog = platform.catalog.clone();
+    let notifier = Arc::new(Notifier::new(notify));
+    // The PostgreSQL audit read model, when running on the services (embedded, the gateways'
+    // fold is the read model).
+    let projector = platform.pool().filter(|_| options.projectors).map(|pool| {
+        Arc::new(OversightProjector::new(
+            pool.clone(),
+            platform.log.clone(),
+            platform.catalog.clone(),
+        )) as Arc<dyn creto_projections::Projector>
+    });
+    let supervised = platform.clone();
+    start_product(platform, options, auth, product, |tasks, shutdown| {
+        if let Some(projector) = projector {
+            tasks.spawn(supervise_projector(supervised, projector, shutdown.clone()));
+        }
+        if gateways {
+            tasks.spawn(view.clone().tail(shutdown.clone()));
+            tasks.spawn(crate::oversight::timers::run(
+                log.clone(),
+                view.clone(),
+                shutdown.clone(),
+            ));
+            tasks.spawn(crate::oversight::notifications::run(
+                log,
+                catalog,
+                view,
+                notifier,
+                shutdown.clone(),
+            ));
+            let mut stop = shutdown;
+            tasks.spawn(async move {
+                let _ = stop.changed().await;
+                let _ = stop_watches.send(true);
+            });
         }
     })
     .await
@@ -189,7 +288,10 @@ async fn start_product(
 
     let metrics_listener = bind(options.metrics_addr, "metrics").await?;
     let metrics_addr = metrics_listener.local_addr()?;
-    let router = status::router(health.clone());
+    let router = match product.http {
+        Some(extra) => status::router(health.clone()).merge(extra),
+        None => status::router(health.clone()),
+    };
     let mut rx = shutdown_rx.clone();
     tasks.spawn(async move {
         let _ = axum::serve(metrics_listener, router)

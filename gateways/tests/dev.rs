@@ -33,12 +33,18 @@ struct Dev {
 fn start(dir: &std::path::Path) -> Dev {
     let (grpc, metrics) = (spare_port(), spare_port());
     let (messaging, messaging_metrics) = (spare_port(), spare_port());
+    let (oversight, oversight_metrics) = (spare_port(), spare_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_enablement"))
         .args(["dev", "--data-dir"])
         .arg(dir)
         .args(["--metering-grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--metering-metrics-addr", &format!("127.0.0.1:{metrics}")])
         .args(["--messaging-grpc-addr", &format!("127.0.0.1:{messaging}")])
+        .args(["--oversight-grpc-addr", &format!("127.0.0.1:{oversight}")])
+        .args([
+            "--oversight-metrics-addr",
+            &format!("127.0.0.1:{oversight_metrics}"),
+        ])
         .args([
             "--messaging-metrics-addr",
             &format!("127.0.0.1:{messaging_metrics}"),
@@ -69,6 +75,7 @@ fn start(dir: &std::path::Path) -> Dev {
         banner.contains(&format!("grpc 127.0.0.1:{grpc}"))
             && banner.contains(&format!("http://127.0.0.1:{metrics}/metrics"))
             && banner.contains(&format!("grpc 127.0.0.1:{messaging}"))
+            && banner.contains(&format!("grpc 127.0.0.1:{oversight}"))
             && banner.contains(&dir.canonicalize().unwrap().display().to_string()),
         "{banner}"
     );

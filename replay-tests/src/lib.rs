@@ -164,6 +164,38 @@ impl Env {
         .unwrap()
     }
 
+    /// Starts the oversight gateway (view, timers) on spare ports, explicitly unauthenticated
+    /// (every caller is an admin of tenant `default`); returns it and its URL.
+    pub async fn start_oversight(&self) -> (Running, String) {
+        let auth = creto_gateways::auth::AuthArgs::disabled()
+            .build(None)
+            .unwrap();
+        let running = self.start_oversight_with(auth, Default::default()).await;
+        let url = format!("http://{}", running.grpc_addr.unwrap());
+        (running, url)
+    }
+
+    /// Starts oversight with the given authentication and notification channels.
+    pub async fn start_oversight_with(
+        &self,
+        auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
+        notify: creto_gateways::oversight::notify::NotifyConfig,
+    ) -> Running {
+        server::start_oversight(
+            self.platform.clone(),
+            ServeOptions {
+                gateways: true,
+                projectors: false,
+                grpc_addr: "127.0.0.1:0".parse().unwrap(),
+                metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            },
+            auth,
+            notify,
+        )
+        .await
+        .unwrap()
+    }
+
     /// The first step of `enablement replay metering --rebuild` on this environment: the side
     /// schema (dropped first with `restart`) and the projector that loads it.
     pub async fn prepare_rebuild(

@@ -14,12 +14,14 @@ use chrono::Utc;
 use creto_gateways::messaging::client::AgentClient;
 use creto_replay_tests::Env;
 use creto_schemas::metering::v1 as pb;
+use creto_schemas::oversight::v1 as ov;
+use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Products with a metric prefix of their own, and whether this build has them.
 const PRODUCTS: &[(&str, bool)] = &[
     ("metering", true),
-    ("oversight", false),
+    ("oversight", true),
     ("runtime", false),
     ("messaging", true),
 ];
@@ -207,6 +209,68 @@ async fn every_contract_name_of_a_built_product_is_served() {
     bob.open(&message).await.unwrap();
     bob.ack(message.cursor).await.unwrap();
 
+    // Oversight: a policy, a request answered, one timed out, one notification delivered.
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    tokio::spawn(async move {
+        let app = axum::Router::new().route("/hook", axum::routing::post(|| async { "ok" }));
+        let _ = axum::serve(hook, app).await;
+    });
+    let notify = creto_gateways::oversight::notify::NotifyConfig {
+        webhook_url: Some(format!("http://{hook_addr}/hook")),
+        webhook_secret: Some("s".into()),
+        ..Default::default()
+    };
+    let oversight = env
+        .start_oversight_with(
+            creto_gateways::auth::AuthArgs::disabled()
+                .build(None)
+                .unwrap(),
+            notify,
+        )
+        .await;
+    let mut oc =
+        OversightServiceClient::connect(format!("http://{}", oversight.grpc_addr.unwrap()))
+            .await
+            .unwrap();
+    oc.put_policy(ov::PutPolicyRequest {
+        policy: Some(ov::Policy {
+            policy_id: "metrics".into(),
+            action: "*".into(),
+            require_approval: true,
+            quorum: 1,
+            levels: vec![ov::Level {
+                approvers: vec![],
+                timeout: Some(Duration::from_millis(300).try_into().unwrap()),
+            }],
+            on_timeout: ov::TimeoutAction::Deny as i32,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    for id in ["m-1", "m-2"] {
+        oc.create_request(ov::CreateRequestRequest {
+            request_id: id.into(),
+            agent_id: "bot".into(),
+            action: Some(ov::Action {
+                name: "x".into(),
+                parameters_json: "{}".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    oc.respond(ov::RespondRequest {
+        request_id: "m-1".into(),
+        decision: ov::Decision::Approve as i32,
+        approver: "ann".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
     // Gauges (pool, stream, lag) are refreshed in the background: wait for them a little.
     let expected: Vec<&str> = by_product
         .iter()
@@ -217,7 +281,9 @@ async fn every_contract_name_of_a_built_product_is_served() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let (exposition, missing) = loop {
         // One registry per process: both products' ports serve it; scrape both anyway.
-        let exposition = scrape(running.metrics_addr).await + &scrape(messaging.metrics_addr).await;
+        let exposition = scrape(running.metrics_addr).await
+            + &scrape(messaging.metrics_addr).await
+            + &scrape(oversight.metrics_addr).await;
         let served = served(&exposition);
         let missing: Vec<&str> = expected
             .iter()
@@ -247,6 +313,7 @@ async fn every_contract_name_of_a_built_product_is_served() {
     }
     drop(inbox);
     messaging.stop().await;
+    oversight.stop().await;
     running.stop().await;
     env.drop().await;
     assert!(

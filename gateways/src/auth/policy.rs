@@ -62,7 +62,8 @@ impl Rule {
 
 /// The rules when no file is configured: `admin` and `operator` may do everything, `producer`
 /// may send usage, `reader` may call the read methods (`Query*`, `List*`, `Get*`), `agent`
-/// may use messaging (as the agent its token names: the gateway checks that).
+/// may use messaging and ask for approvals (as the agent its token names: the gateways check
+/// that), `approver` may answer approval requests (as itself).
 pub const DEFAULT_POLICY: &str = r#"
 [[rules]]
 roles = ["admin", "operator"]
@@ -81,6 +82,18 @@ effect = "allow"
 [[rules]]
 roles = ["agent"]
 products = ["messaging"]
+effect = "allow"
+
+[[rules]]
+roles = ["agent"]
+products = ["oversight"]
+methods = ["CreateRequest", "GetRequest", "ListRequests", "WatchRequest", "CancelRequest"]
+effect = "allow"
+
+[[rules]]
+roles = ["approver"]
+products = ["oversight"]
+methods = ["Respond", "GetRequest", "ListRequests", "WatchRequest", "ListPolicies"]
 effect = "allow"
 "#;
 

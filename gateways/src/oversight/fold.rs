@@ -1,0 +1,274 @@
+//! Every replica's view of the OVERSIGHT stream: policies and requests folded in memory, with
+//! the deadlines in time order for the timers. Commands decide on it and append with the
+//! aggregate's expected sequence, so a stale view can only cause a retry, never a wrong write.
+//! It is caught up after every write of this replica and every [`TAIL`] otherwise; a fresh
+//! replica replays the stream before it serves.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use creto_domain::oversight::Aggregate;
+use creto_schemas::oversight::v1 as pb;
+use creto_schemas::oversight::v1::{Priority, State};
+use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, OVERSIGHT};
+use futures::TryStreamExt;
+use prost::Message;
+use tokio::sync::watch;
+
+use super::metrics;
+
+pub const TAIL: Duration = Duration::from_millis(200);
+
+type Key = (String, String);
+
+#[derive(Default)]
+struct Folded {
+    requests: HashMap<Key, Aggregate>,
+    /// tenant → policy id → (policy, its subject's last sequence).
+    policies: HashMap<String, BTreeMap<String, (pb::Policy, u64)>>,
+    deadlines: BTreeSet<(DateTime<Utc>, String, String)>,
+    applied_through: u64,
+}
+
+pub struct OversightView {
+    log: Arc<dyn EventLog>,
+    catalog: Catalog,
+    stream: String,
+    folded: RwLock<Folded>,
+    catching_up: tokio::sync::Mutex<()>,
+    /// Bumped whenever events were folded in: watchers and timers wait on it.
+    changed: watch::Sender<u64>,
+}
+
+impl OversightView {
+    pub fn new(log: Arc<dyn EventLog>, catalog: Catalog) -> Self {
+        OversightView {
+            stream: catalog.stream(OVERSIGHT),
+            log,
+            catalog,
+            folded: RwLock::new(Folded::default()),
+            catching_up: tokio::sync::Mutex::new(()),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn request_subject(&self, tenant: &str, id: &str) -> String {
+        self.catalog
+            .subject(&format!("oversight.requests.{tenant}.{id}"))
+    }
+
+    pub fn policy_subject(&self, tenant: &str, id: &str) -> String {
+        self.catalog
+            .subject(&format!("oversight.policies.{tenant}.{id}"))
+    }
+
+    pub fn notification_subject(&self, tenant: &str, id: &str) -> String {
+        self.catalog
+            .subject(&format!("oversight.notifications.{tenant}.{id}"))
+    }
+
+    /// Folds every event appended since the last catch-up.
+    pub async fn catch_up(&self) -> Result<(), LogError> {
+        let _one = self.catching_up.lock().await;
+        let from = self.folded.read().expect("fold lock").applied_through + 1;
+        let filter = self.catalog.subject("oversight.>");
+        let mut events = self
+            .log
+            .replay(
+                &self.stream,
+                ReplayFrom::Sequence(from),
+                None,
+                Some(&filter),
+            )
+            .await?;
+        let mut any = false;
+        while let Some(event) = events.try_next().await? {
+            any = true;
+            let logical = self.catalog.strip(&event.subject).to_string();
+            let mut tokens = logical.split('.').skip(1);
+            let (Some(kind), Some(tenant), Some(id)) =
+                (tokens.next(), tokens.next(), tokens.next())
+            else {
+                continue;
+            };
+            let mut f = self.folded.write().expect("fold lock");
+            f.applied_through = event.sequence;
+            match kind {
+                "requests" => match pb::RequestEvent::decode(event.payload.as_ref()) {
+                    Ok(e) => {
+                        let key = (tenant.to_string(), id.to_string());
+                        let agg = f.requests.entry(key).or_default();
+                        let before = agg.deadline();
+                        agg.apply(&e, event.sequence);
+                        let after = agg.deadline();
+                        if before != after {
+                            if let Some(d) = before {
+                                f.deadlines.remove(&(d, tenant.to_string(), id.to_string()));
+                            }
+                            if let Some(d) = after {
+                                f.deadlines.insert((d, tenant.to_string(), id.to_string()));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(sequence = event.sequence, error = %e, "undecodable oversight event skipped")
+                    }
+                },
+                "policies" => match pb::PolicyDefined::decode(event.payload.as_ref()) {
+                    Ok(pb::PolicyDefined {
+                        policy: Some(p), ..
+                    }) => {
+                        f.policies
+                            .entry(tenant.to_string())
+                            .or_default()
+                            .insert(id.to_string(), (p, event.sequence));
+                    }
+                    _ => tracing::error!(
+                        sequence = event.sequence,
+                        "undecodable policy event skipped"
+                    ),
+                },
+                _ => {}
+            }
+        }
+        if any {
+            self.refresh_pending_gauge();
+            self.changed.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    fn refresh_pending_gauge(&self) {
+        let f = self.folded.read().expect("fold lock");
+        let mut counts: HashMap<i32, i64> = HashMap::new();
+        for agg in f.requests.values().filter(|a| a.is_open()) {
+            *counts.entry(agg.view.priority).or_default() += 1;
+        }
+        for p in [
+            Priority::Low,
+            Priority::Normal,
+            Priority::High,
+            Priority::Critical,
+        ] {
+            metrics::PENDING
+                .with_label_values(&[priority_name(p)])
+                .set(counts.get(&(p as i32)).copied().unwrap_or(0));
+        }
+    }
+
+    pub fn get(&self, tenant: &str, id: &str) -> Option<Aggregate> {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .requests
+            .get(&(tenant.to_string(), id.to_string()))
+            .cloned()
+    }
+
+    /// The request, catching up first when this replica has not seen it yet.
+    pub async fn get_fresh(&self, tenant: &str, id: &str) -> Result<Option<Aggregate>, LogError> {
+        if let Some(a) = self.get(tenant, id) {
+            return Ok(Some(a));
+        }
+        self.catch_up().await?;
+        Ok(self.get(tenant, id))
+    }
+
+    pub fn policies(&self, tenant: &str) -> Vec<(pb::Policy, u64)> {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .policies
+            .get(tenant)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Requests of `tenant` matching the filters: pending ones by priority (highest first) then
+    /// age (oldest first); others newest first.
+    pub fn list(
+        &self,
+        tenant: &str,
+        state: Option<State>,
+        priority: Option<Priority>,
+        agent: Option<&str>,
+        limit: usize,
+    ) -> Vec<pb::ApprovalRequest> {
+        let f = self.folded.read().expect("fold lock");
+        let mut found: Vec<&Aggregate> = f
+            .requests
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .map(|(_, a)| a)
+            .filter(|a| state.is_none_or(|s| a.state() == s))
+            .filter(|a| priority.is_none_or(|p| a.view.priority == p as i32))
+            .filter(|a| agent.is_none_or(|g| a.view.agent_id == g))
+            .collect();
+        let created = |a: &Aggregate| a.view.created_at.map(|t| (t.seconds, t.nanos));
+        found.sort_by(|a, b| match (a.is_open(), b.is_open()) {
+            (true, true) => b
+                .view
+                .priority
+                .cmp(&a.view.priority)
+                .then_with(|| created(a).cmp(&created(b))),
+            (true, false) => std::cmp::Ordering::Less,
+            (false, true) => std::cmp::Ordering::Greater,
+            (false, false) => created(b).cmp(&created(a)),
+        });
+        found
+            .into_iter()
+            .take(limit)
+            .map(|a| a.view.clone())
+            .collect()
+    }
+
+    /// Requests whose deadline is at or before `now`.
+    pub fn due(&self, now: DateTime<Utc>) -> Vec<Key> {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .deadlines
+            .iter()
+            .take_while(|(d, _, _)| *d <= now)
+            .map(|(_, t, id)| (t.clone(), id.clone()))
+            .collect()
+    }
+
+    pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .deadlines
+            .iter()
+            .next()
+            .map(|(d, _, _)| *d)
+    }
+
+    /// Keeps the view current until shutdown.
+    pub async fn tail(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.catch_up().await {
+                tracing::warn!(error = %e, "oversight catch-up failed; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TAIL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+pub fn priority_name(p: Priority) -> &'static str {
+    match p {
+        Priority::Unspecified => "unspecified",
+        Priority::Low => "low",
+        Priority::Normal => "normal",
+        Priority::High => "high",
+        Priority::Critical => "critical",
+    }
+}

@@ -1,0 +1,163 @@
+//! Announces new and escalated requests on the policy's channels. A durable consumer of the
+//! request subjects hands each event to one replica; each delivery's outcome is an event on
+//! `oversight.notifications.<tenant>.<request_id>`, appended before the event is acknowledged,
+//! so a crash repeats a notification rather than losing it.
+use std::sync::Arc;
+use std::time::Duration;
+
+use creto_schemas::oversight::v1 as pb;
+use creto_schemas::oversight::v1::Channel;
+use creto_streams::headers::{content_types, names};
+use creto_streams::{
+    AckMode, AppendEvent, Catalog, ConsumerSpec, EventLog, Headers, ReplayFrom, OVERSIGHT,
+};
+use prost::Message;
+use tokio::sync::watch;
+
+use super::fold::OversightView;
+use super::notify::{Notification, Notifier};
+
+pub const DURABLE: &str = "oversight-notifier";
+
+/// The channels a request is announced on at its priority (webhook when the policy names none).
+fn channels(policy: &pb::Policy, priority: i32) -> Vec<Channel> {
+    let named: Vec<Channel> = policy
+        .channels
+        .get(&priority)
+        .map(|l| {
+            l.channels
+                .iter()
+                .filter_map(|c| Channel::try_from(*c).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if named.is_empty() {
+        vec![Channel::Webhook]
+    } else {
+        named
+    }
+}
+
+pub async fn run(
+    log: Arc<dyn EventLog>,
+    catalog: Catalog,
+    view: Arc<OversightView>,
+    notifier: Arc<Notifier>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stream = catalog.stream(OVERSIGHT);
+    let spec = ConsumerSpec {
+        filter_subject: Some(catalog.subject("oversight.requests.>")),
+        ack: AckMode::Each,
+        max_deliver: 10,
+        ack_wait: Duration::from_secs(120),
+        // A new notifier announces what comes from now on, not the whole history.
+        start: ReplayFrom::Time(chrono::Utc::now()),
+        ..ConsumerSpec::new(DURABLE)
+    };
+    let mut consumer = loop {
+        match log.consumer(&stream, spec.clone()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "oversight notifier cannot open its consumer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    };
+    loop {
+        let deliveries = tokio::select! {
+            d = consumer.fetch(16, Duration::from_millis(500)) => d,
+            _ = shutdown.changed() => return,
+        };
+        let deliveries = match deliveries {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "oversight notifier fetch failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for d in deliveries {
+            let logical = catalog.strip(&d.event.subject).to_string();
+            let mut tokens = logical.split('.').skip(2);
+            let (Some(tenant), Some(id)) = (tokens.next(), tokens.next()) else {
+                let _ = d.ack().await;
+                continue;
+            };
+            let level = match pb::RequestEvent::decode(d.event.payload.as_ref()).map(|e| e.event) {
+                Ok(Some(pb::request_event::Event::Requested(r))) if !r.auto_approved => 0,
+                Ok(Some(pb::request_event::Event::Escalated(x))) => x.level,
+                _ => {
+                    let _ = d.ack().await;
+                    continue;
+                }
+            };
+            match announce(&*log, &view, &notifier, tenant, id, level, d.event.sequence).await {
+                Ok(()) => {
+                    let _ = d.ack().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, tenant, request = id, "notification not recorded; will retry");
+                    let _ = d.nak(Duration::from_secs(5), &e).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the request at `level` on each configured channel of its policy and records every
+/// outcome. Requests decided meanwhile are not announced.
+async fn announce(
+    log: &dyn EventLog,
+    view: &OversightView,
+    notifier: &Notifier,
+    tenant: &str,
+    id: &str,
+    level: u32,
+    cause: u64,
+) -> Result<(), String> {
+    let agg = view
+        .get_fresh(tenant, id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("request not in the view yet")?;
+    if !agg.is_open() || agg.view.level != level {
+        return Ok(());
+    }
+    let approvers = &agg.view.approvers;
+    // One-click links name the approver who clicks: with one approver (or anyone allowed)
+    // the channel carries them; with several, e-mail carries each approver's own.
+    let links = match approvers.as_slice() {
+        [] => notifier.links(tenant, id, "anyone"),
+        [one] => notifier.links(tenant, id, one),
+        _ => None,
+    };
+    let notification = Notification {
+        tenant: tenant.to_string(),
+        request: agg.view.clone(),
+        level,
+        links,
+    };
+    for sender in notifier.senders_for(&channels(&agg.policy, agg.view.priority)) {
+        let outcome = notifier.deliver(sender, &notification).await;
+        let subject = view.notification_subject(tenant, id);
+        let payload = outcome.encode_to_vec();
+        log.append(AppendEvent {
+            // One outcome per triggering event and channel.
+            id: format!("{subject}:{cause}:{}", outcome.channel),
+            subject,
+            expected_subject_sequence: None,
+            headers: Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::EVENT_TYPE, "oversight.notification_delivered")
+                .with(names::TENANT, tenant),
+            payload: payload.into(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}

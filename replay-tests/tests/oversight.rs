@@ -1,0 +1,773 @@
+//! Oversight end to end on a running gateway, on both adapters: an agent asks, approvers
+//! answer, the agent's watch ends with the decision; quorum, one deny, timeouts with each
+//! default action, escalation through levels, cancellation, timers that fire after every
+//! replica restarted, and bad input.
+use std::time::{Duration, Instant};
+
+use creto_replay_tests::Env;
+use creto_schemas::oversight::v1 as pb;
+use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClient;
+use creto_schemas::oversight::v1::{Decision, Priority, State, TimeoutAction};
+use prost::Message;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Client = OversightServiceClient<Channel>;
+
+macro_rules! on_both_adapters {
+    ($($name:ident),* $(,)?) => {
+        mod jetstream {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let env = creto_replay_tests::Env::new().await;
+                super::$name(&env).await;
+                env.drop().await;
+            })*
+        }
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let env = creto_replay_tests::Env::embedded().await;
+                super::$name(&env).await;
+                env.drop().await;
+            })*
+        }
+    };
+}
+
+on_both_adapters!(
+    approval_reaches_the_watching_agent,
+    one_deny_denies_and_answers_are_final,
+    timeouts_take_the_default_action,
+    escalation_walks_the_levels,
+    cancellation_and_auto_approval,
+    timers_fire_after_every_replica_restarted,
+    bad_input_gets_clear_statuses,
+    notifications_reach_the_webhook_signed_and_are_recorded,
+);
+
+fn level(approvers: &[&str], timeout: Duration) -> pb::Level {
+    pb::Level {
+        approvers: approvers.iter().map(|s| s.to_string()).collect(),
+        timeout: Some(timeout.try_into().unwrap()),
+    }
+}
+
+fn policy(
+    id: &str,
+    action: &str,
+    quorum: u32,
+    levels: Vec<pb::Level>,
+    on_timeout: TimeoutAction,
+) -> pb::Policy {
+    pb::Policy {
+        policy_id: id.into(),
+        action: action.into(),
+        require_approval: true,
+        quorum,
+        levels,
+        on_timeout: on_timeout as i32,
+        ..Default::default()
+    }
+}
+
+async fn client(url: &str) -> Client {
+    OversightServiceClient::connect(url.to_string())
+        .await
+        .unwrap()
+}
+
+async fn put(c: &mut Client, p: pb::Policy) {
+    c.put_policy(pb::PutPolicyRequest { policy: Some(p) })
+        .await
+        .unwrap();
+}
+
+async fn ask(c: &mut Client, id: &str, action: &str) -> pb::CreateRequestResponse {
+    c.create_request(pb::CreateRequestRequest {
+        request_id: id.into(),
+        agent_id: "deploy-bot".into(),
+        action: Some(pb::Action {
+            name: action.into(),
+            parameters_json: r#"{"amount": 120, "currency": "EUR"}"#.into(),
+        }),
+        context: "Refund for order 42 after a failed delivery".into(),
+        priority: Priority::High as i32,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn answer(
+    c: &mut Client,
+    id: &str,
+    approver: &str,
+    decision: Decision,
+) -> Result<pb::ApprovalRequest, tonic::Status> {
+    c.respond(pb::RespondRequest {
+        request_id: id.into(),
+        decision: decision as i32,
+        approver: approver.into(),
+        reason: format!("{approver} decided"),
+        channel: 0,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn get(c: &mut Client, id: &str) -> pb::ApprovalRequest {
+    c.get_request(pb::GetRequestRequest {
+        request_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Waits until the request leaves `pending` (timers run in the gateway).
+async fn settled(c: &mut Client, id: &str, within: Duration) -> pb::ApprovalRequest {
+    let until = Instant::now() + within;
+    loop {
+        let r = get(c, id).await;
+        if r.state != State::Pending as i32 || Instant::now() > until {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn approval_reaches_the_watching_agent(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    put(
+        &mut c,
+        policy(
+            "refunds",
+            "payments.*",
+            2,
+            vec![level(&["ann", "bob", "cy"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    let created = ask(&mut c, "req-1", "payments.refund").await;
+    assert!(!created.auto_approved);
+    let r = created.request.unwrap();
+    assert_eq!(
+        (r.state, r.policy_id.as_str(), r.quorum),
+        (State::Pending as i32, "refunds", 2)
+    );
+
+    // The agent watches; two of three approve.
+    let mut watch = c
+        .watch_request(pb::WatchRequestRequest {
+            request_id: "req-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.state, State::Pending as i32);
+    let after_ann = answer(&mut c, "req-1", "ann", Decision::Approve)
+        .await
+        .unwrap();
+    assert_eq!(after_ann.state, State::Pending as i32, "1 of 2");
+    answer(&mut c, "req-1", "bob", Decision::Approve)
+        .await
+        .unwrap();
+    let mut last = first;
+    while let Some(update) = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the watch ends with the decision")
+        .unwrap()
+    {
+        last = update;
+    }
+    assert_eq!(last.state, State::Approved as i32);
+    assert_eq!(last.responses.len(), 2);
+    assert_eq!(last.responses[1].approver, "bob");
+    assert_eq!(last.responses[1].reason, "bob decided");
+
+    // The same id again is the same request.
+    let again = ask(&mut c, "req-1", "payments.refund").await;
+    assert_eq!(again.request.unwrap().state, State::Approved as i32);
+    // Listing: pending first by priority; filters.
+    ask(&mut c, "req-2", "payments.charge").await;
+    let listed = c
+        .list_requests(pb::ListRequestsRequest {
+            state: State::Pending as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| r.request_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["req-2"]
+    );
+    running.stop().await;
+}
+
+async fn one_deny_denies_and_answers_are_final(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    put(
+        &mut c,
+        policy(
+            "deploys",
+            "deploy.*",
+            2,
+            vec![level(&["ann", "bob", "cy"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    ask(&mut c, "d-1", "deploy.prod").await;
+    answer(&mut c, "d-1", "ann", Decision::Approve)
+        .await
+        .unwrap();
+    // Ann again, even with another answer: nothing changes, no error.
+    let same = answer(&mut c, "d-1", "ann", Decision::Deny).await.unwrap();
+    assert_eq!(
+        (same.state, same.responses.len()),
+        (State::Pending as i32, 1)
+    );
+    // Someone who is not an approver.
+    let e = answer(&mut c, "d-1", "mallory", Decision::Approve)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let denied = answer(&mut c, "d-1", "bob", Decision::Deny).await.unwrap();
+    assert_eq!(denied.state, State::Denied as i32);
+    // A decided request takes no new answer.
+    let e = answer(&mut c, "d-1", "cy", Decision::Approve)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert_eq!(get(&mut c, "d-1").await.state, State::Denied as i32);
+
+    // Concurrent answers: exactly the quorum decides, never both outcomes.
+    ask(&mut c, "d-2", "deploy.staging").await;
+    let (mut c1, mut c2, mut c3) = (client(&url).await, client(&url).await, client(&url).await);
+    let (a, b, cc) = tokio::join!(
+        answer(&mut c1, "d-2", "ann", Decision::Approve),
+        answer(&mut c2, "d-2", "bob", Decision::Approve),
+        answer(&mut c3, "d-2", "cy", Decision::Deny),
+    );
+    let r = get(&mut c, "d-2").await;
+    assert!(
+        r.state == State::Approved as i32 || r.state == State::Denied as i32,
+        "{r:?}"
+    );
+    // Every accepted answer is recorded; the others were refused as too late.
+    let accepted = [a, b, cc].iter().filter(|x| x.is_ok()).count();
+    assert_eq!(accepted, r.responses.len(), "{r:?}");
+    // What the log says agrees with the answers that were accepted.
+    let approvals = r
+        .responses
+        .iter()
+        .filter(|x| x.decision == Decision::Approve as i32)
+        .count();
+    let denials = r.responses.len() - approvals;
+    if r.state == State::Approved as i32 {
+        assert_eq!((approvals, denials), (2, 0), "{r:?}");
+    } else {
+        assert!(denials == 1 && approvals <= 1, "{r:?}");
+    }
+    running.stop().await;
+}
+
+async fn timeouts_take_the_default_action(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    for (id, action, on_timeout) in [
+        ("t-deny", "ops.restart", TimeoutAction::Deny),
+        ("t-approve", "ops.scale", TimeoutAction::Approve),
+    ] {
+        put(
+            &mut c,
+            policy(
+                id,
+                action,
+                1,
+                vec![level(&["ann"], Duration::from_millis(600))],
+                on_timeout,
+            ),
+        )
+        .await;
+    }
+    let started = Instant::now();
+    ask(&mut c, "t-1", "ops.restart").await;
+    ask(&mut c, "t-2", "ops.scale").await;
+    let r1 = settled(&mut c, "t-1", Duration::from_secs(5)).await;
+    let r2 = settled(&mut c, "t-2", Duration::from_secs(5)).await;
+    assert_eq!(
+        (r1.state, r1.resolution),
+        (State::TimedOut as i32, Decision::Deny as i32)
+    );
+    assert_eq!(
+        (r2.state, r2.resolution),
+        (State::TimedOut as i32, Decision::Approve as i32)
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(1_800),
+        "fired late: {elapsed:?}"
+    );
+    // Past the deadline, an answer is refused.
+    let e = answer(&mut c, "t-1", "ann", Decision::Approve)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    running.stop().await;
+}
+
+async fn escalation_walks_the_levels(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    let step = Duration::from_millis(500);
+    put(
+        &mut c,
+        policy(
+            "pager",
+            "infra.*",
+            1,
+            vec![
+                level(&["l1"], step),
+                level(&["l2"], step),
+                level(&["l3"], step),
+            ],
+            TimeoutAction::Escalate,
+        ),
+    )
+    .await;
+    // One request is answered at level 2 by its approver; the other runs out of levels.
+    ask(&mut c, "e-1", "infra.failover").await;
+    ask(&mut c, "e-2", "infra.failover").await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while get(&mut c, "e-1").await.level < 1 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_level_1 = get(&mut c, "e-1").await;
+    assert_eq!(
+        (at_level_1.state, at_level_1.level),
+        (State::Pending as i32, 1)
+    );
+    assert_eq!(at_level_1.approvers, vec!["l2"]);
+    let approved = answer(&mut c, "e-1", "l2", Decision::Approve)
+        .await
+        .unwrap();
+    assert_eq!(approved.state, State::Approved as i32);
+    assert_eq!(approved.responses[0].level, 1);
+
+    let r = settled(&mut c, "e-2", Duration::from_secs(5)).await;
+    assert_eq!(
+        (r.state, r.resolution, r.level),
+        (State::TimedOut as i32, Decision::Deny as i32, 2)
+    );
+    running.stop().await;
+}
+
+async fn cancellation_and_auto_approval(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    put(
+        &mut c,
+        policy(
+            "mail",
+            "email.*",
+            1,
+            vec![level(&[], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    let mut allow = policy("reads", "search.*", 1, vec![], TimeoutAction::Deny);
+    allow.require_approval = false;
+    put(&mut c, allow).await;
+
+    ask(&mut c, "c-1", "email.send").await;
+    let cancelled = c
+        .cancel_request(pb::CancelRequestRequest {
+            request_id: "c-1".into(),
+            reason: "user withdrew".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, State::Cancelled as i32);
+    assert_eq!(cancelled.cancel_reason, "user withdrew");
+    let e = answer(&mut c, "c-1", "anyone", Decision::Approve)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    // With no named approvers anyone allowed to call Respond may answer.
+    ask(&mut c, "c-2", "email.send").await;
+    assert_eq!(
+        answer(&mut c, "c-2", "someone", Decision::Approve)
+            .await
+            .unwrap()
+            .state,
+        State::Approved as i32
+    );
+    let e = c
+        .cancel_request(pb::CancelRequestRequest {
+            request_id: "c-2".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    for (id, action) in [("c-3", "search.web"), ("c-4", "unknown.action")] {
+        let r = ask(&mut c, id, action).await;
+        assert!(r.auto_approved, "{action}");
+        assert_eq!(r.request.unwrap().state, State::Approved as i32);
+    }
+    running.stop().await;
+}
+
+async fn timers_fire_after_every_replica_restarted(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    put(
+        &mut c,
+        policy(
+            "slow",
+            "db.*",
+            1,
+            vec![level(&["ann"], Duration::from_millis(800))],
+            TimeoutAction::Approve,
+        ),
+    )
+    .await;
+    ask(&mut c, "r-1", "db.migrate").await;
+    // Every replica goes away before the deadline and comes back after it.
+    running.stop().await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    let started = Instant::now();
+    let r = settled(&mut c, "r-1", Duration::from_secs(5)).await;
+    assert_eq!(
+        (r.state, r.resolution),
+        (State::TimedOut as i32, Decision::Approve as i32)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Two replicas firing the same deadline store one event.
+    put(
+        &mut c,
+        policy(
+            "race",
+            "race.*",
+            1,
+            vec![level(&["ann"], Duration::from_millis(500))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    let (second, _) = env.start_oversight().await;
+    for i in 0..10 {
+        ask(&mut c, &format!("race-{i}"), "race.it").await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 0..10 {
+        let r = get(&mut c, &format!("race-{i}")).await;
+        assert_eq!(r.state, State::TimedOut as i32);
+        let events = count_events(env, &format!("race-{i}")).await;
+        assert_eq!(events, 2, "requested + one timeout for race-{i}");
+    }
+    second.stop().await;
+    running.stop().await;
+}
+
+async fn count_events(env: &Env, id: &str) -> usize {
+    use futures::TryStreamExt;
+    env.platform
+        .log
+        .replay(
+            &env.platform.catalog.stream(creto_streams::OVERSIGHT),
+            creto_streams::ReplayFrom::Start,
+            None,
+            Some(&env.subject(&format!("oversight.requests.default.{id}"))),
+        )
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .len()
+}
+
+async fn bad_input_gets_clear_statuses(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    // Policies: each mistake named.
+    for (p, needle) in [
+        (
+            policy(
+                "bad id!",
+                "x",
+                1,
+                vec![level(&[], Duration::from_secs(1))],
+                TimeoutAction::Deny,
+            ),
+            "policy_id",
+        ),
+        (
+            policy(
+                "p",
+                "x",
+                3,
+                vec![level(&["a"], Duration::from_secs(1))],
+                TimeoutAction::Deny,
+            ),
+            "never be reached",
+        ),
+        (policy("p", "x", 1, vec![], TimeoutAction::Deny), "levels"),
+        (
+            policy(
+                "p",
+                "x",
+                1,
+                vec![level(&[], Duration::from_secs(1))],
+                TimeoutAction::Unspecified,
+            ),
+            "on_timeout",
+        ),
+    ] {
+        let e = c
+            .put_policy(pb::PutPolicyRequest { policy: Some(p) })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    }
+    // Requests.
+    let base = pb::CreateRequestRequest {
+        request_id: "b-1".into(),
+        agent_id: "bot".into(),
+        action: Some(pb::Action {
+            name: "x.y".into(),
+            parameters_json: "{}".into(),
+        }),
+        ..Default::default()
+    };
+    for (cmd, needle) in [
+        (
+            pb::CreateRequestRequest {
+                request_id: "a.b".into(),
+                ..base.clone()
+            },
+            "request_id",
+        ),
+        (
+            pb::CreateRequestRequest {
+                agent_id: String::new(),
+                ..base.clone()
+            },
+            "agent_id",
+        ),
+        (
+            pb::CreateRequestRequest {
+                action: None,
+                ..base.clone()
+            },
+            "action.name",
+        ),
+        (
+            pb::CreateRequestRequest {
+                action: Some(pb::Action {
+                    name: "x".into(),
+                    parameters_json: "[1,2]".into(),
+                }),
+                ..base.clone()
+            },
+            "JSON object",
+        ),
+        (
+            pb::CreateRequestRequest {
+                action: Some(pb::Action {
+                    name: "x".into(),
+                    parameters_json: "{oops".into(),
+                }),
+                ..base.clone()
+            },
+            "not JSON",
+        ),
+        (
+            pb::CreateRequestRequest {
+                context: "x".repeat(20_000),
+                ..base.clone()
+            },
+            "context",
+        ),
+        (
+            pb::CreateRequestRequest {
+                priority: 42,
+                ..base.clone()
+            },
+            "priority",
+        ),
+    ] {
+        let e = c.create_request(cmd).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    }
+    // The same id for another ask.
+    c.create_request(base.clone()).await.unwrap();
+    let e = c
+        .create_request(pb::CreateRequestRequest {
+            action: Some(pb::Action {
+                name: "other".into(),
+                parameters_json: "{}".into(),
+            }),
+            ..base.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    // Unknown request, missing decision.
+    let e = answer(&mut c, "nope", "ann", Decision::Approve)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    put(
+        &mut c,
+        policy(
+            "any",
+            "*",
+            1,
+            vec![level(&[], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    ask(&mut c, "b-2", "z.z").await;
+    let e = answer(&mut c, "b-2", "ann", Decision::Unspecified)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    running.stop().await;
+}
+
+async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
+    use creto_gateways::oversight::notify::webhook::verify_signature;
+    use std::sync::{Arc, Mutex};
+    // A real HTTP receiver: records what it gets, fails the first call.
+    let hits: Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>> = Arc::default();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (h, n) = (hits.clone(), calls.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let (h, n) = (h.clone(), n.clone());
+            async move {
+                if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                h.lock().unwrap().push((headers, body));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let notify = creto_gateways::oversight::notify::NotifyConfig {
+        webhook_url: Some(format!("http://{addr}/hook")),
+        webhook_secret: Some("hook-secret".into()),
+        public_url: Some("http://approvals.example".into()),
+        link_secret: Some("link-secret".into()),
+        backoff: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let running = env
+        .start_oversight_with(
+            creto_gateways::auth::AuthArgs::disabled()
+                .build(None)
+                .unwrap(),
+            notify,
+        )
+        .await;
+    let url = format!("http://{}", running.grpc_addr.unwrap());
+    let mut c = client(&url).await;
+    put(
+        &mut c,
+        policy(
+            "hooked",
+            "payments.*",
+            1,
+            vec![level(&["ann"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    let started = Instant::now();
+    ask(&mut c, "n-1", "payments.refund").await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while hits.lock().unwrap().is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (headers, body) = hits
+        .lock()
+        .unwrap()
+        .first()
+        .cloned()
+        .expect("webhook delivered");
+    println!(
+        "request created -> webhook delivered: {:?}",
+        started.elapsed()
+    );
+    let ts = headers["x-creto-timestamp"].to_str().unwrap();
+    let sig = headers["x-creto-signature"].to_str().unwrap();
+    assert!(verify_signature(b"hook-secret", ts, body.as_bytes(), sig));
+    assert!(!verify_signature(b"other", ts, body.as_bytes(), sig));
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["request_id"], "n-1");
+    assert!(
+        body.contains("http://approvals.example/approvals/default/n-1/respond?token="),
+        "{body}"
+    );
+
+    // The outcome is an event: delivered on the second attempt.
+    use futures::TryStreamExt;
+    let until = Instant::now() + Duration::from_secs(5);
+    let outcome = loop {
+        let events: Vec<_> = env
+            .platform
+            .log
+            .replay(
+                &env.platform.catalog.stream(creto_streams::OVERSIGHT),
+                creto_streams::ReplayFrom::Start,
+                None,
+                Some(&env.subject("oversight.notifications.default.n-1")),
+            )
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        if let Some(e) = events.first() {
+            break pb::NotificationDelivered::decode(e.payload.as_ref()).unwrap();
+        }
+        assert!(Instant::now() < until, "no notification outcome recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(outcome.ok);
+    assert_eq!(outcome.attempts, 2);
+    assert_eq!(outcome.channel, pb::Channel::Webhook as i32);
+    running.stop().await;
+}
