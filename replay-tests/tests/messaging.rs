@@ -45,6 +45,7 @@ on_both_adapters!(
     offline_recipient_in_order_and_exactly_once_after_acks,
     duplicates_replays_and_expiry,
     bad_input_gets_clear_statuses,
+    a_message_sent_to_one_replica_reaches_a_recipient_on_another,
 );
 
 async fn agent(url: &str, id: &str) -> AgentClient {
@@ -643,4 +644,45 @@ async fn tenants_are_isolated() {
     assert_eq!(c, Code::Unauthenticated);
     running.stop().await;
     env.drop().await;
+}
+
+async fn a_message_sent_to_one_replica_reaches_a_recipient_on_another(env: &Env) {
+    let (first, url_a) = env.start_messaging().await;
+    let (second, url_b) = env.start_messaging().await;
+    let mut alice = agent(&url_a, "alice").await;
+    let mut bob = agent(&url_b, "bob").await;
+    // Bob listens on the second replica; Alice sends through the first.
+    let mut inbox = bob.receive(0).await.unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        alice.send("bob", format!("r{i}").as_bytes()).await.unwrap();
+    }
+    for i in 0..20 {
+        let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            bob.open(&m).await.unwrap().plaintext,
+            format!("r{i}").as_bytes()
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // A key revoked through one replica is refused by the other within its refresh.
+    alice
+        .rpc()
+        .revoke_key(pb::RevokeKeyRequest {
+            agent_id: "alice".into(),
+            key_id: "alice-sig-1".into(),
+            reason: "rotated out".into(),
+        })
+        .await
+        .unwrap();
+    let mut via_b = alice.reconnect(&url_b, "").await.unwrap();
+    tokio::time::sleep(creto_gateways::messaging::directory::REFRESH * 2).await;
+    let (c, m) = code(via_b.send("bob", b"late").await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    first.stop().await;
+    second.stop().await;
 }

@@ -11,45 +11,75 @@ use chrono::Utc;
 use creto_domain::messaging::envelope::{self, time_of};
 use creto_schemas::messaging::v1::{Acked, Envelope, Expired, ReceivedMessage};
 use creto_streams::headers::{content_types, names};
-use creto_streams::{AppendEvent, Catalog, EventLog, Headers, LogError, ReplayFrom, MESSAGING};
+use creto_streams::{
+    AppendEvent, Catalog, EventLog, Headers, LogError, ReplayFrom, StoredEvent, MESSAGING,
+};
 use futures::TryStreamExt;
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tonic::Status;
 
 use super::metrics;
 use crate::log_status::log_status;
 
-/// How often a replica looks for messages other replicas stored.
-pub const TAIL_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the tail looks for messages other replicas stored (a Send on this replica wakes
+/// it at once). An empty look is one stream-info request.
+pub const TAIL_POLL: Duration = Duration::from_millis(20);
 
-/// Wakes the Receive sessions of a recipient when something for it was stored or acked.
+/// Messages a slow session may fall behind the tail before it catches up from the log.
+const SESSION_BUFFER: usize = 1024;
+
+/// What the sessions of one recipient hear on this replica: the tail's messages for it, in
+/// stream order, and its acknowledged position as acks pass through this replica.
+struct Feed {
+    messages: broadcast::Sender<Arc<StoredEvent>>,
+    floor: watch::Sender<u64>,
+}
+
+/// The connected recipients of this replica.
 #[derive(Default)]
 pub struct Hub {
-    recipients: Mutex<HashMap<(String, String), watch::Sender<u64>>>,
+    recipients: Mutex<HashMap<(String, String), Feed>>,
 }
 
 impl Hub {
-    pub fn subscribe(&self, tenant: &str, agent: &str) -> watch::Receiver<u64> {
-        self.recipients
-            .lock()
-            .expect("hub lock")
+    fn subscribe(
+        &self,
+        tenant: &str,
+        agent: &str,
+    ) -> (broadcast::Receiver<Arc<StoredEvent>>, watch::Receiver<u64>) {
+        let mut recipients = self.recipients.lock().expect("hub lock");
+        let feed = recipients
             .entry((tenant.to_string(), agent.to_string()))
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+            .or_insert_with(|| Feed {
+                messages: broadcast::channel(SESSION_BUFFER).0,
+                floor: watch::channel(0).0,
+            });
+        (feed.messages.subscribe(), feed.floor.subscribe())
     }
 
-    /// Wakes the recipient's sessions on this replica; forgets recipients with none left, so
-    /// the map holds only connected recipients.
-    pub fn wake(&self, tenant: &str, agent: &str) {
+    /// Hands a stored message to the recipient's sessions; forgets recipients with none left,
+    /// so the map holds only connected recipients.
+    fn publish(&self, tenant: &str, agent: &str, event: Arc<StoredEvent>) {
         let mut recipients = self.recipients.lock().expect("hub lock");
         let key = (tenant.to_string(), agent.to_string());
-        if let Some(tx) = recipients.get(&key) {
-            if tx.receiver_count() == 0 {
+        if let Some(feed) = recipients.get(&key) {
+            if feed.messages.receiver_count() == 0 {
                 recipients.remove(&key);
             } else {
-                tx.send_modify(|n| *n += 1);
+                let _ = feed.messages.send(event);
             }
+        }
+    }
+
+    fn acked(&self, tenant: &str, agent: &str, through: u64) {
+        let recipients = self.recipients.lock().expect("hub lock");
+        if let Some(feed) = recipients.get(&(tenant.to_string(), agent.to_string())) {
+            feed.floor.send_if_modified(|f| {
+                let moved = through > *f;
+                *f = (*f).max(through);
+                moved
+            });
         }
     }
 }
@@ -61,6 +91,8 @@ pub struct Queues {
     pub catalog: Catalog,
     pub stream: String,
     pub hub: Arc<Hub>,
+    /// Wakes the tail after a Send on this replica.
+    pub stored: Arc<Notify>,
     /// Ends every Receive stream when the product stops (a graceful shutdown waits for open
     /// streams).
     stopping: watch::Sender<bool>,
@@ -73,6 +105,7 @@ impl Queues {
             log,
             catalog,
             hub: Arc::new(Hub::default()),
+            stored: Arc::new(Notify::new()),
             stopping: watch::channel(false).0,
         }
     }
@@ -161,7 +194,7 @@ impl Queues {
             };
             match self.log.append(event).await {
                 Ok(_) => {
-                    self.hub.wake(tenant, recipient);
+                    self.hub.acked(tenant, recipient, through);
                     return Ok(through);
                 }
                 // Another ack landed first: re-read and go again.
@@ -174,8 +207,9 @@ impl Queues {
         ))
     }
 
-    /// Wakes local sessions for messages other replicas stored: one tail of the message
-    /// subjects per process, whatever the number of sessions.
+    /// The one reader of the message subjects on this replica: reads what was stored (by any
+    /// replica) in stream order and hands each message to its recipient's sessions, so a
+    /// thousand connected recipients cost one log reader, not a thousand.
     pub async fn tail(self, mut shutdown: watch::Receiver<bool>) {
         let filter = self.catalog.subject("messaging.msg.>");
         let mut after = match self.log.stream_state(&self.stream).await {
@@ -184,7 +218,8 @@ impl Queues {
         };
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(TAIL_INTERVAL) => {}
+                _ = tokio::time::sleep(TAIL_POLL) => {}
+                _ = self.stored.notified() => {}
                 _ = shutdown.changed() => return,
             }
             let events = self
@@ -199,10 +234,10 @@ impl Queues {
             let Ok(mut events) = events else { continue };
             while let Ok(Some(event)) = events.try_next().await {
                 after = event.sequence;
-                let logical = self.catalog.strip(&event.subject);
+                let logical = self.catalog.strip(&event.subject).to_string();
                 let mut tokens = logical.split('.').skip(2);
                 if let (Some(tenant), Some(recipient)) = (tokens.next(), tokens.next()) {
-                    self.hub.wake(tenant, recipient);
+                    self.hub.publish(tenant, recipient, Arc::new(event));
                 }
             }
         }
@@ -221,6 +256,24 @@ pub struct Session {
 /// Delivered and not yet acknowledged: cursor → (attempts, first sent this attempt).
 type Outstanding = BTreeMap<u64, (u32, Instant)>;
 
+/// Where one session stands.
+struct Delivering {
+    /// Last stream sequence handed out (or skipped).
+    cursor: u64,
+    expired_through: u64,
+    outstanding: Outstanding,
+    /// Attempts of cursors delivered before, kept across a rewind for `delivery_attempt`.
+    attempts: BTreeMap<u64, u32>,
+    label: String,
+}
+
+impl Delivering {
+    fn forget_through(&mut self, floor: u64) {
+        self.outstanding.retain(|seq, _| *seq > floor);
+        self.attempts.retain(|seq, _| *seq > floor);
+    }
+}
+
 impl Session {
     /// Streams the recipient's messages into `tx` until the caller goes away.
     pub async fn run(self, tx: mpsc::Sender<Result<ReceivedMessage, Status>>) {
@@ -236,7 +289,9 @@ impl Session {
         tx: &mpsc::Sender<Result<ReceivedMessage, Status>>,
     ) -> Result<(), Status> {
         let q = &self.queues;
-        let mut wake = q.hub.subscribe(&self.tenant, &self.recipient);
+        // Subscribed before reading the log: whatever is stored after the catch-up below
+        // reaches this session through the tail.
+        let (mut live, mut acks) = q.hub.subscribe(&self.tenant, &self.recipient);
         let mut stopping = q.stopping.subscribe();
         if *stopping.borrow() {
             return Err(Status::unavailable("this gateway is stopping; reconnect"));
@@ -245,118 +300,151 @@ impl Session {
             .acked_through(&self.tenant, &self.recipient)
             .await
             .map_err(log_status)?;
-        let mut cursor = if self.after_cursor > 0 {
-            self.after_cursor
-        } else {
-            floor
+        let mut state = Delivering {
+            cursor: if self.after_cursor > 0 {
+                self.after_cursor
+            } else {
+                floor
+            },
+            expired_through: q
+                .last_on::<Expired>(&q.expired_subject(&self.tenant, &self.recipient))
+                .await
+                .map_err(log_status)?
+                .map_or(0, |(_, e)| e.cursor),
+            outstanding: Outstanding::new(),
+            attempts: BTreeMap::new(),
+            label: metrics::agent_label(&self.tenant, &self.recipient),
         };
-        let mut expired_through = q
-            .last_on::<Expired>(&q.expired_subject(&self.tenant, &self.recipient))
-            .await
-            .map_err(log_status)?
-            .map_or(0, |(_, e)| e.cursor);
         let filter = q.catalog.subject(&format!(
             "messaging.msg.{}.{}.*",
             self.tenant, self.recipient
         ));
-        let label = metrics::agent_label(&self.tenant, &self.recipient);
-        let depth = metrics::QUEUE_DEPTH.with_label_values(&[&label]);
-        let mut outstanding = Outstanding::new();
-        // Attempts of cursors delivered before, kept across a rewind for `delivery_attempt`.
-        let mut attempts: BTreeMap<u64, u32> = BTreeMap::new();
+        let depth = metrics::QUEUE_DEPTH.with_label_values(&[&state.label]);
         loop {
-            wake.mark_unchanged();
+            // Catch up from the log: at the start, after a rewind, or after falling behind.
             let mut events = q
                 .log
                 .replay(
                     &q.stream,
-                    ReplayFrom::Sequence(cursor + 1),
+                    ReplayFrom::Sequence(state.cursor + 1),
                     None,
                     Some(&filter),
                 )
                 .await
                 .map_err(log_status)?;
             while let Some(event) = events.try_next().await.map_err(log_status)? {
-                cursor = event.sequence;
-                let envelope = Envelope::decode(event.payload.as_ref())
-                    .map_err(|e| Status::internal(format!("stored envelope undecodable: {e}")))?;
-                let header = envelope::header(&envelope)
-                    .map_err(|e| Status::internal(format!("stored envelope: {e}")))?;
-                let age = (Utc::now() - event.recorded_at)
-                    .to_std()
-                    .unwrap_or_default()
-                    .as_secs_f64();
-                if time_of(&header.expires_at).is_some_and(|t| t <= Utc::now()) {
-                    if event.sequence > expired_through {
-                        self.record_expired(event.sequence, &header).await?;
-                        expired_through = event.sequence;
-                        metrics::DELIVERY_SECONDS
-                            .with_label_values(&["expired"])
-                            .observe(age);
-                    }
-                    continue;
-                }
-                let attempt = attempts.get(&event.sequence).copied().unwrap_or(0) + 1;
-                attempts.insert(event.sequence, attempt);
-                let message = ReceivedMessage {
-                    cursor: event.sequence,
-                    envelope: Some(envelope),
-                    stored_at: Some(creto_streams::envelope::timestamp(event.recorded_at)),
-                    delivery_attempt: attempt,
-                };
-                if tx.send(Ok(message)).await.is_err() {
+                if !self.hand_out(&mut state, &event, tx).await? {
                     return Ok(());
                 }
-                if attempt == 1 {
-                    metrics::RECEIVED.with_label_values(&[&label]).inc();
-                    metrics::DELIVERY_SECONDS
-                        .with_label_values(&["delivered"])
-                        .observe(age);
-                } else {
-                    metrics::DELIVERY_SECONDS
-                        .with_label_values(&["redelivered"])
-                        .observe(age);
-                }
-                outstanding.insert(event.sequence, (attempt, Instant::now()));
             }
-            depth.set(outstanding.len() as i64);
-
-            // Wait for news, for the oldest delivery's ack deadline, or for the caller to go.
-            let deadline = outstanding
-                .values()
-                .map(|(_, sent)| *sent + self.ack_wait)
-                .min();
-            tokio::select! {
-                _ = wake.changed() => {}
-                _ = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d.into()).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
-                _ = tx.closed() => return Ok(()),
-                _ = stopping.changed() => {
-                    return Err(Status::unavailable("this gateway is stopping; reconnect and resume"));
-                }
-            }
-            if !outstanding.is_empty() {
-                floor = q
-                    .acked_through(&self.tenant, &self.recipient)
-                    .await
-                    .map_err(log_status)?;
-                outstanding.retain(|seq, _| *seq > floor);
-                attempts.retain(|seq, _| *seq > floor);
-                let overdue = outstanding
+            // Then live, from the tail, until a rewind or a fall-behind sends us back.
+            loop {
+                depth.set(state.outstanding.len() as i64);
+                let deadline = state
+                    .outstanding
                     .values()
-                    .any(|(_, sent)| sent.elapsed() >= self.ack_wait);
-                if overdue {
-                    // Redeliver in order: everything after the acknowledged position.
-                    cursor = floor.max(self.after_cursor);
-                    outstanding.clear();
+                    .map(|(_, sent)| *sent + self.ack_wait)
+                    .min();
+                tokio::select! {
+                    message = live.recv() => match message {
+                        Ok(event) => {
+                            if event.sequence > state.cursor
+                                && !self.hand_out(&mut state, &event, tx).await?
+                            {
+                                return Ok(());
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    },
+                    _ = acks.changed() => {
+                        floor = floor.max(*acks.borrow_and_update());
+                        state.forget_through(floor);
+                    }
+                    _ = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        // Acks may have gone through another replica: ask the log.
+                        floor = floor.max(
+                            q.acked_through(&self.tenant, &self.recipient)
+                                .await
+                                .map_err(log_status)?,
+                        );
+                        state.forget_through(floor);
+                        if state
+                            .outstanding
+                            .values()
+                            .any(|(_, sent)| sent.elapsed() >= self.ack_wait)
+                        {
+                            // Redeliver in order: everything after the acknowledged position.
+                            state.cursor = floor.max(self.after_cursor);
+                            state.outstanding.clear();
+                            break;
+                        }
+                    }
+                    _ = tx.closed() => return Ok(()),
+                    _ = stopping.changed() => {
+                        return Err(Status::unavailable("this gateway is stopping; reconnect and resume"));
+                    }
                 }
-                depth.set(outstanding.len() as i64);
             }
         }
+    }
+
+    /// Sends one stored message (or records its expiry); false when the caller went away.
+    async fn hand_out(
+        &self,
+        state: &mut Delivering,
+        event: &StoredEvent,
+        tx: &mpsc::Sender<Result<ReceivedMessage, Status>>,
+    ) -> Result<bool, Status> {
+        state.cursor = event.sequence;
+        let envelope = Envelope::decode(event.payload.as_ref())
+            .map_err(|e| Status::internal(format!("stored envelope undecodable: {e}")))?;
+        let header = envelope::header(&envelope)
+            .map_err(|e| Status::internal(format!("stored envelope: {e}")))?;
+        let age = (Utc::now() - event.recorded_at)
+            .to_std()
+            .unwrap_or_default()
+            .as_secs_f64();
+        if time_of(&header.expires_at).is_some_and(|t| t <= Utc::now()) {
+            if event.sequence > state.expired_through {
+                self.record_expired(event.sequence, &header).await?;
+                state.expired_through = event.sequence;
+                metrics::DELIVERY_SECONDS
+                    .with_label_values(&["expired"])
+                    .observe(age);
+            }
+            return Ok(true);
+        }
+        let attempt = state.attempts.get(&event.sequence).copied().unwrap_or(0) + 1;
+        state.attempts.insert(event.sequence, attempt);
+        let message = ReceivedMessage {
+            cursor: event.sequence,
+            envelope: Some(envelope),
+            stored_at: Some(creto_streams::envelope::timestamp(event.recorded_at)),
+            delivery_attempt: attempt,
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            return Ok(false);
+        }
+        if attempt == 1 {
+            metrics::RECEIVED.with_label_values(&[&state.label]).inc();
+        }
+        metrics::DELIVERY_SECONDS
+            .with_label_values(&[if attempt == 1 {
+                "delivered"
+            } else {
+                "redelivered"
+            }])
+            .observe(age);
+        state
+            .outstanding
+            .insert(event.sequence, (attempt, Instant::now()));
+        Ok(true)
     }
 
     async fn record_expired(

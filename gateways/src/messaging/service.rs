@@ -350,7 +350,7 @@ impl MessagingGateway {
                             sequence: header.sequence,
                         },
                     );
-                    self.queues.hub.wake(tenant, &header.recipient_agent_id);
+                    self.queues.stored.notify_one();
                     return Ok((sequence, false));
                 }
                 Ok(Appended::Duplicate { sequence }) => {
