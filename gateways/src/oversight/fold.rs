@@ -74,7 +74,20 @@ impl OversightView {
 
     /// Folds every event appended since the last catch-up.
     pub async fn catch_up(&self) -> Result<(), LogError> {
+        self.catch_up_to(u64::MAX).await
+    }
+
+    /// Makes sure everything up to `sequence` is folded: one reader catches up for all the
+    /// writers that were waiting (concurrent commands share one replay).
+    pub async fn catch_up_to(&self, sequence: u64) -> Result<(), LogError> {
+        let applied = || self.folded.read().expect("fold lock").applied_through;
+        if applied() >= sequence {
+            return Ok(());
+        }
         let _one = self.catching_up.lock().await;
+        if applied() >= sequence {
+            return Ok(());
+        }
         let from = self.folded.read().expect("fold lock").applied_through + 1;
         let filter = self.catalog.subject("oversight.>");
         let mut events = self

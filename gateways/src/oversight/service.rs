@@ -138,7 +138,7 @@ pub async fn append_request_events(
     }
     let after = count_transitions(agg, &events, &sequences);
     // Read-your-writes for whoever asks this replica next.
-    view.catch_up().await?;
+    view.catch_up_to(expected).await?;
     Ok(after)
 }
 
