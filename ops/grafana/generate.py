@@ -50,6 +50,7 @@ SERVER_ERRORS = f'grpc_code!~"{CLIENT_CODES}"'
 # Full gRPC service names (the grpc_service label) of the products whose name is fixed.
 GRPC_SERVICES = {
     "messaging": "creto.enablement.messaging.v1.MessagingService",
+    "oversight": "creto.enablement.oversight.v1.OversightService",
 }
 
 
@@ -239,28 +240,62 @@ def metering():
 
 
 def oversight():
+    # Metrics of gateways/src/oversight/metrics.rs and notify/mod.rs. Every gateway replica folds
+    # every request, so the pending gauge is the same on each: max over replicas (per namespace),
+    # never the sum. Counters are counted once, by the replica that did the thing: sum them.
     d = Dashboard("oversight", "Oversight Dashboard", "Pending requests, response times, channels",
                   "oversight_requests_total")
+    pending = f"max by (namespace, priority) (oversight_pending_requests{sel()})"
+    notified = "oversight_notification_duration_seconds_count"
+    slow = rate("oversight_notification_duration_seconds_bucket", 'le="2.5"')
+    d.stat("Pending requests", f"sum({pending})", "short",
+           "Waiting for a decision, all priorities")
+    d.stat("Requests created / s", f"sum({rate('oversight_requests_total')})", "ops")
+    approved = sel('decision="approve"')
+    d.stat("Approved share of responses (1h)",
+           ratio(f"sum(increase(oversight_responses_total{approved}[1h]))",
+                 f"sum(increase(oversight_responses_total{sel()}[1h]))"), "percentunit",
+           "Approver responses that approve, any channel")
+    d.stat("Missed deadlines (1h)",
+           f"sum(increase(oversight_timeout_total{sel()}[1h]))", "short",
+           "Timed out or escalated (alert OversightTimeoutRateHigh per policy)")
     d.graph("Pending requests by priority",
-            [(f"max by (priority) (oversight_pending_requests{sel()})", "{{priority}}")],
-            description="Alert OversightBacklog at 50")
+            [(f"sum by (priority) ({pending})", "{{priority}}")],
+            description="Alert OversightBacklog at 50 per priority")
     d.graph("Requests created / s by policy",
-            [(f"sum by (policy_id) ({rate('oversight_requests_total')})", "{{policy_id}}")], "ops")
+            [(f"sum by (policy_id) ({rate('oversight_requests_total')})", "{{policy_id}}")], "ops",
+            "policy none: no policy matched (approved at once)")
     d.graph("Responses / s by decision and channel",
             [(f"sum by (decision, channel) ({rate('oversight_responses_total')})",
-              "{{decision}} via {{channel}}")], "ops")
-    approved = sel('decision=~"(?i)approved?"')
-    d.stat("Approval rate (1h)",
-           ratio(f"sum(rate(oversight_responses_total{approved}[1h]))",
-                 f"sum(rate(oversight_responses_total{sel()}[1h]))"), "percentunit", w=12)
-    d.graph("Timeouts / s by policy",
-            [(f"sum by (policy_id) ({rate('oversight_timeout_total')})", "{{policy_id}}")], "ops")
-    d.graph("Notification delivery P95 by channel",
-            [(quantile(0.95, "oversight_notification_duration_seconds", "channel"),
-              "{{channel}}")], "s")
+              "{{decision}} via {{channel}}")], "ops",
+            "grpc: Respond; web: the approval page and its one-click links")
+    d.graph("Missed deadlines / s by policy",
+            [(f"sum by (policy_id) ({rate('oversight_timeout_total')})", "{{policy_id}}")], "ops",
+            "Deadlines that passed without a decision: timed out or escalated")
     d.graph("State transitions / s",
             [(f"sum by (from_state, to_state) ({rate('oversight_state_transitions_total')})",
               "{{from_state}} -> {{to_state}}")], "ops")
+    d.graph("Top 10 agents by requests / s",
+            [(f"topk(10, sum by (agent_id) ({rate('oversight_requests_total')}))",
+              "{{agent_id}}")], "ops")
+    d.graph("Notifications / s by channel",
+            [(f"sum by (channel) ({rate(notified)})", "{{channel}}")], "ops",
+            "Deliveries finished (delivered or given up after every attempt)")
+    d.graph("Notification delivery time by channel",
+            [(quantile(0.5, "oversight_notification_duration_seconds", "channel"),
+              "P50 {{channel}}"),
+             (quantile(0.95, "oversight_notification_duration_seconds", "channel"),
+              "P95 {{channel}}")], "s", "All attempts and backoff included")
+    d.graph("Notifications over 2.5s by channel",
+            [(ratio(f"sum by (channel) ({rate(notified)}) - sum by (channel) ({slow})",
+                    f"sum by (channel) ({rate(notified)})"), "{{channel}}")], "percentunit",
+            "Failed, or retried up to the last attempt, with the default retry settings "
+            "(alert OversightNotificationsFailing at 20%)")
+    notifier = sel('consumer="oversight-notifier"')
+    d.graph("Notifier backlog",
+            [(f"max by (stream) (enablement_stream_consumer_pending{notifier})", "{{stream}}")],
+            "short", "Request events the oversight-notifier consumer has not received yet "
+            "(alert OversightNotifierBehind at 100)")
     product_tail(d, "oversight")
     return d
 
