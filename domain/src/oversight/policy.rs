@@ -72,6 +72,16 @@ pub fn validate(p: &Policy) -> Result<(), String> {
             ));
         }
     }
+    for (priority, list) in &p.channels {
+        if creto_schemas::oversight::v1::Priority::try_from(*priority).is_err() {
+            return Err(format!(
+                "channels: {priority} is not a priority (1 low .. 4 critical)"
+            ));
+        }
+        if list.channels.iter().any(|c| !(1..=3).contains(c)) {
+            return Err("channels are CHANNEL_SLACK, CHANNEL_EMAIL or CHANNEL_WEBHOOK".into());
+        }
+    }
     if p.quorum == 0 {
         return Err("quorum is at least 1".into());
     }

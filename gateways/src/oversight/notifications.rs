@@ -50,7 +50,9 @@ pub async fn run(
         filter_subject: Some(catalog.subject("oversight.requests.>")),
         ack: AckMode::Each,
         max_deliver: 10,
-        ack_wait: Duration::from_secs(120),
+        // Longer than every channel's retries together (they run at once), so a slow channel
+        // does not make another replica announce the request again.
+        ack_wait: Duration::from_secs(300),
         // A new notifier announces what comes from now on, not the whole history.
         start: ReplayFrom::Time(chrono::Utc::now()),
         ..ConsumerSpec::new(DURABLE)
@@ -141,8 +143,40 @@ async fn announce(
         level,
         links,
     };
-    for sender in notifier.senders_for(&channels(&agg.policy, agg.view.priority)) {
-        let outcome = notifier.deliver(sender, &notification).await;
+    let wanted = channels(&agg.policy, agg.view.priority);
+    let senders = notifier.senders_for(&wanted);
+    // Channels are delivered at once, so slow ones do not add up past the ack wait.
+    let mut outcomes = futures::future::join_all(
+        senders
+            .iter()
+            .map(|sender| notifier.deliver(*sender, &notification)),
+    )
+    .await;
+    // A channel the policy asks for but this deployment has not configured is recorded too:
+    // the audit trail says nobody was told, and why.
+    for c in wanted {
+        if matches!(c, Channel::Slack | Channel::Email | Channel::Webhook)
+            && !senders.iter().any(|s| s.channel() == c)
+        {
+            tracing::warn!(
+                tenant,
+                request = id,
+                channel = super::notify::channel_label(c),
+                "policy asks for a channel that is not configured"
+            );
+            outcomes.push(pb::NotificationDelivered {
+                request_id: id.to_string(),
+                channel: c as i32,
+                level,
+                ok: false,
+                attempts: 0,
+                detail: "channel not configured on this deployment (see OVERSIGHT_* settings)"
+                    .into(),
+                duration_seconds: 0.0,
+            });
+        }
+    }
+    for outcome in outcomes {
         let subject = view.notification_subject(tenant, id);
         let payload = outcome.encode_to_vec();
         log.append(AppendEvent {
