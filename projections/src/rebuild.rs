@@ -231,7 +231,7 @@ async fn build_missing(pool: &PgPool, indexes: &[(String, String)]) -> Result<()
 /// reader or index build), so three connections do them at once; the unique index becomes
 /// the primary key at the end. Indexes already built are kept (COPY kept them current), and
 /// `usage_hourly` is recomputed whole unless the phase had finished, so this resumes too.
-async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
+pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
     if finished_building(pool).await? {
         return Ok(());
     }
