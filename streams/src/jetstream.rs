@@ -398,10 +398,21 @@ impl EventLog for JetStreamLog {
             })
             .await
             .map_err(unavailable)?;
+        // Deleted as soon as the replay is over: thousands of idle consumers slow the server.
+        let cleanup = {
+            let stream = stream.clone();
+            let name = consumer.cached_info().name.clone();
+            move || {
+                tokio::spawn(async move {
+                    let _ = stream.delete_consumer(&name).await;
+                });
+            }
+        };
         // The ordered consumer never ends by itself: stop after what was pending at creation,
         // or at the end sequence, whichever comes first.
         let initially_pending = consumer.cached_info().num_pending;
         if initially_pending == 0 || end == 0 {
+            cleanup();
             return Ok(futures::stream::empty().boxed());
         }
         let messages = consumer.messages().await.map_err(unavailable)?;
@@ -413,8 +424,10 @@ impl EventLog for JetStreamLog {
             (messages, 0u64, false),
             move |(mut messages, seen, done)| {
                 let name = name.clone();
+                let cleanup = cleanup.clone();
                 async move {
                     if done {
+                        cleanup();
                         return None;
                     }
                     let item = match messages.next().await? {
@@ -423,7 +436,10 @@ impl EventLog for JetStreamLog {
                     };
                     let seen = seen + 1;
                     let done = match &item {
-                        Ok(e) if e.sequence > end => return None,
+                        Ok(e) if e.sequence > end => {
+                            cleanup();
+                            return None;
+                        }
                         Ok(e) => e.sequence >= end || seen >= initially_pending,
                         Err(_) => true,
                     };
@@ -465,6 +481,16 @@ impl EventLog for JetStreamLog {
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    async fn last_sequence(&self, stream_name: &str) -> Result<u64, LogError> {
+        let mut stream = self.stream(stream_name).await?;
+        Ok(stream
+            .info()
+            .await
+            .map_err(unavailable)?
+            .state
+            .last_sequence)
     }
 
     async fn stream_state(&self, stream_name: &str) -> Result<StreamState, LogError> {

@@ -260,6 +260,11 @@ pub trait EventLog: Send + Sync + 'static {
 
     async fn stream_state(&self, stream: &str) -> Result<StreamState, LogError>;
 
+    /// The stream's last sequence alone (no consumer listing): for hot paths.
+    async fn last_sequence(&self, stream: &str) -> Result<u64, LogError> {
+        Ok(self.stream_state(stream).await?.last_sequence)
+    }
+
     /// Opens (creating if needed) a durable consumer.
     async fn consumer(
         &self,

@@ -162,10 +162,9 @@ impl Queues {
         let subject = self.ack_subject(tenant, recipient);
         let end = self
             .log
-            .stream_state(&self.stream)
+            .last_sequence(&self.stream)
             .await
-            .map_err(log_status)?
-            .last_sequence;
+            .map_err(log_status)?;
         if through > end {
             return Err(Status::out_of_range(format!(
                 "cursor {through} is beyond the last stored message ({end}); acknowledge cursors you received"
@@ -212,10 +211,7 @@ impl Queues {
     /// thousand connected recipients cost one log reader, not a thousand.
     pub async fn tail(self, mut shutdown: watch::Receiver<bool>) {
         let filter = self.catalog.subject("messaging.msg.>");
-        let mut after = match self.log.stream_state(&self.stream).await {
-            Ok(s) => s.last_sequence,
-            Err(_) => 0,
-        };
+        let mut after = self.log.last_sequence(&self.stream).await.unwrap_or(0);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(TAIL_POLL) => {}
