@@ -11,6 +11,30 @@ use creto_schemas::metering::v1::metering_service_client::MeteringServiceClient;
 use sqlx::Executor;
 use tonic::transport::Channel;
 
+/// Instantiates each `async fn name(env: &Env)` of a test file twice: `jetstream::name` on the
+/// services and `embedded::name` on the embedded adapters, each with its own environment.
+#[macro_export]
+macro_rules! on_both_adapters {
+    ($($name:ident),* $(,)?) => {
+        mod jetstream {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let env = creto_replay_tests::Env::new().await;
+                super::$name(&env).await;
+                env.drop().await;
+            })*
+        }
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let env = creto_replay_tests::Env::embedded().await;
+                super::$name(&env).await;
+                env.drop().await;
+            })*
+        }
+    };
+}
+
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }

@@ -17,28 +17,7 @@ use futures::TryStreamExt;
 use prost::Message;
 use tonic::Code;
 
-macro_rules! on_both_adapters {
-    ($($name:ident),* $(,)?) => {
-        mod jetstream {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let env = creto_replay_tests::Env::new().await;
-                super::$name(&env).await;
-                env.drop().await;
-            })*
-        }
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let env = creto_replay_tests::Env::embedded().await;
-                super::$name(&env).await;
-                env.drop().await;
-            })*
-        }
-    };
-}
-
-on_both_adapters!(
+creto_replay_tests::on_both_adapters!(
     only_the_recipient_reads_and_the_log_holds_no_plaintext,
     altered_envelopes_are_refused,
     rotation_overlap_and_revocation,

@@ -14,28 +14,7 @@ use tonic::Code;
 
 type Client = OversightServiceClient<Channel>;
 
-macro_rules! on_both_adapters {
-    ($($name:ident),* $(,)?) => {
-        mod jetstream {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let env = creto_replay_tests::Env::new().await;
-                super::$name(&env).await;
-                env.drop().await;
-            })*
-        }
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let env = creto_replay_tests::Env::embedded().await;
-                super::$name(&env).await;
-                env.drop().await;
-            })*
-        }
-    };
-}
-
-on_both_adapters!(
+creto_replay_tests::on_both_adapters!(
     approval_reaches_the_watching_agent,
     one_deny_denies_and_answers_are_final,
     timeouts_take_the_default_action,
