@@ -319,12 +319,9 @@ impl OversightService for OversightGateway {
         let tenant = caller.tenant;
         for _ in 0..5 {
             policy::check_id("request_id", &cmd.request_id).map_err(Status::invalid_argument)?;
-            if let Some(existing) = self
-                .view
-                .get_fresh(&tenant, &cmd.request_id)
-                .await
-                .map_err(log_status)?
-            {
+            // Only this replica's view: a new id is the common case, and the append below
+            // expects an empty subject, so an id created elsewhere meanwhile is a conflict.
+            if let Some(existing) = self.view.get(&tenant, &cmd.request_id) {
                 // The same id again: the same request, if it is the same ask.
                 let same = existing.view.agent_id == cmd.agent_id
                     && existing.view.action.as_ref().map(|a| &a.name)
