@@ -35,6 +35,23 @@ macro_rules! on_both_adapters {
     };
 }
 
+/// A gateway on spare loopback ports.
+fn spare_ports(projectors: bool) -> ServeOptions {
+    ServeOptions {
+        gateways: true,
+        projectors,
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+    }
+}
+
+/// Authentication explicitly off: every caller is an admin of tenant `default`.
+fn no_auth() -> std::sync::Arc<creto_gateways::auth::layer::Auth> {
+    creto_gateways::auth::AuthArgs::disabled()
+        .build(None)
+        .unwrap()
+}
+
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
@@ -129,9 +146,7 @@ impl Env {
         &self,
         projectors: bool,
     ) -> (Running, MeteringServiceClient<Channel>) {
-        let auth = creto_gateways::auth::AuthArgs::disabled()
-            .build(None)
-            .unwrap();
+        let auth = no_auth();
         let running = self.start_metering_with(projectors, auth).await;
         let url = format!("http://{}", running.grpc_addr.unwrap());
         let client = MeteringServiceClient::connect(url).await.unwrap();
@@ -144,26 +159,15 @@ impl Env {
         projectors: bool,
         auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
     ) -> Running {
-        server::start_metering(
-            self.platform.clone(),
-            ServeOptions {
-                gateways: true,
-                projectors,
-                grpc_addr: "127.0.0.1:0".parse().unwrap(),
-                metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            },
-            auth,
-        )
-        .await
-        .unwrap()
+        server::start_metering(self.platform.clone(), spare_ports(projectors), auth)
+            .await
+            .unwrap()
     }
 
     /// Starts the messaging gateway on spare ports, explicitly unauthenticated (every caller is
     /// an admin of tenant `default`); returns it and its URL.
     pub async fn start_messaging(&self) -> (Running, String) {
-        let auth = creto_gateways::auth::AuthArgs::disabled()
-            .build(None)
-            .unwrap();
+        let auth = no_auth();
         let running = self.start_messaging_with(auth).await;
         let url = format!("http://{}", running.grpc_addr.unwrap());
         (running, url)
@@ -174,26 +178,15 @@ impl Env {
         &self,
         auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
     ) -> Running {
-        server::start_messaging(
-            self.platform.clone(),
-            ServeOptions {
-                gateways: true,
-                projectors: false,
-                grpc_addr: "127.0.0.1:0".parse().unwrap(),
-                metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            },
-            auth,
-        )
-        .await
-        .unwrap()
+        server::start_messaging(self.platform.clone(), spare_ports(false), auth)
+            .await
+            .unwrap()
     }
 
     /// Starts the oversight gateway (view, timers) on spare ports, explicitly unauthenticated
     /// (every caller is an admin of tenant `default`); returns it and its URL.
     pub async fn start_oversight(&self) -> (Running, String) {
-        let auth = creto_gateways::auth::AuthArgs::disabled()
-            .build(None)
-            .unwrap();
+        let auth = no_auth();
         let running = self.start_oversight_with(auth, Default::default()).await;
         let url = format!("http://{}", running.grpc_addr.unwrap());
         (running, url)
@@ -205,19 +198,9 @@ impl Env {
         auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
         notify: creto_gateways::oversight::notify::NotifyConfig,
     ) -> Running {
-        server::start_oversight(
-            self.platform.clone(),
-            ServeOptions {
-                gateways: true,
-                projectors: false,
-                grpc_addr: "127.0.0.1:0".parse().unwrap(),
-                metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            },
-            auth,
-            notify,
-        )
-        .await
-        .unwrap()
+        server::start_oversight(self.platform.clone(), spare_ports(false), auth, notify)
+            .await
+            .unwrap()
     }
 
     /// The first step of `enablement replay metering --rebuild` on this environment: the side
