@@ -1,7 +1,9 @@
 //! Metering: usage events, meters, windows.
 
 pub mod event;
+pub mod invoice;
 pub mod meter;
+pub mod pricing;
 pub mod reference;
 pub mod window;
 
