@@ -91,6 +91,16 @@ else
   echo "services: aiosmtpd (installed in /opt/aiosmtpd)"
 fi
 
+# The runtime's Linux sandboxes (gateways/tests/runtime_containment.rs): bubblewrap, and the
+# firewall tools for each sandbox's network namespace (nft preferred: one process per sandbox;
+# iptables-restore as the fallback), and iproute2 to inspect the namespaces.
+if command -v bwrap >/dev/null && command -v nft >/dev/null && command -v iptables >/dev/null && command -v ip >/dev/null; then
+  echo "services: bubblewrap, nftables, iptables (installed)"
+else
+  install bubblewrap nftables iptables iproute2
+  echo "services: bubblewrap, nftables, iptables (installed now)"
+fi
+
 # Headless Chromium and its WebDriver for the approval page's browser test, which starts
 # chromedriver itself on a spare port (nothing to run here, only to install).
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then

@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/creto/enablement/metering/v1/metering.proto",
         "proto/creto/enablement/messaging/v1/messaging.proto",
         "proto/creto/enablement/oversight/v1/oversight.proto",
+        "proto/creto/enablement/runtime/v1/runtime.proto",
         "proto/creto/authz/v1/authz.proto",
     ];
     for f in files {

@@ -5,3 +5,4 @@
 pub mod messaging;
 pub mod metering;
 pub mod oversight;
+pub mod runtime;

@@ -33,6 +33,7 @@ pub struct Cli {
 pub enum Product {
     Metering,
     Oversight,
+    Runtime,
     Messaging,
     All,
 }
@@ -47,6 +48,9 @@ impl Product {
     fn oversight(self) -> bool {
         matches!(self, Product::Oversight | Product::All)
     }
+    fn runtime(self) -> bool {
+        matches!(self, Product::Runtime | Product::All)
+    }
 }
 
 /// Backfill and replay work on metering's tables; messaging keeps none (its directory and
@@ -55,6 +59,7 @@ fn metering_only(product: Product, command: &str) -> Result<(), CliError> {
     let why = match product {
         Product::Messaging => "messaging has no read model tables (its key directory and queues are read from the MESSAGING stream by every gateway)",
         Product::Oversight if command == "backfill" => "oversight's history is its own requests' events",
+        Product::Runtime if command == "backfill" => "runtime's history is its own sandboxes' events",
         _ => return Ok(()),
     };
     Err(CliError::Config(crate::config::ConfigError::Invalid(
@@ -82,6 +87,12 @@ pub enum Command {
         /// Metrics, health and approval page address of oversight.
         #[arg(long, env = "OVERSIGHT_METRICS_ADDR", default_value = "127.0.0.1:9091")]
         oversight_metrics_addr: SocketAddr,
+        /// gRPC listen address of the runtime gateway.
+        #[arg(long, env = "RUNTIME_GRPC_ADDR", default_value = "127.0.0.1:50053")]
+        runtime_grpc_addr: SocketAddr,
+        /// Metrics and health listen address of runtime.
+        #[arg(long, env = "RUNTIME_METRICS_ADDR", default_value = "127.0.0.1:9092")]
+        runtime_metrics_addr: SocketAddr,
         /// gRPC listen address of the messaging gateway.
         #[arg(long, env = "MESSAGING_GRPC_ADDR", default_value = "127.0.0.1:50054")]
         messaging_grpc_addr: SocketAddr,
@@ -108,6 +119,19 @@ pub enum Command {
         /// Metrics, health and approval page address of oversight.
         #[arg(long, env = "OVERSIGHT_METRICS_ADDR", default_value = server::OVERSIGHT_METRICS)]
         oversight_metrics_addr: SocketAddr,
+        /// gRPC listen address of the runtime gateway.
+        #[arg(long, env = "RUNTIME_GRPC_ADDR", default_value = server::RUNTIME_GRPC)]
+        runtime_grpc_addr: SocketAddr,
+        /// Metrics and health listen address of runtime.
+        #[arg(long, env = "RUNTIME_METRICS_ADDR", default_value = server::RUNTIME_METRICS)]
+        runtime_metrics_addr: SocketAddr,
+        /// Where sandboxes keep their writable layers (RUNTIME_DIR overrides it).
+        #[arg(
+            long,
+            env = "RUNTIME_DIR",
+            default_value = "/var/lib/enablement/runtime"
+        )]
+        runtime_dir: PathBuf,
         /// gRPC listen address of the messaging gateway.
         #[arg(long, env = "MESSAGING_GRPC_ADDR", default_value = server::MESSAGING_GRPC)]
         messaging_grpc_addr: SocketAddr,
@@ -123,6 +147,8 @@ pub enum Command {
         metering_metrics_addr: SocketAddr,
         #[arg(long, env = "OVERSIGHT_METRICS_ADDR", default_value = server::OVERSIGHT_METRICS)]
         oversight_metrics_addr: SocketAddr,
+        #[arg(long, env = "RUNTIME_METRICS_ADDR", default_value = server::RUNTIME_METRICS)]
+        runtime_metrics_addr: SocketAddr,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -390,10 +416,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             metering_metrics_addr,
             oversight_grpc_addr,
             oversight_metrics_addr,
+            runtime_grpc_addr,
+            runtime_metrics_addr,
             messaging_grpc_addr,
             messaging_metrics_addr,
         } => {
             let options = Products {
+                runtime: Some((
+                    ServeOptions {
+                        gateways: true,
+                        projectors: true,
+                        grpc_addr: runtime_grpc_addr,
+                        metrics_addr: runtime_metrics_addr,
+                    },
+                    data_dir.join("runtime"),
+                )),
                 metering: Some(ServeOptions {
                     gateways: true,
                     projectors: true,
@@ -474,10 +511,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             metering_metrics_addr,
             oversight_grpc_addr,
             oversight_metrics_addr,
+            runtime_grpc_addr,
+            runtime_metrics_addr,
+            runtime_dir,
             messaging_grpc_addr,
             messaging_metrics_addr,
         } => {
             let options = Products {
+                runtime: product.runtime().then_some((
+                    ServeOptions {
+                        gateways: true,
+                        projectors: !no_projectors,
+                        grpc_addr: runtime_grpc_addr,
+                        metrics_addr: runtime_metrics_addr,
+                    },
+                    runtime_dir,
+                )),
                 metering: product.metering().then_some(ServeOptions {
                     gateways: true,
                     projectors: !no_projectors,
@@ -503,6 +552,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             product,
             metering_metrics_addr,
             oversight_metrics_addr,
+            runtime_metrics_addr,
         } => {
             if product == Product::Messaging {
                 return Err(fail(
@@ -520,6 +570,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 oversight: product
                     .oversight()
                     .then(|| projector(oversight_metrics_addr)),
+                runtime: product
+                    .runtime()
+                    .then(|| (projector(runtime_metrics_addr), PathBuf::new())),
                 messaging: None,
             };
             // Projectors serve no gRPC: nothing to authenticate.
@@ -614,6 +667,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 return replay_oversight(log, &settings, json).await;
             }
+            if product == Product::Runtime {
+                if !rebuild || dry_run || range.is_set() {
+                    return Err(fail(
+                        "runtime replays whole: say `enablement replay runtime --rebuild`",
+                    ));
+                }
+                return replay_runtime(log, &settings, json).await;
+            }
             if dry_run {
                 return replay_dry_run(log, &settings, &range, json).await;
             }
@@ -657,7 +718,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             )
             .await?;
             if product == Product::All {
-                replay_oversight(log, &settings, json).await?;
+                replay_oversight(log.clone(), &settings, json).await?;
+                replay_runtime(log, &settings, json).await?;
             }
             Ok(())
         }
@@ -690,6 +752,33 @@ async fn replay_oversight(
     } else {
         println!(
             "oversight: rebuilt through sequence {through} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Rebuilds runtime's PostgreSQL tables (sandboxes, Execs, checkpoints, egress decisions)
+/// from the stream in one transaction: readers see the old tables until the new ones are
+/// complete.
+async fn replay_runtime(
+    log: Arc<dyn EventLog>,
+    settings: &Settings,
+    json: bool,
+) -> Result<(), CliError> {
+    let pool = platform::connect_postgres(settings).await?;
+    let started = std::time::Instant::now();
+    let through = creto_projections::runtime::rebuild(&pool, log, settings.catalog())
+        .await
+        .map_err(fail)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"product": "runtime", "checkpoint": through, "switched": true, "elapsed_ms": started.elapsed().as_millis()})
+        );
+    } else {
+        println!(
+            "runtime: rebuilt through sequence {through} in {:.1} s",
             started.elapsed().as_secs_f64()
         );
     }
@@ -766,7 +855,6 @@ async fn dev(
         println!("  {name:<10} grpc {grpc}   metrics http://{metrics}/metrics   health http://{metrics}/health");
     }
     println!("  archive    {}", archive.unwrap_or_default());
-    println!("  runtime: not part of this build yet");
     println!(
         "  auth       bearer token for tenant default, role admin, valid 30 days (key ring {}):",
         keys.display()
@@ -791,6 +879,8 @@ async fn dev(
 struct Products {
     metering: Option<ServeOptions>,
     oversight: Option<ServeOptions>,
+    /// With the default directory of the sandboxes.
+    runtime: Option<(ServeOptions, PathBuf)>,
     messaging: Option<ServeOptions>,
 }
 
@@ -815,6 +905,22 @@ impl Products {
                     options,
                     auth.clone(),
                     crate::oversight::notify::NotifyConfig::from_env(),
+                )
+                .await?,
+            ));
+        }
+        if let Some((options, dir)) = self.runtime {
+            let config = crate::runtime::config::RuntimeConfig::from_env(&dir).map_err(|e| {
+                CliError::Config(crate::config::ConfigError::Invalid(e.to_string()))
+            })?;
+            running.push((
+                "runtime",
+                server::start_runtime(
+                    platform.clone(),
+                    options,
+                    auth.clone(),
+                    config,
+                    platform.archive.clone(),
                 )
                 .await?,
             ));

@@ -13,6 +13,7 @@ pub mod metering;
 pub mod oversight;
 pub mod platform;
 pub mod replay;
+pub mod runtime;
 pub mod server;
 pub mod status;
 pub mod telemetry;

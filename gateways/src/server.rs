@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use creto_projections::oversight::OversightProjector;
 use creto_projections::runner::{self, RunnerConfig};
+use creto_projections::runtime::RuntimeProjector;
 use creto_schemas::messaging::v1::messaging_service_server::MessagingServiceServer;
 use creto_schemas::metering::v1::metering_service_server::MeteringServiceServer;
 use creto_schemas::oversight::v1::oversight_service_server::OversightServiceServer;
+use creto_schemas::runtime::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -25,6 +27,10 @@ use crate::oversight::fold::OversightView;
 use crate::oversight::notify::{Notifier, NotifyConfig};
 use crate::oversight::OversightGateway;
 use crate::platform::Platform;
+use crate::runtime::config::RuntimeConfig;
+use crate::runtime::engine::{Runtime, RuntimeSettings};
+use crate::runtime::view::RuntimeView;
+use crate::runtime::RuntimeGateway;
 use crate::status::{self, Health};
 use crate::telemetry::GrpcTraceLayer;
 
@@ -32,6 +38,8 @@ pub const METERING_GRPC: &str = "0.0.0.0:50051";
 pub const METERING_METRICS: &str = "0.0.0.0:9090";
 pub const OVERSIGHT_GRPC: &str = "0.0.0.0:50052";
 pub const OVERSIGHT_METRICS: &str = "0.0.0.0:9091";
+pub const RUNTIME_GRPC: &str = "0.0.0.0:50053";
+pub const RUNTIME_METRICS: &str = "0.0.0.0:9092";
 pub const MESSAGING_GRPC: &str = "0.0.0.0:50054";
 pub const MESSAGING_METRICS: &str = "0.0.0.0:9093";
 
@@ -270,6 +278,92 @@ pub async fn start_oversight(
         }
     })
     .await
+}
+
+/// Runtime: this replica's sandboxes on its isolation backend, its warm pool, expiry and egress
+/// recording; every replica folds the RUNTIME stream for Get and List. With the services, the
+/// PostgreSQL read model is projected too. Checkpoints go to `checkpoints` (the platform's
+/// archive, normally).
+pub async fn start_runtime(
+    platform: Arc<Platform>,
+    options: ServeOptions,
+    auth: Arc<Auth>,
+    config: RuntimeConfig,
+    checkpoints: Option<Arc<dyn creto_projections::archive::Archive>>,
+) -> anyhow::Result<Running> {
+    crate::runtime::metrics::register();
+    let view = Arc::new(RuntimeView::new(
+        platform.log.clone(),
+        platform.catalog.clone(),
+        config.node.clone(),
+    ));
+    let runtime = if options.gateways {
+        view.catch_up()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the RUNTIME stream: {e}"))?;
+        let backend = crate::runtime::backend::select_backend(&config.backend_config())
+            .map_err(|e| anyhow::anyhow!("runtime backend: {e}"))?;
+        let settings = RuntimeSettings {
+            node: config.node.clone(),
+            limits: config.limits,
+            pool: config.pool.clone(),
+            attestation_key: config.load_attestation_key()?,
+        };
+        let runtime = Runtime::new(
+            platform.log.clone(),
+            view.clone(),
+            backend,
+            settings,
+            checkpoints,
+        );
+        runtime.recover().await?;
+        Some(runtime)
+    } else {
+        None
+    };
+    let gateway = runtime.clone().map(|runtime| RuntimeGateway { runtime });
+    let product = Product {
+        name: "runtime",
+        service: "creto.enablement.runtime.v1.RuntimeService",
+        needs: status::Needs {
+            stream: creto_streams::RUNTIME,
+            read_models: false,
+        },
+        routes: match gateway {
+            Some(g) => Routes::new(RuntimeServiceServer::new(g)),
+            None => Routes::default(),
+        },
+        http: None,
+    };
+    let projector = platform.pool().filter(|_| options.projectors).map(|pool| {
+        Arc::new(RuntimeProjector::new(
+            pool.clone(),
+            platform.log.clone(),
+            platform.catalog.clone(),
+        )) as Arc<dyn creto_projections::Projector>
+    });
+    let supervised = platform.clone();
+    let mut running = start_product(platform, options, auth, product, |tasks, shutdown| {
+        if let Some(projector) = projector {
+            tasks.spawn(supervise_projector(supervised, projector, shutdown.clone()));
+        }
+        if let Some(runtime) = runtime.clone() {
+            tasks.spawn(view.tail(shutdown.clone()));
+            tasks.spawn(runtime.clone().refill_pool(shutdown.clone()));
+            tasks.spawn(runtime.clone().expire(shutdown.clone()));
+            tasks.spawn(runtime.record_egress(shutdown));
+        }
+    })
+    .await?;
+    if let Some(runtime) = runtime {
+        // Sandboxes end with the replica that runs them: record it when it stops.
+        let mut stop = running.shutdown.subscribe();
+        running.tasks.spawn(async move {
+            let _ = stop.changed().await;
+            runtime.terminate_all("shutdown").await;
+        });
+    }
+    Ok(running)
 }
 
 /// Metrics and health on HTTP, the dependency checker, the gRPC server with the shared layers

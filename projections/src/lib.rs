@@ -10,6 +10,7 @@ pub mod oversight;
 pub mod postgres;
 pub mod rebuild;
 pub mod runner;
+pub mod runtime;
 pub mod trace_context;
 
 pub use runner::{ApplyReport, ProjectionError, Projector};

@@ -205,6 +205,48 @@ impl Env {
 
     /// The first step of `enablement replay metering --rebuild` on this environment: the side
     /// schema (dropped first with `restart`) and the projector that loads it.
+    /// The runtime on spare ports with sandboxes under `dir`, warm pool `pool` (`base=1`).
+    pub async fn start_runtime(&self, dir: &std::path::Path, pool: &str) -> (Running, String) {
+        let running = self.start_runtime_with(dir, pool, no_auth()).await;
+        let url = format!("http://{}", running.grpc_addr.unwrap());
+        (running, url)
+    }
+
+    pub async fn start_runtime_with(
+        &self,
+        dir: &std::path::Path,
+        pool: &str,
+        auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
+    ) -> Running {
+        let config = creto_gateways::runtime::config::RuntimeConfig {
+            dir: dir.to_path_buf(),
+            node: "test-node".into(),
+            backend: "bwrap".into(),
+            templates_dir: None,
+            pool: creto_gateways::runtime::config::parse_pool(pool).unwrap(),
+            attestation_key: None,
+            limits: Default::default(),
+        };
+        // Checkpoints in the platform's archive: a directory when embedded; on the services, a
+        // bucket of the local S3 server (the test command runs one).
+        let checkpoints = match &self.platform.archive {
+            Some(archive) => Some(archive.clone()),
+            None => Some(
+                std::sync::Arc::new(test_archive("runtime-checkpoints").await)
+                    as std::sync::Arc<dyn creto_projections::archive::Archive>,
+            ),
+        };
+        server::start_runtime(
+            self.platform.clone(),
+            spare_ports(false),
+            auth,
+            config,
+            checkpoints,
+        )
+        .await
+        .unwrap()
+    }
+
     pub async fn prepare_rebuild(
         &self,
         restart: bool,

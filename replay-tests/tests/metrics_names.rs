@@ -1,5 +1,4 @@
-//! `ops/metrics-contract.txt` against what running metering and messaging products serve on
-//! `/metrics`.
+//! `ops/metrics-contract.txt` against what the running products serve on `/metrics`.
 //!
 //! The contract lists every name alerts and dashboards use. Names are partitioned by product
 //! prefix (`metering_`, `oversight_`, `runtime_`, `messaging_`; anything else is the shared
@@ -16,13 +15,15 @@ use creto_replay_tests::Env;
 use creto_schemas::metering::v1 as pb;
 use creto_schemas::oversight::v1 as ov;
 use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClient;
+use creto_schemas::runtime::v1 as rt;
+use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Products with a metric prefix of their own, and whether this build has them.
 const PRODUCTS: &[(&str, bool)] = &[
     ("metering", true),
     ("oversight", true),
-    ("runtime", false),
+    ("runtime", true),
     ("messaging", true),
 ];
 const PLATFORM: &str = "platform";
@@ -271,6 +272,49 @@ async fn every_contract_name_of_a_built_product_is_served() {
     .await
     .unwrap();
 
+    // Runtime: a warm claim, a cold spawn, an exec whose connection is denied, an attestation.
+    let runtime_dir = tempfile::Builder::new()
+        .prefix("creto-runtime-metrics-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        runtime_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (runtime, runtime_url) = env.start_runtime(runtime_dir.path(), "base=1").await;
+    let mut rc = RuntimeServiceClient::connect(runtime_url).await.unwrap();
+    let pooled = Instant::now();
+    let claimed = loop {
+        let sb = rc
+            .create_sandbox(rt::CreateSandboxRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if sb.warm || pooled.elapsed() > Duration::from_secs(20) {
+            break sb;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(claimed.warm, "the warm pool never filled");
+    let mut out = rc
+        .exec(rt::ExecRequest {
+            sandbox_id: claimed.sandbox_id.clone(),
+            argv: ["bash", "-c", "exec 3<>/dev/tcp/192.0.2.1/80 || true"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while out.message().await.unwrap().is_some() {}
+    rc.get_attestation(rt::GetAttestationRequest {
+        sandbox_id: claimed.sandbox_id.clone(),
+    })
+    .await
+    .unwrap();
+
     // Gauges (pool, stream, lag) are refreshed in the background: wait for them a little.
     let expected: Vec<&str> = by_product
         .iter()
@@ -283,7 +327,8 @@ async fn every_contract_name_of_a_built_product_is_served() {
         // One registry per process: both products' ports serve it; scrape both anyway.
         let exposition = scrape(running.metrics_addr).await
             + &scrape(messaging.metrics_addr).await
-            + &scrape(oversight.metrics_addr).await;
+            + &scrape(oversight.metrics_addr).await
+            + &scrape(runtime.metrics_addr).await;
         let served = served(&exposition);
         let missing: Vec<&str> = expected
             .iter()
@@ -314,6 +359,7 @@ async fn every_contract_name_of_a_built_product_is_served() {
     drop(inbox);
     messaging.stop().await;
     oversight.stop().await;
+    runtime.stop().await;
     running.stop().await;
     env.drop().await;
     assert!(

@@ -30,6 +30,12 @@ pub mod oversight {
     }
 }
 
+pub mod runtime {
+    pub mod v1 {
+        tonic::include_proto!("creto.enablement.runtime.v1");
+    }
+}
+
 /// The external creto-authz service (client side; the gateways call `Check` per request).
 pub mod authz {
     pub mod v1 {

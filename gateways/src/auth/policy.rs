@@ -62,8 +62,8 @@ impl Rule {
 
 /// The rules when no file is configured: `admin` and `operator` may do everything, `producer`
 /// may send usage, `reader` may call the read methods (`Query*`, `List*`, `Get*`), `agent`
-/// may use messaging and ask for approvals (as the agent its token names: the gateways check
-/// that), `approver` may answer approval requests (as itself).
+/// may use messaging and its tenant's sandboxes, and ask for approvals (as the agent its
+/// token names: the gateways check that), `approver` may answer approval requests (as itself).
 pub const DEFAULT_POLICY: &str = r#"
 [[rules]]
 roles = ["admin", "operator"]
@@ -81,7 +81,13 @@ effect = "allow"
 
 [[rules]]
 roles = ["agent"]
-products = ["messaging"]
+products = ["messaging", "runtime"]
+effect = "allow"
+
+[[rules]]
+roles = ["reader"]
+products = ["runtime"]
+methods = ["GetSandbox", "ListSandboxes", "GetAttestation"]
 effect = "allow"
 
 [[rules]]

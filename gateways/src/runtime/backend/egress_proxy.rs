@@ -1,0 +1,528 @@
+//! The transparent egress proxy: one per sandbox, the only way out of its network namespace.
+//!
+//! The namespace's firewall redirects every TCP connection the sandbox opens (to anything but
+//! its own loopback address) to the proxy's listener inside the namespace; the proxy reads the
+//! original destination (`SO_ORIGINAL_DST`), decides it with [`EgressPolicy`] (the sandbox's
+//! current policy: [`EgressProxy::set_policy`] swaps it for the next attempt), reports the
+//! attempt, and either connects to the destination from the host's namespace and splices the
+//! two connections, or resets the sandbox's connection at once. A connection addressed to the
+//! proxy's own listener is refused.
+//!
+//! Names: the proxy also answers DNS on the sandbox's 127.0.0.1:53 (UDP), for names an egress
+//! rule allows (exact or wildcard; other names get NXDOMAIN), resolving them on the host, and
+//! remembers which name each answered address came from. A later connection to that address is
+//! decided with that name ([`EgressPolicy::decide_named`]), which is how wildcard rules match.
+//! Host rules are also checked by resolving the rule's name on the host (cached for
+//! [`RESOLVE_TTL`]) and comparing addresses.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use creto_domain::runtime::egress::{Destination, EgressDecision, EgressPolicy};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use super::EgressAttempt;
+
+/// How long a host-side resolution of a rule's name is reused.
+pub const RESOLVE_TTL: Duration = Duration::from_secs(5);
+/// How long an address answered by the sandbox's DNS stays associated with its name.
+pub const NAME_TTL: Duration = Duration::from_secs(600);
+/// At most this many proxied connections per sandbox at once; more are reset.
+pub const MAX_CONNECTIONS: usize = 512;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+const DNS_TTL_SECS: u32 = 30;
+
+struct Shared {
+    sandbox_id: String,
+    policy: RwLock<Arc<EgressPolicy>>,
+    tx: mpsc::UnboundedSender<EgressAttempt>,
+    /// Own listener addresses: a connection addressed to one of them is refused.
+    own: Vec<SocketAddr>,
+    /// Host-side resolutions: name → (addresses, when).
+    resolved: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
+    /// Addresses the sandbox's DNS answered: address → (name, when).
+    names: Mutex<HashMap<IpAddr, (String, Instant)>>,
+    slots: Arc<Semaphore>,
+}
+
+/// A running proxy; stops (with every spliced connection) when dropped.
+pub struct EgressProxy {
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl EgressProxy {
+    /// Starts the proxy on listeners (and a DNS socket) created inside the sandbox's namespace.
+    pub fn start(
+        sandbox_id: String,
+        listeners: Vec<std::net::TcpListener>,
+        dns: Option<std::net::UdpSocket>,
+        policy: EgressPolicy,
+        tx: mpsc::UnboundedSender<EgressAttempt>,
+    ) -> io::Result<EgressProxy> {
+        let mut own = Vec::new();
+        let mut tokio_listeners = Vec::new();
+        for l in listeners {
+            l.set_nonblocking(true)?;
+            own.push(l.local_addr()?);
+            tokio_listeners.push(TcpListener::from_std(l)?);
+        }
+        let shared = Arc::new(Shared {
+            sandbox_id,
+            policy: RwLock::new(Arc::new(policy)),
+            tx,
+            own,
+            resolved: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        });
+        let mut tasks = Vec::new();
+        for l in tokio_listeners {
+            tasks.push(tokio::spawn(accept_loop(l, shared.clone())));
+        }
+        if let Some(d) = dns {
+            d.set_nonblocking(true)?;
+            let d = UdpSocket::from_std(d)?;
+            tasks.push(tokio::spawn(dns_loop(d, shared.clone())));
+        }
+        Ok(EgressProxy { shared, tasks })
+    }
+
+    pub fn set_policy(&self, policy: EgressPolicy) {
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    pub fn policy(&self) -> EgressPolicy {
+        (**self.shared.policy.read().unwrap_or_else(|e| e.into_inner())).clone()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    // Owned here: aborting this task drops the set, which aborts every spliced connection.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+                    tracing::warn!(sandbox = %shared.sandbox_id, "egress: too many connections, reset");
+                    reset(stream);
+                    continue;
+                };
+                let shared = shared.clone();
+                conns.spawn(async move {
+                    handle(stream, &shared).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Closes with a RST, so the sandbox sees "connection reset" rather than a clean end.
+fn reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a struct of the size passed. A zero linger time makes close
+    // send a RST at once (it never blocks).
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+/// The destination the sandbox asked for, before the redirect.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    let local = stream.local_addr()?;
+    // SAFETY: getsockopt into buffers of the size passed.
+    unsafe {
+        if local.is_ipv4() {
+            let mut a: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                libc::SO_ORIGINAL_DST,
+                &mut a as *mut _ as *mut libc::c_void,
+                &mut len,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        } else {
+            let mut a: libc::sockaddr_in6 = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            if libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                libc::IP6T_SO_ORIGINAL_DST,
+                &mut a as *mut _ as *mut libc::c_void,
+                &mut len,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                0,
+                0,
+            )))
+        }
+    }
+}
+
+async fn handle(stream: TcpStream, shared: &Shared) {
+    let dst = match original_dst(&stream) {
+        Ok(d) => d,
+        Err(_) => {
+            // Not redirected (no conntrack entry): nothing to decide on.
+            reset(stream);
+            return;
+        }
+    };
+    let (decision, host) = if shared.own.contains(&dst) {
+        (
+            EgressDecision {
+                allowed: false,
+                rule: None,
+            },
+            None,
+        )
+    } else {
+        decide(shared, dst).await
+    };
+    let _ = shared.tx.send(EgressAttempt {
+        sandbox_id: shared.sandbox_id.clone(),
+        destination: dst,
+        allowed: decision.allowed,
+        rule: decision.rule.clone(),
+        host: host.clone(),
+    });
+    if !decision.allowed {
+        reset(stream);
+        return;
+    }
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        Ok(Ok(u)) => u,
+        _ => {
+            reset(stream);
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let _ = stream.set_nodelay(true);
+    let (mut a, mut b) = (stream, upstream);
+    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+fn current_policy(shared: &Shared) -> Arc<EgressPolicy> {
+    shared
+        .policy
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// Resolves `host` on the host, through the cache.
+async fn resolve(shared: &Shared, host: &str) -> Vec<IpAddr> {
+    if let Some((ips, at)) = shared
+        .resolved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(host)
+    {
+        if at.elapsed() < RESOLVE_TTL {
+            return ips.clone();
+        }
+    }
+    let ips: Vec<IpAddr> =
+        match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0u16))).await {
+            Ok(Ok(addrs)) => addrs.map(|a| a.ip().to_canonical()).collect(),
+            _ => Vec::new(),
+        };
+    let mut cache = shared.resolved.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() > 1024 {
+        cache.retain(|_, (_, at)| at.elapsed() < RESOLVE_TTL);
+    }
+    cache.insert(host.to_string(), (ips.clone(), Instant::now()));
+    ips
+}
+
+async fn decide(shared: &Shared, dst: SocketAddr) -> (EgressDecision, Option<String>) {
+    let policy = current_policy(shared);
+    let ip = dst.ip().to_canonical();
+    let name = {
+        let names = shared.names.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .get(&ip)
+            .filter(|(_, at)| at.elapsed() < NAME_TTL)
+            .map(|(n, _)| n.clone())
+    };
+    // A network rule needs no resolution.
+    let by_net = policy.decide(ip, dst.port(), |_| Vec::new());
+    if by_net.allowed {
+        return (by_net, name);
+    }
+    // Resolve the names the decision may ask about, then decide synchronously.
+    let mut table: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for rule in &policy.rules {
+        if let Destination::Host(h) = &rule.destination {
+            let admits = rule
+                .ports
+                .is_none_or(|(lo, hi)| lo <= dst.port() && dst.port() <= hi);
+            if admits && !h.starts_with("*.") && !table.contains_key(h) {
+                let ips = resolve(shared, h).await;
+                table.insert(h.clone(), ips);
+            }
+        }
+    }
+    if let Some(n) = &name {
+        if !table.contains_key(n) {
+            // The address came from our own DNS answer for this name.
+            table.insert(n.clone(), vec![ip]);
+        }
+    }
+    let lookup = |h: &str| table.get(h).cloned().unwrap_or_default();
+    let d = match &name {
+        Some(n) => policy.decide_named(n, ip, dst.port(), lookup),
+        None => policy.decide(ip, dst.port(), lookup),
+    };
+    (d, name)
+}
+
+/// Whether some host rule (any port) covers `name`.
+fn name_allowed(policy: &EgressPolicy, name: &str) -> bool {
+    policy.rules.iter().any(|r| match &r.destination {
+        Destination::Host(h) => match h.strip_prefix("*.") {
+            Some(suffix) => name.len() > suffix.len() + 1 && name.ends_with(&format!(".{suffix}")),
+            None => h == name,
+        },
+        Destination::Net { .. } => false,
+    })
+}
+
+async fn dns_loop(sock: UdpSocket, shared: Arc<Shared>) {
+    let sock = Arc::new(sock);
+    let mut buf = vec![0u8; 1500];
+    let mut inflight = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => {
+                let Ok((n, peer)) = r else { continue };
+                let Some(q) = parse_query(&buf[..n]) else { continue };
+                if inflight.len() >= 64 {
+                    continue;
+                }
+                let (sock, shared) = (sock.clone(), shared.clone());
+                inflight.spawn(async move {
+                    let reply = answer(&shared, &q).await;
+                    let _ = sock.send_to(&reply, peer).await;
+                });
+            }
+            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+        }
+    }
+}
+
+/// A DNS question (the first one of a query).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Query {
+    id: u16,
+    rd: bool,
+    /// The question section as received (name, type, class).
+    question: Vec<u8>,
+    name: String,
+    qtype: u16,
+    qclass: u16,
+}
+
+pub(crate) fn parse_query(msg: &[u8]) -> Option<Query> {
+    if msg.len() < 12 {
+        return None;
+    }
+    let id = u16::from_be_bytes([msg[0], msg[1]]);
+    let flags = u16::from_be_bytes([msg[2], msg[3]]);
+    let qdcount = u16::from_be_bytes([msg[4], msg[5]]);
+    // A query (QR=0), standard opcode, one question.
+    if flags & 0x8000 != 0 || (flags >> 11) & 0xF != 0 || qdcount != 1 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *msg.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None; // compression is not used in questions
+        }
+        let label = msg.get(i..i + len)?;
+        labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*msg.get(i)?, *msg.get(i + 1)?]);
+    let qclass = u16::from_be_bytes([*msg.get(i + 2)?, *msg.get(i + 3)?]);
+    Some(Query {
+        id,
+        rd: flags & 0x0100 != 0,
+        question: msg[12..i + 4].to_vec(),
+        name: labels.join("."),
+        qtype,
+        qclass,
+    })
+}
+
+const QTYPE_A: u16 = 1;
+const QTYPE_AAAA: u16 = 28;
+const RCODE_NXDOMAIN: u16 = 3;
+const RCODE_SERVFAIL: u16 = 2;
+
+pub(crate) fn build_reply(q: &Query, rcode: u16, ips: &[IpAddr]) -> Vec<u8> {
+    let answers: Vec<&IpAddr> = ips
+        .iter()
+        .filter(|ip| match q.qtype {
+            QTYPE_A => ip.is_ipv4(),
+            QTYPE_AAAA => ip.is_ipv6(),
+            _ => false,
+        })
+        .take(16)
+        .collect();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(&q.id.to_be_bytes());
+    let flags: u16 = 0x8000 | if q.rd { 0x0100 } else { 0 } | 0x0080 | rcode;
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&q.question);
+    for ip in answers {
+        out.extend_from_slice(&[0xC0, 0x0C]); // the question's name
+        out.extend_from_slice(&q.qtype.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&DNS_TTL_SECS.to_be_bytes());
+        match ip {
+            IpAddr::V4(a) => {
+                out.extend_from_slice(&4u16.to_be_bytes());
+                out.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                out.extend_from_slice(&16u16.to_be_bytes());
+                out.extend_from_slice(&a.octets());
+            }
+        }
+    }
+    out
+}
+
+async fn answer(shared: &Shared, q: &Query) -> Vec<u8> {
+    let name = q.name.trim_end_matches('.').to_string();
+    let policy = current_policy(shared);
+    if q.qclass != 1 || !name_allowed(&policy, &name) {
+        return build_reply(q, RCODE_NXDOMAIN, &[]);
+    }
+    if q.qtype != QTYPE_A && q.qtype != QTYPE_AAAA {
+        return build_reply(q, 0, &[]);
+    }
+    let ips = resolve(shared, &name).await;
+    if ips.is_empty() {
+        return build_reply(q, RCODE_SERVFAIL, &[]);
+    }
+    {
+        let mut names = shared.names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.len() > 4096 {
+            names.retain(|_, (_, at)| at.elapsed() < NAME_TTL);
+        }
+        for ip in &ips {
+            names.insert(*ip, (name.clone(), Instant::now()));
+        }
+    }
+    build_reply(q, 0, &ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            m.push(l.len() as u8);
+            m.extend_from_slice(l.as_bytes());
+        }
+        m.push(0);
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m
+    }
+
+    #[test]
+    fn dns_questions_and_answers() {
+        let q = parse_query(&query("API.Example.com", QTYPE_A)).unwrap();
+        assert_eq!(q.name, "api.example.com");
+        assert_eq!((q.id, q.qtype, q.rd), (0x1234, QTYPE_A, true));
+        let r = build_reply(
+            &q,
+            0,
+            &["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+        );
+        // Header: response, RD, RA, NOERROR, one question, one (A) answer.
+        assert_eq!(&r[..8], &[0x12, 0x34, 0x81, 0x80, 0, 1, 0, 1]);
+        assert_eq!(&r[r.len() - 4..], &[192, 0, 2, 1]);
+        let nx = build_reply(&q, RCODE_NXDOMAIN, &[]);
+        assert_eq!(nx[3] & 0x0F, 3);
+        assert!(parse_query(&[0; 5]).is_none());
+    }
+
+    #[test]
+    fn names_allowed_by_rules() {
+        let p = EgressPolicy::parse(&[
+            "api.example.com:443".into(),
+            "*.example.org".into(),
+            "10.0.0.0/8".into(),
+        ])
+        .unwrap();
+        assert!(name_allowed(&p, "api.example.com"));
+        assert!(name_allowed(&p, "a.b.example.org"));
+        assert!(!name_allowed(&p, "example.org"));
+        assert!(!name_allowed(&p, "evil.com"));
+    }
+}

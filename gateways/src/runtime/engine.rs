@@ -1,0 +1,538 @@
+//! The runtime of one replica: the sandboxes it runs, its warm pool, and the events that record
+//! every step. Only the replica that runs a sandbox appends to the sandbox's subject (one
+//! command at a time per sandbox), always with the expected last sequence, so the log cannot
+//! fork even if two replicas disagree about who owns it.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use creto_domain::runtime::egress::EgressPolicy;
+use creto_domain::runtime::sandbox::{self as domain, event, Aggregate, RuntimeLimits};
+use creto_projections::archive::Archive;
+use creto_schemas::runtime::v1::{self as pb, sandbox_event::Event};
+use creto_streams::headers::{content_types, names};
+use creto_streams::{AppendEvent, EventLog, Headers, LogError};
+use ed25519_dalek::SigningKey;
+use prost::Message;
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::backend::{
+    EgressAttempt, IsolationBackend, ResourceLimits, Sandbox, SandboxSpec, Template,
+};
+use super::metrics;
+use super::view::RuntimeView;
+use crate::oversight::service::append_id;
+
+/// What an operator configures for the runtime of a replica.
+#[derive(Clone)]
+pub struct RuntimeSettings {
+    /// This replica's name in events (`Provisioning.node`); Exec goes to the node that runs
+    /// the sandbox.
+    pub node: String,
+    pub limits: RuntimeLimits,
+    /// Warm sandboxes to keep ready per template.
+    pub pool: BTreeMap<String, usize>,
+    pub attestation_key: SigningKey,
+}
+
+/// A sandbox this replica runs.
+pub struct Live {
+    pub handle: Arc<dyn Sandbox>,
+    /// Values of the sandbox's environment: kept here only, the events carry the names.
+    pub env: Mutex<BTreeMap<String, String>>,
+    /// The aggregate as this replica appended it; the lock serialises commands per sandbox.
+    pub agg: tokio::sync::Mutex<Aggregate>,
+}
+
+pub struct Runtime {
+    pub log: Arc<dyn EventLog>,
+    pub view: Arc<RuntimeView>,
+    pub backend: Arc<dyn IsolationBackend>,
+    pub settings: RuntimeSettings,
+    pub archive: Option<Arc<dyn Archive>>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Template → ids of warm sandboxes ready to be claimed, oldest first.
+    pool: Mutex<HashMap<String, VecDeque<String>>>,
+    pool_wanted: Notify,
+    egress_tx: mpsc::UnboundedSender<EgressAttempt>,
+    egress_rx: Mutex<Option<mpsc::UnboundedReceiver<EgressAttempt>>>,
+}
+
+/// Why a runtime operation failed, before it becomes a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error("{0}")]
+    Backend(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl From<domain::Refusal> for RuntimeError {
+    fn from(r: domain::Refusal) -> Self {
+        match r {
+            domain::Refusal::Invalid(m) => RuntimeError::Invalid(m),
+            domain::Refusal::Precondition(m) => RuntimeError::Precondition(m),
+        }
+    }
+}
+
+/// A create request after validation.
+pub struct NewSandbox {
+    pub tenant: String,
+    pub template: String,
+    pub resources: pb::Resources,
+    pub timeout: Duration,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub egress: EgressPolicy,
+    pub restore: Option<(String, Vec<u8>)>,
+    pub request_id: String,
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn egress_pb(p: &EgressPolicy) -> pb::EgressPolicy {
+    pb::EgressPolicy {
+        allow: p.to_strings(),
+    }
+}
+
+pub fn limits_of(r: &pb::Resources) -> ResourceLimits {
+    ResourceLimits {
+        memory_bytes: r.memory_mb * 1024 * 1024,
+        pids: r.pids,
+        cpu_millis: r.cpu_millis,
+    }
+}
+
+impl Runtime {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        view: Arc<RuntimeView>,
+        backend: Arc<dyn IsolationBackend>,
+        settings: RuntimeSettings,
+        archive: Option<Arc<dyn Archive>>,
+    ) -> Arc<Self> {
+        let (egress_tx, egress_rx) = mpsc::unbounded_channel();
+        Arc::new(Runtime {
+            log,
+            view,
+            backend,
+            settings,
+            archive,
+            live: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+            pool_wanted: Notify::new(),
+            egress_tx,
+            egress_rx: Mutex::new(Some(egress_rx)),
+        })
+    }
+
+    /// A template of the backend, or an error naming the ones there are.
+    pub fn template(&self, name: &str) -> Result<Arc<Template>, RuntimeError> {
+        self.backend.template(name).ok_or_else(|| {
+            RuntimeError::Invalid(format!(
+                "unknown template {name:?}: \"base\" is built in, RUNTIME_TEMPLATES_DIR adds <name>/rootfs/ directories"
+            ))
+        })
+    }
+
+    pub fn live(&self, id: &str) -> Option<Arc<Live>> {
+        self.live.lock().expect("live lock").get(id).cloned()
+    }
+
+    pub fn pool_size(&self, template: &str) -> usize {
+        self.pool
+            .lock()
+            .expect("pool lock")
+            .get(template)
+            .map_or(0, VecDeque::len)
+    }
+
+    /// The default resources: a request for them can be served from the warm pool.
+    pub fn default_resources(&self) -> pb::Resources {
+        domain::resources(None, &self.settings.limits).expect("defaults are within bounds")
+    }
+
+    /// Appends `events` to sandbox `id`, each expecting the one before, and folds them.
+    pub async fn append(
+        &self,
+        agg: &mut Aggregate,
+        id: &str,
+        events: Vec<Event>,
+    ) -> Result<(), LogError> {
+        let subject = self.view.sandbox_subject(id);
+        for e in events {
+            let e = event(Utc::now(), e);
+            let payload = e.encode_to_vec();
+            let expected = agg.view.version;
+            let mut headers = Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::EVENT_TYPE, domain::event_type(&e));
+            if !agg.view.tenant.is_empty() {
+                headers = headers.with(names::TENANT, &agg.view.tenant);
+            }
+            let sequence = self
+                .log
+                .append(AppendEvent {
+                    id: append_id(&subject, expected, &payload),
+                    subject: subject.clone(),
+                    expected_subject_sequence: Some(expected),
+                    headers,
+                    payload: payload.into(),
+                })
+                .await?
+                .sequence();
+            agg.apply(id, &e, sequence);
+            self.view.apply(id, &e, sequence);
+        }
+        Ok(())
+    }
+
+    /// Claims a warm sandbox when the request matches the pool, else provisions a cold one.
+    pub async fn create(&self, new: NewSandbox) -> Result<pb::Sandbox, RuntimeError> {
+        let started = Instant::now();
+        if new.restore.is_none() && new.resources == self.default_resources() {
+            while let Some(id) = self.take_warm(&new.template) {
+                match self.claim(&id, &new, started).await {
+                    Ok(view) => return Ok(view),
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, error = %e, "warm claim failed; trying the next")
+                    }
+                }
+            }
+        }
+        let (template, resources) = (new.template.clone(), new.resources);
+        self.provision(Some(new), template, resources, started)
+            .await
+    }
+
+    fn take_warm(&self, template: &str) -> Option<String> {
+        let id = self
+            .pool
+            .lock()
+            .expect("pool lock")
+            .get_mut(template)?
+            .pop_front();
+        // Whatever was taken, the pool refills in the background.
+        self.pool_wanted.notify_one();
+        id
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        new: &NewSandbox,
+        started: Instant,
+    ) -> Result<pb::Sandbox, RuntimeError> {
+        let live = self
+            .live(id)
+            .ok_or_else(|| RuntimeError::Backend(format!("warm sandbox {id} is gone")))?;
+        let mut agg = live.agg.lock().await;
+        *live.env.lock().expect("env lock") = new.env.clone();
+        live.handle.set_egress(new.egress.clone());
+        let claimed = Event::Claimed(pb::Claimed {
+            tenant: new.tenant.clone(),
+            timeout: Some(duration(new.timeout)),
+            metadata: new.metadata.clone().into_iter().collect(),
+            egress: Some(egress_pb(&new.egress)),
+            env_names: new.env.keys().cloned().collect(),
+            request_id: new.request_id.clone(),
+            claim_duration: Some(duration(started.elapsed())),
+        });
+        self.append(&mut agg, id, vec![claimed]).await?;
+        let backend = self.backend.name();
+        metrics::CLAIMS.with_label_values(&[backend]).inc();
+        metrics::SPAWN_SECONDS
+            .with_label_values(&[backend, "warm"])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(agg.view.clone())
+    }
+
+    /// A cold sandbox for a tenant (`new`), or a warm one for the pool (`None`).
+    async fn provision(
+        &self,
+        new: Option<NewSandbox>,
+        template_name: String,
+        resources: pb::Resources,
+        started: Instant,
+    ) -> Result<pb::Sandbox, RuntimeError> {
+        let template = self.template(&template_name)?;
+        let id = format!("sb-{}", uuid::Uuid::new_v4().simple());
+        let pool = new.is_none();
+        let egress = new.as_ref().map(|n| n.egress.clone()).unwrap_or_default();
+        let requested = Event::Requested(pb::Requested {
+            tenant: new.as_ref().map(|n| n.tenant.clone()).unwrap_or_default(),
+            template: template_name.clone(),
+            resources: Some(resources),
+            timeout: new.as_ref().map(|n| duration(n.timeout)),
+            metadata: new
+                .as_ref()
+                .map(|n| n.metadata.clone().into_iter().collect())
+                .unwrap_or_default(),
+            egress: Some(egress_pb(&egress)),
+            env_names: new
+                .as_ref()
+                .map(|n| n.env.keys().cloned().collect())
+                .unwrap_or_default(),
+            restore_checkpoint_id: new
+                .as_ref()
+                .and_then(|n| n.restore.as_ref().map(|(ck, _)| ck.clone()))
+                .unwrap_or_default(),
+            request_id: new
+                .as_ref()
+                .map(|n| n.request_id.clone())
+                .unwrap_or_default(),
+            pool,
+        });
+        let provisioning = Event::Provisioning(pb::Provisioning {
+            backend: self.backend.name().to_string(),
+            node: self.settings.node.clone(),
+            template_digest: hex::encode(template.digest),
+        });
+        let mut agg = Aggregate::default();
+        self.append(&mut agg, &id, vec![requested, provisioning])
+            .await?;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            template,
+            limits: limits_of(&resources),
+            env: BTreeMap::new(),
+            egress,
+            restore: new
+                .as_ref()
+                .and_then(|n| n.restore.as_ref().map(|(_, b)| b.clone())),
+        };
+        let backend = self.backend.name();
+        let handle = match self.backend.prepare(spec, self.egress_tx.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                metrics::SPAWNS
+                    .with_label_values(&[backend, "failure"])
+                    .inc();
+                let reason = format!("provisioning failed: {e}");
+                self.append(
+                    &mut agg,
+                    &id,
+                    vec![Event::Failed(pb::Failed {
+                        reason: reason.clone(),
+                    })],
+                )
+                .await?;
+                return Err(RuntimeError::Backend(reason));
+            }
+        };
+        metrics::SPAWNS
+            .with_label_values(&[backend, "success"])
+            .inc();
+        let live = Arc::new(Live {
+            handle,
+            env: Mutex::new(new.as_ref().map(|n| n.env.clone()).unwrap_or_default()),
+            agg: tokio::sync::Mutex::new(Aggregate::default()),
+        });
+        self.live
+            .lock()
+            .expect("live lock")
+            .insert(id.clone(), live.clone());
+        let ready = Event::Ready(pb::Ready {
+            spawn_duration: Some(duration(started.elapsed())),
+        });
+        if let Err(e) = self.append(&mut agg, &id, vec![ready]).await {
+            self.forget(&id).await;
+            return Err(e.into());
+        }
+        if !pool {
+            metrics::SPAWN_SECONDS
+                .with_label_values(&[backend, "cold"])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let view = agg.view.clone();
+        *live.agg.lock().await = agg;
+        if pool {
+            self.pool
+                .lock()
+                .expect("pool lock")
+                .entry(template_name)
+                .or_default()
+                .push_back(id);
+        }
+        Ok(view)
+    }
+
+    /// Kills the sandbox and drops it from this replica (the caller records why).
+    async fn forget(&self, id: &str) {
+        let live = self.live.lock().expect("live lock").remove(id);
+        for q in self.pool.lock().expect("pool lock").values_mut() {
+            q.retain(|p| p != id);
+        }
+        if let Some(live) = live {
+            if let Err(e) = live.handle.terminate().await {
+                tracing::error!(sandbox = %id, error = %e, "terminating the sandbox failed");
+            }
+        }
+    }
+
+    /// Ends a sandbox with `event` (Terminated or Expired); a no-op when it already ended.
+    pub async fn end(&self, id: &str, live: &Live, e: Event) -> Result<pb::Sandbox, RuntimeError> {
+        let mut agg = live.agg.lock().await;
+        if !agg.is_live() {
+            return Ok(agg.view.clone());
+        }
+        self.forget(id).await;
+        self.append(&mut agg, id, vec![e]).await?;
+        Ok(agg.view.clone())
+    }
+
+    /// Keeps every template's warm pool at its minimum until shutdown.
+    pub async fn refill_pool(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            for (template, min) in self.settings.pool.clone() {
+                while self.pool_size(&template) < min && !*shutdown.borrow() {
+                    let resources = self.default_resources();
+                    if let Err(e) = self
+                        .provision(None, template.clone(), resources, Instant::now())
+                        .await
+                    {
+                        tracing::warn!(template = %template, error = %e, "warm pool refill failed");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.pool_wanted.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Expires sandboxes of this replica whose lifetime ended, until shutdown.
+    pub async fn expire(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let now = Utc::now();
+            let due: Vec<(String, Arc<Live>)> = self
+                .live
+                .lock()
+                .expect("live lock")
+                .iter()
+                .map(|(id, l)| (id.clone(), l.clone()))
+                .collect();
+            for (id, live) in due {
+                let expired = self
+                    .view
+                    .get(&id)
+                    .and_then(|a| a.expires_at())
+                    .is_some_and(|at| at <= now);
+                if expired {
+                    if let Err(e) = self.end(&id, &live, Event::Expired(pb::Expired {})).await {
+                        tracing::error!(sandbox = %id, error = %e, "recording the expiry failed");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Counts and records every egress decision the backend reports, until shutdown.
+    pub async fn record_egress(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(mut rx) = self.egress_rx.lock().expect("egress lock").take() else {
+            return;
+        };
+        loop {
+            let attempt = tokio::select! {
+                a = rx.recv() => match a { Some(a) => a, None => return },
+                _ = shutdown.changed() => return,
+            };
+            let decision = if attempt.allowed { "allow" } else { "deny" };
+            metrics::EGRESS_CHECKS.with_label_values(&[decision]).inc();
+            let tenant = self
+                .view
+                .get(&attempt.sandbox_id)
+                .map(|a| a.view.tenant)
+                .unwrap_or_default();
+            let e = pb::EgressDecided {
+                at: Some(domain::timestamp(Utc::now())),
+                sandbox_id: attempt.sandbox_id.clone(),
+                tenant: tenant.clone(),
+                destination: attempt.destination.to_string(),
+                allowed: attempt.allowed,
+                rule: attempt.rule.clone().unwrap_or_default(),
+            };
+            let payload = e.encode_to_vec();
+            let subject = self.view.egress_subject(&attempt.sandbox_id);
+            let mut headers = Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::EVENT_TYPE, "runtime.egress_decided");
+            if !tenant.is_empty() {
+                headers = headers.with(names::TENANT, &tenant);
+            }
+            let append = AppendEvent {
+                id: format!("{subject}:{}", uuid::Uuid::new_v4().simple()),
+                subject,
+                expected_subject_sequence: None,
+                headers,
+                payload: payload.into(),
+            };
+            if let Err(e) = self.log.append(append).await {
+                tracing::error!(sandbox = %attempt.sandbox_id, error = %e, "recording an egress decision failed");
+            }
+        }
+    }
+
+    /// Marks live sandboxes a previous process of this node left behind as failed, and
+    /// removes what the backend left of them.
+    pub async fn recover(&self) -> Result<(), RuntimeError> {
+        match self.backend.cleanup_orphans().await {
+            Ok(n) if n > 0 => {
+                tracing::warn!(removed = n, "removed sandboxes left by a previous process")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cleaning up orphaned sandboxes failed"),
+        }
+        let orphans = self.view.orphaned(&|id| self.live(id).is_some());
+        for mut agg in orphans {
+            let id = agg.view.sandbox_id.clone();
+            let failed = Event::Failed(pb::Failed {
+                reason:
+                    "the replica that ran it restarted; its processes and writable layer are gone"
+                        .into(),
+            });
+            if let Err(e) = self.append(&mut agg, &id, vec![failed]).await {
+                tracing::warn!(sandbox = %id, error = %e, "could not mark an orphaned sandbox failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Terminates every sandbox of this replica (on shutdown: their processes end with it).
+    pub async fn terminate_all(&self, by: &str) {
+        let all: Vec<(String, Arc<Live>)> = self
+            .live
+            .lock()
+            .expect("live lock")
+            .iter()
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
+        for (id, live) in all {
+            let e = Event::Terminated(pb::Terminated { by: by.to_string() });
+            if let Err(e) = self.end(&id, &live, e).await {
+                tracing::warn!(sandbox = %id, error = %e, "recording the termination failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! `creto.enablement.runtime.v1.RuntimeService`: checks each request, then lets the replica's
+//! [`Runtime`] act on the backend and record the step.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use creto_domain::runtime::attestation::{self, Statement};
+use creto_domain::runtime::egress::EgressPolicy;
+use creto_domain::runtime::sandbox::{self as domain, Aggregate};
+use creto_schemas::runtime::v1::runtime_service_server::RuntimeService;
+use creto_schemas::runtime::v1::{self as pb, sandbox_event::Event, State};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::backend::{ExecChunk, ExecRequest};
+use super::engine::{Live, NewSandbox, Runtime, RuntimeError};
+use super::metrics;
+use crate::auth::Identity;
+use crate::log_status::log_status;
+
+const MAX_LIST: u32 = 1_000;
+
+pub struct RuntimeGateway {
+    pub runtime: Arc<Runtime>,
+}
+
+impl From<RuntimeError> for Status {
+    fn from(e: RuntimeError) -> Status {
+        match e {
+            RuntimeError::Invalid(m) => Status::invalid_argument(m),
+            RuntimeError::NotFound(m) => Status::not_found(m),
+            RuntimeError::Precondition(m) => Status::failed_precondition(m),
+            RuntimeError::Backend(m) => Status::unavailable(m),
+            RuntimeError::Log(e) => log_status(e),
+        }
+    }
+}
+
+fn invalid(r: domain::Refusal) -> Status {
+    RuntimeError::from(r).into()
+}
+
+fn egress(p: Option<&pb::EgressPolicy>) -> Result<EgressPolicy, Status> {
+    EgressPolicy::parse(p.map(|p| p.allow.as_slice()).unwrap_or_default())
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    domain::check_name("sandbox_id", id).map_err(invalid)
+}
+
+impl RuntimeGateway {
+    fn caller<T>(request: &Request<T>) -> Result<Identity, Status> {
+        Ok(crate::auth::layer::caller(request)?.clone())
+    }
+
+    /// The caller's sandbox as this replica's view has it; another tenant's is NOT_FOUND.
+    async fn sandbox(&self, caller: &Identity, id: &str) -> Result<Aggregate, Status> {
+        check_id(id)?;
+        let agg = self
+            .runtime
+            .view
+            .get_fresh(id)
+            .await
+            .map_err(log_status)?
+            .filter(|a| !a.pooled && a.view.tenant == caller.tenant)
+            .ok_or_else(|| Status::not_found(format!("no sandbox {id}")))?;
+        Ok(agg)
+    }
+
+    /// The caller's sandbox running on this replica.
+    async fn running(&self, caller: &Identity, id: &str) -> Result<Arc<Live>, Status> {
+        let agg = self.sandbox(caller, id).await?;
+        agg.require_ready().map_err(invalid)?;
+        if agg.view.node != self.runtime.settings.node {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {id} runs on node {:?}, this is {:?}; send the call to that replica",
+                agg.view.node, self.runtime.settings.node
+            )));
+        }
+        self.runtime.live(id).ok_or_else(|| {
+            Status::failed_precondition(format!("sandbox {id} is no longer running here"))
+        })
+    }
+
+    async fn new_sandbox(
+        &self,
+        caller: &Identity,
+        req: pb::CreateSandboxRequest,
+    ) -> Result<NewSandbox, Status> {
+        let limits = &self.runtime.settings.limits;
+        let template = if req.template.is_empty() {
+            "base".to_string()
+        } else {
+            req.template
+        };
+        domain::check_name("template", &template).map_err(invalid)?;
+        self.runtime.template(&template)?;
+        let resources = domain::resources(req.resources.as_ref(), limits).map_err(invalid)?;
+        let timeout = domain::timeout(
+            req.timeout.as_ref(),
+            limits.default_timeout,
+            limits.max_timeout,
+            "timeout",
+        )
+        .map_err(invalid)?;
+        let env: BTreeMap<String, String> = req.env.into_iter().collect();
+        domain::check_env(&env, limits).map_err(invalid)?;
+        let metadata: BTreeMap<String, String> = req.metadata.into_iter().collect();
+        domain::check_metadata(&metadata, limits).map_err(invalid)?;
+        if !req.request_id.is_empty() && req.request_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "request_id is longer than 128 bytes",
+            ));
+        }
+        let restore = if req.restore_checkpoint_id.is_empty() {
+            None
+        } else {
+            Some(
+                self.fetch_checkpoint(caller, &req.restore_checkpoint_id)
+                    .await?,
+            )
+        };
+        Ok(NewSandbox {
+            tenant: caller.tenant.clone(),
+            template,
+            resources,
+            timeout,
+            env,
+            metadata,
+            egress: egress(req.egress.as_ref())?,
+            restore,
+            request_id: req.request_id,
+        })
+    }
+
+    /// The archive of a checkpoint of one of the caller's sandboxes, checked against its hash.
+    async fn fetch_checkpoint(
+        &self,
+        caller: &Identity,
+        checkpoint_id: &str,
+    ) -> Result<(String, Vec<u8>), Status> {
+        domain::check_name("restore_checkpoint_id", checkpoint_id).map_err(invalid)?;
+        let archive = self.runtime.archive.as_ref().ok_or_else(|| {
+            Status::failed_precondition("no object storage is configured for checkpoints")
+        })?;
+        let found = self
+            .runtime
+            .view
+            .checkpoint(&caller.tenant, checkpoint_id)
+            .ok_or_else(|| Status::not_found(format!("no checkpoint {checkpoint_id}")))?;
+        let body = archive
+            .get(&found.object_key)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                Status::data_loss(format!(
+                    "checkpoint {checkpoint_id} is recorded but its object {} is missing",
+                    found.object_key
+                ))
+            })?;
+        if hex::encode(Sha256::digest(&body)) != found.sha256 {
+            return Err(Status::data_loss(format!(
+                "checkpoint {checkpoint_id}: the object's SHA-256 does not match the recorded one"
+            )));
+        }
+        Ok((checkpoint_id.to_string(), body.to_vec()))
+    }
+}
+
+type ExecStream = ReceiverStream<Result<pb::ExecResponse, Status>>;
+
+fn exec_outcome(r: &pb::ExecResult) -> &'static str {
+    if r.timed_out {
+        "timeout"
+    } else if r.oom_killed {
+        "oom"
+    } else if r.pids_limited {
+        "pids_limit"
+    } else {
+        match r.exit_code {
+            Some(0) => "exit_zero",
+            Some(_) => "exit_nonzero",
+            None => "signal",
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for RuntimeGateway {
+    async fn create_sandbox(
+        &self,
+        request: Request<pb::CreateSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let caller = Self::caller(&request)?;
+        let req = request.into_inner();
+        if !req.request_id.is_empty() {
+            let view = &self.runtime.view;
+            if view.by_request(&caller.tenant, &req.request_id).is_none() {
+                view.catch_up().await.map_err(log_status)?;
+            }
+            if let Some(agg) = view.by_request(&caller.tenant, &req.request_id) {
+                return Ok(Response::new(agg.view));
+            }
+        }
+        let new = self.new_sandbox(&caller, req).await?;
+        Ok(Response::new(self.runtime.create(new).await?))
+    }
+
+    type ExecStream = ExecStream;
+
+    async fn exec(
+        &self,
+        request: Request<pb::ExecRequest>,
+    ) -> Result<Response<ExecStream>, Status> {
+        let caller = Self::caller(&request)?;
+        let req = request.into_inner();
+        let limits = &self.runtime.settings.limits;
+        domain::check_argv(&req.argv, limits).map_err(invalid)?;
+        if req.stdin.len() > limits.max_stdin_bytes {
+            return Err(Status::invalid_argument(format!(
+                "stdin is {} bytes; at most {}",
+                req.stdin.len(),
+                limits.max_stdin_bytes
+            )));
+        }
+        let env: BTreeMap<String, String> = req.env.into_iter().collect();
+        domain::check_env(&env, limits).map_err(invalid)?;
+        if !req.workdir.is_empty() && (!req.workdir.starts_with('/') || req.workdir.contains('\0'))
+        {
+            return Err(Status::invalid_argument(
+                "workdir must be an absolute path inside the sandbox",
+            ));
+        }
+        let live = self.running(&caller, &req.sandbox_id).await?;
+        let left = self
+            .runtime
+            .view
+            .get(&req.sandbox_id)
+            .and_then(|a| a.expires_at())
+            .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(limits.max_timeout);
+        let timeout = domain::timeout(
+            req.timeout.as_ref(),
+            limits.default_exec_timeout,
+            limits.max_timeout,
+            "timeout",
+        )
+        .map_err(invalid)?
+        .min(left);
+        let exec_id = format!("ex-{}", uuid::Uuid::new_v4().simple());
+        {
+            let mut agg = live.agg.lock().await;
+            agg.require_ready().map_err(invalid)?;
+            let started = Event::ExecStarted(pb::ExecStarted {
+                exec_id: exec_id.clone(),
+                argv: req.argv.clone(),
+            });
+            self.runtime
+                .append(&mut agg, &req.sandbox_id, vec![started])
+                .await
+                .map_err(log_status)?;
+        }
+        let mut all_env = live.env.lock().expect("env lock").clone();
+        all_env.extend(env);
+        let exec = ExecRequest {
+            argv: req.argv,
+            stdin: req.stdin,
+            env: all_env,
+            timeout,
+            workdir: (!req.workdir.is_empty()).then_some(req.workdir),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let runtime = self.runtime.clone();
+        let id = req.sandbox_id;
+        tokio::spawn(async move {
+            let (chunks_tx, mut chunks) = mpsc::channel(64);
+            let handle = live.handle.clone();
+            let run = tokio::spawn(async move { handle.exec(exec, chunks_tx).await });
+            while let Some(chunk) = chunks.recv().await {
+                let output = match chunk {
+                    ExecChunk::Stdout(b) => pb::exec_response::Output::Stdout(b.to_vec()),
+                    ExecChunk::Stderr(b) => pb::exec_response::Output::Stderr(b.to_vec()),
+                };
+                // A caller that went away does not stop the command; its timeout does.
+                let _ = tx
+                    .send(Ok(pb::ExecResponse {
+                        output: Some(output),
+                    }))
+                    .await;
+            }
+            let outcome = match run.await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!("exec failed: {e}"))))
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::internal(format!("exec task: {e}"))))
+                        .await;
+                    return;
+                }
+            };
+            let result = pb::ExecResult {
+                exec_id,
+                exit_code: outcome.exit_code,
+                signal: outcome.signal.unwrap_or(0),
+                timed_out: outcome.timed_out,
+                oom_killed: outcome.oom_killed,
+                pids_limited: outcome.pids_limited,
+                duration: Some(prost_types::Duration {
+                    seconds: outcome.duration.as_secs() as i64,
+                    nanos: outcome.duration.subsec_nanos() as i32,
+                }),
+            };
+            metrics::EXECS
+                .with_label_values(&[exec_outcome(&result)])
+                .inc();
+            let finished = Event::ExecFinished(pb::ExecFinished {
+                result: Some(result.clone()),
+            });
+            let recorded = {
+                let mut agg = live.agg.lock().await;
+                runtime.append(&mut agg, &id, vec![finished]).await
+            };
+            let last = match recorded {
+                Ok(()) => Ok(pb::ExecResponse {
+                    output: Some(pb::exec_response::Output::Finished(result)),
+                }),
+                Err(e) => Err(log_status(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let caller = Self::caller(&request)?;
+        let agg = self.sandbox(&caller, &request.get_ref().sandbox_id).await?;
+        Ok(Response::new(agg.view))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        request: Request<pb::ListSandboxesRequest>,
+    ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let caller = Self::caller(&request)?;
+        let req = request.into_inner();
+        let states = req
+            .states
+            .iter()
+            .map(|s| {
+                State::try_from(*s)
+                    .ok()
+                    .filter(|s| *s != State::Unspecified)
+                    .ok_or_else(|| Status::invalid_argument(format!("unknown state {s}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if req.limit > MAX_LIST {
+            return Err(Status::invalid_argument(format!(
+                "limit {} is over {MAX_LIST}",
+                req.limit
+            )));
+        }
+        let limit = if req.limit == 0 { 100 } else { req.limit } as usize;
+        self.runtime.view.catch_up().await.map_err(log_status)?;
+        let sandboxes = self
+            .runtime
+            .view
+            .list(&caller.tenant, &states, &req.metadata, limit);
+        Ok(Response::new(pb::ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn set_timeout(
+        &self,
+        request: Request<pb::SetTimeoutRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let caller = Self::caller(&request)?;
+        let req = request.into_inner();
+        let limits = &self.runtime.settings.limits;
+        let Some(asked) = req
+            .timeout
+            .as_ref()
+            .filter(|d| d.seconds > 0 || d.nanos > 0)
+        else {
+            return Err(Status::invalid_argument(
+                "timeout must be positive; use TerminateSandbox to end it now",
+            ));
+        };
+        let timeout = domain::timeout(
+            Some(asked),
+            limits.default_timeout,
+            limits.max_timeout,
+            "timeout",
+        )
+        .map_err(invalid)?;
+        let live = self.running(&caller, &req.sandbox_id).await?;
+        let mut agg = live.agg.lock().await;
+        agg.require_ready().map_err(invalid)?;
+        let at = Utc::now() + chrono::Duration::from_std(timeout).expect("bounded timeout");
+        let changed = Event::TimeoutChanged(pb::TimeoutChanged {
+            expires_at: Some(domain::timestamp(at)),
+        });
+        self.runtime
+            .append(&mut agg, &req.sandbox_id, vec![changed])
+            .await
+            .map_err(log_status)?;
+        Ok(Response::new(agg.view.clone()))
+    }
+
+    async fn set_egress_policy(
+        &self,
+        request: Request<pb::SetEgressPolicyRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let caller = Self::caller(&request)?;
+        let req = request.into_inner();
+        let policy = egress(req.egress.as_ref())?;
+        let live = self.running(&caller, &req.sandbox_id).await?;
+        let mut agg = live.agg.lock().await;
+        agg.require_ready().map_err(invalid)?;
+        let changed = Event::EgressPolicyChanged(pb::EgressPolicyChanged {
+            egress: Some(pb::EgressPolicy {
+                allow: policy.to_strings(),
+            }),
+        });
+        self.runtime
+            .append(&mut agg, &req.sandbox_id, vec![changed])
+            .await
+            .map_err(log_status)?;
+        // Recorded first: a connection the new policy allows is never let through unrecorded.
+        live.handle.set_egress(policy);
+        Ok(Response::new(agg.view.clone()))
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointInfo>, Status> {
+        let caller = Self::caller(&request)?;
+        let id = request.into_inner().sandbox_id;
+        let archive = self.runtime.archive.clone().ok_or_else(|| {
+            Status::failed_precondition("no object storage is configured for checkpoints")
+        })?;
+        let live = self.running(&caller, &id).await?;
+        let mut agg = live.agg.lock().await;
+        agg.require_ready().map_err(invalid)?;
+        let body = live
+            .handle
+            .checkpoint()
+            .await
+            .map_err(|e| Status::unavailable(format!("checkpoint failed: {e}")))?;
+        let checkpoint_id = format!("ck-{}", uuid::Uuid::new_v4().simple());
+        let object_key = format!(
+            "runtime/checkpoints/{}/{id}/{checkpoint_id}.tar.gz",
+            caller.tenant
+        );
+        let reference = pb::CheckpointRef {
+            checkpoint_id,
+            object_key: object_key.clone(),
+            size_bytes: body.len() as u64,
+            sha256: hex::encode(Sha256::digest(&body)),
+            at: Some(domain::timestamp(Utc::now())),
+        };
+        archive
+            .put(&object_key, body.into(), "application/gzip")
+            .await
+            .map_err(|e| Status::unavailable(format!("storing the checkpoint failed: {e}")))?;
+        let done = Event::Checkpointed(pb::Checkpointed {
+            checkpoint: Some(reference.clone()),
+        });
+        self.runtime
+            .append(&mut agg, &id, vec![done])
+            .await
+            .map_err(log_status)?;
+        Ok(Response::new(pb::CheckpointInfo {
+            sandbox_id: id,
+            checkpoint: Some(reference),
+        }))
+    }
+
+    async fn get_attestation(
+        &self,
+        request: Request<pb::GetAttestationRequest>,
+    ) -> Result<Response<pb::Attestation>, Status> {
+        let caller = Self::caller(&request)?;
+        let agg = self.sandbox(&caller, &request.get_ref().sandbox_id).await?;
+        let started = Instant::now();
+        let v = &agg.view;
+        let resources = v.resources.unwrap_or_default();
+        let policy = egress(v.egress.as_ref())?;
+        let rfc3339 = |t: &Option<prost_types::Timestamp>| {
+            t.as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                .unwrap_or_default()
+        };
+        let statement = Statement {
+            version: 1,
+            sandbox_id: v.sandbox_id.clone(),
+            tenant: v.tenant.clone(),
+            backend: v.backend.clone(),
+            node: v.node.clone(),
+            template: v.template.clone(),
+            template_digest: v.template_digest.clone(),
+            limits: attestation::Limits {
+                memory_mb: resources.memory_mb,
+                pids: resources.pids,
+                cpu_millis: resources.cpu_millis,
+            },
+            egress_policy_digest: hex::encode(policy.digest()),
+            created_at: rfc3339(&v.created_at),
+            issued_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            version_seen: v.version,
+        };
+        let key = &self.runtime.settings.attestation_key;
+        let (statement, signature) = attestation::sign(&statement, key);
+        metrics::ATTESTATION_SECONDS.observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(pb::Attestation {
+            statement,
+            signature,
+            key_id: attestation::key_id(&key.verifying_key()),
+            public_key: key.verifying_key().to_bytes().to_vec(),
+            algorithm: attestation::ALGORITHM.into(),
+        }))
+    }
+
+    async fn terminate_sandbox(
+        &self,
+        request: Request<pb::TerminateSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let caller = Self::caller(&request)?;
+        let id = request.into_inner().sandbox_id;
+        let agg = self.sandbox(&caller, &id).await?;
+        if !agg.is_live() {
+            // Terminating an ended sandbox changes nothing and is not an error.
+            return Ok(Response::new(agg.view));
+        }
+        let live = self.running(&caller, &id).await?;
+        let by = Event::Terminated(pb::Terminated {
+            by: caller.subject.clone(),
+        });
+        Ok(Response::new(self.runtime.end(&id, &live, by).await?))
+    }
+}

@@ -1,0 +1,223 @@
+//! Every replica's view of the sandboxes: their events folded in memory. Get and List answer
+//! from it, and the gauges are computed from it, so they are projections of the log like the
+//! PostgreSQL table. The replica that runs a sandbox folds its own appends at once; the others
+//! see them within [`TAIL`].
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use creto_domain::runtime::sandbox::Aggregate;
+use creto_schemas::runtime::v1::{self as pb, State};
+use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, RUNTIME};
+use futures::TryStreamExt;
+use prost::Message;
+use tokio::sync::watch;
+
+use super::metrics;
+
+pub const TAIL: Duration = Duration::from_millis(200);
+
+#[derive(Default)]
+struct Folded {
+    sandboxes: HashMap<String, Aggregate>,
+    /// (tenant, request_id) → sandbox, for idempotent creates.
+    requests: HashMap<(String, String), String>,
+    applied_through: u64,
+}
+
+pub struct RuntimeView {
+    log: Arc<dyn EventLog>,
+    catalog: Catalog,
+    stream: String,
+    node: String,
+    folded: RwLock<Folded>,
+    catching_up: tokio::sync::Mutex<()>,
+}
+
+impl RuntimeView {
+    pub fn new(log: Arc<dyn EventLog>, catalog: Catalog, node: String) -> Self {
+        RuntimeView {
+            stream: catalog.stream(RUNTIME),
+            log,
+            catalog,
+            node,
+            folded: RwLock::new(Folded::default()),
+            catching_up: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn sandbox_subject(&self, id: &str) -> String {
+        self.catalog.subject(&format!("runtime.sandboxes.{id}"))
+    }
+
+    pub fn egress_subject(&self, id: &str) -> String {
+        self.catalog.subject(&format!("runtime.egress.{id}"))
+    }
+
+    /// Folds one event of sandbox `id` unless the view already has it (the owner folds its own
+    /// appends right away; the tail then meets them again).
+    pub fn apply(&self, id: &str, e: &pb::SandboxEvent, sequence: u64) {
+        let mut f = self.folded.write().expect("fold lock");
+        let agg = f.sandboxes.entry(id.to_string()).or_default();
+        if agg.view.version >= sequence {
+            return;
+        }
+        agg.apply(id, e, sequence);
+        if !agg.request_id.is_empty() && !agg.view.tenant.is_empty() {
+            let key = (agg.view.tenant.clone(), agg.request_id.clone());
+            f.requests.insert(key, id.to_string());
+        }
+    }
+
+    /// Folds every sandbox event appended since the last catch-up.
+    pub async fn catch_up(&self) -> Result<(), LogError> {
+        let _one = self.catching_up.lock().await;
+        let from = self.folded.read().expect("fold lock").applied_through + 1;
+        let filter = self.catalog.subject("runtime.sandboxes.>");
+        let mut events = self
+            .log
+            .replay(
+                &self.stream,
+                ReplayFrom::Sequence(from),
+                None,
+                Some(&filter),
+            )
+            .await?;
+        while let Some(event) = events.try_next().await? {
+            let logical = self.catalog.strip(&event.subject);
+            let Some(id) = logical.strip_prefix("runtime.sandboxes.") else {
+                continue;
+            };
+            match pb::SandboxEvent::decode(event.payload.as_ref()) {
+                Ok(e) => self.apply(id, &e, event.sequence),
+                Err(e) => tracing::error!(
+                    sequence = event.sequence,
+                    error = %e,
+                    "undecodable sandbox event skipped"
+                ),
+            }
+            self.folded.write().expect("fold lock").applied_through = event.sequence;
+        }
+        self.refresh_gauges();
+        Ok(())
+    }
+
+    /// The gauges of this replica's sandboxes, by backend.
+    pub fn refresh_gauges(&self) {
+        let f = self.folded.read().expect("fold lock");
+        let mut active: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut pooled: BTreeMap<&str, i64> = BTreeMap::new();
+        for agg in f.sandboxes.values() {
+            if agg.view.node != self.node || agg.view.backend.is_empty() {
+                continue;
+            }
+            let backend = agg.view.backend.as_str();
+            active.entry(backend).or_default();
+            pooled.entry(backend).or_default();
+            if agg.pooled && agg.state() == State::Ready {
+                *pooled.entry(backend).or_default() += 1;
+            } else if !agg.pooled && agg.is_live() {
+                *active.entry(backend).or_default() += 1;
+            }
+        }
+        for (backend, n) in active {
+            metrics::ACTIVE.with_label_values(&[backend]).set(n);
+        }
+        for (backend, n) in pooled {
+            metrics::POOL_SIZE.with_label_values(&[backend]).set(n);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Aggregate> {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .sandboxes
+            .get(id)
+            .cloned()
+    }
+
+    /// The sandbox, catching up first when this replica has not seen it yet.
+    pub async fn get_fresh(&self, id: &str) -> Result<Option<Aggregate>, LogError> {
+        if let Some(a) = self.get(id) {
+            return Ok(Some(a));
+        }
+        self.catch_up().await?;
+        Ok(self.get(id))
+    }
+
+    pub fn by_request(&self, tenant: &str, request_id: &str) -> Option<Aggregate> {
+        let f = self.folded.read().expect("fold lock");
+        let id = f
+            .requests
+            .get(&(tenant.to_string(), request_id.to_string()))?;
+        f.sandboxes.get(id).cloned()
+    }
+
+    /// A checkpoint of one of `tenant`'s sandboxes.
+    pub fn checkpoint(&self, tenant: &str, checkpoint_id: &str) -> Option<pb::CheckpointRef> {
+        let f = self.folded.read().expect("fold lock");
+        f.sandboxes
+            .values()
+            .filter(|a| a.view.tenant == tenant)
+            .flat_map(|a| a.view.checkpoints.iter())
+            .find(|c| c.checkpoint_id == checkpoint_id)
+            .cloned()
+    }
+
+    /// Sandboxes of `tenant` in one of `states` (all when empty) whose metadata holds every
+    /// pair of `metadata`, newest first.
+    pub fn list(
+        &self,
+        tenant: &str,
+        states: &[State],
+        metadata: &std::collections::HashMap<String, String>,
+        limit: usize,
+    ) -> Vec<pb::Sandbox> {
+        let f = self.folded.read().expect("fold lock");
+        let mut found: Vec<&pb::Sandbox> = f
+            .sandboxes
+            .values()
+            .filter(|a| !a.pooled && a.view.tenant == tenant)
+            .map(|a| &a.view)
+            .filter(|v| states.is_empty() || states.contains(&v.state()))
+            .filter(|v| {
+                metadata
+                    .iter()
+                    .all(|(k, val)| v.metadata.get(k) == Some(val))
+            })
+            .collect();
+        let created = |v: &pb::Sandbox| v.created_at.map(|t| (t.seconds, t.nanos));
+        found.sort_by(|a, b| {
+            created(b)
+                .cmp(&created(a))
+                .then_with(|| a.sandbox_id.cmp(&b.sandbox_id))
+        });
+        found.into_iter().take(limit).cloned().collect()
+    }
+
+    /// Sandboxes a previous process of this node left live: their processes and layers are gone.
+    pub fn orphaned(&self, running: &dyn Fn(&str) -> bool) -> Vec<Aggregate> {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .sandboxes
+            .values()
+            .filter(|a| a.view.node == self.node && a.is_live() && !running(&a.view.sandbox_id))
+            .cloned()
+            .collect()
+    }
+
+    /// Keeps the view current until shutdown.
+    pub async fn tail(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.catch_up().await {
+                tracing::warn!(error = %e, "runtime catch-up failed; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TAIL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,687 @@
+//! Runtime end to end through gRPC, on both adapters, with real sandboxes (bubblewrap,
+//! namespaces, cgroups): create, exec with streamed output, egress allow and deny, checkpoint
+//! and restore, attestation verification, timeouts and expiry, terminate, the warm pool, a
+//! restarted replica, and bad input.
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use creto_domain::runtime::attestation;
+use creto_domain::runtime::egress::EgressPolicy;
+use creto_replay_tests::Env;
+use creto_schemas::runtime::v1 as pb;
+use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
+use creto_schemas::runtime::v1::State;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Client = RuntimeServiceClient<Channel>;
+
+creto_replay_tests::on_both_adapters!(
+    create_exec_and_terminate,
+    egress_is_denied_until_allowed,
+    checkpoint_restores_into_a_new_sandbox,
+    attestation_verifies_with_the_public_key,
+    timeouts_kill_and_expire,
+    warm_pool_claims_and_refills,
+    a_restarted_replica_marks_its_sandboxes_failed,
+    bad_input_gets_clear_statuses,
+);
+
+/// A directory the unprivileged sandbox user can traverse to reach its layer.
+fn sandbox_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("creto-runtime-test-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+async fn client(url: &str) -> Client {
+    RuntimeServiceClient::connect(url.to_string())
+        .await
+        .unwrap()
+}
+
+fn create_request() -> pb::CreateSandboxRequest {
+    pb::CreateSandboxRequest {
+        template: "base".into(),
+        ..Default::default()
+    }
+}
+
+/// Runs `argv`; returns (stdout, stderr, result, number of output messages).
+async fn exec(
+    c: &mut Client,
+    id: &str,
+    argv: &[&str],
+) -> Result<(String, String, pb::ExecResult, usize), tonic::Status> {
+    exec_with(c, id, argv, None).await
+}
+
+async fn exec_with(
+    c: &mut Client,
+    id: &str,
+    argv: &[&str],
+    timeout: Option<Duration>,
+) -> Result<(String, String, pb::ExecResult, usize), tonic::Status> {
+    let mut stream = c
+        .exec(pb::ExecRequest {
+            sandbox_id: id.into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout: timeout.map(|t| t.try_into().unwrap()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (mut out, mut err, mut chunks) = (Vec::new(), Vec::new(), 0);
+    while let Some(msg) = stream.message().await? {
+        match msg.output {
+            Some(pb::exec_response::Output::Stdout(b)) => {
+                chunks += 1;
+                out.extend(b)
+            }
+            Some(pb::exec_response::Output::Stderr(b)) => {
+                chunks += 1;
+                err.extend(b)
+            }
+            Some(pb::exec_response::Output::Finished(r)) => {
+                return Ok((
+                    String::from_utf8_lossy(&out).into(),
+                    String::from_utf8_lossy(&err).into(),
+                    r,
+                    chunks,
+                ))
+            }
+            None => {}
+        }
+    }
+    panic!("exec stream ended without a result");
+}
+
+async fn create(c: &mut Client, req: pb::CreateSandboxRequest) -> pb::Sandbox {
+    c.create_sandbox(req).await.unwrap().into_inner()
+}
+
+async fn get(c: &mut Client, id: &str) -> pb::Sandbox {
+    c.get_sandbox(pb::GetSandboxRequest {
+        sandbox_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn create_exec_and_terminate(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let mut req = create_request();
+    req.metadata = HashMap::from([("team".to_string(), "search".to_string())]);
+    req.env = HashMap::from([("GREETING".to_string(), "hello".to_string())]);
+    let sb = create(&mut c, req).await;
+    assert_eq!(sb.state(), State::Ready);
+    assert_eq!(sb.backend, "bwrap");
+    assert!(!sb.warm);
+    assert_eq!(sb.env_names, vec!["GREETING".to_string()]);
+    assert_eq!(sb.template_digest.len(), 64);
+
+    // Output streams while the command runs: the first line arrives before it ends.
+    let started = Instant::now();
+    let mut stream = c
+        .exec(pb::ExecRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"$GREETING from $(hostname) as $(id -u)\"; echo oops >&2; sleep 1; echo done; exit 3".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    let (mut out, mut err, mut result) = (Vec::new(), Vec::new(), None);
+    let mut push = |m: pb::ExecResponse| match m.output {
+        Some(pb::exec_response::Output::Stdout(b)) => out.extend(b),
+        Some(pb::exec_response::Output::Stderr(b)) => err.extend(b),
+        Some(pb::exec_response::Output::Finished(r)) => result = Some(r),
+        None => {}
+    };
+    push(first);
+    while let Some(m) = stream.message().await.unwrap() {
+        push(m);
+    }
+    let result = result.expect("a finished message");
+    assert!(
+        first_at < Duration::from_millis(900),
+        "first output after {first_at:?}: not streamed"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "hello from sandbox as 1000\ndone\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&err), "oops\n");
+    assert_eq!(result.exit_code, Some(3));
+    assert!(!result.timed_out);
+
+    // Files persist between execs in the writable layer.
+    let (_, _, r, _) = exec(
+        &mut c,
+        &sb.sandbox_id,
+        &["sh", "-c", "echo kept > /home/sandbox/f"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.exit_code, Some(0));
+    let (out, _, _, _) = exec(&mut c, &sb.sandbox_id, &["cat", "/home/sandbox/f"])
+        .await
+        .unwrap();
+    assert_eq!(out, "kept\n");
+
+    let view = get(&mut c, &sb.sandbox_id).await;
+    assert_eq!(view.execs, 3);
+    let listed = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            states: vec![State::Ready as i32],
+            metadata: HashMap::from([("team".to_string(), "search".to_string())]),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert_eq!(listed.len(), 1);
+    let none = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            metadata: HashMap::from([("team".to_string(), "other".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert!(none.is_empty());
+
+    let ended = c
+        .terminate_sandbox(pb::TerminateSandboxRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ended.state(), State::Terminated);
+    let err = exec(&mut c, &sb.sandbox_id, &["true"]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Terminating again is not an error.
+    let again = c
+        .terminate_sandbox(pb::TerminateSandboxRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state(), State::Terminated);
+    running.stop().await;
+}
+
+/// An echo server on the host, on a loopback address the sandbox's own loopback does not have.
+async fn echo_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = s.read(&mut buf).await {
+                    let _ = s.write_all(b"echo:").await;
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+const CONNECT: &str = r#"
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+    s.sendall(b"ping")
+    data = s.recv(64)
+    print(data.decode() if data else "closed")
+except Exception as e:
+    print("failed:", type(e).__name__)
+"#;
+
+async fn egress_events(env: &Env, id: &str) -> Vec<pb::EgressDecided> {
+    use futures::TryStreamExt;
+    use prost::Message;
+    let log = env.platform.log.clone();
+    let stream = env.platform.catalog.stream(creto_streams::RUNTIME);
+    let filter = env.subject(&format!("runtime.egress.{id}"));
+    let events: Vec<_> = log
+        .replay(
+            &stream,
+            creto_streams::ReplayFrom::Sequence(1),
+            None,
+            Some(&filter),
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    events
+        .iter()
+        .map(|e| pb::EgressDecided::decode(e.payload.as_ref()).unwrap())
+        .collect()
+}
+
+async fn egress_is_denied_until_allowed(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let (addr, server) = echo_server().await;
+    let (other, other_server) = echo_server().await;
+    let sb = create(&mut c, create_request()).await;
+    let id = sb.sandbox_id.clone();
+    let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+    let connect = |ip: &str, port: &str| {
+        vec![
+            "python3".to_string(),
+            "-c".to_string(),
+            CONNECT.to_string(),
+            ip.to_string(),
+            port.to_string(),
+        ]
+    };
+    let exec_client = c.clone();
+    let run = |argv: Vec<String>| {
+        let mut c = exec_client.clone();
+        let id = id.clone();
+        async move {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            exec(&mut c, &id, &argv).await.unwrap().0
+        }
+    };
+
+    // Denied by default.
+    let out = run(connect(&ip, &port)).await;
+    assert!(
+        !out.contains("echo:ping"),
+        "reached {addr} with no egress allowed: {out}"
+    );
+
+    // Allowed once the policy says so, while the sandbox runs.
+    c.set_egress_policy(pb::SetEgressPolicyRequest {
+        sandbox_id: id.clone(),
+        egress: Some(pb::EgressPolicy {
+            allow: vec![format!("{addr}")],
+        }),
+    })
+    .await
+    .unwrap();
+    let out = run(connect(&ip, &port)).await;
+    assert_eq!(out.trim(), "echo:ping");
+    // Another port of the same address is still denied.
+    let out = run(connect(&other.ip().to_string(), &other.port().to_string())).await;
+    assert!(!out.contains("echo:ping"), "reached {other}: {out}");
+
+    // Every decision is an event, and counted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let events = loop {
+        let events = egress_events(env, &id).await;
+        if events.len() >= 3 || Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let decisions: Vec<(String, bool)> = events
+        .iter()
+        .map(|e| (e.destination.clone(), e.allowed))
+        .collect();
+    assert_eq!(
+        decisions,
+        vec![
+            (addr.to_string(), false),
+            (addr.to_string(), true),
+            (other.to_string(), false)
+        ]
+    );
+    assert_eq!(events[1].rule, addr.to_string());
+    let metrics = reqwest::get(format!("http://{}/metrics", running.metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("runtime_egress_checks_total{decision=\"deny\"}"));
+    assert!(metrics.contains("runtime_egress_checks_total{decision=\"allow\"}"));
+    server.abort();
+    other_server.abort();
+    running.stop().await;
+}
+
+async fn checkpoint_restores_into_a_new_sandbox(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let sb = create(&mut c, create_request()).await;
+    exec(
+        &mut c,
+        &sb.sandbox_id,
+        &["sh", "-c", "mkdir -p /home/sandbox/work && echo state-42 > /home/sandbox/work/s && ln -s work/s /home/sandbox/link"],
+    )
+    .await
+    .unwrap();
+    let ck = c
+        .checkpoint(pb::CheckpointRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    assert!(ck.size_bytes > 0 && ck.sha256.len() == 64);
+    // Where the harness keeps checkpoints: the embedded archive, or a bucket of the local S3.
+    let archived = match &env.platform.archive {
+        Some(archive) => archive.get(&ck.object_key).await,
+        None => {
+            use creto_projections::archive::Archive;
+            creto_replay_tests::test_archive("runtime-checkpoints")
+                .await
+                .get(&ck.object_key)
+                .await
+        }
+    }
+    .unwrap()
+    .expect("the checkpoint object");
+    assert_eq!(archived.len() as u64, ck.size_bytes);
+
+    let mut req = create_request();
+    req.restore_checkpoint_id = ck.checkpoint_id.clone();
+    let restored = create(&mut c, req).await;
+    assert_ne!(restored.sandbox_id, sb.sandbox_id);
+    let (out, _, _, _) = exec(&mut c, &restored.sandbox_id, &["cat", "/home/sandbox/link"])
+        .await
+        .unwrap();
+    assert_eq!(out, "state-42\n");
+    assert_eq!(get(&mut c, &sb.sandbox_id).await.checkpoints.len(), 1);
+
+    let mut req = create_request();
+    req.restore_checkpoint_id = "ck-doesnotexist".into();
+    let err = c.create_sandbox(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    running.stop().await;
+}
+
+async fn attestation_verifies_with_the_public_key(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let mut req = create_request();
+    req.resources = Some(pb::Resources {
+        memory_mb: 128,
+        pids: 64,
+        cpu_millis: 500,
+    });
+    req.egress = Some(pb::EgressPolicy {
+        allow: vec!["api.example.com:443".into()],
+    });
+    let sb = create(&mut c, req).await;
+    let att = c
+        .get_attestation(pb::GetAttestationRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(att.algorithm, "ed25519");
+    let statement = attestation::verify(&att.statement, &att.signature, &att.public_key).unwrap();
+    assert_eq!(statement.sandbox_id, sb.sandbox_id);
+    assert_eq!(statement.backend, "bwrap");
+    assert_eq!(statement.template_digest, sb.template_digest);
+    assert_eq!(
+        (
+            statement.limits.memory_mb,
+            statement.limits.pids,
+            statement.limits.cpu_millis
+        ),
+        (128, 64, 500)
+    );
+    let policy = EgressPolicy::parse(&["api.example.com:443".to_string()]).unwrap();
+    assert_eq!(statement.egress_policy_digest, hex::encode(policy.digest()));
+
+    // A statement changed by one byte does not verify; nor one checked with another key.
+    let mut forged = att.statement.clone();
+    let at = forged.len() / 2;
+    forged[at] ^= 1;
+    assert!(attestation::verify(&forged, &att.signature, &att.public_key).is_err());
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
+    assert!(attestation::verify(&att.statement, &att.signature, other.as_bytes()).is_err());
+
+    // The same key after a restart (it is kept in the runtime directory).
+    running.stop().await;
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let sb2 = create(&mut c, create_request()).await;
+    let att2 = c
+        .get_attestation(pb::GetAttestationRequest {
+            sandbox_id: sb2.sandbox_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(att2.public_key, att.public_key);
+    assert_eq!(att2.key_id, att.key_id);
+    running.stop().await;
+}
+
+async fn timeouts_kill_and_expire(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let sb = create(&mut c, create_request()).await;
+    let started = Instant::now();
+    let (_, _, r, _) = exec_with(
+        &mut c,
+        &sb.sandbox_id,
+        &["sleep", "30"],
+        Some(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    assert!(r.timed_out, "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The sandbox's lifetime: SetTimeout moves the expiry, then it expires.
+    let moved = c
+        .set_timeout(pb::SetTimeoutRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+            timeout: Some(Duration::from_secs(1).try_into().unwrap()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(moved.expires_at.is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = get(&mut c, &sb.sandbox_id).await;
+        if s.state() == State::Expired {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not expired: {:?}", s.state());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = exec(&mut c, &sb.sandbox_id, &["true"]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    running.stop().await;
+}
+
+async fn warm_pool_claims_and_refills(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "base=1").await;
+    let mut c = client(&url).await;
+    let metrics_url = format!("http://{}/metrics", running.metrics_addr);
+    let pool_size = || async {
+        let text = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with("runtime_warmpool_size{backend=\"bwrap\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let wait_pool = || async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pool_size().await < 1.0 {
+            assert!(Instant::now() < deadline, "the warm pool never filled");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_pool().await;
+    let sb = create(&mut c, create_request()).await;
+    assert!(sb.warm, "a default request should claim the warm sandbox");
+    assert_eq!(sb.state(), State::Ready);
+    assert!(sb.expires_at.is_some());
+    let (out, _, _, _) = exec(&mut c, &sb.sandbox_id, &["echo", "warm"])
+        .await
+        .unwrap();
+    assert_eq!(out, "warm\n");
+    // Other resources do not match the pool: provisioned cold.
+    let mut req = create_request();
+    req.resources = Some(pb::Resources {
+        memory_mb: 64,
+        ..Default::default()
+    });
+    assert!(!create(&mut c, req).await.warm);
+    // The pool refills in the background.
+    wait_pool().await;
+    let second = create(&mut c, create_request()).await;
+    assert!(second.warm);
+    assert_ne!(second.sandbox_id, sb.sandbox_id);
+    running.stop().await;
+}
+
+async fn a_restarted_replica_marks_its_sandboxes_failed(env: &Env) {
+    let dir = sandbox_dir();
+    let (mut running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let sb = create(&mut c, create_request()).await;
+    // A crash: the gateway's tasks are dropped without the orderly shutdown.
+    drop(running.shutdown);
+    running.tasks.abort_all();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c2 = client(&url).await;
+    let s = get(&mut c2, &sb.sandbox_id).await;
+    assert!(
+        matches!(s.state(), State::Failed | State::Terminated),
+        "{:?}",
+        s.state()
+    );
+    drop(c);
+    running.stop().await;
+}
+
+async fn bad_input_gets_clear_statuses(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let cases: Vec<(pb::CreateSandboxRequest, &str)> = vec![
+        (
+            pb::CreateSandboxRequest {
+                template: "nope".into(),
+                ..Default::default()
+            },
+            "unknown template",
+        ),
+        (
+            pb::CreateSandboxRequest {
+                resources: Some(pb::Resources {
+                    memory_mb: 1 << 30,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "memory_mb",
+        ),
+        (
+            pb::CreateSandboxRequest {
+                egress: Some(pb::EgressPolicy {
+                    allow: vec!["foo..bar:99999".into()],
+                }),
+                ..Default::default()
+            },
+            "egress rule",
+        ),
+        (
+            pb::CreateSandboxRequest {
+                env: HashMap::from([("1X".to_string(), "v".to_string())]),
+                ..Default::default()
+            },
+            "environment variable",
+        ),
+        (
+            pb::CreateSandboxRequest {
+                timeout: Some(Duration::from_secs(100 * 24 * 3600).try_into().unwrap()),
+                ..Default::default()
+            },
+            "timeout",
+        ),
+    ];
+    for (req, says) in cases {
+        let err = c.create_sandbox(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{says}: {}", err.message());
+    }
+    let sb = create(&mut c, create_request()).await;
+    let err = exec(&mut c, &sb.sandbox_id, &[]).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "sb-unknown".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: "../../etc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .set_timeout(pb::SetTimeoutRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+            timeout: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Idempotent creates: the same request id answers the same sandbox.
+    let mut req = create_request();
+    req.request_id = "job-7".into();
+    let first = create(&mut c, req.clone()).await;
+    let again = create(&mut c, req).await;
+    assert_eq!(first.sandbox_id, again.sandbox_id);
+    running.stop().await;
+}
