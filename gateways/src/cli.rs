@@ -805,7 +805,7 @@ fn dev_key_ring(dir: &std::path::Path) -> Result<PathBuf, CliError> {
 async fn dev(
     settings: Settings,
     dir: &std::path::Path,
-    options: Products,
+    mut options: Products,
     auth: Arc<crate::auth::layer::Auth>,
     keys: &std::path::Path,
 ) -> Result<(), CliError> {
@@ -840,7 +840,16 @@ async fn dev(
             exporters_rx,
         );
     }
-    let running = options.start(platform, auth).await?;
+    // Sandboxes need root, bubblewrap and nft: on a laptop without them the rest still runs.
+    let runtime = options.runtime.take();
+    let mut running = options.start(platform.clone(), auth.clone()).await?;
+    let mut runtime_unavailable = None;
+    if let Some((runtime_options, runtime_dir)) = runtime {
+        match start_runtime(platform, runtime_options, auth, &runtime_dir).await {
+            Ok(r) => running.push(("runtime", r)),
+            Err(e) => runtime_unavailable = Some(e.to_string()),
+        }
+    }
     let data = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     println!(
         "Creto Enablement Layer: development mode, embedded (no NATS, PostgreSQL or Redis needed)"
@@ -853,6 +862,9 @@ async fn dev(
         let grpc = product.grpc_addr.expect("dev runs the gateways");
         let metrics = product.metrics_addr;
         println!("  {name:<10} grpc {grpc}   metrics http://{metrics}/metrics   health http://{metrics}/health");
+    }
+    if let Some(why) = runtime_unavailable {
+        println!("  runtime    unavailable: {why}");
     }
     println!("  archive    {}", archive.unwrap_or_default());
     println!(
@@ -910,19 +922,9 @@ impl Products {
             ));
         }
         if let Some((options, dir)) = self.runtime {
-            let config = crate::runtime::config::RuntimeConfig::from_env(&dir).map_err(|e| {
-                CliError::Config(crate::config::ConfigError::Invalid(e.to_string()))
-            })?;
             running.push((
                 "runtime",
-                server::start_runtime(
-                    platform.clone(),
-                    options,
-                    auth.clone(),
-                    config,
-                    platform.archive.clone(),
-                )
-                .await?,
+                start_runtime(platform.clone(), options, auth.clone(), &dir).await?,
             ));
         }
         if let Some(options) = self.messaging {
@@ -933,6 +935,18 @@ impl Products {
         }
         Ok(running)
     }
+}
+
+async fn start_runtime(
+    platform: Arc<Platform>,
+    options: ServeOptions,
+    auth: Arc<crate::auth::layer::Auth>,
+    dir: &std::path::Path,
+) -> Result<server::Running, CliError> {
+    let config = crate::runtime::config::RuntimeConfig::from_env(dir)
+        .map_err(|e| CliError::Config(crate::config::ConfigError::Invalid(e.to_string())))?;
+    let archive = platform.archive.clone();
+    Ok(server::start_runtime(platform, options, auth, config, archive).await?)
 }
 
 async fn stop_all(running: Vec<(&'static str, server::Running)>) {

@@ -34,6 +34,7 @@ fn start(dir: &std::path::Path) -> Dev {
     let (grpc, metrics) = (spare_port(), spare_port());
     let (messaging, messaging_metrics) = (spare_port(), spare_port());
     let (oversight, oversight_metrics) = (spare_port(), spare_port());
+    let (runtime, runtime_metrics) = (spare_port(), spare_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_enablement"))
         .args(["dev", "--data-dir"])
         .arg(dir)
@@ -48,6 +49,11 @@ fn start(dir: &std::path::Path) -> Dev {
         .args([
             "--messaging-metrics-addr",
             &format!("127.0.0.1:{messaging_metrics}"),
+        ])
+        .args(["--runtime-grpc-addr", &format!("127.0.0.1:{runtime}")])
+        .args([
+            "--runtime-metrics-addr",
+            &format!("127.0.0.1:{runtime_metrics}"),
         ])
         // Nothing listens there: dev must not need them.
         .env("NATS_URL", "nats://127.0.0.1:1")
@@ -76,6 +82,9 @@ fn start(dir: &std::path::Path) -> Dev {
             && banner.contains(&format!("http://127.0.0.1:{metrics}/metrics"))
             && banner.contains(&format!("grpc 127.0.0.1:{messaging}"))
             && banner.contains(&format!("grpc 127.0.0.1:{oversight}"))
+            // Root with bubblewrap runs sandboxes; elsewhere the banner says why not.
+            && (banner.contains(&format!("grpc 127.0.0.1:{runtime}"))
+                || banner.contains("runtime    unavailable: "))
             && banner.contains(&dir.canonicalize().unwrap().display().to_string()),
         "{banner}"
     );
