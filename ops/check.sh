@@ -6,13 +6,14 @@
 #                                (ours only, base names of histograms), one per line, sorted
 #
 # Tools: kubectl (kustomize), kubernetes-validate (pip), promtool (Debian package prometheus),
-# nats-server (Debian), python3 with PyYAML; helm when present, else the Helm library shipped in
-# the helm-sdkpy wheel for `lint` only.
+# nats-server (Debian), python3 with PyYAML; helm when present, else the Helm libraries shipped in
+# the helm-sdkpy wheel (lint) and the helm-python-sdk wheel (offline rendering), from PyPI.
 set -euo pipefail
 
 OPS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TOOLS="$OPS/tools"
 HELM_SDKPY_VERSION=0.1.32
+HELM_PYTHON_SDK_VERSION=0.2.2
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -64,8 +65,9 @@ check() {
 }
 
 # ---------------------------------------------------------------------------- Kubernetes
-validate_manifests() { # FILE: schema per object (CRDs without a schema only warn), then references
-    kubernetes-validate --quiet "$1" && python3 "$TOOLS/opscheck.py" check-k8s "$1"
+validate_manifests() { # FILE [SECRETS]: schema per object (CRDs without a schema only warn), then
+    # references; SECRETS (comma-separated) are Secrets made outside the manifests (sealed-secrets)
+    kubernetes-validate --quiet "$1" && python3 "$TOOLS/opscheck.py" check-k8s --external-secrets "${2:-}" "$1"
 }
 
 if command -v kubectl >/dev/null; then
@@ -77,8 +79,8 @@ if command -v kubectl >/dev/null; then
         fi
     done
     prod="$WORK/kustomize-overlays-prod.yaml"
-    check "prod: namespace creto-enablement-prod, image tag pinned" sh -c \
-        "grep -q 'namespace: creto-enablement-prod' '$prod' && ! grep -q 'enablement:latest' '$prod' \
+    check "prod: namespace creto-enablement-prod, image tags pinned" sh -c \
+        "grep -q 'namespace: creto-enablement-prod' '$prod' && ! grep -Eq 'image: .*:latest\$' '$prod' \
          && ! grep -E '^  namespace: ' '$prod' | grep -vq 'creto-enablement-prod'"
 else
     log "SKIP Kubernetes checks: kubectl is missing (install kubectl; it provides kustomize)"
@@ -95,7 +97,8 @@ if command -v helm >/dev/null; then
         check "helm lint ($env)" helm lint "$CHART" -f "$values"
         out="$WORK/helm-$env.yaml"
         check "helm template ($env)" sh -c "helm template creto-enablement '$CHART' -n creto-enablement -f '$values' > '$out'"
-        [[ -s "$out" ]] && check "validate helm ($env)" validate_manifests "$out"
+        external="$(python3 "$TOOLS/opscheck.py" helm-external-secrets "$CHART" "$values")"
+        [[ -s "$out" ]] && check "validate helm ($env)" validate_manifests "$out" "$external"
     done
 else
     # No helm binary: lint through the Helm library in the helm-sdkpy wheel (Python >= 3.12
@@ -117,7 +120,28 @@ else
     else
         log "SKIP helm lint: no helm binary and the helm-sdkpy library could not be fetched"
     fi
-    log "SKIP helm template + schema validation: needs a helm binary (not packaged by Debian)"
+    # Rendering (helm template) through the helm-python-sdk wheel's library, offline.
+    sdk="${XDG_CACHE_HOME:-$HOME/.cache}/creto-ops/helm-python-sdk-$HELM_PYTHON_SDK_VERSION"
+    if [[ ! -d "$sdk/helm_python" && "$(uname -m)" == "x86_64" ]]; then
+        log "helm missing: fetching helm-python-sdk $HELM_PYTHON_SDK_VERSION (PyPI) to render the chart"
+        mkdir -p "$sdk"
+        if pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+            -d "$sdk" "helm-python-sdk==$HELM_PYTHON_SDK_VERSION" >&2; then
+            python3 -c 'import sys, zipfile, glob; zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0]).extractall(sys.argv[1])' "$sdk"
+        fi
+    fi
+    if [[ -d "$sdk/helm_python" ]]; then
+        for values in "${VALUES[@]}"; do
+            env="$(basename "$values" .yaml)"
+            out="$WORK/helm-$env.yaml"
+            check "helm template via helm-python-sdk library ($env)" \
+                python3 "$TOOLS/helm_render.py" "$sdk" "$CHART" "$values" "$out"
+            external="$(python3 "$TOOLS/opscheck.py" helm-external-secrets "$CHART" "$values")"
+            [[ -s "$out" ]] && check "validate helm ($env)" validate_manifests "$out" "$external"
+        done
+    else
+        log "SKIP helm template + schema validation: no helm binary and the helm-python-sdk library could not be fetched"
+    fi
 fi
 
 # ---------------------------------------------------------------------------- NATS

@@ -51,6 +51,7 @@ SERVER_ERRORS = f'grpc_code!~"{CLIENT_CODES}"'
 GRPC_SERVICES = {
     "messaging": "creto.enablement.messaging.v1.MessagingService",
     "oversight": "creto.enablement.oversight.v1.OversightService",
+    "runtime": "creto.enablement.runtime.v1.RuntimeService",
 }
 
 
@@ -301,38 +302,79 @@ def oversight():
 
 
 def runtime():
+    # Metrics of gateways/src/runtime/metrics.rs. Every series is one replica's own sandboxes
+    # (the `pod` label comes from the scrape): sum over pods for the fleet, by pod per replica.
+    # Labels: backend (bwrap, runsc), status (success, failure), pool_type (cold: provisioned for
+    # the call, warm: claimed from the pool), decision (allow, deny), outcome (exit_zero,
+    # exit_nonzero, signal, timeout, oom, pids_limit).
     d = Dashboard("runtime", "Runtime Dashboard", "Sandbox lifecycle, warm pool, egress",
                   "runtime_sandbox_active")
-    d.stat("Active sandboxes", f"sum(runtime_sandbox_active{sel()})")
-    d.stat("Warm pool size", f"sum(runtime_warmpool_size{sel()})", description="Alert below 5")
-    failed = rate("runtime_sandbox_spawns_total", 'status!~"(?i)ok|success"')
-    denied = rate("runtime_egress_checks_total", 'decision=~"(?i)den(y|ied)"')
-    cold = rate("runtime_sandbox_spawn_duration_seconds_count", 'pool_type="cold"')
+    spawned = "runtime_sandbox_spawn_duration_seconds_count"
+    failed = rate("runtime_sandbox_spawns_total", 'status="failure"')
+    warm = rate(spawned, 'pool_type="warm"')
+    denied = rate("runtime_egress_checks_total", 'decision="deny"')
+    at_limit = rate("runtime_execs_total", 'outcome=~"oom|pids_limit"')
+    d.stat("Active sandboxes", f"sum(runtime_sandbox_active{sel()})", "short",
+           "Tenants' sandboxes live on the replicas (requested, provisioning or ready)")
+    d.stat("Warm sandboxes ready", f"sum(runtime_warmpool_size{sel()})", "short",
+           "Every replica keeps RUNTIME_WARM_POOL per template (alert WarmPoolDepleted when a "
+           "pool in use stays empty)")
     d.stat("Spawn failure ratio",
            ratio(f"sum({failed})",
-                 f"sum({rate('runtime_sandbox_spawns_total')})"), "percentunit")
+                 f"sum({rate('runtime_sandbox_spawns_total')})"), "percentunit",
+           "Cold spawns and pool refills that failed (alert RuntimeSpawnFailures at 10% per "
+           "replica)")
+    d.stat("Cold spawn P95",
+           quantile(0.95, "runtime_sandbox_spawn_duration_seconds", "", 'pool_type="cold"'), "s",
+           "CreateSandbox to ready when no warm sandbox served it; goal 100 ms "
+           "(alert RuntimeColdSpawnSlow)")
+    d.stat("Served from the warm pool",
+           ratio(f"sum({warm})", f"sum({rate(spawned)})"),
+           "percentunit", "Share of CreateSandbox calls answered with a warm sandbox")
     d.stat("Egress deny ratio",
            ratio(f"sum({denied})",
-                 f"sum({rate('runtime_egress_checks_total')})"), "percentunit")
-    d.graph("Sandbox spawns / s by backend and status",
+                 f"sum({rate('runtime_egress_checks_total')})"), "percentunit",
+           "Connection attempts out of sandboxes refused by their allowlists")
+    d.stat("Execs at a limit",
+           ratio(f"sum({at_limit})",
+                 f"sum({rate('runtime_execs_total')})"), "percentunit",
+           "Execs ended by the sandbox's memory (OOM kill) or pids limit "
+           "(alert RuntimeExecsHittingLimits at 10%)")
+    d.stat("Attestation P99",
+           quantile(0.99, "runtime_attestation_generation_duration_seconds"), "s",
+           "Build and sign one attestation statement")
+    d.graph("Sandbox spawns / s by status",
             [(f"sum by (backend, status) ({rate('runtime_sandbox_spawns_total')})",
-              "{{backend}} {{status}}")], "ops")
-    d.graph("Spawn latency P95 by backend and pool",
-            [(quantile(0.95, "runtime_sandbox_spawn_duration_seconds", "backend, pool_type"),
-              "{{backend}} {{pool_type}}")], "s")
-    d.graph("Cold starts / s",
-            [(f"sum by (backend) ({cold})", "{{backend}}")], "ops")
-    d.graph("Active sandboxes by backend",
-            [(f"sum by (backend) (runtime_sandbox_active{sel()})", "{{backend}}")])
-    d.graph("Warm pool size and claims",
-            [(f"sum by (backend) (runtime_warmpool_size{sel()})", "size {{backend}}"),
-             (f"sum by (backend) ({rate('runtime_warmpool_claims_total')}) * 60",
-              "claims/min {{backend}}")])
+              "{{backend}} {{status}}")], "ops",
+            "Provisioned sandboxes: cold spawns for callers and warm-pool refills")
+    d.graph("Spawn time by pool type",
+            [(quantile(0.5, "runtime_sandbox_spawn_duration_seconds", "backend, pool_type"),
+              "P50 {{backend}} {{pool_type}}"),
+             (quantile(0.95, "runtime_sandbox_spawn_duration_seconds", "backend, pool_type"),
+              "P95 {{backend}} {{pool_type}}")], "s",
+            "CreateSandbox to ready: warm = claimed from the pool, cold = provisioned "
+            "(goal: cold P95 under 100 ms)")
+    d.graph("CreateSandbox / s, warm and cold",
+            [(f"sum by (pool_type) ({rate(spawned)})", "{{pool_type}}")], "ops",
+            "Cold while warm ones were wanted: raise RUNTIME_WARM_POOL", stack=True)
+    d.graph("Active sandboxes by replica",
+            [(f"sum by (pod) (runtime_sandbox_active{sel()})", "{{pod}}")], "short",
+            "A sandbox lives on the replica that created it (its `node`)")
+    d.graph("Warm pool by replica, claims / min",
+            [(f"sum by (pod) (runtime_warmpool_size{sel()})", "ready {{pod}}"),
+             (f"sum by (pod) ({rate('runtime_warmpool_claims_total')}) * 60",
+              "claims/min {{pod}}")], "short")
     d.graph("Egress checks / s by decision",
             [(f"sum by (decision) ({rate('runtime_egress_checks_total')})", "{{decision}}")],
-            "ops")
-    d.graph("Attestation generation P95",
-            [(quantile(0.95, "runtime_attestation_generation_duration_seconds"), "P95")], "s")
+            "ops", "Which sandboxes and destinations: table sandbox_egress "
+            "(alert RuntimeEgressDenySpike)")
+    d.graph("Execs / s by outcome",
+            [(f"sum by (outcome) ({rate('runtime_execs_total')})", "{{outcome}}")], "ops",
+            "exit_zero, exit_nonzero, signal, timeout, oom (memory limit), pids_limit",
+            stack=True)
+    d.graph("Attestation generation time",
+            [(quantile(0.5, "runtime_attestation_generation_duration_seconds"), "P50"),
+             (quantile(0.99, "runtime_attestation_generation_duration_seconds"), "P99")], "s")
     product_tail(d, "runtime")
     return d
 
@@ -453,16 +495,22 @@ def k8s_resources():
                   'kube_deployment_status_replicas_available{deployment=~"creto-.+"}')
     c = sel('container="enablement"')
     dep = sel('deployment=~"creto-.+"')
-    d.stat("Available replicas", f"sum(kube_deployment_status_replicas_available{dep})")
+    sts = sel('statefulset=~"creto-.+"')
+    d.stat("Available replicas",
+           f"sum(kube_deployment_status_replicas_available{dep}) + "
+           f"(sum(kube_statefulset_status_replicas_ready{sts}) or vector(0))", "short",
+           "Deployments' available and the runtime StatefulSet's ready replicas")
     d.stat("Restarts (1h)",
            f"sum(increase(kube_pod_container_status_restarts_total{c}[1h]))")
     d.stat("Max memory of limit",
            f"max(container_memory_working_set_bytes{c} / container_spec_memory_limit_bytes{c})",
            "percentunit", "Alert MemoryPressure at 90%")
     d.stat("CPU cores used", f"sum(rate(container_cpu_usage_seconds_total{c}[{RI}]))", "none")
-    d.graph("Available replicas by deployment",
+    d.graph("Available replicas by workload",
             [(f"max by (deployment) (kube_deployment_status_replicas_available{dep})",
-              "{{deployment}}")], description="Alert PodDown below 2")
+              "{{deployment}}"),
+             (f"max by (statefulset) (kube_statefulset_status_replicas_ready{sts})",
+              "{{statefulset}}")], description="Alert PodDown below 2")
     d.graph("CPU by pod",
             [(f"sum by (pod) (rate(container_cpu_usage_seconds_total{c}[{RI}]))", "{{pod}}")],
             "none")

@@ -8,7 +8,12 @@
                                           variables substituted, for `promtool check rules`
     opscheck.py check-dashboards          uid, schemaVersion, datasource variable, titles
     opscheck.py check-alert-tests         every alert has a firing and a not-firing test case
-    opscheck.py check-k8s FILE...         references inside rendered manifests resolve
+    opscheck.py check-k8s [--external-secrets A,B] FILE...
+                                          references inside rendered manifests resolve (the
+                                          named Secrets are made outside, e.g. sealed-secrets)
+    opscheck.py helm-external-secrets CHART VALUES
+                                          names of the Secrets the chart leaves to others with
+                                          these values (secret.create false), comma-separated
 """
 import glob
 import json
@@ -32,6 +37,7 @@ EXTERNAL = {
     "container_spec_memory_limit_bytes",
     "kube_deployment_status_replicas_available",
     "kube_pod_container_status_restarts_total",
+    "kube_statefulset_status_replicas_ready",
 }
 DASHBOARD_UIDS = {"enablement-overview", "metering", "oversight", "runtime", "messaging",
                   "golden-signals", "cost-attribution", "k8s-resources"}
@@ -191,8 +197,32 @@ def cmd_check_alert_tests():
     return rc
 
 
-def cmd_check_k8s(paths):
+def cmd_helm_external_secrets(chart, values_file):
+    def merge(base, over):
+        for k, v in over.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                merge(base[k], v)
+            else:
+                base[k] = v
+        return base
+
+    with open(os.path.join(chart, "values.yaml"), encoding="utf-8") as f:
+        values = yaml.safe_load(f)
+    with open(values_file, encoding="utf-8") as f:
+        merge(values, yaml.safe_load(f) or {})
+    secrets = [values.get("secret", {})] + [p.get("secret") or {} for p in
+                                           values.get("products", {}).values()]
+    print(",".join(s["name"] for s in secrets if s.get("name") and not s.get("create", True)))
+    return 0
+
+
+def cmd_check_k8s(args):
     """Cross-object references kubernetes-validate cannot see (it checks objects one by one)."""
+    external = set()
+    if args[:1] == ["--external-secrets"]:
+        external = {n for n in args[1].split(",") if n}
+        args = args[2:]
+    paths = args
     rc = 0
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -205,17 +235,24 @@ def cmd_check_k8s(paths):
         def matches(selector, labels):
             return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
-        pods = [(d, d["spec"]["template"]) for d in by_kind.get("Deployment", [])]
+        workloads = by_kind.get("Deployment", []) + by_kind.get("StatefulSet", [])
+        pods = [(d, d["spec"]["template"]) for d in workloads]
         pod_templates = [t for _, t in pods] + [d["spec"]["template"]
                                                  for d in by_kind.get("Job", [])]
         configmaps = {d["metadata"]["name"] for d in by_kind.get("ConfigMap", [])}
-        secrets = {d["metadata"]["name"] for d in by_kind.get("Secret", [])}
-        deployments = {d["metadata"]["name"] for d in by_kind.get("Deployment", [])}
+        secrets = {d["metadata"]["name"] for d in by_kind.get("Secret", [])} | external
+        scalable = {(d["kind"], d["metadata"]["name"]) for d in workloads}
+        services = {d["metadata"]["name"]: d for d in by_kind.get("Service", [])}
 
         for dep, tpl in pods:
             n = dep["metadata"]["name"]
             if not matches(dep["spec"]["selector"]["matchLabels"], tpl["metadata"]["labels"]):
-                rc |= fail(f"{name}: Deployment {n} selector does not match its pod labels")
+                rc |= fail(f"{name}: {dep['kind']} {n} selector does not match its pod labels")
+            if dep["kind"] == "StatefulSet":
+                governing = services.get(dep["spec"].get("serviceName"))
+                if not governing or governing["spec"].get("clusterIP") != "None":
+                    rc |= fail(f"{name}: StatefulSet {n} needs its serviceName to be a headless "
+                               f"Service of the same manifests")
             for c in tpl["spec"]["containers"]:
                 ports = {p["name"] for p in c.get("ports", [])}
                 for probe in ("readinessProbe", "livenessProbe"):
@@ -234,6 +271,20 @@ def cmd_check_k8s(paths):
                     ref = e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
                     if ref and ref not in secrets:
                         rc |= fail(f"{name}: {c['name']} uses missing Secret {ref}")
+                    ref = e.get("valueFrom", {}).get("configMapKeyRef", {}).get("name")
+                    if ref and ref not in configmaps:
+                        rc |= fail(f"{name}: {c['name']} uses missing ConfigMap {ref}")
+                mounts = {m["name"] for m in c.get("volumeMounts", [])}
+                volumes = {v["name"] for v in tpl["spec"].get("volumes", [])}
+                for m in sorted(mounts - volumes):
+                    rc |= fail(f"{name}: {c['name']} mounts undeclared volume {m}")
+            for v in tpl["spec"].get("volumes", []):
+                ref = v.get("secret", {}).get("secretName")
+                if ref and ref not in secrets:
+                    rc |= fail(f"{name}: volume {v['name']} uses missing Secret {ref}")
+                ref = v.get("configMap", {}).get("name")
+                if ref and ref not in configmaps:
+                    rc |= fail(f"{name}: volume {v['name']} uses missing ConfigMap {ref}")
         for svc in by_kind.get("Service", []):
             n = svc["metadata"]["name"]
             targets = [t for t in pod_templates if matches(svc["spec"]["selector"],
@@ -246,8 +297,10 @@ def cmd_check_k8s(paths):
                 if isinstance(p["targetPort"], str) and p["targetPort"] not in names:
                     rc |= fail(f"{name}: Service {n} targets unknown port {p['targetPort']}")
         for hpa in by_kind.get("HorizontalPodAutoscaler", []):
-            if hpa["spec"]["scaleTargetRef"]["name"] not in deployments:
-                rc |= fail(f"{name}: HPA {hpa['metadata']['name']} targets a missing Deployment")
+            ref = hpa["spec"]["scaleTargetRef"]
+            if (ref["kind"], ref["name"]) not in scalable:
+                rc |= fail(f"{name}: HPA {hpa['metadata']['name']} targets a missing "
+                           f"{ref['kind']} {ref['name']}")
         for pdb in by_kind.get("PodDisruptionBudget", []):
             if not any(matches(pdb["spec"]["selector"]["matchLabels"], t["metadata"]["labels"])
                        for t in pod_templates):
@@ -282,6 +335,8 @@ def main(argv):
         return cmd_check_alert_tests()
     if cmd == "check-k8s":
         return cmd_check_k8s(args)
+    if cmd == "helm-external-secrets":
+        return cmd_helm_external_secrets(*args)
     print(f"unknown command {cmd}", file=sys.stderr)
     return 2
 
