@@ -14,7 +14,6 @@ use creto_schemas::runtime::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 
 use crate::auth::layer::{Auth, AuthLayer};
@@ -427,6 +426,10 @@ async fn start_product(
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
+        // No Nagle: a streamed answer's small frames (headers, a message, trailers) would
+        // otherwise wait for the client's delayed ACK, up to 40 ms each.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
             let mut builder = tonic::transport::Server::builder();
@@ -445,7 +448,7 @@ async fn start_product(
                 .layer(GrpcTraceLayer)
                 .layer(AuthLayer(auth))
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.changed().await;
                 })
                 .await;
