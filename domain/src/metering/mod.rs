@@ -4,6 +4,7 @@ pub mod event;
 pub mod invoice;
 pub mod meter;
 pub mod pricing;
+pub mod quota;
 pub mod reference;
 pub mod window;
 
