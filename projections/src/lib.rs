@@ -12,5 +12,6 @@ pub mod rebuild;
 pub mod runner;
 pub mod runtime;
 pub mod trace_context;
+pub mod whole;
 
 pub use runner::{ApplyReport, ProjectionError, Projector};

@@ -23,22 +23,18 @@ use creto_schemas::oversight::v1::{
     State,
 };
 use creto_streams::headers::{content_types, names};
-use creto_streams::{deadletter, Catalog, EventLog, ReplayFrom, StoredEvent, OVERSIGHT};
-use futures::StreamExt;
+use creto_streams::{deadletter, Catalog, EventLog, StoredEvent, OVERSIGHT};
 use prost::Message;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::{channel_name, decision_name, priority_name, state_name, TABLES};
-use crate::metrics;
 use crate::runner::{ApplyReport, ProjectionError, Projector};
+use crate::whole;
 
 pub const PRODUCT: &str = "oversight";
 
 /// Serializes the live projector's batches and a rebuild.
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('creto.projection.oversight'))";
-
-/// Events per batch of a rebuild.
-const REBUILD_BATCH: usize = 1_000;
 
 /// What one event of the OVERSIGHT stream is.
 #[derive(Debug, Clone, PartialEq)]
@@ -700,92 +696,40 @@ impl Projector for OversightProjector {
     }
 
     async fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1",
-        )
-        .bind(PRODUCT)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(at.unwrap_or(0) as u64)
+        whole::checkpoint(&self.pool, PRODUCT).await
     }
 
     async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
-        if events.is_empty() {
-            return Ok(ApplyReport::default());
-        }
-        let mut tx = self.pool.begin().await?;
-        Self::lock(&mut tx).await?;
-        let (report, invalid) = self.apply_in(&mut tx, events).await?;
-        tx.commit().await?;
-        if self.live {
-            for reason in invalid {
-                metrics::DEADLETTERS
-                    .with_label_values(&[self.stream.as_str(), reason])
-                    .inc();
-            }
-        }
-        Ok(report)
+        whole::apply(&self.pool, self, events, &self.stream, self.live).await
+    }
+}
+
+#[async_trait]
+impl whole::InTransaction for OversightProjector {
+    async fn lock(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), ProjectionError> {
+        Self::lock(tx).await
+    }
+
+    async fn apply_in(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: &[StoredEvent],
+    ) -> Result<(ApplyReport, Vec<&'static str>), ProjectionError> {
+        OversightProjector::apply_in(self, tx, events).await
     }
 }
 
 /// Rebuilds the oversight read model from the whole stream (`enablement replay oversight
-/// --rebuild`): in ONE transaction holding the projection lock, empties the tables and the
-/// checkpoint, then re-applies the stream from its first event in batches. Readers see the
-/// old rows until the commit, then the new ones (DELETE, not TRUNCATE, so readers are not
-/// blocked meanwhile); the live projector waits for the lock and goes on from the new
-/// checkpoint. Invalid events are skipped and not parked again. Returns the checkpoint: the
-/// last sequence re-applied (0 for an empty stream).
+/// --rebuild`) in one transaction, as [`whole::rebuild`] describes. Invalid events are skipped
+/// and not parked again. Returns the checkpoint.
 pub async fn rebuild(
     pool: &PgPool,
     log: Arc<dyn EventLog>,
     catalog: Catalog,
 ) -> Result<u64, ProjectionError> {
     let projector = OversightProjector::new(pool.clone(), log.clone(), catalog).replaying();
-    let mut tx = pool.begin().await?;
-    OversightProjector::lock(&mut tx).await?;
-    for table in TABLES {
-        sqlx::query(&format!("DELETE FROM {table}"))
-            .execute(&mut *tx)
-            .await?;
-    }
-    sqlx::query("DELETE FROM projection_checkpoints WHERE projector = $1")
-        .bind(PRODUCT)
-        .execute(&mut *tx)
-        .await?;
-    let mut events = log
-        .replay(&projector.stream, ReplayFrom::Start, None, None)
-        .await?;
-    let mut batch = Vec::with_capacity(REBUILD_BATCH);
-    let mut checkpoint = 0;
-    let mut report = ApplyReport::default();
-    loop {
-        let done = match events.next().await {
-            Some(e) => {
-                batch.push(e?);
-                false
-            }
-            None => true,
-        };
-        if batch.len() >= REBUILD_BATCH || (done && !batch.is_empty()) {
-            let (r, _) = projector.apply_in(&mut tx, &batch).await?;
-            checkpoint = r.checkpoint;
-            report.applied += r.applied;
-            report.duplicates += r.duplicates;
-            report.dead_lettered += r.dead_lettered;
-            batch.clear();
-        }
-        if done {
-            break;
-        }
-    }
-    tx.commit().await?;
-    tracing::info!(
-        product = PRODUCT,
-        checkpoint,
-        applied = report.applied,
-        skipped = report.dead_lettered,
-        "oversight read model rebuilt"
-    );
+    let stream = projector.stream.clone();
+    let (checkpoint, _) = whole::rebuild(pool, log, &stream, PRODUCT, TABLES, &projector).await?;
     Ok(checkpoint)
 }
 
