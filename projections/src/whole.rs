@@ -1,6 +1,7 @@
 //! What the read models that apply each batch in one PostgreSQL transaction, under the
-//! product's advisory lock, and are rebuilt whole (oversight, runtime) share: the checkpoint
-//! read, the live batch, and the rebuild.
+//! product's advisory lock, and are rebuilt whole (oversight, runtime) share: the lock, the
+//! checkpoint kept in the batch's transaction, re-application, and the rebuild. Each product
+//! only says how to write its events ([`InTransaction::project`]).
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,80 +17,161 @@ const REBUILD_BATCH: usize = 1_000;
 
 #[async_trait]
 pub trait InTransaction: Send + Sync {
-    /// Takes the projection's lock in `tx`: live batches and a rebuild exclude each other.
-    async fn lock(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), ProjectionError>;
+    /// The projector's name in `projection_checkpoints`.
+    const PRODUCT: &'static str;
+    /// Takes the product's advisory lock for the rest of a transaction, e.g.
+    /// `SELECT pg_advisory_xact_lock(hashtext('creto.projection.oversight'))`.
+    const LOCK: &'static str;
 
-    /// Applies the events after the checkpoint and moves the checkpoint, inside `tx` (which
-    /// holds the lock). Returns the report and the reasons of the invalid events.
-    async fn apply_in(
+    fn stream_name(&self) -> &str;
+
+    /// Writes `events` to the tables (not the checkpoint). `park`: invalid events go to the
+    /// dead letters. Returns the report and the reasons of the invalid events.
+    async fn project(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        events: &[StoredEvent],
+        events: &[&StoredEvent],
+        park: bool,
     ) -> Result<(ApplyReport, Vec<&'static str>), ProjectionError>;
 }
 
-/// The last sequence `product`'s projector applied (0: none).
-pub async fn checkpoint(pool: &PgPool, product: &str) -> Result<u64, ProjectionError> {
+/// Takes `P`'s lock for the rest of `tx` (batches of the live projector and a rebuild never
+/// interleave) and commits without waiting for the WAL flush: the read model is a projection,
+/// a batch lost in a PostgreSQL crash is lost whole, checkpoint included, and re-applied from
+/// the log.
+pub async fn lock<P: InTransaction>(
+    tx: &mut Transaction<'_, Postgres>,
+) -> Result<(), ProjectionError> {
+    sqlx::query(P::LOCK).execute(&mut **tx).await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Applies the events after the checkpoint and moves the checkpoint, inside `tx` (which must
+/// hold [`lock`]). `park`: invalid events go to the dead letters.
+pub async fn apply_in<P: InTransaction>(
+    projector: &P,
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[StoredEvent],
+    park: bool,
+) -> Result<(ApplyReport, Vec<&'static str>), ProjectionError> {
+    let Some(last) = events.last() else {
+        return Ok(Default::default());
+    };
+    let checkpoint: Option<i64> = sqlx::query_scalar(
+        "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1 FOR UPDATE",
+    )
+    .bind(P::PRODUCT)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let checkpoint = checkpoint.unwrap_or(0) as u64;
+    if last.sequence <= checkpoint {
+        let report = ApplyReport {
+            checkpoint,
+            ..Default::default()
+        };
+        return Ok((report, Vec::new()));
+    }
+    let fresh: Vec<&StoredEvent> = events.iter().filter(|e| e.sequence > checkpoint).collect();
+    let (mut report, invalid) = projector.project(tx, &fresh, park).await?;
+    report.checkpoint = last.sequence;
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projector, stream, last_sequence, updated_at)
+         VALUES ($1, $2, $3, now())
+         ON CONFLICT (projector) DO UPDATE
+            SET stream = EXCLUDED.stream, last_sequence = EXCLUDED.last_sequence, updated_at = now()",
+    )
+    .bind(P::PRODUCT)
+    .bind(projector.stream_name())
+    .bind(last.sequence as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok((report, invalid))
+}
+
+/// Re-applies events applied before or not, whatever the checkpoint, without moving it and
+/// parking nothing: what was applied already changes nothing (the rows' versions and keys),
+/// the rest is applied. `checkpoint` in the report is the last sequence of `events`.
+pub async fn reapply<P: InTransaction>(
+    pool: &PgPool,
+    projector: &P,
+    events: &[StoredEvent],
+) -> Result<ApplyReport, ProjectionError> {
+    let Some(last) = events.last() else {
+        return Ok(ApplyReport::default());
+    };
+    let mut tx = pool.begin().await?;
+    lock::<P>(&mut tx).await?;
+    let all: Vec<&StoredEvent> = events.iter().collect();
+    let (mut report, _) = projector.project(&mut tx, &all, false).await?;
+    tx.commit().await?;
+    report.checkpoint = last.sequence;
+    Ok(report)
+}
+
+/// The last sequence `P`'s projector applied (0: none).
+pub async fn checkpoint<P: InTransaction>(pool: &PgPool) -> Result<u64, ProjectionError> {
     let at: Option<i64> =
         sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoints WHERE projector = $1")
-            .bind(product)
+            .bind(P::PRODUCT)
             .fetch_optional(pool)
             .await?;
     Ok(at.unwrap_or(0) as u64)
 }
 
-/// One live batch in its own transaction. Invalid events are counted as dead letters of
-/// `stream` when `live` (a rebuild's were counted when first applied).
-pub async fn apply(
+/// One batch in its own transaction. `live`: invalid events are parked and counted as dead
+/// letters (a replaying projector's were when first applied).
+pub async fn apply<P: InTransaction>(
     pool: &PgPool,
-    projector: &impl InTransaction,
+    projector: &P,
     events: &[StoredEvent],
-    stream: &str,
     live: bool,
 ) -> Result<ApplyReport, ProjectionError> {
     if events.is_empty() {
         return Ok(ApplyReport::default());
     }
     let mut tx = pool.begin().await?;
-    projector.lock(&mut tx).await?;
-    let (report, invalid) = projector.apply_in(&mut tx, events).await?;
+    lock::<P>(&mut tx).await?;
+    let (report, invalid) = apply_in(projector, &mut tx, events, live).await?;
     tx.commit().await?;
     if live {
         for reason in invalid {
             metrics::DEADLETTERS
-                .with_label_values(&[stream, reason])
+                .with_label_values(&[projector.stream_name(), reason])
                 .inc();
         }
     }
     Ok(report)
 }
 
-/// Rebuilds `product`'s read model from the whole `stream`: in ONE transaction holding the
-/// projection lock, empties `tables` and the checkpoint, then re-applies the stream from its
-/// first event in batches. Readers see the old rows until the commit, then the new ones
+/// Rebuilds `P`'s read model from its whole stream: in ONE transaction holding the projection
+/// lock, empties `tables` and the checkpoint, then re-applies the stream from its first event
+/// in batches, parking nothing (invalid events were parked when first applied). Readers see the old rows until the commit, then the new ones
 /// (DELETE, not TRUNCATE, so readers are not blocked meanwhile); the live projector waits for
 /// the lock and goes on from the new checkpoint. Returns the checkpoint (the last sequence
 /// re-applied, 0 for an empty stream) and what was applied.
-pub async fn rebuild(
+pub async fn rebuild<P: InTransaction>(
     pool: &PgPool,
     log: Arc<dyn EventLog>,
-    stream: &str,
-    product: &str,
     tables: &[&str],
-    projector: &impl InTransaction,
+    projector: &P,
 ) -> Result<(u64, ApplyReport), ProjectionError> {
     let mut tx = pool.begin().await?;
-    projector.lock(&mut tx).await?;
+    lock::<P>(&mut tx).await?;
     for table in tables {
         sqlx::query(&format!("DELETE FROM {table}"))
             .execute(&mut *tx)
             .await?;
     }
     sqlx::query("DELETE FROM projection_checkpoints WHERE projector = $1")
-        .bind(product)
+        .bind(P::PRODUCT)
         .execute(&mut *tx)
         .await?;
-    let mut events = log.replay(stream, ReplayFrom::Start, None, None).await?;
+    let mut events = log
+        .replay(projector.stream_name(), ReplayFrom::Start, None, None)
+        .await?;
     let mut batch = Vec::with_capacity(REBUILD_BATCH);
     let mut checkpoint = 0;
     let mut report = ApplyReport::default();
@@ -102,7 +184,7 @@ pub async fn rebuild(
             None => true,
         };
         if batch.len() >= REBUILD_BATCH || (done && !batch.is_empty()) {
-            let (r, _) = projector.apply_in(&mut tx, &batch).await?;
+            let (r, _) = apply_in(projector, &mut tx, &batch, false).await?;
             checkpoint = r.checkpoint;
             report.applied += r.applied;
             report.duplicates += r.duplicates;
@@ -115,7 +197,7 @@ pub async fn rebuild(
     }
     tx.commit().await?;
     tracing::info!(
-        product,
+        product = P::PRODUCT,
         checkpoint,
         applied = report.applied,
         skipped = report.dead_lettered,

@@ -329,76 +329,9 @@ impl RuntimeProjector {
         &self.pool
     }
 
-    /// Takes the projection lock for the rest of `tx` (batches of the live projector and a
-    /// rebuild never interleave) and commits without waiting for the WAL flush: the read model
-    /// is a projection, a batch lost in a PostgreSQL crash is lost whole, checkpoint included,
-    /// and re-applied from the log.
-    pub async fn lock(tx: &mut Transaction<'_, Postgres>) -> Result<(), ProjectionError> {
-        sqlx::query(LOCK).execute(&mut **tx).await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    /// Applies the events after the checkpoint and moves the checkpoint, inside `tx` (which
-    /// must hold [`Self::lock`]). Returns the report and the reasons of the invalid events
-    /// (parked already when the projector is live).
-    pub async fn apply_in(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        events: &[StoredEvent],
-    ) -> Result<(ApplyReport, Vec<&'static str>), ProjectionError> {
-        let Some(last) = events.last() else {
-            return Ok(Default::default());
-        };
-        let checkpoint: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1 FOR UPDATE",
-        )
-        .bind(PRODUCT)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let checkpoint = checkpoint.unwrap_or(0) as u64;
-        if last.sequence <= checkpoint {
-            return Ok((
-                ApplyReport {
-                    checkpoint,
-                    ..Default::default()
-                },
-                Vec::new(),
-            ));
-        }
-        let fresh: Vec<&StoredEvent> = events.iter().filter(|e| e.sequence > checkpoint).collect();
-        let (mut report, invalid) = self.project(tx, &fresh, self.live).await?;
-        report.checkpoint = last.sequence;
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (projector, stream, last_sequence, updated_at)
-             VALUES ($1, $2, $3, now())
-             ON CONFLICT (projector) DO UPDATE
-                SET stream = EXCLUDED.stream, last_sequence = EXCLUDED.last_sequence, updated_at = now()",
-        )
-        .bind(PRODUCT)
-        .bind(&self.stream)
-        .bind(last.sequence as i64)
-        .execute(&mut **tx)
-        .await?;
-        Ok((report, invalid))
-    }
-
-    /// Re-applies events applied before or not, whatever the checkpoint, without moving it
-    /// and parking nothing: what was applied already changes nothing (the rows' versions and
-    /// keys), the rest is applied. `checkpoint` in the report is the last sequence of `events`.
+    /// Re-applies `events` whatever the checkpoint, parking nothing ([`whole::reapply`]).
     pub async fn reapply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
-        let Some(last) = events.last() else {
-            return Ok(ApplyReport::default());
-        };
-        let mut tx = self.pool.begin().await?;
-        Self::lock(&mut tx).await?;
-        let all: Vec<&StoredEvent> = events.iter().collect();
-        let (mut report, _) = self.project(&mut tx, &all, false).await?;
-        tx.commit().await?;
-        report.checkpoint = last.sequence;
-        Ok(report)
+        whole::reapply(&self.pool, self, events).await
     }
 
     /// Writes `events` to the tables (not the checkpoint). `park`: invalid events go to the
@@ -746,26 +679,30 @@ impl Projector for RuntimeProjector {
     }
 
     async fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        whole::checkpoint(&self.pool, PRODUCT).await
+        whole::checkpoint::<Self>(&self.pool).await
     }
 
     async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
-        whole::apply(&self.pool, self, events, &self.stream, self.live).await
+        whole::apply(&self.pool, self, events, self.live).await
     }
 }
 
 #[async_trait]
 impl whole::InTransaction for RuntimeProjector {
-    async fn lock(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), ProjectionError> {
-        Self::lock(tx).await
+    const PRODUCT: &'static str = PRODUCT;
+    const LOCK: &'static str = LOCK;
+
+    fn stream_name(&self) -> &str {
+        &self.stream
     }
 
-    async fn apply_in(
+    async fn project(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        events: &[StoredEvent],
+        events: &[&StoredEvent],
+        park: bool,
     ) -> Result<(ApplyReport, Vec<&'static str>), ProjectionError> {
-        RuntimeProjector::apply_in(self, tx, events).await
+        RuntimeProjector::project(self, tx, events, park).await
     }
 }
 
@@ -778,8 +715,7 @@ pub async fn rebuild(
     catalog: Catalog,
 ) -> Result<u64, ProjectionError> {
     let projector = RuntimeProjector::new(pool.clone(), log.clone(), catalog).replaying();
-    let stream = projector.stream.clone();
-    let (checkpoint, _) = whole::rebuild(pool, log, &stream, PRODUCT, TABLES, &projector).await?;
+    let (checkpoint, _) = whole::rebuild(pool, log, TABLES, &projector).await?;
     Ok(checkpoint)
 }
 
