@@ -346,6 +346,86 @@ pub async fn test_archive(bucket: &str) -> creto_projections::archive::S3Archive
     archive
 }
 
+/// Runs `projector` on the environment's log in small batches (3 events: an aggregate's events
+/// span several batches, and share some) until the returned sender says stop.
+pub fn run_projector(
+    env: &Env,
+    projector: Arc<dyn creto_projections::Projector>,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    use creto_projections::runner::{self, Leadership, RunnerConfig};
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        env.platform.log.clone(),
+        Leadership::Postgres(env.pool().clone()),
+        projector,
+        RunnerConfig {
+            batch: 3,
+            wait: Duration::from_millis(50),
+        },
+        stop_rx,
+    ));
+    let task = tokio::spawn(async move { task.await.unwrap().unwrap() });
+    (stop, task)
+}
+
+/// Waits (30 s at most) until `projector`'s checkpoint is exactly `sequence`.
+pub async fn wait_checkpoint(projector: &dyn creto_projections::Projector, sequence: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let at = projector.checkpoint().await.unwrap();
+        if at >= sequence {
+            assert_eq!(at, sequence);
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "projection stuck at {at}, wanted {sequence}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The checksum of each of `tables` (name, order) and `product`'s checkpoint.
+pub async fn checksums(
+    pool: &sqlx::PgPool,
+    tables: &[(&str, &str)],
+    product: &str,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (table, order) in tables {
+        out.push((table.to_string(), checksum(pool, table, order).await));
+    }
+    let checkpoint: i64 =
+        sqlx::query_scalar("SELECT last_sequence FROM projection_checkpoints WHERE projector = $1")
+            .bind(product)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    out.push(("checkpoint".into(), checkpoint.to_string()));
+    out
+}
+
+/// Every event of a stream of the environment's catalog (`OVERSIGHT`, `RUNTIME`, ...).
+pub async fn stream_events(env: &Env, logical: &str) -> Vec<creto_streams::StoredEvent> {
+    use futures::TryStreamExt;
+    env.platform
+        .log
+        .replay(
+            &env.platform.catalog.stream(logical),
+            creto_streams::ReplayFrom::Start,
+            None,
+            None,
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 /// Checksum of every row of a table, in primary-key order.
 pub async fn checksum(pool: &sqlx::PgPool, table: &str, order_by: &str) -> String {
     sqlx::query_scalar(&format!("SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY {order_by})), 'empty') FROM {table} t"))

@@ -6,15 +6,13 @@
 //! tables, byte for byte.
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Duration as Ch, DurationRound, Utc};
 use creto_domain::oversight::request::{self, Aggregate};
 use creto_projections::oversight::{self, OversightProjector};
-use creto_projections::runner::{self, Leadership, RunnerConfig};
 use creto_projections::Projector;
-use creto_replay_tests::{checksum, Env};
+use creto_replay_tests::{checksums, run_projector, stream_events, wait_checkpoint, Env};
 use creto_schemas::oversight::v1::{
     request_event, Action, ApprovalRequest, Channel, ChannelList, CreateRequestRequest, Decision,
     Level, NotificationDelivered, Policy, PolicyDefined, Priority, RequestEvent, State,
@@ -22,10 +20,8 @@ use creto_schemas::oversight::v1::{
 };
 use creto_streams::deadletter::DeadLetter;
 use creto_streams::headers::{content_types, names};
-use creto_streams::{AppendEvent, Headers, ReplayFrom, StoredEvent, DEADLETTERS, OVERSIGHT};
-use futures::TryStreamExt;
+use creto_streams::{AppendEvent, Headers, DEADLETTERS, OVERSIGHT};
 use prost::Message;
-use tokio::task::JoinHandle;
 
 const TABLES: &[(&str, &str)] = &[
     ("oversight_requests", "tenant, request_id"),
@@ -258,73 +254,6 @@ impl<'a> Gateway<'a> {
     }
 }
 
-fn start(
-    env: &Env,
-    projector: Arc<OversightProjector>,
-) -> (tokio::sync::watch::Sender<bool>, JoinHandle<()>) {
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        env.platform.log.clone(),
-        Leadership::Postgres(env.pool().clone()),
-        projector,
-        // Small batches: a request's events span several batches, and share some.
-        RunnerConfig {
-            batch: 3,
-            wait: Duration::from_millis(50),
-        },
-        stop_rx,
-    ));
-    let task = tokio::spawn(async move { task.await.unwrap().unwrap() });
-    (stop, task)
-}
-
-async fn wait_for(projector: &OversightProjector, sequence: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let at = projector.checkpoint().await.unwrap();
-        if at >= sequence {
-            assert_eq!(at, sequence);
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "projection stuck at {at}, wanted {sequence}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn checksums(pool: &sqlx::PgPool) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (table, order) in TABLES {
-        out.push((table.to_string(), checksum(pool, table, order).await));
-    }
-    let checkpoint: i64 = sqlx::query_scalar(
-        "SELECT last_sequence FROM projection_checkpoints WHERE projector = 'oversight'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    out.push(("checkpoint".into(), checkpoint.to_string()));
-    out
-}
-
-async fn stream(env: &Env, logical: &str) -> Vec<StoredEvent> {
-    env.platform
-        .log
-        .replay(
-            &env.platform.catalog.stream(logical),
-            ReplayFrom::Start,
-            None,
-            None,
-        )
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
-}
-
 type NotificationRow = (String, Option<String>, i32, bool, i32, String, f64);
 
 type AuditRow = (
@@ -389,7 +318,7 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
         catalog.clone(),
     ));
     // The projector runs while the gateway appends, as live.
-    let (stop, task) = start(&env, projector.clone());
+    let (stop, task) = run_projector(&env, projector.clone());
 
     let t0 = Utc::now().duration_trunc(Ch::seconds(1)).unwrap() - Ch::hours(2);
     let at = |s: i64| t0 + Ch::seconds(s) + Ch::microseconds(123_456);
@@ -746,7 +675,7 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
     gw.put_policy("acme", refunds_v2.clone(), at(170)).await;
 
     let last = gw.last;
-    wait_for(&projector, last).await;
+    wait_checkpoint(&*projector, last).await;
 
     // ---- requests: the row is the gateway's own fold, field for field ----
     for (tenant, request_id) in gw.requests.keys() {
@@ -1135,7 +1064,7 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
     assert_eq!((precedence, version), (20, last as i64));
 
     // ---- the malformed events were parked with their reason; the projector went on ----
-    let letters: Vec<DeadLetter> = stream(&env, DEADLETTERS)
+    let letters: Vec<DeadLetter> = stream_events(&env, DEADLETTERS)
         .await
         .into_iter()
         .map(|e| DeadLetter::parse(e).unwrap())
@@ -1170,25 +1099,25 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
     task.await.unwrap();
 
     // ---- the same events again change nothing ----
-    let before = checksums(&pool).await;
-    let events = stream(&env, OVERSIGHT).await;
+    let before = checksums(&pool, TABLES, "oversight").await;
+    let events = stream_events(&env, OVERSIGHT).await;
     assert_eq!(events.len() as u64, last);
     let valid = events.len() as u64 - 2;
     let report = projector.apply(&events).await.unwrap();
     assert_eq!((report.applied, report.checkpoint), (0, last));
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "oversight").await, before);
     // Past the checkpoint too: every row knows the events it holds.
     let report = projector.reapply(&events).await.unwrap();
     assert_eq!(
         (report.applied, report.duplicates, report.dead_lettered),
         (0, valid, 2)
     );
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "oversight").await, before);
     for chunk in events.chunks(5).rev() {
         let report = projector.reapply(chunk).await.unwrap();
         assert_eq!(report.applied, 0);
     }
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "oversight").await, before);
 
     // ---- a rebuild from the stream gives the same tables ----
     sqlx::query("UPDATE oversight_requests SET state = 'garbage'")
@@ -1199,20 +1128,20 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
         .execute(&pool)
         .await
         .unwrap();
-    assert_ne!(checksums(&pool).await, before);
+    assert_ne!(checksums(&pool, TABLES, "oversight").await, before);
     let rebuilt = oversight::rebuild(&pool, log.clone(), catalog.clone())
         .await
         .unwrap();
     assert_eq!(rebuilt, last);
-    let after = checksums(&pool).await;
+    let after = checksums(&pool, TABLES, "oversight").await;
     for ((table, a), (_, b)) in before.iter().zip(&after) {
         assert_eq!(a, b, "{table} differs after the rebuild");
     }
     // Nothing parked twice.
-    assert_eq!(stream(&env, DEADLETTERS).await.len(), 2);
+    assert_eq!(stream_events(&env, DEADLETTERS).await.len(), 2);
 
     // ---- the live projector goes on from the rebuilt checkpoint ----
-    let (stop, task) = start(&env, projector.clone());
+    let (stop, task) = run_projector(&env, projector.clone());
     gw.respond(
         "acme",
         "r-pend-crit",
@@ -1223,7 +1152,7 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
         at(200),
     )
     .await;
-    wait_for(&projector, gw.last).await;
+    wait_checkpoint(&*projector, gw.last).await;
     let got = oversight::get_request(&pool, "acme", "r-pend-crit")
         .await
         .unwrap()

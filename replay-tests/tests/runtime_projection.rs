@@ -6,23 +6,19 @@
 //! are not counted twice); and a rebuild from the stream gives the same tables, row for row.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Duration as Ch, DurationRound, Utc};
 use creto_domain::runtime::sandbox::{self as domain, Aggregate};
-use creto_projections::runner::{self, Leadership, RunnerConfig};
 use creto_projections::runtime::{self, RuntimeProjector, SandboxCounts};
 use creto_projections::Projector;
-use creto_replay_tests::{checksum, Env};
+use creto_replay_tests::{checksums, run_projector, stream_events, wait_checkpoint, Env};
 use creto_schemas::runtime::v1::{self as pb, sandbox_event::Event, EgressDecided, State};
 use creto_streams::deadletter::DeadLetter;
 use creto_streams::headers::{content_types, names};
-use creto_streams::{AppendEvent, Headers, ReplayFrom, StoredEvent, DEADLETTERS, RUNTIME};
-use futures::TryStreamExt;
+use creto_streams::{AppendEvent, Headers, StoredEvent, DEADLETTERS, RUNTIME};
 use prost::Message;
 use sqlx::Row;
-use tokio::task::JoinHandle;
 
 const TABLES: &[(&str, &str)] = &[
     ("sandboxes", "sandbox_id"),
@@ -227,58 +223,6 @@ fn exec_finished(exec_id: &str, exit_code: Option<i32>, signal: i32, ms: i64) ->
     })
 }
 
-fn start(
-    env: &Env,
-    projector: Arc<RuntimeProjector>,
-) -> (tokio::sync::watch::Sender<bool>, JoinHandle<()>) {
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        env.platform.log.clone(),
-        Leadership::Postgres(env.pool().clone()),
-        projector,
-        // Small batches: a sandbox's events span several batches (its lifetime is carried
-        // from Requested to Ready through the row), and share some.
-        RunnerConfig {
-            batch: 3,
-            wait: Duration::from_millis(50),
-        },
-        stop_rx,
-    ));
-    let task = tokio::spawn(async move { task.await.unwrap().unwrap() });
-    (stop, task)
-}
-
-async fn wait_for(projector: &RuntimeProjector, sequence: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let at = projector.checkpoint().await.unwrap();
-        if at >= sequence {
-            assert_eq!(at, sequence);
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "projection stuck at {at}, wanted {sequence}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn checksums(pool: &sqlx::PgPool) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (table, order) in TABLES {
-        out.push((table.to_string(), checksum(pool, table, order).await));
-    }
-    let checkpoint: i64 = sqlx::query_scalar(
-        "SELECT last_sequence FROM projection_checkpoints WHERE projector = 'runtime'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    out.push(("checkpoint".into(), checkpoint.to_string()));
-    out
-}
-
 /// Every row of every table, as text, in key order: what "identical" means, row by row.
 async fn rows(pool: &sqlx::PgPool) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
@@ -291,22 +235,6 @@ async fn rows(pool: &sqlx::PgPool) -> Vec<(String, Vec<String>)> {
         out.push((table.to_string(), rows));
     }
     out
-}
-
-async fn stream(env: &Env, logical: &str) -> Vec<StoredEvent> {
-    env.platform
-        .log
-        .replay(
-            &env.platform.catalog.stream(logical),
-            ReplayFrom::Start,
-            None,
-            None,
-        )
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
 }
 
 fn ids(sandboxes: &[pb::Sandbox]) -> Vec<&str> {
@@ -382,7 +310,7 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
         catalog.clone(),
     ));
     // The projector runs while the engine appends, as live.
-    let (stop, task) = start(&env, projector.clone());
+    let (stop, task) = run_projector(&env, projector.clone());
 
     // Microseconds: what PostgreSQL keeps of a time.
     let t0 = Utc::now().duration_trunc(Ch::seconds(1)).unwrap() - Ch::hours(2);
@@ -608,7 +536,7 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
     .await;
 
     let last = rt.last;
-    wait_for(&projector, last).await;
+    wait_checkpoint(&*projector, last).await;
 
     // ---- sandboxes: the row is the engine's own fold, field for field ----
     for (id, agg) in &rt.sandboxes {
@@ -983,7 +911,7 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
             "runtime.egress.sb-cold".into(),
         ),
     ];
-    assert_eq!(parked(stream(&env, DEADLETTERS).await), letters);
+    assert_eq!(parked(stream_events(&env, DEADLETTERS).await), letters);
     assert!(runtime::get_sandbox(&pool, "acme", "sb-ghost")
         .await
         .unwrap()
@@ -992,37 +920,37 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
     task.await.unwrap();
 
     // ---- the same events again change nothing: Execs are not counted twice ----
-    let before = checksums(&pool).await;
+    let before = checksums(&pool, TABLES, "runtime").await;
     let before_rows = rows(&pool).await;
-    let events = stream(&env, RUNTIME).await;
+    let events = stream_events(&env, RUNTIME).await;
     assert_eq!(events.len() as u64, last);
     let valid = events.len() as u64 - 4;
     let report = projector.apply(&events).await.unwrap();
     assert_eq!((report.applied, report.checkpoint), (0, last));
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "runtime").await, before);
     // Past the checkpoint too: every row knows the events it holds.
     let report = projector.reapply(&events).await.unwrap();
     assert_eq!(
         (report.applied, report.duplicates, report.dead_lettered),
         (0, valid, 4)
     );
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "runtime").await, before);
     for chunk in events.chunks(5).rev() {
         let report = projector.reapply(chunk).await.unwrap();
         assert_eq!(report.applied, 0);
     }
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "runtime").await, before);
     // The consumer delivers everything again (a checkpoint lost): the live runner goes
     // through the whole stream once more and nothing changes, nothing is parked twice.
     sqlx::query("UPDATE projection_checkpoints SET last_sequence = 0 WHERE projector = 'runtime'")
         .execute(&pool)
         .await
         .unwrap();
-    let (stop, task) = start(&env, projector.clone());
-    wait_for(&projector, last).await;
+    let (stop, task) = run_projector(&env, projector.clone());
+    wait_checkpoint(&*projector, last).await;
     stop.send(true).unwrap();
     task.await.unwrap();
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "runtime").await, before);
     let (execs_total, execs_rows): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT sum(execs)::int8 FROM sandboxes), (SELECT count(*) FROM sandbox_execs)",
     )
@@ -1030,7 +958,7 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
     .await
     .unwrap();
     assert_eq!((execs_total, execs_rows), (3, 3));
-    assert_eq!(parked(stream(&env, DEADLETTERS).await), letters);
+    assert_eq!(parked(stream_events(&env, DEADLETTERS).await), letters);
 
     // ---- a rebuild from the stream gives the same tables, row for row ----
     sqlx::query("UPDATE sandboxes SET state = 'garbage', execs = execs + 10")
@@ -1045,7 +973,7 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_ne!(checksums(&pool).await, before);
+    assert_ne!(checksums(&pool, TABLES, "runtime").await, before);
     let rebuilt = runtime::rebuild(&pool, log.clone(), catalog.clone())
         .await
         .unwrap();
@@ -1057,13 +985,13 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
             assert_eq!(x, y, "{table}: a row differs after the rebuild");
         }
     }
-    assert_eq!(checksums(&pool).await, before);
+    assert_eq!(checksums(&pool, TABLES, "runtime").await, before);
     assert_eq!(runtime::count_by_state(&pool).await.unwrap(), expected);
     // Nothing parked twice.
-    assert_eq!(stream(&env, DEADLETTERS).await.len(), 4);
+    assert_eq!(stream_events(&env, DEADLETTERS).await.len(), 4);
 
     // ---- the live projector goes on from the rebuilt checkpoint ----
-    let (stop, task) = start(&env, projector.clone());
+    let (stop, task) = run_projector(&env, projector.clone());
     rt.emit(
         "sb-warm",
         at(200),
@@ -1075,7 +1003,7 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
     )
     .await;
     rt.emit("sb-prov", at(201), vec![ready()]).await;
-    wait_for(&projector, rt.last).await;
+    wait_checkpoint(&*projector, rt.last).await;
     let got = runtime::get_sandbox(&pool, "acme", "sb-warm")
         .await
         .unwrap()
