@@ -57,6 +57,9 @@ pub struct Runtime {
     pool_wanted: Notify,
     egress_tx: mpsc::UnboundedSender<EgressAttempt>,
     egress_rx: Mutex<Option<mpsc::UnboundedReceiver<EgressAttempt>>>,
+    /// Set by [`Runtime::terminate_all`]: a sandbox whose provisioning ends after it is
+    /// terminated at once instead of outliving the replica.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Why a runtime operation failed, before it becomes a gRPC status.
@@ -137,6 +140,7 @@ impl Runtime {
             pool_wanted: Notify::new(),
             egress_tx,
             egress_rx: Mutex::new(Some(egress_rx)),
+            stopping: Default::default(),
         })
     }
 
@@ -209,7 +213,14 @@ impl Runtime {
                 match self.claim(&id, &new, started).await {
                     Ok(view) => return Ok(view),
                     Err(e) => {
-                        tracing::warn!(sandbox = %id, error = %e, "warm claim failed; trying the next")
+                        tracing::warn!(sandbox = %id, error = %e, "warm claim failed; trying the next");
+                        // Out of the pool now: end it rather than leave it running unclaimed.
+                        if let Some(live) = self.live(&id) {
+                            let failed = Event::Failed(pb::Failed {
+                                reason: format!("warm claim failed: {e}"),
+                            });
+                            let _ = self.end(&id, &live, failed).await;
+                        }
                     }
                 }
             }
@@ -340,12 +351,25 @@ impl Runtime {
         let live = Arc::new(Live {
             handle,
             env: Mutex::new(new.as_ref().map(|n| n.env.clone()).unwrap_or_default()),
-            agg: tokio::sync::Mutex::new(Aggregate::default()),
+            agg: tokio::sync::Mutex::new(agg),
         });
+        // Held until the sandbox is ready: a concurrent terminate_all waits for it, then sees a
+        // live sandbox to end.
+        let mut agg = live.agg.lock().await;
         self.live
             .lock()
             .expect("live lock")
             .insert(id.clone(), live.clone());
+        // terminate_all sets the flag before it lists the live sandboxes: one inserted after
+        // the list is ended here.
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.forget(&id).await;
+            let stopped = Event::Terminated(pb::Terminated {
+                by: "shutdown".into(),
+            });
+            self.append(&mut agg, &id, vec![stopped]).await?;
+            return Err(RuntimeError::Backend("the runtime is shutting down".into()));
+        }
         let ready = Event::Ready(pb::Ready {
             spawn_duration: Some(duration(started.elapsed())),
         });
@@ -359,7 +383,7 @@ impl Runtime {
                 .observe(started.elapsed().as_secs_f64());
         }
         let view = agg.view.clone();
-        *live.agg.lock().await = agg;
+        drop(agg);
         if pool {
             self.pool
                 .lock()
@@ -521,6 +545,8 @@ impl Runtime {
 
     /// Terminates every sandbox of this replica (on shutdown: their processes end with it).
     pub async fn terminate_all(&self, by: &str) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let all: Vec<(String, Arc<Live>)> = self
             .live
             .lock()
