@@ -1215,6 +1215,9 @@ async fn replay_dry_run(
             creto_projections::metering::Decoded::Invalid(i) => {
                 format!("invalid:{}", i.reason.as_str())
             }
+            creto_projections::metering::Decoded::Billing(fact) => {
+                creto_projections::metering::billing::fact_name(&fact).to_string()
+            }
         };
         *counts.entry(key).or_default() += 1;
     }

@@ -73,7 +73,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Keeps a projector running: restarts it with backoff when it stops on an error.
-async fn supervise_projector(
+pub(crate) async fn supervise_projector(
     platform: Arc<Platform>,
     projector: Arc<dyn creto_projections::Projector>,
     shutdown: watch::Receiver<bool>,
@@ -116,11 +116,13 @@ pub async fn start_metering(
     options: ServeOptions,
     auth: Arc<Auth>,
 ) -> anyhow::Result<Running> {
+    let quotas = crate::metering::quota::start(&platform);
     let gateway = MeteringGateway {
         log: platform.log.clone(),
         read_model: platform.metering.clone(),
         catalog: platform.catalog.clone(),
         limits: platform.settings.limits,
+        quotas: quotas.clone(),
     };
     let product = Product {
         name: "metering",
@@ -135,12 +137,16 @@ pub async fn start_metering(
         http: None,
     };
     let projectors = options.projectors;
+    let gateways = options.gateways;
     start_product(
         platform.clone(),
         options,
         auth,
         product,
         |tasks, shutdown| {
+            crate::metering::quota::spawn(
+                &platform, quotas, gateways, projectors, tasks, &shutdown,
+            );
             if projectors {
                 let projector = platform.metering_projector();
                 tasks.spawn(supervise_projector(platform, projector, shutdown));

@@ -83,6 +83,7 @@ pub fn register_metrics() {
     m::METERING_AGGREGATION_SECONDS.with_label_values(&["projection_batch"]);
     m::METERING_POSTGRES_QUERIES.with_label_values(&["projection_batch", "success"]);
     m::METERING_REDIS_OPERATIONS.with_label_values(&["set", "success"]);
+    let _ = &*m::METERING_INVOICE_GENERATION; // draft, issued, failed
     m::PROJECTOR_APPLIED.with_label_values(&["metering"]);
     m::PROJECTOR_LAG.with_label_values(&["metering"]);
     m::PROJECTOR_BATCH_SECONDS.with_label_values(&["metering"]);

@@ -99,6 +99,18 @@ pub static METERING_REDIS_OPERATIONS: LazyLock<IntCounterVec> = LazyLock::new(||
     )
     .unwrap()
 });
+pub static METERING_INVOICE_GENERATION: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = register_int_counter_vec!(
+        "metering_invoice_generation_total",
+        "GenerateInvoice outcomes: draft, issued or failed",
+        &["status"]
+    )
+    .unwrap();
+    for status in ["draft", "issued", "failed"] {
+        c.with_label_values(&[status]);
+    }
+    c
+});
 /// Bounds the cardinality of per-subscription labels: the first `limit` distinct values keep
 /// their own series, the rest are counted under `other`.
 pub struct LabelBudget {

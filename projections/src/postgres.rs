@@ -10,6 +10,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// The metering read-model DDL, re-run inside a fresh schema by a rebuild.
 pub const METERING_DDL: &str = include_str!("../migrations/0002_metering.sql");
 pub const CHECKPOINT_DDL: &str = include_str!("../migrations/0001_checkpoints.sql");
+/// Corrections, plans and invoices: rebuilt with the metering read model.
+pub const BILLING_DDL: &str = include_str!("../migrations/0005_billing.sql");
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {

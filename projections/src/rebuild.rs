@@ -13,7 +13,7 @@ use futures::StreamExt;
 use sqlx::{Executor, PgPool};
 
 use crate::metering::MeteringProjector;
-use crate::postgres::{quote_ident, CHECKPOINT_DDL, METERING_DDL};
+use crate::postgres::{quote_ident, BILLING_DDL, CHECKPOINT_DDL, METERING_DDL};
 use crate::runner::{ProjectionError, Projector};
 
 /// Tables and views of the metering read model, moved together at the switch.
@@ -22,6 +22,11 @@ pub const METERING_RELATIONS: &[(&str, &str)] = &[
     ("TABLE", "usage_hourly"),
     ("MATERIALIZED VIEW", "usage_daily"),
     ("TABLE", "meters"),
+    ("TABLE", "metering_corrections"),
+    ("TABLE", "metering_event_corrections"),
+    ("TABLE", "plans"),
+    ("TABLE", "plan_assignments"),
+    ("TABLE", "invoices"),
 ];
 
 pub const REBUILD_SCHEMA: &str = "metering_rebuild";
@@ -70,6 +75,7 @@ pub async fn prepare_metering(
             .await?;
         tx.execute(CHECKPOINT_DDL).await?;
         tx.execute(METERING_DDL).await?;
+        tx.execute(BILLING_DDL).await?;
         // Load with the primary key only (it deduplicates); secondary indexes are built once
         // at the end, which is several times faster than maintaining them row by row.
         tx.execute(
@@ -82,6 +88,9 @@ pub async fn prepare_metering(
                 .await?;
         }
         tx.commit().await?;
+    } else if !relation_exists(pool, "invoices").await? {
+        // Resuming a rebuild begun before the billing tables existed.
+        run_in_side_schema(pool, BILLING_DDL).await?;
     }
     Ok(MeteringProjector::in_schema(
         pool.clone(),
@@ -250,12 +259,13 @@ pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
         Ok::<_, ProjectionError>(())
     };
     let hourly = async {
+        // From the events as corrected (voids and amends), as the live projector keeps it.
         run_in_side_schema(
             pool,
-            "TRUNCATE usage_hourly;
+            &format!("TRUNCATE usage_hourly;
              INSERT INTO usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
              SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
-             FROM metering_events GROUP BY 1, 2, 3, 4",
+             FROM {} AS metering_events GROUP BY 1, 2, 3, 4", crate::metering::billing::pg::effective_events(None)),
         )
         .await?;
         build_missing(pool, &on_hourly).await

@@ -61,7 +61,8 @@ impl Rule {
 }
 
 /// The rules when no file is configured: `admin` and `operator` may do everything, `producer`
-/// may send usage, `reader` may call the read methods (`Query*`, `List*`, `Get*`), `agent`
+/// may send usage and check quotas, `reader` may call the read methods (`Query*`, `List*`,
+/// `Get*`, `CheckQuota`), `agent`
 /// may use messaging and its tenant's sandboxes, and ask for approvals (as the agent its
 /// token names: the gateways check that), `approver` may answer approval requests (as itself).
 pub const DEFAULT_POLICY: &str = r#"
@@ -71,12 +72,12 @@ effect = "allow"
 
 [[rules]]
 roles = ["producer"]
-methods = ["IngestEvents"]
+methods = ["IngestEvents", "CheckQuota"]
 effect = "allow"
 
 [[rules]]
 roles = ["reader"]
-methods = ["QueryUsage", "ListMeters", "ListDeadLetters"]
+methods = ["QueryUsage", "ListMeters", "ListDeadLetters", "GetInvoice", "ListInvoices", "GetQuota", "CheckQuota"]
 effect = "allow"
 
 [[rules]]

@@ -37,6 +37,8 @@ pub struct MeteringGateway {
     pub read_model: Arc<dyn MeteringReadModel>,
     pub catalog: Catalog,
     pub limits: IngestLimits,
+    /// This replica's quota books (`crate::metering::quota`).
+    pub quotas: Arc<crate::metering::quota::QuotaView>,
 }
 
 /// The caller's tenant: every read and write below is scoped to it.
@@ -445,6 +447,104 @@ impl MeteringService for MeteringGateway {
                 })
                 .collect(),
         }))
+    }
+
+    async fn void_event(
+        &self,
+        request: Request<pb::VoidEventRequest>,
+    ) -> Result<Response<pb::VoidEventResponse>, Status> {
+        crate::metering::billing::void_event(self, request).await
+    }
+
+    async fn amend_event(
+        &self,
+        request: Request<pb::AmendEventRequest>,
+    ) -> Result<Response<pb::AmendEventResponse>, Status> {
+        crate::metering::billing::amend_event(self, request).await
+    }
+
+    async fn put_plan(
+        &self,
+        request: Request<pb::PutPlanRequest>,
+    ) -> Result<Response<pb::PutPlanResponse>, Status> {
+        crate::metering::billing::put_plan(self, request).await
+    }
+
+    async fn attach_plan(
+        &self,
+        request: Request<pb::AttachPlanRequest>,
+    ) -> Result<Response<pb::AttachPlanResponse>, Status> {
+        crate::metering::billing::attach_plan(self, request).await
+    }
+
+    async fn generate_invoice(
+        &self,
+        request: Request<pb::GenerateInvoiceRequest>,
+    ) -> Result<Response<pb::GenerateInvoiceResponse>, Status> {
+        crate::metering::billing::generate_invoice(self, request).await
+    }
+
+    async fn get_invoice(
+        &self,
+        request: Request<pb::GetInvoiceRequest>,
+    ) -> Result<Response<pb::GetInvoiceResponse>, Status> {
+        crate::metering::billing::get_invoice(self, request).await
+    }
+
+    async fn list_invoices(
+        &self,
+        request: Request<pb::ListInvoicesRequest>,
+    ) -> Result<Response<pb::ListInvoicesResponse>, Status> {
+        crate::metering::billing::list_invoices(self, request).await
+    }
+
+    async fn set_quota(
+        &self,
+        request: Request<pb::SetQuotaRequest>,
+    ) -> Result<Response<pb::SetQuotaResponse>, Status> {
+        crate::metering::quota::service::set_quota(&self.quotas, request).await
+    }
+
+    async fn remove_quota(
+        &self,
+        request: Request<pb::RemoveQuotaRequest>,
+    ) -> Result<Response<pb::RemoveQuotaResponse>, Status> {
+        crate::metering::quota::service::remove_quota(&self.quotas, request).await
+    }
+
+    async fn add_grant(
+        &self,
+        request: Request<pb::AddGrantRequest>,
+    ) -> Result<Response<pb::AddGrantResponse>, Status> {
+        crate::metering::quota::service::add_grant(&self.quotas, request).await
+    }
+
+    async fn void_grant(
+        &self,
+        request: Request<pb::VoidGrantRequest>,
+    ) -> Result<Response<pb::VoidGrantResponse>, Status> {
+        crate::metering::quota::service::void_grant(&self.quotas, request).await
+    }
+
+    async fn set_entitlement(
+        &self,
+        request: Request<pb::SetEntitlementRequest>,
+    ) -> Result<Response<pb::SetEntitlementResponse>, Status> {
+        crate::metering::quota::service::set_entitlement(&self.quotas, request).await
+    }
+
+    async fn get_quota(
+        &self,
+        request: Request<pb::GetQuotaRequest>,
+    ) -> Result<Response<pb::GetQuotaResponse>, Status> {
+        crate::metering::quota::service::get_quota(&self.quotas, request).await
+    }
+
+    async fn check_quota(
+        &self,
+        request: Request<pb::CheckQuotaRequest>,
+    ) -> Result<Response<pb::CheckQuotaResponse>, Status> {
+        crate::metering::quota::service::check_quota(&self.quotas, request).await
     }
 }
 

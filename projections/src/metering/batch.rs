@@ -21,6 +21,8 @@ pub struct Sorted<'a> {
     pub meters: Vec<(Meter, String, u64)>,
     /// Reasons of the events parked in the dead letters.
     pub invalid: Vec<&'static str>,
+    /// Corrections, plans, attachments, issued invoices, in log order.
+    pub billing: Vec<(super::billing::BillingFact, &'a StoredEvent)>,
 }
 
 /// Decodes the events after `checkpoint`; invalid ones are parked in the dead letters before
@@ -38,6 +40,7 @@ pub async fn sort<'a>(
         match decode(e, catalog, limits) {
             Decoded::Marker => {}
             Decoded::Usage(r) => sorted.usage.push((r, e)),
+            Decoded::Billing(fact) => sorted.billing.push((fact, e)),
             Decoded::MeterDefined { meter, tenant } => {
                 sorted.meters.push((meter, tenant, e.sequence))
             }

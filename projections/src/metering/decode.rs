@@ -31,6 +31,8 @@ pub enum Decoded {
         tenant: String,
     },
     Invalid(Invalid),
+    /// A correction, plan, attachment or issued invoice (`metering::billing`).
+    Billing(super::billing::BillingFact),
 }
 
 /// Converts a protobuf `Struct` into JSON. Non-finite numbers have no JSON form: the caller
@@ -190,6 +192,13 @@ pub fn decode(event: &StoredEvent, catalog: &Catalog, limits: &IngestLimits) -> 
                 "MeterDefined without a meter".into(),
             ),
         };
+    }
+    if let Some(billing) = super::billing::decode(subject, event) {
+        return billing;
+    }
+    // Quotas and thresholds: read by the gateways' books and `quotas::QuotasProjector`.
+    if super::quotas::is_quota_subject(subject) {
+        return Decoded::Marker;
     }
     invalid(
         InvalidReason::InvalidField,

@@ -135,6 +135,12 @@ impl SledReadModel {
         })
     }
 
+    /// The tree the metering read model lives in (`metering::billing::embedded` keeps its
+    /// keys there too).
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     fn checkpoint_now(&self) -> Result<u64, ProjectionError> {
         Ok(self
             .tree
@@ -233,6 +239,8 @@ impl MeteringReadModel for SledReadModel {
         }
         // Log order decides ties (LATEST), as in PostgreSQL's ORDER BY stream_sequence.
         events.sort_by_key(|(seq, _)| *seq);
+        // Voided events drop out, amended ones carry their new values.
+        let events = super::billing::embedded::overlay(&self.tree, &q.tenant, events)?;
         let records: Vec<UsageRecord> = events.into_iter().map(|(_, r)| r).collect();
         Ok(reference::usage(
             &records,
@@ -333,6 +341,10 @@ impl MeteringReadModel for SledReadModel {
                 quantity: quantity.to_string(),
             })
             .collect())
+    }
+
+    fn billing(&self) -> &dyn super::billing::BillingReadModel {
+        self
     }
 }
 
@@ -443,6 +455,23 @@ impl Projector for SledProjector {
                 seen.insert(mk);
             }
             report.applied += 1;
+        }
+        if !sorted.billing.is_empty() {
+            // Usage first (corrections read the rows they correct); re-applied after a crash,
+            // it is all duplicates. The corrections then commit with the checkpoint.
+            let usage = std::mem::take(&mut writes);
+            self.read_model
+                .tree
+                .apply_batch(usage)
+                .map_err(store_error)?;
+            report.applied += super::billing::embedded::apply(
+                &self.read_model.tree,
+                &sorted.billing,
+                &mut writes,
+            )?;
+            for key in sorted.billing.iter().filter_map(|(f, _)| f.usage_key()) {
+                added.entry(key).or_default();
+            }
         }
         writes.insert(CHECKPOINT, &last.sequence.to_be_bytes());
         self.read_model

@@ -2,11 +2,13 @@
 //! `usage_daily`, meters in Postgres; current-period counters in Redis.
 
 pub mod batch;
+pub mod billing;
 pub mod counters;
 pub mod decode;
 pub mod embedded;
 pub mod projector;
 pub mod query;
+pub mod quotas;
 pub mod read_model;
 
 pub use decode::{decode, Decoded};

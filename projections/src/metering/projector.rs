@@ -218,6 +218,8 @@ impl MeteringProjector {
         let inserted: u64 = inserted_by_key.iter().map(|k| k.3 as u64).sum();
         report.applied += inserted;
         report.duplicates = submitted - inserted;
+        report.applied +=
+            super::billing::pg::apply(tx, &self.schema, &sorted.billing, true).await?;
 
         sqlx::query(&self.sql.save_checkpoint)
             .bind(PRODUCT)
@@ -231,6 +233,14 @@ impl MeteringProjector {
                 key: (tenant, subscription_id, event_type),
                 events: n as u64,
             })
+            // Corrected keys: their counters are re-read too.
+            .chain(
+                sorted
+                    .billing
+                    .iter()
+                    .filter_map(|(f, _)| f.usage_key())
+                    .map(|key| Added { key, events: 0 }),
+            )
             .collect();
         Ok((report, added, sorted.invalid))
     }
@@ -277,9 +287,11 @@ impl MeteringProjector {
         let mut tx = self.pool.begin().await?;
         Self::lock(&mut tx).await?;
         let mut columns = Columns::default();
+        let mut billing = Vec::new();
         for e in events {
             match decode(e, &self.catalog, &self.limits) {
                 Decoded::Usage(r) => columns.push(r, e),
+                Decoded::Billing(fact) => billing.push((fact, e)),
                 Decoded::MeterDefined { meter, tenant } => {
                     let done = sqlx::query(&self.sql.insert_meter)
                         .bind(&meter.slug)
@@ -311,6 +323,7 @@ impl MeteringProjector {
             .sum();
         report.applied += inserted;
         report.duplicates += submitted - inserted;
+        report.applied += super::billing::pg::apply(&mut tx, &self.schema, &billing, true).await?;
         tx.commit().await?;
         Ok(report)
     }
@@ -355,6 +368,7 @@ impl MeteringProjector {
         };
         let mut rows = String::with_capacity(events.len() * 256);
         let mut meters = Vec::new();
+        let mut billing = Vec::new();
         for e in events {
             match decode(e, &self.catalog, &self.limits) {
                 Decoded::Usage(r) => {
@@ -366,6 +380,7 @@ impl MeteringProjector {
                     report.applied += 1;
                 }
                 Decoded::MeterDefined { meter, tenant } => meters.push((meter, tenant, e.sequence)),
+                Decoded::Billing(fact) => billing.push((fact, e)),
                 Decoded::Invalid(_) => report.dead_lettered += 1,
                 Decoded::Marker => {}
             }
@@ -382,6 +397,8 @@ impl MeteringProjector {
                 .await?;
             report.applied += 1;
         }
+        // usage_hourly is computed once at the end of a bulk load, corrections included.
+        report.applied += super::billing::pg::apply(&mut tx, &self.schema, &billing, false).await?;
         sqlx::query(&self.sql.save_checkpoint)
             .bind(PRODUCT)
             .bind(&self.stream)

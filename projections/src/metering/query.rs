@@ -106,7 +106,10 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, s
             q.push(")::float8");
         }
     }
-    q.push(" AS v FROM metering_events WHERE tenant = ")
+    // The events as corrected (voids and amends), under the table's name.
+    q.push(" AS v FROM ")
+        .push(super::billing::pg::effective_events(None))
+        .push(" AS metering_events WHERE tenant = ")
         .push_bind(query.tenant.clone())
         .push(" AND event_type = ")
         .push_bind(meter.event_type.clone())

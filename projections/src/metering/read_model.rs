@@ -38,6 +38,8 @@ pub trait MeteringReadModel: Send + Sync + 'static {
     ) -> Result<Vec<(String, String)>, ProjectionError>;
     /// Month-to-date totals of `keys` (all keys when `None`).
     async fn month_totals(&self, keys: Option<&[Key]>) -> Result<Vec<MonthTotal>, ProjectionError>;
+    /// Corrections, plans and invoices (`metering::billing`).
+    fn billing(&self) -> &dyn super::billing::BillingReadModel;
 }
 
 /// Waits until the read model has applied `sequence` or `deadline` passes; returns where it is.
@@ -102,5 +104,9 @@ impl MeteringReadModel for PgReadModel {
 
     async fn month_totals(&self, keys: Option<&[Key]>) -> Result<Vec<MonthTotal>, ProjectionError> {
         Ok(query::month_totals(&self.pool, keys).await?)
+    }
+
+    fn billing(&self) -> &dyn super::billing::BillingReadModel {
+        self
     }
 }
