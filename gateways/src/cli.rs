@@ -665,7 +665,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         "oversight replays whole: say `enablement replay oversight --rebuild`",
                     ));
                 }
-                return replay_oversight(log, &settings, json).await;
+                return replay_whole(Whole::Oversight, log, &settings, json).await;
             }
             if product == Product::Runtime {
                 if !rebuild || dry_run || range.is_set() {
@@ -673,7 +673,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         "runtime replays whole: say `enablement replay runtime --rebuild`",
                     ));
                 }
-                return replay_runtime(log, &settings, json).await;
+                return replay_whole(Whole::Runtime, log, &settings, json).await;
             }
             if dry_run {
                 return replay_dry_run(log, &settings, &range, json).await;
@@ -718,8 +718,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             )
             .await?;
             if product == Product::All {
-                replay_oversight(log.clone(), &settings, json).await?;
-                replay_runtime(log, &settings, json).await?;
+                replay_whole(Whole::Oversight, log.clone(), &settings, json).await?;
+                replay_whole(Whole::Runtime, log, &settings, json).await?;
             }
             Ok(())
         }
@@ -732,53 +732,43 @@ fn auth_args_disabled() -> Result<Arc<crate::auth::layer::Auth>, CliError> {
         .map_err(|e| CliError::Config(crate::config::ConfigError::Invalid(e)))
 }
 
-/// Rebuilds oversight's PostgreSQL tables from the stream in one transaction: readers see the
-/// old tables until the new ones are complete.
-async fn replay_oversight(
-    log: Arc<dyn EventLog>,
-    settings: &Settings,
-    json: bool,
-) -> Result<(), CliError> {
-    let pool = platform::connect_postgres(settings).await?;
-    let started = std::time::Instant::now();
-    let through = creto_projections::oversight::rebuild(&pool, log, settings.catalog())
-        .await
-        .map_err(fail)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"product": "oversight", "checkpoint": through, "switched": true, "elapsed_ms": started.elapsed().as_millis()})
-        );
-    } else {
-        println!(
-            "oversight: rebuilt through sequence {through} in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+/// Which read model a whole rebuild replaces.
+#[derive(Clone, Copy)]
+enum Whole {
+    Oversight,
+    Runtime,
 }
 
-/// Rebuilds runtime's PostgreSQL tables (sandboxes, Execs, checkpoints, egress decisions)
-/// from the stream in one transaction: readers see the old tables until the new ones are
-/// complete.
-async fn replay_runtime(
+/// Rebuilds a product's PostgreSQL tables from its stream in one transaction: readers see the
+/// old tables until the new ones are complete.
+async fn replay_whole(
+    which: Whole,
     log: Arc<dyn EventLog>,
     settings: &Settings,
     json: bool,
 ) -> Result<(), CliError> {
     let pool = platform::connect_postgres(settings).await?;
     let started = std::time::Instant::now();
-    let through = creto_projections::runtime::rebuild(&pool, log, settings.catalog())
-        .await
-        .map_err(fail)?;
+    let catalog = settings.catalog();
+    let (name, through) = match which {
+        Whole::Oversight => (
+            "oversight",
+            creto_projections::oversight::rebuild(&pool, log, catalog).await,
+        ),
+        Whole::Runtime => (
+            "runtime",
+            creto_projections::runtime::rebuild(&pool, log, catalog).await,
+        ),
+    };
+    let through = through.map_err(fail)?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"product": "runtime", "checkpoint": through, "switched": true, "elapsed_ms": started.elapsed().as_millis()})
+            serde_json::json!({"product": name, "checkpoint": through, "switched": true, "elapsed_ms": started.elapsed().as_millis()})
         );
     } else {
         println!(
-            "runtime: rebuilt through sequence {through} in {:.1} s",
+            "{name}: rebuilt through sequence {through} in {:.1} s",
             started.elapsed().as_secs_f64()
         );
     }
@@ -1286,16 +1276,20 @@ async fn replay_rebuild(
         u64::MAX,
     )
     .await;
+    // The quota tables, whole, in one transaction.
+    let quotas = creto_projections::metering::quotas::rebuild(&pool, log, settings.catalog())
+        .await
+        .map_err(fail)?;
     let elapsed = started.elapsed();
     let rate = applied as f64 / elapsed.as_secs_f64().max(1e-9);
     if json {
         println!(
             "{}",
             serde_json::json!({"product": "metering", "events": applied, "resumed_from": resumed_from, "checkpoint": checkpoint,
-                "elapsed_ms": elapsed.as_millis(), "events_per_second": rate.round(), "switched": true})
+                "quotas_checkpoint": quotas, "elapsed_ms": elapsed.as_millis(), "events_per_second": rate.round(), "switched": true})
         );
     } else {
-        println!("metering rebuilt: {applied} events in {:.1} s ({rate:.0} events/s), readers switched at sequence {checkpoint}", elapsed.as_secs_f64());
+        println!("metering rebuilt: {applied} events in {:.1} s ({rate:.0} events/s), readers switched at sequence {checkpoint}; quota tables rebuilt through {quotas}", elapsed.as_secs_f64());
     }
     Ok(())
 }

@@ -18,7 +18,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use creto_domain::metering::quota::{QuotaEvent, QuotaThresholdReached};
 use creto_streams::envelope::{self, EventMeta};
-use creto_streams::{AppendEvent, Catalog, StoredEvent, METERING};
+use std::sync::Arc;
+
+use creto_streams::{AppendEvent, Catalog, EventLog, StoredEvent, METERING};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -26,6 +28,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::billing::seal_json;
 use crate::runner::{ApplyReport, ProjectionError, Projector};
+use crate::whole;
 
 pub const QUOTA_EVENT: &str = "creto.metering.v1.QuotaEvent";
 pub const THRESHOLD_REACHED: &str = "creto.metering.v1.QuotaThresholdReached";
@@ -140,7 +143,7 @@ pub const PRODUCT: &str = "metering-quotas";
 /// Projects quota facts into `quotas` (one row per tenant, subscription and event type or
 /// feature: the definition and its grants) and `quota_thresholds_reached`. Usage is not in
 /// it: current-period usage lives in the gateways' books and the cache counters. Rebuilt by
-/// [`QuotasProjector::reset`] and a replay.
+/// [`rebuild`].
 pub struct QuotasProjector {
     pool: PgPool,
     catalog: Catalog,
@@ -154,21 +157,6 @@ impl QuotasProjector {
             pool,
             catalog,
         }
-    }
-
-    /// Empties the tables and the checkpoint: the runner then replays the stream from the
-    /// start and rebuilds them.
-    pub async fn reset(pool: &PgPool) -> Result<(), ProjectionError> {
-        let mut tx = pool.begin().await?;
-        sqlx::query("TRUNCATE quotas, quota_thresholds_reached")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM projection_checkpoints WHERE projector = $1")
-            .bind(PRODUCT)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
     }
 }
 
@@ -352,39 +340,41 @@ impl Projector for QuotasProjector {
     }
 
     async fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1",
-        )
-        .bind(PRODUCT)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(at.unwrap_or(0) as u64)
+        whole::checkpoint::<Self>(&self.pool).await
     }
 
     async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
-        let mut tx = self.pool.begin().await?;
-        let checkpoint: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1 FOR UPDATE",
-        )
-        .bind(PRODUCT)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let checkpoint = checkpoint.unwrap_or(0) as u64;
-        let mut report = ApplyReport {
-            checkpoint,
-            ..Default::default()
-        };
-        let Some(last) = events.last() else {
-            return Ok(report);
-        };
-        for event in events.iter().filter(|e| e.sequence > checkpoint) {
+        whole::apply(&self.pool, self, events, true).await
+    }
+}
+
+#[async_trait]
+impl whole::InTransaction for QuotasProjector {
+    const PRODUCT: &'static str = PRODUCT;
+    const LOCK: &'static str =
+        "SELECT pg_advisory_xact_lock(hashtext('creto.projection.metering-quotas'))";
+
+    fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    /// Unreadable facts are logged and skipped (the metering projector, which reads the same
+    /// stream, is the one that parks what it cannot read).
+    async fn project(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: &[&StoredEvent],
+        _park: bool,
+    ) -> Result<(ApplyReport, Vec<&'static str>), ProjectionError> {
+        let mut report = ApplyReport::default();
+        for &event in events {
             match decode_quota(&self.catalog, event) {
                 None => {}
                 Some(Err(detail)) => {
                     tracing::warn!(sequence = event.sequence, %detail, "unreadable quota fact skipped");
                 }
                 Some(Ok(QuotaFact::Quota { tenant, event: q })) => {
-                    apply_quota(&mut tx, &tenant, &q, event.recorded_at, event.sequence).await?;
+                    apply_quota(tx, &tenant, &q, event.recorded_at, event.sequence).await?;
                     report.applied += 1;
                 }
                 Some(Ok(QuotaFact::Threshold(t))) => {
@@ -405,28 +395,29 @@ impl Projector for QuotasProjector {
                     .bind(r.allowance.to_string())
                     .bind(event.recorded_at)
                     .bind(event.sequence as i64)
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
                     report.applied += 1;
                 }
             }
         }
-        let at = last.sequence.max(checkpoint);
-        report.checkpoint = at;
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (projector, stream, last_sequence, updated_at)
-             VALUES ($1, $2, $3, now())
-             ON CONFLICT (projector) DO UPDATE
-                SET stream = EXCLUDED.stream, last_sequence = EXCLUDED.last_sequence, updated_at = now()",
-        )
-        .bind(PRODUCT)
-        .bind(&self.stream)
-        .bind(at as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(report)
+        Ok((report, Vec::new()))
     }
+}
+
+/// The quota tables, emptied by a rebuild.
+pub const TABLES: &[&str] = &["quotas", "quota_thresholds_reached"];
+
+/// Rebuilds `quotas` and `quota_thresholds_reached` from the whole METERING stream in one
+/// transaction (`enablement replay metering --rebuild` does it after the usage tables).
+pub async fn rebuild(
+    pool: &PgPool,
+    log: Arc<dyn EventLog>,
+    catalog: Catalog,
+) -> Result<u64, ProjectionError> {
+    let projector = QuotasProjector::new(pool.clone(), catalog);
+    let (checkpoint, _) = whole::rebuild(pool, log, TABLES, &projector).await?;
+    Ok(checkpoint)
 }
 
 #[cfg(test)]
