@@ -10,6 +10,17 @@ use futures::stream::BoxStream;
 use crate::catalog::StreamSpec;
 use crate::headers::Headers;
 
+/// Idempotency key of an append at an expected position: the subject, the position and a hash
+/// of what it writes, so a retry of the same append is recognised while another writer's
+/// different event at the same position is a conflict, not a duplicate.
+pub fn append_id(subject: &str, expected: u64, payload: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same bytes give the same id in every process.
+    let mut h = std::hash::DefaultHasher::new();
+    payload.hash(&mut h);
+    format!("{subject}:{expected}:{:016x}", h.finish())
+}
+
 /// One event to append.
 #[derive(Debug, Clone)]
 pub struct AppendEvent {

@@ -10,7 +10,7 @@ use creto_schemas::oversight::v1 as pb;
 use creto_schemas::oversight::v1::oversight_service_server::OversightService;
 use creto_schemas::oversight::v1::{Decision, Priority, State};
 use creto_streams::headers::{content_types, names};
-use creto_streams::{AppendEvent, EventLog, Headers, LogError};
+use creto_streams::{append_id, AppendEvent, EventLog, Headers, LogError};
 use prost::Message;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
@@ -140,17 +140,6 @@ pub async fn append_request_events(
     // Read-your-writes for whoever asks this replica next.
     view.catch_up_to(expected).await?;
     Ok(after)
-}
-
-/// Idempotency key of an append: the position it expects and what it writes, so a retry of
-/// the same append is recognised while another writer's different event at the same position
-/// is a conflict, not a duplicate.
-pub fn append_id(subject: &str, expected: u64, payload: &[u8]) -> String {
-    use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: the same bytes give the same id in every process.
-    let mut h = std::hash::DefaultHasher::new();
-    payload.hash(&mut h);
-    format!("{subject}:{expected}:{:016x}", h.finish())
 }
 
 /// The request id of an aggregate, or of the `Requested` event that creates it.

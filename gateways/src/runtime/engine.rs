@@ -12,7 +12,7 @@ use creto_domain::runtime::sandbox::{self as domain, event, Aggregate, RuntimeLi
 use creto_projections::archive::Archive;
 use creto_schemas::runtime::v1::{self as pb, sandbox_event::Event};
 use creto_streams::headers::{content_types, names};
-use creto_streams::{AppendEvent, EventLog, Headers, LogError};
+use creto_streams::{append_id, AppendEvent, EventLog, Headers, LogError};
 use ed25519_dalek::SigningKey;
 use prost::Message;
 use tokio::sync::{mpsc, watch, Notify};
@@ -22,7 +22,6 @@ use super::backend::{
 };
 use super::metrics;
 use super::view::RuntimeView;
-use crate::oversight::service::append_id;
 
 /// What an operator configures for the runtime of a replica.
 #[derive(Clone)]
