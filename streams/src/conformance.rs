@@ -442,6 +442,84 @@ pub async fn oversized_and_unrouted_appends_are_refused(log: Arc<dyn EventLog>, 
     );
 }
 
+pub async fn follow_yields_stored_then_new_events_in_order(log: Arc<dyn EventLog>, c: &Catalog) {
+    use futures::StreamExt;
+    let stream = c.stream(METERING);
+    let a = c.subject("metering.events.follow_a");
+    let b = c.subject("metering.events.follow_b");
+    for i in 1..=6 {
+        let s = if i % 2 == 1 { &a } else { &b };
+        log.append(event(s, &format!("f{i}"), &format!("old-{i}")))
+            .await
+            .unwrap();
+    }
+    // Stored events from the start sequence first, filtered, then new ones as they come.
+    let mut only_a = log
+        .follow(&stream, ReplayFrom::Sequence(2), Some(&a))
+        .await
+        .unwrap();
+    let mut all = log.follow(&stream, ReplayFrom::Start, None).await.unwrap();
+    async fn next(
+        s: &mut futures::stream::BoxStream<'static, Result<StoredEvent, LogError>>,
+    ) -> StoredEvent {
+        tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("a follow never ends")
+            .unwrap()
+    }
+    for want in [3, 5] {
+        assert_eq!(next(&mut only_a).await.sequence, want);
+    }
+    for want in 1..=6 {
+        let e = next(&mut all).await;
+        assert_eq!(
+            (e.sequence, e.payload.clone()),
+            (want, Bytes::from(format!("old-{want}")))
+        );
+    }
+    // Caught up: nothing more until something is stored, and the stream does not end.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), only_a.next())
+            .await
+            .is_err(),
+        "a follow waits for new events instead of ending"
+    );
+    // New events arrive one by one (the reader idle in between), in order, filter applied.
+    for i in 7..=12 {
+        let s = if i % 2 == 1 { &a } else { &b };
+        let stored = log
+            .append(event(s, &format!("f{i}"), &format!("new-{i}")))
+            .await
+            .unwrap()
+            .sequence();
+        let e = next(&mut all).await;
+        assert_eq!((e.sequence, e.subject.as_str()), (stored, s.as_str()));
+        assert_eq!(e.headers.get("Creto-Test"), Some(format!("f{i}").as_str()));
+        if s == &a {
+            assert_eq!(next(&mut only_a).await.sequence, stored);
+        }
+    }
+    // A burst, appended pipelined, comes through whole and in order.
+    let burst: Vec<_> = (13..=212)
+        .map(|i| event(&a, &format!("f{i}"), &format!("burst-{i}")))
+        .collect();
+    for r in log.append_batch(burst).await {
+        r.unwrap();
+    }
+    for want in 13..=212 {
+        assert_eq!(next(&mut only_a).await.sequence, want);
+        assert_eq!(next(&mut all).await.sequence, want);
+    }
+    // Following from past the end waits for the next event.
+    let mut later = log
+        .follow(&stream, ReplayFrom::Sequence(213), None)
+        .await
+        .unwrap();
+    log.append(event(&b, "f213", "last")).await.unwrap();
+    assert_eq!(next(&mut later).await.sequence, 213);
+}
+
 /// Runs `$test` for an adapter; `$make` builds `(Arc<dyn EventLog>, Catalog)` with streams
 /// created, and `$cleanup` removes them.
 #[macro_export]
@@ -451,6 +529,7 @@ macro_rules! conformance_suite {
             same_id_twice_is_one_message,
             expected_sequence_lets_exactly_one_writer_win,
             replay_returns_exactly_the_range_in_order,
+            follow_yields_stored_then_new_events_in_order,
             nak_redelivers_after_its_delay,
             poison_goes_to_dead_letters_after_max_deliveries,
             durable_consumer_resumes_and_acks_cumulatively,

@@ -859,6 +859,75 @@ impl EventLog for SledLog {
         Ok(chunks.flatten().boxed())
     }
 
+    async fn follow(
+        &self,
+        stream_name: &str,
+        from: ReplayFrom,
+        filter_subject: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        let stream = self.stream(stream_name)?;
+        // Subscribed before the first look, so an append in between still wakes the reader.
+        let appended = stream.last.subscribe();
+        let counts = stream.counts();
+        let start = match from {
+            ReplayFrom::Start => counts.first.max(1),
+            ReplayFrom::Sequence(s) => s.max(counts.first).max(1),
+            ReplayFrom::Time(t) => stream.first_at_or_after(t)?,
+        };
+        let filter = filter_subject.filter(|f| !f.is_empty()).map(str::to_string);
+        // Reads what is stored from `next` on in chunks; with nothing new, waits for an append.
+        // After a read error (yielded) it ends: the caller follows again.
+        let chunks = stream::unfold((Some(start), appended), move |(next, mut appended)| {
+            let stream = stream.clone();
+            let filter = filter.clone();
+            async move {
+                let mut next = next?;
+                loop {
+                    let last = *appended.borrow_and_update();
+                    if next > last {
+                        // Never closed while the stream is held: waits for the next append.
+                        appended.changed().await.ok()?;
+                        continue;
+                    }
+                    let mut items = Vec::new();
+                    let mut cursor = Some(last + 1);
+                    for (read, kv) in stream
+                        .tree
+                        .range(msg_key(next)..=msg_key(last))
+                        .take(REPLAY_CHUNK)
+                        .enumerate()
+                    {
+                        let item = kv.map_err(storage).and_then(|(k, v)| {
+                            let seq = u64_at(&k, 1);
+                            // A full chunk: the next look starts right after it.
+                            if read + 1 == REPLAY_CHUNK {
+                                cursor = Some(seq + 1);
+                            }
+                            stream.decode(seq, &v)
+                        });
+                        match item {
+                            Ok(e)
+                                if filter
+                                    .as_deref()
+                                    .is_some_and(|f| !subject::matches(f, &e.subject)) => {}
+                            Ok(e) => items.push(Ok(e)),
+                            Err(e) => {
+                                items.push(Err(e));
+                                cursor = None;
+                                break;
+                            }
+                        }
+                    }
+                    match cursor {
+                        Some(c) if items.is_empty() => next = c,
+                        _ => return Some((stream::iter(items), (cursor, appended))),
+                    }
+                }
+            }
+        });
+        Ok(chunks.flatten().boxed())
+    }
+
     async fn get(&self, stream_name: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
         self.stream(stream_name)?.read(sequence)
     }

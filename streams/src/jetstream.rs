@@ -450,6 +450,36 @@ impl EventLog for JetStreamLog {
         Ok(events.boxed())
     }
 
+    async fn follow(
+        &self,
+        stream_name: &str,
+        from: ReplayFrom,
+        filter_subject: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        let stream = self.stream(stream_name).await?;
+        let restored = self.restored_through(&stream).await?;
+        // One ordered consumer for the life of the stream: it recreates itself after a gap or
+        // a server restart, and the server drops it once nobody pulls (inactive threshold).
+        let messages = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: deliver_policy(from),
+                filter_subject: filter_subject.unwrap_or_default().to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        let name = stream_name.to_string();
+        Ok(messages
+            .map(move |m| match m {
+                Ok(m) => split(&name, m, restored).map(|(e, _, _)| e),
+                Err(e) => Err(unavailable(e)),
+            })
+            .boxed())
+    }
+
     async fn get(&self, stream_name: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
         let stream = self.stream(stream_name).await?;
         let restored = self.restored_through(&stream).await?;

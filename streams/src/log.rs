@@ -263,6 +263,18 @@ pub trait EventLog: Send + Sync + 'static {
         filter_subject: Option<&str>,
     ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError>;
 
+    /// Every event of `stream` matching `filter_subject`, from `from` on, as it is stored: old
+    /// ones first, then each new one as soon as the log holds it, in stream order, each once.
+    /// The stream never ends by itself (drop it to stop): one long-lived reader for a tail,
+    /// instead of a replay (a new consumer on JetStream) per look. After an error the caller
+    /// follows again from after the last event it got.
+    async fn follow(
+        &self,
+        stream: &str,
+        from: ReplayFrom,
+        filter_subject: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError>;
+
     /// Reads one event by sequence.
     async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError>;
 
