@@ -2,7 +2,8 @@
 //! log): only the recipient reads a message and the log holds no plaintext; any altered byte
 //! is refused; rotation overlap and revocation; an offline recipient gets everything in order
 //! and, after acks, exactly once, across a gateway restart; duplicates, replays, expiry and bad
-//! input get clear statuses; tenants are kept apart.
+//! input get clear statuses; tenants are kept apart; a SendBatch answers each envelope as Send
+//! would and keeps each pair's order.
 use std::time::Duration;
 
 use creto_domain::messaging::envelope;
@@ -25,6 +26,7 @@ creto_replay_tests::on_both_adapters!(
     duplicates_replays_and_expiry,
     bad_input_gets_clear_statuses,
     a_message_sent_to_one_replica_reaches_a_recipient_on_another,
+    a_batch_is_answered_per_envelope_and_stored_in_order,
 );
 
 async fn agent(url: &str, id: &str) -> AgentClient {
@@ -381,6 +383,67 @@ async fn duplicates_replays_and_expiry(env: &Env) {
     running.stop().await;
 }
 
+async fn a_batch_is_answered_per_envelope_and_stored_in_order(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = agent(&url, "bob").await;
+    let mut carol = agent(&url, "carol").await;
+    let to_bob = alice.recipient_keys("bob").await.unwrap();
+    let to_carol = alice.recipient_keys("carol").await.unwrap();
+
+    let older = alice.seal("bob", &to_bob, b"older").unwrap();
+    let b1 = alice.seal("bob", &to_bob, b"b1").unwrap();
+    let c1 = alice.seal("carol", &to_carol, b"c1").unwrap();
+    let b2 = alice.seal("bob", &to_bob, b"b2").unwrap();
+    let mut forged = alice.seal("carol", &to_carol, b"forged").unwrap();
+    forged.ciphertext[0] ^= 1;
+    let c2 = alice.seal("carol", &to_carol, b"c2").unwrap();
+    let b3 = alice.seal("bob", &to_bob, b"b3").unwrap();
+    let results = alice
+        .send_batch(vec![b1.clone(), c1, b2, forged, c2, b1.clone(), older, b3])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 8);
+    let ok: Vec<&pb::SendResponse> = [0, 1, 2, 4, 7]
+        .iter()
+        .map(|i| results[*i].as_ref().unwrap())
+        .collect();
+    assert!(ok.iter().all(|r| !r.duplicate));
+    // The same message again in the batch: a duplicate with its cursor.
+    let again = results[5].as_ref().unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.cursor, ok[0].cursor);
+    let forged = results[3].as_ref().unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument, "{}", forged.message());
+    // Older than what the batch already stored for the pair: a replay, refused.
+    let replayed = results[6].as_ref().unwrap_err();
+    assert_eq!(
+        replayed.code(),
+        Code::FailedPrecondition,
+        "{}",
+        replayed.message()
+    );
+    // Each pair in the order given, whatever the order between pairs.
+    assert!(ok[0].cursor < ok[2].cursor && ok[2].cursor < ok[4].cursor);
+    assert!(ok[1].cursor < ok[3].cursor);
+    for (who, want) in [
+        (&mut bob, vec![&b"b1"[..], b"b2", b"b3"]),
+        (&mut carol, vec![&b"c1"[..], b"c2"]),
+    ] {
+        let mut inbox = who.receive(0).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = next(&mut inbox, Duration::from_millis(700)).await {
+            got.push(who.open(&m).await.unwrap().plaintext);
+        }
+        assert_eq!(got, want);
+    }
+    // Too many envelopes: the whole call is refused.
+    let too_many = vec![pb::Envelope::default(); creto_gateways::messaging::service::MAX_BATCH + 1];
+    let (c, m) = code(alice.send_batch(too_many).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    running.stop().await;
+}
+
 async fn bad_input_gets_clear_statuses(env: &Env) {
     let (running, url) = env.start_messaging().await;
     let mut alice = agent(&url, "alice").await;
@@ -613,6 +676,20 @@ async fn tenants_are_isolated() {
     assert_eq!(c, Code::PermissionDenied, "{m}");
     let (c, _) = code(impostor.register().await.unwrap_err());
     assert_eq!(c, Code::PermissionDenied);
+    // In a batch too each envelope is checked: Bob's own goes through, one as Alice does not.
+    let to_bob = impostor.recipient_keys("bob").await.unwrap();
+    let as_alice = impostor.seal("bob", &to_bob, b"batched, as alice").unwrap();
+    let to_alice = as_bob.recipient_keys("alice").await.unwrap();
+    let own = as_bob.seal("alice", &to_alice, b"batched, as bob").unwrap();
+    let results = as_bob.send_batch(vec![as_alice, own]).await.unwrap();
+    let refused = results[0].as_ref().unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::PermissionDenied,
+        "{}",
+        refused.message()
+    );
+    assert!(results[1].is_ok(), "{:?}", results[1]);
     assert!(as_bob.receive(0).await.is_ok());
 
     // No token at all.

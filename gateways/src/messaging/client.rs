@@ -251,6 +251,29 @@ impl AgentClient {
             .into_inner())
     }
 
+    /// Sends several envelopes in one call (at most 1,000): one answer per envelope, in order,
+    /// each what Send would have answered.
+    pub async fn send_batch(
+        &mut self,
+        envelopes: Vec<pb::Envelope>,
+    ) -> Result<Vec<Result<pb::SendResponse, Status>>, ClientError> {
+        Ok(self
+            .rpc
+            .send_batch(pb::SendBatchRequest { envelopes })
+            .await?
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|r| match r.code {
+                0 => Ok(pb::SendResponse {
+                    cursor: r.cursor,
+                    duplicate: r.duplicate,
+                }),
+                code => Err(Status::new(tonic::Code::from(code), r.message)),
+            })
+            .collect())
+    }
+
     /// This agent's messages after `after_cursor` (0: after the last acknowledged one).
     pub async fn receive(
         &mut self,

@@ -14,17 +14,16 @@ use creto_streams::headers::{content_types, names};
 use creto_streams::{
     AppendEvent, Catalog, EventLog, Headers, LogError, ReplayFrom, StoredEvent, MESSAGING,
 };
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::sync::{broadcast, mpsc, watch};
 use tonic::Status;
 
 use super::metrics;
 use crate::log_status::log_status;
 
-/// How often the tail looks for messages other replicas stored (a Send on this replica wakes
-/// it at once). An empty look is one stream-info request.
-pub const TAIL_POLL: Duration = Duration::from_millis(20);
+/// How long the tail waits before following the log again after an error.
+const TAIL_RETRY: Duration = Duration::from_millis(200);
 
 /// Messages a slow session may fall behind the tail before it catches up from the log.
 const SESSION_BUFFER: usize = 1024;
@@ -91,8 +90,6 @@ pub struct Queues {
     pub catalog: Catalog,
     pub stream: String,
     pub hub: Arc<Hub>,
-    /// Wakes the tail after a Send on this replica.
-    pub stored: Arc<Notify>,
     /// Ends every Receive stream when the product stops (a graceful shutdown waits for open
     /// streams).
     stopping: watch::Sender<bool>,
@@ -105,7 +102,6 @@ impl Queues {
             log,
             catalog,
             hub: Arc::new(Hub::default()),
-            stored: Arc::new(Notify::new()),
             stopping: watch::channel(false).0,
         }
     }
@@ -206,35 +202,62 @@ impl Queues {
         ))
     }
 
-    /// The one reader of the message subjects on this replica: reads what was stored (by any
+    /// Hands a stored message to its recipient's sessions on this replica.
+    fn to_sessions(&self, event: StoredEvent) {
+        let logical = self.catalog.strip(&event.subject).to_string();
+        let mut tokens = logical.split('.').skip(2);
+        if let (Some(tenant), Some(recipient)) = (tokens.next(), tokens.next()) {
+            self.hub.publish(tenant, recipient, Arc::new(event));
+        }
+    }
+
+    /// The one reader of the message subjects on this replica: follows what is stored (by any
     /// replica) in stream order and hands each message to its recipient's sessions, so a
-    /// thousand connected recipients cost one log reader, not a thousand.
+    /// thousand connected recipients cost one log reader, not a thousand. One long-lived
+    /// follow (one consumer on JetStream) for the life of the replica, not one per look.
     pub async fn tail(self, mut shutdown: watch::Receiver<bool>) {
         let filter = self.catalog.subject("messaging.msg.>");
-        let mut after = self.log.last_sequence(&self.stream).await.unwrap_or(0);
-        loop {
+        let mut after = loop {
+            match self.log.last_sequence(&self.stream).await {
+                Ok(last) => break last,
+                Err(e) => {
+                    tracing::warn!(error = %e, "messaging tail cannot read the log; retrying")
+                }
+            }
             tokio::select! {
-                _ = tokio::time::sleep(TAIL_POLL) => {}
-                _ = self.stored.notified() => {}
+                _ = tokio::time::sleep(TAIL_RETRY) => {}
                 _ = shutdown.changed() => return,
             }
-            let events = self
+        };
+        loop {
+            match self
                 .log
-                .replay(
-                    &self.stream,
-                    ReplayFrom::Sequence(after + 1),
-                    None,
-                    Some(&filter),
-                )
-                .await;
-            let Ok(mut events) = events else { continue };
-            while let Ok(Some(event)) = events.try_next().await {
-                after = event.sequence;
-                let logical = self.catalog.strip(&event.subject).to_string();
-                let mut tokens = logical.split('.').skip(2);
-                if let (Some(tenant), Some(recipient)) = (tokens.next(), tokens.next()) {
-                    self.hub.publish(tenant, recipient, Arc::new(event));
+                .follow(&self.stream, ReplayFrom::Sequence(after + 1), Some(&filter))
+                .await
+            {
+                Ok(mut events) => loop {
+                    tokio::select! {
+                        next = events.next() => match next {
+                            Some(Ok(event)) => {
+                                after = event.sequence;
+                                self.to_sessions(event);
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, after, "messaging tail interrupted; following again");
+                                break;
+                            }
+                            None => break,
+                        },
+                        _ = shutdown.changed() => return,
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "messaging tail cannot follow the log; retrying")
                 }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TAIL_RETRY) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }

@@ -1,19 +1,26 @@
 //! The agent key directory as a read model: the `messaging.keys.<tenant>.<agent>` events
 //! folded in memory by every replica. It is caught up before any answer that could depend on
-//! a newer event (after a write, and before saying a key is unknown) and every
-//! [`REFRESH`] otherwise, so a revocation made on one replica holds on all within that time.
+//! a newer event (after a write, and before saying a key is unknown), and otherwise follows the
+//! log, so a revocation made on one replica holds on all as soon as the log holds it (after
+//! an interruption of the log, within [`REFRESH`] of its return).
 //! Throwing it away and replaying the subject rebuilds it: that is what a start does.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use creto_domain::messaging::directory::{AgentKeys, Directory};
 use creto_schemas::messaging::v1::KeyEvent;
-use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, MESSAGING};
-use futures::TryStreamExt;
+use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, StoredEvent, MESSAGING};
+use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use tokio::sync::watch;
 
+/// How long the follower waits before following again after the log failed.
 pub const REFRESH: Duration = Duration::from_millis(500);
+
+/// How long a writer waits for the follower to apply its key event before reading the log
+/// itself.
+const FOLLOWER_WAIT: Duration = Duration::from_secs(2);
 
 pub struct DirectoryView {
     log: Arc<dyn EventLog>,
@@ -22,6 +29,10 @@ pub struct DirectoryView {
     state: RwLock<State>,
     /// One catch-up at a time, so events are applied once and in order.
     catching_up: tokio::sync::Mutex<()>,
+    /// The sequence of the last key event applied, for writers waiting on the follower.
+    applied: watch::Sender<u64>,
+    /// Whether `refresh` is following the log right now.
+    following: AtomicBool,
 }
 
 #[derive(Default)]
@@ -38,6 +49,8 @@ impl DirectoryView {
             catalog,
             state: RwLock::new(State::default()),
             catching_up: tokio::sync::Mutex::new(()),
+            applied: watch::channel(0).0,
+            following: AtomicBool::new(false),
         }
     }
 
@@ -45,36 +58,62 @@ impl DirectoryView {
     pub async fn catch_up(&self) -> Result<(), LogError> {
         let _one = self.catching_up.lock().await;
         let from = self.state.read().expect("directory lock").applied_through + 1;
-        let filter = self.catalog.subject("messaging.keys.>");
         let mut events = self
             .log
             .replay(
                 &self.stream,
                 ReplayFrom::Sequence(from),
                 None,
-                Some(&filter),
+                Some(&self.filter()),
             )
             .await?;
         while let Some(event) = events.try_next().await? {
-            let logical = self.catalog.strip(&event.subject);
-            let mut tokens = logical.split('.').skip(2);
-            let (Some(tenant), Some(agent)) = (tokens.next(), tokens.next()) else {
-                continue;
-            };
-            let mut state = self.state.write().expect("directory lock");
-            state.applied_through = event.sequence;
-            match KeyEvent::decode(event.payload.as_ref()) {
-                Ok(KeyEvent { event: Some(e) }) => state
-                    .agents
-                    .entry((tenant.to_string(), agent.to_string()))
-                    .or_default()
-                    .apply(&e, event.sequence),
-                // Only the gateway appends here, after validating; anything else is skipped
-                // loudly rather than stopping the directory.
-                _ => tracing::error!(sequence = event.sequence, "undecodable key event skipped"),
-            }
+            self.apply(&event);
         }
         Ok(())
+    }
+
+    fn filter(&self) -> String {
+        self.catalog.subject("messaging.keys.>")
+    }
+
+    /// Folds one key event in, unless it was applied already. Callers hold `catching_up`.
+    fn apply(&self, event: &StoredEvent) {
+        let logical = self.catalog.strip(&event.subject);
+        let mut tokens = logical.split('.').skip(2);
+        let (Some(tenant), Some(agent)) = (tokens.next(), tokens.next()) else {
+            return;
+        };
+        let mut state = self.state.write().expect("directory lock");
+        if event.sequence <= state.applied_through {
+            return;
+        }
+        state.applied_through = event.sequence;
+        self.applied.send_replace(event.sequence);
+        match KeyEvent::decode(event.payload.as_ref()) {
+            Ok(KeyEvent { event: Some(e) }) => state
+                .agents
+                .entry((tenant.to_string(), agent.to_string()))
+                .or_default()
+                .apply(&e, event.sequence),
+            // Only the gateway appends here, after validating; anything else is skipped
+            // loudly rather than stopping the directory.
+            _ => tracing::error!(sequence = event.sequence, "undecodable key event skipped"),
+        }
+    }
+
+    /// Returns once the key event stored at `sequence` is applied: from the follower when it
+    /// runs (no read of the log), else, or if it has not within [`FOLLOWER_WAIT`], by a
+    /// catch-up.
+    pub async fn caught_up_to(&self, sequence: u64) -> Result<(), LogError> {
+        if self.following.load(Ordering::Acquire) {
+            let mut applied = self.applied.subscribe();
+            let reached = tokio::time::timeout(FOLLOWER_WAIT, applied.wait_for(|a| *a >= sequence));
+            if matches!(reached.await, Ok(Ok(_))) {
+                return Ok(());
+            }
+        }
+        self.catch_up().await
     }
 
     /// The agent's keys as of the last catch-up.
@@ -103,11 +142,46 @@ impl DirectoryView {
         Ok(self.agent(tenant, agent_id))
     }
 
-    /// Keeps the directory current until shutdown.
+    /// Keeps the directory current until shutdown: follows the key subjects (one long-lived
+    /// reader), so a key event stored by any replica is applied as soon as the log holds it.
     pub async fn refresh(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
-            if let Err(e) = self.catch_up().await {
-                tracing::warn!(error = %e, "key directory catch-up failed; retrying");
+            let from = self.state.read().expect("directory lock").applied_through + 1;
+            let followed = self
+                .log
+                .follow(
+                    &self.stream,
+                    ReplayFrom::Sequence(from),
+                    Some(&self.filter()),
+                )
+                .await;
+            match followed {
+                Ok(mut events) => {
+                    self.following.store(true, Ordering::Release);
+                    let stopped = loop {
+                        tokio::select! {
+                            next = events.next() => match next {
+                                Some(Ok(event)) => {
+                                    let _one = self.catching_up.lock().await;
+                                    self.apply(&event);
+                                }
+                                Some(Err(e)) => {
+                                    tracing::warn!(error = %e, "key directory follow interrupted; following again");
+                                    break false;
+                                }
+                                None => break false,
+                            },
+                            _ = shutdown.changed() => break true,
+                        }
+                    };
+                    self.following.store(false, Ordering::Release);
+                    if stopped {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "key directory cannot follow the log; retrying")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH) => {}

@@ -13,6 +13,7 @@ use creto_schemas::messaging::v1::messaging_service_server::MessagingService;
 use creto_schemas::messaging::v1::{key_event, KeyPurpose};
 use creto_streams::headers::{content_types, names};
 use creto_streams::{AppendEvent, Appended, Headers, LogError, ReplayFrom};
+use ed25519_dalek::VerifyingKey;
 use futures::TryStreamExt;
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +27,10 @@ use crate::log_status::log_status;
 const DEFAULT_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 const MAX_OVERLAP: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Envelopes in one SendBatch.
+pub const MAX_BATCH: usize = 1_000;
+/// Decompressed verifying keys kept (cleared whole when full).
+const VERIFYING_CACHE: usize = 100_000;
 
 /// The last message stored for a sender-recipient pair: where the next one must go.
 #[derive(Clone)]
@@ -40,6 +45,8 @@ pub struct MessagingGateway {
     pub directory: Arc<DirectoryView>,
     pub limits: MessagingLimits,
     pairs: Mutex<HashMap<String, PairState>>,
+    /// Decompressed Ed25519 keys by their registered bytes.
+    verifying: Mutex<HashMap<Vec<u8>, VerifyingKey>>,
 }
 
 /// The caller's tenant, after checking it may act as `agent_id`: callers with the `agent` role
@@ -126,6 +133,7 @@ impl MessagingGateway {
             directory,
             limits,
             pairs: Mutex::new(HashMap::new()),
+            verifying: Mutex::new(HashMap::new()),
         }
     }
 
@@ -156,8 +164,8 @@ impl MessagingGateway {
                 .with(names::TENANT, tenant),
             payload: pb::KeyEvent { event: Some(event) }.encode_to_vec().into(),
         };
-        self.queues.log.append(append).await?;
-        self.directory.catch_up().await
+        let stored = self.queues.log.append(append).await?;
+        self.directory.caught_up_to(stored.sequence()).await
     }
 
     /// Where the pair's next message goes, from memory or from the log.
@@ -239,6 +247,19 @@ impl MessagingGateway {
         envelope: pb::Envelope,
         now: DateTime<Utc>,
     ) -> Result<(u64, bool), Refusal> {
+        let checked = self.check(tenant, envelope, now).await?;
+        self.verify(&checked)?;
+        self.store(tenant, &checked).await
+    }
+
+    /// Every check that needs neither the signature nor the log: size, header, tenant, ids,
+    /// times, and the sender's and recipient's keys in the directory.
+    async fn check(
+        &self,
+        tenant: &str,
+        envelope: pb::Envelope,
+        now: DateTime<Utc>,
+    ) -> Result<Checked, Refusal> {
         if envelope.ciphertext.len() > self.limits.max_ciphertext_bytes {
             return Err(refuse(
                 "oversized",
@@ -249,7 +270,6 @@ impl MessagingGateway {
                 )),
             ));
         }
-        let started = Instant::now();
         let header = envelope::header(&envelope)?;
         if header.tenant != tenant {
             return Err(refuse(
@@ -287,15 +307,7 @@ impl MessagingGateway {
             ));
         };
         key_usable(signing, now)?;
-        let verifying = keys::verifying_key(&signing.public_key)?;
-        let verified = envelope::verify(&envelope, &verifying);
-        metrics::ENCRYPTION_SECONDS
-            .with_label_values(&[suite::ALGORITHM_LABEL])
-            .observe(started.elapsed().as_secs_f64());
-        metrics::SIGNATURE_VERIFICATIONS
-            .with_label_values(&[if verified.is_ok() { "valid" } else { "invalid" }])
-            .inc();
-        verified?;
+        let verifying = self.verifying_key(&signing.public_key)?;
 
         let recipient = self
             .directory
@@ -312,19 +324,70 @@ impl MessagingGateway {
                 None => return Err(unknown("encryption", &header.recipient_agent_id, key_id)),
             }
         }
-
         let subject = self.queues.message_subject(
             tenant,
             &header.recipient_agent_id,
             &header.sender_agent_id,
         );
-        let bytes = envelope.encode_to_vec();
+        Ok(Checked {
+            subject,
+            bytes: envelope.encode_to_vec(),
+            envelope,
+            header,
+            verifying,
+        })
+    }
+
+    /// The decompressed key for registered key bytes (decompressing costs about a quarter of a
+    /// verification, and a sender signs many messages with one key).
+    fn verifying_key(&self, public_key: &[u8]) -> Result<VerifyingKey, Refusal> {
+        if let Some(k) = self
+            .verifying
+            .lock()
+            .expect("verifying keys lock")
+            .get(public_key)
+        {
+            return Ok(*k);
+        }
+        let key = keys::verifying_key(public_key)?;
+        let mut cache = self.verifying.lock().expect("verifying keys lock");
+        if cache.len() >= VERIFYING_CACHE {
+            cache.clear();
+        }
+        cache.insert(public_key.to_vec(), key);
+        Ok(key)
+    }
+
+    /// The sender's signature over the envelope.
+    fn verify(&self, checked: &Checked) -> Result<(), Refusal> {
+        let started = Instant::now();
+        let verified = envelope::verify(&checked.envelope, &checked.verifying);
+        metrics::ENCRYPTION_SECONDS
+            .with_label_values(&[suite::ALGORITHM_LABEL])
+            .observe(started.elapsed().as_secs_f64());
+        metrics::SIGNATURE_VERIFICATIONS
+            .with_label_values(&[if verified.is_ok() { "valid" } else { "invalid" }])
+            .inc();
+        verified?;
+        Ok(())
+    }
+
+    /// Stores a checked, verified envelope after its pair's last message: refused when its
+    /// sequence is not ahead (a replay), answered as a duplicate when it is the same message
+    /// again. Returns (cursor, duplicate).
+    async fn store(&self, tenant: &str, checked: &Checked) -> Result<(u64, bool), Refusal> {
+        let Checked {
+            subject,
+            bytes,
+            header,
+            ..
+        } = checked;
         let mut refresh = false;
         for _ in 0..5 {
-            let pair = self.pair_state(&subject, refresh).await?;
+            let pair = self.pair_state(subject, refresh).await?;
             if header.sequence <= pair.sequence {
                 let cursor = self
-                    .resent_or_replayed(&subject, &header.message_id, &bytes)
+                    .resent_or_replayed(subject, &header.message_id, bytes)
                     .await?;
                 return Ok((cursor, true));
             }
@@ -344,13 +407,12 @@ impl MessagingGateway {
             match self.queues.log.append(append).await {
                 Ok(Appended::New { sequence }) => {
                     self.pairs.lock().expect("pairs lock").insert(
-                        subject,
+                        subject.clone(),
                         PairState {
                             stream_sequence: sequence,
                             sequence: header.sequence,
                         },
                     );
-                    self.queues.stored.notify_one();
                     return Ok((sequence, false));
                 }
                 Ok(Appended::Duplicate { sequence }) => {
@@ -380,6 +442,128 @@ impl MessagingGateway {
             }
         }
         Err(Status::aborted("concurrent sends to this recipient kept racing; retry").into())
+    }
+
+    /// SendBatch: every envelope checked and verified, then stored: the envelopes of one pair
+    /// one after the other, in the order given (each append expects the previous one's
+    /// position), different pairs at the same time (their appends pipelined on the log).
+    async fn send_many(
+        &self,
+        caller: &crate::auth::Identity,
+        envelopes: Vec<pb::Envelope>,
+        now: DateTime<Utc>,
+    ) -> Vec<(String, Sent)> {
+        let tenant = caller.tenant.as_str();
+        let mut out: Vec<(String, Option<Sent>)> = Vec::with_capacity(envelopes.len());
+        let mut checked: Vec<(usize, Checked)> = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let (label, allowed) = sender_of(caller, &envelope);
+            let i = out.len();
+            out.push((label, None));
+            let result = match allowed {
+                Err(status) => Err(refuse("forbidden", status)),
+                Ok(()) => match self.check(tenant, envelope, now).await {
+                    Ok(c) => match self.verify(&c) {
+                        Ok(()) => {
+                            checked.push((i, c));
+                            continue;
+                        }
+                        Err(r) => Err(r),
+                    },
+                    Err(r) => Err(r),
+                },
+            };
+            out[i].1 = Some(result);
+        }
+        // One chain per subject, in the order given; the chains run together.
+        let mut chains: Vec<Vec<(usize, Checked)>> = Vec::new();
+        let mut by_subject: HashMap<String, usize> = HashMap::new();
+        for (i, c) in checked {
+            let n = *by_subject.entry(c.subject.clone()).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[n].push((i, c));
+        }
+        let stored = futures::future::join_all(chains.into_iter().map(|chain| async move {
+            let mut results = Vec::with_capacity(chain.len());
+            let mut broken = false;
+            for (i, c) in chain {
+                if broken {
+                    // Storing it would put it before the one that failed: the sender resends
+                    // from that one, in order.
+                    results.push((
+                        i,
+                        Err(refuse(
+                            "error",
+                            Status::aborted(
+                                "not stored: an earlier envelope of this sender and recipient in the batch failed; resend from that one",
+                            ),
+                        )),
+                    ));
+                    continue;
+                }
+                let result = self.store(tenant, &c).await;
+                broken = result.as_ref().is_err_and(|r| {
+                    matches!(
+                        r.status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Aborted | tonic::Code::Internal
+                    )
+                });
+                results.push((i, result));
+            }
+            results
+        }))
+        .await;
+        for (i, result) in stored.into_iter().flatten() {
+            out[i].1 = Some(result);
+        }
+        out.into_iter()
+            .map(|(label, r)| (label, r.expect("every envelope answered")))
+            .collect()
+    }
+}
+
+/// What one Send did: (cursor, duplicate), or why it was refused.
+type Sent = Result<(u64, bool), Refusal>;
+
+/// What a checked envelope carries to verification and storage.
+struct Checked {
+    subject: String,
+    bytes: Vec<u8>,
+    envelope: pb::Envelope,
+    header: pb::EnvelopeHeader,
+    verifying: VerifyingKey,
+}
+
+/// The metrics label of an envelope's sender ("unknown" until its header decodes) and whether
+/// the caller may send as that agent.
+fn sender_of(
+    caller: &crate::auth::Identity,
+    envelope: &pb::Envelope,
+) -> (String, Result<(), Status>) {
+    let sender = pb::EnvelopeHeader::decode(envelope.header.as_slice())
+        .ok()
+        .map(|h| h.sender_agent_id)
+        .filter(|s| domain::check_agent_id(s).is_ok())
+        .unwrap_or_else(|| "unknown".into());
+    let operator = caller.roles.iter().any(|r| r == "admin" || r == "operator");
+    let allowed = if !operator && caller.subject != sender {
+        Err(Status::permission_denied(format!(
+            "this token acts for agent {:?}, not {sender:?}; use a token issued with --subject {sender}",
+            caller.subject
+        )))
+    } else {
+        Ok(())
+    };
+    (metrics::agent_label(&caller.tenant, &sender), allowed)
+}
+
+fn outcome_label(outcome: &Result<(u64, bool), Refusal>) -> &'static str {
+    match outcome {
+        Ok((_, false)) => "accepted",
+        Ok((_, true)) => "duplicate",
+        Err(r) => r.reason,
     }
 }
 
@@ -618,32 +802,61 @@ impl MessagingService for MessagingGateway {
         let Some(envelope) = request.get_ref().envelope.as_ref() else {
             return Err(invalid("envelope is required".into()));
         };
-        // The label is the header's sender once it decodes; before that, "unknown".
-        let sender = pb::EnvelopeHeader::decode(envelope.header.as_slice())
-            .ok()
-            .map(|h| h.sender_agent_id)
-            .filter(|s| domain::check_agent_id(s).is_ok())
-            .unwrap_or_else(|| "unknown".into());
-        let label = metrics::agent_label(&tenant(&request)?, &sender);
-        let tenant = match acting_as(&request, &sender) {
-            Ok(t) => t,
-            Err(status) => {
-                metrics::SENT
-                    .with_label_values(&[&label, "forbidden"])
-                    .inc();
-                return Err(status);
-            }
-        };
+        let caller = crate::auth::layer::caller(&request)?;
+        let (label, allowed) = sender_of(caller, envelope);
+        if let Err(status) = allowed {
+            metrics::SENT
+                .with_label_values(&[&label, "forbidden"])
+                .inc();
+            return Err(status);
+        }
+        let tenant = caller.tenant.clone();
         let envelope = request.into_inner().envelope.unwrap_or_default();
         let outcome = self.send_checked(&tenant, envelope, Utc::now()).await;
-        let status = match &outcome {
-            Ok((_, false)) => "accepted",
-            Ok((_, true)) => "duplicate",
-            Err(r) => r.reason,
-        };
-        metrics::SENT.with_label_values(&[&label, status]).inc();
+        metrics::SENT
+            .with_label_values(&[&label, outcome_label(&outcome)])
+            .inc();
         let (cursor, duplicate) = outcome.map_err(|r| r.status)?;
         Ok(Response::new(pb::SendResponse { cursor, duplicate }))
+    }
+
+    async fn send_batch(
+        &self,
+        request: Request<pb::SendBatchRequest>,
+    ) -> Result<Response<pb::SendBatchResponse>, Status> {
+        let caller = crate::auth::layer::caller(&request)?.clone();
+        let envelopes = request.into_inner().envelopes;
+        if envelopes.len() > MAX_BATCH {
+            return Err(invalid(format!(
+                "a batch holds at most {MAX_BATCH} envelopes, not {}; split it",
+                envelopes.len()
+            )));
+        }
+        let results = self
+            .send_many(&caller, envelopes, Utc::now())
+            .await
+            .into_iter()
+            .map(|(label, outcome)| {
+                metrics::SENT
+                    .with_label_values(&[&label, outcome_label(&outcome)])
+                    .inc();
+                match outcome {
+                    Ok((cursor, duplicate)) => pb::SendResult {
+                        cursor,
+                        duplicate,
+                        code: 0,
+                        message: String::new(),
+                    },
+                    Err(r) => pb::SendResult {
+                        cursor: 0,
+                        duplicate: false,
+                        code: r.status.code() as i32,
+                        message: r.status.message().to_string(),
+                    },
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::SendBatchResponse { results }))
     }
 
     type ReceiveStream = ReceiverStream<Result<pb::ReceivedMessage, Status>>;
