@@ -4,7 +4,6 @@
 //! keep using the old tables. At the end, one transaction holding the projection lock catches
 //! up to the live checkpoint and swaps the tables: readers see the old or the new model, never
 //! a mix. An interrupted rebuild resumes from the side schema's own checkpoint.
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use creto_streams::{EventLog, ReplayFrom, StoredEvent};
 use futures::StreamExt;
 use sqlx::{Executor, PgPool};
 
+use crate::metering::projector::{seen_key, BulkBatch, SeenKeys};
 use crate::metering::MeteringProjector;
 use crate::postgres::{quote_ident, BILLING_DDL, CHECKPOINT_DDL, METERING_DDL};
 use crate::runner::{ProjectionError, Projector};
@@ -30,7 +30,22 @@ pub const METERING_RELATIONS: &[(&str, &str)] = &[
 ];
 
 pub const REBUILD_SCHEMA: &str = "metering_rebuild";
+
 const RETIRED_SCHEMA: &str = "metering_retired";
+
+/// `(table, primary key)` dropped in the side schema for the load and built in the finishing
+/// phase, with the columns in [`primary_key`].
+const KEYS_BUILT_AT_THE_END: [(&str, &str); 2] = [
+    ("metering_events", "metering_events_pkey"),
+    ("usage_hourly", "usage_hourly_pkey"),
+];
+
+fn primary_key(table: &str) -> &'static str {
+    match table {
+        "metering_events" => "tenant, subscription_id, event_id",
+        _ => "tenant, subscription_id, event_type, hour",
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -76,13 +91,12 @@ pub async fn prepare_metering(
         tx.execute(CHECKPOINT_DDL).await?;
         tx.execute(METERING_DDL).await?;
         tx.execute(BILLING_DDL).await?;
-        // Load with the primary key only (it deduplicates); secondary indexes are built once
-        // at the end, which is several times faster than maintaining them row by row.
-        tx.execute(
-            format!("ALTER TABLE {schema}.metering_events DROP CONSTRAINT metering_events_pkey")
-                .as_str(),
-        )
-        .await?;
+        // Load without keys or indexes (the loader deduplicates): building them once at the
+        // end is several times faster than maintaining them row by row.
+        for (table, key) in KEYS_BUILT_AT_THE_END {
+            tx.execute(format!("ALTER TABLE {schema}.{table} DROP CONSTRAINT {key}").as_str())
+                .await?;
+        }
         for (name, _) in secondary_indexes() {
             tx.execute(format!("DROP INDEX {schema}.{}", quote_ident(&name)).as_str())
                 .await?;
@@ -126,22 +140,106 @@ pub async fn catch_up(
             None,
         )
         .await?;
-    // Resuming after the finishing phase: the keys and `usage_hourly` exist and must be kept
-    // current row by row, as the live projector does.
     let built = finished_building(projector.pool()).await?;
+    if built {
+        return apply_in_batches(events, projector, batch, |report, applied| {
+            progress(Progress {
+                applied_to: report.checkpoint,
+                target,
+                events: applied,
+                elapsed: started.elapsed(),
+            })
+        })
+        .await;
+    }
     // Keys already loaded (non-empty when resuming an interrupted rebuild).
-    let mut seen: HashSet<(String, String, String)> = if built {
-        HashSet::new()
-    } else {
-        sqlx::query_as(&format!(
-            "SELECT tenant, subscription_id, event_id FROM {}.metering_events",
-            quote_ident(projector.schema())
-        ))
-        .fetch_all(projector.pool())
-        .await?
-        .into_iter()
-        .collect()
+    let seen: SeenKeys = sqlx::query_as::<_, (String, String, String)>(&format!(
+        "SELECT tenant, subscription_id, event_id FROM {}.metering_events",
+        quote_ident(projector.schema())
+    ))
+    .fetch_all(projector.pool())
+    .await?
+    .into_iter()
+    .map(|(t, s, i)| seen_key(&t, &s, &i))
+    .collect();
+    // Three stages, each on its own core when one is free: this task reads the log, a
+    // blocking thread decodes and deduplicates (in log order: the first occurrence wins, as
+    // live), a writer task streams COPYs. Batches are written one at a time, in order, so the
+    // side schema's checkpoint never passes a gap.
+    let (to_decoder, mut read) = tokio::sync::mpsc::channel::<Vec<StoredEvent>>(2);
+    let (to_writer, mut decoded) = tokio::sync::mpsc::channel::<BulkBatch>(2);
+    let (reports, mut written) = tokio::sync::mpsc::unbounded_channel();
+    let decoder = {
+        let decoder = projector.bulk_decoder();
+        let mut seen = seen;
+        tokio::task::spawn_blocking(move || {
+            while let Some(events) = read.blocking_recv() {
+                if to_writer
+                    .blocking_send(decoder.prepare(&events, &mut seen))
+                    .is_err()
+                {
+                    return; // the writer failed: its error is returned below
+                }
+            }
+        })
     };
+    let writer = {
+        let writer = projector.bulk_writer();
+        tokio::spawn(async move {
+            while let Some(b) = decoded.recv().await {
+                let events = b.events;
+                let report = writer.write_bulk(b).await?;
+                let _ = reports.send((report, events));
+            }
+            Ok::<_, ProjectionError>(())
+        })
+    };
+    let mut applied = 0u64;
+    let mut report_progress = |written: &mut tokio::sync::mpsc::UnboundedReceiver<_>| {
+        while let Ok((report, n)) = written.try_recv() {
+            let report: crate::runner::ApplyReport = report;
+            applied += n;
+            progress(Progress {
+                applied_to: report.checkpoint,
+                target,
+                events: applied,
+                elapsed: started.elapsed(),
+            });
+        }
+    };
+    let mut buffer: Vec<StoredEvent> = Vec::with_capacity(batch);
+    let mut read_all = false;
+    while !read_all {
+        match events.next().await {
+            Some(e) => buffer.push(e?),
+            None => read_all = true,
+        }
+        if buffer.len() >= batch || (read_all && !buffer.is_empty()) {
+            let full = std::mem::replace(&mut buffer, Vec::with_capacity(batch));
+            if to_decoder.send(full).await.is_err() {
+                break; // a later stage stopped: its error is returned below
+            }
+            report_progress(&mut written);
+        }
+    }
+    drop(to_decoder);
+    let finished = writer.await;
+    decoder
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    finished.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    report_progress(&mut written);
+    Ok(applied)
+}
+
+/// Applies `events` through the live path in batches (a rebuild resumed after its finishing
+/// phase: the keys and `usage_hourly` exist and are kept current row by row).
+async fn apply_in_batches(
+    mut events: futures::stream::BoxStream<'static, Result<StoredEvent, creto_streams::LogError>>,
+    projector: &MeteringProjector,
+    batch: usize,
+    mut progress: impl FnMut(&crate::runner::ApplyReport, u64),
+) -> Result<u64, ProjectionError> {
     let mut buffer: Vec<StoredEvent> = Vec::with_capacity(batch);
     let mut applied = 0u64;
     loop {
@@ -151,19 +249,10 @@ pub async fn catch_up(
             buffer.push(e?);
         }
         if buffer.len() >= batch || (end && !buffer.is_empty()) {
-            let report = if built {
-                projector.apply(&buffer).await?
-            } else {
-                projector.bulk_load(&buffer, &mut seen).await?
-            };
+            let report = projector.apply(&buffer).await?;
             applied += buffer.len() as u64;
             buffer.clear();
-            progress(Progress {
-                applied_to: report.checkpoint,
-                target,
-                events: applied,
-                elapsed: started.elapsed(),
-            });
+            progress(&report, applied);
         }
         if end {
             return Ok(applied);
@@ -215,13 +304,49 @@ async fn relation_exists(pool: &PgPool, name: &str) -> Result<bool, ProjectionEr
         .await?)
 }
 
+/// Memory for the finishing phase's sorts and aggregation, per statement. The defaults (64 MB
+/// and 4 MB) spill a million-row index build or GROUP BY to temporary files; a rebuild is an
+/// operator's batch job and these are set for its own transactions only.
+const FINISHING_MEMORY: &str =
+    "SET LOCAL maintenance_work_mem = '256MB'; SET LOCAL work_mem = '256MB'";
+
 /// Runs `statements` in one transaction with the side schema first on the search path.
 async fn run_in_side_schema(pool: &PgPool, statements: &str) -> Result<(), ProjectionError> {
     let mut tx = pool.begin().await?;
     tx.execute(format!("SET LOCAL search_path TO {}", quote_ident(REBUILD_SCHEMA)).as_str())
         .await?;
+    tx.execute(FINISHING_MEMORY).await?;
     tx.execute(statements).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Builds `table`'s primary key (unless it exists) as a unique index, then makes it the key.
+async fn build_key(pool: &PgPool, table: &str, key: &str) -> Result<(), ProjectionError> {
+    if !relation_exists(pool, key).await? {
+        run_in_side_schema(
+            pool,
+            &format!(
+                "CREATE UNIQUE INDEX {key} ON {table} ({})",
+                primary_key(table)
+            ),
+        )
+        .await?;
+    }
+    let is_constraint: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = $1 AND connamespace = $2::regnamespace)",
+    )
+    .bind(key)
+    .bind(REBUILD_SCHEMA)
+    .fetch_one(pool)
+    .await?;
+    if !is_constraint {
+        run_in_side_schema(
+            pool,
+            &format!("ALTER TABLE {table} ADD CONSTRAINT {key} PRIMARY KEY USING INDEX {key}"),
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -237,9 +362,10 @@ async fn build_missing(pool: &PgPool, indexes: &[(String, String)]) -> Result<()
 
 /// Finishes a bulk load: the primary key, `usage_hourly` and the secondary indexes. They only
 /// read `metering_events` (CREATE INDEX takes a SHARE lock, which does not block another
-/// reader or index build), so three connections do them at once; the unique index becomes
-/// the primary key at the end. Indexes already built are kept (COPY kept them current), and
-/// `usage_hourly` is recomputed whole unless the phase had finished, so this resumes too.
+/// reader or index build), so three connections do them at once; each key is built as a
+/// unique index, then made the primary key. Indexes already built are kept (COPY kept them
+/// current), and `usage_hourly` is recomputed whole unless the phase had finished, so this
+/// resumes too.
 pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
     if finished_building(pool).await? {
         return Ok(());
@@ -248,50 +374,38 @@ pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
     let (on_events, on_hourly): (Vec<_>, Vec<_>) = secondary_indexes()
         .into_iter()
         .partition(|(_, create)| create.contains(" ON metering_events "));
-    let key = async {
-        if !relation_exists(pool, "metering_events_pkey").await? {
-            run_in_side_schema(
-                pool,
-                "CREATE UNIQUE INDEX metering_events_pkey ON metering_events (tenant, subscription_id, event_id)",
-            )
-            .await?;
-        }
-        Ok::<_, ProjectionError>(())
-    };
+    let key = build_key(pool, "metering_events", "metering_events_pkey");
     let hourly = async {
-        // From the events as corrected (voids and amends), as the live projector keeps it.
+        // From the events as corrected (voids and amends), as the live projector keeps it;
+        // straight from the events when nothing was corrected, which spares a join per row.
+        let corrected: bool = sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {schema}.metering_event_corrections)"
+        ))
+        .fetch_one(pool)
+        .await?;
+        let events = if corrected {
+            crate::metering::billing::pg::effective_events(None)
+        } else {
+            "metering_events".to_string()
+        };
         run_in_side_schema(
             pool,
             &format!("TRUNCATE usage_hourly;
              INSERT INTO usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
              SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
-             FROM {} AS metering_events GROUP BY 1, 2, 3, 4", crate::metering::billing::pg::effective_events(None)),
+             FROM {events} AS metering_events GROUP BY 1, 2, 3, 4"),
         )
         .await?;
+        build_key(pool, "usage_hourly", "usage_hourly_pkey").await?;
         build_missing(pool, &on_hourly).await
     };
     tokio::try_join!(key, build_missing(pool, &on_events), hourly)?;
-    let mut tx = pool.begin().await?;
-    let is_constraint: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'metering_events_pkey' AND connamespace = $1::regnamespace)",
-    )
-    .bind(REBUILD_SCHEMA)
-    .fetch_one(&mut *tx)
-    .await?;
-    if !is_constraint {
-        tx.execute(
-            format!("ALTER TABLE {schema}.metering_events ADD CONSTRAINT metering_events_pkey PRIMARY KEY USING INDEX metering_events_pkey")
-                .as_str(),
-        )
-        .await?;
-    }
     sqlx::query(&format!(
         "INSERT INTO {schema}.projection_checkpoints (projector, stream, last_sequence) VALUES ($1, '', 0)"
     ))
     .bind(BUILT_MARKER)
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 

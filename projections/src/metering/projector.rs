@@ -1,6 +1,7 @@
 //! Applies metering facts to Postgres in one transaction per batch: raw events (deduplicated
 //! by their key), the hourly upsert computed from the rows actually inserted, meters, and the
 //! checkpoint. Invalid events are dead-lettered with their reason and counted.
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -37,6 +38,7 @@ const DAILY_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(
 
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('creto.projection.metering'))";
 
+#[derive(Clone)]
 struct Sql {
     checkpoint: String,
     save_checkpoint: String,
@@ -205,7 +207,7 @@ impl MeteringProjector {
             ..Default::default()
         };
         for (meter, tenant, sequence) in &sorted.meters {
-            self.insert_meter(tx, meter, tenant, *sequence).await?;
+            insert_meter(tx, &self.sql.insert_meter, meter, tenant, *sequence).await?;
             report.applied += 1;
         }
         let mut columns = Columns::default();
@@ -328,85 +330,22 @@ impl MeteringProjector {
         Ok(report)
     }
 
-    /// Records a meter definition; the first definition of a slug wins, as in the log.
-    async fn insert_meter(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        meter: &creto_domain::metering::Meter,
-        tenant: &str,
-        sequence: u64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(&self.sql.insert_meter)
-            .bind(&meter.slug)
-            .bind(tenant)
-            .bind(&meter.event_type)
-            .bind(meter.aggregation.as_str())
-            .bind(meter.value_property())
-            .bind(&meter.group_by)
-            .bind(&meter.description)
-            .bind(sequence as i64)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+    /// The first half of the bulk load, for a thread of its own.
+    pub fn bulk_decoder(&self) -> BulkDecoder {
+        BulkDecoder {
+            catalog: self.catalog.clone(),
+            limits: self.limits,
+        }
     }
 
-    /// The rebuild's fast path into a side schema whose `metering_events` has no keys yet:
-    /// duplicates are dropped here, in log order (the first occurrence wins, as live), and the
-    /// rows are streamed with COPY. `usage_hourly` and the keys are built once at the end
-    /// (`rebuild::switch_over`). `seen` holds the keys loaded so far.
-    pub async fn bulk_load(
-        &self,
-        events: &[StoredEvent],
-        seen: &mut std::collections::HashSet<(String, String, String)>,
-    ) -> Result<ApplyReport, ProjectionError> {
-        let Some(last) = events.last() else {
-            return Ok(ApplyReport::default());
-        };
-        let mut report = ApplyReport {
-            checkpoint: last.sequence,
-            ..Default::default()
-        };
-        let mut rows = String::with_capacity(events.len() * 256);
-        let mut meters = Vec::new();
-        let mut billing = Vec::new();
-        for e in events {
-            match decode(e, &self.catalog, &self.limits) {
-                Decoded::Usage(r) => {
-                    if !seen.insert((r.tenant.clone(), r.subscription_id.clone(), r.id.clone())) {
-                        report.duplicates += 1;
-                        continue;
-                    }
-                    copy_row(&mut rows, r, e);
-                    report.applied += 1;
-                }
-                Decoded::MeterDefined { meter, tenant } => meters.push((meter, tenant, e.sequence)),
-                Decoded::Billing(fact) => billing.push((fact, e)),
-                Decoded::Invalid(_) => report.dead_lettered += 1,
-                Decoded::Marker => {}
-            }
+    /// The second half of the bulk load, for a task of its own.
+    pub fn bulk_writer(&self) -> BulkWriter {
+        BulkWriter {
+            pool: self.pool.clone(),
+            schema: self.schema.clone(),
+            stream: self.stream.clone(),
+            sql: self.sql.clone(),
         }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
-        let mut sink = tx.copy_in_raw(&self.sql.copy_events).await?;
-        sink.send(rows.into_bytes()).await?;
-        sink.finish().await?;
-        for (meter, tenant, sequence) in meters {
-            self.insert_meter(&mut tx, &meter, &tenant, sequence)
-                .await?;
-            report.applied += 1;
-        }
-        // usage_hourly is computed once at the end of a bulk load, corrections included.
-        report.applied += super::billing::pg::apply(&mut tx, &self.schema, &billing, false).await?;
-        sqlx::query(&self.sql.save_checkpoint)
-            .bind(PRODUCT)
-            .bind(&self.stream)
-            .bind(last.sequence as i64)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(report)
     }
 
     /// Takes the projection lock for the rest of `tx`: batches of the live projector and a
@@ -423,6 +362,137 @@ impl MeteringProjector {
             .await?;
         Ok(())
     }
+}
+
+/// A batch decoded by [`BulkDecoder::prepare`], ready for [`BulkWriter::write_bulk`].
+pub struct BulkBatch {
+    /// Events read from the log for this batch, whatever became of them.
+    pub events: u64,
+    report: ApplyReport,
+    /// COPY text rows of the new (not duplicate) usage events.
+    rows: String,
+    meters: Vec<(creto_domain::metering::Meter, String, u64)>,
+    billing: Vec<(super::billing::BillingFact, StoredEvent)>,
+}
+
+/// The idempotency key of a usage event as one string (one allocation per event). The tenant
+/// is length-prefixed and a subscription id never holds the separator, so two different keys
+/// never give the same string.
+pub fn seen_key(tenant: &str, subscription_id: &str, id: &str) -> String {
+    format!("{}:{tenant}\u{1f}{subscription_id}\u{1f}{id}", tenant.len())
+}
+
+/// Decodes batches for [`BulkWriter`].
+#[derive(Clone)]
+pub struct BulkDecoder {
+    catalog: Catalog,
+    limits: IngestLimits,
+}
+
+/// The idempotency keys a bulk load has seen ([`seen_key`]).
+pub type SeenKeys = HashSet<String, foldhash::fast::RandomState>;
+
+impl BulkDecoder {
+    /// The rebuild's fast path into a side schema whose `metering_events` has no keys yet,
+    /// first half: decodes `events` and drops duplicates here, in log order (the first
+    /// occurrence wins, as live), into COPY rows. `usage_hourly` and the keys are built once at
+    /// the end (`rebuild::switch_over`). `seen` holds the keys loaded so far. Pure CPU work, so
+    /// a rebuild prepares the next batch while [`BulkWriter::write_bulk`] streams this one.
+    pub fn prepare(&self, events: &[StoredEvent], seen: &mut SeenKeys) -> BulkBatch {
+        let mut batch = BulkBatch {
+            events: events.len() as u64,
+            report: ApplyReport {
+                checkpoint: events.last().map_or(0, |e| e.sequence),
+                ..Default::default()
+            },
+            rows: String::with_capacity(events.len() * 256),
+            meters: Vec::new(),
+            billing: Vec::new(),
+        };
+        for e in events {
+            match decode(e, &self.catalog, &self.limits) {
+                Decoded::Usage(r) => {
+                    if !seen.insert(seen_key(&r.tenant, &r.subscription_id, &r.id)) {
+                        batch.report.duplicates += 1;
+                        continue;
+                    }
+                    copy_row(&mut batch.rows, r, e);
+                    batch.report.applied += 1;
+                }
+                Decoded::MeterDefined { meter, tenant } => {
+                    batch.meters.push((meter, tenant, e.sequence))
+                }
+                Decoded::Billing(fact) => batch.billing.push((fact, e.clone())),
+                Decoded::Invalid(_) => batch.report.dead_lettered += 1,
+                Decoded::Marker => {}
+            }
+        }
+        batch
+    }
+}
+
+/// Streams batches prepared by [`BulkDecoder::prepare`] into the side schema.
+#[derive(Clone)]
+pub struct BulkWriter {
+    pool: PgPool,
+    schema: String,
+    stream: String,
+    sql: Sql,
+}
+
+impl BulkWriter {
+    /// Second half of the bulk load: one transaction streams the rows with COPY and moves the
+    /// side schema's checkpoint with them.
+    pub async fn write_bulk(&self, batch: BulkBatch) -> Result<ApplyReport, ProjectionError> {
+        let mut report = batch.report;
+        if report.checkpoint == 0 {
+            return Ok(report);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let mut sink = tx.copy_in_raw(&self.sql.copy_events).await?;
+        sink.send(batch.rows.into_bytes()).await?;
+        sink.finish().await?;
+        for (meter, tenant, sequence) in batch.meters {
+            insert_meter(&mut tx, &self.sql.insert_meter, &meter, &tenant, sequence).await?;
+            report.applied += 1;
+        }
+        let billing: Vec<_> = batch.billing.iter().map(|(f, e)| (f.clone(), e)).collect();
+        // usage_hourly is computed once at the end of a bulk load, corrections included.
+        report.applied += super::billing::pg::apply(&mut tx, &self.schema, &billing, false).await?;
+        sqlx::query(&self.sql.save_checkpoint)
+            .bind(PRODUCT)
+            .bind(&self.stream)
+            .bind(report.checkpoint as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(report)
+    }
+}
+
+/// Records a meter definition; the first definition of a slug wins, as in the log.
+async fn insert_meter(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    sql: &str,
+    meter: &creto_domain::metering::Meter,
+    tenant: &str,
+    sequence: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(sql)
+        .bind(&meter.slug)
+        .bind(tenant)
+        .bind(&meter.event_type)
+        .bind(meter.aggregation.as_str())
+        .bind(meter.value_property())
+        .bind(&meter.group_by)
+        .bind(&meter.description)
+        .bind(sequence as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// What [`MeteringProjector::apply_in`] did: the report, the usage added per key, and the
