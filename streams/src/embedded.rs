@@ -109,6 +109,17 @@ fn micros_to_time(micros: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(micros).unwrap_or_default()
 }
 
+/// What [`Stream::read_chunk`] read.
+struct Chunk {
+    items: Vec<Result<StoredEvent, LogError>>,
+    /// The sequence of the last entry read, matched by the filter or not.
+    last_read: Option<u64>,
+    /// It read [`REPLAY_CHUNK`] entries: more may follow.
+    full: bool,
+    /// The last item is a read error.
+    failed: bool,
+}
+
 struct Stream {
     name: String,
     tree: sled::Tree,
@@ -153,6 +164,40 @@ impl Stream {
             Some(v) => self.decode(seq, &v).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Reads up to [`REPLAY_CHUNK`] stored events from `from` to `to` (inclusive), keeping
+    /// those `filter` matches; a read error is the last item.
+    fn read_chunk(&self, from: u64, to: u64, filter: Option<&str>) -> Chunk {
+        let mut chunk = Chunk {
+            items: Vec::new(),
+            last_read: None,
+            full: false,
+            failed: false,
+        };
+        for (read, kv) in self
+            .tree
+            .range(msg_key(from)..=msg_key(to))
+            .take(REPLAY_CHUNK)
+            .enumerate()
+        {
+            chunk.full = read + 1 == REPLAY_CHUNK;
+            let item = kv.map_err(storage).and_then(|(k, v)| {
+                let seq = u64_at(&k, 1);
+                chunk.last_read = Some(seq);
+                self.decode(seq, &v)
+            });
+            match item {
+                Ok(e) if filter.is_some_and(|f| !subject::matches(f, &e.subject)) => {}
+                Ok(e) => chunk.items.push(Ok(e)),
+                Err(e) => {
+                    chunk.items.push(Err(e));
+                    chunk.failed = true;
+                    break;
+                }
+            }
+        }
+        chunk
     }
 
     fn decode(&self, seq: u64, bytes: &[u8]) -> Result<StoredEvent, LogError> {
@@ -828,31 +873,13 @@ impl EventLog for SledLog {
             let filter = filter.clone();
             async move {
                 let next = next?;
-                let mut items = Vec::new();
-                let mut cursor = None;
-                for kv in stream
-                    .tree
-                    .range(msg_key(next)..=msg_key(end))
-                    .take(REPLAY_CHUNK)
-                {
-                    let item = kv.map_err(storage).and_then(|(k, v)| {
-                        let seq = u64_at(&k, 1);
-                        cursor = (seq < end).then_some(seq + 1);
-                        stream.decode(seq, &v)
-                    });
-                    match item {
-                        Ok(e)
-                            if filter
-                                .as_deref()
-                                .is_some_and(|f| !subject::matches(f, &e.subject)) => {}
-                        Ok(e) => items.push(Ok(e)),
-                        Err(e) => {
-                            items.push(Err(e));
-                            cursor = None;
-                            break;
-                        }
-                    }
-                }
+                let chunk = stream.read_chunk(next, end, filter.as_deref());
+                // Past the last one read, unless it was the end or a read failed.
+                let cursor = match chunk.last_read {
+                    Some(seq) if seq < end && !chunk.failed => Some(seq + 1),
+                    _ => None,
+                };
+                let items = chunk.items;
                 Some((stream::iter(items), cursor))
             }
         });
@@ -889,35 +916,15 @@ impl EventLog for SledLog {
                         appended.changed().await.ok()?;
                         continue;
                     }
-                    let mut items = Vec::new();
-                    let mut cursor = Some(last + 1);
-                    for (read, kv) in stream
-                        .tree
-                        .range(msg_key(next)..=msg_key(last))
-                        .take(REPLAY_CHUNK)
-                        .enumerate()
-                    {
-                        let item = kv.map_err(storage).and_then(|(k, v)| {
-                            let seq = u64_at(&k, 1);
-                            // A full chunk: the next look starts right after it.
-                            if read + 1 == REPLAY_CHUNK {
-                                cursor = Some(seq + 1);
-                            }
-                            stream.decode(seq, &v)
-                        });
-                        match item {
-                            Ok(e)
-                                if filter
-                                    .as_deref()
-                                    .is_some_and(|f| !subject::matches(f, &e.subject)) => {}
-                            Ok(e) => items.push(Ok(e)),
-                            Err(e) => {
-                                items.push(Err(e));
-                                cursor = None;
-                                break;
-                            }
-                        }
-                    }
+                    let chunk = stream.read_chunk(next, last, filter.as_deref());
+                    // A full chunk: the next look starts right after it; otherwise everything
+                    // up to `last` was read.
+                    let cursor = match chunk.last_read {
+                        _ if chunk.failed => None,
+                        Some(seq) if chunk.full => Some(seq + 1),
+                        _ => Some(last + 1),
+                    };
+                    let items = chunk.items;
                     match cursor {
                         Some(c) if items.is_empty() => next = c,
                         _ => return Some((stream::iter(items), (cursor, appended))),
