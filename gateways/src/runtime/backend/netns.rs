@@ -232,6 +232,49 @@ struct In6Rtmsg {
     rtmsg_ifindex: libc::c_int,
 }
 
+/// Keeps `/run/netns` as iproute2 does: a mount point of its own, shared. Without it, the
+/// first `ip netns add` (an operator's, or another tool's) bind-mounts the directory over
+/// itself and hides the names made before under it, where they can be neither unmounted nor
+/// removed by their path (EBUSY) until the host reboots.
+fn share_run_dir() -> Result<(), String> {
+    let dir = cstr(Path::new(NETNS_DIR));
+    let mut bound = false;
+    loop {
+        // SAFETY: plain syscalls on NUL-terminated strings.
+        let shared = unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_SHARED | libc::MS_REC,
+                std::ptr::null(),
+            )
+        };
+        if shared == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        // EINVAL: not a mount point yet; make it one (once) and try again.
+        if err.raw_os_error() != Some(libc::EINVAL) || bound {
+            return Err(format!("make {NETNS_DIR} a shared mount: {err}"));
+        }
+        // SAFETY: as above.
+        let r = unsafe {
+            libc::mount(
+                dir.as_ptr(),
+                dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            return Err(errno_err(&format!("bind {NETNS_DIR} onto itself")));
+        }
+        bound = true;
+    }
+}
+
 /// Removes a namespace's name (unmount and unlink); the namespace itself goes when its last
 /// user (fd, process, socket) does.
 pub(crate) fn remove_name(path: &Path) -> Result<(), BackendError> {
@@ -289,6 +332,7 @@ impl Netns {
         let fd = OwnedFd::from(fd);
         let path = Path::new(NETNS_DIR).join(name);
         let _ = fs::create_dir_all(NETNS_DIR);
+        share_run_dir()?;
         if path.exists() {
             // A stale name of ours (a crashed process of this instance): reuse the name.
             remove_name(&path).map_err(|e| e.to_string())?;
