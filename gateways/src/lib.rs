@@ -6,6 +6,7 @@ pub mod auth;
 pub mod backfill;
 pub mod cli;
 pub mod config;
+pub mod delivery_loop;
 pub mod grpc_metrics;
 pub mod log_status;
 pub mod messaging;

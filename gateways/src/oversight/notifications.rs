@@ -57,31 +57,14 @@ pub async fn run(
         start: ReplayFrom::Time(chrono::Utc::now()),
         ..ConsumerSpec::new(DURABLE)
     };
-    let mut consumer = loop {
-        match log.consumer(&stream, spec.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(error = %e, "oversight notifier cannot open its consumer; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
-        }
+    let Some(mut consumer) =
+        crate::delivery_loop::open(&log, &stream, &spec, "oversight notifier", &mut shutdown).await
+    else {
+        return;
     };
-    loop {
-        let deliveries = tokio::select! {
-            d = consumer.fetch(16, Duration::from_millis(500)) => d,
-            _ = shutdown.changed() => return,
-        };
-        let deliveries = match deliveries {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "oversight notifier fetch failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+    while let Some(deliveries) =
+        crate::delivery_loop::next(&mut consumer, "oversight notifier", &mut shutdown).await
+    {
         for d in deliveries {
             let logical = catalog.strip(&d.event.subject).to_string();
             let mut tokens = logical.split('.').skip(2);

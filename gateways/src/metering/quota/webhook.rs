@@ -187,31 +187,14 @@ pub async fn run(
         start: ReplayFrom::Start,
         ..ConsumerSpec::new(DURABLE)
     };
-    let mut consumer = loop {
-        match log.consumer(&stream, spec.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(error = %e, "threshold webhook cannot open its consumer; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
-        }
+    let Some(mut consumer) =
+        crate::delivery_loop::open(&log, &stream, &spec, "threshold webhook", &mut shutdown).await
+    else {
+        return;
     };
-    loop {
-        let deliveries = tokio::select! {
-            d = consumer.fetch(16, Duration::from_millis(500)) => d,
-            _ = shutdown.changed() => return,
-        };
-        let deliveries = match deliveries {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "threshold webhook fetch failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+    while let Some(deliveries) =
+        crate::delivery_loop::next(&mut consumer, "threshold webhook", &mut shutdown).await
+    {
         for d in deliveries {
             if *shutdown.borrow() {
                 // The rest come back to whichever replica runs next.
