@@ -73,7 +73,8 @@ async fn main() {
     let raw = started.elapsed();
 
     // The project: the blue/green rebuild from nothing (the read models lost).
-    // In its two phases, as `enablement replay metering --rebuild` runs them.
+    // Phase by phase (load, keys and usage_hourly, switch), as `enablement replay metering
+    // --rebuild` runs them.
     eprintln!("rebuilding {n} events");
     let started = Instant::now();
     let log = env.platform.log.clone();
