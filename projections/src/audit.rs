@@ -34,7 +34,9 @@
 //! sequence of the last manifest, found by listing at start, so a crash loses nothing and
 //! duplicates nothing: the object is written before its manifest, and objects without a
 //! manifest past the checkpoint (a crash between the two puts) are deleted at start and written
-//! again. One exporter per stream must run at a time (two would fork the chain).
+//! again; a last manifest whose object is missing (an earlier exporter's late write) is removed
+//! and its range written again. One exporter per stream must run at a time (two would fork the
+//! chain).
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -327,23 +329,40 @@ impl AuditExporter {
 
     /// Finds the end of the chain in the archive and deletes objects a crash left without
     /// their manifest past it.
+    ///
+    /// The last manifest is taken only when its object is there. Written in this order, a
+    /// manifest without its object is the mark of an earlier exporter whose manifest write
+    /// landed after this recovery had deleted its object as an orphan (an aborted write still
+    /// in flight, a late S3 PUT): that link is removed and its range exported again, from the
+    /// log. Only the last link: an object missing further back is for `verify` to report.
     pub async fn recover(&self) -> Result<Tail, AuditError> {
         let prefix = stream_prefix(&self.stream);
         let listed = self.archive.list(&prefix).await?;
-        let mut last: Option<(u64, u64)> = None;
-        for o in &listed {
-            if let Some((first, l, true)) = parse_key(&prefix, &o.key) {
-                if last.is_none_or(|(_, prev)| l > prev) {
-                    last = Some((first, l));
-                }
+        let mut links: Vec<(u64, u64)> = listed
+            .iter()
+            .filter_map(|o| match parse_key(&prefix, &o.key) {
+                Some((first, last, true)) => Some((first, last)),
+                _ => None,
+            })
+            .collect();
+        links.sort_by_key(|&(first, last)| (last, first));
+        if let Some(&(first, l)) = links.last() {
+            let object = object_key(&self.stream, first, l);
+            if !listed.iter().any(|o| o.key == object) {
+                tracing::warn!(stream = %self.stream, object = %short(first, l),
+                    "the last manifest's object is missing (an interrupted export); writing the range again");
+                self.archive
+                    .delete(&manifest_key(&self.stream, first, l))
+                    .await?;
+                links.pop();
             }
         }
-        let tail = match last {
+        let tail = match links.last() {
             None => Tail {
                 last_sequence: 0,
                 manifest_sha256: ZERO_HASH.to_string(),
             },
-            Some((first, l)) => {
+            Some(&(first, l)) => {
                 let key = manifest_key(&self.stream, first, l);
                 let bytes = self.archive.get(&key).await?.ok_or_else(|| {
                     AuditError::Corrupt(format!("manifest {key} listed but absent"))
