@@ -12,7 +12,8 @@
 //!   difference, both at the original event's time.
 //!
 //! Crossed thresholds are appended (once: see `creto_projections::metering::quotas`), and each
-//! counter the tail changed is written to the cache after every catch-up: under
+//! counter the tail changed is written to the cache after every run of events (a catch-up, or what
+//! the follower had ready): under
 //! `quota-usage:{tenant}:{subscription}:{event_type}:{period start, unix seconds}` (fields
 //! `used`, decimal, and `sequence`, the stream sequence it reflects) and as the key's latest
 //! under `quota-usage:{tenant}:{subscription}:{event_type}` (plus `period_start`); then the
@@ -45,12 +46,15 @@ use creto_projections::cache::{Cache, CacheWrite};
 use creto_projections::metering::billing::{BillingFact, CorrectionKind};
 use creto_projections::metering::decode::{decode, Decoded};
 use creto_projections::metering::quotas::{decode_quota, seal_threshold, QuotaFact, ThresholdFact};
-use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, METERING};
-use futures::TryStreamExt;
+use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, StoredEvent, METERING};
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
-/// How often the tail looks for new events.
-pub const TAIL: Duration = Duration::from_millis(100);
+/// How long the tail waits before following the log again after an error.
+const FOLLOW_RETRY: Duration = Duration::from_millis(100);
+/// Events applied (and their counters written to the cache) together at most, when the
+/// follower has that many ready: one cache write per run, not per event.
+const FOLLOW_RUN: usize = 2_000;
 /// Counters outlive their period by a margin, then expire.
 const COUNTER_TTL: Duration = Duration::from_secs(40 * 24 * 3600);
 
@@ -63,6 +67,22 @@ type Latest<'a> = HashMap<(&'a str, &'a str, &'a str), (DateTime<Utc>, Quantity,
 /// Counters changed by a catch-up: (tenant, subscription, event type, period start) → (used,
 /// sequence).
 type Dirty = HashMap<(String, String, String, DateTime<Utc>), (Quantity, u64)>;
+
+/// What a run of applied events leaves to do once it ends ([`QuotaView::finish`]).
+struct Pass {
+    dirty: Dirty,
+    crossings: Vec<ThresholdFact>,
+}
+
+impl Pass {
+    /// A new run, retrying the crossings an earlier one could not append.
+    fn begin(state: &mut State) -> Pass {
+        Pass {
+            dirty: HashMap::new(),
+            crossings: std::mem::take(&mut state.pending),
+        }
+    }
+}
 
 impl State {
     fn was_counted(&self, key: &Key, hash: u64) -> bool {
@@ -258,22 +278,69 @@ impl QuotaView {
                 }
             }
         }
+        // Warm up with one replay to the end, then follow the log with one long-lived reader
+        // (not a replay per look: each is a new consumer on JetStream, which at ingest rates
+        // kept nats-server busy creating them).
+        let filter = self.catalog.subject("metering.>");
         loop {
-            let target = self.warm_target.load(Ordering::Acquire);
             match self.catch_up_to(u64::MAX).await {
-                Ok(()) => {
-                    if !self.is_warm() && self.applied() >= target {
-                        self.warm.store(true, Ordering::Release);
-                        tracing::info!(applied = self.applied(), "quota book warm");
-                    }
-                }
+                Ok(()) => self.warm_when_there(),
                 Err(e) => tracing::warn!(error = %e, "quota book catch-up failed; retrying"),
             }
+            let from = ReplayFrom::Sequence(self.applied() + 1);
+            match self.log.follow(&self.stream, from, Some(&filter)).await {
+                Ok(events) => {
+                    let mut runs = events.ready_chunks(FOLLOW_RUN);
+                    loop {
+                        tokio::select! {
+                            run = runs.next() => match run {
+                                Some(run) => {
+                                    if let Err(e) = self.apply_run(run).await {
+                                        tracing::warn!(error = %e, "quota book follow interrupted; following again");
+                                        break;
+                                    }
+                                    self.warm_when_there();
+                                }
+                                None => break,
+                            },
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "quota book cannot follow the log; retrying"),
+            }
             tokio::select! {
-                _ = tokio::time::sleep(TAIL) => {}
+                _ = tokio::time::sleep(FOLLOW_RETRY) => {}
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    fn warm_when_there(&self) {
+        if !self.is_warm() && self.applied() >= self.warm_target.load(Ordering::Acquire) {
+            self.warm.store(true, Ordering::Release);
+            tracing::info!(applied = self.applied(), "quota book warm");
+        }
+    }
+
+    /// Applies the events the follower had ready (those a catch-up applied meanwhile are
+    /// skipped), then finishes the run; an error ends the run after what came before it.
+    async fn apply_run(&self, run: Vec<Result<StoredEvent, LogError>>) -> Result<(), LogError> {
+        let mut state = self.catching_up.lock().await;
+        let mut pass = Pass::begin(&mut state);
+        let mut outcome = Ok(());
+        for event in run {
+            match event {
+                Ok(e) if e.sequence <= self.applied() => {}
+                Ok(e) => self.apply_event(&mut state, &mut pass, &e).await,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        self.finish(&mut state, pass).await;
+        outcome
     }
 
     /// Makes sure everything up to `sequence` is applied (`u64::MAX`: up to the stream's end
@@ -297,139 +364,146 @@ impl QuotaView {
                 Some(&filter),
             )
             .await?;
-        let mut dirty: Dirty = HashMap::new();
-        let mut crossings: Vec<ThresholdFact> = std::mem::take(&mut state.pending);
+        let mut pass = Pass::begin(&mut state);
         while let Some(event) = events.try_next().await? {
-            let mut usage: Vec<Usage> = Vec::new();
-            if let Some(fact) = decode_quota(&self.catalog, &event) {
-                match fact {
-                    Ok(QuotaFact::Quota { tenant, event: q }) => {
-                        let (sub, key) = q.key();
-                        if !state.skips(&tenant, sub, key, event.sequence) {
-                            let mut books = self.books.write().expect("quota books lock");
-                            books
-                                .entry(tenant)
-                                .or_default()
-                                .apply(&q, event.recorded_at);
-                        }
-                    }
-                    Ok(QuotaFact::Threshold(_)) => {}
-                    Err(detail) => {
-                        tracing::warn!(sequence = event.sequence, %detail, "unreadable quota fact skipped")
+            self.apply_event(&mut state, &mut pass, &event).await;
+        }
+        drop(events);
+        self.finish(&mut state, pass).await;
+        Ok(())
+    }
+
+    /// Applies one event of the stream, in order (see the module documentation).
+    async fn apply_event(&self, state: &mut State, pass: &mut Pass, event: &StoredEvent) {
+        let mut usage: Vec<Usage> = Vec::new();
+        if let Some(fact) = decode_quota(&self.catalog, event) {
+            match fact {
+                Ok(QuotaFact::Quota { tenant, event: q }) => {
+                    let (sub, key) = q.key();
+                    if !state.skips(&tenant, sub, key, event.sequence) {
+                        let mut books = self.books.write().expect("quota books lock");
+                        books
+                            .entry(tenant)
+                            .or_default()
+                            .apply(&q, event.recorded_at);
                     }
                 }
-            } else {
-                match decode(&event, &self.catalog, &self.limits) {
-                    Decoded::Usage(r) => {
-                        let k: Key = (r.tenant, r.subscription_id, r.event_type);
-                        let h = self.hasher.hash_one((&k.0, &k.1, &r.id));
-                        let restored = state.skips(&k.0, &k.1, &k.2, event.sequence);
-                        if !restored && !state.was_counted(&k, h) {
-                            if let Ok(q) = Quantity::from_f64(r.quantity) {
-                                usage.push((k, q, r.time, Some(h)));
-                            }
+                Ok(QuotaFact::Threshold(_)) => {}
+                Err(detail) => {
+                    tracing::warn!(sequence = event.sequence, %detail, "unreadable quota fact skipped")
+                }
+            }
+        } else {
+            match decode(event, &self.catalog, &self.limits) {
+                Decoded::Usage(r) => {
+                    let k: Key = (r.tenant, r.subscription_id, r.event_type);
+                    let h = self.hasher.hash_one((&k.0, &k.1, &r.id));
+                    let restored = state.skips(&k.0, &k.1, &k.2, event.sequence);
+                    if !restored && !state.was_counted(&k, h) {
+                        if let Ok(q) = Quantity::from_f64(r.quantity) {
+                            usage.push((k, q, r.time, Some(h)));
                         }
                     }
-                    Decoded::Billing(BillingFact::Correction(c)) => {
-                        let key = (
-                            c.tenant.clone(),
-                            c.subscription_id.clone(),
-                            c.event_id.clone(),
-                        );
-                        let before = match state.corrected.get(&key) {
-                            Some(q) => *q,
-                            None => self.original_quantity(c.event_sequence).await,
-                        };
-                        let after = match c.kind {
-                            CorrectionKind::Void => 0.0,
-                            CorrectionKind::Amend => c.quantity.unwrap_or(before),
-                        };
-                        // A voided event stays voided: later corrections change nothing. An
-                        // event that did not count (no quota then) is not taken back either.
-                        let voided = state.corrected.get(&key).is_some_and(|q| q.is_nan());
-                        let usage_key: Key = (
-                            c.tenant.clone(),
-                            c.subscription_id.clone(),
-                            c.event_type.clone(),
-                        );
-                        let h = self
-                            .hasher
-                            .hash_one((&c.tenant, &c.subscription_id, &c.event_id));
-                        let counted = state.was_counted(&usage_key, h)
-                            || state.skips(
-                                &c.tenant,
-                                &c.subscription_id,
-                                &c.event_type,
-                                c.event_sequence,
-                            );
-                        let restored = state.skips(
+                }
+                Decoded::Billing(BillingFact::Correction(c)) => {
+                    let key = (
+                        c.tenant.clone(),
+                        c.subscription_id.clone(),
+                        c.event_id.clone(),
+                    );
+                    let before = match state.corrected.get(&key) {
+                        Some(q) => *q,
+                        None => self.original_quantity(c.event_sequence).await,
+                    };
+                    let after = match c.kind {
+                        CorrectionKind::Void => 0.0,
+                        CorrectionKind::Amend => c.quantity.unwrap_or(before),
+                    };
+                    // A voided event stays voided: later corrections change nothing. An
+                    // event that did not count (no quota then) is not taken back either.
+                    let voided = state.corrected.get(&key).is_some_and(|q| q.is_nan());
+                    let usage_key: Key = (
+                        c.tenant.clone(),
+                        c.subscription_id.clone(),
+                        c.event_type.clone(),
+                    );
+                    let h = self
+                        .hasher
+                        .hash_one((&c.tenant, &c.subscription_id, &c.event_id));
+                    let counted = state.was_counted(&usage_key, h)
+                        || state.skips(
                             &c.tenant,
                             &c.subscription_id,
                             &c.event_type,
-                            event.sequence,
+                            c.event_sequence,
                         );
-                        if counted && !voided && !restored {
-                            state.corrected.insert(
-                                key,
-                                if c.kind == CorrectionKind::Void {
-                                    f64::NAN
-                                } else {
-                                    after
-                                },
-                            );
-                            if let Ok(delta) = Quantity::from_f64(after - before) {
-                                if delta != Quantity::ZERO {
-                                    usage.push((
-                                        (c.tenant, c.subscription_id, c.event_type),
-                                        delta,
-                                        c.occurred_at,
-                                        None,
-                                    ));
-                                }
+                    let restored =
+                        state.skips(&c.tenant, &c.subscription_id, &c.event_type, event.sequence);
+                    if counted && !voided && !restored {
+                        state.corrected.insert(
+                            key,
+                            if c.kind == CorrectionKind::Void {
+                                f64::NAN
+                            } else {
+                                after
+                            },
+                        );
+                        if let Ok(delta) = Quantity::from_f64(after - before) {
+                            if delta != Quantity::ZERO {
+                                usage.push((
+                                    (c.tenant, c.subscription_id, c.event_type),
+                                    delta,
+                                    c.occurred_at,
+                                    None,
+                                ));
                             }
                         }
                     }
-                    _ => {}
                 }
+                _ => {}
             }
-            if !usage.is_empty() {
-                let mut books = self.books.write().expect("quota books lock");
-                for ((tenant, sub, event_type), q, time, id) in usage {
-                    let Some(book) = books.get_mut(&tenant) else {
-                        continue;
-                    };
-                    let applied = book.apply_usage(&sub, &event_type, q, time);
-                    if let Applied::Counted {
-                        period_start, used, ..
-                    } = applied
-                    {
-                        state.count(
-                            (tenant.clone(), sub.clone(), event_type.clone()),
-                            period_start,
-                            id,
-                        );
-                        for reached in applied.thresholds_reached(&sub, &event_type) {
-                            crossings.push(ThresholdFact {
-                                tenant: tenant.clone(),
-                                reached,
-                            });
-                        }
-                        dirty.insert(
-                            (
-                                tenant.clone(),
-                                sub.clone(),
-                                event_type.clone(),
-                                period_start,
-                            ),
-                            (used, event.sequence),
-                        );
-                    }
-                }
-            }
-            self.applied.store(event.sequence, Ordering::Release);
         }
-        drop(events);
-        for fact in crossings {
+        if !usage.is_empty() {
+            let mut books = self.books.write().expect("quota books lock");
+            for ((tenant, sub, event_type), q, time, id) in usage {
+                let Some(book) = books.get_mut(&tenant) else {
+                    continue;
+                };
+                let applied = book.apply_usage(&sub, &event_type, q, time);
+                if let Applied::Counted {
+                    period_start, used, ..
+                } = applied
+                {
+                    state.count(
+                        (tenant.clone(), sub.clone(), event_type.clone()),
+                        period_start,
+                        id,
+                    );
+                    for reached in applied.thresholds_reached(&sub, &event_type) {
+                        pass.crossings.push(ThresholdFact {
+                            tenant: tenant.clone(),
+                            reached,
+                        });
+                    }
+                    pass.dirty.insert(
+                        (
+                            tenant.clone(),
+                            sub.clone(),
+                            event_type.clone(),
+                            period_start,
+                        ),
+                        (used, event.sequence),
+                    );
+                }
+            }
+        }
+        self.applied.store(event.sequence, Ordering::Release);
+    }
+
+    /// After a run of events: appends the crossings, writes the changed counters to the cache
+    /// (with those a failed write left), then the watermark.
+    async fn finish(&self, state: &mut State, mut pass: Pass) {
+        for fact in pass.crossings {
             match self.log.append(seal_threshold(&self.catalog, &fact)).await {
                 Ok(a) if !a.is_duplicate() => {
                     self.raised.fetch_add(1, Ordering::Relaxed);
@@ -458,17 +532,16 @@ impl QuotaView {
             state.restored.clear();
         }
         for (k, (used, seq)) in std::mem::take(&mut state.unwritten) {
-            let newer = dirty.get(&k).is_some_and(|(_, s)| *s >= seq);
+            let newer = pass.dirty.get(&k).is_some_and(|(_, s)| *s >= seq);
             if !newer {
-                dirty.insert(k, (used, seq));
+                pass.dirty.insert(k, (used, seq));
             }
         }
-        if let Err(unwritten) = self.write_counters(dirty).await {
+        if let Err(unwritten) = self.write_counters(pass.dirty).await {
             state.unwritten = unwritten;
         } else {
             self.write_watermark().await;
         }
-        Ok(())
     }
 
     /// Everything this replica counted up to `applied` is in the cache: record it, so that a
