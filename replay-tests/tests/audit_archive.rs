@@ -262,12 +262,13 @@ async fn a_crashed_exporter_resumes_without_gaps_or_duplicates() {
     };
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut total = append_usage(&env, 2_000, 0).await;
+    let exporter =
+        || AuditExporter::new(env.platform.log.clone(), archive.clone(), &stream, config);
     for round in 0..8u64 {
-        let exporter =
-            AuditExporter::new(env.platform.log.clone(), archive.clone(), &stream, config);
+        let running = exporter();
         let task = tokio::spawn({
             let rx = stop_rx.clone();
-            async move { exporter.run(false, rx).await }
+            async move { running.run(false, rx).await }
         });
         tokio::time::sleep(Duration::from_millis(40 + 37 * round)).await;
         task.abort(); // wherever it is: between the object and its manifest included
@@ -277,11 +278,7 @@ async fn a_crashed_exporter_resumes_without_gaps_or_duplicates() {
         }
         if round == 5 {
             // What a crash between the two puts leaves: an object past the chain, no manifest.
-            let tail =
-                AuditExporter::new(env.platform.log.clone(), archive.clone(), &stream, config)
-                    .recover()
-                    .await
-                    .unwrap();
+            let tail = exporter().recover().await.unwrap();
             let orphan = object_key(&stream, tail.last_sequence + 1, tail.last_sequence + 77);
             archive
                 .put(&orphan, Bytes::from_static(b"half"), "application/gzip")
@@ -291,11 +288,7 @@ async fn a_crashed_exporter_resumes_without_gaps_or_duplicates() {
         if round == 6 {
             // What an earlier exporter's late manifest write leaves when it lands after a
             // recovery deleted its object as an orphan: the last manifest without its object.
-            let tail =
-                AuditExporter::new(env.platform.log.clone(), archive.clone(), &stream, config)
-                    .recover()
-                    .await
-                    .unwrap();
+            let tail = exporter().recover().await.unwrap();
             let suffix = format!("-{:020}.ndjson.gz", tail.last_sequence);
             let listed = archive.list(&audit::stream_prefix(&stream)).await.unwrap();
             let object = listed
