@@ -50,7 +50,8 @@ use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, StoredEvent, METERI
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
-/// How long the tail waits before following the log again after an error.
+/// How long the tail waits before following the log again after an error, and, while it
+/// follows, between retries of what a run could not finish.
 const FOLLOW_RETRY: Duration = Duration::from_millis(100);
 /// Events applied (and their counters written to the cache) together at most, when the
 /// follower has that many ready: one cache write per run, not per event.
@@ -303,6 +304,7 @@ impl QuotaView {
                                 }
                                 None => break,
                             },
+                            _ = tokio::time::sleep(FOLLOW_RETRY) => self.retry_unfinished().await,
                             _ = shutdown.changed() => return,
                         }
                     }
@@ -321,6 +323,17 @@ impl QuotaView {
             self.warm.store(true, Ordering::Release);
             tracing::info!(applied = self.applied(), "quota book warm");
         }
+    }
+
+    /// Retries what a run could not finish (a crossing not appended, counters not written)
+    /// when no new event comes to carry it.
+    async fn retry_unfinished(&self) {
+        let mut state = self.catching_up.lock().await;
+        if state.pending.is_empty() && state.unwritten.is_empty() {
+            return;
+        }
+        let pass = Pass::begin(&mut state);
+        self.finish(&mut state, pass).await;
     }
 
     /// Applies the events the follower had ready (those a catch-up applied meanwhile are
