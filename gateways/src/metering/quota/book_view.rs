@@ -12,8 +12,8 @@
 //!   difference, both at the original event's time.
 //!
 //! Crossed thresholds are appended (once: see `creto_projections::metering::quotas`), and each
-//! counter the tail changed is written to the cache after every run of events (a catch-up, or what
-//! the follower had ready): under
+//! counter the tail changed is written to the cache after every run of events (a catch-up,
+//! or what the follower had ready): under
 //! `quota-usage:{tenant}:{subscription}:{event_type}:{period start, unix seconds}` (fields
 //! `used`, decimal, and `sequence`, the stream sequence it reflects) and as the key's latest
 //! under `quota-usage:{tenant}:{subscription}:{event_type}` (plus `period_start`); then the
