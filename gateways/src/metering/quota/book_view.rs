@@ -12,8 +12,8 @@
 //!   difference, both at the original event's time.
 //!
 //! Crossed thresholds are appended (once: see `creto_projections::metering::quotas`), and each
-//! counter the tail changed is written to the cache after every run of events (a catch-up,
-//! or what the follower had ready): under
+//! counter the tail changed is written to the cache after every catch-up, and every 100 ms
+//! while the tail follows the log: under
 //! `quota-usage:{tenant}:{subscription}:{event_type}:{period start, unix seconds}` (fields
 //! `used`, decimal, and `sequence`, the stream sequence it reflects) and as the key's latest
 //! under `quota-usage:{tenant}:{subscription}:{event_type}` (plus `period_start`); then the
@@ -50,11 +50,13 @@ use creto_streams::{Catalog, EventLog, LogError, ReplayFrom, StoredEvent, METERI
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
-/// How long the tail waits before following the log again after an error, and, while it
-/// follows, between retries of what a run could not finish.
+/// How long the tail waits before following the log again after an error.
 const FOLLOW_RETRY: Duration = Duration::from_millis(100);
-/// Events applied (and their counters written to the cache) together at most, when the
-/// follower has that many ready: one cache write per run, not per event.
+/// While it follows, how often the tail appends the crossings and writes the counters its
+/// runs left (one cache write per interval, not per run: under a trickle of events each run
+/// is one event).
+const FOLLOW_FLUSH: Duration = Duration::from_millis(100);
+/// Events applied together (under one lock) at most, when the follower has that many ready.
 const FOLLOW_RUN: usize = 2_000;
 /// Counters outlive their period by a margin, then expire.
 const COUNTER_TTL: Duration = Duration::from_secs(40 * 24 * 3600);
@@ -138,6 +140,8 @@ struct State {
     restored: HashMap<Key, u64>,
     /// Counters whose write to the cache failed, written with the next ones.
     unwritten: Dirty,
+    /// The last watermark written to the cache (or that needed none: no cache).
+    watermark: u64,
 }
 
 pub struct QuotaView {
@@ -292,6 +296,8 @@ impl QuotaView {
             match self.log.follow(&self.stream, from, Some(&filter)).await {
                 Ok(events) => {
                     let mut runs = events.ready_chunks(FOLLOW_RUN);
+                    let mut flush = tokio::time::interval(FOLLOW_FLUSH);
+                    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
                         tokio::select! {
                             run = runs.next() => match run {
@@ -304,7 +310,7 @@ impl QuotaView {
                                 }
                                 None => break,
                             },
-                            _ = tokio::time::sleep(FOLLOW_RETRY) => self.retry_unfinished().await,
+                            _ = flush.tick() => self.flush_deferred().await,
                             _ = shutdown.changed() => return,
                         }
                     }
@@ -325,11 +331,14 @@ impl QuotaView {
         }
     }
 
-    /// Retries what a run could not finish (a crossing not appended, counters not written)
-    /// when no new event comes to carry it.
-    async fn retry_unfinished(&self) {
+    /// Appends the crossings and writes the counters the follower's runs left, and the
+    /// watermark when it moved (a failed write is retried at the next flush).
+    async fn flush_deferred(&self) {
         let mut state = self.catching_up.lock().await;
-        if state.pending.is_empty() && state.unwritten.is_empty() {
+        if state.pending.is_empty()
+            && state.unwritten.is_empty()
+            && self.applied() <= state.watermark
+        {
             return;
         }
         let pass = Pass::begin(&mut state);
@@ -337,7 +346,8 @@ impl QuotaView {
     }
 
     /// Applies the events the follower had ready (those a catch-up applied meanwhile are
-    /// skipped), then finishes the run; an error ends the run after what came before it.
+    /// skipped) and leaves their crossings and counters to the next flush; an error ends the
+    /// run after what came before it.
     async fn apply_run(&self, run: Vec<Result<StoredEvent, LogError>>) -> Result<(), LogError> {
         let mut state = self.catching_up.lock().await;
         let mut pass = Pass::begin(&mut state);
@@ -352,7 +362,9 @@ impl QuotaView {
                 }
             }
         }
-        self.finish(&mut state, pass).await;
+        // Applied in log order under the lock: these counters are newer than any left before.
+        state.unwritten.extend(pass.dirty);
+        state.pending.extend(pass.crossings);
         outcome
     }
 
@@ -552,23 +564,28 @@ impl QuotaView {
         }
         if let Err(unwritten) = self.write_counters(pass.dirty).await {
             state.unwritten = unwritten;
-        } else {
-            self.write_watermark().await;
+        } else if self.write_watermark().await {
+            state.watermark = self.applied();
         }
     }
 
     /// Everything this replica counted up to `applied` is in the cache: record it, so that a
     /// replica warming from the cache knows a key without a counter had no usage by then.
-    async fn write_watermark(&self) {
+    /// Whether the cache has it now (true without a cache: nothing to write).
+    async fn write_watermark(&self) -> bool {
         let Some((cache, prefix)) = &self.cache else {
-            return;
+            return true;
         };
         let write = CacheWrite::Set {
             key: watermark_key(prefix),
             value: self.applied().to_string(),
         };
-        if let Err(e) = cache.write(vec![write]).await {
-            tracing::warn!(error = %e, "quota counters watermark not written to the cache");
+        match cache.write(vec![write]).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "quota counters watermark not written to the cache");
+                false
+            }
         }
     }
 
