@@ -205,6 +205,9 @@ impl Queues {
     /// Hands a stored message to its recipient's sessions on this replica.
     fn to_sessions(&self, event: StoredEvent) {
         let logical = self.catalog.strip(&event.subject).to_string();
+        if !logical.starts_with("messaging.msg.") {
+            return;
+        }
         let mut tokens = logical.split('.').skip(2);
         if let (Some(tenant), Some(recipient)) = (tokens.next(), tokens.next()) {
             self.hub.publish(tenant, recipient, Arc::new(event));
@@ -215,8 +218,10 @@ impl Queues {
     /// replica) in stream order and hands each message to its recipient's sessions, so a
     /// thousand connected recipients cost one log reader, not a thousand. One long-lived
     /// follow (one consumer on JetStream) for the life of the replica, not one per look.
+    /// It reads the whole stream and skips what is not a message here: a `messaging.msg.>`
+    /// filter, matching one subject per sender-recipient pair, made nats-server 2.9 match it
+    /// against every pair's subject for each delivery (see `creto_streams::jetstream`).
     pub async fn tail(self, mut shutdown: watch::Receiver<bool>) {
-        let filter = self.catalog.subject("messaging.msg.>");
         let mut after = loop {
             match self.log.last_sequence(&self.stream).await {
                 Ok(last) => break last,
@@ -232,7 +237,7 @@ impl Queues {
         loop {
             match self
                 .log
-                .follow(&self.stream, ReplayFrom::Sequence(after + 1), Some(&filter))
+                .follow(&self.stream, ReplayFrom::Sequence(after + 1), None)
                 .await
             {
                 Ok(mut events) => loop {
