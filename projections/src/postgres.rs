@@ -12,6 +12,8 @@ pub const METERING_DDL: &str = include_str!("../migrations/0002_metering.sql");
 pub const CHECKPOINT_DDL: &str = include_str!("../migrations/0001_checkpoints.sql");
 /// Corrections, plans and invoices: rebuilt with the metering read model.
 pub const BILLING_DDL: &str = include_str!("../migrations/0005_billing.sql");
+/// Byte-order keys for the tables of the two files above.
+pub const METERING_KEYS_DDL: &str = include_str!("../migrations/0007_metering_byte_order_keys.sql");
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {

@@ -13,7 +13,7 @@ use sqlx::{Executor, PgPool};
 
 use crate::metering::projector::{seen_key, BulkBatch, SeenKeys};
 use crate::metering::MeteringProjector;
-use crate::postgres::{quote_ident, BILLING_DDL, CHECKPOINT_DDL, METERING_DDL};
+use crate::postgres::{quote_ident, BILLING_DDL, CHECKPOINT_DDL, METERING_DDL, METERING_KEYS_DDL};
 use crate::runner::{ProjectionError, Projector};
 
 /// Tables and views of the metering read model, moved together at the switch.
@@ -91,6 +91,7 @@ pub async fn prepare_metering(
         tx.execute(CHECKPOINT_DDL).await?;
         tx.execute(METERING_DDL).await?;
         tx.execute(BILLING_DDL).await?;
+        tx.execute(METERING_KEYS_DDL).await?;
         // Load without keys or indexes (the loader deduplicates): building them once at the
         // end is several times faster than maintaining them row by row.
         for (table, key) in KEYS_BUILT_AT_THE_END {
@@ -105,6 +106,11 @@ pub async fn prepare_metering(
     } else if !relation_exists(pool, "invoices").await? {
         // Resuming a rebuild begun before the billing tables existed.
         run_in_side_schema(pool, BILLING_DDL).await?;
+    }
+    if !byte_order_keys(pool).await? {
+        // Resuming a rebuild begun before the keys compared byte-wise: the side tables are
+        // switched in as the live ones, so they get the live collation first.
+        run_in_side_schema(pool, METERING_KEYS_DDL).await?;
     }
     Ok(MeteringProjector::in_schema(
         pool.clone(),
@@ -293,6 +299,16 @@ async fn finished_building(pool: &PgPool) -> Result<bool, ProjectionError> {
         quote_ident(REBUILD_SCHEMA)
     ))
     .bind(BUILT_MARKER)
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn byte_order_keys(pool: &PgPool) -> Result<bool, ProjectionError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1
+           AND table_name = 'metering_events' AND column_name = 'event_id' AND collation_name = 'C')",
+    )
+    .bind(REBUILD_SCHEMA)
     .fetch_one(pool)
     .await?)
 }

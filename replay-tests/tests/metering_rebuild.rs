@@ -177,6 +177,22 @@ async fn rebuilt_tables_equal_live_built_ones() {
             "{wanted} missing after the switch: {indexes:?}"
         );
     }
+    // The switched-in tables keep the byte-order keys of migration 0007.
+    let collations: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, collation_name::text
+         FROM information_schema.columns
+         WHERE table_schema = 'public' AND data_type = 'text'
+           AND column_name IN ('tenant', 'subscription_id', 'event_id', 'event_type')
+           AND table_name IN ('metering_events', 'usage_hourly',
+                              'metering_corrections', 'metering_event_corrections')",
+    )
+    .fetch_all(env.pool())
+    .await
+    .unwrap();
+    assert_eq!(collations.len(), 13, "{collations:?}");
+    for (table, column, collation) in collations {
+        assert_eq!(collation.as_deref(), Some("C"), "{table}.{column}");
+    }
     let daily: i64 = sqlx::query_scalar("SELECT sum(total_count)::int8 FROM usage_daily")
         .fetch_one(env.pool())
         .await
