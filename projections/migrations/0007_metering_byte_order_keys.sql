@@ -3,9 +3,8 @@
 --
 -- Why: these columns are identifiers (tenants, subscriptions, event ids and types, slugs),
 -- never text a person sorts by language. Under a libc locale PostgreSQL compares them with
--- strcoll and without abbreviated keys, which made every B-tree insert of the projector and
--- every index build of a rebuild several times dearer than a memcmp (measured on 1M events:
--- the events' primary key built in 6.9 s with the database's collation, 1.5 s byte-wise).
+-- strcoll and without abbreviated keys, which makes every B-tree insert of the projector and
+-- every index build of a rebuild dearer than a memcmp (figures in the README).
 -- For UTF-8 text, byte order is code point order, which is also what C.UTF-8 sorts by, so
 -- the order of answers does not change on such databases.
 --
