@@ -204,10 +204,12 @@ impl Queues {
 
     /// Hands a stored message to its recipient's sessions on this replica.
     fn to_sessions(&self, event: StoredEvent) {
-        let logical = self.catalog.strip(&event.subject).to_string();
+        let logical = self.catalog.strip(&event.subject);
+        // Acks, expiries and keys pass through too: skipped before any allocation.
         if !logical.starts_with("messaging.msg.") {
             return;
         }
+        let logical = logical.to_string();
         let mut tokens = logical.split('.').skip(2);
         if let (Some(tenant), Some(recipient)) = (tokens.next(), tokens.next()) {
             self.hub.publish(tenant, recipient, Arc::new(event));
