@@ -286,14 +286,13 @@ impl QuotaView {
         // Warm up with one replay to the end, then follow the log with one long-lived reader
         // (not a replay per look: each is a new consumer on JetStream, which at ingest rates
         // kept nats-server busy creating them).
-        let filter = self.catalog.subject("metering.>");
         loop {
             match self.catch_up_to(u64::MAX).await {
                 Ok(()) => self.warm_when_there(),
                 Err(e) => tracing::warn!(error = %e, "quota book catch-up failed; retrying"),
             }
             let from = ReplayFrom::Sequence(self.applied() + 1);
-            match self.log.follow(&self.stream, from, Some(&filter)).await {
+            match self.log.follow(&self.stream, from, None).await {
                 Ok(events) => {
                     let mut runs = events.ready_chunks(FOLLOW_RUN);
                     let mut flush = tokio::time::interval(FOLLOW_FLUSH);
@@ -379,15 +378,9 @@ impl QuotaView {
             return Ok(());
         }
         let from = self.applied() + 1;
-        let filter = self.catalog.subject("metering.>");
         let mut events = self
             .log
-            .replay(
-                &self.stream,
-                ReplayFrom::Sequence(from),
-                None,
-                Some(&filter),
-            )
+            .replay(&self.stream, ReplayFrom::Sequence(from), None, None)
             .await?;
         let mut pass = Pass::begin(&mut state);
         while let Some(event) = events.try_next().await? {
