@@ -40,10 +40,11 @@ const KEYS_BUILT_AT_THE_END: [(&str, &str); 2] = [
     ("usage_hourly", "usage_hourly_pkey"),
 ];
 
+/// The key columns as migration 0009 orders them (the subscription first: it says why).
 fn primary_key(table: &str) -> &'static str {
     match table {
-        "metering_events" => "tenant, subscription_id, event_id",
-        _ => "tenant, subscription_id, event_type, hour",
+        "metering_events" => "subscription_id, event_id, tenant",
+        _ => "subscription_id, event_type, tenant, hour",
     }
 }
 
@@ -346,13 +347,25 @@ async fn run_in_side_schema(pool: &PgPool, statements: &str) -> Result<(), Proje
 
 /// Builds `table`'s primary key (unless it exists) as a unique index, then makes it the key.
 async fn build_key(pool: &PgPool, table: &str, key: &str) -> Result<(), ProjectionError> {
-    if !relation_exists(pool, key).await? {
+    let columns = primary_key(table);
+    // A rebuild resumed from before migration 0009 may have built the key in the old order.
+    let built: Option<String> = sqlx::query_scalar("SELECT pg_get_indexdef(to_regclass($1))")
+        .bind(format!("{REBUILD_SCHEMA}.{key}"))
+        .fetch_one(pool)
+        .await?;
+    if built.is_some_and(|def| !def.ends_with(&format!("({columns})"))) {
         run_in_side_schema(
             pool,
             &format!(
-                "CREATE UNIQUE INDEX {key} ON {table} ({})",
-                primary_key(table)
+                "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {key}; DROP INDEX IF EXISTS {key}"
             ),
+        )
+        .await?;
+    }
+    if !relation_exists(pool, key).await? {
+        run_in_side_schema(
+            pool,
+            &format!("CREATE UNIQUE INDEX {key} ON {table} ({columns})"),
         )
         .await?;
     }
@@ -401,6 +414,9 @@ pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
     let hourly = async {
         // From the events as corrected (voids and amends), as the live projector keeps it;
         // straight from the events when nothing was corrected, which spares a join per row.
+        // The hour is the UTC hour: date_bin from a UTC midnight gives the same value as
+        // date_trunc('hour', …, 'UTC') without a time-zone conversion per row (in psql, this
+        // GROUP BY over a million events took 0.75 s instead of 1.1–1.4 s).
         let corrected: bool = sqlx::query_scalar(&format!(
             "SELECT EXISTS (SELECT 1 FROM {schema}.metering_event_corrections)"
         ))
@@ -415,7 +431,7 @@ pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
             pool,
             &format!("TRUNCATE usage_hourly;
              INSERT INTO usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
-             SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
+             SELECT tenant, subscription_id, event_type, date_bin('1 hour', occurred_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*), sum(quantity)
              FROM {events} AS metering_events GROUP BY 1, 2, 3, 4"),
         )
         .await?;

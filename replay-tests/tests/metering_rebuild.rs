@@ -47,6 +47,22 @@ async fn publish_all(env: &Env, n: usize, seed: u64) -> u64 {
     creto_replay_tests::publish_events(env, events).await
 }
 
+/// Every index on the public metering tables, as PostgreSQL would create it again.
+async fn metering_indexes(pool: &sqlx::PgPool) -> Vec<String> {
+    let tables: Vec<String> = rebuild::METERING_RELATIONS
+        .iter()
+        .map(|(_, name)| name.to_string())
+        .collect();
+    sqlx::query_scalar(
+        "SELECT indexdef::text FROM pg_indexes
+         WHERE schemaname = 'public' AND tablename = ANY($1) ORDER BY indexname",
+    )
+    .bind(&tables)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 fn projector(env: &Env, pool: &sqlx::PgPool) -> Arc<MeteringProjector> {
     Arc::new(MeteringProjector::new(
         pool.clone(),
@@ -142,6 +158,16 @@ async fn rebuilt_tables_equal_live_built_ones() {
     assert!(updates > 0);
     // Interrupted again, after the keys and usage_hourly were built: what comes after must be
     // applied row by row (usage_hourly included), not bulk-loaded.
+    // As a rebuild interrupted in its finishing phase before migration 0009 left it: the
+    // events' key built in the old column order. It is built again in the new one (checked
+    // with every index after the switch).
+    sqlx::query(&format!(
+        "CREATE UNIQUE INDEX metering_events_pkey ON {}.metering_events (tenant, subscription_id, event_id)",
+        rebuild::REBUILD_SCHEMA
+    ))
+    .execute(env.pool())
+    .await
+    .unwrap();
     rebuild::build_indexes(env.pool()).await.unwrap();
     drop(resumed);
     let resumed = env.prepare_rebuild(false).await;
@@ -151,6 +177,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
     // Readers still see the live tables until the switch.
     assert_eq!(metering_checksums(env.pool()).await, live);
 
+    let migrated = metering_indexes(env.pool()).await;
     let switched_at = rebuild::switch_over(env.pool(), &log, &resumed)
         .await
         .unwrap();
@@ -160,23 +187,10 @@ async fn rebuilt_tables_equal_live_built_ones() {
         live,
         "rebuilt tables differ from the live-built ones"
     );
-    let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
-    )
-    .fetch_all(env.pool())
-    .await
-    .unwrap();
-    for wanted in [
-        "idx_usage_hourly_subscription_hour",
-        "idx_usage_hourly_event_hour",
-        "metering_events_usage_idx",
-        "usage_daily_key",
-    ] {
-        assert!(
-            indexes.iter().any(|i| i == wanted),
-            "{wanted} missing after the switch: {indexes:?}"
-        );
-    }
+    // The switched-in tables carry exactly the indexes the migrations made (names, columns
+    // and their order: migration 0009's keys), though the rebuild built them its own way.
+    assert_eq!(metering_indexes(env.pool()).await, migrated);
+    assert!(migrated.len() >= 8, "{migrated:?}");
     // The switched-in tables keep the byte-order keys of migration 0007.
     let collations: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "SELECT table_name::text, column_name::text, collation_name::text
