@@ -4,12 +4,11 @@
 //! `cargo bench -p creto-replay-tests --bench dr_rebuild` (BENCH_EVENTS, default 100,000).
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, context::PublishAckFuture};
+use async_nats::jetstream::{self, context::PublishAckFuture};
 use chrono::{Duration as Ch, Utc};
 use creto_projections::rebuild;
 use creto_replay_tests::{cloud_event, metering_checksums, Env};
 use creto_streams::METERING;
-use futures::StreamExt;
 
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
@@ -56,21 +55,8 @@ async fn main() {
     }
 
     // Raw: an ordered pull consumer reading every message of the stream.
-    let started = Instant::now();
-    let stream = js
-        .get_stream(env.platform.catalog.stream(METERING))
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    for _ in 0..n {
-        std::hint::black_box(messages.next().await.unwrap().unwrap().payload.len());
-    }
-    drop(messages);
-    let raw = started.elapsed();
+    let (read, raw) = creto_replay_tests::raw_read(&env, METERING).await;
+    assert_eq!(read as usize, n);
 
     // The project: the blue/green rebuild from nothing (the read models lost).
     // Phase by phase (load, keys and usage_hourly, switch), as `enablement replay metering

@@ -5,13 +5,12 @@
 //! `cargo bench -p creto-replay-tests --bench metering_e2e` (BENCH_EVENTS, default 1,000,000).
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, context::PublishAckFuture};
+use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 use chrono::{Duration as Ch, Utc};
 use creto_projections::rebuild;
 use creto_replay_tests::{cloud_event, Env};
 use creto_streams::{Catalog, EventLog, METERING};
-use futures::StreamExt;
 
 const TYPES: [&str; 5] = [
     "agent.execution",
@@ -129,21 +128,8 @@ async fn main() {
     assert_eq!(stored as usize, n, "every event counted exactly once");
 
     // Rebuild rate vs a raw ordered pull consumer over the same stream.
-    let started = Instant::now();
-    let stream = js
-        .get_stream(env.platform.catalog.stream(METERING))
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    for _ in 0..n {
-        std::hint::black_box(messages.next().await.unwrap().unwrap().payload.len());
-    }
-    drop(messages);
-    let raw_consume = started.elapsed();
+    let (read, raw_consume) = creto_replay_tests::raw_read(&env, METERING).await;
+    assert!(read as usize >= n);
     let log = env.platform.log.clone();
     let started = Instant::now();
     let projector = env.prepare_rebuild(true).await;

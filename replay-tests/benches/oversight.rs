@@ -23,6 +23,9 @@
 //!    (BENCH_TIMERS_VIA=grpc) creation runs at a few dozen requests/s on nats-server 2.9 (every
 //!    catch-up of the view creates a JetStream consumer whose cost grows with the subjects in
 //!    the stream), so 10,000 take minutes and pass their own deadlines.
+//! 3. rebuild rate: `enablement replay oversight --rebuild` (every table made again from the
+//!    stream this run wrote, in one transaction) next to a raw ordered pull consumer reading
+//!    the same stream; run twice, the second must leave the same rows.
 //!
 //! `cargo bench -p creto-replay-tests --bench oversight` (BENCH_LATENCY_REQUESTS, default 500).
 use std::collections::HashMap;
@@ -36,6 +39,7 @@ use creto_domain::oversight::{request, Aggregate};
 use creto_gateways::oversight::fold::OversightView;
 use creto_gateways::oversight::notify::{webhook, Notification, NotifyConfig};
 use creto_gateways::oversight::service::request_append;
+use creto_projections::oversight;
 use creto_replay_tests::Env;
 use creto_schemas::oversight::v1 as pb;
 use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClient;
@@ -637,6 +641,18 @@ async fn main() {
         last_announced.as_secs_f64(),
         announced as f64 / last_announced.as_secs_f64().max(1e-9)
     );
+
+    // 3. Rebuild rate: every oversight table made again from the stream this run wrote.
+    creto_replay_tests::whole_rebuild_rate(&env, OVERSIGHT, oversight::TABLES, || async {
+        oversight::rebuild(
+            env.pool(),
+            env.platform.log.clone(),
+            env.platform.catalog.clone(),
+        )
+        .await
+        .unwrap()
+    })
+    .await;
     for spec in raw_catalog.specs() {
         raw_log.delete_stream(&spec.name).await.unwrap();
     }

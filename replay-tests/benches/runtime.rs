@@ -13,15 +13,20 @@
 //! 2. cold spawn: BENCH_SPAWNS `CreateSandbox` calls that do not match the pool (other
 //!    resources): network namespace, cgroups, layer, egress proxy and three events. Goal: p95
 //!    under 100 ms. Also printed: cold create + the first `Exec` of `true`.
+//! 3. rebuild rate: `enablement replay runtime --rebuild` over the stream this run wrote (a
+//!    few hundred lifecycle events: fixed costs weigh) next to a raw ordered pull consumer;
+//!    run twice, the second must leave the same rows.
 //!
 //! `cargo bench -p creto-replay-tests --bench runtime` (as root, with bubblewrap installed).
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use creto_projections::runtime;
 use creto_replay_tests::Env;
 use creto_schemas::runtime::v1 as pb;
 use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
+use creto_streams::RUNTIME;
 use tonic::transport::Channel;
 
 type Client = RuntimeServiceClient<Channel>;
@@ -226,5 +231,17 @@ async fn main() {
         coldx95 / bare95
     );
     running.stop().await;
+
+    // Rebuild rate: every runtime table made again from the stream this run wrote.
+    creto_replay_tests::whole_rebuild_rate(&env, RUNTIME, runtime::TABLES, || async {
+        runtime::rebuild(
+            env.pool(),
+            env.platform.log.clone(),
+            env.platform.catalog.clone(),
+        )
+        .await
+        .unwrap()
+    })
+    .await;
     env.drop().await;
 }

@@ -434,6 +434,67 @@ pub async fn checksum(pool: &sqlx::PgPool, table: &str, order_by: &str) -> Strin
         .unwrap()
 }
 
+/// A benchmark's baseline for a rebuild: a raw ordered pull consumer reading every message of
+/// `logical`'s stream (`METERING`, `OVERSIGHT`, ...), decoding nothing. Returns how many it
+/// read and how long that took, the consumer's creation included.
+pub async fn raw_read(env: &Env, logical: &str) -> (u64, std::time::Duration) {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let started = std::time::Instant::now();
+    let stream = js
+        .get_stream(env.platform.catalog.stream(logical))
+        .await
+        .unwrap();
+    let n = stream.cached_info().state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    for _ in 0..n {
+        std::hint::black_box(messages.next().await.unwrap().unwrap().payload.len());
+    }
+    (n, started.elapsed())
+}
+
+/// A product rebuilt whole (`enablement replay oversight|runtime --rebuild`) next to
+/// [`raw_read`] of its stream. `rebuild` runs twice: the second must leave every table as the
+/// first did (row checksums), so the figure is for a rebuild that really rebuilt.
+pub async fn whole_rebuild_rate<F, Fut>(env: &Env, logical: &str, tables: &[&str], rebuild: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let (n, raw) = raw_read(env, logical).await;
+    let started = std::time::Instant::now();
+    let checkpoint = rebuild().await;
+    let rebuilt = started.elapsed();
+    let first = table_checksums(env.pool(), tables).await;
+    assert_eq!(rebuild().await, checkpoint);
+    assert_eq!(
+        table_checksums(env.pool(), tables).await,
+        first,
+        "a second rebuild changed the tables"
+    );
+    let rate = |d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    println!(
+        "rebuild {logical}: {n} events | raw ordered consumer {:>9.0} ev/s | replay --rebuild {:>9.0} ev/s ({:.2} s) | ratio {:.2}",
+        rate(raw),
+        rate(rebuilt),
+        rebuilt.as_secs_f64(),
+        raw.as_secs_f64() / rebuilt.as_secs_f64()
+    );
+}
+
+/// A checksum of each of `tables`, over its rows in text order.
+async fn table_checksums(pool: &sqlx::PgPool, tables: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in tables {
+        out.push(checksum(pool, t, "t::text").await);
+    }
+    out
+}
+
 /// Checksums of the metering read models.
 pub async fn metering_checksums(pool: &sqlx::PgPool) -> Vec<(String, String)> {
     let mut out = Vec::new();
