@@ -39,7 +39,6 @@ use creto_domain::oversight::{request, Aggregate};
 use creto_gateways::oversight::fold::OversightView;
 use creto_gateways::oversight::notify::{webhook, Notification, NotifyConfig};
 use creto_gateways::oversight::service::request_append;
-use creto_projections::oversight;
 use creto_replay_tests::Env;
 use creto_schemas::oversight::v1 as pb;
 use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClient;
@@ -643,16 +642,7 @@ async fn main() {
     );
 
     // 3. Rebuild rate: every oversight table made again from the stream this run wrote.
-    creto_replay_tests::whole_rebuild_rate(&env, OVERSIGHT, oversight::TABLES, || async {
-        oversight::rebuild(
-            env.pool(),
-            env.platform.log.clone(),
-            env.platform.catalog.clone(),
-        )
-        .await
-        .unwrap()
-    })
-    .await;
+    creto_replay_tests::whole_rebuild_rate(&env, OVERSIGHT).await;
     for spec in raw_catalog.specs() {
         raw_log.delete_stream(&spec.name).await.unwrap();
     }

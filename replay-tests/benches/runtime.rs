@@ -22,7 +22,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use creto_projections::runtime;
 use creto_replay_tests::Env;
 use creto_schemas::runtime::v1 as pb;
 use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
@@ -233,15 +232,6 @@ async fn main() {
     running.stop().await;
 
     // Rebuild rate: every runtime table made again from the stream this run wrote.
-    creto_replay_tests::whole_rebuild_rate(&env, RUNTIME, runtime::TABLES, || async {
-        runtime::rebuild(
-            env.pool(),
-            env.platform.log.clone(),
-            env.platform.catalog.clone(),
-        )
-        .await
-        .unwrap()
-    })
-    .await;
+    creto_replay_tests::whole_rebuild_rate(&env, RUNTIME).await;
     env.drop().await;
 }

@@ -203,8 +203,6 @@ impl Env {
             .unwrap()
     }
 
-    /// The first step of `enablement replay metering --rebuild` on this environment: the side
-    /// schema (dropped first with `restart`) and the projector that loads it.
     /// The runtime on spare ports with sandboxes under `dir`, warm pool `pool` (`base=1`).
     pub async fn start_runtime(&self, dir: &std::path::Path, pool: &str) -> (Running, String) {
         let running = self.start_runtime_with(dir, pool, no_auth()).await;
@@ -247,6 +245,8 @@ impl Env {
         .unwrap()
     }
 
+    /// The first step of `enablement replay metering --rebuild` on this environment: the side
+    /// schema (dropped first with `restart`) and the projector that loads it.
     pub async fn prepare_rebuild(
         &self,
         restart: bool,
@@ -457,14 +457,30 @@ pub async fn raw_read(env: &Env, logical: &str) -> (u64, std::time::Duration) {
     (n, started.elapsed())
 }
 
-/// A product rebuilt whole (`enablement replay oversight|runtime --rebuild`) next to
-/// [`raw_read`] of its stream. `rebuild` runs twice: the second must leave every table as the
-/// first did (row checksums), so the figure is for a rebuild that really rebuilt.
-pub async fn whole_rebuild_rate<F, Fut>(env: &Env, logical: &str, tables: &[&str], rebuild: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = u64>,
-{
+/// A product rebuilt whole (`enablement replay oversight|runtime --rebuild`, `logical` is
+/// `OVERSIGHT` or `RUNTIME`) next to [`raw_read`] of its stream. The rebuild runs twice: the
+/// second must leave every table as the first did (row checksums), so the figure is for a
+/// rebuild that really rebuilt.
+pub async fn whole_rebuild_rate(env: &Env, logical: &str) {
+    use creto_projections::{oversight, runtime};
+    let (log, catalog) = (&env.platform.log, &env.platform.catalog);
+    let rebuild = || async {
+        match logical {
+            creto_streams::OVERSIGHT => {
+                oversight::rebuild(env.pool(), log.clone(), catalog.clone()).await
+            }
+            creto_streams::RUNTIME => {
+                runtime::rebuild(env.pool(), log.clone(), catalog.clone()).await
+            }
+            other => panic!("{other} is not rebuilt whole"),
+        }
+        .unwrap()
+    };
+    let tables = if logical == creto_streams::OVERSIGHT {
+        oversight::TABLES
+    } else {
+        runtime::TABLES
+    };
     let (n, raw) = raw_read(env, logical).await;
     let started = std::time::Instant::now();
     let checkpoint = rebuild().await;
