@@ -1,6 +1,8 @@
 //! Test harness: an isolated environment per test on the real services. Each gets its own
 //! PostgreSQL database, stream namespace and Redis key prefix, so tests run in parallel and a
 //! developer's data is never touched.
+pub mod drills;
+
 use std::sync::Arc;
 use std::time::Duration;
 

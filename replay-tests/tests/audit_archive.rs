@@ -14,8 +14,8 @@ use creto_projections::audit::{
 use creto_projections::metering::MeteringProjector;
 use creto_projections::rebuild;
 use creto_projections::runner::{self, RunnerConfig};
-use creto_replay_tests::{cloud_event, metering_checksums, Env};
-use creto_streams::{AppendEvent, Headers, DEADLETTERS, METERING};
+use creto_replay_tests::{cloud_event, drills, metering_checksums, Env};
+use creto_streams::{AppendEvent, Headers, DEADLETTERS, METERING, OVERSIGHT, RUNTIME};
 
 async fn s3() -> Arc<dyn Archive> {
     Arc::new(creto_replay_tests::test_archive("enablement-test").await)
@@ -381,9 +381,12 @@ async fn dr_drill_restore_from_the_archive_rebuilds_equal_read_models() {
     let originals = audit::log_events(&*log, &catalog.stream(METERING))
         .await
         .unwrap();
+    // The other products: oversight requests and runtime sandboxes, projected.
+    drills::oversight_and_runtime_activity(&env).await;
+    let others = drills::checksums(&env).await;
 
     // Continuous export, stopped (it flushes what it holds on the way out).
-    let streams: Vec<String> = [METERING, DEADLETTERS]
+    let streams: Vec<String> = [METERING, DEADLETTERS, OVERSIGHT, RUNTIME]
         .iter()
         .map(|s| catalog.stream(s))
         .collect();
@@ -468,6 +471,8 @@ async fn dr_drill_restore_from_the_archive_rebuilds_equal_read_models() {
     let switched = rebuild::switch_over(env.pool(), &log, &rebuilding)
         .await
         .unwrap();
+    drills::wipe(&env).await;
+    drills::rebuild(&env).await;
     let total = started.elapsed();
     // The restore marker follows the restored events.
     assert_eq!(switched, last + 1);
@@ -475,6 +480,11 @@ async fn dr_drill_restore_from_the_archive_rebuilds_equal_read_models() {
         metering_checksums(env.pool()).await,
         before,
         "read models rebuilt from the restored streams differ"
+    );
+    assert_eq!(
+        drills::checksums(&env).await,
+        others,
+        "oversight, runtime or quota tables rebuilt from the restored streams differ"
     );
     // Same events at the same sequences with the same recorded times.
     let after = audit::log_events(&*log, &catalog.stream(METERING))

@@ -1,7 +1,7 @@
 //! Disaster-recovery drills (ops/runbook.md): the read models are projections, so losing them
-//! whole (PostgreSQL rows and Redis counters) or killing a rebuild at any point loses nothing:
-//! replaying the stream gives back the same rows, checksum for checksum. Each drill prints
-//! its recovery time and event count.
+//! whole (every product's PostgreSQL rows and the Redis counters) or killing a rebuild at any
+//! point loses nothing: replaying the streams gives back the same rows, checksum for checksum.
+//! Each drill prints its recovery time and event count.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{Duration as Ch, Utc};
 use creto_projections::rebuild;
 use creto_projections::Projector;
-use creto_replay_tests::{cloud_event, metering_checksums, Env};
+use creto_replay_tests::{cloud_event, drills, metering_checksums, Env};
 use rand::Rng;
 use sqlx::Executor;
 
@@ -151,14 +151,19 @@ async fn drill_1_read_models_and_cache_lost_rebuilt_by_replay() {
     wait_counters_at(&env, last).await;
     let cached = counters(&env).await;
     assert!(!cached.is_empty(), "the projector keeps Redis counters");
+    // The other products' read models: oversight requests, runtime sandboxes.
+    drills::oversight_and_runtime_activity(&env).await;
+    let others = drills::checksums(&env).await;
 
-    // The disaster: every metering row and every cache key of the environment is gone.
+    // The disaster: every read model row and every cache key of the environment is gone.
     running.stop().await;
     wipe_read_models(&env).await;
+    drills::wipe(&env).await;
     flush_redis(&env).await;
     assert_eq!(rows(&env).await, 0);
     assert!(counters(&env).await.is_empty());
     assert_ne!(metering_checksums(env.pool()).await, before);
+    assert_ne!(drills::checksums(&env).await, others);
 
     // Recovery: `enablement replay metering --rebuild`, then the projector resumes (and
     // rebuilds the counters it finds behind).
@@ -169,15 +174,17 @@ async fn drill_1_read_models_and_cache_lost_rebuilt_by_replay() {
         .await
         .unwrap();
     let at = rebuild::switch_over(env.pool(), &log, &p).await.unwrap();
+    drills::rebuild(&env).await;
     let tables = started.elapsed();
     assert_eq!(at, last);
     assert_eq!(metering_checksums(env.pool()).await, before);
+    assert_eq!(drills::checksums(&env).await, others);
     let (running, _client) = env.start_metering(true).await;
     let restored = wait_counters(&env, &cached).await;
     let total = started.elapsed();
     assert_eq!(restored, cached, "Redis counters come back");
     println!(
-        "DR drill 1: {events} events replayed ({stored} rows), read models restored in {:.2} s, counters in {:.2} s total ({:.0} events/s)",
+        "DR drill 1: {events} metering events replayed ({stored} rows), with oversight, runtime and quota tables restored in {:.2} s, counters in {:.2} s total ({:.0} events/s)",
         tables.as_secs_f64(),
         total.as_secs_f64(),
         events as f64 / tables.as_secs_f64()
@@ -282,8 +289,9 @@ fn enablement_binary() -> std::path::PathBuf {
     bin
 }
 
-/// Drill 3 as an operator meets it: `enablement replay metering --rebuild`, SIGKILLed at random
-/// moments, run again until it completes; the switched tables equal the live ones.
+/// Drill 3 as an operator meets it: `enablement replay all --rebuild`, SIGKILLed at random
+/// moments, run again until it completes; the switched tables equal the live ones, and so do
+/// oversight's and runtime's (each rebuilt in one transaction: a kill leaves the old rows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
     let env = Env::new().await;
@@ -292,9 +300,11 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
     env.wait_applied(last).await;
     running.stop().await;
     let live = metering_checksums(env.pool()).await;
+    drills::oversight_and_runtime_activity(&env).await;
+    let others = drills::checksums(&env).await;
     let rebuild = |extra: &[&str]| {
         let mut c = std::process::Command::new(enablement_binary());
-        c.args(["replay", "metering", "--rebuild", "--batch", "250"])
+        c.args(["replay", "all", "--rebuild", "--batch", "250"])
             .args(extra)
             .env("NATS_URL", creto_replay_tests::nats_url())
             .env("DATABASE_URL", &env.settings.database_url)
@@ -317,6 +327,7 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
         child.wait().unwrap();
         // Readers keep the live tables while a rebuild is pending.
         assert_eq!(metering_checksums(env.pool()).await, live);
+        assert_eq!(drills::checksums(&env).await, others);
     }
     let done = rebuild(&["--json"]).output().unwrap();
     assert!(
@@ -324,13 +335,24 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
         "{}",
         String::from_utf8_lossy(&done.stdout)
     );
-    let report: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    // One JSON report per product: metering's, then oversight's and runtime's.
+    let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&done.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 3, "{reports:?}");
+    let report = &reports[0];
     assert_eq!(report["switched"], true, "{report}");
+    assert_eq!(
+        [&reports[1]["product"], &reports[2]["product"]],
+        ["oversight", "runtime"]
+    );
     assert_eq!(
         metering_checksums(env.pool()).await,
         live,
         "a rebuild SIGKILLed {kills} times differs from the live tables"
     );
+    assert_eq!(drills::checksums(&env).await, others);
     println!(
         "DR drill 3 (SIGKILL): {last} events, rebuild killed {kills} times, resumed from sequence {} and switched; recovery {:.2} s",
         report["resumed_from"],
