@@ -241,8 +241,7 @@ async fn echo_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
             tokio::spawn(async move {
                 let mut buf = [0u8; 64];
                 if let Ok(n) = s.read(&mut buf).await {
-                    let _ = s.write_all(b"echo:").await;
-                    let _ = s.write_all(&buf[..n]).await;
+                    let _ = s.write_all(&[b"echo:", &buf[..n]].concat()).await;
                 }
             });
         }
@@ -250,12 +249,20 @@ async fn echo_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// Connects, sends `ping` and prints what comes back. The answer, `echo:ping`, is 9 bytes that
+/// TCP (and the egress proxy between) may deliver in pieces: read until all are there or the
+/// peer closes (CI once saw `echo:` alone from a single recv).
 const CONNECT: &str = r#"
 import socket, sys
 try:
     s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
     s.sendall(b"ping")
-    data = s.recv(64)
+    data = b""
+    while len(data) < 9:
+        chunk = s.recv(64)
+        if not chunk:
+            break
+        data += chunk
     print(data.decode() if data else "closed")
 except Exception as e:
     print("failed:", type(e).__name__)
