@@ -160,6 +160,14 @@ pub async fn rebuild<P: InTransaction>(
 ) -> Result<(u64, ApplyReport), ProjectionError> {
     let mut tx = pool.begin().await?;
     lock::<P>(&mut tx).await?;
+    // The tables fill up inside this one transaction, so their statistics (autovacuum cannot
+    // see uncommitted rows) still describe them as they were, often empty. A prepared
+    // statement's cached generic plan, made from those statistics, then reads a request by
+    // scanning the whole table: every lookup dearer than the last (33k oversight events took
+    // 39 s). Custom plans are costed against the table's current size and use the keys.
+    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+        .execute(&mut *tx)
+        .await?;
     for table in tables {
         sqlx::query(&format!("DELETE FROM {table}"))
             .execute(&mut *tx)
