@@ -2,6 +2,10 @@
 //! dimensions) to NATS; timed until the last one is applied to `usage_hourly`. Next to it, in
 //! the same run: raw JetStream publish of the same payloads. Then the rebuild rate next to a
 //! raw ordered pull consumer over the same stream.
+//!
+//! The projector's ceiling is PostgreSQL's own work on the runbook's tables, so the run also
+//! times raw COPY of the very rows the projector wrote (the events in 5,000-row transactions,
+//! then the final `usage_hourly` rows) into copies of both tables with the same indexes.
 //! `cargo bench -p creto-replay-tests --bench metering_e2e` (BENCH_EVENTS, default 1,000,000).
 use std::time::{Duration, Instant};
 
@@ -42,6 +46,76 @@ async fn publish(js: &jetstream::Context, subjects: &[String], payloads: &[Bytes
         last = last.max(a.await.unwrap().sequence);
     }
     last
+}
+
+/// Raw PostgreSQL COPY of the rows the projector wrote into copies of `metering_events` and
+/// `usage_hourly` (same columns, indexes and fill factor): the events 5,000 rows per
+/// transaction, as the projector commits them, then the hourly rows; commits do not wait for
+/// the WAL flush, as the projector's. Only COPY is timed, not the export.
+async fn raw_copy(pool: &sqlx::PgPool) -> Duration {
+    use futures::TryStreamExt;
+    async fn export(pool: &sqlx::PgPool, table: &str) -> Vec<u8> {
+        let mut conn = pool.acquire().await.unwrap();
+        let chunks: Vec<bytes::Bytes> = conn
+            .copy_out_raw(&format!("COPY {table} TO STDOUT"))
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        chunks.concat()
+    }
+    let events = export(pool, "metering_events").await;
+    let hourly = export(pool, "usage_hourly").await;
+    sqlx::raw_sql(
+        "DROP SCHEMA IF EXISTS bench_raw CASCADE; CREATE SCHEMA bench_raw;
+         CREATE TABLE bench_raw.metering_events (LIKE public.metering_events INCLUDING ALL);
+         CREATE TABLE bench_raw.usage_hourly (LIKE public.usage_hourly INCLUDING ALL) WITH (fillfactor = 70);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut batches: Vec<&[u8]> = Vec::new();
+    let (mut start, mut rows) = (0, 0);
+    for (i, b) in events.iter().enumerate() {
+        if *b == b'\n' {
+            rows += 1;
+            if rows == 5_000 {
+                batches.push(&events[start..=i]);
+                (start, rows) = (i + 1, 0);
+            }
+        }
+    }
+    if start < events.len() {
+        batches.push(&events[start..]);
+    }
+    batches.push(&hourly);
+    let started = Instant::now();
+    for (i, rows) in batches.iter().enumerate() {
+        let table = if i + 1 == batches.len() {
+            "usage_hourly"
+        } else {
+            "metering_events"
+        };
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let mut sink = tx
+            .copy_in_raw(&format!("COPY bench_raw.{table} FROM STDIN"))
+            .await
+            .unwrap();
+        sink.send(*rows).await.unwrap();
+        sink.finish().await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    sqlx::raw_sql("DROP SCHEMA bench_raw CASCADE")
+        .execute(pool)
+        .await
+        .unwrap();
+    elapsed
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -127,6 +201,8 @@ async fn main() {
         .unwrap();
     assert_eq!(stored as usize, n, "every event counted exactly once");
 
+    let raw_copy = raw_copy(env.pool()).await;
+
     // Rebuild rate vs a raw ordered pull consumer over the same stream.
     let (read, raw_consume) = creto_replay_tests::raw_read(&env, METERING).await;
     assert!(read as usize >= n);
@@ -151,6 +227,12 @@ async fn main() {
         rate(n, e2e),
         rate(n, published),
         raw_publish.as_secs_f64() / e2e.as_secs_f64()
+    );
+    println!(
+        "postgres raw COPY, same rows     {:>9.0} ev/s | publish→usage_hourly {:>9.0} ev/s                           | ratio {:.2}",
+        rate(n, raw_copy),
+        rate(n, e2e),
+        raw_copy.as_secs_f64() / e2e.as_secs_f64()
     );
     println!(
         "rebuild  raw ordered consumer    {:>9.0} ev/s | replay --rebuild     {:>9.0} ev/s | ratio {:.2}",
