@@ -14,6 +14,8 @@ pub const CHECKPOINT_DDL: &str = include_str!("../migrations/0001_checkpoints.sq
 pub const BILLING_DDL: &str = include_str!("../migrations/0005_billing.sql");
 /// Byte-order keys for the tables of the two files above.
 pub const METERING_KEYS_DDL: &str = include_str!("../migrations/0007_metering_byte_order_keys.sql");
+/// Month-to-date usage per key, filled from `usage_hourly`.
+pub const USAGE_MONTHLY_DDL: &str = include_str!("../migrations/0010_usage_monthly.sql");
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {

@@ -13,13 +13,16 @@ use sqlx::{Executor, PgPool};
 
 use crate::metering::projector::{seen_key, BulkBatch, SeenKeys};
 use crate::metering::MeteringProjector;
-use crate::postgres::{quote_ident, BILLING_DDL, CHECKPOINT_DDL, METERING_DDL, METERING_KEYS_DDL};
+use crate::postgres::{
+    quote_ident, BILLING_DDL, CHECKPOINT_DDL, METERING_DDL, METERING_KEYS_DDL, USAGE_MONTHLY_DDL,
+};
 use crate::runner::{ProjectionError, Projector};
 
 /// Tables and views of the metering read model, moved together at the switch.
 pub const METERING_RELATIONS: &[(&str, &str)] = &[
     ("TABLE", "metering_events"),
     ("TABLE", "usage_hourly"),
+    ("TABLE", "usage_monthly"),
     ("MATERIALIZED VIEW", "usage_daily"),
     ("TABLE", "meters"),
     ("TABLE", "metering_corrections"),
@@ -93,6 +96,7 @@ pub async fn prepare_metering(
         tx.execute(METERING_DDL).await?;
         tx.execute(BILLING_DDL).await?;
         tx.execute(METERING_KEYS_DDL).await?;
+        tx.execute(USAGE_MONTHLY_DDL).await?;
         // Load without keys or indexes (the loader deduplicates): building them once at the
         // end is several times faster than maintaining them row by row.
         for (table, key) in KEYS_BUILT_AT_THE_END {
@@ -112,6 +116,10 @@ pub async fn prepare_metering(
         // Resuming a rebuild begun before the keys compared byte-wise: the side tables are
         // switched in as the live ones, so they get the live collation first.
         run_in_side_schema(pool, METERING_KEYS_DDL).await?;
+    }
+    if !relation_exists(pool, "usage_monthly").await? {
+        // Resuming a rebuild begun before migration 0010: filled from the side usage_hourly.
+        run_in_side_schema(pool, USAGE_MONTHLY_DDL).await?;
     }
     Ok(MeteringProjector::in_schema(
         pool.clone(),
@@ -432,7 +440,11 @@ pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
             &format!("TRUNCATE usage_hourly;
              INSERT INTO usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
              SELECT tenant, subscription_id, event_type, date_bin('1 hour', occurred_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*), sum(quantity)
-             FROM {events} AS metering_events GROUP BY 1, 2, 3, 4"),
+             FROM {events} AS metering_events GROUP BY 1, 2, 3, 4;
+             TRUNCATE usage_monthly;
+             INSERT INTO usage_monthly (tenant, subscription_id, event_type, month, event_count, quantity_sum)
+             SELECT tenant, subscription_id, event_type, date_trunc('month', hour, 'UTC'), sum(event_count), sum(quantity_sum)
+             FROM usage_hourly GROUP BY 1, 2, 3, 4"),
         )
         .await?;
         build_key(pool, "usage_hourly", "usage_hourly_pkey").await?;

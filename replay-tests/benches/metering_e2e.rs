@@ -5,7 +5,8 @@
 //!
 //! The projector's ceiling is PostgreSQL's own work on the runbook's tables, so the run also
 //! times raw COPY of the very rows the projector wrote (the events in 5,000-row transactions,
-//! then the final `usage_hourly` rows) into copies of both tables with the same indexes.
+//! then the final `usage_hourly` and `usage_monthly` rows) into copies of its tables with the
+//! same indexes.
 //! `cargo bench -p creto-replay-tests --bench metering_e2e` (BENCH_EVENTS, default 1,000,000).
 use std::time::{Duration, Instant};
 
@@ -48,13 +49,15 @@ async fn publish(js: &jetstream::Context, subjects: &[String], payloads: &[Bytes
     last
 }
 
-/// Raw PostgreSQL COPY of the rows the projector wrote into copies of `metering_events` and
-/// `usage_hourly` (same columns, indexes and fill factor): the events 5,000 rows per
-/// transaction, as the projector commits them, then the hourly rows; commits do not wait for
-/// the WAL flush, as the projector's. Only COPY is timed, not the export.
+/// Raw PostgreSQL COPY of the rows the projector wrote into copies of its tables (same
+/// columns, indexes and fill factor): the events 5,000 rows per transaction, as the projector
+/// commits them, then the hourly and monthly rows; commits do not wait for the WAL flush, as
+/// the projector's. Only COPY is timed, not the export.
 async fn raw_copy(pool: &sqlx::PgPool) -> Duration {
     use futures::TryStreamExt;
-    async fn export(pool: &sqlx::PgPool, table: &str) -> Vec<u8> {
+    const TABLES: [&str; 3] = ["metering_events", "usage_hourly", "usage_monthly"];
+    let mut exported = Vec::new();
+    for table in TABLES {
         let mut conn = pool.acquire().await.unwrap();
         let chunks: Vec<bytes::Bytes> = conn
             .copy_out_raw(&format!("COPY {table} TO STDOUT"))
@@ -63,40 +66,40 @@ async fn raw_copy(pool: &sqlx::PgPool) -> Duration {
             .try_collect()
             .await
             .unwrap();
-        chunks.concat()
+        exported.push(chunks.concat());
     }
-    let events = export(pool, "metering_events").await;
-    let hourly = export(pool, "usage_hourly").await;
-    sqlx::raw_sql(
-        "DROP SCHEMA IF EXISTS bench_raw CASCADE; CREATE SCHEMA bench_raw;
-         CREATE TABLE bench_raw.metering_events (LIKE public.metering_events INCLUDING ALL);
-         CREATE TABLE bench_raw.usage_hourly (LIKE public.usage_hourly INCLUDING ALL) WITH (fillfactor = 70);",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-    let mut batches: Vec<&[u8]> = Vec::new();
+    let mut ddl = "DROP SCHEMA IF EXISTS bench_raw CASCADE; CREATE SCHEMA bench_raw;".to_string();
+    for table in TABLES {
+        let fill = if table == "metering_events" {
+            ""
+        } else {
+            " WITH (fillfactor = 70)"
+        };
+        ddl +=
+            &format!("CREATE TABLE bench_raw.{table} (LIKE public.{table} INCLUDING ALL){fill};");
+    }
+    sqlx::raw_sql(&ddl).execute(pool).await.unwrap();
+    // (table, rows): the events cut after every 5,000th newline (COPY text escapes newlines
+    // inside values), then each aggregate table whole.
+    let mut batches: Vec<(&str, &[u8])> = Vec::new();
+    let events = &exported[0];
     let (mut start, mut rows) = (0, 0);
     for (i, b) in events.iter().enumerate() {
         if *b == b'\n' {
             rows += 1;
             if rows == 5_000 {
-                batches.push(&events[start..=i]);
+                batches.push((TABLES[0], &events[start..=i]));
                 (start, rows) = (i + 1, 0);
             }
         }
     }
     if start < events.len() {
-        batches.push(&events[start..]);
+        batches.push((TABLES[0], &events[start..]));
     }
-    batches.push(&hourly);
+    batches.push((TABLES[1], &exported[1]));
+    batches.push((TABLES[2], &exported[2]));
     let started = Instant::now();
-    for (i, rows) in batches.iter().enumerate() {
-        let table = if i + 1 == batches.len() {
-            "usage_hourly"
-        } else {
-            "metering_events"
-        };
+    for (table, rows) in batches {
         let mut tx = pool.begin().await.unwrap();
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
@@ -106,7 +109,7 @@ async fn raw_copy(pool: &sqlx::PgPool) -> Duration {
             .copy_in_raw(&format!("COPY bench_raw.{table} FROM STDIN"))
             .await
             .unwrap();
-        sink.send(*rows).await.unwrap();
+        sink.send(rows).await.unwrap();
         sink.finish().await.unwrap();
         tx.commit().await.unwrap();
     }

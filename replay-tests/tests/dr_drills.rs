@@ -86,7 +86,7 @@ async fn flush_redis(env: &Env) {
 async fn wipe_read_models(env: &Env) {
     env.pool()
         .execute(
-            "TRUNCATE metering_events, usage_hourly, meters;
+            "TRUNCATE metering_events, usage_hourly, usage_monthly, meters;
              DELETE FROM projection_checkpoints WHERE projector = 'metering';
              REFRESH MATERIALIZED VIEW usage_daily;",
         )

@@ -884,6 +884,10 @@ async fn a_rebuild_gives_the_same_usage_and_invoices(env: &Env) {
             let tables = [
                 ("metering_events", "tenant, subscription_id, event_id"),
                 ("usage_hourly", "tenant, subscription_id, event_type, hour"),
+                (
+                    "usage_monthly",
+                    "tenant, subscription_id, event_type, month",
+                ),
                 ("metering_corrections", "tenant, correction_id"),
                 (
                     "metering_event_corrections",
@@ -900,6 +904,8 @@ async fn a_rebuild_gives_the_same_usage_and_invoices(env: &Env) {
             for (t, order) in tables {
                 before.push(creto_replay_tests::checksum(pool, t, order).await);
             }
+            // Corrections recompute the month of their hour too.
+            assert_eq!(creto_replay_tests::monthly_rollup_mismatches(pool).await, 0);
             // Re-applying the whole stream changes nothing (corrections apply once).
             let projector = creto_projections::metering::MeteringProjector::new(
                 pool.clone(),

@@ -8,7 +8,7 @@ use chrono::{Duration as Ch, Utc};
 use creto_projections::metering::MeteringProjector;
 use creto_projections::rebuild;
 use creto_projections::runner::{self, RunnerConfig};
-use creto_replay_tests::{cloud_event, metering_checksums, Env};
+use creto_replay_tests::{cloud_event, metering_checksums, monthly_rollup_mismatches, Env};
 use rand::Rng;
 
 async fn publish_all(env: &Env, n: usize, seed: u64) -> u64 {
@@ -125,6 +125,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
         events, hourly_total,
         "usage_hourly counts each stored event exactly once"
     );
+    assert_eq!(monthly_rollup_mismatches(env.pool()).await, 0);
     assert!(events > 6_000 && events < 7_300, "{events}");
     let letters = creto_gateways::metering::service::list_dead_letters(
         &*env.platform.log,
@@ -187,6 +188,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
         live,
         "rebuilt tables differ from the live-built ones"
     );
+    assert_eq!(monthly_rollup_mismatches(env.pool()).await, 0);
     // The switched-in tables carry exactly the indexes the migrations made (names, columns
     // and their order: migration 0009's keys), though the rebuild built them its own way.
     assert_eq!(metering_indexes(env.pool()).await, migrated);
@@ -197,13 +199,13 @@ async fn rebuilt_tables_equal_live_built_ones() {
          FROM information_schema.columns
          WHERE table_schema = 'public' AND data_type = 'text'
            AND column_name IN ('tenant', 'subscription_id', 'event_id', 'event_type')
-           AND table_name IN ('metering_events', 'usage_hourly',
+           AND table_name IN ('metering_events', 'usage_hourly', 'usage_monthly',
                               'metering_corrections', 'metering_event_corrections')",
     )
     .fetch_all(env.pool())
     .await
     .unwrap();
-    assert_eq!(collations.len(), 13, "{collations:?}");
+    assert_eq!(collations.len(), 16, "{collations:?}");
     for (table, column, collation) in collations {
         assert_eq!(collation.as_deref(), Some("C"), "{table}.{column}");
     }

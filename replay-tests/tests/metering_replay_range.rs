@@ -78,7 +78,7 @@ async fn reapplying_ranges_is_idempotent_and_keeps_the_checkpoint() {
 
     // Rows lost (checkpoint kept): two overlapping ranges bring them back exactly once.
     env.pool()
-        .execute("TRUNCATE metering_events, usage_hourly")
+        .execute("TRUNCATE metering_events, usage_hourly, usage_monthly")
         .await
         .unwrap();
     let first = reapply(

@@ -15,9 +15,10 @@ use crate::metrics;
 
 /// Counters outlive the month they count by a margin, then expire.
 const TTL: Duration = Duration::from_secs(40 * 24 * 3600);
-/// At most one write of the counters per interval: each reads its keys' month back from
-/// `usage_hourly`, work that at ingest rates took a core from the projection when done after
-/// every batch. Counters lag the read model by at most this much plus one write.
+/// At most one write of the counters per interval: each reads its keys' month back from the
+/// read model (`usage_monthly`: one row per key), work that at ingest rates took a core from
+/// the projection when done after every batch (then from `usage_hourly`, many rows per key).
+/// Counters lag the read model by at most this much plus one write.
 const WRITE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]

@@ -1,6 +1,6 @@
 //! Applies metering facts to Postgres in one transaction per batch: raw events (deduplicated
-//! by their key), the hourly upsert computed from the rows actually inserted, meters, and the
-//! checkpoint. Invalid events are dead-lettered with their reason and counted.
+//! by their key), the hourly and monthly upserts computed from the rows actually inserted,
+//! meters, and the checkpoint. Invalid events are dead-lettered with their reason and counted.
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -57,7 +57,7 @@ impl Sql {
                  VALUES ($1, $2, $3, now())
                  ON CONFLICT (projector) DO UPDATE SET last_sequence = EXCLUDED.last_sequence, updated_at = now()"
             ),
-            // Only rows really inserted (not duplicates) feed the hourly aggregate.
+            // Only rows really inserted (not duplicates) feed the hourly and monthly aggregates.
             insert_usage: format!(
                 "WITH input AS (
                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -82,9 +82,17 @@ impl Sql {
                         SET event_count = u.event_count + EXCLUDED.event_count,
                             quantity_sum = u.quantity_sum + EXCLUDED.quantity_sum
                     RETURNING 1
+                 ), monthly AS (
+                    INSERT INTO {s}.usage_monthly AS m (tenant, subscription_id, event_type, month, event_count, quantity_sum)
+                    SELECT tenant, subscription_id, event_type, date_trunc('month', hour, 'UTC'), sum(n), sum(q)
+                    FROM hourly GROUP BY 1, 2, 3, 4
+                    ON CONFLICT (subscription_id, event_type, tenant, month) DO UPDATE
+                        SET event_count = m.event_count + EXCLUDED.event_count,
+                            quantity_sum = m.quantity_sum + EXCLUDED.quantity_sum
+                    RETURNING 1
                  )
                  SELECT h.tenant, h.subscription_id, h.event_type, h.n::int8
-                 FROM hourly h, (SELECT count(*) FROM upserted) AS done"
+                 FROM hourly h, (SELECT count(*) FROM upserted) AS done, (SELECT count(*) FROM monthly) AS done_monthly"
             ),
             copy_events: format!(
                 "COPY {s}.metering_events (tenant, subscription_id, event_id, event_type, source, occurred_at, recorded_at, quantity, data, stream_sequence) FROM STDIN"

@@ -206,7 +206,8 @@ async fn apply_correction(
 }
 
 /// Recomputes the `usage_hourly` row of the corrected event's hour from the events as
-/// corrected; the row goes when nothing is left in the hour.
+/// corrected, then the key's `usage_monthly` row of that month from its hours; a row goes
+/// when nothing is left in it.
 async fn recompute_hour(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     schema: &str,
@@ -251,6 +252,26 @@ async fn recompute_hour(
     .bind(occurred_at)
     .execute(&mut **tx)
     .await?;
+    // The month is compared truncated, not as a range: adding '1 month' to a timestamptz
+    // follows the session's time zone.
+    for statement in [
+        "DELETE FROM {s}.usage_monthly WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
+            AND month = date_trunc('month', $4::timestamptz, 'UTC')",
+        "INSERT INTO {s}.usage_monthly (tenant, subscription_id, event_type, month, event_count, quantity_sum)
+         SELECT tenant, subscription_id, event_type, date_trunc('month', hour, 'UTC'), sum(event_count), sum(quantity_sum)
+         FROM {s}.usage_hourly
+         WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
+           AND date_trunc('month', hour, 'UTC') = date_trunc('month', $4::timestamptz, 'UTC')
+         GROUP BY 1, 2, 3, 4",
+    ] {
+        sqlx::query(&statement.replace("{s}", &s))
+            .bind(&c.tenant)
+            .bind(&c.subscription_id)
+            .bind(&event_type)
+            .bind(occurred_at)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
