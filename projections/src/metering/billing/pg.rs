@@ -226,45 +226,38 @@ async fn recompute_hour(
     let Some((event_type, occurred_at)) = event else {
         return Ok(());
     };
-    sqlx::query(&format!(
-        "DELETE FROM {s}.usage_hourly WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
-            AND hour = date_trunc('hour', $4::timestamptz, 'UTC')"
-    ))
-    .bind(&c.tenant)
-    .bind(&c.subscription_id)
-    .bind(&event_type)
-    .bind(occurred_at)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(&format!(
-        "INSERT INTO {s}.usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
-         SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
-         FROM {} e
-         WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
-           AND occurred_at >= date_trunc('hour', $4::timestamptz, 'UTC')
-           AND occurred_at < date_trunc('hour', $4::timestamptz, 'UTC') + interval '1 hour'
-         GROUP BY 1, 2, 3, 4",
-        effective_events(Some(schema))
-    ))
-    .bind(&c.tenant)
-    .bind(&c.subscription_id)
-    .bind(&event_type)
-    .bind(occurred_at)
-    .execute(&mut **tx)
-    .await?;
-    // The month is compared truncated, not as a range: adding '1 month' to a timestamptz
-    // follows the session's time zone.
-    for statement in [
-        "DELETE FROM {s}.usage_monthly WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
-            AND month = date_trunc('month', $4::timestamptz, 'UTC')",
-        "INSERT INTO {s}.usage_monthly (tenant, subscription_id, event_type, month, event_count, quantity_sum)
-         SELECT tenant, subscription_id, event_type, date_trunc('month', hour, 'UTC'), sum(event_count), sum(quantity_sum)
-         FROM {s}.usage_hourly
-         WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
-           AND date_trunc('month', hour, 'UTC') = date_trunc('month', $4::timestamptz, 'UTC')
-         GROUP BY 1, 2, 3, 4",
-    ] {
-        sqlx::query(&statement.replace("{s}", &s))
+    // Each statement takes the key and the event's time. The month is compared truncated, not
+    // as a range: adding '1 month' to a timestamptz follows the session's time zone.
+    let statements = [
+        format!(
+            "DELETE FROM {s}.usage_hourly WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
+                AND hour = date_trunc('hour', $4::timestamptz, 'UTC')"
+        ),
+        format!(
+            "INSERT INTO {s}.usage_hourly (tenant, subscription_id, event_type, hour, event_count, quantity_sum)
+             SELECT tenant, subscription_id, event_type, date_trunc('hour', occurred_at, 'UTC'), count(*), sum(quantity)
+             FROM {} e
+             WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
+               AND occurred_at >= date_trunc('hour', $4::timestamptz, 'UTC')
+               AND occurred_at < date_trunc('hour', $4::timestamptz, 'UTC') + interval '1 hour'
+             GROUP BY 1, 2, 3, 4",
+            effective_events(Some(schema))
+        ),
+        format!(
+            "DELETE FROM {s}.usage_monthly WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
+                AND month = date_trunc('month', $4::timestamptz, 'UTC')"
+        ),
+        format!(
+            "INSERT INTO {s}.usage_monthly (tenant, subscription_id, event_type, month, event_count, quantity_sum)
+             SELECT tenant, subscription_id, event_type, date_trunc('month', hour, 'UTC'), sum(event_count), sum(quantity_sum)
+             FROM {s}.usage_hourly
+             WHERE tenant = $1 AND subscription_id = $2 AND event_type = $3
+               AND date_trunc('month', hour, 'UTC') = date_trunc('month', $4::timestamptz, 'UTC')
+             GROUP BY 1, 2, 3, 4"
+        ),
+    ];
+    for statement in &statements {
+        sqlx::query(statement)
             .bind(&c.tenant)
             .bind(&c.subscription_id)
             .bind(&event_type)
