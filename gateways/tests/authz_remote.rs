@@ -495,7 +495,11 @@ async fn flapping_never_gets_more_than_threshold_failures_through_or_a_wrong_all
     let mut fallbacks = 0;
     let started = Instant::now();
     let mut i = 0;
-    while started.elapsed() < Duration::from_secs(2) {
+    // Two seconds, longer if need be: which caller's probe meets the one answer in seven is
+    // down to timing, and in two seconds there are only a few (it met only mallorys once in CI).
+    while started.elapsed() < Duration::from_secs(2)
+        || ((allowed == 0 || fallbacks == 0) && started.elapsed() < Duration::from_secs(15))
+    {
         i += 1;
         // Distinct callers, so no cache hides the breaker; half of them are never allowed.
         let subject = if i % 2 == 0 {
