@@ -319,9 +319,15 @@ impl MeteringReadModel for SledReadModel {
         };
         match keys {
             Some(keys) => {
+                // From the month's first hour on: a key's earlier hours are never read.
                 for (tenant, sub, event_type) in keys {
-                    for kv in self.tree.scan_prefix(key(b'h', &[tenant, sub, event_type])) {
+                    let prefix = key(b'h', &[tenant, sub, event_type]);
+                    let from = [prefix.as_slice(), &since].concat();
+                    for kv in self.tree.range(from..) {
                         let (k, v) = kv.map_err(store_error)?;
+                        if !k.starts_with(&prefix) {
+                            break;
+                        }
                         add(&k, &v);
                     }
                 }
@@ -488,5 +494,65 @@ impl Projector for SledProjector {
             started,
         );
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_hour(tree: &sled::Tree, k: [&str; 3], hour: DateTime<Utc>, count: u64, quantity: f64) {
+        let mut hk = key(b'h', &k);
+        hk.extend_from_slice(&time_bytes(hour));
+        tree.insert(hk, &hourly_value(count, quantity)).unwrap();
+    }
+
+    /// A key's month is read from the month's first hour to the key's last: its earlier hours
+    /// and the next key's hours are left out.
+    #[tokio::test]
+    async fn month_totals_read_the_month_of_each_key_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = SledReadModel::open(dir.path()).unwrap();
+        let start = month_start(Utc::now());
+        let a = ["default", "sub", "llm.tokens"];
+        let b = ["default", "sub-2", "llm.tokens"];
+        put_hour(
+            &model.tree,
+            a,
+            start - chrono::Duration::hours(1),
+            100,
+            100.0,
+        );
+        put_hour(&model.tree, a, start, 1, 2.0);
+        put_hour(&model.tree, a, start + chrono::Duration::hours(5), 3, 4.0);
+        put_hour(&model.tree, b, start - chrono::Duration::days(3), 50, 50.0);
+        put_hour(&model.tree, b, start + chrono::Duration::hours(1), 7, 8.0);
+        let keys: Vec<Key> = [a, b]
+            .iter()
+            .map(|k| (k[0].to_string(), k[1].to_string(), k[2].to_string()))
+            .collect();
+        let got: Vec<(String, i64, String)> = model
+            .month_totals(Some(&keys))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.key.1, t.count, t.quantity))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("sub".to_string(), 4, "6".to_string()),
+                ("sub-2".to_string(), 7, "8".to_string())
+            ]
+        );
+        // Every key at once (the resync) agrees.
+        let all: Vec<(String, i64)> = model
+            .month_totals(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.key.1, t.count))
+            .collect();
+        assert_eq!(all, vec![("sub".to_string(), 4), ("sub-2".to_string(), 7)]);
     }
 }
