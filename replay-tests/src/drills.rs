@@ -17,7 +17,7 @@ use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use creto_streams::{OVERSIGHT, RUNTIME};
 use sqlx::Executor;
 
-use crate::{checksum, Env};
+use crate::{rebuild_whole, table_checksums, Env};
 
 /// Every table of the read models this module covers.
 fn tables() -> impl Iterator<Item = &'static str> {
@@ -168,11 +168,9 @@ async fn project_to_the_end(env: &Env, projector: Arc<dyn Projector>, logical: &
 
 /// A checksum of every row of each table (oversight, runtime, metering quotas), in order.
 pub async fn checksums(env: &Env) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    for table in tables() {
-        out.push((table, checksum(env.pool(), table, "t::text").await));
-    }
-    out
+    let tables: Vec<&'static str> = tables().collect();
+    let sums = table_checksums(env.pool(), &tables).await;
+    tables.into_iter().zip(sums).collect()
 }
 
 /// The disaster: every row of these read models and their checkpoints gone.
@@ -192,22 +190,16 @@ pub async fn wipe(env: &Env) {
 
 /// The recovery: each read model rebuilt from its stream, each to the stream's end.
 pub async fn rebuild(env: &Env) {
-    let (pool, log, catalog) = (env.pool(), &env.platform.log, &env.platform.catalog);
-    let end = |logical: &'static str| async move {
-        log.stream_state(&catalog.stream(logical))
+    let (log, catalog) = (&env.platform.log, &env.platform.catalog);
+    for logical in [OVERSIGHT, RUNTIME] {
+        let end = log
+            .stream_state(&catalog.stream(logical))
             .await
             .unwrap()
-            .last_sequence
-    };
-    let at = oversight::rebuild(pool, log.clone(), catalog.clone())
-        .await
-        .unwrap();
-    assert_eq!(at, end(OVERSIGHT).await);
-    let at = runtime::rebuild(pool, log.clone(), catalog.clone())
-        .await
-        .unwrap();
-    assert_eq!(at, end(RUNTIME).await);
-    quotas::rebuild(pool, log.clone(), catalog.clone())
+            .last_sequence;
+        assert_eq!(rebuild_whole(env, logical).await, end, "{logical}");
+    }
+    quotas::rebuild(env.pool(), log.clone(), catalog.clone())
         .await
         .unwrap();
 }

@@ -459,36 +459,40 @@ pub async fn raw_read(env: &Env, logical: &str) -> (u64, std::time::Duration) {
     (n, started.elapsed())
 }
 
-/// A product rebuilt whole (`enablement replay oversight|runtime --rebuild`, `logical` is
-/// `OVERSIGHT` or `RUNTIME`) next to [`raw_read`] of its stream. The rebuild runs twice: the
-/// second must leave every table as the first did (row checksums), so the figure is for a
+/// `enablement replay oversight|runtime --rebuild` on this environment (`logical` is
+/// `OVERSIGHT` or `RUNTIME`): every table of the product made again from its stream in one
+/// transaction. Returns the checkpoint reached.
+pub async fn rebuild_whole(env: &Env, logical: &str) -> u64 {
+    use creto_projections::{oversight, runtime};
+    let (pool, log, catalog) = (env.pool(), &env.platform.log, &env.platform.catalog);
+    match logical {
+        creto_streams::OVERSIGHT => oversight::rebuild(pool, log.clone(), catalog.clone()).await,
+        creto_streams::RUNTIME => runtime::rebuild(pool, log.clone(), catalog.clone()).await,
+        other => panic!("{other} is not rebuilt whole"),
+    }
+    .unwrap()
+}
+
+/// The tables [`rebuild_whole`] makes again.
+fn whole_tables(logical: &str) -> &'static [&'static str] {
+    match logical {
+        creto_streams::OVERSIGHT => creto_projections::oversight::TABLES,
+        creto_streams::RUNTIME => creto_projections::runtime::TABLES,
+        other => panic!("{other} is not rebuilt whole"),
+    }
+}
+
+/// [`rebuild_whole`] next to [`raw_read`] of the product's stream. The rebuild runs twice:
+/// the second must leave every table as the first did (row checksums), so the figure is for a
 /// rebuild that really rebuilt.
 pub async fn whole_rebuild_rate(env: &Env, logical: &str) {
-    use creto_projections::{oversight, runtime};
-    let (log, catalog) = (&env.platform.log, &env.platform.catalog);
-    let rebuild = || async {
-        match logical {
-            creto_streams::OVERSIGHT => {
-                oversight::rebuild(env.pool(), log.clone(), catalog.clone()).await
-            }
-            creto_streams::RUNTIME => {
-                runtime::rebuild(env.pool(), log.clone(), catalog.clone()).await
-            }
-            other => panic!("{other} is not rebuilt whole"),
-        }
-        .unwrap()
-    };
-    let tables = if logical == creto_streams::OVERSIGHT {
-        oversight::TABLES
-    } else {
-        runtime::TABLES
-    };
+    let tables = whole_tables(logical);
     let (n, raw) = raw_read(env, logical).await;
     let started = std::time::Instant::now();
-    let checkpoint = rebuild().await;
+    let checkpoint = rebuild_whole(env, logical).await;
     let rebuilt = started.elapsed();
     let first = table_checksums(env.pool(), tables).await;
-    assert_eq!(rebuild().await, checkpoint);
+    assert_eq!(rebuild_whole(env, logical).await, checkpoint);
     assert_eq!(
         table_checksums(env.pool(), tables).await,
         first,
