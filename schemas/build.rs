@@ -2,6 +2,31 @@
 //! building needs no `protoc` on the machine, then generates prost messages and tonic services.
 use std::path::PathBuf;
 
+/// Servers and clients come from two tonic generators: servers decode requests with
+/// `crate::codec::RequestCodec` (a request that does not decode is the caller's error), clients
+/// keep tonic's codec (a response that does not decode is the server's).
+struct ServersAndClients([Box<dyn prost_build::ServiceGenerator>; 2]);
+
+impl prost_build::ServiceGenerator for ServersAndClients {
+    fn generate(&mut self, service: prost_build::Service, buf: &mut String) {
+        for generator in &mut self.0 {
+            generator.generate(service.clone(), buf);
+        }
+    }
+
+    fn finalize(&mut self, buf: &mut String) {
+        for generator in &mut self.0 {
+            generator.finalize(buf);
+        }
+    }
+
+    fn finalize_package(&mut self, package: &str, buf: &mut String) {
+        for generator in &mut self.0 {
+            generator.finalize_package(package, buf);
+        }
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/creto/enablement/events/v1/envelope.proto",
@@ -21,6 +46,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    let servers = tonic_prost_build::configure()
+        .build_client(false)
+        .codec_path("crate::codec::RequestCodec")
+        .service_generator();
+    let clients = tonic_prost_build::configure()
+        .build_server(false)
+        .service_generator();
+    let mut config = prost_build::Config::new();
+    config
+        .out_dir(&out)
+        .service_generator(Box::new(ServersAndClients([servers, clients])));
+    config.compile_fds(fds)?;
     Ok(())
 }

@@ -258,6 +258,74 @@ async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
     out
 }
 
+/// Requests that do not decode (bytes of another message, data nested past prost's limit of
+/// 100) are answered `InvalidArgument` with a short message, and counted so: `Internal` would
+/// count towards the `HighErrorRate` page.
+async fn undecodable_requests_are_the_callers_error(
+    client: &mut pb::metering_service_client::MeteringServiceClient<tonic::transport::Channel>,
+    running: &creto_gateways::server::Running,
+) {
+    let mut data = prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(1.0)),
+    };
+    for _ in 0..150 {
+        data = prost_types::Value {
+            kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
+                fields: [("n".to_string(), data)].into_iter().collect(),
+            })),
+        };
+    }
+    let mut deep = grpc_event("deep", "sub_g", 1.0);
+    deep.data.as_mut().unwrap().fields.insert("n".into(), data);
+    let err = client
+        .ingest_events(pb::IngestEventsRequest { events: vec![deep] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("recursion limit"), "{err:?}");
+    assert!(err.message().len() < 400, "{err:?}");
+
+    // Field 1 as a varint where IngestEventsRequest has its repeated events.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc_addr.unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    raw.ready().await.unwrap();
+    let err = raw
+        .unary(
+            tonic::Request::new(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/creto.enablement.metering.v1.MeteringService/IngestEvents",
+            ),
+            tonic_prost::ProstCodec::<prost_types::Duration, pb::IngestEventsResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("the request is not a valid IngestEventsRequest: "),
+        "{err:?}"
+    );
+
+    let exposition = reqwest_metrics(running.metrics_addr).await;
+    let handled = |code: &str| {
+        exposition.lines().any(|l| {
+            l.starts_with("grpc_server_handled_total{")
+                && l.contains(&format!("grpc_code=\"{code}\""))
+                && l.contains("grpc_method=\"IngestEvents\"")
+        })
+    };
+    assert!(handled("InvalidArgument"), "{exposition}");
+    assert!(!handled("Internal"), "{exposition}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
     let env = Env::new().await;
@@ -322,6 +390,7 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    undecodable_requests_are_the_callers_error(&mut client, &running).await;
     let mut q = usage_request("sub_g", "agent.execution", 0);
     q.time_zone = "Mars/Olympus".into();
     assert_eq!(

@@ -1,6 +1,8 @@
 //! Generated protobuf and gRPC code for the platform's events and APIs.
 //! The `.proto` sources under `proto/` are the contract; this crate only compiles them.
 
+pub mod codec;
+
 /// Encoded `FileDescriptorSet` of every proto here, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
