@@ -441,6 +441,11 @@ async fn a_batch_is_answered_per_envelope_and_stored_in_order(env: &Env) {
     let too_many = vec![pb::Envelope::default(); creto_gateways::messaging::service::MAX_BATCH + 1];
     let (c, m) = code(alice.send_batch(too_many).await.unwrap_err());
     assert_eq!(c, Code::InvalidArgument, "{m}");
+    // None: refused, not an empty success (a client whose envelopes field did not decode
+    // would otherwise believe it sent them).
+    let (c, m) = code(alice.send_batch(Vec::new()).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(m.contains("empty"), "{m}");
     running.stop().await;
 }
 

@@ -826,6 +826,11 @@ impl MessagingService for MessagingGateway {
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
         let caller = crate::auth::layer::caller(&request)?.clone();
         let envelopes = request.into_inner().envelopes;
+        if envelopes.is_empty() {
+            return Err(invalid(format!(
+                "envelopes is empty: send 1 to {MAX_BATCH} envelopes"
+            )));
+        }
         if envelopes.len() > MAX_BATCH {
             return Err(invalid(format!(
                 "a batch holds at most {MAX_BATCH} envelopes, not {}; split it",
