@@ -6,3 +6,4 @@ pub mod messaging;
 pub mod metering;
 pub mod oversight;
 pub mod runtime;
+pub mod text;

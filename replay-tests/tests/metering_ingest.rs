@@ -125,6 +125,9 @@ async fn nats_producers_bad_input_and_duplicates() {
         (cloud_event("b5", "sub_a", "agent.execution", now - Ch::days(9), serde_json::json!({})), "time_too_old"),
         (cloud_event("b6", "sub_a", "agent.execution", now, serde_json::json!({"pad": "x".repeat(70_000)})), "oversized"),
         (r#"{"specversion":"1.0","source":"s","type":"agent.execution","subject":"sub_a","time":"2026-01-01T00:00:00Z"}"#.into(), "missing_field"),
+        // PostgreSQL cannot store U+0000: accepted, it would stop the projector for good.
+        (cloud_event("b7", "sub_a", "agent.execution", now, serde_json::json!({"model": "m\u{0}1"})), "invalid_field"),
+        (cloud_event("b8", "sub_a", "agent.execution", now, serde_json::json!({"tags": [{"k\u{0}": 1}]})), "invalid_field"),
     ];
     for (payload, _) in &bad {
         publish(payload.clone(), None).await;
@@ -451,6 +454,91 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
         Code::InvalidArgument
     );
 
+    running.stop().await;
+    env.drop().await;
+}
+
+fn refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, field: &str) {
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains(&format!("`{field}` contains U+0000")),
+        "{field}: {e:?}"
+    );
+}
+
+/// PostgreSQL's text and jsonb cannot hold U+0000: every command that would carry one into a
+/// read model is refused with the field named (accepted, it would stop the projector for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_postgresql_cannot_store_is_refused() {
+    let env = Env::new().await;
+    let (running, mut c) = env.start_metering(true).await;
+    let text = |s: &str| prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(s.into())),
+    };
+    refused(
+        c.void_event(pb::VoidEventRequest {
+            subscription_id: "sub_t".into(),
+            event_id: "e1".into(),
+            reason: "typo\0".into(),
+        })
+        .await,
+        "reason",
+    );
+    refused(
+        c.amend_event(pb::AmendEventRequest {
+            subscription_id: "sub_t".into(),
+            event_id: "e1".into(),
+            quantity: None,
+            data: Some(prost_types::Struct {
+                fields: [("model".to_string(), text("m\0"))].into_iter().collect(),
+            }),
+            reason: "fix".into(),
+        })
+        .await,
+        "data.model",
+    );
+    refused(
+        c.create_meter(pb::CreateMeterRequest {
+            meter: Some(pb::Meter {
+                slug: "m".into(),
+                event_type: "agent.execution".into(),
+                aggregation: pb::Aggregation::Count as i32,
+                description: "calls\0".into(),
+                ..Default::default()
+            }),
+        })
+        .await,
+        "description",
+    );
+    refused(
+        c.put_plan(pb::PutPlanRequest {
+            plan: Some(pb::Plan {
+                plan_id: "p".into(),
+                version: 1,
+                currency: "USD".into(),
+                charges: vec![pb::Charge {
+                    id: "base\0".into(),
+                    model: Some(pb::charge::Model::Flat(pb::FlatModel {
+                        amount: "10".into(),
+                    })),
+                    ..Default::default()
+                }],
+                minimum: String::new(),
+            }),
+        })
+        .await,
+        "charges[0].id",
+    );
+    refused(
+        c.set_entitlement(pb::SetEntitlementRequest {
+            subscription_id: "sub_t".into(),
+            feature: "limits".into(),
+            value: Some(pb::set_entitlement_request::Value::Config(text("x\0"))),
+        })
+        .await,
+        "config",
+    );
     running.stop().await;
     env.drop().await;
 }

@@ -598,6 +598,34 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
             },
             "priority",
         ),
+        // U+0000, which PostgreSQL's text and jsonb cannot hold: the projector would stop.
+        (
+            pb::CreateRequestRequest {
+                context: "before\0after".into(),
+                ..base.clone()
+            },
+            "`context` contains U+0000",
+        ),
+        (
+            pb::CreateRequestRequest {
+                action: Some(pb::Action {
+                    name: "x".into(),
+                    parameters_json: r#"{"sql": ["drop\u0000"]}"#.into(),
+                }),
+                ..base.clone()
+            },
+            "`action.parameters_json.sql[0]` contains U+0000",
+        ),
+        (
+            pb::CreateRequestRequest {
+                action: Some(pb::Action {
+                    name: "x\0y".into(),
+                    parameters_json: "{}".into(),
+                }),
+                ..base.clone()
+            },
+            "control characters",
+        ),
     ] {
         let e = c.create_request(cmd).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
@@ -637,6 +665,18 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .respond(pb::RespondRequest {
+            request_id: "b-2".into(),
+            decision: Decision::Deny as i32,
+            approver: "ann".into(),
+            reason: "no\0".into(),
+            channel: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("`reason` contains U+0000"), "{e:?}");
     running.stop().await;
 }
 

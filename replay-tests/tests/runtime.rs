@@ -648,6 +648,13 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
         ),
         (
             pb::CreateSandboxRequest {
+                metadata: HashMap::from([("team".to_string(), "a\0b".to_string())]),
+                ..Default::default()
+            },
+            "contains U+0000",
+        ),
+        (
+            pb::CreateSandboxRequest {
                 timeout: Some(Duration::from_secs(100 * 24 * 3600).try_into().unwrap()),
                 ..Default::default()
             },

@@ -377,6 +377,8 @@ pub fn validate(
             ))
         }
     };
+    crate::text::check_object("data", &dimensions)
+        .map_err(|m| invalid(InvalidReason::InvalidField, m))?;
     let quantity = match dimensions.remove("quantity") {
         None | Some(Value::Null) => 1.0,
         Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),

@@ -128,6 +128,7 @@ impl Meter {
         if description.len() > 1024 {
             return Err(MeterError("description is longer than 1024 bytes".into()));
         }
+        crate::text::check("description", description).map_err(MeterError)?;
         Ok(Meter {
             slug: slug.to_string(),
             event_type: event_type.to_string(),

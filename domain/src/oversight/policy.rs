@@ -48,6 +48,7 @@ pub fn validate(p: &Policy) -> Result<(), String> {
     if p.action[..p.action.len() - 1].contains('*') {
         return Err("'*' may only end the action pattern (\"payments.*\", \"*\")".into());
     }
+    crate::text::check("action", &p.action)?;
     for a in &p.agents {
         check_token("agent", a)?;
     }
@@ -62,10 +63,9 @@ pub fn validate(p: &Policy) -> Result<(), String> {
     for (i, level) in p.levels.iter().enumerate() {
         level_timeout(&level.timeout).map_err(|e| format!("level {i}: {e}"))?;
         if level.approvers.len() > MAX_APPROVERS
-            || level
-                .approvers
-                .iter()
-                .any(|a| a.is_empty() || a.len() > 254 || a.chars().any(char::is_whitespace))
+            || level.approvers.iter().any(|a| {
+                a.is_empty() || a.len() > 254 || a.chars().any(|c| c.is_whitespace() || c == '\0')
+            })
         {
             return Err(format!(
                 "level {i}: at most {MAX_APPROVERS} approvers, each 1 to 254 characters without spaces"

@@ -190,9 +190,15 @@ pub fn create(
         .as_ref()
         .filter(|a| !a.name.is_empty() && a.name.len() <= 200)
         .ok_or_else(|| invalid("action.name is required (at most 200 characters)".into()))?;
-    if action.name.contains('*') || action.name.chars().any(char::is_whitespace) {
+    if action.name.contains('*')
+        || action
+            .name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(invalid(
-            "action.name is a name such as \"payments.refund\": no spaces or '*'".into(),
+            "action.name is a name such as \"payments.refund\": no spaces, control characters or '*'"
+                .into(),
         ));
     }
     let parameters = if action.parameters_json.trim().is_empty() {
@@ -207,7 +213,9 @@ pub fn create(
         )));
     }
     match serde_json::from_str::<serde_json::Value>(&parameters) {
-        Ok(serde_json::Value::Object(_)) => {}
+        Ok(serde_json::Value::Object(o)) => {
+            crate::text::check_object("action.parameters_json", &o).map_err(invalid)?
+        }
         Ok(_) => {
             return Err(invalid(
                 "action.parameters_json must be a JSON object".into(),
@@ -221,6 +229,7 @@ pub fn create(
             cmd.context.len()
         )));
     }
+    crate::text::check("context", &cmd.context).map_err(invalid)?;
     let priority = match Priority::try_from(cmd.priority) {
         Ok(Priority::Unspecified) => Priority::Normal,
         Ok(p) => p,
@@ -277,6 +286,9 @@ pub fn respond(
             "reason is at most {MAX_REASON_BYTES} bytes"
         )));
     }
+    crate::text::check("approver", approver)
+        .and_then(|()| crate::text::check("reason", reason))
+        .map_err(Refusal::Invalid)?;
     // Answering twice changes nothing, whatever happened since.
     if agg.view.responses.iter().any(|r| r.approver == approver) {
         return Ok(vec![]);
@@ -385,6 +397,7 @@ pub fn cancel(
             "reason is at most {MAX_REASON_BYTES} bytes"
         )));
     }
+    crate::text::check("reason", reason).map_err(Refusal::Invalid)?;
     match agg.state() {
         State::Cancelled => Ok(vec![]),
         State::Pending => Ok(vec![event(

@@ -177,6 +177,7 @@ pub fn check_metadata(
                 "metadata value of {k} is longer than 256 bytes"
             )));
         }
+        crate::text::check(&format!("metadata value of {k}"), v).map_err(Refusal::Invalid)?;
     }
     Ok(())
 }

@@ -175,6 +175,7 @@ fn reason(r: &str) -> Result<String, Status> {
             "`reason` is longer than 1024 bytes",
         ));
     }
+    creto_domain::text::check("reason", r).map_err(Status::invalid_argument)?;
     Ok(r.to_string())
 }
 
@@ -265,6 +266,7 @@ pub async fn amend_event(
                 "dimension {bad:?} must be 1-64 letters, digits, _ or -"
             )));
         }
+        creto_domain::text::check_object("data", d).map_err(Status::invalid_argument)?;
     }
     if r.quantity.is_none() && data.is_none() {
         return Err(Status::invalid_argument(
@@ -387,6 +389,12 @@ pub fn plan_from_proto(p: &pb::Plan) -> Result<Plan, Status> {
                 c.meter
             )));
         }
+        if c.id.len() > 200 {
+            return Err(Status::invalid_argument(format!(
+                "{at}.id is longer than 200 bytes"
+            )));
+        }
+        creto_domain::text::check(&format!("{at}.id"), &c.id).map_err(Status::invalid_argument)?;
         charges.push(Charge {
             id: c.id.clone(),
             meter: (!c.meter.is_empty()).then(|| c.meter.clone()),

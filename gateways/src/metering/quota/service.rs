@@ -357,11 +357,15 @@ pub async fn set_entitlement(
                 enabled,
             })
         }
-        Some(pb::set_entitlement_request::Value::Config(v)) => QuotaEvent::ConfigSet(ConfigSet {
-            subscription_id: r.subscription_id,
-            feature: r.feature,
-            value: value_to_json(&v)?,
-        }),
+        Some(pb::set_entitlement_request::Value::Config(v)) => {
+            let value = value_to_json(&v)?;
+            creto_domain::text::check_json("config", &value).map_err(Status::invalid_argument)?;
+            QuotaEvent::ConfigSet(ConfigSet {
+                subscription_id: r.subscription_id,
+                feature: r.feature,
+                value,
+            })
+        }
         None => {
             return Err(Status::invalid_argument(
                 "set `enabled` (a boolean entitlement) or `config` (a static one)",

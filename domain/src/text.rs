@@ -1,0 +1,59 @@
+//! Text the read models can store.
+//!
+//! PostgreSQL's `text` and `jsonb` cannot hold U+0000 (NUL): a row carrying one fails its
+//! statement, and a projector that cannot apply an event retries it for ever, holding up every
+//! event after it. So text that reaches a read model is refused at the edge when it holds one
+//! (the embedded default could store it, but both adapters must decide alike).
+
+use serde_json::Value;
+
+/// `Err` with what to fix when `value` holds a NUL.
+pub fn check(field: &str, value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        Err(format!(
+            "`{field}` contains U+0000 (NUL), which cannot be stored; remove it"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Like [`check`] for every key and string inside a JSON value; names the first offender's
+/// path (`data.model`, `data.tags[2]`).
+pub fn check_json(field: &str, value: &Value) -> Result<(), String> {
+    match value {
+        Value::String(s) => check(field, s),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_json(&format!("{field}[{i}]"), v)),
+        Value::Object(map) => check_object(field, map),
+        _ => Ok(()),
+    }
+}
+
+/// [`check_json`] for an object's keys and values.
+pub fn check_object(field: &str, map: &serde_json::Map<String, Value>) -> Result<(), String> {
+    map.iter().try_for_each(|(k, v)| {
+        let path = format!("{field}.{}", k.escape_debug());
+        check(&path, k)?;
+        check_json(&path, v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nul_in_keys_strings_and_arrays_and_names_where() {
+        assert!(check("context", "fine\n\ttext").is_ok());
+        assert!(check("context", "a\0b").unwrap_err().contains("`context`"));
+        let ok = serde_json::json!({"model": "m", "n": [1, "x", {"k": null}]});
+        assert!(check_json("data", &ok).is_ok());
+        let e = check_json("data", &serde_json::json!({"tags": ["a", "b\u{0}"]})).unwrap_err();
+        assert!(e.contains("`data.tags[1]`"), "{e}");
+        let e = check_json("data", &serde_json::json!({"a\u{0}k": 1})).unwrap_err();
+        assert!(e.contains("`data.a\\0k`"), "{e}");
+    }
+}
