@@ -524,6 +524,16 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
             ),
             "on_timeout",
         ),
+        (
+            policy(
+                "p",
+                "x",
+                1,
+                vec![level(&["ann\0"], Duration::from_secs(1))],
+                TimeoutAction::Deny,
+            ),
+            "`levels[0].approvers` contains U+0000",
+        ),
     ] {
         let e = c
             .put_policy(pb::PutPolicyRequest { policy: Some(p) })

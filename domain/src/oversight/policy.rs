@@ -63,13 +63,17 @@ pub fn validate(p: &Policy) -> Result<(), String> {
     for (i, level) in p.levels.iter().enumerate() {
         level_timeout(&level.timeout).map_err(|e| format!("level {i}: {e}"))?;
         if level.approvers.len() > MAX_APPROVERS
-            || level.approvers.iter().any(|a| {
-                a.is_empty() || a.len() > 254 || a.chars().any(|c| c.is_whitespace() || c == '\0')
-            })
+            || level
+                .approvers
+                .iter()
+                .any(|a| a.is_empty() || a.len() > 254 || a.chars().any(char::is_whitespace))
         {
             return Err(format!(
                 "level {i}: at most {MAX_APPROVERS} approvers, each 1 to 254 characters without spaces"
             ));
+        }
+        for a in &level.approvers {
+            crate::text::check(&format!("levels[{i}].approvers"), a)?;
         }
     }
     for (priority, list) in &p.channels {
