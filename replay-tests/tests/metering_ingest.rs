@@ -128,6 +128,7 @@ async fn nats_producers_bad_input_and_duplicates() {
         // PostgreSQL cannot store U+0000: accepted, it would stop the projector for good.
         (cloud_event("b7", "sub_a", "agent.execution", now, serde_json::json!({"model": "m\u{0}1"})), "invalid_field"),
         (cloud_event("b8", "sub_a", "agent.execution", now, serde_json::json!({"tags": [{"k\u{0}": 1}]})), "invalid_field"),
+        (cloud_event("b9", "sub_a", "agent.execution", now, serde_json::json!({"quantity": 1e16})), "quantity_too_large"),
     ];
     for (payload, _) in &bad {
         publish(payload.clone(), None).await;
@@ -539,6 +540,85 @@ async fn text_postgresql_cannot_store_is_refused() {
         .await,
         "config",
     );
+    running.stop().await;
+    env.drop().await;
+}
+
+/// Sums are 64-bit floats: a quantity is at most 10^15 per event (two of 1e308 made the
+/// subscription's usage unqueryable: UNAVAILABLE "overflow; retry" for good), and a meter over
+/// producers' huge values answers OUT_OF_RANGE, not a retryable error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_past_a_float_range_are_refused_or_out_of_range() {
+    let env = Env::new().await;
+    let (running, mut c) = env.start_metering(true).await;
+    let mut huge = grpc_event("big", "sub_f", 1e308);
+    let r = c
+        .ingest_events(pb::IngestEventsRequest {
+            events: vec![huge.clone(), grpc_event("ok", "sub_f", 1e15)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.results[0].reason.starts_with("quantity_too_large"),
+        "{r:?}"
+    );
+    assert_eq!(r.results[1].status, pb::IngestStatus::Accepted as i32);
+    let e = c
+        .amend_event(pb::AmendEventRequest {
+            subscription_id: "sub_f".into(),
+            event_id: "ok".into(),
+            quantity: Some(1e16),
+            data: None,
+            reason: "fix".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let meter = c
+        .create_meter(pb::CreateMeterRequest {
+            meter: Some(pb::Meter {
+                slug: "bytes".into(),
+                event_type: "agent.execution".into(),
+                aggregation: pb::Aggregation::Sum as i32,
+                value_property: "$.bytes".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    env.wait_applied(meter.sequence).await;
+    let bytes = prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(1e308)),
+    };
+    let mut events = Vec::new();
+    for id in ["b1", "b2"] {
+        huge.id = id.into();
+        huge.data = Some(prost_types::Struct {
+            fields: [("bytes".to_string(), bytes.clone())].into_iter().collect(),
+        });
+        events.push(huge.clone());
+    }
+    let r = c
+        .ingest_events(pb::IngestEventsRequest { events })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.accepted, 2, "{r:?}");
+    let mut q = usage_request("", "", r.sequence);
+    q.meter = "bytes".into();
+    let e = c.query_usage(q).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("meter \"bytes\""), "{e:?}");
+    // The quantities of the same events still sum.
+    let rows = c
+        .query_usage(usage_request("sub_f", "agent.execution", r.sequence))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(total(&rows.rows), 1e15 + 2.0);
     running.stop().await;
     env.drop().await;
 }

@@ -39,13 +39,14 @@ pub enum InvalidReason {
     SubjectMismatch,
     QuantityNegative,
     QuantityNotFinite,
+    QuantityTooLarge,
     TimeInFuture,
     TimeTooOld,
     Oversized,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 12] = [
+    pub const ALL: [InvalidReason; 13] = [
         Self::MalformedJson,
         Self::MalformedProtobuf,
         Self::UnsupportedSpecversion,
@@ -55,6 +56,7 @@ impl InvalidReason {
         Self::SubjectMismatch,
         Self::QuantityNegative,
         Self::QuantityNotFinite,
+        Self::QuantityTooLarge,
         Self::TimeInFuture,
         Self::TimeTooOld,
         Self::Oversized,
@@ -71,6 +73,7 @@ impl InvalidReason {
             Self::SubjectMismatch => "subject_mismatch",
             Self::QuantityNegative => "quantity_negative",
             Self::QuantityNotFinite => "quantity_not_finite",
+            Self::QuantityTooLarge => "quantity_too_large",
             Self::TimeInFuture => "time_in_future",
             Self::TimeTooOld => "time_too_old",
             Self::Oversized => "oversized",
@@ -207,6 +210,12 @@ pub struct UsageRecord {
 }
 
 pub const DEFAULT_TENANT: &str = "default";
+
+/// The largest quantity one event may carry. Usage is summed in 64-bit floats (queries, quotas,
+/// the counters in Redis): with 1e308 in two events, a sum overflows and the subscription's
+/// usage can no longer be queried. At 10^15 an overflow would take 10^293 events, and one
+/// event's whole units stay exact (below 2^53 ≈ 9·10^15).
+pub const MAX_QUANTITY: f64 = 1e15;
 
 fn text(field: &'static str, v: Option<Value>, max: usize) -> Result<String, Invalid> {
     match v {
@@ -396,6 +405,14 @@ pub fn validate(
         return Err(invalid(
             InvalidReason::QuantityNotFinite,
             "`data.quantity` must be a finite number",
+        ));
+    }
+    if quantity > MAX_QUANTITY {
+        return Err(invalid(
+            InvalidReason::QuantityTooLarge,
+            format!(
+                "`data.quantity` is {quantity:e}; at most {MAX_QUANTITY:e} per event: split larger usage into several events"
+            ),
         ));
     }
     if quantity < 0.0 {

@@ -250,6 +250,12 @@ pub async fn amend_event(
                 "`quantity` must be a finite number >= 0, got {q}; to remove the event use VoidEvent"
             )));
         }
+        if q > creto_domain::metering::event::MAX_QUANTITY {
+            return Err(Status::invalid_argument(format!(
+                "`quantity` is {q:e}; at most {:e} per event",
+                creto_domain::metering::event::MAX_QUANTITY
+            )));
+        }
     }
     let data = r.data.as_ref().map(struct_to_json);
     if let Some(d) = &data {

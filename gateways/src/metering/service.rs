@@ -50,6 +50,20 @@ fn db_status(e: ProjectionError) -> Status {
     Status::unavailable(format!("the read model is unavailable: {e}; retry"))
 }
 
+/// A usage value beyond a 64-bit float's range: only a meter over a property whose values
+/// producers send near f64::MAX gets there (quantities are capped per event).
+fn out_of_range(q: &UsageQuery) -> Status {
+    let what = if q.meter.slug.is_empty() {
+        format!("event type {:?}", q.meter.event_type)
+    } else {
+        format!("meter {:?}", q.meter.slug)
+    };
+    Status::out_of_range(format!(
+        "{what}: a window's value is beyond a 64-bit float's range (about 1.8e308); the events' {:?} values are too large to aggregate",
+        q.meter.value_path.join(".")
+    ))
+}
+
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     envelope::timestamp(t)
 }
@@ -342,7 +356,19 @@ impl MeteringService for MeteringGateway {
         metrics::METERING_POSTGRES_QUERIES
             .with_label_values(&["query_usage", metrics::status(rows.is_ok())])
             .inc();
-        let rows = rows.map_err(db_status)?;
+        let rows = rows.map_err(|e| match &e {
+            // PostgreSQL refuses a float8 sum past f64::MAX (values of a meter's property are
+            // the producers'); the embedded adapter's sum becomes infinite: the same answer.
+            ProjectionError::Database(sqlx::Error::Database(d))
+                if d.code().as_deref() == Some("22003") =>
+            {
+                out_of_range(&q)
+            }
+            _ => db_status(e),
+        })?;
+        if rows.iter().any(|r| !r.value.is_finite()) {
+            return Err(out_of_range(&q));
+        }
         metrics::METERING_AGGREGATION_SECONDS
             .with_label_values(&[q.meter.aggregation.as_str()])
             .observe(started.elapsed().as_secs_f64());
