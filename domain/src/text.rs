@@ -18,6 +18,12 @@ pub fn check(field: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// `value` with each NUL replaced by U+FFFD, for text recorded from elsewhere that cannot be
+/// refused (a remote server's error answer kept in a notification's outcome).
+pub fn storable(value: &str) -> String {
+    value.replace('\0', "\u{FFFD}")
+}
+
 /// Like [`check`] for every key and string inside a JSON value; names the first offender's
 /// path (`data.model`, `data.tags[2]`).
 pub fn check_json(field: &str, value: &Value) -> Result<(), String> {
@@ -55,5 +61,6 @@ mod tests {
         assert!(e.contains("`data.tags[1]`"), "{e}");
         let e = check_json("data", &serde_json::json!({"a\u{0}k": 1})).unwrap_err();
         assert!(e.contains("`data.a\\0k`"), "{e}");
+        assert_eq!(storable("busy\0!"), "busy\u{FFFD}!");
     }
 }

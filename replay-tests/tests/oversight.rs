@@ -705,10 +705,11 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
             let (h, n) = (h.clone(), n.clone());
             async move {
                 if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    // A NUL in the answer: kept in the outcome, it would stop the projector.
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "busy\0");
                 }
                 h.lock().unwrap().push((headers, body));
-                axum::http::StatusCode::OK
+                (axum::http::StatusCode::OK, "")
             }
         }),
     );
@@ -797,6 +798,11 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
     };
     assert!(outcome.ok);
     assert_eq!(outcome.attempts, 2);
+    assert!(
+        outcome.detail.contains("HTTP 503: busy\u{FFFD}"),
+        "{:?}",
+        outcome.detail
+    );
     assert_eq!(outcome.channel, pb::Channel::Webhook as i32);
     running.stop().await;
 }

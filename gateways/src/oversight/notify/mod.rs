@@ -342,7 +342,8 @@ impl Notifier {
             level: n.level,
             ok,
             attempts,
-            detail: excerpt(&detail, 1000),
+            // The receiver's answer is in it, and may hold what PostgreSQL cannot store.
+            detail: creto_domain::text::storable(&excerpt(&detail, 1000)),
             duration_seconds: elapsed.as_secs_f64(),
         }
     }
