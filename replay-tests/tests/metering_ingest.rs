@@ -531,6 +531,18 @@ async fn text_postgresql_cannot_store_is_refused() {
         .await,
         "charges[0].id",
     );
+    // Lookups too: PostgreSQL refuses the parameter, and no retry would mend it.
+    let mut q = usage_request("sub_t", "agent.execution", 0);
+    q.filters.insert("model".into(), "m\0".into());
+    refused(c.query_usage(q).await, "filters.model");
+    let e = c
+        .get_invoice(pb::GetInvoiceRequest {
+            number: "INV-default-\0".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("U+0000"), "{e:?}");
     refused(
         c.set_entitlement(pb::SetEntitlementRequest {
             subscription_id: "sub_t".into(),

@@ -33,7 +33,7 @@ use creto_projections::metering::billing::{
 use creto_projections::metering::decode::{decode, struct_to_json, Decoded};
 use creto_projections::metering::query::{quantity_meter, UsageQuery};
 use creto_projections::metering::read_model;
-use creto_projections::{metrics, ProjectionError};
+use creto_projections::metrics;
 use creto_schemas::metering::v1 as pb;
 use creto_streams::envelope::{self, EventMeta};
 use creto_streams::{Appended, LogError, ReplayFrom, METERING};
@@ -41,7 +41,7 @@ use futures::TryStreamExt;
 use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
-use super::MeteringGateway;
+use super::{db_status, MeteringGateway};
 use crate::log_status::log_status;
 use crate::telemetry;
 
@@ -52,10 +52,6 @@ const ISSUE_ATTEMPTS: usize = 64;
 
 fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
     Ok(crate::auth::layer::caller(request)?.tenant.clone())
-}
-
-fn db_status(e: ProjectionError) -> Status {
-    Status::unavailable(format!("the read model is unavailable: {e}; retry"))
 }
 
 fn check_subscription(s: &str) -> Result<(), Status> {

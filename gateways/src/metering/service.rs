@@ -25,7 +25,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::log_status::log_status;
-use crate::metering::ingest;
+use crate::metering::{db_status, ingest};
 use crate::telemetry;
 
 pub const MAX_BATCH: usize = 1_000;
@@ -44,10 +44,6 @@ pub struct MeteringGateway {
 /// The caller's tenant: every read and write below is scoped to it.
 fn tenant<T>(request: &Request<T>) -> Result<String, Status> {
     Ok(crate::auth::layer::caller(request)?.tenant.clone())
-}
-
-fn db_status(e: ProjectionError) -> Status {
-    Status::unavailable(format!("the read model is unavailable: {e}; retry"))
 }
 
 /// A usage value beyond a 64-bit float's range: only a meter over a property whose values
@@ -341,6 +337,11 @@ impl MeteringService for MeteringGateway {
             return Err(Status::invalid_argument(format!(
                 "filter key {k:?} is not a dimension name"
             )));
+        }
+        // Both adapters refuse what PostgreSQL could not look up (the embedded one could).
+        for (k, v) in &filters {
+            creto_domain::text::check(&format!("filters.{k}"), v)
+                .map_err(Status::invalid_argument)?;
         }
         let q = UsageQuery {
             tenant,
