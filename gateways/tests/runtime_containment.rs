@@ -404,19 +404,21 @@ async fn a_fork_bomb_stops_at_the_pids_limit() {
     spec.limits.pids = 32;
     let (sb, _) = e.sandbox_with(spec).await;
     let started = Instant::now();
-    // The shell waits with builtins only: an external `sleep` would need a fork while the
-    // bomb holds every pid, and bash retries a refused fork with a doubling back-off
-    // (1 + 2 + 4 + 8 s…), which made the exec's end depend on who won the pids race.
+    // The shell must not fork once the bomb runs: bash retries a refused fork with a doubling
+    // back-off (1 + 2 + 4 + 8 s) and then gives the script up, so whether it printed depended
+    // on who won the pids race. It forks once, for the subshell that starts the bomb, before
+    // any bomb process exists (calling the bomb itself would fork both sides of `:|:`, the
+    // second while the first already multiplies), then waits with builtins only.
     let mut req = ExecRequest::new([
         "/bin/bash",
         "-c",
-        ":(){ :|:& };: ; SECONDS=0; while ((SECONDS < 3)); do true; done; echo survived",
+        "( :(){ :|:& };: ) & SECONDS=0; while ((SECONDS < 3)); do true; done; echo survived",
     ]);
     req.timeout = Duration::from_secs(20);
     let r = run_req(&sb, req).await;
     assert!(r.outcome.pids_limited, "{:?} {}", r.outcome, r.stderr);
     assert!(!r.outcome.timed_out);
-    assert_eq!(r.stdout, "survived\n", "{}", r.stderr);
+    assert_eq!(r.stdout, "survived\n", "{:?} {}", r.outcome, r.stderr);
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "{:?}",
