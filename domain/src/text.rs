@@ -5,14 +5,12 @@
 //! event after it. So text that reaches a read model is refused at the edge when it holds one
 //! (the embedded default could store it, but both adapters must decide alike).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// `Err` with what to fix when `value` holds a NUL.
 pub fn check(field: &str, value: &str) -> Result<(), String> {
     if value.contains('\0') {
-        Err(format!(
-            "`{field}` contains U+0000 (NUL), which cannot be stored; remove it"
-        ))
+        Err(refusal(field))
     } else {
         Ok(())
     }
@@ -27,23 +25,40 @@ pub fn storable(value: &str) -> String {
 /// Like [`check`] for every key and string inside a JSON value; names the first offender's
 /// path (`data.model`, `data.tags[2]`).
 pub fn check_json(field: &str, value: &Value) -> Result<(), String> {
-    match value {
-        Value::String(s) => check(field, s),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, v)| check_json(&format!("{field}[{i}]"), v)),
-        Value::Object(map) => check_object(field, map),
-        _ => Ok(()),
-    }
+    value_nul(value).map_or(Ok(()), |rest| Err(refusal(&format!("{field}{rest}"))))
 }
 
 /// [`check_json`] for an object's keys and values.
-pub fn check_object(field: &str, map: &serde_json::Map<String, Value>) -> Result<(), String> {
-    map.iter().try_for_each(|(k, v)| {
-        let path = format!("{field}.{}", k.escape_debug());
-        check(&path, k)?;
-        check_json(&path, v)
+pub fn check_object(field: &str, map: &Map<String, Value>) -> Result<(), String> {
+    object_nul(map).map_or(Ok(()), |rest| Err(refusal(&format!("{field}{rest}"))))
+}
+
+fn refusal(field: &str) -> String {
+    format!("`{field}` contains U+0000 (NUL), which cannot be stored; remove it")
+}
+
+// The path below the value to the first NUL, built only once one is found: every usage event
+// goes through here, on the live path and in a rebuild.
+fn value_nul(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(String::new()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| value_nul(v).map(|rest| format!("[{i}]{rest}"))),
+        Value::Object(map) => object_nul(map),
+        _ => None,
+    }
+}
+
+fn object_nul(map: &Map<String, Value>) -> Option<String> {
+    map.iter().find_map(|(k, v)| {
+        let rest = if k.contains('\0') {
+            String::new()
+        } else {
+            value_nul(v)?
+        };
+        Some(format!(".{}{rest}", k.escape_debug()))
     })
 }
 
