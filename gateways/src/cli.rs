@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use creto_projections::rebuild;
-use creto_streams::{EnsureOutcome, EventLog};
+use creto_streams::{deadletter, EnsureOutcome, EventLog};
 use futures::TryStreamExt;
 
 use crate::config::{ConnectArgs, Settings};
@@ -291,7 +291,7 @@ pub enum StreamsCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum DeadlettersCommand {
-    /// List dead letters of a product's stream, oldest first.
+    /// List dead letters of a product's stream (`--stream all`: every one), oldest first.
     List {
         #[arg(long, value_enum, default_value = "metering")]
         stream: Product,
@@ -302,7 +302,8 @@ pub enum DeadlettersCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Send dead letters back to their original subject (after fixing the cause).
+    /// Send dead letters of a product's stream (`--stream all`: every one) back to their
+    /// original subject (after fixing the cause).
     Redrive {
         #[arg(long, value_enum, default_value = "metering")]
         stream: Product,
@@ -1073,6 +1074,18 @@ async fn streams_info(
     Ok(())
 }
 
+/// The dead-letter subject of `product`'s stream; `None` for all of them.
+fn deadletter_subject(catalog: &creto_streams::Catalog, product: Product) -> Option<String> {
+    let logical = match product {
+        Product::Metering => creto_streams::METERING,
+        Product::Oversight => creto_streams::OVERSIGHT,
+        Product::Runtime => creto_streams::RUNTIME,
+        Product::Messaging => creto_streams::MESSAGING,
+        Product::All => return None,
+    };
+    Some(catalog.deadletter_subject(logical))
+}
+
 async fn deadletters(
     log: &dyn EventLog,
     catalog: &creto_streams::Catalog,
@@ -1080,13 +1093,14 @@ async fn deadletters(
 ) -> Result<(), CliError> {
     match command {
         DeadlettersCommand::List {
-            stream: _,
+            stream,
             after,
             limit,
             json,
         } => {
+            let subject = deadletter_subject(catalog, stream);
             let letters =
-                crate::metering::service::list_dead_letters(log, catalog, after, limit, None)
+                deadletter::list(log, catalog, subject.as_deref(), after, limit, |_| true)
                     .await
                     .map_err(fail)?;
             for l in &letters {
@@ -1113,20 +1127,20 @@ async fn deadletters(
             Ok(())
         }
         DeadlettersCommand::Redrive {
-            stream: _,
+            stream,
             reason,
             after,
             dry_run,
         } => {
+            let subject = deadletter_subject(catalog, stream);
             let letters =
-                crate::metering::service::list_dead_letters(log, catalog, after, usize::MAX, None)
-                    .await
-                    .map_err(fail)?;
+                deadletter::list(log, catalog, subject.as_deref(), after, usize::MAX, |l| {
+                    reason.as_ref().is_none_or(|r| *r == l.reason)
+                })
+                .await
+                .map_err(fail)?;
             let mut sent = 0;
-            for l in letters
-                .iter()
-                .filter(|l| reason.as_ref().is_none_or(|r| *r == l.reason))
-            {
+            for l in &letters {
                 if !dry_run {
                     log.append(l.redrive()).await.map_err(fail)?;
                 }

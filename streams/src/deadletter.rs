@@ -1,8 +1,11 @@
 //! Dead letters: events that could not be applied, parked with the reason, the original
 //! stream, subject and sequence, and the original payload and headers, so they can be listed
 //! and re-driven after a fix.
+use futures::TryStreamExt;
+
 use crate::headers::{names, Headers};
-use crate::log::{AppendEvent, StoredEvent};
+use crate::log::{AppendEvent, EventLog, LogError, ReplayFrom, StoredEvent};
+use crate::{Catalog, DEADLETTERS};
 
 /// Builds the dead-letter append for `event`. Its id is derived from the original stream and
 /// sequence, so dead-lettering the same event twice (after a crash) stores it once.
@@ -83,6 +86,35 @@ impl DeadLetter {
             payload: self.event.payload.clone(),
         }
     }
+}
+
+/// Dead letters after sequence `after` of the dead-letter stream, oldest first: up to `limit`
+/// of those `keep` accepts, parked from the stream whose dead-letter `subject` is given
+/// ([`Catalog::deadletter_subject`]), or from every stream.
+pub async fn list(
+    log: &dyn EventLog,
+    catalog: &Catalog,
+    subject: Option<&str>,
+    after: u64,
+    limit: usize,
+    keep: impl Fn(&DeadLetter) -> bool,
+) -> Result<Vec<DeadLetter>, LogError> {
+    let mut events = log
+        .replay(
+            &catalog.stream(DEADLETTERS),
+            ReplayFrom::Sequence(after + 1),
+            None,
+            subject,
+        )
+        .await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match events.try_next().await? {
+            Some(e) => out.extend(DeadLetter::parse(e).filter(&keep)),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -17,10 +17,7 @@ use creto_schemas::metering::v1::metering_service_server::MeteringService;
 use creto_streams::deadletter::{self, DeadLetter};
 use creto_streams::envelope::{self, EventMeta};
 use creto_streams::headers::{content_types, names};
-use creto_streams::{
-    AppendEvent, Catalog, EventLog, Headers, LogError, ReplayFrom, StoredEvent, DEADLETTERS,
-};
-use futures::TryStreamExt;
+use creto_streams::{AppendEvent, Catalog, EventLog, Headers, LogError, StoredEvent};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -596,22 +593,8 @@ pub async fn list_dead_letters(
     tenant: Option<&str>,
 ) -> Result<Vec<DeadLetter>, LogError> {
     let subject = catalog.deadletter_subject(creto_streams::METERING);
-    let mut events = log
-        .replay(
-            &catalog.stream(DEADLETTERS),
-            ReplayFrom::Sequence(after + 1),
-            None,
-            Some(&subject),
-        )
-        .await?;
-    let mut out = Vec::new();
-    while out.len() < limit {
-        match events.try_next().await? {
-            Some(e) => out.extend(
-                DeadLetter::parse(e).filter(|l| tenant.is_none_or(|t| letter_tenant(l) == t)),
-            ),
-            None => break,
-        }
-    }
-    Ok(out)
+    creto_streams::deadletter::list(log, catalog, Some(&subject), after, limit, |l| {
+        tenant.is_none_or(|t| letter_tenant(l) == t)
+    })
+    .await
 }
