@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod rebuild;
 pub mod runner;
 pub mod runtime;
+pub mod set_aside;
 pub mod trace_context;
 pub mod whole;
 

@@ -264,7 +264,7 @@ async fn apply_in_batches(
             buffer.push(e?);
         }
         if buffer.len() >= batch || (end && !buffer.is_empty()) {
-            let report = projector.apply(&buffer).await?;
+            let report = crate::runner::apply_setting_aside(projector, &buffer).await?;
             applied += buffer.len() as u64;
             buffer.clear();
             progress(&report, applied);

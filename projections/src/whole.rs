@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use creto_streams::{EventLog, ReplayFrom, StoredEvent};
+use futures::future::BoxFuture;
 use futures::StreamExt;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Acquire, PgPool, Postgres, Transaction};
 
-use crate::metrics;
 use crate::runner::{ApplyReport, ProjectionError};
+use crate::{metrics, set_aside};
 
 /// Events per batch of a rebuild.
 const REBUILD_BATCH: usize = 1_000;
@@ -24,6 +25,10 @@ pub trait InTransaction: Send + Sync {
     const LOCK: &'static str;
 
     fn stream_name(&self) -> &str;
+
+    /// Where the live projector parks events the database refuses: the log and the
+    /// dead-letter subject. `None` while rebuilding or replaying (parked when first applied).
+    fn parking(&self) -> Option<(&dyn EventLog, String)>;
 
     /// Writes `events` to the tables (not the checkpoint). `park`: invalid events go to the
     /// dead letters. Returns the report and the reasons of the invalid events.
@@ -77,6 +82,15 @@ pub async fn apply_in<P: InTransaction>(
     let fresh: Vec<&StoredEvent> = events.iter().filter(|e| e.sequence > checkpoint).collect();
     let (mut report, invalid) = projector.project(tx, &fresh, park).await?;
     report.checkpoint = last.sequence;
+    save_checkpoint(projector, tx, last.sequence).await?;
+    Ok((report, invalid))
+}
+
+async fn save_checkpoint<P: InTransaction>(
+    projector: &P,
+    tx: &mut Transaction<'_, Postgres>,
+    sequence: u64,
+) -> Result<(), ProjectionError> {
     sqlx::query(
         "INSERT INTO projection_checkpoints (projector, stream, last_sequence, updated_at)
          VALUES ($1, $2, $3, now())
@@ -85,10 +99,68 @@ pub async fn apply_in<P: InTransaction>(
     )
     .bind(P::PRODUCT)
     .bind(projector.stream_name())
-    .bind(last.sequence as i64)
+    .bind(sequence as i64)
     .execute(&mut **tx)
     .await?;
-    Ok((report, invalid))
+    Ok(())
+}
+
+/// [`crate::Projector::set_aside`] for these read models: parks `event` if `projector` is
+/// the live one, then moves the checkpoint past it.
+pub async fn set_aside<P: InTransaction>(
+    pool: &PgPool,
+    projector: &P,
+    event: &StoredEvent,
+    detail: &str,
+) -> Result<bool, ProjectionError> {
+    let stream = projector.stream_name();
+    if let Some((log, subject)) = projector.parking() {
+        set_aside::park(log, &subject, stream, event, detail).await?;
+    }
+    set_aside::skip(pool, P::LOCK, "public", P::PRODUCT, stream, event.sequence).await?;
+    Ok(true)
+}
+
+/// [`apply_in`] (parking nothing) in a savepoint of `tx`, halving `events` when the database
+/// refuses them as [`crate::runner::apply_setting_aside`] does: the one event refused alone is
+/// skipped (it was parked when the live projector met it) and the checkpoint moved past it.
+fn apply_in_setting_aside<'a, 't: 'a, P: InTransaction>(
+    projector: &'a P,
+    tx: &'a mut Transaction<'t, Postgres>,
+    events: &'a [StoredEvent],
+) -> BoxFuture<'a, Result<ApplyReport, ProjectionError>> {
+    Box::pin(async move {
+        let mut savepoint = tx.begin().await?;
+        let error = match apply_in(projector, &mut savepoint, events, false).await {
+            Ok((report, _)) => {
+                savepoint.commit().await?;
+                return Ok(report);
+            }
+            Err(e) => e,
+        };
+        savepoint.rollback().await?;
+        let Some(detail) = error.refusal() else {
+            return Err(error);
+        };
+        if let [event] = events {
+            tracing::warn!(
+                product = P::PRODUCT,
+                sequence = event.sequence,
+                %detail,
+                "the database refuses this event; skipped"
+            );
+            save_checkpoint(projector, tx, event.sequence).await?;
+            return Ok(ApplyReport {
+                dead_lettered: 1,
+                checkpoint: event.sequence,
+                ..Default::default()
+            });
+        }
+        let (first, second) = events.split_at(events.len() / 2);
+        let a = apply_in_setting_aside(projector, tx, first).await?;
+        let b = apply_in_setting_aside(projector, tx, second).await?;
+        Ok(a.then(b))
+    })
 }
 
 /// Re-applies events applied before or not, whatever the checkpoint, without moving it and
@@ -148,7 +220,8 @@ pub async fn apply<P: InTransaction>(
 
 /// Rebuilds `P`'s read model from its whole stream: in ONE transaction holding the projection
 /// lock, empties `tables` and the checkpoint, then re-applies the stream from its first event
-/// in batches, parking nothing (invalid events were parked when first applied). Readers see the old rows until the commit, then the new ones
+/// in batches, parking nothing (invalid events were parked when first applied) and skipping
+/// what the database refuses. Readers see the old rows until the commit, then the new ones
 /// (DELETE, not TRUNCATE, so readers are not blocked meanwhile); the live projector waits for
 /// the lock and goes on from the new checkpoint. Returns the checkpoint (the last sequence
 /// re-applied, 0 for an empty stream) and what was applied.
@@ -181,7 +254,6 @@ pub async fn rebuild<P: InTransaction>(
         .replay(projector.stream_name(), ReplayFrom::Start, None, None)
         .await?;
     let mut batch = Vec::with_capacity(REBUILD_BATCH);
-    let mut checkpoint = 0;
     let mut report = ApplyReport::default();
     loop {
         let done = match events.next().await {
@@ -192,11 +264,7 @@ pub async fn rebuild<P: InTransaction>(
             None => true,
         };
         if batch.len() >= REBUILD_BATCH || (done && !batch.is_empty()) {
-            let (r, _) = apply_in(projector, &mut tx, &batch, false).await?;
-            checkpoint = r.checkpoint;
-            report.applied += r.applied;
-            report.duplicates += r.duplicates;
-            report.dead_lettered += r.dead_lettered;
+            report = report.then(apply_in_setting_aside(projector, &mut tx, &batch).await?);
             batch.clear();
         }
         if done {
@@ -206,10 +274,10 @@ pub async fn rebuild<P: InTransaction>(
     tx.commit().await?;
     tracing::info!(
         product = P::PRODUCT,
-        checkpoint,
+        checkpoint = report.checkpoint,
         applied = report.applied,
         skipped = report.dead_lettered,
         "read model rebuilt"
     );
-    Ok((checkpoint, report))
+    Ok((report.checkpoint, report))
 }

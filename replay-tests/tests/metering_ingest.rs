@@ -744,3 +744,97 @@ async fn dead_letters_can_be_redriven_after_a_fix() {
     running.stop().await;
     env.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_database_refuses_is_set_aside_then_redriven_after_the_fix() {
+    let env = Env::new().await;
+    // A rule of this database that the producer's events do not know: one producer's rows are
+    // refused (SQLSTATE 23514), as a value PostgreSQL cannot hold would be. Before, the
+    // projector retried that batch for ever and no later event of any subscription counted.
+    sqlx::query(
+        "ALTER TABLE metering_events
+           ADD CONSTRAINT refuses_one_source CHECK (source <> 'refused-producer')",
+    )
+    .execute(env.pool())
+    .await
+    .unwrap();
+    let (running, mut client) = env.start_metering(true).await;
+    let js = async_nats::jetstream::new(
+        async_nats::connect(creto_replay_tests::nats_url())
+            .await
+            .unwrap(),
+    );
+    let now = Utc::now();
+    let mut sequences = Vec::new();
+    for i in 0..6 {
+        let mut event: serde_json::Value = serde_json::from_str(&cloud_event(
+            &format!("s{i}"),
+            "sub_s",
+            "agent.execution",
+            now,
+            serde_json::json!({"quantity": 1}),
+        ))
+        .unwrap();
+        if i == 2 {
+            event["source"] = "refused-producer".into();
+        }
+        let ack = js
+            .publish(
+                env.subject("metering.events.sub_s"),
+                event.to_string().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        sequences.push(ack.sequence);
+    }
+    let usage = |min_sequence| usage_request("sub_s", "agent.execution", min_sequence);
+    let rows = client
+        .query_usage(usage(sequences[5]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(total(&rows.rows), 5.0, "every event but the refused one");
+
+    let letters = creto_gateways::metering::service::list_dead_letters(
+        &*env.platform.log,
+        &env.platform.catalog,
+        0,
+        10,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.reason, "projection_failed");
+    assert_eq!(letter.original_sequence, sequences[2]);
+    assert!(
+        letter.detail.contains("23514") && letter.detail.contains("refuses_one_source"),
+        "{}",
+        letter.detail
+    );
+    let stream = env.platform.catalog.stream(METERING);
+    assert!(
+        creto_projections::metrics::DEADLETTERS
+            .with_label_values(&[stream.as_str(), "projection_failed"])
+            .get()
+            >= 1
+    );
+
+    // The operator fixes the cause and re-drives: the event counts, once.
+    sqlx::query("ALTER TABLE metering_events DROP CONSTRAINT refuses_one_source")
+        .execute(env.pool())
+        .await
+        .unwrap();
+    let redriven = env.platform.log.append(letter.redrive()).await.unwrap();
+    let rows = client
+        .query_usage(usage(redriven.sequence()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(total(&rows.rows), 6.0);
+    running.stop().await;
+    env.drop().await;
+}

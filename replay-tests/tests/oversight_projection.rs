@@ -12,7 +12,9 @@ use chrono::{DateTime, Duration as Ch, DurationRound, Utc};
 use creto_domain::oversight::request::{self, Aggregate};
 use creto_projections::oversight::{self, OversightProjector};
 use creto_projections::Projector;
-use creto_replay_tests::{checksums, run_projector, stream_events, wait_checkpoint, Env};
+use creto_replay_tests::{
+    checksums, rebuild_whole, run_projector, stream_events, wait_checkpoint, Env,
+};
 use creto_schemas::oversight::v1::{
     request_event, Action, ApprovalRequest, Channel, ChannelList, CreateRequestRequest, Decision,
     Level, NotificationDelivered, Policy, PolicyDefined, Priority, RequestEvent, State,
@@ -1165,5 +1167,131 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
     );
     stop.send(true).unwrap();
     task.await.unwrap();
+    env.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_database_refuses_is_set_aside_live_and_in_a_rebuild() {
+    let env = Env::new().await;
+    let pool = env.pool().clone();
+    // A rule of this database that the events do not know: one agent's requests are refused
+    // (SQLSTATE 23514), as a value PostgreSQL cannot hold would be. Before, the projector
+    // retried that batch for ever and no later event of any tenant was projected.
+    sqlx::query(
+        "ALTER TABLE oversight_requests
+           ADD CONSTRAINT refuses_one_agent CHECK (agent_id <> 'bot-refused')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let projector = Arc::new(OversightProjector::new(
+        pool.clone(),
+        env.platform.log.clone(),
+        env.platform.catalog.clone(),
+    ));
+    // Batches of 3: the refused request is in the middle of one, between requests applied.
+    let (stop, task) = run_projector(&env, projector.clone());
+    let mut gw = Gateway::new(&env);
+    let t0 = Utc::now() - Ch::minutes(5);
+    let deploys = policy(
+        "deploys",
+        5,
+        "deploy.prod",
+        1,
+        vec![level(&["ops1"], 600)],
+        TimeoutAction::Deny,
+    );
+    gw.put_policy("acme", deploys, t0).await;
+    let mut refused = 0;
+    for i in 0..7 {
+        let agent = if i == 3 { "bot-refused" } else { "bot-ok" };
+        let id = format!("r-{i}");
+        let at = t0 + Ch::seconds(i);
+        gw.create(
+            "acme",
+            &id,
+            agent,
+            "deploy.prod",
+            "{}",
+            Priority::Normal,
+            at,
+        )
+        .await;
+        if i == 3 {
+            refused = gw.last;
+        }
+    }
+    wait_checkpoint(&*projector, gw.last).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let projected: Vec<String> =
+        sqlx::query_scalar("SELECT request_id FROM oversight_requests ORDER BY request_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(projected, ["r-0", "r-1", "r-2", "r-4", "r-5", "r-6"]);
+    let letters: Vec<DeadLetter> = stream_events(&env, DEADLETTERS)
+        .await
+        .into_iter()
+        .map(|e| DeadLetter::parse(e).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        (letters[0].reason.as_str(), letters[0].original_sequence),
+        ("projection_failed", refused)
+    );
+    assert!(
+        letters[0].detail.contains("refuses_one_agent"),
+        "{}",
+        letters[0].detail
+    );
+
+    // A rebuild (one transaction) skips it too, in a savepoint, and gives the same tables.
+    let before = checksums(&pool, TABLES, "oversight").await;
+    assert_eq!(rebuild_whole(&env, OVERSIGHT).await, gw.last);
+    assert_eq!(checksums(&pool, TABLES, "oversight").await, before);
+    assert_eq!(
+        stream_events(&env, DEADLETTERS).await.len(),
+        1,
+        "parked once"
+    );
+
+    // The operator fixes the cause and re-drives oversight's letters with the CLI; asking
+    // for metering's re-drives none of them.
+    sqlx::query("ALTER TABLE oversight_requests DROP CONSTRAINT refuses_one_agent")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let nats_url = creto_replay_tests::nats_url();
+    let redrive = |product: &str| {
+        let cli = <creto_gateways::cli::Cli as clap::Parser>::parse_from([
+            "enablement",
+            "--nats-url",
+            &nats_url,
+            "--namespace",
+            &env.name,
+            "deadletters",
+            "redrive",
+            "--stream",
+            product,
+            "--reason",
+            "projection_failed",
+        ]);
+        creto_gateways::cli::run(cli)
+    };
+    redrive("metering").await.unwrap();
+    assert_eq!(stream_events(&env, OVERSIGHT).await.len() as u64, gw.last);
+    redrive("oversight").await.unwrap();
+    let (stop, task) = run_projector(&env, projector.clone());
+    wait_checkpoint(&*projector, gw.last + 1).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let agent: String = sqlx::query_scalar(
+        "SELECT agent_id FROM oversight_requests WHERE tenant = 'acme' AND request_id = 'r-3'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(agent, "bot-refused");
     env.drop().await;
 }

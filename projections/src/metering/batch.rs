@@ -106,6 +106,13 @@ impl LiveEffects {
         }
     }
 
+    /// After an event was set aside: the counters' writer learns the sequence was passed.
+    pub fn skipped(&self, sequence: u64) {
+        if let Some((_, writer)) = &self.counters {
+            writer.touched(Vec::new(), sequence);
+        }
+    }
+
     /// After a commit: metrics, then the counters of the keys the batch changed.
     pub fn committed(
         &self,

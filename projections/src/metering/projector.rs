@@ -17,6 +17,7 @@ use super::read_model::PgReadModel;
 use crate::metrics;
 use crate::postgres::quote_ident;
 use crate::runner::{ApplyReport, ProjectionError, Projector};
+use crate::set_aside;
 
 pub const PRODUCT: &str = "metering";
 
@@ -650,5 +651,23 @@ impl Projector for MeteringProjector {
             committed?;
         }
         Ok(report)
+    }
+
+    async fn set_aside(&self, event: &StoredEvent, detail: &str) -> Result<bool, ProjectionError> {
+        if let Some(live) = &self.live {
+            let subject = self.catalog.deadletter_subject(METERING);
+            set_aside::park(&*self.log, &subject, &self.stream, event, detail).await?;
+            live.skipped(event.sequence);
+        }
+        set_aside::skip(
+            &self.pool,
+            LOCK,
+            &self.schema,
+            PRODUCT,
+            &self.stream,
+            event.sequence,
+        )
+        .await?;
+        Ok(true)
     }
 }

@@ -148,6 +148,8 @@ pub struct QuotasProjector {
     pool: PgPool,
     catalog: Catalog,
     stream: String,
+    /// The live projector's log, where it parks the events the database refuses.
+    log: Option<Arc<dyn EventLog>>,
 }
 
 impl QuotasProjector {
@@ -156,7 +158,14 @@ impl QuotasProjector {
             stream: catalog.stream(METERING),
             pool,
             catalog,
+            log: None,
         }
+    }
+
+    /// The live projector: events the database refuses are parked in `log`'s dead letters.
+    pub fn parking_in(mut self, log: Arc<dyn EventLog>) -> Self {
+        self.log = Some(log);
+        self
     }
 }
 
@@ -346,6 +355,10 @@ impl Projector for QuotasProjector {
     async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
         whole::apply(&self.pool, self, events, true).await
     }
+
+    async fn set_aside(&self, event: &StoredEvent, detail: &str) -> Result<bool, ProjectionError> {
+        whole::set_aside(&self.pool, self, event, detail).await
+    }
 }
 
 #[async_trait]
@@ -356,6 +369,12 @@ impl whole::InTransaction for QuotasProjector {
 
     fn stream_name(&self) -> &str {
         &self.stream
+    }
+
+    fn parking(&self) -> Option<(&dyn EventLog, String)> {
+        self.log
+            .as_ref()
+            .map(|log| (&**log, self.catalog.deadletter_subject(METERING)))
     }
 
     /// Unreadable facts are logged and skipped (the metering projector, which reads the same

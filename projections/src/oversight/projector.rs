@@ -635,6 +635,10 @@ impl Projector for OversightProjector {
     async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
         whole::apply(&self.pool, self, events, self.live).await
     }
+
+    async fn set_aside(&self, event: &StoredEvent, detail: &str) -> Result<bool, ProjectionError> {
+        whole::set_aside(&self.pool, self, event, detail).await
+    }
 }
 
 #[async_trait]
@@ -644,6 +648,11 @@ impl whole::InTransaction for OversightProjector {
 
     fn stream_name(&self) -> &str {
         &self.stream
+    }
+
+    fn parking(&self) -> Option<(&dyn EventLog, String)> {
+        self.live
+            .then(|| (&*self.log, self.catalog.deadletter_subject(OVERSIGHT)))
     }
 
     async fn project(

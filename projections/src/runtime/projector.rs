@@ -685,6 +685,10 @@ impl Projector for RuntimeProjector {
     async fn apply(&self, events: &[StoredEvent]) -> Result<ApplyReport, ProjectionError> {
         whole::apply(&self.pool, self, events, self.live).await
     }
+
+    async fn set_aside(&self, event: &StoredEvent, detail: &str) -> Result<bool, ProjectionError> {
+        whole::set_aside(&self.pool, self, event, detail).await
+    }
 }
 
 #[async_trait]
@@ -694,6 +698,11 @@ impl whole::InTransaction for RuntimeProjector {
 
     fn stream_name(&self) -> &str {
         &self.stream
+    }
+
+    fn parking(&self) -> Option<(&dyn EventLog, String)> {
+        self.live
+            .then(|| (&*self.log, self.catalog.deadletter_subject(RUNTIME)))
     }
 
     async fn project(

@@ -104,7 +104,10 @@ pub fn spawn(
         }
     }
     if let Some(pool) = platform.pool().filter(|_| projectors) {
-        let projector = Arc::new(QuotasProjector::new(pool.clone(), platform.catalog.clone()));
+        let projector = Arc::new(
+            QuotasProjector::new(pool.clone(), platform.catalog.clone())
+                .parking_in(platform.log.clone()),
+        );
         tasks.spawn(crate::server::supervise_projector(
             platform.clone(),
             projector,
