@@ -509,6 +509,9 @@ impl AuditExporter {
             None
         };
         let mut consumer = self.open(tail.last_sequence).await?;
+        // Nothing delivered yet by this consumer: its first delivery is the first event the
+        // stream holds after where it was opened.
+        let mut fresh = true;
         tracing::info!(stream = %self.stream, checkpoint = tail.last_sequence, "audit exporter active");
         let mut buffer = Buffer::new(tail.last_sequence + 1);
         let mut last_delivery: Option<Delivery> = None;
@@ -537,17 +540,22 @@ impl AuditExporter {
                 _ = shutdown.changed() => continue,
             };
             for d in batch {
+                let first_delivery = std::mem::replace(&mut fresh, false);
                 let expected = tail.last_sequence.max(buffer.last) + 1;
                 let seq = d.event.sequence;
                 if seq < expected {
                     continue; // a redelivery of what we have
                 }
                 if seq > expected {
+                    // Out of order unless the stream no longer holds them: removed from its
+                    // front (limits) or, seen by a fresh consumer, from the middle (`nats
+                    // stream rmm`, a purge by subject); `verify` reports that gap.
                     let first = self.log.stream_state(&self.stream).await?.first_sequence;
-                    if first <= expected {
+                    if first <= expected && !first_delivery {
                         tracing::warn!(stream = %self.stream, expected, got = seq,
                             "gap in deliveries; repositioning the exporter");
                         consumer = self.open(expected - 1).await?;
+                        fresh = true;
                         break;
                     }
                     tracing::warn!(stream = %self.stream, from = expected, to = seq - 1,

@@ -221,6 +221,8 @@ pub async fn run(
 
     let mut last_lag_update = Instant::now() - Duration::from_secs(10);
     let mut applied_to = checkpoint;
+    // Nothing delivered yet by this consumer, opened at `applied_to` + 1.
+    let mut fresh = true;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -246,6 +248,7 @@ pub async fn run(
             last_lag_update = Instant::now();
         }
         let Some(last) = batch.last() else { continue };
+        let first_delivery = std::mem::replace(&mut fresh, false);
         let events: Vec<StoredEvent> = batch
             .iter()
             .map(|d| d.event.clone())
@@ -256,7 +259,19 @@ pub async fn run(
                 last.ack().await?;
                 continue;
             }
-            // Never skip: a hole means deliveries are out of order; start again from the checkpoint.
+            // A consumer opened at the checkpoint delivers the first event the stream holds
+            // after it: a hole then is events removed from the stream (`nats stream rmm`, a
+            // purge by subject), and waiting for them would stop the projection for good.
+            Some(first) if first.sequence != applied_to + 1 && first_delivery => {
+                tracing::warn!(
+                    product,
+                    from = applied_to + 1,
+                    to = first.sequence - 1,
+                    "events removed from the stream before they were projected; going on"
+                );
+            }
+            // Otherwise never skip: a hole means deliveries are out of order; start again from
+            // the checkpoint.
             Some(first) if first.sequence != applied_to + 1 => {
                 tracing::warn!(
                     product,
@@ -266,6 +281,7 @@ pub async fn run(
                 );
                 drop(batch);
                 consumer = open_at(&*log, projector.stream(), &durable, applied_to).await?;
+                fresh = true;
                 continue;
             }
             Some(_) => {}

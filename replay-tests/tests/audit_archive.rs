@@ -1,4 +1,5 @@
-//! Audit exports of the streams to the archive: exported exactly once across crashes,
+//! Audit exports of the streams to the archive: exported exactly once across crashes and past
+//! events removed from a stream,
 //! verified (deleted, altered, re-forged and swapped objects and manifests are reported), and
 //! restored into empty streams for a disaster-recovery drill whose rebuilt read models equal
 //! the originals. S3 is the local moto server (`.ci/services.sh`), bucket `enablement-test`.
@@ -590,5 +591,69 @@ async fn embedded_export_and_restore_round_trip() {
             (o.sequence, &o.subject, &o.payload, &o.recorded_at)
         );
     }
+    env.drop().await;
+}
+
+/// Removes one message from the middle of `stream`, as an operator would with
+/// `nats stream rmm`.
+async fn remove_message(stream: &str, sequence: u64) {
+    let js = async_nats::jetstream::new(
+        async_nats::connect(creto_replay_tests::nats_url())
+            .await
+            .unwrap(),
+    );
+    let mut s = js.get_stream(stream).await.unwrap();
+    assert!(s.delete_message(sequence).await.unwrap());
+    assert_eq!(s.info().await.unwrap().state.messages, 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_removed_from_the_stream_neither_stops_the_exporter_nor_hides() {
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive: Arc<dyn Archive> = Arc::new(LocalDirArchive::new(dir.path().to_path_buf()));
+    let stream = env.platform.catalog.stream(METERING);
+    assert_eq!(append_usage(&env, 100, 0).await, 100);
+    remove_message(&stream, 40).await;
+    // Before, the exporter took the hole for deliveries out of order and repositioned for ever.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        export_once(&env, &archive, &stream, small_objects()),
+    )
+    .await
+    .expect("the exporter goes on past the removed event");
+    let report = audit::verify(&*archive, &stream, Some(&*env.platform.log))
+        .await
+        .unwrap();
+    assert_eq!((report.events, report.unarchived), (99, 0), "{report}");
+    assert!(has(&report, "gap between 39 and 41"), "{report}");
+    env.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_removed_from_the_stream_does_not_stop_the_projector() {
+    let env = Env::new().await;
+    let stream = env.platform.catalog.stream(METERING);
+    assert_eq!(append_usage(&env, 100, 0).await, 100);
+    remove_message(&stream, 40).await;
+    let projector = Arc::new(MeteringProjector::new(
+        env.pool().clone(),
+        env.platform.log.clone(),
+        env.platform.catalog.clone(),
+        Default::default(),
+    ));
+    // Before, the runner took the hole for deliveries out of order and repositioned for ever.
+    let (stop, task) = creto_replay_tests::run_projector(&env, projector.clone());
+    creto_replay_tests::wait_checkpoint(&*projector, 100).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let at = |sequence: i64| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM metering_events WHERE stream_sequence = $1",
+        )
+        .bind(sequence)
+        .fetch_one(env.pool())
+    };
+    assert_eq!((at(40).await.unwrap(), at(41).await.unwrap()), (0, 1));
     env.drop().await;
 }
