@@ -25,6 +25,19 @@ fn usage_request(sub: &str, event_type: &str, min_sequence: u64) -> pb::QueryUsa
     }
 }
 
+/// Metering's first dead letters, oldest first.
+async fn dead_letters(env: &Env) -> Vec<creto_streams::deadletter::DeadLetter> {
+    creto_gateways::metering::service::list_dead_letters(
+        &*env.platform.log,
+        &env.platform.catalog,
+        0,
+        10,
+        None,
+    )
+    .await
+    .unwrap()
+}
+
 fn total(rows: &[pb::UsageRow]) -> f64 {
     rows.iter().map(|r| r.value).sum()
 }
@@ -712,27 +725,11 @@ async fn dead_letters_can_be_redriven_after_a_fix() {
         .unwrap()
         .sequence;
     env.wait_applied(seq).await;
-    let letters = creto_gateways::metering::service::list_dead_letters(
-        &*env.platform.log,
-        &env.platform.catalog,
-        0,
-        10,
-        None,
-    )
-    .await
-    .unwrap();
+    let letters = dead_letters(&env).await;
     assert_eq!(letters.len(), 1);
     let a = env.platform.log.append(letters[0].redrive()).await.unwrap();
     env.wait_applied(a.sequence()).await;
-    let again = creto_gateways::metering::service::list_dead_letters(
-        &*env.platform.log,
-        &env.platform.catalog,
-        0,
-        10,
-        None,
-    )
-    .await
-    .unwrap();
+    let again = dead_letters(&env).await;
     assert_eq!(again.len(), 2);
     assert_eq!(again[1].original_sequence, a.sequence());
     let rows = client
@@ -797,15 +794,7 @@ async fn an_event_the_database_refuses_is_set_aside_then_redriven_after_the_fix(
         .into_inner();
     assert_eq!(total(&rows.rows), 5.0, "every event but the refused one");
 
-    let letters = creto_gateways::metering::service::list_dead_letters(
-        &*env.platform.log,
-        &env.platform.catalog,
-        0,
-        10,
-        None,
-    )
-    .await
-    .unwrap();
+    let letters = dead_letters(&env).await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     let letter = &letters[0];
     assert_eq!(letter.reason, "projection_failed");
