@@ -21,6 +21,7 @@ type Client = RuntimeServiceClient<Channel>;
 creto_replay_tests::on_both_adapters!(
     create_exec_and_terminate,
     egress_is_denied_until_allowed,
+    a_connect_loop_cannot_flood_the_stream,
     checkpoint_restores_into_a_new_sandbox,
     attestation_verifies_with_the_public_key,
     timeouts_kill_and_expire,
@@ -374,6 +375,92 @@ async fn egress_is_denied_until_allowed(env: &Env) {
     assert!(metrics.contains("runtime_egress_checks_total{decision=\"allow\"}"));
     server.abort();
     other_server.abort();
+    running.stop().await;
+}
+
+/// Tries `argv[3]` connections one after the other, each until the proxy has answered.
+const CONNECT_LOOP: &str = r#"
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+        s.recv(1)
+        s.close()
+    except Exception:
+        pass
+print("done")
+"#;
+
+async fn a_connect_loop_cannot_flood_the_stream(env: &Env) {
+    use creto_gateways::runtime::egress_budget::{BURST, PER_SECOND};
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let (addr, server) = echo_server().await;
+    let sb = create(&mut c, create_request()).await;
+    let id = sb.sandbox_id.clone();
+    let attempts = 1_000u64;
+    let started = Instant::now();
+    let (out, _, _, _) = exec(
+        &mut c,
+        &id,
+        &[
+            "python3",
+            "-c",
+            CONNECT_LOOP,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+            &attempts.to_string(),
+        ],
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(out.trim(), "done");
+    // Every attempt is accounted for, in far fewer events than attempts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events = egress_events(env, &id).await;
+        let counted: u64 = events.iter().map(|e| e.attempts.max(1)).sum();
+        if counted >= attempts || Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let counted: u64 = events.iter().map(|e| e.attempts.max(1)).sum();
+    assert_eq!(counted, attempts, "{} events", events.len());
+    assert!(events.iter().all(|e| !e.allowed));
+    let most = BURST + PER_SECOND * took + (took + 2.0);
+    assert!(
+        (events.len() as f64) <= most,
+        "{} events for {attempts} attempts in {took:.1} s (at most {most:.0})",
+        events.len()
+    );
+    let summaries: Vec<_> = events.iter().filter(|e| e.attempts > 1).collect();
+    assert!(!summaries.is_empty());
+    assert!(summaries
+        .iter()
+        .all(|e| e.destination.is_empty() && e.rule.is_empty()));
+    // The read model holds the count too (the runtime gateway alone projects nothing here).
+    if let Some(pool) = env.platform.pool() {
+        use creto_projections::Projector;
+        let projector = creto_projections::runtime::RuntimeProjector::new(
+            pool.clone(),
+            env.platform.log.clone(),
+            env.platform.catalog.clone(),
+        );
+        let events = creto_replay_tests::stream_events(env, creto_streams::RUNTIME).await;
+        projector.apply(&events).await.unwrap();
+        let projected: i64 = sqlx::query_scalar(
+            "SELECT sum(attempts)::int8 FROM sandbox_egress WHERE sandbox_id = $1",
+        )
+        .bind(&id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(projected, attempts as i64);
+    }
+    server.abort();
     running.stop().await;
 }
 

@@ -144,6 +144,8 @@ impl<'a> Engine<'a> {
             destination: destination.into(),
             allowed: rule.is_some(),
             rule: rule.unwrap_or_default().into(),
+            // As events recorded before the field: one attempt.
+            attempts: 0,
         };
         self.append(
             &format!("runtime.egress.{id}"),

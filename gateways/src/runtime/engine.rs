@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::backend::{
     EgressAttempt, IsolationBackend, ResourceLimits, Sandbox, SandboxSpec, Template,
 };
-use super::metrics;
 use super::view::RuntimeView;
+use super::{egress_budget, metrics};
 
 /// What an operator configures for the runtime of a replica.
 #[derive(Clone)]
@@ -471,49 +471,82 @@ impl Runtime {
         }
     }
 
-    /// Counts and records every egress decision the backend reports, until shutdown.
+    /// Counts every egress decision the backend reports and records it, one event per
+    /// decision within the sandbox's budget, else in a summary ([`egress_budget`]), until
+    /// shutdown (held attempts are summarized first).
     pub async fn record_egress(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let Some(mut rx) = self.egress_rx.lock().expect("egress lock").take() else {
             return;
         };
+        let mut budgets = egress_budget::Budgets::default();
+        let mut summarize = tokio::time::interval(egress_budget::SUMMARY_EVERY);
         loop {
-            let attempt = tokio::select! {
-                a = rx.recv() => match a { Some(a) => a, None => return },
-                _ = shutdown.changed() => return,
-            };
-            let decision = if attempt.allowed { "allow" } else { "deny" };
-            metrics::EGRESS_CHECKS.with_label_values(&[decision]).inc();
-            let tenant = self
-                .view
-                .get(&attempt.sandbox_id)
-                .map(|a| a.view.tenant)
-                .unwrap_or_default();
-            let e = pb::EgressDecided {
-                at: Some(domain::timestamp(Utc::now())),
-                sandbox_id: attempt.sandbox_id.clone(),
-                tenant: tenant.clone(),
-                destination: attempt.destination.to_string(),
-                allowed: attempt.allowed,
-                rule: attempt.rule.clone().unwrap_or_default(),
-            };
-            let payload = e.encode_to_vec();
-            let subject = self.view.egress_subject(&attempt.sandbox_id);
-            let mut headers = Headers::new()
-                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
-                .with(names::EVENT_TYPE, "runtime.egress_decided");
-            if !tenant.is_empty() {
-                headers = headers.with(names::TENANT, &tenant);
+            tokio::select! {
+                a = rx.recv() => {
+                    let Some(a) = a else { break };
+                    let decision = if a.allowed { "allow" } else { "deny" };
+                    metrics::EGRESS_CHECKS.with_label_values(&[decision]).inc();
+                    if budgets.admit(&a.sandbox_id, a.allowed, Instant::now()) {
+                        let destination = a.destination.to_string();
+                        let rule = a.rule.unwrap_or_default();
+                        self.record_egress_event(&a.sandbox_id, destination, a.allowed, rule, 1)
+                            .await;
+                    }
+                }
+                _ = summarize.tick() => {
+                    for (sandbox, allowed, n) in budgets.summaries(Instant::now()) {
+                        self.record_egress_event(&sandbox, String::new(), allowed, String::new(), n)
+                            .await;
+                    }
+                }
+                _ = shutdown.changed() => break,
             }
-            let append = AppendEvent {
-                id: format!("{subject}:{}", uuid::Uuid::new_v4().simple()),
-                subject,
-                expected_subject_sequence: None,
-                headers,
-                payload: payload.into(),
-            };
-            if let Err(e) = self.log.append(append).await {
-                tracing::error!(sandbox = %attempt.sandbox_id, error = %e, "recording an egress decision failed");
-            }
+        }
+        for (sandbox, allowed, n) in budgets.summaries(Instant::now()) {
+            self.record_egress_event(&sandbox, String::new(), allowed, String::new(), n)
+                .await;
+        }
+    }
+
+    /// Appends one `EgressDecided` standing for `attempts` decisions.
+    async fn record_egress_event(
+        &self,
+        sandbox_id: &str,
+        destination: String,
+        allowed: bool,
+        rule: String,
+        attempts: u64,
+    ) {
+        let tenant = self
+            .view
+            .get(sandbox_id)
+            .map(|a| a.view.tenant)
+            .unwrap_or_default();
+        let e = pb::EgressDecided {
+            at: Some(domain::timestamp(Utc::now())),
+            sandbox_id: sandbox_id.to_string(),
+            tenant: tenant.clone(),
+            destination,
+            allowed,
+            rule,
+            attempts,
+        };
+        let subject = self.view.egress_subject(sandbox_id);
+        let mut headers = Headers::new()
+            .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+            .with(names::EVENT_TYPE, "runtime.egress_decided");
+        if !tenant.is_empty() {
+            headers = headers.with(names::TENANT, &tenant);
+        }
+        let append = AppendEvent {
+            id: format!("{subject}:{}", uuid::Uuid::new_v4().simple()),
+            subject,
+            expected_subject_sequence: None,
+            headers,
+            payload: e.encode_to_vec().into(),
+        };
+        if let Err(e) = self.log.append(append).await {
+            tracing::error!(sandbox = %sandbox_id, error = %e, "recording an egress decision failed");
         }
     }
 

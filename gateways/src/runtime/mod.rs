@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod egress_budget;
 pub mod engine;
 pub mod metrics;
 pub mod service;

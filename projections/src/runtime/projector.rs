@@ -4,7 +4,8 @@
 //!   started empty for `Requested`), the event folded in by the domain's [`Aggregate::apply`]
 //!   and the row upserted once per batch; an Exec start or finish writes its `sandbox_execs`
 //!   row, a checkpoint its `sandbox_checkpoints` row.
-//! - `runtime.egress.<sandbox_id>` (`EgressDecided`): one `sandbox_egress` row.
+//! - `runtime.egress.<sandbox_id>` (`EgressDecided`): one `sandbox_egress` row (one decision,
+//!   or a summary of `attempts` of them).
 //!
 //! Idempotent: a sandbox event at or below the row's `version` is skipped whole (its Exec and
 //! checkpoint rows were written with it), egress rows are keyed by the event's sequence and
@@ -537,8 +538,8 @@ impl RuntimeProjector {
         };
         let done = sqlx::query(
             "INSERT INTO sandbox_egress
-                (sequence, sandbox_id, tenant, destination, allowed, rule, at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                (sequence, sandbox_id, tenant, destination, allowed, rule, at, attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT DO NOTHING",
         )
         .bind(e.sequence as i64)
@@ -548,6 +549,8 @@ impl RuntimeProjector {
         .bind(d.allowed)
         .bind(clean(&d.rule))
         .bind(time_of(&d.at).expect("checked by decode"))
+        // Events from before the field say 0: one attempt.
+        .bind(d.attempts.clamp(1, i64::MAX as u64) as i64)
         .execute(&mut **tx)
         .await?;
         Ok(done.rows_affected() > 0)
