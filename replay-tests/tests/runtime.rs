@@ -429,6 +429,10 @@ async fn a_connect_loop_cannot_flood_the_stream(env: &Env) {
     };
     let counted: u64 = events.iter().map(|e| e.attempts.max(1)).sum();
     assert_eq!(counted, attempts, "{} events", events.len());
+    println!(
+        "{attempts} egress attempts in {took:.2} s recorded as {} events",
+        events.len()
+    );
     assert!(events.iter().all(|e| !e.allowed));
     let most = BURST + PER_SECOND * took + (took + 2.0);
     assert!(

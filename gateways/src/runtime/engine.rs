@@ -493,15 +493,15 @@ impl Runtime {
                             .await;
                     }
                 }
-                _ = summarize.tick() => {
-                    for (sandbox, allowed, n) in budgets.summaries(Instant::now()) {
-                        self.record_egress_event(&sandbox, String::new(), allowed, String::new(), n)
-                            .await;
-                    }
-                }
+                _ = summarize.tick() => self.record_egress_summaries(&mut budgets).await,
                 _ = shutdown.changed() => break,
             }
         }
+        self.record_egress_summaries(&mut budgets).await;
+    }
+
+    /// One event per sandbox and outcome for the attempts held past their budget.
+    async fn record_egress_summaries(&self, budgets: &mut egress_budget::Budgets) {
         for (sandbox, allowed, n) in budgets.summaries(Instant::now()) {
             self.record_egress_event(&sandbox, String::new(), allowed, String::new(), n)
                 .await;
