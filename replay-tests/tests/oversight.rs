@@ -23,6 +23,7 @@ creto_replay_tests::on_both_adapters!(
     timers_fire_after_every_replica_restarted,
     bad_input_gets_clear_statuses,
     notifications_reach_the_webhook_signed_and_are_recorded,
+    a_slow_receiver_does_not_hold_back_other_announcements,
 );
 
 fn level(approvers: &[&str], timeout: Duration) -> pb::Level {
@@ -804,5 +805,84 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
         outcome.detail
     );
     assert_eq!(outcome.channel, pb::Channel::Webhook as i32);
+    running.stop().await;
+}
+
+async fn a_slow_receiver_does_not_hold_back_other_announcements(env: &Env) {
+    use std::sync::{Arc, Mutex};
+    // A receiver that takes 3 s over each `slow-*` request (within the webhook's timeout) and
+    // answers the others at once, noting when.
+    let arrived: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = arrived.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let seen = seen.clone();
+            async move {
+                let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let id = json["request_id"].as_str().unwrap().to_string();
+                if id.starts_with("slow-") {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                seen.lock().unwrap().push((id, Instant::now()));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let notify = creto_gateways::oversight::notify::NotifyConfig {
+        webhook_url: Some(format!("http://{addr}/hook")),
+        webhook_secret: Some("hook-secret".into()),
+        ..Default::default()
+    };
+    let running = env
+        .start_oversight_with(
+            creto_gateways::auth::AuthArgs::disabled()
+                .build(None)
+                .unwrap(),
+            notify,
+        )
+        .await;
+    let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
+    put(
+        &mut c,
+        policy(
+            "hooked",
+            "payments.*",
+            1,
+            vec![level(&["ann"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    for i in 0..8 {
+        ask(&mut c, &format!("slow-{i}"), "payments.refund").await;
+    }
+    let asked = Instant::now();
+    ask(&mut c, "fast", "payments.refund").await;
+    let until = Instant::now() + Duration::from_secs(30);
+    let fast = loop {
+        let at = arrived
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(id, _)| id == "fast")
+            .map(|(_, at)| *at);
+        if let Some(at) = at {
+            break at.duration_since(asked);
+        }
+        assert!(
+            Instant::now() < until,
+            "the fast request was never announced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // One after the other it waited for the eight slow ones: 24 s.
+    println!("announced after 8 slow ones: {fast:?}");
+    assert!(fast < Duration::from_secs(2), "announced after {fast:?}");
     running.stop().await;
 }

@@ -9,7 +9,7 @@ use creto_schemas::oversight::v1 as pb;
 use creto_schemas::oversight::v1::Channel;
 use creto_streams::headers::{content_types, names};
 use creto_streams::{
-    AckMode, AppendEvent, Catalog, ConsumerSpec, EventLog, Headers, ReplayFrom, OVERSIGHT,
+    AckMode, AppendEvent, Catalog, ConsumerSpec, Delivery, EventLog, Headers, ReplayFrom, OVERSIGHT,
 };
 use prost::Message;
 use tokio::sync::watch;
@@ -62,33 +62,60 @@ pub async fn run(
     else {
         return;
     };
+    // Requests are announced side by side: one slow receiver (a webhook taking its whole
+    // timeout, a flood of one tenant's requests) must not hold back every other tenant's
+    // announcements behind it. Each delivery is acknowledged on its own.
+    let mut working = tokio::task::JoinSet::new();
     while let Some(deliveries) =
         crate::delivery_loop::next(&mut consumer, "oversight notifier", &mut shutdown).await
     {
         for d in deliveries {
-            let logical = catalog.strip(&d.event.subject).to_string();
-            let mut tokens = logical.split('.').skip(2);
-            let (Some(tenant), Some(id)) = (tokens.next(), tokens.next()) else {
-                let _ = d.ack().await;
-                continue;
-            };
-            let level = match pb::RequestEvent::decode(d.event.payload.as_ref()).map(|e| e.event) {
-                Ok(Some(pb::request_event::Event::Requested(r))) if !r.auto_approved => 0,
-                Ok(Some(pb::request_event::Event::Escalated(x))) => x.level,
-                _ => {
-                    let _ = d.ack().await;
-                    continue;
-                }
-            };
-            match announce(&*log, &view, &notifier, tenant, id, level, d.event.sequence).await {
-                Ok(()) => {
-                    let _ = d.ack().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, tenant, request = id, "notification not recorded; will retry");
-                    let _ = d.nak(Duration::from_secs(5), &e).await;
-                }
+            while working.len() >= IN_FLIGHT {
+                working.join_next().await;
             }
+            let (log, catalog) = (log.clone(), catalog.clone());
+            let (view, notifier) = (view.clone(), notifier.clone());
+            working.spawn(async move { handle(d, &*log, &catalog, &view, &notifier).await });
+        }
+        while working.try_join_next().is_some() {}
+    }
+    // At shutdown, what was started finishes (and is acknowledged) first.
+    while working.join_next().await.is_some() {}
+}
+
+/// Announcements under way at once, per replica.
+const IN_FLIGHT: usize = 32;
+
+/// Announces the request of one delivered event, if it asks for that, then acknowledges it;
+/// if the outcome could not be recorded, it comes back later.
+async fn handle(
+    d: Delivery,
+    log: &dyn EventLog,
+    catalog: &Catalog,
+    view: &OversightView,
+    notifier: &Notifier,
+) {
+    let logical = catalog.strip(&d.event.subject).to_string();
+    let mut tokens = logical.split('.').skip(2);
+    let (Some(tenant), Some(id)) = (tokens.next(), tokens.next()) else {
+        let _ = d.ack().await;
+        return;
+    };
+    let level = match pb::RequestEvent::decode(d.event.payload.as_ref()).map(|e| e.event) {
+        Ok(Some(pb::request_event::Event::Requested(r))) if !r.auto_approved => 0,
+        Ok(Some(pb::request_event::Event::Escalated(x))) => x.level,
+        _ => {
+            let _ = d.ack().await;
+            return;
+        }
+    };
+    match announce(log, view, notifier, tenant, id, level, d.event.sequence).await {
+        Ok(()) => {
+            let _ = d.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, tenant, request = id, "notification not recorded; will retry");
+            let _ = d.nak(Duration::from_secs(5), &e).await;
         }
     }
 }
