@@ -691,6 +691,35 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
     running.stop().await;
 }
 
+/// A gateway notifying as `notify` says, with a policy that has `payments.*` requests
+/// announced to approver `ann`.
+async fn start_hooked(
+    env: &Env,
+    notify: creto_gateways::oversight::notify::NotifyConfig,
+) -> (creto_gateways::server::Running, Client) {
+    let running = env
+        .start_oversight_with(
+            creto_gateways::auth::AuthArgs::disabled()
+                .build(None)
+                .unwrap(),
+            notify,
+        )
+        .await;
+    let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
+    put(
+        &mut c,
+        policy(
+            "hooked",
+            "payments.*",
+            1,
+            vec![level(&["ann"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    (running, c)
+}
+
 async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
     use creto_gateways::oversight::notify::webhook::verify_signature;
     use std::sync::{Arc, Mutex};
@@ -725,27 +754,7 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
         backoff: Duration::from_millis(50),
         ..Default::default()
     };
-    let running = env
-        .start_oversight_with(
-            creto_gateways::auth::AuthArgs::disabled()
-                .build(None)
-                .unwrap(),
-            notify,
-        )
-        .await;
-    let url = format!("http://{}", running.grpc_addr.unwrap());
-    let mut c = client(&url).await;
-    put(
-        &mut c,
-        policy(
-            "hooked",
-            "payments.*",
-            1,
-            vec![level(&["ann"], Duration::from_secs(60))],
-            TimeoutAction::Deny,
-        ),
-    )
-    .await;
+    let (running, mut c) = start_hooked(env, notify).await;
     let started = Instant::now();
     ask(&mut c, "n-1", "payments.refund").await;
     let until = Instant::now() + Duration::from_secs(10);
@@ -839,26 +848,7 @@ async fn a_slow_receiver_does_not_hold_back_other_announcements(env: &Env) {
         webhook_secret: Some("hook-secret".into()),
         ..Default::default()
     };
-    let running = env
-        .start_oversight_with(
-            creto_gateways::auth::AuthArgs::disabled()
-                .build(None)
-                .unwrap(),
-            notify,
-        )
-        .await;
-    let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
-    put(
-        &mut c,
-        policy(
-            "hooked",
-            "payments.*",
-            1,
-            vec![level(&["ann"], Duration::from_secs(60))],
-            TimeoutAction::Deny,
-        ),
-    )
-    .await;
+    let (running, mut c) = start_hooked(env, notify).await;
     for i in 0..8 {
         ask(&mut c, &format!("slow-{i}"), "payments.refund").await;
     }
