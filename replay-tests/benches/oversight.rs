@@ -345,16 +345,11 @@ async fn main() {
 
     // 1. Created → webhook delivered.
     let running = env
-        .start_oversight_with(
-            creto_gateways::auth::AuthArgs::disabled()
-                .build(None)
-                .unwrap(),
-            NotifyConfig {
-                webhook_url: Some(hook_url.clone()),
-                webhook_secret: Some(SECRET.into()),
-                ..Default::default()
-            },
-        )
+        .start_oversight_notifying(NotifyConfig {
+            webhook_url: Some(hook_url.clone()),
+            webhook_secret: Some(SECRET.into()),
+            ..Default::default()
+        })
         .await;
     let url = format!("http://{}", running.grpc_addr.unwrap());
     let mut c = Client::connect(url.clone()).await.unwrap();

@@ -188,10 +188,17 @@ impl Env {
     /// Starts the oversight gateway (view, timers) on spare ports, explicitly unauthenticated
     /// (every caller is an admin of tenant `default`); returns it and its URL.
     pub async fn start_oversight(&self) -> (Running, String) {
-        let auth = no_auth();
-        let running = self.start_oversight_with(auth, Default::default()).await;
+        let running = self.start_oversight_notifying(Default::default()).await;
         let url = format!("http://{}", running.grpc_addr.unwrap());
         (running, url)
+    }
+
+    /// [`Self::start_oversight`], announcing requests on `notify`'s channels.
+    pub async fn start_oversight_notifying(
+        &self,
+        notify: creto_gateways::oversight::notify::NotifyConfig,
+    ) -> Running {
+        self.start_oversight_with(no_auth(), notify).await
     }
 
     /// Starts oversight with the given authentication and notification channels.

@@ -290,14 +290,7 @@ async fn every_contract_name_of_a_built_product_is_served() {
         webhook_secret: Some("s".into()),
         ..Default::default()
     };
-    let oversight = env
-        .start_oversight_with(
-            creto_gateways::auth::AuthArgs::disabled()
-                .build(None)
-                .unwrap(),
-            notify,
-        )
-        .await;
+    let oversight = env.start_oversight_notifying(notify).await;
     let mut oc =
         OversightServiceClient::connect(format!("http://{}", oversight.grpc_addr.unwrap()))
             .await

@@ -697,14 +697,7 @@ async fn start_hooked(
     env: &Env,
     notify: creto_gateways::oversight::notify::NotifyConfig,
 ) -> (creto_gateways::server::Running, Client) {
-    let running = env
-        .start_oversight_with(
-            creto_gateways::auth::AuthArgs::disabled()
-                .build(None)
-                .unwrap(),
-            notify,
-        )
-        .await;
+    let running = env.start_oversight_notifying(notify).await;
     let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
     put(
         &mut c,
