@@ -93,12 +93,14 @@ fi
 
 # The runtime's Linux sandboxes (gateways/tests/runtime_containment.rs): bubblewrap, and the
 # firewall tools for each sandbox's network namespace (nft preferred: one process per sandbox;
-# iptables-restore as the fallback), and iproute2 to inspect the namespaces.
-if command -v bwrap >/dev/null && command -v nft >/dev/null && command -v iptables >/dev/null && command -v ip >/dev/null; then
-  echo "services: bubblewrap, nftables, iptables (installed)"
+# iptables-restore as the fallback), iproute2 to inspect the namespaces, and mkfs.ext4 and mount
+# for each sandbox's disk (a loop-mounted image).
+if command -v bwrap >/dev/null && command -v nft >/dev/null && command -v iptables >/dev/null \
+  && command -v ip >/dev/null && command -v mkfs.ext4 >/dev/null && command -v mount >/dev/null; then
+  echo "services: bubblewrap, nftables, iptables, e2fsprogs (installed)"
 else
-  install bubblewrap nftables iptables iproute2
-  echo "services: bubblewrap, nftables, iptables (installed now)"
+  install bubblewrap nftables iptables iproute2 e2fsprogs mount
+  echo "services: bubblewrap, nftables, iptables, e2fsprogs (installed now)"
 fi
 
 # Headless Chromium and its WebDriver for the approval page's browser test, which starts

@@ -462,6 +462,49 @@ async fn a_memory_hog_is_killed_at_its_limit() {
     sb.terminate().await.unwrap();
 }
 
+/// Whether something is mounted on `dir`.
+fn mounted(dir: &Path) -> bool {
+    let dir = dir.to_str().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filler_stops_at_the_disk_limit() {
+    let e = env("tdisk");
+    let mut spec = e.spec("disk-1");
+    spec.limits.disk_bytes = 64 << 20;
+    let (sb, _) = e.sandbox_with(spec).await;
+    // 200 MiB into a 64 MiB disk, through /home/sandbox, then more through /tmp: both are on
+    // the sandbox's disk, and neither reaches the host's.
+    let r = sh(
+        &sb,
+        "dd if=/dev/zero of=/home/sandbox/fill bs=1M count=200; \
+         dd if=/dev/zero of=/tmp/more bs=1M count=10 || echo tmp refused",
+    )
+    .await;
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+    assert!(r.stdout.contains("tmp refused"), "{}", r.stdout);
+    assert!(r.outcome.disk_full, "{:?}", r.outcome);
+    let image = e.root.path().join("disks/disk-1.img");
+    let held = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image).unwrap()) * 512;
+    assert!(
+        held < 70 << 20,
+        "the host holds {held} bytes for a 64 MiB disk"
+    );
+    // Freed space is usable again, and a later exec is not blamed.
+    let r = sh(
+        &sb,
+        "rm /home/sandbox/fill && echo ok > /tmp/ok && cat /tmp/ok",
+    )
+    .await;
+    assert_eq!((r.stdout.as_str(), r.outcome.disk_full), ("ok\n", false));
+    sb.terminate().await.unwrap();
+    assert!(!image.exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_past_its_timeout_is_killed() {
     let e = env("ttime");
@@ -587,11 +630,14 @@ async fn terminate_removes_namespace_cgroups_and_layer() {
         memory_bytes: 100 << 20,
         pids: 50,
         cpu_millis: 500,
+        disk_bytes: 64 << 20,
     };
     let (sb, _) = e.sandbox_with(spec).await;
     let netns = PathBuf::from(format!("/run/netns/creto-{}-term-1", e.instance));
     let layer = e.root.path().join("sandboxes/term-1");
-    assert!(netns.exists() && layer.exists());
+    let image = e.root.path().join("disks/term-1.img");
+    assert!(netns.exists() && layer.exists() && image.exists());
+    assert!(mounted(&layer));
     let cg = cgroup_dirs(&e.instance, "term-1");
     let read = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_string();
     assert_eq!(
@@ -617,7 +663,8 @@ async fn terminate_removes_namespace_cgroups_and_layer() {
         .map(|o| o.signal == Some(libc::SIGKILL))
         .unwrap_or(true));
     assert!(!netns.exists(), "{netns:?}");
-    assert!(!layer.exists(), "{layer:?}");
+    assert!(!layer.exists() && !image.exists(), "{layer:?}");
+    assert!(!mounted(&layer));
     for d in &cg {
         assert!(!d.exists(), "{d:?}");
     }
@@ -645,8 +692,36 @@ async fn orphans_of_a_crashed_process_are_cleaned() {
     for d in cgroup_dirs(&e.instance, "dead-1").iter().take(3) {
         std::fs::create_dir_all(d).unwrap();
     }
-    std::fs::create_dir_all(e.root.path().join("sandboxes/dead-1/home")).unwrap();
+    // Its layer: a disk image, still mounted.
+    let (layer, image) = (
+        e.root.path().join("sandboxes/dead-1"),
+        e.root.path().join("disks/dead-1.img"),
+    );
+    std::fs::create_dir_all(&layer).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    for cmd in [
+        vec!["mkfs.ext4", "-q", "-F", image.to_str().unwrap()],
+        vec![
+            "mount",
+            "-o",
+            "loop",
+            image.to_str().unwrap(),
+            layer.to_str().unwrap(),
+        ],
+    ] {
+        let status = std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{cmd:?}");
+    }
+    std::fs::create_dir_all(layer.join("home")).unwrap();
+    assert!(mounted(&layer));
     assert_eq!(e.backend.cleanup_orphans().await.unwrap(), 1);
+    assert!(!mounted(&layer) && !image.exists());
     assert!(!Path::new(&format!("/run/netns/creto-{}-dead-1", e.instance)).exists());
     assert!(cgroup_dirs(&e.instance, "dead-1")
         .iter()

@@ -306,14 +306,14 @@ def runtime():
     # (the `pod` label comes from the scrape): sum over pods for the fleet, by pod per replica.
     # Labels: backend (bwrap, runsc), status (success, failure), pool_type (cold: provisioned for
     # the call, warm: claimed from the pool), decision (allow, deny), outcome (exit_zero,
-    # exit_nonzero, signal, timeout, oom, pids_limit).
+    # exit_nonzero, signal, timeout, oom, pids_limit, disk_full).
     d = Dashboard("runtime", "Runtime Dashboard", "Sandbox lifecycle, warm pool, egress",
                   "runtime_sandbox_active")
     spawned = "runtime_sandbox_spawn_duration_seconds_count"
     failed = rate("runtime_sandbox_spawns_total", 'status="failure"')
     warm = rate(spawned, 'pool_type="warm"')
     denied = rate("runtime_egress_checks_total", 'decision="deny"')
-    at_limit = rate("runtime_execs_total", 'outcome=~"oom|pids_limit"')
+    at_limit = rate("runtime_execs_total", 'outcome=~"oom|pids_limit|disk_full"')
     d.stat("Active sandboxes", f"sum(runtime_sandbox_active{sel()})", "short",
            "Tenants' sandboxes live on the replicas (requested, provisioning or ready)")
     d.stat("Warm sandboxes ready", f"sum(runtime_warmpool_size{sel()})", "short",
@@ -370,7 +370,7 @@ def runtime():
             "(alert RuntimeEgressDenySpike)")
     d.graph("Execs / s by outcome",
             [(f"sum by (outcome) ({rate('runtime_execs_total')})", "{{outcome}}")], "ops",
-            "exit_zero, exit_nonzero, signal, timeout, oom (memory limit), pids_limit",
+            "exit_zero, exit_nonzero, signal, timeout, oom (memory limit), pids_limit, disk_full",
             stack=True)
     d.graph("Attestation generation time",
             [(quantile(0.5, "runtime_attestation_generation_duration_seconds"), "P50"),

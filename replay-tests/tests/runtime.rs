@@ -476,7 +476,8 @@ async fn checkpoint_restores_into_a_new_sandbox(env: &Env) {
     exec(
         &mut c,
         &sb.sandbox_id,
-        &["sh", "-c", "mkdir -p /home/sandbox/work && echo state-42 > /home/sandbox/work/s && ln -s work/s /home/sandbox/link"],
+        &["sh", "-c", "mkdir -p /home/sandbox/work && echo state-42 > /home/sandbox/work/s && ln -s work/s /home/sandbox/link \
+            && dd if=/dev/zero of=/home/sandbox/work/zeros bs=1M count=20 status=none"],
     )
     .await
     .unwrap();
@@ -515,6 +516,17 @@ async fn checkpoint_restores_into_a_new_sandbox(env: &Env) {
     assert_eq!(out, "state-42\n");
     assert_eq!(get(&mut c, &sb.sandbox_id).await.checkpoints.len(), 1);
 
+    // 20 MiB of files do not fit in a 16 MiB disk: the caller is told what to ask for.
+    let mut req = create_request();
+    req.restore_checkpoint_id = ck.checkpoint_id.clone();
+    req.resources = Some(pb::Resources {
+        disk_mb: 16,
+        ..Default::default()
+    });
+    let err = c.create_sandbox(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("resources.disk_mb"), "{err:?}");
+
     let mut req = create_request();
     req.restore_checkpoint_id = "ck-doesnotexist".into();
     let err = c.create_sandbox(req).await.unwrap_err();
@@ -531,6 +543,7 @@ async fn attestation_verifies_with_the_public_key(env: &Env) {
         memory_mb: 128,
         pids: 64,
         cpu_millis: 500,
+        disk_mb: 64,
     });
     req.egress = Some(pb::EgressPolicy {
         allow: vec!["api.example.com:443".into()],
@@ -552,10 +565,25 @@ async fn attestation_verifies_with_the_public_key(env: &Env) {
         (
             statement.limits.memory_mb,
             statement.limits.pids,
-            statement.limits.cpu_millis
+            statement.limits.cpu_millis,
+            statement.limits.disk_mb
         ),
-        (128, 64, 500)
+        (128, 64, 500, 64)
     );
+    assert_eq!(
+        get(&mut c, &sb.sandbox_id).await.resources.unwrap().disk_mb,
+        64
+    );
+    // The disk the statement names is the one the sandbox gets: it fills at 64 MiB.
+    let (_, stderr, finished, _) = exec(
+        &mut c,
+        &sb.sandbox_id,
+        &["dd", "if=/dev/zero", "of=/tmp/fill", "bs=1M", "count=100"],
+    )
+    .await
+    .unwrap();
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(finished.disk_full, "{finished:?}");
     let policy = EgressPolicy::parse(&["api.example.com:443".to_string()]).unwrap();
     assert_eq!(statement.egress_policy_digest, hex::encode(policy.digest()));
 
@@ -720,6 +748,16 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
                 ..Default::default()
             },
             "memory_mb",
+        ),
+        (
+            pb::CreateSandboxRequest {
+                resources: Some(pb::Resources {
+                    disk_mb: 1 << 30,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "resources.disk_mb",
         ),
         (
             pb::CreateSandboxRequest {

@@ -179,6 +179,7 @@ fn requested(
             memory_mb: resources.0,
             pids: resources.1,
             cpu_millis: resources.2,
+            disk_mb: 1024,
         }),
         timeout: secs(timeout),
         metadata: map(metadata),
@@ -221,6 +222,8 @@ fn exec_finished(exec_id: &str, exit_code: Option<i32>, signal: i32, ms: i64) ->
             oom_killed: false,
             pids_limited: false,
             duration: millis(ms),
+            // A command that failed left the disk full, to see the column projected.
+            disk_full: exit_code == Some(3),
         }),
     })
 }
@@ -581,9 +584,10 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
         (
             row.get::<i64, _>("memory_mb"),
             row.get::<i32, _>("pids"),
-            row.get::<i32, _>("cpu_millis")
+            row.get::<i32, _>("cpu_millis"),
+            row.get::<i64, _>("disk_mb")
         ),
-        (512, 64, 500)
+        (512, 64, 500, 1024)
     );
     assert_eq!(
         row.get::<serde_json::Value, _>("metadata"),
@@ -733,6 +737,15 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
             Some(false),
             Some(250.0)
         )]
+    );
+    let disk_full: Vec<(String, bool)> =
+        sqlx::query_as("SELECT exec_id, disk_full FROM sandbox_execs ORDER BY exec_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        disk_full,
+        [("e1", false), ("e2", false), ("w1", true)].map(|(id, full)| (id.to_string(), full))
     );
     let checkpoints: Vec<CheckpointRow> = sqlx::query_as(
         "SELECT checkpoint_id, sandbox_id, tenant, object_key, size_bytes, sha256, at

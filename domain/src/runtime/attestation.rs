@@ -17,6 +17,10 @@ pub struct Limits {
     pub memory_mb: u64,
     pub pids: u32,
     pub cpu_millis: u32,
+    /// The writable layer's size; 0 in a statement about a sandbox created before disks were
+    /// limited (and absent from statements issued before then).
+    #[serde(default)]
+    pub disk_mb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +112,7 @@ mod tests {
                 memory_mb: 256,
                 pids: 64,
                 cpu_millis: 1000,
+                disk_mb: 1024,
             },
             egress_policy_digest: "11".repeat(32),
             created_at: "2026-11-27T00:00:00Z".into(),
@@ -141,5 +146,16 @@ mod tests {
             Err(AttestationError::BadSignatureLength)
         );
         assert_eq!(key_id(&key.verifying_key()).len(), 16);
+    }
+
+    #[test]
+    fn a_statement_issued_before_disks_were_limited_still_verifies() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut old = serde_json::to_value(statement()).unwrap();
+        old["limits"].as_object_mut().unwrap().remove("disk_mb");
+        let bytes = serde_json::to_vec(&old).unwrap();
+        let sig = key.sign(&signed_bytes(&bytes)).to_bytes();
+        let parsed = verify(&bytes, &sig, &key.verifying_key().to_bytes()).unwrap();
+        assert_eq!(parsed.limits.disk_mb, 0);
     }
 }

@@ -24,6 +24,8 @@ pub struct RuntimeLimits {
     pub max_pids: u32,
     pub default_cpu_millis: u32,
     pub max_cpu_millis: u32,
+    pub default_disk_mb: u64,
+    pub max_disk_mb: u64,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub default_exec_timeout: Duration,
@@ -43,6 +45,8 @@ impl Default for RuntimeLimits {
             max_pids: 4096,
             default_cpu_millis: 1000,
             max_cpu_millis: 8000,
+            default_disk_mb: 1024,
+            max_disk_mb: 64 * 1024,
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             default_exec_timeout: Duration::from_secs(60),
@@ -66,6 +70,7 @@ pub fn resources(
         memory_mb: pick(asked.memory_mb, limits.default_memory_mb),
         pids: pick(asked.pids.into(), limits.default_pids.into()) as u32,
         cpu_millis: pick(asked.cpu_millis.into(), limits.default_cpu_millis.into()) as u32,
+        disk_mb: pick(asked.disk_mb, limits.default_disk_mb),
     };
     let over = |what: &str, v: u64, min: u64, max: u64| {
         (v < min || v > max).then(|| {
@@ -84,6 +89,7 @@ pub fn resources(
                 limits.max_cpu_millis.into(),
             )
         })
+        .or_else(|| over("disk_mb", r.disk_mb, 16, limits.max_disk_mb))
     {
         return Err(e);
     }
@@ -476,7 +482,10 @@ mod tests {
     fn requests_are_checked_with_messages_that_say_what_to_fix() {
         let limits = RuntimeLimits::default();
         let r = resources(None, &limits).unwrap();
-        assert_eq!((r.memory_mb, r.pids, r.cpu_millis), (256, 128, 1000));
+        assert_eq!(
+            (r.memory_mb, r.pids, r.cpu_millis, r.disk_mb),
+            (256, 128, 1000, 1024)
+        );
         let too_big = pb::Resources {
             memory_mb: 1 << 20,
             ..Default::default()
@@ -485,6 +494,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("memory_mb"));
+        for disk_mb in [1, 1 << 20] {
+            let asked = pb::Resources {
+                disk_mb,
+                ..Default::default()
+            };
+            let e = resources(Some(&asked), &limits).unwrap_err().to_string();
+            assert!(
+                e.contains("resources.disk_mb") && e.contains("16..=65536"),
+                "{e}"
+            );
+        }
         assert!(check_argv(&[], &limits).is_err());
         assert!(check_argv(&["a\0b".into()], &limits).is_err());
         let env = BTreeMap::from([("1BAD".to_string(), "x".to_string())]);

@@ -18,7 +18,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::backend::{
-    EgressAttempt, IsolationBackend, ResourceLimits, Sandbox, SandboxSpec, Template,
+    BackendError, EgressAttempt, IsolationBackend, ResourceLimits, Sandbox, SandboxSpec, Template,
 };
 use super::view::RuntimeView;
 use super::{egress_budget, metrics};
@@ -116,6 +116,7 @@ pub fn limits_of(r: &pb::Resources) -> ResourceLimits {
         memory_bytes: r.memory_mb * 1024 * 1024,
         pids: r.pids,
         cpu_millis: r.cpu_millis,
+        disk_bytes: r.disk_mb * 1024 * 1024,
     }
 }
 
@@ -341,7 +342,11 @@ impl Runtime {
                     })],
                 )
                 .await?;
-                return Err(RuntimeError::Backend(reason));
+                // The request, not the host: e.g. a checkpoint bigger than the disk asked for.
+                return Err(match e {
+                    BackendError::InvalidSpec(_) => RuntimeError::Invalid(reason),
+                    _ => RuntimeError::Backend(reason),
+                });
             }
         };
         metrics::SPAWNS

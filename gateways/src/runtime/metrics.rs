@@ -67,7 +67,7 @@ pub static ATTESTATION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
 pub static EXECS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "runtime_execs_total",
-        "Exec calls finished, by outcome (exit_zero, exit_nonzero, signal, timeout, oom, pids_limit)",
+        "Exec calls finished, by outcome (exit_zero, exit_nonzero, signal, timeout, oom, pids_limit, disk_full)",
         &["outcome"]
     )
     .unwrap()

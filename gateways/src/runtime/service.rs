@@ -180,6 +180,8 @@ fn exec_outcome(r: &pb::ExecResult) -> &'static str {
         "oom"
     } else if r.pids_limited {
         "pids_limit"
+    } else if r.disk_full {
+        "disk_full"
     } else {
         match r.exit_code {
             Some(0) => "exit_zero",
@@ -314,6 +316,7 @@ impl RuntimeService for RuntimeGateway {
                 timed_out: outcome.timed_out,
                 oom_killed: outcome.oom_killed,
                 pids_limited: outcome.pids_limited,
+                disk_full: outcome.disk_full,
                 duration: Some(prost_types::Duration {
                     seconds: outcome.duration.as_secs() as i64,
                     nanos: outcome.duration.subsec_nanos() as i32,
@@ -515,6 +518,7 @@ impl RuntimeService for RuntimeGateway {
                 memory_mb: resources.memory_mb,
                 pids: resources.pids,
                 cpu_millis: resources.cpu_millis,
+                disk_mb: resources.disk_mb,
             },
             egress_policy_digest: hex::encode(policy.digest()),
             created_at: rfc3339(&v.created_at),

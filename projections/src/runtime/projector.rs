@@ -473,14 +473,14 @@ impl RuntimeProjector {
                 sqlx::query(
                     "INSERT INTO sandbox_execs
                         (sandbox_id, exec_id, argv, finished_at, exit_code, signal, timed_out,
-                         oom_killed, pids_limited, duration_ms)
-                     VALUES ($1, $2, '{}', $3, $4, $5, $6, $7, $8, $9)
+                         oom_killed, pids_limited, duration_ms, disk_full)
+                     VALUES ($1, $2, '{}', $3, $4, $5, $6, $7, $8, $9, $10)
                      ON CONFLICT (sandbox_id, exec_id) DO UPDATE
                         SET finished_at = EXCLUDED.finished_at, exit_code = EXCLUDED.exit_code,
                             signal = EXCLUDED.signal, timed_out = EXCLUDED.timed_out,
                             oom_killed = EXCLUDED.oom_killed,
                             pids_limited = EXCLUDED.pids_limited,
-                            duration_ms = EXCLUDED.duration_ms",
+                            duration_ms = EXCLUDED.duration_ms, disk_full = EXCLUDED.disk_full",
                 )
                 .bind(&sandbox_id)
                 .bind(clean(&r.exec_id))
@@ -491,6 +491,7 @@ impl RuntimeProjector {
                 .bind(r.oom_killed)
                 .bind(r.pids_limited)
                 .bind(millis(&r.duration))
+                .bind(r.disk_full)
                 .execute(&mut **tx)
                 .await?;
             }
@@ -621,16 +622,16 @@ async fn upsert_sandbox(
             (sandbox_id, tenant, template, template_digest, backend, node, state, warm, pooled,
              memory_mb, pids, cpu_millis, metadata, egress, env_names, created_at, expires_at,
              ended_at, failure_reason, execs, last_exit_code, request_id, restore_checkpoint_id,
-             timeout_ns, version, view)
+             timeout_ns, version, view, disk_mb)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 $18, $19, $20, $21, $22, $23, $24, $25, $26)
+                 $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)
          ON CONFLICT (sandbox_id) DO UPDATE
             SET tenant = EXCLUDED.tenant, template = EXCLUDED.template,
                 template_digest = EXCLUDED.template_digest, backend = EXCLUDED.backend,
                 node = EXCLUDED.node, state = EXCLUDED.state, warm = EXCLUDED.warm,
                 pooled = EXCLUDED.pooled, memory_mb = EXCLUDED.memory_mb,
                 pids = EXCLUDED.pids, cpu_millis = EXCLUDED.cpu_millis,
-                metadata = EXCLUDED.metadata, egress = EXCLUDED.egress,
+                disk_mb = EXCLUDED.disk_mb, metadata = EXCLUDED.metadata, egress = EXCLUDED.egress,
                 env_names = EXCLUDED.env_names, created_at = EXCLUDED.created_at,
                 expires_at = EXCLUDED.expires_at, ended_at = EXCLUDED.ended_at,
                 failure_reason = EXCLUDED.failure_reason, execs = EXCLUDED.execs,
@@ -666,6 +667,7 @@ async fn upsert_sandbox(
     .bind(timeout_ns)
     .bind(big(v.version))
     .bind(encode_sandbox(v))
+    .bind(big(resources.disk_mb))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -607,6 +607,7 @@ impl BwrapSandbox {
             timed_out,
             oom_killed: after.oom_kill > before.oom_kill,
             pids_limited: pids_refused > 0 || after.pids_max > before.pids_max,
+            disk_full: super::disk::full(&self.host.layer.dir),
             duration,
         })
     }

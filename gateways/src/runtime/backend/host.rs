@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::cgroup::{CgroupRoots, SandboxCgroups};
+use super::disk::DiskTools;
 use super::egress_proxy::EgressProxy;
 use super::layer::{self, Layer};
 use super::netns::{self, Firewall, Netns};
@@ -31,6 +33,9 @@ pub(crate) struct HostCommon {
     pub templates: HashMap<String, Arc<Template>>,
     pub live: Mutex<HashSet<String>>,
     pub sandboxes_dir: PathBuf,
+    /// The sandboxes' disk images (`<id>.img`), out of their reach.
+    pub disks_dir: PathBuf,
+    pub disk_tools: DiskTools,
     _lock: fs::File,
 }
 
@@ -75,6 +80,11 @@ impl HostCommon {
             "create {}",
             sandboxes_dir.display()
         )))?;
+        let disks_dir = config.root.join("disks");
+        fs::create_dir_all(&disks_dir)
+            .and_then(|()| fs::set_permissions(&disks_dir, fs::Permissions::from_mode(0o700)))
+            .map_err(BackendError::io(format!("create {}", disks_dir.display())))?;
+        let disk_tools = DiskTools::find()?;
         let cgroups = CgroupRoots::detect(&config.cgroup_parent, &config.instance)?;
         let mut templates = HashMap::new();
         let base = template::base(&config.root.join("templates/base/etc"))?;
@@ -91,8 +101,18 @@ impl HostCommon {
             templates,
             live: Mutex::new(HashSet::new()),
             sandboxes_dir,
+            disks_dir,
+            disk_tools,
             _lock: lock,
         })
+    }
+
+    /// Where sandbox `id`'s layer is mounted, and its disk image.
+    fn layer_paths(&self, id: &str) -> (PathBuf, PathBuf) {
+        (
+            self.sandboxes_dir.join(id),
+            self.disks_dir.join(format!("{id}.img")),
+        )
     }
 
     fn forget(&self, id: &str) {
@@ -133,8 +153,24 @@ impl HostCommon {
                     continue;
                 };
                 if !live.contains(&id) {
-                    layer::remove_dir(&e.path())?;
+                    let (dir, image) = me.layer_paths(&id);
+                    layer::remove(&dir, &image)?;
                     cleaned.insert(id);
+                }
+            }
+            // Images whose mount point was already gone.
+            for e in fs::read_dir(&me.disks_dir)
+                .map_err(BackendError::io(format!("read {}", me.disks_dir.display())))?
+                .flatten()
+            {
+                let name = e.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) else {
+                    continue;
+                };
+                if !live.contains(id) {
+                    let (dir, image) = me.layer_paths(id);
+                    layer::remove(&dir, &image)?;
+                    cleaned.insert(id.to_string());
                 }
             }
             Ok(cleaned.len())
@@ -208,16 +244,19 @@ impl HostSandbox {
             Netns::name(&common.config.instance, &spec.id),
             common.firewall.clone(),
         );
-        let layer_dir = common.sandboxes_dir.join(&spec.id);
-        let (uid, gid) = owner;
-        let layer = match &spec.restore {
-            Some(archive) => {
-                let (dir, archive) = (layer_dir.clone(), archive.clone());
-                tokio::task::spawn_blocking(move || Layer::create(dir, uid, gid, Some(&archive)))
-                    .await
-                    .unwrap_or_else(|e| Err(BackendError::Setup(format!("layer task: {e}"))))
-            }
-            None => Layer::create(layer_dir.clone(), uid, gid, None),
+        let (layer_dir, image) = common.layer_paths(&spec.id);
+        let layer = {
+            // Formatting and mounting the disk (and unpacking a checkpoint) block.
+            let (paths, tools) = (
+                (layer_dir.clone(), image.clone()),
+                common.disk_tools.clone(),
+            );
+            let (disk, restore) = (spec.limits.disk_bytes, spec.restore.clone());
+            tokio::task::spawn_blocking(move || {
+                Layer::create(paths, &tools, disk, owner, restore.as_deref())
+            })
+            .await
+            .unwrap_or_else(|e| Err(BackendError::Setup(format!("layer task: {e}"))))
         };
         let cgroups = {
             // A stale cgroup of the same id (from a crashed process) goes first.
@@ -237,7 +276,7 @@ impl HostSandbox {
         let undo = |l: &Result<Layer, BackendError>,
                     c: &Result<SandboxCgroups, BackendError>,
                     n: &Result<netns::NetnsParts, BackendError>| {
-            let _ = layer::remove_dir(&layer_dir);
+            let _ = layer::remove(&layer_dir, &image);
             if let Ok(c) = c {
                 let _ = c.remove();
             }
@@ -300,6 +339,7 @@ impl HostSandbox {
             .map_err(BackendError::io("dup layer fd"))?;
         let view = Layer {
             dir: self.layer.dir.clone(),
+            image: self.layer.image.clone(),
             fds,
         };
         tokio::task::spawn_blocking(move || view.checkpoint())
@@ -314,11 +354,10 @@ impl HostSandbox {
         }
         let cgroups = self.cgroups.clone();
         let netns_path = self.netns.path.clone();
-        let layer_dir = self.layer.dir.clone();
-        let result =
-            tokio::task::spawn_blocking(move || teardown(&cgroups, &netns_path, &layer_dir))
-                .await
-                .map_err(|e| BackendError::Setup(format!("terminate task: {e}")))?;
+        let layer = (self.layer.dir.clone(), self.layer.image.clone());
+        let result = tokio::task::spawn_blocking(move || teardown(&cgroups, &netns_path, &layer))
+            .await
+            .map_err(|e| BackendError::Setup(format!("terminate task: {e}")))?;
         self.common.forget(&self.id);
         result
     }
@@ -327,12 +366,12 @@ impl HostSandbox {
 fn teardown(
     cgroups: &SandboxCgroups,
     netns_path: &Path,
-    layer_dir: &Path,
+    (layer_dir, image): &(PathBuf, PathBuf),
 ) -> Result<(), BackendError> {
     cgroups.kill_all(KILL_WAIT);
     let r1 = cgroups.remove();
     let r2 = netns::remove_name(netns_path);
-    let r3 = layer::remove_dir(layer_dir);
+    let r3 = layer::remove(layer_dir, image);
     r1.and(r2).and(r3)
 }
 
@@ -341,7 +380,8 @@ impl Drop for HostSandbox {
     /// not wait for the next orphan cleanup.
     fn drop(&mut self) {
         if !self.terminated.swap(true, Ordering::SeqCst) {
-            if let Err(e) = teardown(&self.cgroups, &self.netns.path, &self.layer.dir) {
+            let layer = (self.layer.dir.clone(), self.layer.image.clone());
+            if let Err(e) = teardown(&self.cgroups, &self.netns.path, &layer) {
                 tracing::warn!(sandbox = %self.id, error = %e, "sandbox teardown on drop");
             }
             self.common.forget(&self.id);

@@ -22,6 +22,7 @@ use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
+use super::disk::{self, DiskTools};
 use super::{BackendError, MAX_CHECKPOINT_BYTES};
 
 /// The parts of the layer, and where they appear in the sandbox.
@@ -29,7 +30,10 @@ pub(crate) const PARTS: [(&str, &str); 2] = [("home", "/home/sandbox"), ("tmp", 
 
 #[derive(Debug)]
 pub(crate) struct Layer {
+    /// The mount point of the layer's disk ([`super::disk`]).
     pub dir: PathBuf,
+    /// The disk's image file.
+    pub image: PathBuf,
     /// `O_PATH` descriptors of `home` and `tmp`, opened before any sandbox process exists:
     /// checkpoints walk from them, never from a path the sandbox could have swapped.
     pub fds: Vec<OwnedFd>,
@@ -114,18 +118,18 @@ fn chown_no_follow(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 }
 
 impl Layer {
-    /// Creates the layer (replacing a stale one of the same id), unpacking `restore` into it.
+    /// Creates the layer on a disk of `disk_bytes` (replacing a stale one of the same id),
+    /// unpacking `restore` into it. On failure, what was made is for [`remove`] to undo.
     pub fn create(
-        dir: PathBuf,
-        uid: u32,
-        gid: u32,
+        (dir, image): (PathBuf, PathBuf),
+        tools: &DiskTools,
+        disk_bytes: u64,
+        (uid, gid): (u32, u32),
         restore: Option<&[u8]>,
     ) -> Result<Layer, BackendError> {
-        if fs::symlink_metadata(&dir).is_ok() {
-            fs::remove_dir_all(&dir)
-                .map_err(BackendError::io(format!("remove stale {}", dir.display())))?;
-        }
+        remove(&dir, &image)?;
         fs::create_dir(&dir).map_err(BackendError::io(format!("create {}", dir.display())))?;
+        tools.attach(&image, &dir, disk_bytes)?;
         // Traversable (not listable): unprivileged bwrap resolves the bind sources as the
         // sandbox uid.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o711))
@@ -135,7 +139,17 @@ impl Layer {
             fs::create_dir(&p).map_err(BackendError::io(format!("create {}", p.display())))?;
         }
         if let Some(archive) = restore {
-            unpack(&dir, archive)?;
+            unpack(&dir, archive).map_err(|e| {
+                if disk::full(&dir) {
+                    BackendError::InvalidSpec(format!(
+                        "the checkpoint does not fit in the sandbox's disk of {} MiB: ask for a \
+                         larger resources.disk_mb",
+                        disk_bytes >> 20
+                    ))
+                } else {
+                    e
+                }
+            })?;
         }
         for (part, _) in PARTS {
             hand_over(&dir.join(part), uid, gid)?;
@@ -152,7 +166,7 @@ impl Layer {
                     .map_err(BackendError::io(format!("open {}", p.display())))?,
             );
         }
-        Ok(Layer { dir, fds })
+        Ok(Layer { dir, image, fds })
     }
 
     /// The layer as tar.gz (see the module documentation).
@@ -181,16 +195,22 @@ impl Layer {
     }
 
     pub fn remove(&self) -> Result<(), BackendError> {
-        remove_dir(&self.dir)
+        remove(&self.dir, &self.image)
     }
 }
 
-pub(crate) fn remove_dir(dir: &Path) -> Result<(), BackendError> {
-    match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(BackendError::io(format!("remove {}", dir.display()))(e)),
-    }
+/// Removes a layer: unmounts its disk, then removes the mount point and the image. Nothing
+/// there is fine.
+pub(crate) fn remove(dir: &Path, image: &Path) -> Result<(), BackendError> {
+    disk::detach(dir)?;
+    let gone = |r: std::io::Result<()>, what: &Path| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(BackendError::io(format!("remove {}", what.display()))(e))
+        }
+        _ => Ok(()),
+    };
+    gone(fs::remove_dir_all(dir), dir)?;
+    gone(fs::remove_file(image), image)
 }
 
 fn header_for(st: &libc::stat, kind: tar::EntryType, size: u64) -> tar::Header {
@@ -367,18 +387,29 @@ fn hand_over(p: &Path, uid: u32, gid: u32) -> Result<(), BackendError> {
 mod tests {
     use super::*;
 
+    /// A layer on a 64 MiB disk under `root` (mounting it needs root, as the backend does).
+    fn create(root: &Path, name: &str, restore: Option<&[u8]>) -> Result<Layer, BackendError> {
+        // SAFETY: plain getter.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "layers are mounted: run as root"
+        );
+        let tools = DiskTools::find().expect("mkfs.ext4, mount and loop devices");
+        let paths = (root.join(name), root.join(format!("{name}.img")));
+        Layer::create(paths, &tools, 64 << 20, (1000, 1000), restore)
+    }
+
     #[test]
     fn checkpoint_round_trips_files_dirs_and_links() {
         let root = tempfile::tempdir().unwrap();
-        let uid = unsafe { libc::geteuid() };
-        let gid = unsafe { libc::getegid() };
-        let a = Layer::create(root.path().join("a"), uid, gid, None).unwrap();
+        let a = create(root.path(), "a", None).unwrap();
         fs::create_dir_all(a.dir.join("home/proj/src")).unwrap();
         fs::write(a.dir.join("home/proj/src/main.py"), b"print(1)\n").unwrap();
         fs::write(a.dir.join("tmp/scratch"), b"x").unwrap();
         std::os::unix::fs::symlink("/etc/shadow", a.dir.join("home/link")).unwrap();
         let archive = a.checkpoint().unwrap();
-        let b = Layer::create(root.path().join("b"), uid, gid, Some(&archive)).unwrap();
+        let b = create(root.path(), "b", Some(&archive)).unwrap();
         assert_eq!(
             fs::read(b.dir.join("home/proj/src/main.py")).unwrap(),
             b"print(1)\n"
@@ -390,7 +421,40 @@ mod tests {
             Path::new("/etc/shadow")
         );
         a.remove().unwrap();
-        assert!(!a.dir.exists());
+        assert!(!a.dir.exists() && !a.image.exists());
+        b.remove().unwrap();
+    }
+
+    #[test]
+    fn a_layer_is_a_disk_of_its_size() {
+        let root = tempfile::tempdir().unwrap();
+        let a = create(root.path(), "a", None).unwrap();
+        let mut f = fs::File::create(a.dir.join("home/fill")).unwrap();
+        let block = vec![1u8; 1 << 20];
+        let e = (0..100).find_map(|_| f.write_all(&block).err()).unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+        drop(f);
+        assert!(disk::full(&a.dir));
+        let written = fs::metadata(a.dir.join("home/fill")).unwrap().len();
+        assert!(written > 50 << 20 && written <= 64 << 20, "{written}");
+        // Sparse: the host holds about what was written, not more.
+        let held = fs::metadata(&a.image).unwrap().blocks() * 512;
+        assert!(held < 70 << 20, "{held}");
+
+        // A checkpoint bigger than a disk does not fit in it, and says what to change.
+        fs::remove_file(a.dir.join("home/fill")).unwrap();
+        assert!(!disk::full(&a.dir));
+        fs::write(a.dir.join("tmp/more"), vec![2u8; 16 << 20]).unwrap();
+        let big = a.checkpoint().unwrap();
+        let e = {
+            let tools = DiskTools::find().unwrap();
+            let paths = (root.path().join("b"), root.path().join("b.img"));
+            Layer::create(paths, &tools, 16 << 20, (1000, 1000), Some(&big)).unwrap_err()
+        };
+        assert!(e.to_string().contains("resources.disk_mb"), "{e}");
+        remove(&root.path().join("b"), &root.path().join("b.img")).unwrap();
+        assert!(!root.path().join("b.img").exists());
+        a.remove().unwrap();
     }
 
     #[test]
@@ -402,7 +466,8 @@ mod tests {
         b.append_data(&mut h, "etc/passwd", &b"x"[..]).unwrap();
         let archive = b.into_inner().unwrap().finish().unwrap();
         let root = tempfile::tempdir().unwrap();
-        let e = Layer::create(root.path().join("c"), 0, 0, Some(&archive)).unwrap_err();
+        let e = create(root.path(), "c", Some(&archive)).unwrap_err();
         assert!(e.to_string().contains("outside home/ and tmp/"), "{e}");
+        remove(&root.path().join("c"), &root.path().join("c.img")).unwrap();
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod bwrap;
 mod cgroup;
+mod disk;
 pub mod egress_proxy;
 mod host;
 mod layer;
@@ -70,6 +71,9 @@ pub struct ResourceLimits {
     pub pids: u32,
     /// CPU time per wall-clock second, in thousandths of a CPU (1000 = one full CPU).
     pub cpu_millis: u32,
+    /// Size of the writable layer (`/home/sandbox` and `/tmp` together), a filesystem of its
+    /// own ([`disk`]).
+    pub disk_bytes: u64,
 }
 
 impl ResourceLimits {
@@ -79,6 +83,8 @@ impl ResourceLimits {
     pub const MAX_PIDS: u32 = 32_768;
     pub const MIN_CPU_MILLIS: u32 = 10;
     pub const MAX_CPU_MILLIS: u32 = 64_000;
+    pub const MIN_DISK_BYTES: u64 = 16 << 20;
+    pub const MAX_DISK_BYTES: u64 = 1 << 40;
 
     /// Checks each limit against its bounds; the error names the field, the value and the range.
     pub fn validate(&self) -> Result<(), BackendError> {
@@ -110,17 +116,25 @@ impl ResourceLimits {
             Self::MIN_CPU_MILLIS,
             Self::MAX_CPU_MILLIS,
             " (thousandths of a CPU; 1000 = one CPU)",
+        )?;
+        check(
+            "disk_bytes",
+            self.disk_bytes,
+            Self::MIN_DISK_BYTES,
+            Self::MAX_DISK_BYTES,
+            " bytes (16 MiB to 1 TiB)",
         )
     }
 }
 
 impl Default for ResourceLimits {
-    /// 512 MiB, 256 processes, one CPU.
+    /// 512 MiB, 256 processes, one CPU, 1 GiB of disk.
     fn default() -> Self {
         ResourceLimits {
             memory_bytes: 512 << 20,
             pids: 256,
             cpu_millis: 1000,
+            disk_bytes: 1 << 30,
         }
     }
 }
@@ -215,6 +229,8 @@ pub struct ExecOutcome {
     pub oom_killed: bool,
     /// A fork or clone failed at the sandbox's pids limit during the exec.
     pub pids_limited: bool,
+    /// The writable layer had no space or inode left when the command ended (its disk limit).
+    pub disk_full: bool,
     pub duration: Duration,
 }
 

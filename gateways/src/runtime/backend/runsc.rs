@@ -444,6 +444,7 @@ impl Sandbox for RunscSandbox {
             timed_out,
             oom_killed: after.oom_kill > before.oom_kill,
             pids_limited: after.pids_max > before.pids_max,
+            disk_full: super::disk::full(&self.host.layer.dir),
             duration,
         })
     }
