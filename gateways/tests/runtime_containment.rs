@@ -611,6 +611,30 @@ async fn checkpoint_and_restore_keep_the_writable_layer_and_never_touch_the_temp
     assert!(!e.root.path().join("sandboxes/ckpt-bad").exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_directories_nested_without_end_is_refused() {
+    let e = env("tdeep");
+    let (sb, _) = e.sandbox("deep-1").await;
+    // 20,000 directories, each in the last: the host walks the layer to archive it, so the
+    // nesting is the sandbox's to choose, not the walker's stack.
+    let w = sh(
+        &sb,
+        "python3 -c \"import os\nfor _ in range(20000):\n    os.mkdir('d'); os.chdir('d')\nprint('deep')\"",
+    )
+    .await;
+    assert_eq!(w.stdout, "deep\n", "{}", w.stderr);
+    let e2 = sb.checkpoint().await.unwrap_err();
+    assert!(
+        matches!(&e2, BackendError::Checkpoint(m) if m.contains("nests directories deeper than")),
+        "{e2}"
+    );
+    // The sandbox is fine, and a shallower layer checkpoints.
+    let r = sh(&sb, "rm -rf d && mkdir -p a/b/c && echo ok").await;
+    assert_eq!(r.stdout, "ok\n", "{}", r.stderr);
+    assert!(!sb.checkpoint().await.unwrap().is_empty());
+    sb.terminate().await.unwrap();
+}
+
 fn cgroup_dirs(instance: &str, id: &str) -> Vec<PathBuf> {
     ["memory", "pids", "cpu"]
         .iter()

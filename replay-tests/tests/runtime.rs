@@ -527,6 +527,27 @@ async fn checkpoint_restores_into_a_new_sandbox(env: &Env) {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("resources.disk_mb"), "{err:?}");
 
+    // A layer the sandbox nested past what a checkpoint keeps: the caller is told why.
+    exec(
+        &mut c,
+        &sb.sandbox_id,
+        &[
+            "python3",
+            "-c",
+            "import os\nfor _ in range(300):\n    os.mkdir('d'); os.chdir('d')",
+        ],
+    )
+    .await
+    .unwrap();
+    let err = c
+        .checkpoint(pb::CheckpointRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("deeper than 256 levels"), "{err:?}");
+
     let mut req = create_request();
     req.restore_checkpoint_id = "ck-doesnotexist".into();
     let err = c.create_sandbox(req).await.unwrap_err();

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::backend::{ExecChunk, ExecRequest};
+use super::backend::{BackendError, ExecChunk, ExecRequest};
 use super::engine::{Live, NewSandbox, Runtime, RuntimeError};
 use super::metrics;
 use crate::auth::Identity;
@@ -456,11 +456,13 @@ impl RuntimeService for RuntimeGateway {
         let live = self.running(&caller, &id).await?;
         let mut agg = live.agg.lock().await;
         agg.require_ready().map_err(invalid)?;
-        let body = live
-            .handle
-            .checkpoint()
-            .await
-            .map_err(|e| Status::unavailable(format!("checkpoint failed: {e}")))?;
+        let body = live.handle.checkpoint().await.map_err(|e| match e {
+            // What the layer holds (too big, nested too deep): retrying will not help.
+            BackendError::Checkpoint(m) => {
+                Status::failed_precondition(format!("checkpoint refused: {m}"))
+            }
+            e => Status::unavailable(format!("checkpoint failed: {e}")),
+        })?;
         let checkpoint_id = format!("ck-{}", uuid::Uuid::new_v4().simple());
         let object_key = format!(
             "runtime/checkpoints/{}/{id}/{checkpoint_id}.tar.gz",

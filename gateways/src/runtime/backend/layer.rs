@@ -179,7 +179,7 @@ impl Layer {
                 .map_err(|e| ck(format!("open {part}: {e}")))?;
             let st = fstat(&dirfd).map_err(|e| ck(format!("stat {part}: {e}")))?;
             append_dir(&mut b, Path::new(part), &st)?;
-            walk(&mut b, &dirfd, Path::new(part), &mut budget)?;
+            walk(&mut b, dirfd, Path::new(part), &mut budget)?;
         }
         let gz = b
             .into_inner()
@@ -235,38 +235,73 @@ fn append_dir<W: Write>(
         .map_err(|e| ck(format!("archive {}: {e}", rel.display())))
 }
 
-fn walk<W: Write>(
-    b: &mut tar::Builder<W>,
-    dirfd: &OwnedFd,
-    rel: &Path,
-    budget: &mut u64,
-) -> Result<(), BackendError> {
-    let listing = format!("/proc/self/fd/{}", dirfd.as_raw_fd());
+/// The deepest nesting of directories a checkpoint keeps, counted from `home` or `tmp`. The
+/// sandbox chooses the nesting (one `mkdir; cd` loop makes tens of thousands of levels), and
+/// the walk holds a descriptor per level.
+pub(crate) const MAX_DEPTH: usize = 256;
+
+/// A directory being walked: its descriptor, its path in the archive, the names left to visit.
+struct Level {
+    fd: OwnedFd,
+    rel: PathBuf,
+    names: std::vec::IntoIter<std::ffi::OsString>,
+}
+
+fn level(fd: OwnedFd, rel: PathBuf) -> Result<Level, BackendError> {
+    let listing = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let mut names: Vec<_> = fs::read_dir(&listing)
         .map_err(|e| ck(format!("list {}: {e}", rel.display())))?
         .filter_map(|e| e.ok().map(|e| e.file_name()))
         .collect();
     names.sort();
-    for name in names {
-        let path = rel.join(&name);
-        let Ok(st) = fstatat_nofollow(dirfd, &name) else {
+    Ok(Level {
+        fd,
+        rel,
+        names: names.into_iter(),
+    })
+}
+
+/// Archives what is under `dirfd` (depth first, names in order) with a stack of its own, not
+/// the thread's: however deep the sandbox nests, the walk ends with an error, never a stack
+/// overflow of the host process.
+fn walk<W: Write>(
+    b: &mut tar::Builder<W>,
+    dirfd: OwnedFd,
+    rel: &Path,
+    budget: &mut u64,
+) -> Result<(), BackendError> {
+    let mut stack = vec![level(dirfd, rel.to_path_buf())?];
+    while let Some(at) = stack.last_mut() {
+        let Some(name) = at.names.next() else {
+            stack.pop();
+            continue;
+        };
+        let path = at.rel.join(&name);
+        let Ok(st) = fstatat_nofollow(&at.fd, &name) else {
             continue; // removed meanwhile
         };
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 let Ok(sub) = openat(
-                    dirfd,
+                    &at.fd,
                     &name,
                     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
                 ) else {
                     continue;
                 };
+                if stack.len() >= MAX_DEPTH {
+                    let shown: String = path.to_string_lossy().chars().take(60).collect();
+                    return Err(ck(format!(
+                        "the layer nests directories deeper than {MAX_DEPTH} levels (at \
+                         {shown}…); a checkpoint keeps at most {MAX_DEPTH}"
+                    )));
+                }
                 append_dir(b, &path, &st)?;
-                walk(b, &sub, &path, budget)?;
+                stack.push(level(sub, path)?);
             }
             libc::S_IFREG => {
                 let Ok(fd) = openat(
-                    dirfd,
+                    &at.fd,
                     &name,
                     libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
                 ) else {
@@ -292,7 +327,7 @@ fn walk<W: Write>(
                     .map_err(|e| ck(format!("archive {}: {e}", path.display())))?;
             }
             libc::S_IFLNK => {
-                let Ok(target) = readlinkat(dirfd, &name) else {
+                let Ok(target) = readlinkat(&at.fd, &name) else {
                     continue;
                 };
                 let mut h = header_for(&st, tar::EntryType::Symlink, 0);
