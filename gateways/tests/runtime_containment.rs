@@ -586,7 +586,7 @@ async fn checkpoint_and_restore_keep_the_writable_layer_and_never_touch_the_temp
     assert_eq!(f.stdout, "0\n0\n", "{}", f.stderr);
 
     let mut spec = e.spec("ckpt-b");
-    spec.restore = Some(archive);
+    spec.restore = Some(archive.into());
     let (b, _) = e.sandbox_with(spec).await;
     let r = sh(
         &b,
@@ -599,7 +599,7 @@ async fn checkpoint_and_restore_keep_the_writable_layer_and_never_touch_the_temp
     }
     let refused = {
         let mut spec = e.spec("ckpt-bad");
-        spec.restore = Some(b"not a checkpoint".to_vec());
+        spec.restore = Some(bytes::Bytes::from_static(b"not a checkpoint"));
         let (tx, _rx) = mpsc::unbounded_channel();
         e.backend
             .prepare(spec, tx)
@@ -633,6 +633,61 @@ async fn a_checkpoint_of_directories_nested_without_end_is_refused() {
     assert_eq!(r.stdout, "ok\n", "{}", r.stderr);
     assert!(!sb.checkpoint().await.unwrap().is_empty());
     sb.terminate().await.unwrap();
+}
+
+/// This process's resident set and its peak since the last [`reset_peak`], in bytes.
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = |key: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    (kib("VmRSS:"), kib("VmHWM:"))
+}
+
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_streams_files_instead_of_holding_them_whole() {
+    let e = env("tbigck");
+    let (sb, _) = e.sandbox("big-1").await;
+    let r = sh(&sb, "head -c 96M /dev/urandom > noise && echo ok").await;
+    assert_eq!(r.stdout, "ok\n", "{}", r.stderr);
+    reset_peak();
+    let (before, _) = memory();
+    let archive = sb.checkpoint().await.unwrap();
+    let (_, peak) = memory();
+    // Noise does not compress: the archive is about the file's size. Reading the file whole
+    // before archiving it held it twice (≈ 2 × 96 MiB more); streamed, about once.
+    assert!(archive.len() > 95 << 20, "{}", archive.len());
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "checkpoint of 96 MiB of noise: archive {} MiB, memory peak +{} MiB",
+        archive.len() >> 20,
+        grew >> 20
+    );
+    assert!(
+        grew < archive.len() as u64 * 3 / 2,
+        "the checkpoint of a 96 MiB file took {} MiB more memory",
+        grew >> 20
+    );
+    // And the archive restores to the same bytes.
+    let digest = sh(&sb, "sha256sum noise").await.stdout;
+    let mut spec = e.spec("big-2");
+    spec.restore = Some(archive.into());
+    let (restored, _) = e.sandbox_with(spec).await;
+    assert_eq!(sh(&restored, "sha256sum noise").await.stdout, digest);
+    for s in [sb, restored] {
+        s.terminate().await.unwrap();
+    }
 }
 
 fn cgroup_dirs(instance: &str, id: &str) -> Vec<PathBuf> {

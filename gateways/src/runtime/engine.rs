@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::Utc;
 use creto_domain::runtime::egress::EgressPolicy;
 use creto_domain::runtime::sandbox::{self as domain, event, Aggregate, RuntimeLimits};
@@ -15,13 +16,19 @@ use creto_streams::headers::{content_types, names};
 use creto_streams::{append_id, AppendEvent, EventLog, Headers, LogError};
 use ed25519_dalek::SigningKey;
 use prost::Message;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{
     BackendError, EgressAttempt, IsolationBackend, ResourceLimits, Sandbox, SandboxSpec, Template,
 };
 use super::view::RuntimeView;
 use super::{egress_budget, metrics};
+
+/// Checkpoints taken or restored at once on a replica. Each holds its archive in memory (up to
+/// the 1 GiB a checkpoint may be): without a bound, one tenant checkpointing many sandboxes
+/// full of incompressible data at once could take the replica's memory, and every sandbox on
+/// it. Past it, Checkpoint and CreateSandbox with a checkpoint wait their turn.
+pub const ARCHIVES_AT_ONCE: usize = 2;
 
 /// What an operator configures for the runtime of a replica.
 #[derive(Clone)]
@@ -51,6 +58,8 @@ pub struct Runtime {
     pub settings: RuntimeSettings,
     pub archive: Option<Arc<dyn Archive>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Checkpoint archives in memory at once ([`ARCHIVES_AT_ONCE`]).
+    archives: Arc<Semaphore>,
     /// Template → ids of warm sandboxes ready to be claimed, oldest first.
     pool: Mutex<HashMap<String, VecDeque<String>>>,
     pool_wanted: Notify,
@@ -94,7 +103,8 @@ pub struct NewSandbox {
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
     pub egress: EgressPolicy,
-    pub restore: Option<(String, Vec<u8>)>,
+    /// The checkpoint's id and archive (shared, not copied, on its way to the backend).
+    pub restore: Option<(String, Bytes)>,
     pub request_id: String,
 }
 
@@ -121,6 +131,15 @@ pub fn limits_of(r: &pb::Resources) -> ResourceLimits {
 }
 
 impl Runtime {
+    /// A turn to hold a checkpoint archive in memory ([`ARCHIVES_AT_ONCE`]).
+    pub async fn archive_turn(&self) -> OwnedSemaphorePermit {
+        self.archives
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
     pub fn new(
         log: Arc<dyn EventLog>,
         view: Arc<RuntimeView>,
@@ -136,6 +155,7 @@ impl Runtime {
             settings,
             archive,
             live: Mutex::new(HashMap::new()),
+            archives: Arc::new(Semaphore::new(ARCHIVES_AT_ONCE)),
             pool: Mutex::new(HashMap::new()),
             pool_wanted: Notify::new(),
             egress_tx,

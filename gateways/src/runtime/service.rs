@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::Utc;
 use creto_domain::runtime::attestation::{self, Statement};
 use creto_domain::runtime::egress::EgressPolicy;
@@ -142,7 +143,7 @@ impl RuntimeGateway {
         &self,
         caller: &Identity,
         checkpoint_id: &str,
-    ) -> Result<(String, Vec<u8>), Status> {
+    ) -> Result<(String, Bytes), Status> {
         domain::check_name("restore_checkpoint_id", checkpoint_id).map_err(invalid)?;
         let archive = self.runtime.archive.as_ref().ok_or_else(|| {
             Status::failed_precondition("no object storage is configured for checkpoints")
@@ -167,7 +168,7 @@ impl RuntimeGateway {
                 "checkpoint {checkpoint_id}: the object's SHA-256 does not match the recorded one"
             )));
         }
-        Ok((checkpoint_id.to_string(), body.to_vec()))
+        Ok((checkpoint_id.to_string(), body))
     }
 }
 
@@ -208,6 +209,11 @@ impl RuntimeService for RuntimeGateway {
                 return Ok(Response::new(agg.view));
             }
         }
+        // A restore holds its archive from the fetch until the layer is unpacked.
+        let _turn = match req.restore_checkpoint_id.is_empty() {
+            true => None,
+            false => Some(self.runtime.archive_turn().await),
+        };
         let new = self.new_sandbox(&caller, req).await?;
         Ok(Response::new(self.runtime.create(new).await?))
     }
@@ -454,6 +460,9 @@ impl RuntimeService for RuntimeGateway {
             Status::failed_precondition("no object storage is configured for checkpoints")
         })?;
         let live = self.running(&caller, &id).await?;
+        // Held until the archive is stored; taken before the sandbox's lock, so waiting for
+        // it does not hold up the sandbox's other commands.
+        let _turn = self.runtime.archive_turn().await;
         let mut agg = live.agg.lock().await;
         agg.require_ready().map_err(invalid)?;
         let body = live.handle.checkpoint().await.map_err(|e| match e {

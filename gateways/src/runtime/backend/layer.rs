@@ -311,19 +311,22 @@ fn walk<W: Write>(
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                     continue;
                 }
-                let mut data = Vec::new();
-                fs::File::from(fd)
-                    .take(*budget + 1)
-                    .read_to_end(&mut data)
-                    .map_err(|e| ck(format!("read {}: {e}", path.display())))?;
-                if data.len() as u64 > *budget {
+                let size = st.st_size.max(0) as u64;
+                if size > *budget {
                     return Err(ck(format!(
                         "the layer holds more than {MAX_CHECKPOINT_BYTES} bytes"
                     )));
                 }
-                *budget -= data.len() as u64;
-                let mut h = header_for(&st, tar::EntryType::Regular, data.len() as u64);
-                b.append_data(&mut h, &path, data.as_slice())
+                *budget -= size;
+                // Streamed, not read whole first (a file may be as big as the budget). The
+                // sandbox may still be changing it: the archive holds the size the header
+                // says, the file's bytes up to it, zeros if it shrank meanwhile.
+                let data = fs::File::from(fd)
+                    .take(size)
+                    .chain(std::io::repeat(0))
+                    .take(size);
+                let mut h = header_for(&st, tar::EntryType::Regular, size);
+                b.append_data(&mut h, &path, data)
                     .map_err(|e| ck(format!("archive {}: {e}", path.display())))?;
             }
             libc::S_IFLNK => {

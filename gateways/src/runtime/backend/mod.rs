@@ -58,7 +58,7 @@ pub struct SandboxSpec {
     pub env: BTreeMap<String, String>,
     pub egress: EgressPolicy,
     /// A checkpoint archive (from [`Sandbox::checkpoint`]) to unpack into the writable layer.
-    pub restore: Option<Vec<u8>>,
+    pub restore: Option<Bytes>,
 }
 
 /// A sandbox's resource limits, enforced by cgroups (or by the backend's equivalent).
