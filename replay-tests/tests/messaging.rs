@@ -3,7 +3,7 @@
 //! is refused; rotation overlap and revocation; an offline recipient gets everything in order
 //! and, after acks, exactly once, across a gateway restart; duplicates, replays, expiry and bad
 //! input get clear statuses; tenants are kept apart; a SendBatch answers each envelope as Send
-//! would and keeps each pair's order.
+//! would and keeps each pair's order; a recipient's Receive streams are bounded.
 use std::time::Duration;
 
 use creto_domain::messaging::envelope;
@@ -27,6 +27,7 @@ creto_replay_tests::on_both_adapters!(
     bad_input_gets_clear_statuses,
     a_message_sent_to_one_replica_reaches_a_recipient_on_another,
     a_batch_is_answered_per_envelope_and_stored_in_order,
+    a_recipient_has_a_bounded_number_of_receive_streams,
 );
 
 async fn agent(url: &str, id: &str) -> AgentClient {
@@ -746,4 +747,41 @@ async fn a_message_sent_to_one_replica_reaches_a_recipient_on_another(env: &Env)
     assert_eq!(c, Code::FailedPrecondition, "{m}");
     first.stop().await;
     second.stop().await;
+}
+
+async fn a_recipient_has_a_bounded_number_of_receive_streams(env: &Env) {
+    use creto_gateways::messaging::delivery::MAX_SESSIONS;
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = agent(&url, "bob").await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_SESSIONS {
+        open.push(bob.receive(0).await.unwrap());
+    }
+    let (c, m) = code(bob.receive(0).await.unwrap_err());
+    assert_eq!(c, Code::ResourceExhausted, "{m}");
+    assert!(m.contains("Receive streams open"), "{m}");
+    // Another recipient is not held back, and the open streams still deliver.
+    let _alices = alice.receive(0).await.unwrap();
+    alice.send("bob", b"still here").await.unwrap();
+    for inbox in &mut open {
+        let m = next(inbox, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(bob.open(&m).await.unwrap().plaintext, b"still here");
+    }
+    // A stream the client drops makes room again.
+    open.pop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut again = loop {
+        match bob.receive(0).await {
+            Ok(inbox) => break inbox,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_eq!(code(e).0, Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no room after a stream closed: {e}"),
+        }
+    };
+    let m = next(&mut again, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(bob.open(&m).await.unwrap().plaintext, b"still here");
+    running.stop().await;
 }

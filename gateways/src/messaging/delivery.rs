@@ -28,6 +28,15 @@ const TAIL_RETRY: Duration = Duration::from_millis(200);
 /// Messages a slow session may fall behind the tail before it catches up from the log.
 const SESSION_BUFFER: usize = 1024;
 
+/// Receive streams one recipient may have open on a replica at once. A recipient needs one; a
+/// few more cover a reconnect before the old stream's end is noticed. Without a bound, one
+/// caller could open thousands, each catching up from the log (a consumer on JetStream) and
+/// each handed every message.
+pub const MAX_SESSIONS: usize = 4;
+
+/// A session's share of its recipient's feed.
+type Subscription = (broadcast::Receiver<Arc<StoredEvent>>, watch::Receiver<u64>);
+
 /// What the sessions of one recipient hear on this replica: the tail's messages for it, in
 /// stream order, and its acknowledged position as acks pass through this replica.
 struct Feed {
@@ -42,11 +51,8 @@ pub struct Hub {
 }
 
 impl Hub {
-    fn subscribe(
-        &self,
-        tenant: &str,
-        agent: &str,
-    ) -> (broadcast::Receiver<Arc<StoredEvent>>, watch::Receiver<u64>) {
+    /// A new session's subscription, unless the recipient has [`MAX_SESSIONS`] already.
+    fn subscribe(&self, tenant: &str, agent: &str) -> Result<Subscription, Status> {
         let mut recipients = self.recipients.lock().expect("hub lock");
         let feed = recipients
             .entry((tenant.to_string(), agent.to_string()))
@@ -54,7 +60,14 @@ impl Hub {
                 messages: broadcast::channel(SESSION_BUFFER).0,
                 floor: watch::channel(0).0,
             });
-        (feed.messages.subscribe(), feed.floor.subscribe())
+        if feed.messages.receiver_count() >= MAX_SESSIONS {
+            return Err(Status::resource_exhausted(format!(
+                "agent {agent} already has {MAX_SESSIONS} Receive streams open on this gateway; \
+                 a recipient needs one: close the others (a stream whose client went away \
+                 closes within seconds)"
+            )));
+        }
+        Ok((feed.messages.subscribe(), feed.floor.subscribe()))
     }
 
     /// Hands a stored message to the recipient's sessions; forgets recipients with none left,
@@ -272,11 +285,13 @@ impl Queues {
 
 /// One Receive stream.
 pub struct Session {
-    pub queues: Queues,
-    pub tenant: String,
-    pub recipient: String,
-    pub after_cursor: u64,
-    pub ack_wait: Duration,
+    queues: Queues,
+    tenant: String,
+    recipient: String,
+    after_cursor: u64,
+    ack_wait: Duration,
+    /// Taken by the delivery loop.
+    subscription: Option<Subscription>,
 }
 
 /// Delivered and not yet acknowledged: cursor → (attempts, first sent this attempt).
@@ -301,8 +316,29 @@ impl Delivering {
 }
 
 impl Session {
+    /// A Receive stream of `recipient`, subscribed to what this replica's tail hands out
+    /// before it reads the log (whatever is stored after its catch-up reaches it live);
+    /// refused past [`MAX_SESSIONS`].
+    pub fn open(
+        queues: Queues,
+        tenant: String,
+        recipient: String,
+        after_cursor: u64,
+        ack_wait: Duration,
+    ) -> Result<Session, Status> {
+        let subscription = queues.hub.subscribe(&tenant, &recipient)?;
+        Ok(Session {
+            queues,
+            tenant,
+            recipient,
+            after_cursor,
+            ack_wait,
+            subscription: Some(subscription),
+        })
+    }
+
     /// Streams the recipient's messages into `tx` until the caller goes away.
-    pub async fn run(self, tx: mpsc::Sender<Result<ReceivedMessage, Status>>) {
+    pub async fn run(mut self, tx: mpsc::Sender<Result<ReceivedMessage, Status>>) {
         if let Err(status) = self.deliver(&tx).await {
             let _ = tx.send(Err(status)).await;
         }
@@ -311,13 +347,11 @@ impl Session {
     }
 
     async fn deliver(
-        &self,
+        &mut self,
         tx: &mpsc::Sender<Result<ReceivedMessage, Status>>,
     ) -> Result<(), Status> {
+        let (mut live, mut acks) = self.subscription.take().expect("a session delivers once");
         let q = &self.queues;
-        // Subscribed before reading the log: whatever is stored after the catch-up below
-        // reaches this session through the tail.
-        let (mut live, mut acks) = q.hub.subscribe(&self.tenant, &self.recipient);
         let mut stopping = q.stopping.subscribe();
         if *stopping.borrow() {
             return Err(Status::unavailable("this gateway is stopping; reconnect"));

@@ -880,14 +880,14 @@ impl MessagingService for MessagingGateway {
                 .filter(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(3600))
                 .ok_or_else(|| invalid("ack_wait must be between 100 ms and 1 h".into()))?,
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let session = Session {
-            queues: self.queues.clone(),
+        let session = Session::open(
+            self.queues.clone(),
             tenant,
-            recipient: r.agent_id,
-            after_cursor: r.after_cursor,
+            r.agent_id,
+            r.after_cursor,
             ack_wait,
-        };
+        )?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(session.run(tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
