@@ -60,17 +60,23 @@ fn start(dir: &std::path::Path) -> Dev {
         .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
         .env("REDIS_URL", "redis://127.0.0.1:1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Kept beside the data directory: when dev does not come up, the log says why.
+        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
         .spawn()
         .expect("binary runs");
     let mut banner = String::new();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let line = lines
-            .next()
-            .expect("dev printed its banner")
-            .expect("stdout readable");
+        let Some(line) = lines.next() else {
+            let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "dev ended before its banner; its log ends with:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        };
+        let line = line.expect("stdout readable");
         banner.push_str(&line);
         banner.push('\n');
         if line == "ready" || Instant::now() > until {
