@@ -24,6 +24,7 @@ creto_replay_tests::on_both_adapters!(
     bad_input_gets_clear_statuses,
     notifications_reach_the_webhook_signed_and_are_recorded,
     a_slow_receiver_does_not_hold_back_other_announcements,
+    a_request_has_a_bounded_number_of_watchers,
 );
 
 fn level(approvers: &[&str], timeout: Duration) -> pb::Level {
@@ -867,5 +868,87 @@ async fn a_slow_receiver_does_not_hold_back_other_announcements(env: &Env) {
     // One after the other it waited for the eight slow ones: 24 s.
     println!("announced after 8 slow ones: {fast:?}");
     assert!(fast < Duration::from_secs(2), "announced after {fast:?}");
+    running.stop().await;
+}
+
+async fn watch(
+    c: &mut Client,
+    id: &str,
+) -> Result<tonic::Streaming<pb::ApprovalRequest>, tonic::Status> {
+    c.watch_request(pb::WatchRequestRequest {
+        request_id: id.into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn a_request_has_a_bounded_number_of_watchers(env: &Env) {
+    use creto_gateways::oversight::fold::MAX_WATCHERS;
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    put(
+        &mut c,
+        policy(
+            "refunds",
+            "payments.*",
+            1,
+            vec![level(&["ann"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    ask(&mut c, "req-w", "payments.refund").await;
+    ask(&mut c, "req-other", "payments.refund").await;
+    let mut watches = Vec::new();
+    for _ in 0..MAX_WATCHERS {
+        let mut w = watch(&mut c, "req-w").await.unwrap();
+        assert_eq!(
+            w.message().await.unwrap().unwrap().state,
+            State::Pending as i32
+        );
+        watches.push(w);
+    }
+    let refused = watch(&mut c, "req-w").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("WatchRequest streams"),
+        "{refused:?}"
+    );
+    // Another request is watched as before.
+    let mut other = watch(&mut c, "req-other").await.unwrap();
+    other.message().await.unwrap().unwrap();
+
+    // The decision reaches every watcher of the request, and their streams end.
+    answer(&mut c, "req-w", "ann", Decision::Approve)
+        .await
+        .unwrap();
+    for w in &mut watches {
+        let mut last = None;
+        while let Some(update) = tokio::time::timeout(Duration::from_secs(10), w.message())
+            .await
+            .expect("the watch ends with the decision")
+            .unwrap()
+        {
+            last = Some(update.state);
+        }
+        assert_eq!(last, Some(State::Approved as i32));
+    }
+    // Ended watchers make room: a new watch sees the decision and ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut again = loop {
+        match watch(&mut c, "req-w").await {
+            Ok(w) => break w,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no room after the watches ended: {e:?}"),
+        }
+    };
+    assert_eq!(
+        again.message().await.unwrap().unwrap().state,
+        State::Approved as i32
+    );
+    assert!(again.message().await.unwrap().is_none());
     running.stop().await;
 }

@@ -3,8 +3,8 @@
 //! aggregate's expected sequence, so a stale view can only cause a retry, never a wrong write.
 //! It is caught up after every write of this replica and every [`TAIL`] otherwise; a fresh
 //! replica replays the stream before it serves.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,6 +19,10 @@ use tokio::sync::watch;
 use super::metrics;
 
 pub const TAIL: Duration = Duration::from_millis(200);
+
+/// `WatchRequest` streams one request may have at once on a replica (the agent that asked, an
+/// operator's screen or two): a bound on how many tasks one request's change wakes.
+pub const MAX_WATCHERS: usize = 16;
 
 type Key = (String, String);
 
@@ -37,8 +41,11 @@ pub struct OversightView {
     stream: String,
     folded: RwLock<Folded>,
     catching_up: tokio::sync::Mutex<()>,
-    /// Bumped whenever events were folded in: watchers and timers wait on it.
+    /// Bumped whenever events were folded in: the timers wait on it.
     changed: watch::Sender<u64>,
+    /// Bumped when a watched request's events were folded in: its `WatchRequest` streams wait
+    /// on it, so a change wakes the watchers of that request, not every watcher.
+    watched: Mutex<HashMap<Key, watch::Sender<u64>>>,
 }
 
 impl OversightView {
@@ -50,11 +57,32 @@ impl OversightView {
             folded: RwLock::new(Folded::default()),
             catching_up: tokio::sync::Mutex::new(()),
             changed: watch::channel(0).0,
+            watched: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Changes of one request, unless it has [`MAX_WATCHERS`] watchers already. A watcher
+    /// calls [`Self::unwatch`] when it ends.
+    pub fn watch(&self, tenant: &str, id: &str) -> Option<watch::Receiver<u64>> {
+        let mut watched = self.watched.lock().expect("watch lock");
+        let sender = watched
+            .entry((tenant.to_string(), id.to_string()))
+            .or_insert_with(|| watch::channel(0).0);
+        (sender.receiver_count() < MAX_WATCHERS).then(|| sender.subscribe())
+    }
+
+    /// Forgets a request nobody watches any more (called by a watcher after it dropped its
+    /// receiver).
+    pub fn unwatch(&self, tenant: &str, id: &str) {
+        let mut watched = self.watched.lock().expect("watch lock");
+        let key = (tenant.to_string(), id.to_string());
+        if watched.get(&key).is_some_and(|s| s.receiver_count() == 0) {
+            watched.remove(&key);
+        }
     }
 
     pub fn request_subject(&self, tenant: &str, id: &str) -> String {
@@ -100,6 +128,7 @@ impl OversightView {
             )
             .await?;
         let mut any = false;
+        let mut touched: HashSet<Key> = HashSet::new();
         while let Some(event) = events.try_next().await? {
             any = true;
             let logical = self.catalog.strip(&event.subject).to_string();
@@ -115,6 +144,11 @@ impl OversightView {
                 "requests" => match pb::RequestEvent::decode(event.payload.as_ref()) {
                     Ok(e) => {
                         let key = (tenant.to_string(), id.to_string());
+                        // Under the fold's lock: a watcher that starts after this check reads
+                        // the request after this event is folded (its read waits for the lock).
+                        if self.watched.lock().expect("watch lock").contains_key(&key) {
+                            touched.insert(key.clone());
+                        }
                         let agg = f.requests.entry(key).or_default();
                         let before = agg.deadline();
                         agg.apply(&e, event.sequence);
@@ -152,6 +186,12 @@ impl OversightView {
         if any {
             self.refresh_pending_gauge();
             self.changed.send_modify(|n| *n += 1);
+            let watched = self.watched.lock().expect("watch lock");
+            for key in &touched {
+                if let Some(sender) = watched.get(key) {
+                    sender.send_modify(|n| *n += 1);
+                }
+            }
         }
         Ok(())
     }
@@ -283,5 +323,57 @@ pub fn priority_name(p: Priority) -> &'static str {
         Priority::Normal => "normal",
         Priority::High => "high",
         Priority::Critical => "critical",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use creto_streams::embedded::SledLog;
+    use creto_streams::{AppendEvent, Headers};
+
+    async fn append(log: &SledLog, view: &OversightView, id: &str, n: u64) {
+        log.append(AppendEvent {
+            subject: view.request_subject("t1", id),
+            id: format!("{id}-{n}"),
+            expected_subject_sequence: None,
+            headers: Headers::new(),
+            payload: pb::RequestEvent::default().encode_to_vec().into(),
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_the_watchers_of_its_request_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::default();
+        let log = Arc::new(SledLog::open(dir.path(), catalog.clone()).unwrap());
+        log.ensure_streams(&catalog.specs()).await.unwrap();
+        let view = OversightView::new(log.clone(), catalog);
+        let mut a = view.watch("t1", "a").unwrap();
+        let b = view.watch("t1", "b").unwrap();
+        append(&log, &view, "a", 1).await;
+        view.catch_up().await.unwrap();
+        assert!(a.has_changed().unwrap() && !b.has_changed().unwrap());
+        a.mark_unchanged();
+        append(&log, &view, "b", 1).await;
+        append(&log, &view, "c", 1).await;
+        view.catch_up().await.unwrap();
+        assert!(!a.has_changed().unwrap() && b.has_changed().unwrap());
+
+        // A bounded number of watchers per request; the last to leave forgets the request.
+        let more: Vec<_> = (1..MAX_WATCHERS)
+            .map(|_| view.watch("t1", "a").unwrap())
+            .collect();
+        assert!(view.watch("t1", "a").is_none());
+        drop((a, more));
+        view.unwatch("t1", "a");
+        assert!(!view
+            .watched
+            .lock()
+            .unwrap()
+            .contains_key(&("t1".into(), "a".into())));
+        assert!(view.watch("t1", "a").is_some());
     }
 }

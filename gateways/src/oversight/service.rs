@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::fold::OversightView;
+use super::fold::{OversightView, MAX_WATCHERS};
 use super::metrics;
 use crate::auth::Identity;
 use crate::log_status::log_status;
@@ -423,35 +423,40 @@ impl OversightService for OversightGateway {
     ) -> Result<Response<Self::WatchRequestStream>, Status> {
         let caller = crate::auth::layer::caller(&request)?.clone();
         let id = request.into_inner().request_id;
-        let first = self.existing(&caller.tenant, &id).await?;
-        check_agent(&caller, &first.view.agent_id)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let found = self.existing(&caller.tenant, &id).await?;
+        check_agent(&caller, &found.view.agent_id)?;
         let view = self.view.clone();
-        let mut changed = view.subscribe();
+        let mut changed = view.watch(&caller.tenant, &id).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "request {id} already has {MAX_WATCHERS} WatchRequest streams on this gateway; \
+                 close one (a stream whose client went away closes within seconds)"
+            ))
+        })?;
+        // Read after subscribing: a change folded in between is in it or wakes the loop.
+        let first = view.get(&caller.tenant, &id).unwrap_or(found);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut last = first;
-            if tx.send(Ok(last.view.clone())).await.is_err() {
-                return;
-            }
-            while last.is_open() {
+            let mut open = tx.send(Ok(last.view.clone())).await.is_ok();
+            while open && last.is_open() {
                 tokio::select! {
                     _ = changed.changed() => {}
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => break,
                     _ = stopping.changed() => {
                         let _ = tx.send(Err(Status::unavailable("this gateway is stopping; watch again"))).await;
-                        return;
+                        break;
                     }
                 }
                 if let Some(now) = view.get(&caller.tenant, &id) {
                     if now.view.version != last.view.version {
                         last = now;
-                        if tx.send(Ok(last.view.clone())).await.is_err() {
-                            return;
-                        }
+                        open = tx.send(Ok(last.view.clone())).await.is_ok();
                     }
                 }
             }
+            drop(changed);
+            view.unwatch(&caller.tenant, &id);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -1,5 +1,6 @@
 //! A sandbox's writable layer: `<root>/sandboxes/<id>/home` (the sandbox's `/home/sandbox`) and
-//! `.../tmp` (its `/tmp`), owned by the sandbox's host uid; and its checkpoint archive.
+//! `.../tmp` (its `/tmp`), owned by the sandbox's host uid, on a disk of its own (the sandbox's
+//! disk limit, [`super::disk`], mounted on `<root>/sandboxes/<id>`); and its checkpoint archive.
 //!
 //! Both directions run as root on the host over content the sandbox controls, so both are
 //! careful: packing walks the layer through directory file descriptors (`openat` with

@@ -6,8 +6,8 @@
 //!
 //! - [`bwrap::BwrapBackend`], the Linux backend: bubblewrap in user, pid, mount, ipc, uts and
 //!   cgroup namespaces, inside a network namespace of its own whose only way out is a transparent
-//!   egress proxy on the host side, cgroup limits on memory, pids and CPU, a seccomp filter,
-//!   no new privileges, and an unprivileged host uid.
+//!   egress proxy on the host side, cgroup limits on memory, pids and CPU, a disk of its own
+//!   for the writable layer, a seccomp filter, no new privileges, and an unprivileged host uid.
 //! - [`runsc::RunscBackend`], gVisor, used when configured and `runsc` is installed.
 //!
 //! A Kata backend fits the same traits (a VM per sandbox, `exec` through its agent).
