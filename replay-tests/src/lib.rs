@@ -225,6 +225,27 @@ impl Env {
         pool: &str,
         auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
     ) -> Running {
+        self.runtime_on(dir, pool, auth, Default::default()).await
+    }
+
+    /// [`Self::start_runtime`] without a warm pool, with limits other than the defaults.
+    pub async fn start_runtime_limited(
+        &self,
+        dir: &std::path::Path,
+        limits: creto_domain::runtime::sandbox::RuntimeLimits,
+    ) -> (Running, String) {
+        let running = self.runtime_on(dir, "", no_auth(), limits).await;
+        let url = format!("http://{}", running.grpc_addr.unwrap());
+        (running, url)
+    }
+
+    async fn runtime_on(
+        &self,
+        dir: &std::path::Path,
+        pool: &str,
+        auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
+        limits: creto_domain::runtime::sandbox::RuntimeLimits,
+    ) -> Running {
         let config = creto_gateways::runtime::config::RuntimeConfig {
             dir: dir.to_path_buf(),
             node: "test-node".into(),
@@ -232,7 +253,7 @@ impl Env {
             templates_dir: None,
             pool: creto_gateways::runtime::config::parse_pool(pool).unwrap(),
             attestation_key: None,
-            limits: Default::default(),
+            limits,
         };
         // Checkpoints in the platform's archive: a directory when embedded; on the services, a
         // bucket of the local S3 server (the test command runs one).

@@ -28,6 +28,7 @@ creto_replay_tests::on_both_adapters!(
     warm_pool_claims_and_refills,
     a_restarted_replica_marks_its_sandboxes_failed,
     bad_input_gets_clear_statuses,
+    a_tenant_has_a_bounded_number_of_live_sandboxes,
 );
 
 /// A directory the unprivileged sandbox user can traverse to reach its layer.
@@ -847,5 +848,47 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
     let first = create(&mut c, req.clone()).await;
     let again = create(&mut c, req).await;
     assert_eq!(first.sandbox_id, again.sandbox_id);
+    running.stop().await;
+}
+
+async fn a_tenant_has_a_bounded_number_of_live_sandboxes(env: &Env) {
+    let dir = sandbox_dir();
+    let limits = creto_domain::runtime::sandbox::RuntimeLimits {
+        max_live_per_tenant: 3,
+        ..Default::default()
+    };
+    let (running, url) = env.start_runtime_limited(dir.path(), limits).await;
+    let mut c = client(&url).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut req = create_request();
+        req.request_id = format!("req-{i}");
+        ids.push(create(&mut c, req).await.sandbox_id);
+    }
+    let err = c.create_sandbox(create_request()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("RUNTIME_MAX_SANDBOXES_PER_TENANT"),
+        "{err:?}"
+    );
+    // Asking again for one that exists is not a new sandbox.
+    let mut again = create_request();
+    again.request_id = "req-0".into();
+    assert_eq!(create(&mut c, again).await.sandbox_id, ids[0]);
+    // An ended sandbox makes room.
+    c.terminate_sandbox(pb::TerminateSandboxRequest {
+        sandbox_id: ids[0].clone(),
+    })
+    .await
+    .unwrap();
+    let fourth = create(&mut c, create_request()).await;
+    assert_eq!(fourth.state, pb::State::Ready as i32);
+    for id in ids.iter().skip(1).chain([&fourth.sandbox_id]) {
+        c.terminate_sandbox(pb::TerminateSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    }
     running.stop().await;
 }

@@ -26,6 +26,9 @@ pub struct RuntimeLimits {
     pub max_cpu_millis: u32,
     pub default_disk_mb: u64,
     pub max_disk_mb: u64,
+    /// Sandboxes one tenant may have live at once (requested, provisioning or ready), on
+    /// every replica together.
+    pub max_live_per_tenant: usize,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub default_exec_timeout: Duration,
@@ -47,6 +50,7 @@ impl Default for RuntimeLimits {
             max_cpu_millis: 8000,
             default_disk_mb: 1024,
             max_disk_mb: 64 * 1024,
+            max_live_per_tenant: 100,
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             default_exec_timeout: Duration::from_secs(60),

@@ -24,6 +24,7 @@ pub struct RuntimeConfig {
     /// replica should share it so verifiers pin one key; default `<dir>/attestation.key`,
     /// created on first start.
     pub attestation_key: Option<PathBuf>,
+    /// `RUNTIME_MAX_SANDBOXES_PER_TENANT` sets `max_live_per_tenant` (default 100).
     pub limits: RuntimeLimits,
 }
 
@@ -84,7 +85,22 @@ impl RuntimeConfig {
             templates_dir: var("RUNTIME_TEMPLATES_DIR").map(PathBuf::from),
             pool: parse_pool(&var("RUNTIME_WARM_POOL").unwrap_or_else(|| "base=2".into()))?,
             attestation_key: var("RUNTIME_ATTESTATION_KEY").map(PathBuf::from),
-            limits: RuntimeLimits::default(),
+            limits: RuntimeLimits {
+                max_live_per_tenant: match var("RUNTIME_MAX_SANDBOXES_PER_TENANT") {
+                    None => RuntimeLimits::default().max_live_per_tenant,
+                    Some(v) => v
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=100_000).contains(n))
+                        .ok_or_else(|| {
+                            RuntimeConfigError(format!(
+                                "RUNTIME_MAX_SANDBOXES_PER_TENANT {v:?}: a number from 1 to 100000"
+                            ))
+                        })?,
+                },
+                ..RuntimeLimits::default()
+            },
         })
     }
 

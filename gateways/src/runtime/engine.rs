@@ -42,6 +42,25 @@ pub struct RuntimeSettings {
     pub attestation_key: SigningKey,
 }
 
+/// A sandbox being created ([`Runtime::admit`]); its place is given back when dropped (by
+/// then the sandbox is in the view, or it failed).
+struct Admitted<'a> {
+    runtime: &'a Runtime,
+    tenant: String,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut creating = self.runtime.creating.lock().expect("creating lock");
+        if let Some(n) = creating.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                creating.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// A sandbox this replica runs.
 pub struct Live {
     pub handle: Arc<dyn Sandbox>,
@@ -58,6 +77,8 @@ pub struct Runtime {
     pub settings: RuntimeSettings,
     pub archive: Option<Arc<dyn Archive>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Tenant → its sandboxes being created on this replica (not in the view yet).
+    creating: Mutex<HashMap<String, usize>>,
     /// Checkpoint archives in memory at once ([`ARCHIVES_AT_ONCE`]).
     archives: Arc<Semaphore>,
     /// Template → ids of warm sandboxes ready to be claimed, oldest first.
@@ -81,6 +102,8 @@ pub enum RuntimeError {
     Precondition(String),
     #[error("{0}")]
     Backend(String),
+    #[error("{0}")]
+    Exhausted(String),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -155,6 +178,7 @@ impl Runtime {
             settings,
             archive,
             live: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashMap::new()),
             archives: Arc::new(Semaphore::new(ARCHIVES_AT_ONCE)),
             pool: Mutex::new(HashMap::new()),
             pool_wanted: Notify::new(),
@@ -225,8 +249,30 @@ impl Runtime {
         Ok(())
     }
 
+    /// A place for one more sandbox of `tenant`, held while it is created: its live
+    /// sandboxes on every replica (the view) plus those being created here stay within
+    /// `max_live_per_tenant`. Replicas creating at the same moment may together pass it by
+    /// what each has in flight.
+    fn admit(&self, tenant: &str) -> Result<Admitted<'_>, RuntimeError> {
+        let max = self.settings.limits.max_live_per_tenant;
+        let mut creating = self.creating.lock().expect("creating lock");
+        let live = self.view.live_of(tenant) + creating.get(tenant).copied().unwrap_or(0);
+        if live >= max {
+            return Err(RuntimeError::Exhausted(format!(
+                "tenant {tenant} has {live} live sandboxes, its limit: terminate one first (the \
+                 operator sets the limit with RUNTIME_MAX_SANDBOXES_PER_TENANT, now {max})"
+            )));
+        }
+        *creating.entry(tenant.to_string()).or_default() += 1;
+        Ok(Admitted {
+            runtime: self,
+            tenant: tenant.to_string(),
+        })
+    }
+
     /// Claims a warm sandbox when the request matches the pool, else provisions a cold one.
     pub async fn create(&self, new: NewSandbox) -> Result<pb::Sandbox, RuntimeError> {
+        let _admitted = self.admit(&new.tenant)?;
         let started = Instant::now();
         if new.restore.is_none() && new.resources == self.default_resources() {
             while let Some(id) = self.take_warm(&new.template) {

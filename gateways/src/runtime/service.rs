@@ -35,6 +35,7 @@ impl From<RuntimeError> for Status {
             RuntimeError::NotFound(m) => Status::not_found(m),
             RuntimeError::Precondition(m) => Status::failed_precondition(m),
             RuntimeError::Backend(m) => Status::unavailable(m),
+            RuntimeError::Exhausted(m) => Status::resource_exhausted(m),
             RuntimeError::Log(e) => log_status(e),
         }
     }

@@ -128,6 +128,17 @@ impl RuntimeView {
         }
     }
 
+    /// Sandboxes of `tenant` live on any replica (as far as this view has followed the log).
+    pub fn live_of(&self, tenant: &str) -> usize {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .sandboxes
+            .values()
+            .filter(|a| !a.pooled && a.is_live() && a.view.tenant == tenant)
+            .count()
+    }
+
     pub fn get(&self, id: &str) -> Option<Aggregate> {
         self.folded
             .read()
