@@ -58,6 +58,17 @@ async fn client(url: &str) -> Client {
         .unwrap()
 }
 
+/// An oversight gateway with one policy in place, and a client of it.
+async fn start_with_policy(
+    env: &Env,
+    p: pb::Policy,
+) -> (creto_gateways::server::Running, String, Client) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    put(&mut c, p).await;
+    (running, url, c)
+}
+
 async fn put(c: &mut Client, p: pb::Policy) {
     c.put_policy(pb::PutPolicyRequest { policy: Some(p) })
         .await
@@ -119,10 +130,8 @@ async fn settled(c: &mut Client, id: &str, within: Duration) -> pb::ApprovalRequ
 }
 
 async fn approval_reaches_the_watching_agent(env: &Env) {
-    let (running, url) = env.start_oversight().await;
-    let mut c = client(&url).await;
-    put(
-        &mut c,
+    let (running, _, mut c) = start_with_policy(
+        env,
         policy(
             "refunds",
             "payments.*",
@@ -195,10 +204,8 @@ async fn approval_reaches_the_watching_agent(env: &Env) {
 }
 
 async fn one_deny_denies_and_answers_are_final(env: &Env) {
-    let (running, url) = env.start_oversight().await;
-    let mut c = client(&url).await;
-    put(
-        &mut c,
+    let (running, url, mut c) = start_with_policy(
+        env,
         policy(
             "deploys",
             "deploy.*",
@@ -355,10 +362,8 @@ async fn escalation_walks_the_levels(env: &Env) {
 }
 
 async fn cancellation_and_auto_approval(env: &Env) {
-    let (running, url) = env.start_oversight().await;
-    let mut c = client(&url).await;
-    put(
-        &mut c,
+    let (running, _, mut c) = start_with_policy(
+        env,
         policy(
             "mail",
             "email.*",
@@ -415,10 +420,8 @@ async fn cancellation_and_auto_approval(env: &Env) {
 }
 
 async fn timers_fire_after_every_replica_restarted(env: &Env) {
-    let (running, url) = env.start_oversight().await;
-    let mut c = client(&url).await;
-    put(
-        &mut c,
+    let (running, _, mut c) = start_with_policy(
+        env,
         policy(
             "slow",
             "db.*",
@@ -884,10 +887,8 @@ async fn watch(
 
 async fn a_request_has_a_bounded_number_of_watchers(env: &Env) {
     use creto_gateways::oversight::fold::MAX_WATCHERS;
-    let (running, url) = env.start_oversight().await;
-    let mut c = client(&url).await;
-    put(
-        &mut c,
+    let (running, _, mut c) = start_with_policy(
+        env,
         policy(
             "refunds",
             "payments.*",
