@@ -32,6 +32,9 @@ struct Folded {
     /// tenant → policy id → (policy, its subject's last sequence).
     policies: HashMap<String, BTreeMap<String, (pb::Policy, u64)>>,
     deadlines: BTreeSet<(DateTime<Utc>, String, String)>,
+    /// Priority → pending requests, kept as events are folded: the gauge is set from it
+    /// without going over every request ever folded.
+    pending: HashMap<i32, i64>,
     applied_through: u64,
 }
 
@@ -151,8 +154,18 @@ impl OversightView {
                         }
                         let agg = f.requests.entry(key).or_default();
                         let before = agg.deadline();
+                        let was = agg.is_open().then_some(agg.view.priority);
                         agg.apply(&e, event.sequence);
                         let after = agg.deadline();
+                        let now = agg.is_open().then_some(agg.view.priority);
+                        if was != now {
+                            if let Some(p) = was {
+                                *f.pending.entry(p).or_default() -= 1;
+                            }
+                            if let Some(p) = now {
+                                *f.pending.entry(p).or_default() += 1;
+                            }
+                        }
                         if before != after {
                             if let Some(d) = before {
                                 f.deadlines.remove(&(d, tenant.to_string(), id.to_string()));
@@ -197,11 +210,7 @@ impl OversightView {
     }
 
     fn refresh_pending_gauge(&self) {
-        let f = self.folded.read().expect("fold lock");
-        let mut counts: HashMap<i32, i64> = HashMap::new();
-        for agg in f.requests.values().filter(|a| a.is_open()) {
-            *counts.entry(agg.view.priority).or_default() += 1;
-        }
+        let counts = &self.folded.read().expect("fold lock").pending;
         for p in [
             Priority::Low,
             Priority::Normal,
@@ -332,16 +341,81 @@ mod tests {
     use creto_streams::embedded::SledLog;
     use creto_streams::{AppendEvent, Headers};
 
-    async fn append(log: &SledLog, view: &OversightView, id: &str, n: u64) {
+    /// Appends one request event to request `id` of tenant t1.
+    async fn append_event(
+        log: &SledLog,
+        view: &OversightView,
+        id: &str,
+        n: u64,
+        e: pb::RequestEvent,
+    ) {
         log.append(AppendEvent {
             subject: view.request_subject("t1", id),
             id: format!("{id}-{n}"),
             expected_subject_sequence: None,
             headers: Headers::new(),
-            payload: pb::RequestEvent::default().encode_to_vec().into(),
+            payload: e.encode_to_vec().into(),
         })
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn pending_counts_follow_the_folded_requests() {
+        use pb::request_event::Event;
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::default();
+        let log = Arc::new(SledLog::open(dir.path(), catalog.clone()).unwrap());
+        log.ensure_streams(&catalog.specs()).await.unwrap();
+        let view = OversightView::new(log.clone(), catalog);
+        let requested = |priority: Priority, auto: bool| pb::RequestEvent {
+            event: Some(Event::Requested(pb::Requested {
+                priority: priority as i32,
+                auto_approved: auto,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let cancelled = pb::RequestEvent {
+            event: Some(Event::Cancelled(pb::Cancelled::default())),
+            ..Default::default()
+        };
+        let recount = |view: &OversightView| {
+            let f = view.folded.read().unwrap();
+            let mut counts: HashMap<i32, i64> = HashMap::new();
+            for agg in f.requests.values().filter(|a| a.is_open()) {
+                *counts.entry(agg.view.priority).or_default() += 1;
+            }
+            let mut kept: Vec<_> = f
+                .pending
+                .iter()
+                .filter(|(_, n)| **n != 0)
+                .map(|(p, n)| (*p, *n))
+                .collect();
+            let mut counted: Vec<_> = counts.into_iter().collect();
+            kept.sort();
+            counted.sort();
+            (kept, counted)
+        };
+        append_event(&log, &view, "a", 1, requested(Priority::High, false)).await;
+        append_event(&log, &view, "b", 1, requested(Priority::High, false)).await;
+        append_event(&log, &view, "c", 1, requested(Priority::Low, false)).await;
+        append_event(&log, &view, "d", 1, requested(Priority::Low, true)).await;
+        view.catch_up().await.unwrap();
+        let (kept, counted) = recount(&view);
+        assert_eq!(kept, counted);
+        assert_eq!(
+            kept,
+            vec![(Priority::Low as i32, 1), (Priority::High as i32, 2)]
+        );
+        append_event(&log, &view, "a", 2, cancelled.clone()).await;
+        append_event(&log, &view, "c", 2, cancelled.clone()).await;
+        // Cancelled twice: counted once.
+        append_event(&log, &view, "c", 3, cancelled).await;
+        view.catch_up().await.unwrap();
+        let (kept, counted) = recount(&view);
+        assert_eq!(kept, counted);
+        assert_eq!(kept, vec![(Priority::High as i32, 1)]);
     }
 
     #[tokio::test]
@@ -353,12 +427,12 @@ mod tests {
         let view = OversightView::new(log.clone(), catalog);
         let mut a = view.watch("t1", "a").unwrap();
         let b = view.watch("t1", "b").unwrap();
-        append(&log, &view, "a", 1).await;
+        append_event(&log, &view, "a", 1, pb::RequestEvent::default()).await;
         view.catch_up().await.unwrap();
         assert!(a.has_changed().unwrap() && !b.has_changed().unwrap());
         a.mark_unchanged();
-        append(&log, &view, "b", 1).await;
-        append(&log, &view, "c", 1).await;
+        append_event(&log, &view, "b", 1, pb::RequestEvent::default()).await;
+        append_event(&log, &view, "c", 1, pb::RequestEvent::default()).await;
         view.catch_up().await.unwrap();
         assert!(!a.has_changed().unwrap() && b.has_changed().unwrap());
 
