@@ -341,6 +341,16 @@ mod tests {
     use creto_streams::embedded::SledLog;
     use creto_streams::{AppendEvent, Headers};
 
+    /// A view of an embedded log in a directory of its own (kept while the first is held).
+    async fn on_an_embedded_log() -> (tempfile::TempDir, Arc<SledLog>, OversightView) {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::default();
+        let log = Arc::new(SledLog::open(dir.path(), catalog.clone()).unwrap());
+        log.ensure_streams(&catalog.specs()).await.unwrap();
+        let view = OversightView::new(log.clone(), catalog);
+        (dir, log, view)
+    }
+
     /// Appends one request event to request `id` of tenant t1.
     async fn append_event(
         log: &SledLog,
@@ -363,11 +373,7 @@ mod tests {
     #[tokio::test]
     async fn pending_counts_follow_the_folded_requests() {
         use pb::request_event::Event;
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::default();
-        let log = Arc::new(SledLog::open(dir.path(), catalog.clone()).unwrap());
-        log.ensure_streams(&catalog.specs()).await.unwrap();
-        let view = OversightView::new(log.clone(), catalog);
+        let (_dir, log, view) = on_an_embedded_log().await;
         let requested = |priority: Priority, auto: bool| pb::RequestEvent {
             event: Some(Event::Requested(pb::Requested {
                 priority: priority as i32,
@@ -420,11 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_wakes_the_watchers_of_its_request_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::default();
-        let log = Arc::new(SledLog::open(dir.path(), catalog.clone()).unwrap());
-        log.ensure_streams(&catalog.specs()).await.unwrap();
-        let view = OversightView::new(log.clone(), catalog);
+        let (_dir, log, view) = on_an_embedded_log().await;
         let mut a = view.watch("t1", "a").unwrap();
         let b = view.watch("t1", "b").unwrap();
         append_event(&log, &view, "a", 1, pb::RequestEvent::default()).await;
