@@ -680,6 +680,22 @@ async fn tenants_are_isolated() {
     impostor.signing = a_alice.signing.clone();
     let (c, m) = code(impostor.send("bob", b"as alice").await.unwrap_err());
     assert_eq!(c, Code::PermissionDenied, "{m}");
+    // Refused, it is counted under the caller: the sender an envelope claims is the client's
+    // choice, and would otherwise make one new series per name it invents.
+    let metrics = reqwest::get(format!("http://{}/metrics", running.metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"messaging_messages_sent_total{sender_id="a/bob",status="forbidden"}"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"sender_id="a/alice",status="forbidden""#),
+        "{metrics}"
+    );
     let (c, _) = code(impostor.register().await.unwrap_err());
     assert_eq!(c, Code::PermissionDenied);
     // In a batch too each envelope is checked: Bob's own goes through, one as Alice does not.

@@ -537,7 +537,8 @@ struct Checked {
 }
 
 /// The metrics label of an envelope's sender ("unknown" until its header decodes) and whether
-/// the caller may send as that agent.
+/// the caller may send as that agent. A refused envelope is counted under the caller: the
+/// sender it claims is free text of the client's choosing, one new series per name otherwise.
 fn sender_of(
     caller: &crate::auth::Identity,
     envelope: &pb::Envelope,
@@ -548,15 +549,17 @@ fn sender_of(
         .filter(|s| domain::check_agent_id(s).is_ok())
         .unwrap_or_else(|| "unknown".into());
     let operator = caller.roles.iter().any(|r| r == "admin" || r == "operator");
-    let allowed = if !operator && caller.subject != sender {
-        Err(Status::permission_denied(format!(
+    if !operator && caller.subject != sender {
+        let refused = Status::permission_denied(format!(
             "this token acts for agent {:?}, not {sender:?}; use a token issued with --subject {sender}",
             caller.subject
-        )))
-    } else {
-        Ok(())
-    };
-    (metrics::agent_label(&caller.tenant, &sender), allowed)
+        ));
+        return (
+            metrics::agent_label(&caller.tenant, &caller.subject),
+            Err(refused),
+        );
+    }
+    (metrics::agent_label(&caller.tenant, &sender), Ok(()))
 }
 
 fn outcome_label(outcome: &Result<(u64, bool), Refusal>) -> &'static str {
