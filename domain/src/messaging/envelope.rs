@@ -326,8 +326,15 @@ pub fn check_for_sending(
             ids.len()
         ));
     }
-    let stanza_ids: Vec<&String> = envelope.stanzas.iter().map(|s| &s.key_id).collect();
-    if stanza_ids.len() != ids.len() || ids.iter().any(|id| !stanza_ids.contains(&id)) {
+    // One to one: the same ids on both sides, each once. A repeated id would let a stanza for a
+    // key the header (and so the directory check) never names slip through.
+    let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+    if unique.len() != ids.len() {
+        return invalid("recipient_key_ids names a key more than once".into());
+    }
+    let stanza_ids: std::collections::BTreeSet<&String> =
+        envelope.stanzas.iter().map(|s| &s.key_id).collect();
+    if envelope.stanzas.len() != ids.len() || stanza_ids != unique {
         return invalid("the key stanzas must match recipient_key_ids one to one".into());
     }
     if envelope
@@ -563,5 +570,16 @@ mod tests {
         let mut bad_id = h.clone();
         bad_id.recipient_agent_id = "b.>".into();
         assert!(check_for_sending(&env, &bad_id, now, &limits).is_err());
+        // A key named twice in the header, with a second stanza for a key it never names.
+        let mut twice = h.clone();
+        twice.recipient_key_ids = vec![h.recipient_key_ids[0].clone(); 2];
+        let mut smuggled = env.clone();
+        let mut extra = smuggled.stanzas[0].clone();
+        extra.key_id = "b-enc-revoked".into();
+        smuggled.stanzas.push(extra);
+        match check_for_sending(&smuggled, &twice, now, &limits) {
+            Err(EnvelopeError::Invalid(m)) => assert!(m.contains("more than once"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
