@@ -300,6 +300,16 @@ pub fn respond(
             state_name(agg.state())
         )));
     }
+    // Past the deadline the answer is late even before a timer has recorded the timeout or the
+    // escalation: it must not overturn what the deadline decides.
+    if let Some(deadline) = agg.deadline().filter(|d| *d <= now) {
+        return Err(Refusal::Precondition(format!(
+            "request {} passed its deadline at {} (level {}); it takes no more responses at this level",
+            agg.view.request_id,
+            deadline.to_rfc3339(),
+            agg.view.level
+        )));
+    }
     let allowed = agg.allowed_approvers();
     if !allowed.is_empty() && !allowed.iter().any(|a| a == approver) {
         return Err(Refusal::NotAllowed(format!(
@@ -328,7 +338,13 @@ pub fn respond(
         if allowed.is_empty() {
             denials >= quorum
         } else {
-            approvals + (allowed.len() - all.len()) < quorum
+            // Responses of earlier levels count, but only this level's approvers can still
+            // answer.
+            let yet_to_answer = allowed
+                .iter()
+                .filter(|a| !all.iter().any(|r| &r.approver == *a))
+                .count();
+            approvals + yet_to_answer < quorum
         }
     } else {
         denials > 0
@@ -493,6 +509,51 @@ mod tests {
             respond(&agg, "cy", Decision::Deny, "", 0, now),
             Err(Refusal::Precondition(_))
         ));
+    }
+
+    #[test]
+    fn a_late_answer_does_not_overturn_the_deadline() {
+        let now = Utc::now();
+        let p = policy(1, vec![level(&["ann"], 60)], TimeoutAction::Deny);
+        let agg = request(&p, now);
+        // The timer has not recorded the timeout yet: the answer is refused all the same.
+        let late = now + chrono::Duration::seconds(61);
+        match respond(&agg, "ann", Decision::Approve, "", 0, late) {
+            Err(Refusal::Precondition(m)) => assert!(m.contains("deadline"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(on_deadline(&agg, late).len(), 1);
+        assert!(respond(&agg, "ann", Decision::Approve, "", 0, now).is_ok());
+    }
+
+    #[test]
+    fn escalating_past_anyone_keeps_the_deny_quorum_countable() {
+        // Several people answer at a level open to anyone, then the request escalates to a
+        // level of one named approver: the approvers yet to answer are counted, not guessed
+        // from all responses (which underflowed and panicked).
+        let now = Utc::now();
+        let mut p = policy(
+            3,
+            vec![level(&[], 60), level(&["dan"], 60)],
+            TimeoutAction::Escalate,
+        );
+        p.deny_needs_quorum = true;
+        let mut agg = request(&p, now);
+        for who in ["ann", "bob"] {
+            let e = respond(&agg, who, Decision::Approve, "", 0, now).unwrap();
+            fold(&mut agg, &e);
+        }
+        let e = on_deadline(&agg, now + chrono::Duration::seconds(61));
+        fold(&mut agg, &e);
+        assert_eq!(agg.view.level, 1);
+        let later = now + chrono::Duration::seconds(62);
+        let e = respond(&agg, "dan", Decision::Deny, "", 0, later).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(
+            agg.state(),
+            State::Denied,
+            "2 approvals, nobody left to answer"
+        );
     }
 
     #[test]
