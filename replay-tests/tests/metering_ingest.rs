@@ -464,9 +464,18 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
     q.meter = "exec_by_model".into();
     q.group_by = vec!["not_a_dimension".into()];
     assert_eq!(
-        client.query_usage(q).await.unwrap_err().code(),
+        client.query_usage(q.clone()).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // A dimension named again and again, or filters without end: refused before any work.
+    q.group_by = vec!["model".into(); 100_000];
+    let e = client.query_usage(q.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("each once"), "{e:?}");
+    q.group_by = vec![];
+    q.filters = (0..17).map(|i| (format!("d{i}"), "x".into())).collect();
+    let e = client.query_usage(q).await.unwrap_err();
+    assert!(e.message().contains("at most 16 filters"), "{e:?}");
 
     running.stop().await;
     env.drop().await;

@@ -28,6 +28,8 @@ use crate::telemetry;
 pub const MAX_BATCH: usize = 1_000;
 /// Upper bound on windows in one answer, so a MINUTE query over a year is refused up front.
 pub const MAX_WINDOWS: i64 = 50_000;
+/// Filters of one QueryUsage (dimension = value pairs, all required).
+pub const MAX_FILTERS: usize = 16;
 
 pub struct MeteringGateway {
     pub log: Arc<dyn EventLog>,
@@ -243,6 +245,12 @@ impl MeteringService for MeteringGateway {
             self.read_model.checkpoint().await.map_err(db_status)?
         };
 
+        if r.filters.len() > MAX_FILTERS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_FILTERS} filters, not {}",
+                r.filters.len()
+            )));
+        }
         let mut filters: Vec<(String, String)> = r.filters.into_iter().collect();
         filters.sort();
         let meter = if !r.meter.is_empty() {
@@ -314,6 +322,15 @@ impl MeteringService for MeteringGateway {
                 ))
             })?
         };
+        // Each grouping is a column of every row read (and, embedded, a value kept per event), each
+        // filter a condition: a query naming a million of them would take the replica's memory.
+        let distinct: std::collections::BTreeSet<&String> = r.group_by.iter().collect();
+        if distinct.len() != r.group_by.len() || r.group_by.len() > metering::meter::MAX_GROUP_BY {
+            return Err(Status::invalid_argument(format!(
+                "group_by names at most {} distinct dimensions, each once",
+                metering::meter::MAX_GROUP_BY
+            )));
+        }
         for g in &r.group_by {
             if g != "subscription_id" && !meter.group_by.contains(g) && !meter.slug.is_empty() {
                 return Err(Status::invalid_argument(format!(
