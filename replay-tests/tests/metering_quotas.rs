@@ -36,6 +36,7 @@ creto_replay_tests::on_both_adapters!(
     bad_input_is_invalid_argument_with_what_to_fix,
     corrections_change_usage_against_the_quota,
     a_replica_warms_from_the_cache_counters,
+    an_event_stamped_in_the_next_period_counts_in_this_one,
 );
 
 fn sub(name: &str) -> String {
@@ -936,4 +937,48 @@ async fn a_replica_warms_from_the_cache_counters(env: &Env) {
     assert_eq!(check(&mut third, &s, 0.0, 0).await.unwrap().used, "4");
     assert_eq!(check(&mut third, &idle, 0.0, 0).await.unwrap().used, "4");
     c.stop().await;
+}
+
+/// A producer may stamp an event up to 5 minutes ahead. Stamped past the period's end, it used
+/// to move the quota to the next period early: the rest of this period's usage then counted
+/// against nothing and checks answered from the next period's near-empty counter.
+async fn an_event_stamped_in_the_next_period_counts_in_this_one(env: &Env) {
+    let (running, mut client) = env.start_metering(true).await;
+    let s = sub("ahead");
+    // An hourly period that ends two minutes from now.
+    let end = Utc::now() + chrono::Duration::seconds(120);
+    let mut quota = set_quota(&s, "10", true, &[]);
+    quota.period = Some(pb::QuotaPeriod {
+        kind: pb::QuotaPeriodKind::PeriodHour as i32,
+        anchor: Some(creto_streams::envelope::timestamp(end)),
+        time_zone: String::new(),
+    });
+    client.set_quota(quota).await.unwrap();
+    let mut ahead = usage("ahead", &s, 1.0);
+    ahead.time = Some(creto_streams::envelope::timestamp(
+        end + chrono::Duration::seconds(60),
+    ));
+    let seq = ingest(
+        &mut client,
+        vec![usage("a", &s, 8.0), ahead, usage("b", &s, 1.0)],
+    )
+    .await;
+    env.wait_applied(seq).await;
+    let c = check(&mut client, &s, 1.0, seq).await.unwrap();
+    assert_eq!(c.used, "10", "{c:?}");
+    assert!(!c.allowed, "{c:?}");
+    assert_eq!(c.period_end.unwrap().seconds, end.timestamp());
+    // Voided, it is taken back from the period it counted in.
+    let voided = client
+        .void_event(pb::VoidEventRequest {
+            subscription_id: s.clone(),
+            event_id: "ahead".into(),
+            reason: "clock ahead".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = check(&mut client, &s, 1.0, voided.sequence).await.unwrap();
+    assert_eq!((c.used.as_str(), c.allowed), ("9", true), "{c:?}");
+    running.stop().await;
 }

@@ -89,9 +89,15 @@ impl Pass {
 
 impl State {
     fn was_counted(&self, key: &Key, hash: u64) -> bool {
+        self.counted_in(key, hash).is_some()
+    }
+
+    /// The start of the period the key's event counted in, if it did.
+    fn counted_in(&self, key: &Key, hash: u64) -> Option<DateTime<Utc>> {
         self.counted
             .get(key)
-            .is_some_and(|(_, seen)| seen.contains(&hash))
+            .filter(|(_, seen)| seen.contains(&hash))
+            .map(|(start, _)| *start)
     }
 
     /// Records that the key counted usage in the period starting at `period_start` (and the
@@ -419,7 +425,11 @@ impl QuotaView {
                     let restored = state.skips(&k.0, &k.1, &k.2, event.sequence);
                     if !restored && !state.was_counted(&k, h) {
                         if let Ok(q) = Quantity::from_f64(r.quantity) {
-                            usage.push((k, q, r.time, Some(h)));
+                            // Counted when it was recorded at the latest: an event stamped
+                            // in the next period (a few minutes ahead is valid) would move
+                            // the book there early, and the rest of this period's usage would
+                            // land in a closed period and count against nothing.
+                            usage.push((k, q, r.time.min(event.recorded_at), Some(h)));
                         }
                     }
                 }
@@ -448,7 +458,8 @@ impl QuotaView {
                     let h = self
                         .hasher
                         .hash_one((&c.tenant, &c.subscription_id, &c.event_id));
-                    let counted = state.was_counted(&usage_key, h)
+                    let counted_in = state.counted_in(&usage_key, h);
+                    let counted = counted_in.is_some()
                         || state.skips(
                             &c.tenant,
                             &c.subscription_id,
@@ -468,10 +479,14 @@ impl QuotaView {
                         );
                         if let Ok(delta) = Quantity::from_f64(after - before) {
                             if delta != Quantity::ZERO {
+                                // In the period the event counted in (its time may be
+                                // past it, see above).
+                                let at = counted_in
+                                    .unwrap_or_else(|| c.occurred_at.min(event.recorded_at));
                                 usage.push((
                                     (c.tenant, c.subscription_id, c.event_type),
                                     delta,
-                                    c.occurred_at,
+                                    at,
                                     None,
                                 ));
                             }
