@@ -673,6 +673,47 @@ async fn a_meter_bills_with_its_aggregation(env: &Env) {
     running.stop().await;
 }
 
+/// Ten thousand calls of 0.1 are 1000 units, ten packages of 100: summed as f64 they made
+/// 1000.0000000001588, billed as eleven packages.
+async fn fractional_usage_is_summed_exactly(env: &Env) {
+    let (running, mut client) = env.start_metering(true).await;
+    let (sub, h) = ("sub_tenths", this_hour());
+    put_plan(
+        &mut client,
+        pb::Plan {
+            plan_id: "packs".into(),
+            version: 1,
+            currency: "USD".into(),
+            charges: vec![charge(
+                "calls",
+                CALLS,
+                pb::charge::Model::Package(pb::PackageModel {
+                    package_size: "100".into(),
+                    package_price: "1".into(),
+                }),
+            )],
+            minimum: String::new(),
+        },
+    )
+    .await;
+    attach(&mut client, sub, "packs", 1, h - Ch::days(1)).await;
+    let now = Utc::now() - Ch::seconds(5);
+    for batch in 0..10 {
+        let events = (0..1000)
+            .map(|i| event(&format!("t{batch}-{i}"), sub, now, 0.1, "m"))
+            .collect();
+        ingest(env, &mut client, events).await;
+    }
+    let (start, end) = (h - Ch::hours(1), h + Ch::hours(1));
+    assert_eq!(usage(&mut client, sub, start, end).await, 1000.0);
+    let draft = generate(&mut client, sub, start, end).await.unwrap();
+    assert_eq!(
+        (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
+        ("1000", "10.00")
+    );
+    running.stop().await;
+}
+
 async fn bad_input_is_invalid_argument_with_what_to_fix(env: &Env) {
     let (running, mut client) = env.start_metering(true).await;
     let h = this_hour();
@@ -999,6 +1040,7 @@ creto_replay_tests::on_both_adapters!(
     numbering_is_gapless_under_concurrent_generation,
     a_plan_change_mid_period_prorates,
     a_meter_bills_with_its_aggregation,
+    fractional_usage_is_summed_exactly,
     bad_input_is_invalid_argument_with_what_to_fix,
     a_rebuild_gives_the_same_usage_and_invoices,
 );

@@ -31,6 +31,26 @@ pub fn dimension_text(record: &UsageRecord, key: &str) -> String {
     }
 }
 
+/// The sum of the values as decimals (each the shortest decimal that is its f64, as PostgreSQL
+/// keeps it), rounded once to f64 at the end. Summed as f64, ten thousand 0.1 make
+/// 1000.0000000001588, which a graduated or package price bills as past 1000; and the result
+/// would depend on the order of the additions. Past what a decimal holds (≈ 7.9e28), the f64
+/// sum: it is within its precision there anyway.
+pub fn exact_sum(numbers: &[f64]) -> f64 {
+    use std::str::FromStr;
+    let exact = numbers
+        .iter()
+        .try_fold(rust_decimal::Decimal::ZERO, |sum, n| {
+            let d = rust_decimal::Decimal::from_str(&n.to_string()).ok()?;
+            sum.checked_add(d)
+        });
+    match exact {
+        // Parsing the decimal's text rounds correctly; Decimal's own to_f64 need not.
+        Some(d) => d.to_string().parse().unwrap_or(f64::NAN),
+        None => numbers.iter().sum(),
+    }
+}
+
 /// One event in a bucket: its time, its position in log order, and the meter's value.
 type Item<'a> = (DateTime<Utc>, usize, Option<MeterValue<'a>>);
 
@@ -84,7 +104,7 @@ pub fn usage(
             .collect();
         let value = match meter.aggregation {
             Aggregation::Count => Some(items.len() as f64),
-            Aggregation::Sum => (!numbers.is_empty()).then(|| numbers.iter().sum()),
+            Aggregation::Sum => (!numbers.is_empty()).then(|| exact_sum(&numbers)),
             Aggregation::Avg => {
                 (!numbers.is_empty()).then(|| numbers.iter().sum::<f64>() / numbers.len() as f64)
             }
@@ -119,4 +139,21 @@ pub fn usage(
         }
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exact_sum;
+
+    #[test]
+    fn sums_are_exact_decimals() {
+        assert_eq!(exact_sum(&vec![0.1; 10_000]), 1000.0);
+        assert_eq!(exact_sum(&[0.1, 0.2]), 0.3);
+        assert_eq!(
+            exact_sum(&[1e300, 1e300]),
+            2e300,
+            "past a decimal: the f64 sum"
+        );
+        assert_eq!(exact_sum(&[-2.5, 1.25]), -1.25);
+    }
 }

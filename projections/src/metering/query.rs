@@ -50,14 +50,21 @@ fn dimension(q: &mut QueryBuilder<'_, Postgres>, key: &str) {
 }
 
 fn value(q: &mut QueryBuilder<'_, Postgres>, meter: &Meter) {
+    value_as(q, meter, "float8");
+}
+
+/// The meter's value of an event as `sql_type` (`numeric` where sums must be exact).
+fn value_as(q: &mut QueryBuilder<'_, Postgres>, meter: &Meter, sql_type: &str) {
     if meter.value_path == ["quantity"] {
-        q.push("quantity::float8");
+        q.push("quantity::").push(sql_type);
     } else {
         q.push("(CASE WHEN jsonb_typeof(data #> ")
             .push_bind(meter.value_path.clone())
             .push(") = 'number' THEN (data #>> ")
             .push_bind(meter.value_path.clone())
-            .push(")::float8 END)");
+            .push(")::")
+            .push(sql_type)
+            .push(" END)");
     }
 }
 
@@ -95,9 +102,14 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, s
             value(&mut q, meter);
             q.push(" IS NOT NULL))[1]");
         }
+        Aggregation::Sum => {
+            // Summed as decimals, rounded once: what invoices price (see `exact_sum`).
+            q.push("sum(");
+            value_as(&mut q, meter, "numeric");
+            q.push(")::float8");
+        }
         agg => {
             q.push(match agg {
-                Aggregation::Sum => "sum(",
                 Aggregation::Avg => "avg(",
                 Aggregation::Min => "min(",
                 _ => "max(",
