@@ -836,3 +836,105 @@ async fn an_event_the_database_refuses_is_set_aside_then_redriven_after_the_fix(
     running.stop().await;
     env.drop().await;
 }
+
+/// The producer permissions shipped in `ops/nats/accounts.conf`, on a real nats-server: a
+/// producer publishes its own subscription's events on `metering.events.<subscription_id>` (the
+/// subject the platform reads) and is refused another subscription's. The example nkeys have
+/// no known seed, so the test gives the same users passwords instead.
+#[tokio::test]
+async fn the_shipped_nats_permissions_let_a_producer_publish_its_own_events_only() {
+    use async_nats::jetstream;
+    use std::time::Duration;
+
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ops/nats/accounts.conf"
+    ))
+    .unwrap();
+    let mut accounts = shipped.clone();
+    for (nkey, user) in [
+        (
+            "UCRGZDTSZJB5QSCDL2QYG3XO4O6YSGSFL7U22RHJIP52ZOFNYWPXQB4Q",
+            "enablement",
+        ),
+        (
+            "UAUH5T3UOOCRUZWIXU7FUTA7JGG3UJNX5PZCLW6UJYQ6LQBBKSD7OS4X",
+            "sub_acme",
+        ),
+    ] {
+        assert!(
+            accounts.contains(nkey),
+            "accounts.conf no longer holds {nkey}: update this test"
+        );
+        accounts = accounts.replace(
+            &format!("nkey: {nkey}"),
+            &format!("user: {user}, password: pw-{user}"),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(dir.path().join("accounts.conf"), accounts).unwrap();
+    std::fs::write(
+        dir.path().join("server.conf"),
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\ninclude ./accounts.conf\n",
+            dir.path().join("js")
+        ),
+    )
+    .unwrap();
+    let mut server = tokio::process::Command::new("nats-server")
+        .arg("-c")
+        .arg(dir.path().join("server.conf"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nats-server on the PATH (.ci/services.sh installs it)");
+    let url = format!("nats://127.0.0.1:{port}");
+    let connect = |user: &'static str| {
+        let url = url.clone();
+        async move {
+            for _ in 0..100 {
+                let options = async_nats::ConnectOptions::with_user_and_password(
+                    user.into(),
+                    format!("pw-{user}"),
+                )
+                .custom_inbox_prefix(format!("_INBOX_{user}"));
+                if let Ok(c) = options.connect(&url).await {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("cannot connect to the test nats-server as {user}");
+        }
+    };
+    let platform = jetstream::new(connect("enablement").await);
+    let mut stream = platform
+        .create_stream(jetstream::stream::Config {
+            name: "METERING".into(),
+            subjects: vec!["metering.events.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut producer = jetstream::new(connect("sub_acme").await);
+    producer.set_timeout(Duration::from_secs(2));
+    let own = producer
+        .publish("metering.events.sub_acme", "{}".into())
+        .await
+        .unwrap()
+        .await;
+    assert!(own.is_ok(), "its own subscription's subject: {own:?}");
+    let other = async {
+        producer
+            .publish("metering.events.sub_globex", "{}".into())
+            .await?
+            .await
+    }
+    .await;
+    assert!(other.is_err(), "another subscription's subject: {other:?}");
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    server.kill().await.unwrap();
+}
