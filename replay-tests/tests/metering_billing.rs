@@ -714,6 +714,76 @@ async fn fractional_usage_is_summed_exactly(env: &Env) {
     running.stop().await;
 }
 
+/// A meter reads a property ingestion does not check: a negative value would lower the bill,
+/// a huge one make the invoice impossible to compute. Neither adds.
+async fn a_sum_meter_adds_only_what_a_quantity_could_be(env: &Env) {
+    let (running, mut client) = env.start_metering(true).await;
+    let (sub, h) = ("sub_tokens", this_hour());
+    client
+        .create_meter(pb::CreateMeterRequest {
+            meter: Some(pb::Meter {
+                slug: "tokens".into(),
+                event_type: CALLS.into(),
+                aggregation: pb::Aggregation::Sum as i32,
+                value_property: "$.tokens".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    put_plan(
+        &mut client,
+        pb::Plan {
+            plan_id: "per_token".into(),
+            version: 1,
+            currency: "USD".into(),
+            charges: vec![charge(
+                "calls",
+                "tokens",
+                pb::charge::Model::PerUnit(pb::PerUnitModel {
+                    unit_price: "0.01".into(),
+                }),
+            )],
+            minimum: String::new(),
+        },
+    )
+    .await;
+    attach(&mut client, sub, "per_token", 1, h - Ch::days(1)).await;
+    let now = Utc::now() - Ch::seconds(5);
+    let events = [100.0, -50.0, 2e15, 1e300, 0.5]
+        .iter()
+        .enumerate()
+        .map(|(i, tokens)| {
+            let mut e = event(&format!("k{i}"), sub, now, 1.0, "m");
+            e.data = Some(to_struct(
+                &serde_json::json!({"quantity": 1, "tokens": tokens}),
+            ));
+            e
+        })
+        .collect();
+    ingest(env, &mut client, events).await;
+    let (start, end) = (h - Ch::hours(1), h + Ch::hours(1));
+    let rows = client
+        .query_usage(pb::QueryUsageRequest {
+            meter: "tokens".into(),
+            from: ts(start),
+            to: ts(end),
+            window: pb::Window::Day as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows.iter().map(|r| r.value).sum::<f64>(), 100.5);
+    let draft = generate(&mut client, sub, start, end).await.unwrap();
+    assert_eq!(
+        (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
+        ("100.5", "1.01")
+    );
+    running.stop().await;
+}
+
 async fn bad_input_is_invalid_argument_with_what_to_fix(env: &Env) {
     let (running, mut client) = env.start_metering(true).await;
     let h = this_hour();
@@ -1041,6 +1111,7 @@ creto_replay_tests::on_both_adapters!(
     a_plan_change_mid_period_prorates,
     a_meter_bills_with_its_aggregation,
     fractional_usage_is_summed_exactly,
+    a_sum_meter_adds_only_what_a_quantity_could_be,
     bad_input_is_invalid_argument_with_what_to_fix,
     a_rebuild_gives_the_same_usage_and_invoices,
 );

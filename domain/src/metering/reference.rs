@@ -31,6 +31,15 @@ pub fn dimension_text(record: &UsageRecord, key: &str) -> String {
     }
 }
 
+/// Whether a SUM meter adds this value: one a `quantity` could be, 0 to
+/// [`MAX_QUANTITY`](super::event::MAX_QUANTITY). A meter reads any property of `data`, which
+/// ingestion does not check: a negative value would lower a bill (a producer is often the
+/// customer), a huge one make the period's invoice impossible to compute (out of range); neither
+/// adds. Usage is lowered by corrections (`AmendEvent`, `VoidEvent`), which are audited.
+pub fn summable(n: f64) -> bool {
+    (0.0..=super::event::MAX_QUANTITY).contains(&n)
+}
+
 /// The sum of the values as decimals (each the shortest decimal that is its f64, as PostgreSQL
 /// keeps it), rounded once to f64 at the end. Summed as f64, ten thousand 0.1 make
 /// 1000.0000000001588, which a graduated or package price bills as past 1000; and the result
@@ -104,7 +113,10 @@ pub fn usage(
             .collect();
         let value = match meter.aggregation {
             Aggregation::Count => Some(items.len() as f64),
-            Aggregation::Sum => (!numbers.is_empty()).then(|| exact_sum(&numbers)),
+            Aggregation::Sum => {
+                let summed: Vec<f64> = numbers.iter().copied().filter(|n| summable(*n)).collect();
+                (!summed.is_empty()).then(|| exact_sum(&summed))
+            }
             Aggregation::Avg => {
                 (!numbers.is_empty()).then(|| numbers.iter().sum::<f64>() / numbers.len() as f64)
             }

@@ -103,9 +103,19 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, s
             q.push(" IS NOT NULL))[1]");
         }
         Aggregation::Sum => {
-            // Summed as decimals, rounded once: what invoices price (see `exact_sum`).
-            q.push("sum(");
+            // Summed as decimals, rounded once: what invoices price (see `exact_sum`). A
+            // property adds only within a quantity's range (see `summable`); `quantity` itself
+            // was checked at ingestion.
+            q.push("(sum(");
             value_as(&mut q, meter, "numeric");
+            q.push(")");
+            if meter.value_path != ["quantity"] {
+                q.push(" FILTER (WHERE ");
+                value_as(&mut q, meter, "numeric");
+                q.push(" BETWEEN 0 AND ")
+                    .push(creto_domain::metering::event::MAX_QUANTITY);
+                q.push(")");
+            }
             q.push(")::float8");
         }
         agg => {
