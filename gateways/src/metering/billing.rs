@@ -726,27 +726,29 @@ async fn compute(
     compute_invoice(&plans, &assignments, period, &usage).map_err(pricing_status)
 }
 
-/// The issued invoice of the period: from the read model, or appended after its checkpoint.
-async fn find_issued(
+/// The subscription's issued invoices (document and its stored text): the read model's, and
+/// those appended since its checkpoint up to `subject_last`, which another replica may have
+/// issued a moment ago.
+async fn issued_invoices(
     gw: &MeteringGateway,
     tenant: &str,
     subscription_id: &str,
-    period: Period,
     subject: &str,
     subject_last: u64,
-) -> Result<Option<String>, Status> {
+) -> Result<Vec<(InvoiceDocument, String)>, Status> {
+    // The checkpoint first: whatever it covers is in the read model read after it.
     let checkpoint = gw.read_model.checkpoint().await.map_err(db_status)?;
-    if let Some(doc) = gw
+    let mut issued: Vec<(InvoiceDocument, String)> = gw
         .read_model
         .billing()
-        .invoice_for(tenant, subscription_id, period)
+        .invoices(tenant, Some(subscription_id))
         .await
         .map_err(db_status)?
-    {
-        return Ok(Some(doc));
-    }
+        .into_iter()
+        .filter_map(|json| Some((serde_json::from_str(&json).ok()?, json)))
+        .collect();
     if subject_last <= checkpoint {
-        return Ok(None);
+        return Ok(issued);
     }
     let mut tail = gw
         .log
@@ -763,37 +765,23 @@ async fn find_issued(
             continue;
         };
         if let Ok(doc) = serde_json::from_slice::<InvoiceDocument>(&json) {
-            if doc.subscription_id == subscription_id && doc.invoice.period == period {
-                return Ok(Some(String::from_utf8_lossy(&json).into_owned()));
+            if doc.subscription_id == subscription_id {
+                issued.push((doc, String::from_utf8_lossy(&json).into_owned()));
             }
         }
     }
-    Ok(None)
+    Ok(issued)
 }
 
 /// An issued invoice of the subscription whose period overlaps `period` (and is not it) would
 /// bill the same usage twice.
-async fn refuse_overlap(
-    gw: &MeteringGateway,
-    tenant: &str,
-    subscription_id: &str,
-    period: Period,
-) -> Result<(), Status> {
-    let issued = gw
-        .read_model
-        .billing()
-        .invoices(tenant, Some(subscription_id))
-        .await
-        .map_err(db_status)?;
-    for json in issued {
-        let Ok(doc) = serde_json::from_str::<InvoiceDocument>(&json) else {
-            continue;
-        };
+fn refuse_overlap(issued: &[(InvoiceDocument, String)], period: Period) -> Result<(), Status> {
+    for (doc, _) in issued {
         let other = doc.invoice.period;
         if other != period && other.start < period.end && period.start < other.end {
             return Err(Status::failed_precondition(format!(
                 "the period overlaps issued invoice {} ({} to {}): usage is billed once; choose a period that starts at or after {} or ends at or before {}",
-                doc.number.unwrap_or_default(),
+                doc.number.clone().unwrap_or_default(),
                 other.start.to_rfc3339(),
                 other.end.to_rfc3339(),
                 other.end.to_rfc3339(),
@@ -822,9 +810,13 @@ async fn issue(
             .last_subject_sequence(&stream, &subject)
             .await
             .map_err(log_status)?;
-        if let Some(doc) = find_issued(gw, tenant, subscription_id, period, &subject, last).await? {
-            return Ok(doc);
+        // Checked at every attempt, against the log as far as `last`: an overlapping
+        // invoice issued by a concurrent call is what made the previous attempt conflict.
+        let issued = issued_invoices(gw, tenant, subscription_id, &subject, last).await?;
+        if let Some((_, json)) = issued.iter().find(|(d, _)| d.invoice.period == period) {
+            return Ok(json.clone());
         }
+        refuse_overlap(&issued, period)?;
         let previous = if last == 0 {
             0
         } else {
@@ -839,9 +831,6 @@ async fn issue(
                 .and_then(|d| d.number_seq)
                 .ok_or_else(|| Status::internal(format!("invoice at {last} is unreadable")))?
         };
-        if attempt == 0 {
-            refuse_overlap(gw, tenant, subscription_id, period).await?;
-        }
         let invoice = match &draft {
             Some(d) => d.clone(),
             None => draft

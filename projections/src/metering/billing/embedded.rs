@@ -416,29 +416,6 @@ impl BillingReadModel for SledReadModel {
             }))
     }
 
-    async fn invoice_for(
-        &self,
-        tenant: &str,
-        subscription_id: &str,
-        period: Period,
-    ) -> Result<Option<String>, ProjectionError> {
-        let Some(seq) = self
-            .tree()
-            .get(period_key(tenant, subscription_id, period))
-            .map_err(store_error)?
-            .filter(|v| v.len() >= 8)
-        else {
-            return Ok(None);
-        };
-        let mut k = key(b'I', &[tenant]);
-        k.extend_from_slice(&seq[..8]);
-        Ok(self
-            .tree()
-            .get(k)
-            .map_err(store_error)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
-
     async fn invoices(
         &self,
         tenant: &str,

@@ -26,7 +26,7 @@ pub mod pg;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use creto_domain::metering::invoice::{InvoiceDraft, InvoiceStatus};
-use creto_domain::metering::pricing::{Period, Plan, PlanAssignment, PlanRef};
+use creto_domain::metering::pricing::{Plan, PlanAssignment, PlanRef};
 use creto_domain::metering::{Invalid, InvalidReason, UsageRecord};
 use creto_streams::envelope::{self, EventMeta};
 use creto_streams::headers::{content_types, names};
@@ -361,13 +361,6 @@ pub trait BillingReadModel: Send + Sync {
     ) -> Result<Vec<PlanAssignment>, ProjectionError>;
     /// An issued invoice's stored JSON, by number.
     async fn invoice(&self, tenant: &str, number: &str) -> Result<Option<String>, ProjectionError>;
-    /// The issued invoice of a subscription's period, if any.
-    async fn invoice_for(
-        &self,
-        tenant: &str,
-        subscription_id: &str,
-        period: Period,
-    ) -> Result<Option<String>, ProjectionError>;
     /// Issued invoices in number order, of one subscription or of the whole tenant.
     async fn invoices(
         &self,

@@ -1,7 +1,7 @@
 //! Corrections, plans and invoices in PostgreSQL (tables of `0005_billing.sql`).
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use creto_domain::metering::pricing::{Period, Plan, PlanAssignment, PlanRef};
+use creto_domain::metering::pricing::{Plan, PlanAssignment, PlanRef};
 use creto_streams::StoredEvent;
 use serde_json::{Map, Value};
 
@@ -411,24 +411,6 @@ impl BillingReadModel for PgReadModel {
                 .fetch_optional(&self.pool)
                 .await?,
         )
-    }
-
-    async fn invoice_for(
-        &self,
-        tenant: &str,
-        subscription_id: &str,
-        period: Period,
-    ) -> Result<Option<String>, ProjectionError> {
-        Ok(sqlx::query_scalar(
-            "SELECT document FROM invoices WHERE tenant = $1 AND subscription_id = $2
-             AND period_start = $3 AND period_end = $4",
-        )
-        .bind(tenant)
-        .bind(subscription_id)
-        .bind(period.start)
-        .bind(period.end)
-        .fetch_optional(&self.pool)
-        .await?)
     }
 
     async fn invoices(
