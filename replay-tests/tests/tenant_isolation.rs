@@ -406,12 +406,18 @@ async fn oversight_tenants_are_isolated(env: &Env) {
             request_id: id.into(),
             decision: oversight::Decision::Approve as i32,
             reason: "fine".into(),
+            // Not an operator: the channel the audit records is not the caller's to choose.
+            channel: oversight::Channel::Slack as i32,
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(decided.state(), oversight::State::Approved);
+    assert_eq!(
+        decided.responses[0].channel,
+        oversight::Channel::Unspecified as i32
+    );
     covered.extend(["PutPolicy", "CreateRequest"]);
     // Each sees only its own.
     assert_eq!(get_request(&mut a, id).await, before);

@@ -502,6 +502,13 @@ impl OversightService for OversightGateway {
             )));
         }
         let decision = Decision::try_from(r.decision).unwrap_or(Decision::Unspecified);
+        // The audit says which channel an answer came by: only an operator (an integration
+        // relaying a Slack or email answer) may state it; an approver's own call is gRPC's.
+        let channel = if is_operator(&caller) {
+            r.channel
+        } else {
+            pb::Channel::Unspecified as i32
+        };
         let view = self
             .respond_as(
                 &caller.tenant,
@@ -509,7 +516,7 @@ impl OversightService for OversightGateway {
                 &approver,
                 decision,
                 &r.reason,
-                r.channel,
+                channel,
             )
             .await?;
         Ok(Response::new(view))
