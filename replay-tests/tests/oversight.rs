@@ -811,6 +811,36 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
         outcome.detail
     );
     assert_eq!(outcome.channel, pb::Channel::Webhook as i32);
+
+    // Anyone may answer, two must: a link answers as "anyone" and could never make that
+    // quorum, so the channel gets none.
+    put(
+        &mut c,
+        policy(
+            "crowd",
+            "crowd.*",
+            2,
+            vec![level(&[], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    ask(&mut c, "n-2", "crowd.vote").await;
+    let until = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let found = hits
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, b)| b.contains(r#""request_id":"n-2""#))
+            .map(|(_, b)| b.clone());
+        if let Some(b) = found {
+            break b;
+        }
+        assert!(Instant::now() < until, "n-2 not announced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!body.contains("respond?token="), "{body}");
     running.stop().await;
 }
 

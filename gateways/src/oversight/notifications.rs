@@ -140,10 +140,12 @@ async fn announce(
         return Ok(());
     }
     let approvers = &agg.view.approvers;
-    // One-click links name the approver who clicks: with one approver (or anyone allowed)
-    // the channel carries them; with several, e-mail carries each approver's own.
+    // One-click links answer as the approver they name, for whoever holds them: with one
+    // approver the channel carries that approver's; with several, e-mail carries each
+    // approver's own. With anyone allowed, a link answers as "anyone": it can decide alone
+    // (quorum 1) but never make a quorum of several people, so none is sent then.
     let links = match approvers.as_slice() {
-        [] => notifier.links(tenant, id, "anyone"),
+        [] if agg.policy.quorum <= 1 => notifier.links(tenant, id, "anyone"),
         [one] => notifier.links(tenant, id, one),
         _ => None,
     };

@@ -8,11 +8,12 @@
 //! `oversight.notifications.<tenant>.<request_id>`. `deliver` retries with exponential backoff
 //! and never fails: a channel that stayed down is an event with `ok == false`, not an error.
 //!
-//! Links: Slack and the webhook carry `Notification::links` as given (a channel is read by
-//! several people, so those links are usually made for no one approver in particular and the
-//! gateway's page asks who answers). E-mail goes to each approver separately, and when the
-//! notifier can sign links (public URL and link secret set) each recipient gets links signed
-//! for their own identity; otherwise the notification's links.
+//! Links: Slack and the webhook carry `Notification::links` as given: signed for the request's
+//! only approver (or for "anyone" when a policy names none and one answer decides), so whoever
+//! reads the channel answers as that identity; route such channels to the approver. E-mail
+//! goes to each approver separately, and when the notifier can sign links (public URL and link
+//! secret set) each recipient gets links signed for their own identity; otherwise the
+//! notification's links.
 //!
 //! Configuration, from the environment ([`NotifyConfig::from_env`]):
 //!
