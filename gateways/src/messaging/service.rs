@@ -202,24 +202,40 @@ impl MessagingGateway {
     }
 
     /// An envelope whose sequence is not ahead of its pair: the same message again (answered
-    /// as a duplicate with its cursor) or a replay (refused).
+    /// as a duplicate with its cursor) or a replay (refused). The original can only have been
+    /// stored after its `created_at` (less the clock skew allowed, twice: the sender's and the
+    /// log's clocks) and before any message of a higher sequence: the search reads that stretch
+    /// of the pair, not the pair's whole history (which an old sequence made it read, again
+    /// and again, for each envelope of a batch).
     async fn resent_or_replayed(
         &self,
         subject: &str,
-        message_id: &str,
+        header: &pb::EnvelopeHeader,
         bytes: &[u8],
     ) -> Result<u64, Refusal> {
+        let skew = chrono::Duration::from_std(self.limits.max_clock_skew).unwrap_or_default();
+        let from = match envelope::time_of(&header.created_at) {
+            Some(created) => ReplayFrom::Time(created - skew * 2),
+            None => ReplayFrom::Start,
+        };
+        let message_id = &header.message_id;
         let mut events = self
             .queues
             .log
-            .replay(&self.queues.stream, ReplayFrom::Start, None, Some(subject))
+            .replay(&self.queues.stream, from, None, Some(subject))
             .await
             .map_err(log_status)?;
         while let Some(event) = events.try_next().await.map_err(log_status)? {
             let Ok(stored) = pb::Envelope::decode(event.payload.as_ref()) else {
                 continue;
             };
-            if envelope::header(&stored).is_ok_and(|h| h.message_id == message_id) {
+            let Ok(stored_header) = envelope::header(&stored) else {
+                continue;
+            };
+            if stored_header.sequence > header.sequence {
+                break;
+            }
+            if stored_header.message_id == *message_id {
                 return if event.payload.as_ref() == bytes {
                     Ok(event.sequence)
                 } else {
@@ -386,9 +402,7 @@ impl MessagingGateway {
         for _ in 0..5 {
             let pair = self.pair_state(subject, refresh).await?;
             if header.sequence <= pair.sequence {
-                let cursor = self
-                    .resent_or_replayed(subject, &header.message_id, bytes)
-                    .await?;
+                let cursor = self.resent_or_replayed(subject, header, bytes).await?;
                 return Ok((cursor, true));
             }
             let append = AppendEvent {
