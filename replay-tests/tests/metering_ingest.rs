@@ -578,9 +578,10 @@ async fn text_postgresql_cannot_store_is_refused() {
     env.drop().await;
 }
 
-/// Sums are 64-bit floats: a quantity is at most 10^15 per event (two of 1e308 made the
-/// subscription's usage unqueryable: UNAVAILABLE "overflow; retry" for good), and a meter over
-/// producers' huge values answers OUT_OF_RANGE, not a retryable error.
+/// Results are 64-bit floats: a quantity is at most 10^15 per event (two of 1e308 made the
+/// subscription's usage unqueryable: UNAVAILABLE "overflow; retry" for good), a SUM meter adds
+/// only values a quantity could take, and a meter whose result overflows answers OUT_OF_RANGE,
+/// not a retryable error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_past_a_float_range_are_refused_or_out_of_range() {
     let env = Env::new().await;
@@ -610,20 +611,25 @@ async fn values_past_a_float_range_are_refused_or_out_of_range() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    let meter = c
-        .create_meter(pb::CreateMeterRequest {
-            meter: Some(pb::Meter {
-                slug: "bytes".into(),
-                event_type: "agent.execution".into(),
-                aggregation: pb::Aggregation::Sum as i32,
-                value_property: "$.bytes".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    env.wait_applied(meter.sequence).await;
+    for (slug, aggregation) in [
+        ("bytes", pb::Aggregation::Sum),
+        ("bytes_avg", pb::Aggregation::Avg),
+    ] {
+        let meter = c
+            .create_meter(pb::CreateMeterRequest {
+                meter: Some(pb::Meter {
+                    slug: slug.into(),
+                    event_type: "agent.execution".into(),
+                    aggregation: aggregation as i32,
+                    value_property: "$.bytes".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        env.wait_applied(meter.sequence).await;
+    }
     let bytes = prost_types::Value {
         kind: Some(prost_types::value::Kind::NumberValue(1e308)),
     };
@@ -643,9 +649,12 @@ async fn values_past_a_float_range_are_refused_or_out_of_range() {
     assert_eq!(r.accepted, 2, "{r:?}");
     let mut q = usage_request("", "", r.sequence);
     q.meter = "bytes".into();
+    let rows = c.query_usage(q.clone()).await.unwrap().into_inner().rows;
+    assert!(rows.is_empty(), "{rows:?}");
+    q.meter = "bytes_avg".into();
     let e = c.query_usage(q).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
-    assert!(e.message().contains("meter \"bytes\""), "{e:?}");
+    assert!(e.message().contains("meter \"bytes_avg\""), "{e:?}");
     // The quantities of the same events still sum.
     let rows = c
         .query_usage(usage_request("sub_f", "agent.execution", r.sequence))
