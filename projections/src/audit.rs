@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Each NDJSON line is one event ([`ArchivedEvent`]): stream, sequence, subject, id (the
-//! `Nats-Msg-Id` when present), headers (name → values), payload in base64 (plus
+//! platform's `Creto-Event-Id`, else a producer's `Nats-Msg-Id`, when present), headers (name → values), payload in base64 (plus
 //! `payload_text` when it is UTF-8, for human readers) and recorded_at (RFC 3339, nanoseconds).
 //!
 //! Each manifest ([`Manifest`]) names its range, count, object key and the object's SHA-256,
@@ -133,7 +133,8 @@ pub struct ArchivedEvent {
     pub stream: String,
     pub sequence: u64,
     pub subject: String,
-    /// The idempotency id (`Nats-Msg-Id`) when the stored headers carry a non-empty one.
+    /// The idempotency id when the stored headers carry a non-empty one: the platform's
+    /// (`Creto-Event-Id`; its `Nats-Msg-Id` is keyed), else a producer's `Nats-Msg-Id`.
     pub id: Option<String>,
     pub headers: BTreeMap<String, Vec<String>>,
     /// Base64 (standard, padded).
@@ -158,10 +159,9 @@ impl ArchivedEvent {
             stream: e.stream.clone(),
             sequence: e.sequence,
             subject: e.subject.clone(),
-            id: e
-                .headers
-                .get("Nats-Msg-Id")
-                .filter(|v| !v.is_empty())
+            id: [names::EVENT_ID, "Nats-Msg-Id"]
+                .into_iter()
+                .find_map(|h| e.headers.get(h).filter(|v| !v.is_empty()))
                 .map(str::to_string),
             headers,
             payload: base64::engine::general_purpose::STANDARD.encode(&e.payload),
@@ -931,7 +931,7 @@ pub async fn restore(
                 }
                 let mut headers = Headers::new();
                 for (name, values) in &e.headers {
-                    if reused && name == "Nats-Msg-Id" {
+                    if reused && (name == "Nats-Msg-Id" || name == names::EVENT_ID) {
                         continue;
                     }
                     for v in values {

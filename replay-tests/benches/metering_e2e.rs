@@ -160,7 +160,9 @@ async fn main() {
     // Raw: the same payloads into a stream nobody projects.
     let raw_catalog = Catalog::namespaced(&format!("{}raw", env.name));
     let raw_log =
-        creto_streams::jetstream::JetStreamLog::from_client(client.clone(), raw_catalog.clone());
+        creto_streams::jetstream::JetStreamLog::from_client(client.clone(), raw_catalog.clone())
+            .await
+            .unwrap();
     raw_log.ensure_streams(&raw_catalog.specs()).await.unwrap();
     let raw_subjects: Vec<String> = subjects
         .iter()

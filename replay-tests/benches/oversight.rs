@@ -288,7 +288,9 @@ async fn main() {
     let js = jetstream::new(nats.clone());
     let raw_catalog = Catalog::namespaced(&format!("{}raw", env.name));
     let raw_log =
-        creto_streams::jetstream::JetStreamLog::from_client(nats.clone(), raw_catalog.clone());
+        creto_streams::jetstream::JetStreamLog::from_client(nats.clone(), raw_catalog.clone())
+            .await
+            .unwrap();
     raw_log.ensure_streams(&raw_catalog.specs()).await.unwrap();
     let mut raw_js = Vec::with_capacity(n_lat);
     for i in 0..n_lat + 50 {

@@ -947,3 +947,46 @@ async fn the_shipped_nats_permissions_let_a_producer_publish_its_own_events_only
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
     server.kill().await.unwrap();
 }
+
+/// A producer chooses its `Nats-Msg-Id`, and JetStream deduplicates ids across the whole
+/// stream: published first from a producer's own subject, the id of a platform write made
+/// that write a "duplicate", dropped. The platform's ids are keyed now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_cannot_preempt_the_platforms_writes() {
+    let env = Env::new().await;
+    let (running, mut client) = env.start_metering(true).await;
+    let js = async_nats::jetstream::new(
+        async_nats::connect(creto_replay_tests::nats_url())
+            .await
+            .unwrap(),
+    );
+    // The id a gRPC ingest of sub_victim's event v1 appends under, in the clear.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "default:sub_victim:v1");
+    js.publish_with_headers(
+        env.subject("metering.events.sub_evil"),
+        headers,
+        "{}".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let r = client
+        .ingest_events(pb::IngestEventsRequest {
+            events: vec![grpc_event("v1", "sub_victim", 3.0)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.duplicates), (1, 0), "{r:?}");
+    let rows = client
+        .query_usage(usage_request("sub_victim", "agent.execution", r.sequence))
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows.iter().map(|r| r.value).sum::<f64>(), 3.0);
+    running.stop().await;
+    env.drop().await;
+}

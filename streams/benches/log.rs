@@ -77,7 +77,9 @@ async fn main() {
     let raw_catalog = Catalog::namespaced("benchraw");
     let project_catalog = Catalog::namespaced("benchlog");
     let client = async_nats::connect(&url).await.expect("NATS reachable");
-    let setup = JetStreamLog::from_client(client.clone(), raw_catalog.clone());
+    let setup = JetStreamLog::from_client(client.clone(), raw_catalog.clone())
+        .await
+        .unwrap();
     for c in [&raw_catalog, &project_catalog] {
         for spec in c.specs() {
             setup.delete_stream(&spec.name).await.unwrap();
@@ -109,7 +111,9 @@ async fn main() {
     }
     let raw_append = started.elapsed();
 
-    let log = JetStreamLog::from_client(client.clone(), project_catalog.clone());
+    let log = JetStreamLog::from_client(client.clone(), project_catalog.clone())
+        .await
+        .unwrap();
     let project_append = append_all(&log, &project_catalog, &payloads).await;
 
     // Raw replay: an ordered pull consumer over the raw stream.

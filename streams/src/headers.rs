@@ -20,6 +20,9 @@ pub mod names {
     /// exactly as the original did, but only for sequences up to the stream's restore marker
     /// (`Catalog::restore_marker_subject`): a producer setting it on a new event is ignored.
     pub const ORIGINAL_RECORDED_AT: &str = "Creto-Original-Recorded-At";
+    /// The id of a platform append, in the clear: JetStream's `Nats-Msg-Id` is keyed (see
+    /// `jetstream::ids`), so the audit archive takes the id from here.
+    pub const EVENT_ID: &str = "Creto-Event-Id";
 }
 
 /// Content types of payloads on the log.

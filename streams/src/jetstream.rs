@@ -23,10 +23,13 @@ const APPEND_RETRY_BUDGET: Duration = Duration::from_secs(15);
 /// How long `fetch` keeps collecting after the first delivery.
 const LINGER: Duration = Duration::from_millis(20);
 
+pub mod ids;
+
 #[derive(Clone)]
 pub struct JetStreamLog {
     context: jetstream::Context,
     catalog: Catalog,
+    ids: ids::IdKey,
 }
 
 impl JetStreamLog {
@@ -42,16 +45,25 @@ impl JetStreamLog {
                     "cannot reach NATS at {url} ({e}); start nats-server with JetStream enabled (-js) or set NATS_URL"
                 ))
             })?;
-        Ok(Self::from_client(client, catalog))
+        Self::from_client(client, catalog).await
     }
 
-    pub fn from_client(client: async_nats::Client, catalog: Catalog) -> Self {
+    /// The adapter on a connected client; loads (or, first, creates) the message-id key.
+    pub async fn from_client(
+        client: async_nats::Client,
+        catalog: Catalog,
+    ) -> Result<Self, LogError> {
         let context = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
             .max_ack_inflight(16_384)
             .backpressure_on_inflight(true)
             .build(client);
-        JetStreamLog { context, catalog }
+        let ids = ids::IdKey::load(&context).await?;
+        Ok(JetStreamLog {
+            context,
+            catalog,
+            ids,
+        })
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -110,7 +122,7 @@ impl JetStreamLog {
     async fn publish_once(&self, event: &AppendEvent) -> Result<Appended, (LogError, bool)> {
         let ack = match self
             .context
-            .send_publish(event.subject.clone(), publish_message(event))
+            .send_publish(event.subject.clone(), publish_message(&self.ids, event))
             .await
         {
             Ok(fut) => fut.await,
@@ -168,12 +180,19 @@ fn publish_error(e: jetstream::context::PublishError, event: &AppendEvent) -> (L
     }
 }
 
-/// The JetStream message for an append: id as `Nats-Msg-Id`, optional expected sequence.
-fn publish_message(event: &AppendEvent) -> PublishMessage {
-    let publish = PublishMessage::build()
+/// The JetStream message for an append: the id keyed as `Nats-Msg-Id` (see [`ids`]), optional
+/// expected sequence.
+fn publish_message(ids: &ids::IdKey, event: &AppendEvent) -> PublishMessage {
+    let mut headers = event.headers.0.clone();
+    if !event.id.is_empty() {
+        headers.insert(crate::headers::names::EVENT_ID, event.id.as_str());
+    }
+    let mut publish = PublishMessage::build()
         .payload(event.payload.clone())
-        .headers(event.headers.0.clone())
-        .message_id(&event.id);
+        .headers(headers);
+    if !event.id.is_empty() {
+        publish = publish.message_id(ids.msg_id(&event.id));
+    }
     match event.expected_subject_sequence {
         Some(expected) => publish.expected_last_subject_sequence(expected),
         None => publish,
@@ -359,7 +378,7 @@ impl EventLog for JetStreamLog {
         for event in &events {
             pending.push(
                 self.context
-                    .send_publish(event.subject.clone(), publish_message(event))
+                    .send_publish(event.subject.clone(), publish_message(&self.ids, event))
                     .await,
             );
         }
