@@ -938,13 +938,14 @@ pub async fn restore(
                         headers.append(name, v);
                     }
                 }
-                if headers.get(names::ORIGINAL_RECORDED_AT).is_none() {
-                    let at = e.recorded_at()?;
-                    headers.insert(
-                        names::ORIGINAL_RECORDED_AT,
-                        at.to_rfc3339_opts(SecondsFormat::Nanos, true),
-                    );
-                }
+                // Always the time the log honoured (`recorded_at`): a header of that name in
+                // the archive may be a producer's, set on a live publish, where the log ignored
+                // it; kept, the restore marker would make it count.
+                let at = e.recorded_at()?;
+                headers.insert(
+                    names::ORIGINAL_RECORDED_AT,
+                    at.to_rfc3339_opts(SecondsFormat::Nanos, true),
+                );
                 appends.push((
                     e.sequence,
                     AppendEvent {

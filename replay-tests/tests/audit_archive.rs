@@ -361,7 +361,31 @@ async fn dr_drill_restore_from_the_archive_rebuilds_equal_read_models() {
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
 
     // Live: events in, projected (with dead letters for the invalid ones).
-    let last = append_usage(&env, 4_000, 0).await;
+    append_usage(&env, 4_000, 0).await;
+    // A producer's event 30 days late (refused live, `time_too_old`) carrying the restore's
+    // original-time header: the log ignores it live, and the restore must not honour it.
+    let forged_time = Utc::now() - chrono::Duration::days(30);
+    let last = log
+        .append(AppendEvent {
+            subject: catalog.subject("metering.events.sub_forger"),
+            id: "forged-late".into(),
+            expected_subject_sequence: None,
+            headers: Headers::new().with(
+                creto_streams::headers::names::ORIGINAL_RECORDED_AT,
+                forged_time.to_rfc3339(),
+            ),
+            payload: cloud_event(
+                "forged-late",
+                "sub_forger",
+                "agent.execution",
+                forged_time,
+                serde_json::json!({"quantity": 5}),
+            )
+            .into(),
+        })
+        .await
+        .unwrap()
+        .sequence();
     let projector = Arc::new(MeteringProjector::new(
         env.pool().clone(),
         log.clone(),
@@ -526,7 +550,9 @@ async fn dr_drill_restore_from_the_archive_rebuilds_equal_read_models() {
             (o.sequence, &o.subject, &o.payload, &o.recorded_at, &o.id)
         );
         for (name, values) in &o.headers {
-            assert_eq!(a.headers.get(name), Some(values), "{name}");
+            if name != creto_streams::headers::names::ORIGINAL_RECORDED_AT {
+                assert_eq!(a.headers.get(name), Some(values), "{name}");
+            }
         }
     }
     println!(
