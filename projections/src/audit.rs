@@ -515,9 +515,14 @@ impl AuditExporter {
         tracing::info!(stream = %self.stream, checkpoint = tail.last_sequence, "audit exporter active");
         let mut buffer = Buffer::new(tail.last_sequence + 1);
         let mut last_delivery: Option<Delivery> = None;
+        // With `once`: a fetch that waited and got nothing. The target may be a sequence the
+        // stream no longer holds (its last events removed: JetStream keeps the last sequence),
+        // which no delivery would ever reach.
+        let mut drained = false;
         loop {
             let stopping = *shutdown.borrow();
-            let reached = target.is_some_and(|t| buffer.last.max(tail.last_sequence) >= t);
+            let reached =
+                drained || target.is_some_and(|t| buffer.last.max(tail.last_sequence) >= t);
             if buffer.count > 0 && (stopping || reached || self.due(&buffer)) {
                 self.commit(&mut buffer, &mut tail, &mut stats, &mut last_delivery)
                     .await?;
@@ -539,6 +544,10 @@ impl AuditExporter {
                 b = consumer.fetch(self.config.fetch_batch.min(room), wait) => b?,
                 _ = shutdown.changed() => continue,
             };
+            if once && batch.is_empty() {
+                drained = true;
+                continue;
+            }
             for d in batch {
                 let first_delivery = std::mem::replace(&mut fresh, false);
                 let expected = tail.last_sequence.max(buffer.last) + 1;
