@@ -1139,22 +1139,49 @@ async fn deadletters(
                 })
                 .await
                 .map_err(fail)?;
-            let mut sent = 0;
-            for l in &letters {
+            // Metering's projector drops an event id it already applied, so a copy of a
+            // letter is safe there. Oversight's and runtime's events are folded by their
+            // aggregates (every gateway's view, the timers), which would take a copy for a
+            // new event: a decided request pending again, a sandbox requested again. Their
+            // letters are left for a rebuild, which applies each event at its own place.
+            let metering = catalog.stream(creto_streams::METERING);
+            let (redrivable, folded): (Vec<_>, Vec<_>) =
+                letters.iter().partition(|l| l.original_stream == metering);
+            for l in &redrivable {
                 if !dry_run {
                     log.append(l.redrive()).await.map_err(fail)?;
                 }
-                sent += 1;
             }
             println!(
-                "{} {sent} dead letter(s)",
+                "{} {} dead letter(s)",
                 if dry_run {
                     "would re-drive"
                 } else {
                     "re-drove"
-                }
+                },
+                redrivable.len()
             );
-            Ok(())
+            if folded.is_empty() {
+                return Ok(());
+            }
+            let rebuilds: std::collections::BTreeSet<String> = folded
+                .iter()
+                .map(|l| {
+                    let product = [
+                        ("oversight", creto_streams::OVERSIGHT),
+                        ("runtime", creto_streams::RUNTIME),
+                    ]
+                    .into_iter()
+                    .find(|(_, s)| catalog.stream(s) == l.original_stream)
+                    .map_or("<product>", |(p, _)| p);
+                    format!("enablement replay {product} --rebuild")
+                })
+                .collect();
+            Err(fail(format!(
+                "{} dead letter(s) of oversight or runtime not re-driven: their events are folded by aggregates, which would apply a copy as a new event; fix the cause, then rebuild the read model from the stream ({})",
+                folded.len(),
+                rebuilds.into_iter().collect::<Vec<_>>().join("; ")
+            )))
         }
     }
 }

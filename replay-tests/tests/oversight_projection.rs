@@ -1256,8 +1256,9 @@ async fn an_event_the_database_refuses_is_set_aside_live_and_in_a_rebuild() {
         "parked once"
     );
 
-    // The operator fixes the cause and re-drives oversight's letters with the CLI; asking
-    // for metering's re-drives none of them.
+    // The operator fixes the cause. Re-driving oversight's letters is refused (a copy on the
+    // request's subject would be folded as a new event by every gateway); asking for
+    // metering's re-drives none of them; a rebuild applies the event at its own place.
     sqlx::query("ALTER TABLE oversight_requests DROP CONSTRAINT refuses_one_agent")
         .execute(&pool)
         .await
@@ -1280,12 +1281,14 @@ async fn an_event_the_database_refuses_is_set_aside_live_and_in_a_rebuild() {
         creto_gateways::cli::run(cli)
     };
     redrive("metering").await.unwrap();
+    let e = redrive("oversight").await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("enablement replay oversight --rebuild"),
+        "{e}"
+    );
     assert_eq!(stream_events(&env, OVERSIGHT).await.len() as u64, gw.last);
-    redrive("oversight").await.unwrap();
-    let (stop, task) = run_projector(&env, projector.clone());
-    wait_checkpoint(&*projector, gw.last + 1).await;
-    stop.send(true).unwrap();
-    task.await.unwrap();
+    assert_eq!(rebuild_whole(&env, OVERSIGHT).await, gw.last);
     let agent: String = sqlx::query_scalar(
         "SELECT agent_id FROM oversight_requests WHERE tenant = 'acme' AND request_id = 'r-3'",
     )
