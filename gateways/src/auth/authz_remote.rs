@@ -572,14 +572,16 @@ impl RemoteAuthorizer {
         );
     }
 
-    fn fallback(&self, key: CacheKey, failure: &Failure) -> Decision {
+    /// The fallback decision, remembered while no answer has come from creto-authz since
+    /// `epoch`: the epoch read before the failed call, so that an answer to another call
+    /// meanwhile (the service is back) already retires it.
+    fn fallback(&self, key: CacheKey, failure: &Failure, epoch: u64) -> Decision {
         let decision = match self.settings.fallback {
             FallbackDecision::Deny => Decision::Deny(format!(
                 "authorization service unavailable ({failure}); fallback decision DENY"
             )),
             FallbackDecision::Allow => Decision::Allow,
         };
-        let epoch = self.epoch.load(Ordering::SeqCst);
         self.remember(
             key,
             decision.clone(),
@@ -660,6 +662,7 @@ impl Authorizer for RemoteAuthorizer {
             count("cache", decision);
             return decision.clone();
         }
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let permit = self.permit();
         if permit != Permit::Probe {
             if let Some(cached) = remembered {
@@ -668,7 +671,7 @@ impl Authorizer for RemoteAuthorizer {
             }
         }
         if permit == Permit::Reject {
-            let decision = self.fallback(key, &Failure::CircuitOpen);
+            let decision = self.fallback(key, &Failure::CircuitOpen, epoch);
             count("fallback", &decision);
             return decision;
         }
@@ -715,7 +718,7 @@ impl Authorizer for RemoteAuthorizer {
                     "creto-authz gave no decision ({failure})"
                 );
                 self.record_failure(permit == Permit::Probe);
-                let decision = self.fallback(key, &failure);
+                let decision = self.fallback(key, &failure, epoch);
                 count("fallback", &decision);
                 decision
             }

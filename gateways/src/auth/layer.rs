@@ -108,11 +108,11 @@ impl Auth {
         })
     }
 
-    /// Authorizes and rate-limits one call of an authenticated caller.
+    /// Rate-limits, then authorizes, one call of an authenticated caller. In that order: a
+    /// decision may be a call to the remote authorizer, shared by every tenant, and calls it
+    /// would deny (made-up method names, each a new cache key) must cost their tenant's budget
+    /// before they can load it.
     pub async fn admit(&self, who: Identity, action: &Action) -> Result<Identity, Status> {
-        if let Decision::Deny(reason) = self.authorizer.decide(&who, action).await {
-            return Err(Status::permission_denied(reason));
-        }
         if let Err(e) = self.limits.check(&who.tenant) {
             let message = format!(
                 "tenant {} is over its rate limit of {} requests/s (burst {}); retry in {} ms",
@@ -133,6 +133,9 @@ impl Auth {
                 .with_label_values(&[&who.tenant])
                 .inc();
             return Err(status);
+        }
+        if let Decision::Deny(reason) = self.authorizer.decide(&who, action).await {
+            return Err(Status::permission_denied(reason));
         }
         Ok(who)
     }
@@ -211,6 +214,38 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<&Identity, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Calls the authorizer would deny still spend the tenant's budget: past it they are
+    /// refused before a decision is asked (a remote one is shared by every tenant).
+    #[tokio::test]
+    async fn the_rate_limit_comes_before_the_decision() {
+        use crate::auth::ratelimit::{Limit, LimitsFile};
+        let auth = Auth {
+            keys: None,
+            authorizer: Arc::new(crate::auth::policy::PolicyAuthorizer::default_policy()),
+            limits: RateLimits::new(LimitsFile {
+                default: Limit {
+                    requests_per_second: 1,
+                    burst: 1,
+                },
+                tenants: Default::default(),
+            })
+            .unwrap(),
+            anonymous: None,
+            tls: None,
+        };
+        let nobody = Identity {
+            tenant: "acme".into(),
+            subject: "x".into(),
+            roles: vec![],
+            via: crate::auth::AuthMethod::Bearer,
+        };
+        let action = action_of("/creto.enablement.metering.v1.MeteringService/Made_Up").unwrap();
+        let first = auth.admit(nobody.clone(), &action).await.unwrap_err();
+        assert_eq!(first.code(), Code::PermissionDenied, "{first:?}");
+        let second = auth.admit(nobody, &action).await.unwrap_err();
+        assert_eq!(second.code(), Code::ResourceExhausted, "{second:?}");
+    }
 
     #[test]
     fn paths_map_to_products_and_methods() {
