@@ -42,7 +42,8 @@ impl JetStreamLog {
             .await
             .map_err(|e| {
                 LogError::Unavailable(format!(
-                    "cannot reach NATS at {url} ({e}); start nats-server with JetStream enabled (-js) or set NATS_URL"
+                    "cannot reach NATS at {} ({e}); start nats-server with JetStream enabled (-js) or set NATS_URL",
+                    redact(url)
                 ))
             })?;
         Self::from_client(client, catalog).await
@@ -177,6 +178,18 @@ fn publish_error(e: jetstream::context::PublishError, event: &AppendEvent) -> (L
                 (LogError::Other(text), false)
             }
         }
+    }
+}
+
+/// The URL without its credentials (`user:password@` or a token as `token@`), for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("***");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -732,5 +745,20 @@ mod tests {
         // With several subjects, one of them is a real filter.
         let two = ["a.>".to_string(), "b.>".to_string()];
         assert_eq!(filter_for(&two, Some("a.>")), "a.>");
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact;
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        assert_eq!(
+            redact("nats://alice:s3cret@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(redact("nats://t0ken@nats:4222"), "nats://***@nats:4222");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 }
