@@ -27,8 +27,24 @@ struct Env {
     root: tempfile::TempDir,
 }
 
-/// A backend of its own for one test. Fails (does not skip) when the machine cannot run it.
+/// A backend of its own for one test, with the platform's deny list but for loopback: the
+/// tests' host services listen on 127.0.0.2. Fails (does not skip) when the machine cannot
+/// run it.
 fn env(instance: &str) -> Env {
+    env_denying(instance, loopback_allowed())
+}
+
+/// The default deny list without 127.0.0.0/8.
+fn loopback_allowed() -> EgressPolicy {
+    let networks: Vec<String> = creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY
+        .iter()
+        .filter(|n| **n != "127.0.0.0/8")
+        .map(|n| n.to_string())
+        .collect();
+    creto_domain::runtime::egress::platform_deny(&networks).unwrap()
+}
+
+fn env_denying(instance: &str, egress_deny: EgressPolicy) -> Env {
     // SAFETY: plain getter.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -42,6 +58,7 @@ fn env(instance: &str) -> Env {
     let config = BackendConfig {
         root: root.path().to_path_buf(),
         instance: instance.to_string(),
+        egress_deny,
         ..BackendConfig::default()
     };
     let bwrap = match BwrapBackend::new(config) {
@@ -228,6 +245,33 @@ async fn proc_shows_only_the_sandbox_processes() {
     assert!(
         !cmdline.contains(&e.root.path().display().to_string()),
         "{cmdline}"
+    );
+    sb.terminate().await.unwrap();
+}
+
+/// The proxy connects from the host's network namespace: a policy allowing the host's own
+/// addresses (or the metadata service, or the cluster's) must not reach them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platform_deny_list_holds_whatever_the_policy_allows() {
+    let e = env_denying(
+        "tdenied",
+        creto_gateways::runtime::backend::default_egress_deny(),
+    );
+    let host_service = greeter("host-only");
+    let (sb, mut attempts) = e.sandbox("denied-1").await;
+    sb.set_egress(
+        EgressPolicy::parse(&[
+            format!("{}:{}", host_service.ip(), host_service.port()),
+            "0.0.0.0/0".to_string(),
+        ])
+        .unwrap(),
+    );
+    let got = connect(&sb, host_service).await;
+    assert!(got.starts_with("ERR:"), "{got}");
+    let a = attempts.recv().await.unwrap();
+    assert_eq!(
+        (a.destination, a.allowed, a.rule.as_deref()),
+        (host_service, false, Some("platform deny 127.0.0.0/8"))
     );
     sb.terminate().await.unwrap();
 }

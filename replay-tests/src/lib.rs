@@ -254,6 +254,16 @@ impl Env {
             pool: creto_gateways::runtime::config::parse_pool(pool).unwrap(),
             attestation_key: None,
             limits,
+            // The platform's deny list but for loopback: the tests' services listen on
+            // 127.0.0.2 (runtime_containment checks the list itself).
+            egress_deny: {
+                let networks: Vec<String> = creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY
+                    .iter()
+                    .filter(|n| **n != "127.0.0.0/8")
+                    .map(|n| n.to_string())
+                    .collect();
+                creto_domain::runtime::egress::platform_deny(&networks).unwrap()
+            },
         };
         // Checkpoints in the platform's archive: a directory when embedded; on the services, a
         // bucket of the local S3 server (the test command runs one).

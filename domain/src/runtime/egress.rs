@@ -44,6 +44,42 @@ pub const MAX_EGRESS_RULES: usize = 256;
 
 const FORMS: &str = "write host:port, host:lo-hi, CIDR or [v6]:port";
 
+/// Networks no sandbox reaches whatever its policy allows (`RUNTIME_EGRESS_DENY` replaces the
+/// list): the proxy connects from the host's network namespace, where these are the host
+/// itself (loopback, "this network"), the cloud's metadata service (link-local), the private
+/// networks of the cluster and its services (RFC 1918, carrier-grade NAT, unique local) and
+/// multicast. A policy naming a host that resolves into one of them does not reach it either.
+pub const DEFAULT_PLATFORM_DENY: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/3",
+    "::/127",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// The platform's deny list from its text: networks only (`CIDR`, `[v6/prefix]`, with ports
+/// if need be), no names: what it refuses must not depend on a resolver.
+pub fn platform_deny(networks: &[String]) -> Result<EgressPolicy, String> {
+    let policy = EgressPolicy::parse(networks).map_err(|e| e.to_string())?;
+    if let Some(r) = policy
+        .rules
+        .iter()
+        .find(|r| matches!(r.destination, Destination::Host(_)))
+    {
+        return Err(format!(
+            "{r} is a host name; the deny list holds networks only"
+        ));
+    }
+    Ok(policy)
+}
+
 /// A sandbox's egress allowlist. Empty denies every destination.
 ///
 /// Serialized (serde) as the list of canonical rule strings, and validated when deserialized.
@@ -537,6 +573,39 @@ mod tests {
 
     fn no_dns(_: &str) -> Vec<IpAddr> {
         Vec::new()
+    }
+
+    #[test]
+    fn the_platform_deny_list_covers_the_host_and_internal_networks() {
+        let text: Vec<String> = DEFAULT_PLATFORM_DENY
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let deny = platform_deny(&text).unwrap();
+        for inside in [
+            "127.0.0.2",
+            "169.254.169.254",
+            "10.96.0.10",
+            "172.20.1.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "::ffff:127.0.0.1",
+            "fd00::1",
+            "fe80::1",
+            "255.255.255.255",
+        ] {
+            let ip: IpAddr = inside.parse().unwrap();
+            assert!(deny.decide(ip, 80, no_dns).allowed, "{inside} not denied");
+        }
+        for outside in ["8.8.8.8", "172.32.0.1", "2606:4700::1111"] {
+            let ip: IpAddr = outside.parse().unwrap();
+            assert!(!deny.decide(ip, 443, no_dns).allowed, "{outside} denied");
+        }
+        assert!(platform_deny(&["metadata.internal".into()])
+            .unwrap_err()
+            .contains("networks only"));
     }
 
     fn ip(s: &str) -> IpAddr {

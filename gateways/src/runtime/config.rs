@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use creto_domain::runtime::egress::{platform_deny, EgressPolicy};
 use creto_domain::runtime::sandbox::RuntimeLimits;
 use ed25519_dalek::SigningKey;
 
@@ -26,6 +27,9 @@ pub struct RuntimeConfig {
     pub attestation_key: Option<PathBuf>,
     /// `RUNTIME_MAX_SANDBOXES_PER_TENANT` sets `max_live_per_tenant` (default 100).
     pub limits: RuntimeLimits,
+    /// `RUNTIME_EGRESS_DENY`: networks no sandbox reaches, comma-separated (`none`: no such
+    /// list); default the host's and internal networks (`DEFAULT_PLATFORM_DENY`).
+    pub egress_deny: EgressPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +105,23 @@ impl RuntimeConfig {
                 },
                 ..RuntimeLimits::default()
             },
+            egress_deny: match var("RUNTIME_EGRESS_DENY") {
+                None => super::backend::default_egress_deny(),
+                Some(v) if v.trim() == "none" => EgressPolicy::default(),
+                Some(v) => {
+                    let networks: Vec<String> = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    platform_deny(&networks).map_err(|e| {
+                        RuntimeConfigError(format!(
+                            "RUNTIME_EGRESS_DENY: {e}; write comma-separated networks such as 10.0.0.0/8,[fc00::/7], or none"
+                        ))
+                    })?
+                }
+            },
         })
     }
 
@@ -119,6 +140,7 @@ impl RuntimeConfig {
             root: self.dir.clone(),
             instance: hex::encode(&digest[..4]),
             templates_dir: self.templates_dir.clone(),
+            egress_deny: self.egress_deny.clone(),
             ..BackendConfig::default()
         }
     }

@@ -42,6 +42,8 @@ const DNS_TTL_SECS: u32 = 30;
 struct Shared {
     sandbox_id: String,
     policy: RwLock<Arc<EgressPolicy>>,
+    /// The platform's deny list: checked after the policy, on the address connected to.
+    deny: EgressPolicy,
     tx: mpsc::UnboundedSender<EgressAttempt>,
     /// Own listener addresses: a connection addressed to one of them is refused.
     own: Vec<SocketAddr>,
@@ -73,6 +75,7 @@ impl EgressProxy {
         listeners: Vec<std::net::TcpListener>,
         dns: Option<std::net::UdpSocket>,
         policy: EgressPolicy,
+        deny: EgressPolicy,
         tx: mpsc::UnboundedSender<EgressAttempt>,
     ) -> io::Result<EgressProxy> {
         let mut own = Vec::new();
@@ -85,6 +88,7 @@ impl EgressProxy {
         let shared = Arc::new(Shared {
             sandbox_id,
             policy: RwLock::new(Arc::new(policy)),
+            deny,
             tx,
             own,
             resolved: Mutex::new(HashMap::new()),
@@ -226,7 +230,18 @@ async fn handle(stream: TcpStream, shared: &Shared) {
             None,
         )
     } else {
-        decide(shared, dst).await
+        let (mut decision, host) = decide(shared, dst).await;
+        if decision.allowed {
+            // Allowed by the policy, refused by the platform: the rule says which network.
+            let denied = shared.deny.decide(dst.ip(), dst.port(), |_| Vec::new());
+            if let Some(network) = denied.rule.filter(|_| denied.allowed) {
+                decision = EgressDecision {
+                    allowed: false,
+                    rule: Some(format!("platform deny {network}")),
+                };
+            }
+        }
+        (decision, host)
     };
     let _ = shared.tx.send(EgressAttempt {
         sandbox_id: shared.sandbox_id.clone(),

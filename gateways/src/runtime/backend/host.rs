@@ -298,6 +298,7 @@ impl HostSandbox {
             parts.listeners,
             Some(parts.dns),
             spec.egress.clone(),
+            common.config.egress_deny.clone(),
             egress_tx,
         ) {
             Ok(p) => p,

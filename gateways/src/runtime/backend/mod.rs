@@ -359,6 +359,9 @@ pub struct BackendConfig {
     pub runsc_path: PathBuf,
     /// gVisor platform: `systrap` (default), `ptrace` or `kvm`.
     pub runsc_platform: String,
+    /// Networks the egress proxy never connects to, whatever a sandbox's policy allows
+    /// (default [`DEFAULT_PLATFORM_DENY`](creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY)).
+    pub egress_deny: EgressPolicy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -382,12 +385,32 @@ impl Default for BackendConfig {
             bwrap_path: PathBuf::from("bwrap"),
             runsc_path: PathBuf::from("runsc"),
             runsc_platform: "systrap".into(),
+            egress_deny: default_egress_deny(),
         }
     }
 }
 
+/// [`DEFAULT_PLATFORM_DENY`](creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY) parsed.
+pub fn default_egress_deny() -> EgressPolicy {
+    let text: Vec<String> = creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    creto_domain::runtime::egress::platform_deny(&text).expect("the default deny list parses")
+}
+
 impl BackendConfig {
     pub(crate) fn validate(&self) -> Result<(), BackendError> {
+        if let Some(r) = self.egress_deny.rules.iter().find(|r| {
+            matches!(
+                r.destination,
+                creto_domain::runtime::egress::Destination::Host(_)
+            )
+        }) {
+            return Err(BackendError::InvalidSpec(format!(
+                "egress_deny: {r} is a host name; the deny list holds networks only"
+            )));
+        }
         let i = &self.instance;
         if i.is_empty()
             || i.len() > 12
