@@ -217,6 +217,11 @@ pub(crate) fn base_from(host: &Path, generated_dir: &Path) -> Result<Template, B
 fn copy_tree(src: &Path, dst: &Path) -> Result<(), BackendError> {
     let meta =
         fs::symlink_metadata(src).map_err(BackendError::io(format!("stat {}", src.display())))?;
+    // What the host keeps from other users (the keys under /etc/ssl/private) stays out: the
+    // copy belongs to root, which in the privileged fallback is the sandbox's own uid.
+    if !meta.file_type().is_symlink() && meta.mode() & 0o004 == 0 {
+        return Ok(());
+    }
     if meta.file_type().is_symlink() {
         let target =
             fs::read_link(src).map_err(BackendError::io(format!("readlink {}", src.display())))?;
@@ -381,6 +386,24 @@ fn hash_tree(p: &Path, rel: &Path, h: &mut Sha256) -> Result<(), BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_host_keeps_from_others_is_not_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let ssl = d.path().join("ssl");
+        fs::create_dir_all(ssl.join("certs")).unwrap();
+        fs::create_dir_all(ssl.join("private")).unwrap();
+        fs::write(ssl.join("certs/ca.pem"), b"cert").unwrap();
+        fs::write(ssl.join("private/host.key"), b"key").unwrap();
+        fs::write(ssl.join("secret.cnf"), b"x").unwrap();
+        fs::set_permissions(ssl.join("private"), fs::Permissions::from_mode(0o710)).unwrap();
+        fs::set_permissions(ssl.join("secret.cnf"), fs::Permissions::from_mode(0o600)).unwrap();
+        let out = d.path().join("copy");
+        copy_tree(&ssl, &out).unwrap();
+        assert_eq!(fs::read(out.join("certs/ca.pem")).unwrap(), b"cert");
+        assert!(!out.join("private").exists());
+        assert!(!out.join("secret.cnf").exists());
+    }
 
     #[test]
     fn rootfs_digest_covers_content_and_skips_fresh_dirs() {
