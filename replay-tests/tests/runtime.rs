@@ -616,6 +616,22 @@ async fn attestation_verifies_with_the_public_key(env: &Env) {
     assert!(attestation::verify(&forged, &att.signature, &att.public_key).is_err());
     let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
     assert!(attestation::verify(&att.statement, &att.signature, other.as_bytes()).is_err());
+    // A statement says the state it describes: one about an ended sandbox says so.
+    assert_eq!(statement.state, "STATE_READY");
+    c.terminate_sandbox(pb::TerminateSandboxRequest {
+        sandbox_id: sb.sandbox_id.clone(),
+    })
+    .await
+    .unwrap();
+    let ended = c
+        .get_attestation(pb::GetAttestationRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = attestation::verify(&ended.statement, &ended.signature, &ended.public_key).unwrap();
+    assert_eq!(ended.state, "STATE_TERMINATED");
 
     // The same key after a restart (it is kept in the runtime directory).
     running.stop().await;

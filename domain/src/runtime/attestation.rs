@@ -40,6 +40,10 @@ pub struct Statement {
     pub issued_at: String,
     /// The sandbox's last event sequence the statement describes.
     pub version_seen: u64,
+    /// Its state then (`STATE_READY`, `STATE_TERMINATED`, …): a statement about a sandbox that
+    /// no longer runs says so. Empty in statements issued before it was stated.
+    #[serde(default)]
+    pub state: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -118,6 +122,7 @@ mod tests {
             created_at: "2026-11-27T00:00:00Z".into(),
             issued_at: "2026-11-27T00:00:01Z".into(),
             version_seen: 3,
+            state: "STATE_READY".into(),
         }
     }
 

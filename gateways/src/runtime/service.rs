@@ -536,6 +536,7 @@ impl RuntimeService for RuntimeGateway {
             created_at: rfc3339(&v.created_at),
             issued_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             version_seen: v.version,
+            state: v.state().as_str_name().to_string(),
         };
         let key = &self.runtime.settings.attestation_key;
         let (statement, signature) = attestation::sign(&statement, key);
