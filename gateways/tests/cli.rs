@@ -78,6 +78,18 @@ fn unreachable_services_name_the_url_and_exit_3() {
             "{err}"
         );
     }
+    // Credentials in the URL are not shown.
+    let (code, _, err) = enablement(&[
+        "--nats-url",
+        "nats://alice:s3cret@127.0.0.1:1",
+        "streams",
+        "info",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("nats://***@127.0.0.1:1") && !err.contains("s3cret"),
+        "{err}"
+    );
 }
 
 #[test]
