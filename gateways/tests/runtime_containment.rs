@@ -31,17 +31,10 @@ struct Env {
 /// tests' host services listen on 127.0.0.2. Fails (does not skip) when the machine cannot
 /// run it.
 fn env(instance: &str) -> Env {
-    env_denying(instance, loopback_allowed())
-}
-
-/// The default deny list without 127.0.0.0/8.
-fn loopback_allowed() -> EgressPolicy {
-    let networks: Vec<String> = creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY
-        .iter()
-        .filter(|n| **n != "127.0.0.0/8")
-        .map(|n| n.to_string())
-        .collect();
-    creto_domain::runtime::egress::platform_deny(&networks).unwrap()
+    env_denying(
+        instance,
+        creto_gateways::runtime::backend::default_egress_deny_except(&["127.0.0.0/8"]),
+    )
 }
 
 fn env_denying(instance: &str, egress_deny: EgressPolicy) -> Env {

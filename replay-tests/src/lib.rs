@@ -256,14 +256,9 @@ impl Env {
             limits,
             // The platform's deny list but for loopback: the tests' services listen on
             // 127.0.0.2 (runtime_containment checks the list itself).
-            egress_deny: {
-                let networks: Vec<String> = creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY
-                    .iter()
-                    .filter(|n| **n != "127.0.0.0/8")
-                    .map(|n| n.to_string())
-                    .collect();
-                creto_domain::runtime::egress::platform_deny(&networks).unwrap()
-            },
+            egress_deny: creto_gateways::runtime::backend::default_egress_deny_except(&[
+                "127.0.0.0/8",
+            ]),
         };
         // Checkpoints in the platform's archive: a directory when embedded; on the services, a
         // bucket of the local S3 server (the test command runs one).
@@ -615,6 +610,16 @@ pub async fn publish_events(env: &Env, events: impl IntoIterator<Item = (String,
         last = last.max(a.await.unwrap().sequence);
     }
     last
+}
+
+/// The text a gateway's metrics port serves.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// A CloudEvent as JSON text.

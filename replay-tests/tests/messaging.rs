@@ -682,12 +682,7 @@ async fn tenants_are_isolated() {
     assert_eq!(c, Code::PermissionDenied, "{m}");
     // Refused, it is counted under the caller: the sender an envelope claims is the client's
     // choice, and would otherwise make one new series per name it invents.
-    let metrics = reqwest::get(format!("http://{}/metrics", running.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = creto_replay_tests::metrics_text(running.metrics_addr).await;
     assert!(
         metrics.contains(r#"messaging_messages_sent_total{sender_id="a/bob",status="forbidden"}"#),
         "{metrics}"

@@ -366,12 +366,7 @@ async fn egress_is_denied_until_allowed(env: &Env) {
         ]
     );
     assert_eq!(events[1].rule, addr.to_string());
-    let metrics = reqwest::get(format!("http://{}/metrics", running.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = creto_replay_tests::metrics_text(running.metrics_addr).await;
     assert!(metrics.contains("runtime_egress_checks_total{decision=\"deny\"}"));
     assert!(metrics.contains("runtime_egress_checks_total{decision=\"allow\"}"));
     server.abort();

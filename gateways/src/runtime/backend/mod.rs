@@ -392,8 +392,14 @@ impl Default for BackendConfig {
 
 /// [`DEFAULT_PLATFORM_DENY`](creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY) parsed.
 pub fn default_egress_deny() -> EgressPolicy {
+    default_egress_deny_except(&[])
+}
+
+/// The default deny list without the networks `except` names as written there.
+pub fn default_egress_deny_except(except: &[&str]) -> EgressPolicy {
     let text: Vec<String> = creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY
         .iter()
+        .filter(|n| !except.contains(n))
         .map(|s| s.to_string())
         .collect();
     creto_domain::runtime::egress::platform_deny(&text).expect("the default deny list parses")
