@@ -1218,6 +1218,13 @@ async fn backfill(
     } else {
         print!("{}", report.render());
     }
+    // A job that imported part of its input must not look like one that imported it all.
+    if report.rejected > 0 {
+        return Err(fail(format!(
+            "{} line(s) rejected (listed in the report): fix them and run the backfill again; lines already accepted count once",
+            report.rejected
+        )));
+    }
     Ok(())
 }
 

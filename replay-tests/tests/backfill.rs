@@ -277,3 +277,38 @@ async fn backfill_reads_an_archive_prefix() {
     }
     env.drop().await;
 }
+
+/// `enablement backfill` reports every line, then fails (exit 1) when some were rejected:
+/// automation must not take a partial import for a complete one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_fails_when_lines_were_rejected() {
+    let env = Env::new().await;
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let good = cloud_event(
+        "cli-1",
+        "sub_cli",
+        "agent.execution",
+        Utc::now() - Ch::minutes(1),
+        json!({"quantity": 2}),
+    );
+    writeln!(file, "{good}\nnot json").unwrap();
+    let args = [
+        "enablement",
+        "--nats-url",
+        &creto_replay_tests::nats_url(),
+        "--database-url",
+        &env.settings.database_url,
+        "--namespace",
+        &env.name,
+        "backfill",
+        "metering",
+        "--file",
+        file.path().to_str().unwrap(),
+    ];
+    let cli = <creto_gateways::cli::Cli as clap::Parser>::parse_from(args);
+    let e = creto_gateways::cli::run(cli).await.unwrap_err();
+    assert!(e.to_string().contains("1 line(s) rejected"), "{e}");
+    // The valid line went in all the same.
+    assert_eq!(last_sequence(&env).await, 1);
+    env.drop().await;
+}
