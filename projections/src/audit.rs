@@ -879,7 +879,9 @@ pub async fn restore(
             "the archive does not verify; fix it or pass --force to restore what can be read:\n{report}"
         )));
     }
-    let gapless = report.first_sequence == Some(1)
+    // Sequences come back as they were when the archive starts at 1 without holes, and stay
+    // so until a forced restore has to skip an object it cannot read.
+    let mut preserving = report.first_sequence == Some(1)
         && !report
             .problems
             .iter()
@@ -896,7 +898,7 @@ pub async fn restore(
         .collect();
     ranges.sort();
     let mut out = RestoreReport {
-        sequences_preserved: gapless,
+        sequences_preserved: preserving,
         verify: report.clone(),
         ..Default::default()
     };
@@ -909,6 +911,7 @@ pub async fn restore(
     for (a, b) in ranges {
         let Some(body) = archive.get(&object_key(stream, a, b)).await? else {
             if options.force {
+                preserving = false;
                 continue;
             }
             return Err(AuditError::Corrupt(format!(
@@ -920,6 +923,7 @@ pub async fn restore(
             Ok(e) => e,
             Err(e) if options.force => {
                 tracing::warn!(object = %short(a, b), error = %e, "skipping an unreadable object");
+                preserving = false;
                 continue;
             }
             Err(e) => return Err(AuditError::Corrupt(format!("object {}: {e}", short(a, b)))),
@@ -977,7 +981,7 @@ pub async fn restore(
                         "event {original} was taken for a duplicate of sequence {sequence} by the log; the restore stopped"
                     )));
                 }
-                if gapless && appended.sequence() != original {
+                if preserving && appended.sequence() != original {
                     return Err(AuditError::Corrupt(format!(
                         "event {original} was restored at sequence {}: sequences would not match the original; the restore stopped",
                         appended.sequence()
@@ -994,6 +998,7 @@ pub async fn restore(
             progress(&prog);
         }
     }
+    out.sequences_preserved = preserving;
     // The marker that lets the log honour the original recorded times up to here, and not on
     // anything a producer appends later (see `Catalog::restore_marker_subject`).
     if out.events > 0 {

@@ -617,6 +617,24 @@ async fn embedded_export_and_restore_round_trip() {
             (o.sequence, &o.subject, &o.payload, &o.recorded_at)
         );
     }
+
+    // An object that no longer reads, forced: the rest is restored, at new sequences after
+    // the hole, and the report says so (it used to stop there, leaving a stream it would not
+    // restore into again).
+    log.delete_stream(&stream).await.unwrap();
+    log.ensure_streams(&env.platform.catalog.specs())
+        .await
+        .unwrap();
+    archive
+        .put(&key, Bytes::from_static(b"not gzip"), "application/gzip")
+        .await
+        .unwrap();
+    let forced = RestoreOptions { force: true };
+    let report = audit::restore(&*archive, &stream, &*log, forced, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.events, 1_200 - 500);
+    assert!(!report.sequences_preserved);
     env.drop().await;
 }
 
