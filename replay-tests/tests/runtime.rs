@@ -116,6 +116,15 @@ async fn get(c: &mut Client, id: &str) -> pb::Sandbox {
     .into_inner()
 }
 
+async fn attest(c: &mut Client, id: &str) -> pb::Attestation {
+    c.get_attestation(pb::GetAttestationRequest {
+        sandbox_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 async fn create_exec_and_terminate(env: &Env) {
     let dir = sandbox_dir();
     let (running, url) = env.start_runtime(dir.path(), "").await;
@@ -566,13 +575,7 @@ async fn attestation_verifies_with_the_public_key(env: &Env) {
         allow: vec!["api.example.com:443".into()],
     });
     let sb = create(&mut c, req).await;
-    let att = c
-        .get_attestation(pb::GetAttestationRequest {
-            sandbox_id: sb.sandbox_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let att = attest(&mut c, &sb.sandbox_id).await;
     assert_eq!(att.algorithm, "ed25519");
     let statement = attestation::verify(&att.statement, &att.signature, &att.public_key).unwrap();
     assert_eq!(statement.sandbox_id, sb.sandbox_id);
@@ -618,28 +621,19 @@ async fn attestation_verifies_with_the_public_key(env: &Env) {
     })
     .await
     .unwrap();
-    let ended = c
-        .get_attestation(pb::GetAttestationRequest {
-            sandbox_id: sb.sandbox_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let ended = attest(&mut c, &sb.sandbox_id).await;
     let ended = attestation::verify(&ended.statement, &ended.signature, &ended.public_key).unwrap();
     assert_eq!(ended.state, "STATE_TERMINATED");
 
-    // The same key after a restart (it is kept in the runtime directory).
+    // The same key after a restart (it is kept in the runtime directory). The old client goes
+    // first: its connection would keep the stopped gateway, and so its hold on the runtime
+    // directory, alive a moment longer.
+    drop(c);
     running.stop().await;
     let (running, url) = env.start_runtime(dir.path(), "").await;
     let mut c = client(&url).await;
     let sb2 = create(&mut c, create_request()).await;
-    let att2 = c
-        .get_attestation(pb::GetAttestationRequest {
-            sandbox_id: sb2.sandbox_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let att2 = attest(&mut c, &sb2.sandbox_id).await;
     assert_eq!(att2.public_key, att.public_key);
     assert_eq!(att2.key_id, att.key_id);
     running.stop().await;

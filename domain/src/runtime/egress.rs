@@ -68,16 +68,22 @@ pub const DEFAULT_PLATFORM_DENY: &[&str] = &[
 /// if need be), no names: what it refuses must not depend on a resolver.
 pub fn platform_deny(networks: &[String]) -> Result<EgressPolicy, String> {
     let policy = EgressPolicy::parse(networks).map_err(|e| e.to_string())?;
-    if let Some(r) = policy
+    networks_only(&policy)?;
+    Ok(policy)
+}
+
+/// Refuses a deny list naming a host (however it was built: environment or config file).
+pub fn networks_only(policy: &EgressPolicy) -> Result<(), String> {
+    match policy
         .rules
         .iter()
         .find(|r| matches!(r.destination, Destination::Host(_)))
     {
-        return Err(format!(
+        Some(r) => Err(format!(
             "{r} is a host name; the deny list holds networks only"
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(policy)
 }
 
 /// A sandbox's egress allowlist. Empty denies every destination.

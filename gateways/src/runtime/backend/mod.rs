@@ -407,16 +407,8 @@ pub fn default_egress_deny_except(except: &[&str]) -> EgressPolicy {
 
 impl BackendConfig {
     pub(crate) fn validate(&self) -> Result<(), BackendError> {
-        if let Some(r) = self.egress_deny.rules.iter().find(|r| {
-            matches!(
-                r.destination,
-                creto_domain::runtime::egress::Destination::Host(_)
-            )
-        }) {
-            return Err(BackendError::InvalidSpec(format!(
-                "egress_deny: {r} is a host name; the deny list holds networks only"
-            )));
-        }
+        creto_domain::runtime::egress::networks_only(&self.egress_deny)
+            .map_err(|e| BackendError::InvalidSpec(format!("egress_deny: {e}")))?;
         let i = &self.instance;
         if i.is_empty()
             || i.len() > 12
