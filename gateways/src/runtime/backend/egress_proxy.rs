@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use creto_domain::runtime::egress::{Destination, EgressDecision, EgressPolicy};
@@ -275,6 +275,30 @@ fn current_policy(shared: &Shared) -> Arc<EgressPolicy> {
         .clone()
 }
 
+/// Host lookups (`getaddrinfo`, a blocking call) running at once, for every sandbox of this
+/// process together.
+pub const MAX_HOST_LOOKUPS: usize = 32;
+static HOST_LOOKUPS: LazyLock<Arc<Semaphore>> =
+    LazyLock::new(|| Arc::new(Semaphore::new(MAX_HOST_LOOKUPS)));
+
+/// One host lookup on the blocking pool, holding a [`HOST_LOOKUPS`] permit until the call
+/// itself returns. A caller that gives up (its timeout) does not end the blocking call, so a
+/// permit released on the caller's side would let sandboxes asking for names that never answer
+/// fill tokio's blocking pool, which the runtime's checkpoints and teardowns also need.
+async fn host_lookup(host: String) -> Vec<IpAddr> {
+    let Ok(permit) = HOST_LOOKUPS.clone().acquire_owned().await else {
+        return Vec::new();
+    };
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0u16))
+            .map(|addrs| addrs.map(|a| a.ip().to_canonical()).collect())
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default()
+}
+
 /// Resolves `host` on the host, through the cache.
 async fn resolve(shared: &Shared, host: &str) -> Vec<IpAddr> {
     if let Some((ips, at)) = shared
@@ -287,11 +311,9 @@ async fn resolve(shared: &Shared, host: &str) -> Vec<IpAddr> {
             return ips.clone();
         }
     }
-    let ips: Vec<IpAddr> =
-        match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0u16))).await {
-            Ok(Ok(addrs)) => addrs.map(|a| a.ip().to_canonical()).collect(),
-            _ => Vec::new(),
-        };
+    let ips = tokio::time::timeout(RESOLVE_TIMEOUT, host_lookup(host.to_string()))
+        .await
+        .unwrap_or_default();
     let mut cache = shared.resolved.lock().unwrap_or_else(|e| e.into_inner());
     if cache.len() > 1024 {
         cache.retain(|_, (_, at)| at.elapsed() < RESOLVE_TTL);
@@ -539,5 +561,23 @@ mod tests {
         assert!(name_allowed(&p, "a.b.example.org"));
         assert!(!name_allowed(&p, "example.org"));
         assert!(!name_allowed(&p, "evil.com"));
+    }
+
+    #[tokio::test]
+    async fn host_lookups_wait_for_a_permit_held_until_the_call_returns() {
+        let localhost = host_lookup("localhost".into()).await;
+        assert!(localhost.iter().all(|ip| ip.is_loopback()) && !localhost.is_empty());
+        assert_eq!(HOST_LOOKUPS.available_permits(), MAX_HOST_LOOKUPS);
+        // Every permit taken (as by lookups that never answer): a new lookup waits.
+        let held = HOST_LOOKUPS
+            .clone()
+            .acquire_many_owned(MAX_HOST_LOOKUPS as u32)
+            .await
+            .unwrap();
+        let waiting = tokio::spawn(host_lookup("localhost".into()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "a lookup ran without a permit");
+        drop(held);
+        assert_eq!(waiting.await.unwrap(), localhost);
     }
 }
