@@ -129,7 +129,8 @@ pub async fn start_metering(
         service: "creto.enablement.metering.v1.MeteringService",
         needs: status::Needs {
             stream: creto_streams::METERING,
-            read_models: true,
+            postgres: true,
+            cache: true,
         },
         routes: Routes::new(
             MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024),
@@ -169,6 +170,14 @@ pub async fn start_messaging(
         platform.log.clone(),
         platform.catalog.clone(),
     ));
+    if options.gateways {
+        // Every key event before the first call: a replica that served while still reading
+        // the directory would take a key revoked later in the log for a valid one.
+        directory
+            .catch_up()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the MESSAGING key directory: {e}"))?;
+    }
     let limits = platform.settings.messaging;
     let gateway = MessagingGateway::new(queues.clone(), directory.clone(), limits);
     let product = Product {
@@ -177,7 +186,8 @@ pub async fn start_messaging(
         // Only the log: no table or cache key of messaging exists.
         needs: status::Needs {
             stream: creto_streams::MESSAGING,
-            read_models: false,
+            postgres: false,
+            cache: false,
         },
         // Room for the largest ciphertext plus its header, stanzas and signature.
         routes: Routes::new(
@@ -238,7 +248,9 @@ pub async fn start_oversight(
         service: "creto.enablement.oversight.v1.OversightService",
         needs: status::Needs {
             stream: creto_streams::OVERSIGHT,
-            read_models: false,
+            // Its projector writes the PostgreSQL read model; nothing of it uses the cache.
+            postgres: options.projectors,
+            cache: false,
         },
         routes: Routes::new(OversightServiceServer::from_arc(gateway)),
         http: page,
@@ -332,7 +344,9 @@ pub async fn start_runtime(
         service: "creto.enablement.runtime.v1.RuntimeService",
         needs: status::Needs {
             stream: creto_streams::RUNTIME,
-            read_models: false,
+            // Its projector writes the PostgreSQL read model; nothing of it uses the cache.
+            postgres: options.projectors,
+            cache: false,
         },
         routes: match gateway {
             Some(g) => Routes::new(RuntimeServiceServer::new(g)),

@@ -66,10 +66,6 @@ impl Health {
 
 /// Makes every shared family visible on `/metrics` before it is first used.
 pub fn register_metrics() {
-    for m in [&*POOL_ACTIVE, &*POOL_IDLE, &*POOL_MAX, &*REDIS_UP] {
-        m.get();
-    }
-    PG_ERRORS.get();
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
@@ -115,11 +111,13 @@ pub fn router(health: Health) -> Router {
     )
 }
 
-/// What a product depends on: its stream, and whether it reads PostgreSQL and the cache.
-#[derive(Debug, Clone, Copy)]
+/// What a product's process depends on: its stream, and PostgreSQL and the cache when it uses
+/// them. `postgres_pool_*` and `redis_up` are exported only by processes that check them: a
+/// `redis_up` of 0 where Redis is never used would page for nothing (`RedisDown`).
 pub struct Needs {
     pub stream: &'static str,
-    pub read_models: bool,
+    pub postgres: bool,
+    pub cache: bool,
 }
 
 /// Checks the log (the product's stream), and PostgreSQL and the cache when the product uses
@@ -130,6 +128,9 @@ pub async fn watch_dependencies(
     needs: Needs,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if needs.postgres {
+        PG_ERRORS.get(); // a zero before the first error
+    }
     loop {
         let stream = platform.catalog.stream(needs.stream);
         // Named after what runs behind each port, as operators know them.
@@ -144,35 +145,33 @@ pub async fn watch_dependencies(
                 Err(e) => format!("down: {e}"),
             },
         );
-        if !needs.read_models {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                _ = shutdown.changed() => return,
-            }
-        }
-        if let crate::platform::Stores::Services { pool, .. } = &platform.stores {
-            match sqlx::query("SELECT 1").execute(pool).await {
-                Ok(_) => health.set("postgres", "up"),
-                Err(e) => {
-                    PG_ERRORS.inc();
-                    health.set("postgres", format!("down: {e}"));
+        if needs.postgres {
+            if let crate::platform::Stores::Services { pool, .. } = &platform.stores {
+                match sqlx::query("SELECT 1").execute(pool).await {
+                    Ok(_) => health.set("postgres", "up"),
+                    Err(e) => {
+                        PG_ERRORS.inc();
+                        health.set("postgres", format!("down: {e}"));
+                    }
                 }
+                let size = pool.size() as i64;
+                let idle = pool.num_idle() as i64;
+                POOL_ACTIVE.set(size - idle);
+                POOL_IDLE.set(idle);
+                POOL_MAX.set(platform.settings.database_pool_size as i64);
             }
-            let size = pool.size() as i64;
-            let idle = pool.num_idle() as i64;
-            POOL_ACTIVE.set(size - idle);
-            POOL_IDLE.set(idle);
-            POOL_MAX.set(platform.settings.database_pool_size as i64);
         }
-        let pong = platform.cache.ping().await;
-        REDIS_UP.set(pong.is_ok() as i64);
-        health.set(
-            cache_name,
-            match pong {
-                Ok(_) => "up".to_string(),
-                Err(e) => format!("down: {e}"),
-            },
-        );
+        if needs.cache {
+            let pong = platform.cache.ping().await;
+            REDIS_UP.set(pong.is_ok() as i64);
+            health.set(
+                cache_name,
+                match pong {
+                    Ok(_) => "up".to_string(),
+                    Err(e) => format!("down: {e}"),
+                },
+            );
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = shutdown.changed() => return,
