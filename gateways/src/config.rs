@@ -2,6 +2,7 @@
 use std::path::{Path, PathBuf};
 
 use creto_domain::metering::IngestLimits;
+use creto_streams::jetstream::NatsCredentials;
 use serde::Deserialize;
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -11,9 +12,21 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Connection settings shared by every subcommand (flags and their environment variables).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConnectArgs {
-    /// NATS server with JetStream.
+    /// NATS server with JetStream: a URL, or several separated by commas.
     #[arg(long, env = "NATS_URL", global = true)]
     pub nats_url: Option<String>,
+    /// A NATS `.creds` file (JWT mode: `nsc generate creds`).
+    #[arg(
+        long,
+        env = "NATS_CREDS",
+        global = true,
+        conflicts_with = "nats_nkey_seed_file"
+    )]
+    pub nats_creds: Option<PathBuf>,
+    /// A file holding the NATS user's nkey seed (`SU...`), for `ops/nats/accounts.conf`'s
+    /// nkey users.
+    #[arg(long, env = "NATS_NKEY_SEED_FILE", global = true)]
+    pub nats_nkey_seed_file: Option<PathBuf>,
     /// PostgreSQL for the read models; the database is created if missing.
     #[arg(long, env = "DATABASE_URL", global = true)]
     pub database_url: Option<String>,
@@ -59,6 +72,7 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub nats_url: String,
+    pub nats_credentials: creto_streams::jetstream::NatsCredentials,
     pub database_url: String,
     pub redis_url: String,
     pub namespace: Option<String>,
@@ -124,6 +138,11 @@ impl Settings {
         }
         Ok(Settings {
             nats_url: pick(&args.nats_url, file.nats_url, DEFAULT_NATS_URL),
+            nats_credentials: match (&args.nats_creds, &args.nats_nkey_seed_file) {
+                (Some(creds), _) => NatsCredentials::CredsFile(creds.clone()),
+                (None, Some(seed)) => NatsCredentials::NkeySeedFile(seed.clone()),
+                (None, None) => NatsCredentials::None,
+            },
             database_url: pick(&args.database_url, file.database_url, DEFAULT_DATABASE_URL),
             redis_url: pick(&args.redis_url, file.redis_url, DEFAULT_REDIS_URL),
             namespace: args

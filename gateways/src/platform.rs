@@ -60,15 +60,19 @@ pub struct Platform {
 }
 
 pub async fn connect_log(settings: &Settings) -> Result<Arc<dyn EventLog>, ConnectError> {
-    let log = JetStreamLog::connect(&settings.nats_url, settings.catalog())
-        .await
-        .map_err(|e| {
-            ConnectError::Nats(
-                e.to_string()
-                    .trim_start_matches("log unavailable: ")
-                    .to_string(),
-            )
-        })?;
+    let log = JetStreamLog::connect(
+        &settings.nats_url,
+        &settings.nats_credentials,
+        settings.catalog(),
+    )
+    .await
+    .map_err(|e| {
+        ConnectError::Nats(
+            e.to_string()
+                .trim_start_matches("log unavailable: ")
+                .to_string(),
+        )
+    })?;
     Ok(Arc::new(log))
 }
 

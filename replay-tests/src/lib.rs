@@ -90,6 +90,7 @@ impl Env {
             redis_pool_size: Some(2),
             stream_replicas: None,
             config: None,
+            ..Default::default()
         };
         let settings = Settings::resolve(&args).unwrap();
         let platform = Arc::new(

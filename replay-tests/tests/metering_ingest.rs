@@ -860,25 +860,25 @@ async fn the_shipped_nats_permissions_let_a_producer_publish_its_own_events_only
         "/../ops/nats/accounts.conf"
     ))
     .unwrap();
+    // The binary's user keeps an nkey (a fresh one: the shipped keys have no known seed); the
+    // producer's becomes a password user, as a producer's client may log in either way.
+    let binary = nkeys::KeyPair::new_user();
     let mut accounts = shipped.clone();
-    for (nkey, user) in [
+    for (nkey, login) in [
         (
             "UCRGZDTSZJB5QSCDL2QYG3XO4O6YSGSFL7U22RHJIP52ZOFNYWPXQB4Q",
-            "enablement",
+            format!("nkey: {}", binary.public_key()),
         ),
         (
             "UAUH5T3UOOCRUZWIXU7FUTA7JGG3UJNX5PZCLW6UJYQ6LQBBKSD7OS4X",
-            "sub_acme",
+            "user: sub_acme, password: pw-sub_acme".to_string(),
         ),
     ] {
         assert!(
             accounts.contains(nkey),
             "accounts.conf no longer holds {nkey}: update this test"
         );
-        accounts = accounts.replace(
-            &format!("nkey: {nkey}"),
-            &format!("user: {user}, password: pw-{user}"),
-        );
+        accounts = accounts.replace(&format!("nkey: {nkey}"), &login);
     }
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -902,7 +902,36 @@ async fn the_shipped_nats_permissions_let_a_producer_publish_its_own_events_only
         .spawn()
         .expect("nats-server on the PATH (.ci/services.sh installs it)");
     let url = format!("nats://127.0.0.1:{port}");
-    let connect = |user: &'static str| {
+    let seed_file = dir.path().join("enablement.nk");
+    std::fs::write(&seed_file, binary.seed().unwrap()).unwrap();
+    // As the binary logs in (NATS_NKEY_SEED_FILE), with a list of servers whose first is down.
+    let mut log = None;
+    for _ in 0..100 {
+        match creto_streams::jetstream::JetStreamLog::connect(
+            &format!("nats://127.0.0.1:1, {url}"),
+            &creto_streams::jetstream::NatsCredentials::NkeySeedFile(seed_file.clone()),
+            creto_streams::Catalog::default(),
+        )
+        .await
+        {
+            Ok(l) => {
+                log = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let log = log.expect("the binary's nkey login to the test nats-server");
+    let ensured = creto_streams::EventLog::ensure_streams(
+        &log,
+        &[creto_streams::Catalog::default()
+            .spec(creto_streams::METERING)
+            .unwrap()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ensured.len(), 1);
+    let producer_login = |user: &'static str| {
         let url = url.clone();
         async move {
             for _ in 0..100 {
@@ -919,16 +948,16 @@ async fn the_shipped_nats_permissions_let_a_producer_publish_its_own_events_only
             panic!("cannot connect to the test nats-server as {user}");
         }
     };
-    let platform = jetstream::new(connect("enablement").await);
-    let mut stream = platform
-        .create_stream(jetstream::stream::Config {
-            name: "METERING".into(),
-            subjects: vec!["metering.events.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut producer = jetstream::new(connect("sub_acme").await);
+    let mut stream = jetstream::new(
+        async_nats::ConnectOptions::with_nkey(binary.seed().unwrap())
+            .connect(&url)
+            .await
+            .unwrap(),
+    )
+    .get_stream("METERING")
+    .await
+    .unwrap();
+    let mut producer = jetstream::new(producer_login("sub_acme").await);
     producer.set_timeout(Duration::from_secs(2));
     let own = producer
         .publish("metering.events.sub_acme", "{}".into())

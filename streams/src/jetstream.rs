@@ -25,6 +25,19 @@ const LINGER: Duration = Duration::from_millis(20);
 
 pub mod ids;
 
+/// How the client identifies itself to a NATS server that asks (see `ops/nats/accounts.conf`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NatsCredentials {
+    /// Nothing beyond what the URL carries (a user and password, or a token).
+    #[default]
+    None,
+    /// A `.creds` file (JWT and nkey seed), from `nsc generate creds`.
+    CredsFile(std::path::PathBuf),
+    /// A file holding a user's nkey seed (`SU...`), for the static nkey users of
+    /// `accounts.conf`.
+    NkeySeedFile(std::path::PathBuf),
+}
+
 #[derive(Clone)]
 pub struct JetStreamLog {
     context: jetstream::Context,
@@ -33,19 +46,54 @@ pub struct JetStreamLog {
 }
 
 impl JetStreamLog {
-    /// Connects to `url`. The error names the URL and what to do about it.
-    pub async fn connect(url: &str, catalog: Catalog) -> Result<Self, LogError> {
-        let client = async_nats::ConnectOptions::new()
+    /// Connects to `url`: one server URL, or several separated by commas (the client learns
+    /// the rest of a cluster from any of them). `credentials`, when given, is how the client
+    /// proves who it is where the server requires nkeys or JWTs ([`NatsCredentials`]); a user
+    /// and password or a token can also be in the URL. The error names the URL (without its
+    /// secrets) and what to do about it.
+    pub async fn connect(
+        url: &str,
+        credentials: &NatsCredentials,
+        catalog: Catalog,
+    ) -> Result<Self, LogError> {
+        let fail = |what: String| {
+            LogError::Unavailable(format!(
+                "cannot reach NATS at {} ({what}); start nats-server with JetStream enabled (-js) or set NATS_URL",
+                redact(url)
+            ))
+        };
+        let servers: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let mut options = async_nats::ConnectOptions::new();
+        match credentials {
+            NatsCredentials::None => {}
+            NatsCredentials::CredsFile(path) => {
+                options = options.credentials_file(path).await.map_err(|e| {
+                    LogError::Unavailable(format!(
+                        "cannot read the NATS credentials file {} ({e}): set NATS_CREDS to a .creds file",
+                        path.display()
+                    ))
+                })?;
+            }
+            NatsCredentials::NkeySeedFile(path) => {
+                let seed = std::fs::read_to_string(path).map_err(|e| {
+                    LogError::Unavailable(format!(
+                        "cannot read the NATS nkey seed file {} ({e}): set NATS_NKEY_SEED_FILE to a file holding the user's seed (SU...)",
+                        path.display()
+                    ))
+                })?;
+                options = options.nkey(seed.trim().to_string());
+            }
+        }
+        let client = options
             .name("creto-enablement")
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(servers)
             .await
-            .map_err(|e| {
-                LogError::Unavailable(format!(
-                    "cannot reach NATS at {} ({e}); start nats-server with JetStream enabled (-js) or set NATS_URL",
-                    redact(url)
-                ))
-            })?;
+            .map_err(|e| fail(e.to_string()))?;
         Self::from_client(client, catalog).await
     }
 

@@ -16,7 +16,7 @@ async fn make(test: &str) -> (Arc<dyn EventLog>, Catalog) {
         uuid::Uuid::new_v4().simple().to_string().get(..10).unwrap()
     );
     let catalog = Catalog::namespaced(&ns);
-    let log = JetStreamLog::connect(&nats_url(), catalog.clone())
+    let log = JetStreamLog::connect(&nats_url(), &Default::default(), catalog.clone())
         .await
         .expect("NATS reachable");
     log.ensure_streams(&catalog.specs()).await.unwrap();

@@ -64,9 +64,13 @@ async fn publisher_survives_server_crash_without_losing_acknowledged_appends() {
 
     let catalog = Catalog::default();
     let log = Arc::new(
-        JetStreamLog::connect(&format!("nats://127.0.0.1:{port}"), catalog.clone())
-            .await
-            .unwrap(),
+        JetStreamLog::connect(
+            &format!("nats://127.0.0.1:{port}"),
+            &Default::default(),
+            catalog.clone(),
+        )
+        .await
+        .unwrap(),
     );
     log.ensure_streams(&catalog.specs()).await.unwrap();
 
