@@ -32,6 +32,10 @@ pub enum AuditCommand {
         /// Export everything up to the current end of each stream, then exit.
         #[arg(long)]
         once: bool,
+        /// Serve /metrics and /health here while exporting continuously (a Deployment's
+        /// probes); /health is 503 while an exporter is down.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Check the archive: hashes, the manifest chain, ranges without gaps, coverage of the log.
     /// Exits with 1 when a stream's archive is broken.
@@ -55,9 +59,10 @@ pub enum AuditCommand {
 pub fn archive_from_env() -> Result<Arc<dyn Archive>, CliError> {
     match S3Settings::from_env() {
         Some(s) => Ok(Arc::new(S3Archive::new(s))),
-        None => Err(fail(
-            "no archive configured: set S3_BUCKET (with S3_ENDPOINT, S3_REGION, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY as needed) to the bucket that holds the audit exports",
-        )),
+        // A configuration error (exit 2, as the README says), not a failure of the work.
+        None => Err(CliError::Config(crate::config::ConfigError::Invalid(
+            "no archive configured: set S3_BUCKET (with S3_ENDPOINT, S3_REGION, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY as needed) to the bucket that holds the audit exports".into(),
+        ))),
     }
 }
 
@@ -82,10 +87,13 @@ pub fn spawn_exporters(
     streams: Vec<String>,
     config: ExportConfig,
     shutdown: watch::Receiver<bool>,
-) {
+) -> crate::status::Health {
+    let health = crate::status::Health::default();
+    health.set("archive", "up");
     for stream in streams {
         let exporter = AuditExporter::new(log.clone(), archive.clone(), stream, config);
         let shutdown = shutdown.clone();
+        let health = health.clone();
         tasks.spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
@@ -93,6 +101,7 @@ pub fn spawn_exporters(
                     Ok(_) if *shutdown.borrow() => return,
                     Ok(_) => {}
                     Err(e) => {
+                        health.set("archive", format!("down: {}: {e}", exporter.stream()));
                         tracing::error!(stream = exporter.stream(), error = %e, "audit exporter stopped; restarting")
                     }
                 }
@@ -101,9 +110,11 @@ pub fn spawn_exporters(
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
+                health.set("archive", "up"); // trying again; down again if it fails
             }
         });
     }
+    health
 }
 
 pub async fn run(
@@ -119,6 +130,7 @@ pub async fn run(
             max_age,
             max_events,
             once,
+            metrics_addr,
         } => {
             let config = ExportConfig {
                 max_age,
@@ -143,7 +155,21 @@ pub async fn run(
             let (stop, rx) = watch::channel(false);
             let mut tasks = JoinSet::new();
             tracing::info!(archive = %archive.describe(), ?streams, "exporting");
-            spawn_exporters(&mut tasks, log, archive, streams, config, rx);
+            let health = spawn_exporters(&mut tasks, log, archive, streams, config, rx.clone());
+            if let Some(addr) = metrics_addr {
+                crate::status::register_metrics();
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| fail(format!("cannot listen on {addr} (--metrics-addr): {e}")))?;
+                let mut stop = rx;
+                tasks.spawn(async move {
+                    let _ = axum::serve(listener, crate::status::router(health))
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.changed().await;
+                        })
+                        .await;
+                });
+            }
             shutdown_signal.await;
             let _ = stop.send(true);
             while tasks.join_next().await.is_some() {}

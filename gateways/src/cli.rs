@@ -628,12 +628,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 batch: batch.clamp(1, crate::metering::service::MAX_BATCH),
             };
             // Objects are fetched into one local NDJSON file first: the backfill reads its
-            // input twice (count and oldest time, then the events).
-            let staged = tempfile::NamedTempFile::new().map_err(fail)?;
+            // input twice (count and oldest time, then the events). Only then: a container's
+            // root filesystem is read-only, and `--file` needs no temporary file.
+            let mut staged = None;
             let input = match (&file, &s3_prefix) {
                 (Some(f), _) => f.clone(),
                 (None, Some(prefix)) => {
                     let archive = crate::audit::archive_from_env()?;
+                    let staged = staged.insert(tempfile::NamedTempFile::new().map_err(|e| {
+                        CliError::Config(crate::config::ConfigError::Invalid(format!(
+                            "cannot create the file the objects are fetched into ({e}); set TMPDIR to a writable directory"
+                        )))
+                    })?);
                     let objects = crate::backfill::fetch_prefix(&*archive, prefix, staged.path())
                         .await
                         .map_err(fail)?;
@@ -822,7 +828,7 @@ async fn dev(
             .into_iter()
             .map(|s| s.name)
             .collect();
-        crate::audit::spawn_exporters(
+        let _ = crate::audit::spawn_exporters(
             &mut exporters,
             platform.log.clone(),
             archive,

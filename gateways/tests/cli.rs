@@ -182,3 +182,29 @@ fn tokens_are_minted_from_a_key_ring() {
     assert_eq!(code, 1);
     assert!(err.contains("ENABLEMENT_AUTH_KEYS"), "{err}");
 }
+
+#[test]
+fn a_missing_archive_setting_is_a_configuration_error() {
+    let backfill = |bucket: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_enablement"));
+        cmd.args(["backfill", "metering", "--s3-prefix", "backfills/"])
+            // Nowhere: the objects' staging file is made only after the settings are checked.
+            .env("TMPDIR", "/nonexistent/tmp");
+        match bucket {
+            Some(b) => cmd.env("S3_BUCKET", b),
+            None => cmd.env_remove("S3_BUCKET"),
+        };
+        let out = cmd.output().expect("binary runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // Exit 2, as the README says of configuration errors.
+    let (code, err) = backfill(None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("S3_BUCKET"), "{err}");
+    let (code, err) = backfill(Some("backfills"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("TMPDIR"), "{err}");
+}

@@ -37,6 +37,21 @@ securityContext:
       key: PGPASSWORD
 {{- end -}}
 
+{{/* The NATS user's nkey seed (key nats-user.nk of the Secret), where the NATS server asks
+for one (ops/nats/accounts.conf; set NATS_NKEY_SEED_FILE=/etc/creto/nats/nats-user.nk).
+Optional: a server without logins needs none. */}}
+{{- define "creto.natsLoginVolume" -}}
+- name: nats-login
+  secret:
+    secretName: {{ .Values.secret.name }}
+    items: [{key: nats-user.nk, path: nats-user.nk}]
+    defaultMode: 0440
+    optional: true
+{{- end -}}
+{{- define "creto.natsLoginMount" -}}
+- {name: nats-login, mountPath: /etc/creto/nats, readOnly: true}
+{{- end -}}
+
 {{/* HTTP probes on the named metrics port. */}}
 {{- define "creto.probes" -}}
 readinessProbe:
@@ -45,8 +60,10 @@ readinessProbe:
   periodSeconds: 10
   timeoutSeconds: 2
   failureThreshold: 3
+{{- /* Alive when the process answers (/metrics), whatever its dependencies say (/health): a
+NATS, PostgreSQL or Redis outage must not become a crash loop. */}}
 livenessProbe:
-  httpGet: {path: /health, port: metrics}
+  httpGet: {path: /metrics, port: metrics}
   initialDelaySeconds: 15
   periodSeconds: 20
   timeoutSeconds: 2
