@@ -162,6 +162,7 @@ async fn slack_message_has_header_parameters_and_link_buttons() {
     let (addr, receiver) = start_receiver(0).await;
     let notifier = Notifier::new(NotifyConfig {
         slack_webhook_url: Some(format!("http://{addr}/slack")),
+        slack_links: true,
         ..config()
     });
     let n = notification(&notifier, &["alice@example.org"]);
@@ -213,6 +214,38 @@ async fn slack_message_has_header_parameters_and_link_buttons() {
         ("acme", n.request.request_id.as_str())
     );
     assert_eq!(claims_of(&links.deny).decision, Decision::Deny);
+}
+
+/// A link answers as the approver it names for whoever clicks it: one incoming webhook posts
+/// every tenant's requests to a channel many read, so by default Slack gets no link at all.
+#[tokio::test]
+async fn slack_carries_no_links_unless_it_posts_to_the_approver_alone() {
+    let (addr, receiver) = start_receiver(0).await;
+    let notifier = Notifier::new(NotifyConfig {
+        slack_webhook_url: Some(format!("http://{addr}/slack")),
+        ..config()
+    });
+    let n = notification(&notifier, &["alice@example.org"]);
+    let links = n.links.clone().expect("the notifier signs links");
+    let delivered = notifier
+        .deliver(notifier.senders_for(&[Channel::Slack])[0], &n)
+        .await;
+    assert!(delivered.ok, "{delivered:?}");
+    let body = String::from_utf8(receiver.hits("slack")[0].body.to_vec()).unwrap();
+    for link in [&links.approve, &links.deny, &links.page] {
+        let token = link.split_once("?token=").map_or(link.as_str(), |t| t.1);
+        assert!(!body.contains(token), "a signed link in Slack: {body}");
+    }
+    assert!(!body.contains("token="), "{body}");
+    assert!(body.contains("e-mailed"), "{body}");
+    assert!(
+        NotifyConfig::from_vars(|v| (v == "OVERSIGHT_SLACK_LINKS").then(|| "approver".into()))
+            .slack_links
+    );
+    assert!(
+        !NotifyConfig::from_vars(|v| (v == "OVERSIGHT_SLACK_LINKS").then(|| "yes".into()))
+            .slack_links
+    );
 }
 
 #[tokio::test]

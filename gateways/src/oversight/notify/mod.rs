@@ -8,9 +8,11 @@
 //! `oversight.notifications.<tenant>.<request_id>`. `deliver` retries with exponential backoff
 //! and never fails: a channel that stayed down is an event with `ok == false`, not an error.
 //!
-//! Links: Slack and the webhook carry `Notification::links` as given: signed for the request's
-//! only approver (or for "anyone" when a policy names none and one answer decides), so whoever
-//! reads the channel answers as that identity; route such channels to the approver. E-mail
+//! Links: the webhook carries `Notification::links` as given: signed for the request's only
+//! approver (or for "anyone" when a policy names none and one answer decides), so whoever
+//! reads it answers as that identity; the receiver is the operator's system, which routes them
+//! to the approver. Slack carries them only with `OVERSIGHT_SLACK_LINKS=approver`, for an
+//! incoming webhook that posts to the approver alone ([`slack`] says why). E-mail
 //! goes to each approver separately, and when the notifier can sign links (public URL and link
 //! secret set) each recipient gets links signed for their own identity; otherwise the
 //! notification's links.
@@ -20,6 +22,7 @@
 //! | variable | meaning |
 //! |---|---|
 //! | `OVERSIGHT_SLACK_WEBHOOK_URL` | Slack incoming-webhook URL (a secret: it is never logged) |
+//! | `OVERSIGHT_SLACK_LINKS` | `approver`: Slack messages carry the one-click links (the webhook posts to the approver alone); unset: they do not |
 //! | `OVERSIGHT_SMTP_URL` | `smtp://host:port` (plain), `smtp://host:port?tls=required` (STARTTLS), `smtps://host:port` (TLS); `user:password@` for AUTH |
 //! | `OVERSIGHT_EMAIL_FROM` | the From mailbox, e.g. `Creto Oversight <oversight@example.com>` |
 //! | `OVERSIGHT_EMAIL_TO_DOMAIN` | approvers without `@` are mailed at `<approver>@<domain>` (unset: they get no e-mail) |
@@ -87,6 +90,8 @@ pub trait Sender: Send + Sync {
 #[derive(Clone)]
 pub struct NotifyConfig {
     pub slack_webhook_url: Option<String>,
+    /// Slack messages carry one-click links (`OVERSIGHT_SLACK_LINKS=approver`).
+    pub slack_links: bool,
     pub smtp_url: Option<String>,
     pub email_from: String,
     /// Approvers without '@' are mailed at `<approver>@<email_to_domain>`; None: not mailed.
@@ -110,6 +115,7 @@ impl Default for NotifyConfig {
     fn default() -> NotifyConfig {
         NotifyConfig {
             slack_webhook_url: None,
+            slack_links: false,
             smtp_url: None,
             email_from: "Creto Oversight <oversight@localhost>".to_owned(),
             email_to_domain: None,
@@ -182,8 +188,17 @@ impl NotifyConfig {
                 }
             },
         };
+        let slack_links = match get("OVERSIGHT_SLACK_LINKS").as_deref() {
+            None => false,
+            Some("approver") => true,
+            Some(v) => {
+                tracing::warn!(variable = "OVERSIGHT_SLACK_LINKS", value = %v, "not `approver`; Slack messages carry no links");
+                false
+            }
+        };
         NotifyConfig {
             slack_webhook_url: get("OVERSIGHT_SLACK_WEBHOOK_URL"),
+            slack_links,
             smtp_url: get("OVERSIGHT_SMTP_URL"),
             email_from: get("OVERSIGHT_EMAIL_FROM").unwrap_or(d.email_from),
             email_to_domain: get("OVERSIGHT_EMAIL_TO_DOMAIN")
@@ -249,7 +264,11 @@ impl Notifier {
             .expect("HTTP client (rustls with ring, system roots)");
         let mut senders: Vec<Box<dyn Sender>> = Vec::new();
         if let Some(url) = &config.slack_webhook_url {
-            senders.push(Box::new(slack::SlackSender::new(http.clone(), url.clone())));
+            senders.push(Box::new(slack::SlackSender::new(
+                http.clone(),
+                url.clone(),
+                config.slack_links,
+            )));
         }
         if let Some(url) = &config.smtp_url {
             match email::EmailSender::new(

@@ -1,6 +1,9 @@
 //! Slack: a Block Kit message POSTed to an incoming webhook. The approve / deny buttons are URL
 //! buttons (they open the signed links in the browser), so no Slack app with interactivity is
-//! needed. Text that comes from the agent (context, parameters) is escaped so it cannot mention
+//! needed. They are sent only when the deployment says its incoming webhook posts to the
+//! approver alone (`OVERSIGHT_SLACK_LINKS=approver`): a link answers as the approver it names
+//! for whoever clicks it, and one incoming webhook usually posts to a channel many people read
+//! (every tenant's requests go to it). Text that comes from the agent (context, parameters) is escaped so it cannot mention
 //! `@channel` or forge links.
 use creto_schemas::oversight::v1::Channel;
 use serde_json::{json, Value};
@@ -14,11 +17,13 @@ pub struct SlackSender {
     http: reqwest::Client,
     /// The incoming-webhook URL: a secret, never logged.
     url: String,
+    /// Whether messages carry the notification's one-click links.
+    links: bool,
 }
 
 impl SlackSender {
-    pub fn new(http: reqwest::Client, url: String) -> SlackSender {
-        SlackSender { http, url }
+    pub fn new(http: reqwest::Client, url: String, links: bool) -> SlackSender {
+        SlackSender { http, url, links }
     }
 }
 
@@ -32,7 +37,7 @@ impl Sender for SlackSender {
         let resp = self
             .http
             .post(&self.url)
-            .json(&message(n))
+            .json(&message(n, self.links))
             .send()
             .await
             .map_err(describe_http_error)?;
@@ -47,8 +52,8 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// The message body: a fallback `text` and the blocks.
-pub fn message(n: &Notification) -> Value {
+/// The message body: a fallback `text` and the blocks; the buttons when `links`.
+pub fn message(n: &Notification, links: bool) -> Value {
     let r = &n.request;
     let action = action_name(r);
     let priority = priority_name(r.priority);
@@ -86,7 +91,7 @@ pub fn message(n: &Notification) -> Value {
         "type": "section",
         "text": {"type": "mrkdwn", "text": format!("*Parameters*\n```{}```", excerpt(&params, 2900))}
     }));
-    match &n.links {
+    match n.links.as_ref().filter(|_| links) {
         Some(links) => blocks.push(json!({
             "type": "actions",
             "block_id": "oversight_decision",
@@ -116,7 +121,7 @@ pub fn message(n: &Notification) -> Value {
         None => blocks.push(json!({
             "type": "context",
             "elements": [{"type": "mrkdwn", "text": format!(
-                "Answer with `Respond` on the oversight API (request `{}`).", escape(&r.request_id)
+                "Answer with the link e-mailed to you, or with `Respond` on the oversight API (request `{}`).", escape(&r.request_id)
             )}]
         })),
     }
