@@ -45,7 +45,8 @@ pub fn validate(p: &Policy) -> Result<(), String> {
     if p.action.is_empty() || p.action.len() > 200 {
         return Err("action is a name or a pattern ending in '*' (1 to 200 characters)".into());
     }
-    if p.action[..p.action.len() - 1].contains('*') {
+    // By character, not byte: an action may end in a multi-byte character.
+    if p.action.find('*').is_some_and(|i| i + 1 != p.action.len()) {
         return Err("'*' may only end the action pattern (\"payments.*\", \"*\")".into());
     }
     crate::text::check("action", &p.action)?;
@@ -163,6 +164,12 @@ mod tests {
             .contains("never be reached"));
         assert!(validate(&policy("p", "x", 0, &[])).is_err());
         assert!(validate(&policy("p.q", "x", 1, &[])).is_err());
+        // Multi-byte characters, at the end or before a '*': checked, not a panic.
+        assert!(validate(&policy("p", "paiements.é", 1, &[])).is_ok());
+        assert!(validate(&policy("p", "paiements.é*", 1, &[])).is_ok());
+        assert!(validate(&policy("p", "é*é", 1, &[]))
+            .unwrap_err()
+            .contains("'*'"));
         let mut no_timeout = policy("p", "x", 1, &[]);
         no_timeout.levels[0].timeout = None;
         assert!(validate(&no_timeout).is_err());

@@ -79,13 +79,14 @@ impl Aggregate {
     }
 
     /// Approvers allowed to answer now: every level up to the current one. Empty: anyone the
-    /// authorization lets call Respond.
+    /// authorization lets call Respond, which is so once any of those levels names nobody
+    /// (escalating widens who may answer, never narrows it).
     pub fn allowed_approvers(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .policy
-            .levels
-            .iter()
-            .take(self.view.level as usize + 1)
+        let reached = || self.policy.levels.iter().take(self.view.level as usize + 1);
+        if reached().any(|l| l.approvers.is_empty()) {
+            return Vec::new();
+        }
+        let mut all: Vec<String> = reached()
             .flat_map(|l| l.approvers.iter().cloned())
             .collect();
         all.sort();
@@ -260,6 +261,33 @@ pub fn create(
             deadline,
         }),
     ))
+}
+
+/// Whether `cmd`, sent again under a request id already taken, asks what `existing` asked: the
+/// same agent, action, parameters (as JSON values: spacing and key order aside), context and
+/// priority. Anything else under the same id is another request, and the answer of the first
+/// must not be taken for it (an approved refund of 10 is not one of 10,000).
+pub fn same_ask(existing: &ApprovalRequest, cmd: &CreateRequestRequest) -> bool {
+    let parameters = |json: &str| -> Option<serde_json::Value> {
+        if json.trim().is_empty() {
+            Some(serde_json::Value::Object(Default::default()))
+        } else {
+            serde_json::from_str(json).ok()
+        }
+    };
+    let priority = |p: i32| match Priority::try_from(p) {
+        Ok(Priority::Unspecified) => Priority::Normal as i32,
+        _ => p,
+    };
+    let (Some(was), Some(now)) = (&existing.action, &cmd.action) else {
+        return false;
+    };
+    existing.agent_id == cmd.agent_id
+        && was.name == now.name
+        && parameters(&was.parameters_json).is_some()
+        && parameters(&was.parameters_json) == parameters(&now.parameters_json)
+        && existing.context == cmd.context
+        && priority(existing.priority) == priority(cmd.priority)
 }
 
 /// An approver's answer, and the decision it completes, if any.
@@ -482,6 +510,38 @@ mod tests {
     }
 
     #[test]
+    fn the_same_id_is_the_same_request_only_for_the_same_ask() {
+        let p = policy(1, vec![level(&["ann"], 60)], TimeoutAction::Deny);
+        let agg = request(&p, Utc::now());
+        let again = || CreateRequestRequest {
+            request_id: "r1".into(),
+            agent_id: "bot".into(),
+            action: Some(Action {
+                name: "payments.refund".into(),
+                parameters_json: "{ \"amount\" : 10 }".into(),
+            }),
+            context: "refund order 42".into(),
+            priority: Priority::High as i32,
+        };
+        assert!(same_ask(&agg.view, &again()), "spacing aside, the same ask");
+        let mut more = again();
+        more.action.as_mut().unwrap().parameters_json = r#"{"amount": 10000}"#.into();
+        assert!(!same_ask(&agg.view, &more));
+        let mut other_context = again();
+        other_context.context = "refund order 43".into();
+        assert!(!same_ask(&agg.view, &other_context));
+        let mut lower = again();
+        lower.priority = Priority::Low as i32;
+        assert!(!same_ask(&agg.view, &lower));
+        let mut other_agent = again();
+        other_agent.agent_id = "other".into();
+        assert!(!same_ask(&agg.view, &other_agent));
+        let mut bad = again();
+        bad.action.as_mut().unwrap().parameters_json = "not json".into();
+        assert!(!same_ask(&agg.view, &bad));
+    }
+
+    #[test]
     fn two_of_three_approve() {
         let now = Utc::now();
         let p = policy(
@@ -529,8 +589,8 @@ mod tests {
     #[test]
     fn escalating_past_anyone_keeps_the_deny_quorum_countable() {
         // Several people answer at a level open to anyone, then the request escalates to a
-        // level of one named approver: the approvers yet to answer are counted, not guessed
-        // from all responses (which underflowed and panicked).
+        // level of one named approver: it stays open to anyone (levels add up), and the deny
+        // quorum counts denials (guessing from all responses underflowed and panicked).
         let now = Utc::now();
         let mut p = policy(
             3,
@@ -546,14 +606,36 @@ mod tests {
         let e = on_deadline(&agg, now + chrono::Duration::seconds(61));
         fold(&mut agg, &e);
         assert_eq!(agg.view.level, 1);
+        assert!(agg.allowed_approvers().is_empty(), "still open to anyone");
         let later = now + chrono::Duration::seconds(62);
         let e = respond(&agg, "dan", Decision::Deny, "", 0, later).unwrap();
         fold(&mut agg, &e);
-        assert_eq!(
-            agg.state(),
-            State::Denied,
-            "2 approvals, nobody left to answer"
+        assert_eq!(agg.state(), State::Pending, "1 denial of the 3 it needs");
+        let e = respond(&agg, "eve", Decision::Approve, "", 0, later).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(agg.state(), State::Approved, "3 approvals");
+    }
+
+    #[test]
+    fn escalating_to_a_level_open_to_anyone_opens_the_request() {
+        let now = Utc::now();
+        let p = policy(
+            1,
+            vec![level(&["ann"], 60), level(&[], 60)],
+            TimeoutAction::Escalate,
         );
+        let mut agg = request(&p, now);
+        assert!(matches!(
+            respond(&agg, "bob", Decision::Approve, "", 0, now),
+            Err(Refusal::NotAllowed(_))
+        ));
+        let e = on_deadline(&agg, now + chrono::Duration::seconds(61));
+        fold(&mut agg, &e);
+        assert_eq!(agg.view.level, 1);
+        let later = now + chrono::Duration::seconds(62);
+        let e = respond(&agg, "bob", Decision::Approve, "", 0, later).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(agg.state(), State::Approved);
     }
 
     #[test]

@@ -131,11 +131,11 @@ async fn announce(
     level: u32,
     cause: u64,
 ) -> Result<(), String> {
-    let agg = view
-        .get_fresh(tenant, id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("request not in the view yet")?;
+    // Folded at least through the event being announced: the view tails the log every few
+    // hundred milliseconds, and a copy from before an escalation would still be at the old
+    // level, so the escalation would be taken for stale and never announced.
+    view.catch_up_to(cause).await.map_err(|e| e.to_string())?;
+    let agg = view.get(tenant, id).ok_or("request not in the view yet")?;
     if !agg.is_open() || agg.view.level != level {
         return Ok(());
     }

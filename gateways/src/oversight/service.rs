@@ -312,12 +312,9 @@ impl OversightService for OversightGateway {
             // expects an empty subject, so an id created elsewhere meanwhile is a conflict.
             if let Some(existing) = self.view.get(&tenant, &cmd.request_id) {
                 // The same id again: the same request, if it is the same ask.
-                let same = existing.view.agent_id == cmd.agent_id
-                    && existing.view.action.as_ref().map(|a| &a.name)
-                        == cmd.action.as_ref().map(|a| &a.name);
-                if !same {
+                if !request::same_ask(&existing.view, &cmd) {
                     return Err(Status::already_exists(format!(
-                        "request id {:?} is taken by another request; use a new id",
+                        "request id {:?} is taken by another request (its agent, action, parameters, context or priority differ); use a new id",
                         cmd.request_id
                     )));
                 }

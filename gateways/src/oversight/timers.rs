@@ -16,6 +16,8 @@ use super::service::{count_transitions, request_append};
 
 /// Longest sleep between checks, so a deadline added by another replica is seen in time.
 const MAX_SLEEP: Duration = Duration::from_millis(250);
+/// Pause after the log refused to store a timeout for a reason other than a conflict.
+const FAILED_WRITE_PAUSE: Duration = Duration::from_secs(1);
 
 pub async fn run(
     log: Arc<dyn EventLog>,
@@ -42,6 +44,7 @@ pub async fn run(
         }
         if !appends.is_empty() {
             let results = log.append_batch(appends).await;
+            let mut failed = false;
             for ((agg, event), result) in fired.iter().zip(results) {
                 match result {
                     Ok(a) => {
@@ -53,6 +56,7 @@ pub async fn run(
                     // Someone answered or another replica fired first.
                     Err(LogError::Conflict { .. }) => {}
                     Err(e) => {
+                        failed = true;
                         tracing::warn!(error = %e, request = %agg.view.request_id, "timer could not fire; retrying")
                     }
                 }
@@ -60,6 +64,13 @@ pub async fn run(
             if let Err(e) = view.catch_up().await {
                 tracing::warn!(error = %e, "oversight catch-up after timers failed");
                 tokio::time::sleep(MAX_SLEEP).await;
+            } else if failed {
+                // The log refuses writes but still reads (full, over its limits, denied): the
+                // due deadlines are still due, and firing them again at once would spin.
+                tokio::select! {
+                    _ = tokio::time::sleep(FAILED_WRITE_PAUSE) => {}
+                    _ = shutdown.changed() => return,
+                }
             }
             continue;
         }
