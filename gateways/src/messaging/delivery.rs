@@ -84,6 +84,21 @@ impl Hub {
         }
     }
 
+    /// Called as a session ends (its subscription dropped): whether it was the recipient's
+    /// last here, in which case its feed is forgotten too (a recipient that does not come
+    /// back, and gets nothing more, would otherwise keep it for the life of the process).
+    fn ended(&self, tenant: &str, agent: &str) -> bool {
+        let mut recipients = self.recipients.lock().expect("hub lock");
+        let key = (tenant.to_string(), agent.to_string());
+        let last = recipients
+            .get(&key)
+            .is_none_or(|feed| feed.messages.receiver_count() == 0);
+        if last {
+            recipients.remove(&key);
+        }
+        last
+    }
+
     fn acked(&self, tenant: &str, agent: &str, through: u64) {
         let recipients = self.recipients.lock().expect("hub lock");
         if let Some(feed) = recipients.get(&(tenant.to_string(), agent.to_string())) {
@@ -339,11 +354,16 @@ impl Session {
 
     /// Streams the recipient's messages into `tx` until the caller goes away.
     pub async fn run(mut self, tx: mpsc::Sender<Result<ReceivedMessage, Status>>) {
-        if let Err(status) = self.deliver(&tx).await {
+        let delivered = self.deliver(&tx).await;
+        // The depth series goes with the recipient's last session here: another one (a
+        // reconnect that overlapped this stream's end) keeps setting it.
+        if self.queues.hub.ended(&self.tenant, &self.recipient) {
+            let _ = metrics::QUEUE_DEPTH
+                .remove_label_values(&[&metrics::agent_label(&self.tenant, &self.recipient)]);
+        }
+        if let Err(status) = delivered {
             let _ = tx.send(Err(status)).await;
         }
-        let _ = metrics::QUEUE_DEPTH
-            .remove_label_values(&[&metrics::agent_label(&self.tenant, &self.recipient)]);
     }
 
     async fn deliver(
@@ -393,7 +413,10 @@ impl Session {
                 .await
                 .map_err(log_status)?;
             while let Some(event) = events.try_next().await.map_err(log_status)? {
-                if !self.hand_out(&mut state, &event, tx).await? {
+                // Acks keep coming during a replay (a rewind's may be long): what they cover
+                // is not sent again.
+                floor = floor.max(*acks.borrow());
+                if !self.hand_out(&mut state, &event, floor, tx).await? {
                     return Ok(());
                 }
             }
@@ -409,7 +432,7 @@ impl Session {
                     message = live.recv() => match message {
                         Ok(event) => {
                             if event.sequence > state.cursor
-                                && !self.hand_out(&mut state, &event, tx).await?
+                                && !self.hand_out(&mut state, &event, floor, tx).await?
                             {
                                 return Ok(());
                             }
@@ -454,14 +477,19 @@ impl Session {
         }
     }
 
-    /// Sends one stored message (or records its expiry); false when the caller went away.
+    /// Sends one stored message (or records its expiry), unless acknowledged (at or below
+    /// `floor`); false when the caller went away.
     async fn hand_out(
         &self,
         state: &mut Delivering,
         event: &StoredEvent,
+        floor: u64,
         tx: &mpsc::Sender<Result<ReceivedMessage, Status>>,
     ) -> Result<bool, Status> {
         state.cursor = event.sequence;
+        if event.sequence <= floor {
+            return Ok(true);
+        }
         let envelope = Envelope::decode(event.payload.as_ref())
             .map_err(|e| Status::internal(format!("stored envelope undecodable: {e}")))?;
         let header = envelope::header(&envelope)

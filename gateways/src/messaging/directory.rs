@@ -140,7 +140,9 @@ impl DirectoryView {
     ) -> Result<Option<AgentKeys>, LogError> {
         let known = self.agent(tenant, agent_id);
         let has_key = |a: &AgentKeys| key_id.is_none_or(|k| a.get(k).is_some());
-        if known.as_ref().is_some_and(has_key) {
+        // Known keys are current while the follower runs; when it does not, a revocation may
+        // be in the log and not here, so the agent's subject is looked up as for an unknown.
+        if known.as_ref().is_some_and(has_key) && self.following.load(Ordering::Acquire) {
             return Ok(known);
         }
         let subject = self

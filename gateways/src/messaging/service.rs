@@ -576,6 +576,20 @@ fn sender_of(
     (metrics::agent_label(&caller.tenant, &sender), Ok(()))
 }
 
+/// Counts a Send under the sender it names when it was stored, else under the caller: an
+/// operator's refused envelope names any sender it likes, and each new name would be a new
+/// series.
+fn count_sent(caller_label: String, sender_label: String, outcome: &Result<(u64, bool), Refusal>) {
+    let label = if outcome.is_ok() {
+        sender_label
+    } else {
+        caller_label
+    };
+    metrics::SENT
+        .with_label_values(&[&label, outcome_label(outcome)])
+        .inc();
+}
+
 fn outcome_label(outcome: &Result<(u64, bool), Refusal>) -> &'static str {
     match outcome {
         Ok((_, false)) => "accepted",
@@ -820,6 +834,7 @@ impl MessagingService for MessagingGateway {
             return Err(invalid("envelope is required".into()));
         };
         let caller = crate::auth::layer::caller(&request)?;
+        let caller_label = metrics::agent_label(&caller.tenant, &caller.subject);
         let (label, allowed) = sender_of(caller, envelope);
         if let Err(status) = allowed {
             metrics::SENT
@@ -830,9 +845,7 @@ impl MessagingService for MessagingGateway {
         let tenant = caller.tenant.clone();
         let envelope = request.into_inner().envelope.unwrap_or_default();
         let outcome = self.send_checked(&tenant, envelope, Utc::now()).await;
-        metrics::SENT
-            .with_label_values(&[&label, outcome_label(&outcome)])
-            .inc();
+        count_sent(caller_label, label, &outcome);
         let (cursor, duplicate) = outcome.map_err(|r| r.status)?;
         Ok(Response::new(pb::SendResponse { cursor, duplicate }))
     }
@@ -842,6 +855,7 @@ impl MessagingService for MessagingGateway {
         request: Request<pb::SendBatchRequest>,
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
         let caller = crate::auth::layer::caller(&request)?.clone();
+        let caller_label = metrics::agent_label(&caller.tenant, &caller.subject);
         let envelopes = request.into_inner().envelopes;
         if envelopes.is_empty() {
             return Err(invalid(format!(
@@ -859,9 +873,7 @@ impl MessagingService for MessagingGateway {
             .await
             .into_iter()
             .map(|(label, outcome)| {
-                metrics::SENT
-                    .with_label_values(&[&label, outcome_label(&outcome)])
-                    .inc();
+                count_sent(caller_label.clone(), label, &outcome);
                 match outcome {
                     Ok((cursor, duplicate)) => pb::SendResult {
                         cursor,
