@@ -38,6 +38,11 @@ pub trait Cache: Send + Sync + 'static {
     async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError>;
     async fn get(&self, key: &str) -> Result<Option<String>, CacheError>;
     async fn ping(&self) -> Result<(), CacheError>;
+    /// Whether the cache keeps what was written until it expires: false where it may evict
+    /// keys to make room (Redis with `maxmemory` set and a policy other than `noeviction`), or
+    /// where it cannot tell (`CONFIG` refused, as some managed services do). A reader that
+    /// takes a missing key for "never written" must know.
+    async fn keeps_what_it_is_given(&self) -> Result<bool, CacheError>;
     /// Keys starting with `prefix` (operators' inspection and test cleanup; not a hot path).
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError>;
 }
@@ -119,6 +124,33 @@ impl Cache for RedisCache {
             .await
             .map(|_| ())
             .map_err(redis_error)
+    }
+
+    async fn keeps_what_it_is_given(&self) -> Result<bool, CacheError> {
+        let mut conn = self.conn();
+        let config = |name: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async::<HashMap<String, String>>(&mut conn)
+                    .await
+                    .ok()
+                    .and_then(|mut m| m.remove(name))
+            }
+        };
+        let (Some(max), Some(policy)) =
+            (config("maxmemory").await, config("maxmemory-policy").await)
+        else {
+            return Ok(false);
+        };
+        // Connected, for the error a refused CONFIG above could not tell apart.
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(max == "0" || policy == "noeviction")
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError> {
@@ -235,6 +267,10 @@ impl Cache for MemoryCache {
 
     async fn ping(&self) -> Result<(), CacheError> {
         Ok(())
+    }
+
+    async fn keeps_what_it_is_given(&self) -> Result<bool, CacheError> {
+        Ok(true)
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError> {

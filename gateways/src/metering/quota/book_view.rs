@@ -616,6 +616,17 @@ impl QuotaView {
         let Some(watermark) = watermark else {
             return Ok(false);
         };
+        // A key without a counter is taken for a key without usage: true only where the cache
+        // evicts nothing. Where it may (the runbook's `allkeys-lru`), an evicted counter would
+        // restore a subscription's usage as zero, past its hard limit.
+        if !cache
+            .keeps_what_it_is_given()
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            tracing::info!("the cache may evict keys (maxmemory with an evicting policy, or CONFIG refused): quota counters are rebuilt from the stream, not read from it");
+            return Ok(false);
+        }
         let mut state = self.catching_up.lock().await;
         if self.applied() > 0 {
             return Ok(false);
