@@ -52,6 +52,8 @@ struct Shared {
     /// Addresses the sandbox's DNS answered: address → (name, when).
     names: Mutex<HashMap<IpAddr, (String, Instant)>>,
     slots: Arc<Semaphore>,
+    /// This sandbox's host lookups at once ([`LOOKUPS_PER_SANDBOX`]).
+    lookups: Arc<Semaphore>,
 }
 
 /// A running proxy; stops (with every spliced connection) when dropped.
@@ -94,6 +96,7 @@ impl EgressProxy {
             resolved: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            lookups: Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX)),
         });
         let mut tasks = Vec::new();
         for l in tokio_listeners {
@@ -278,19 +281,26 @@ fn current_policy(shared: &Shared) -> Arc<EgressPolicy> {
 /// Host lookups (`getaddrinfo`, a blocking call) running at once, for every sandbox of this
 /// process together.
 pub const MAX_HOST_LOOKUPS: usize = 32;
+/// Host lookups one sandbox may have running at once, so that one asking for names that never
+/// answer cannot hold every [`MAX_HOST_LOOKUPS`] slot.
+pub const LOOKUPS_PER_SANDBOX: usize = 4;
 static HOST_LOOKUPS: LazyLock<Arc<Semaphore>> =
     LazyLock::new(|| Arc::new(Semaphore::new(MAX_HOST_LOOKUPS)));
 
-/// One host lookup on the blocking pool, holding a [`HOST_LOOKUPS`] permit until the call
-/// itself returns. A caller that gives up (its timeout) does not end the blocking call, so a
-/// permit released on the caller's side would let sandboxes asking for names that never answer
-/// fill tokio's blocking pool, which the runtime's checkpoints and teardowns also need.
-async fn host_lookup(host: String) -> Vec<IpAddr> {
+/// One host lookup on the blocking pool, holding the sandbox's permit and a [`HOST_LOOKUPS`]
+/// one until the call itself returns. A caller that gives up (its timeout) does not end the
+/// blocking call, so permits released on the caller's side would let sandboxes asking for
+/// names that never answer fill tokio's blocking pool, which the runtime's checkpoints and
+/// teardowns also need.
+async fn host_lookup(sandbox: Arc<Semaphore>, host: String) -> Vec<IpAddr> {
+    let Ok(own) = sandbox.acquire_owned().await else {
+        return Vec::new();
+    };
     let Ok(permit) = HOST_LOOKUPS.clone().acquire_owned().await else {
         return Vec::new();
     };
     tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+        let _permits = (own, permit);
         std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0u16))
             .map(|addrs| addrs.map(|a| a.ip().to_canonical()).collect())
             .unwrap_or_default()
@@ -311,9 +321,11 @@ async fn resolve(shared: &Shared, host: &str) -> Vec<IpAddr> {
             return ips.clone();
         }
     }
-    let ips = tokio::time::timeout(RESOLVE_TIMEOUT, host_lookup(host.to_string()))
-        .await
-        .unwrap_or_default();
+    let lookup = host_lookup(shared.lookups.clone(), host.to_string());
+    let Ok(ips) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else {
+        // Not remembered: waiting for a slot, or for a slow resolver, says nothing of the name.
+        return Vec::new();
+    };
     let mut cache = shared.resolved.lock().unwrap_or_else(|e| e.into_inner());
     if cache.len() > 1024 {
         cache.retain(|_, (_, at)| at.elapsed() < RESOLVE_TTL);
@@ -565,7 +577,8 @@ mod tests {
 
     #[tokio::test]
     async fn host_lookups_wait_for_a_permit_held_until_the_call_returns() {
-        let localhost = host_lookup("localhost".into()).await;
+        let sandbox = Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX));
+        let localhost = host_lookup(sandbox.clone(), "localhost".into()).await;
         assert!(localhost.iter().all(|ip| ip.is_loopback()) && !localhost.is_empty());
         assert_eq!(HOST_LOOKUPS.available_permits(), MAX_HOST_LOOKUPS);
         // Every permit taken (as by lookups that never answer): a new lookup waits.
@@ -574,10 +587,23 @@ mod tests {
             .acquire_many_owned(MAX_HOST_LOOKUPS as u32)
             .await
             .unwrap();
-        let waiting = tokio::spawn(host_lookup("localhost".into()));
+        let waiting = tokio::spawn(host_lookup(sandbox.clone(), "localhost".into()));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiting.is_finished(), "a lookup ran without a permit");
         drop(held);
+        assert_eq!(waiting.await.unwrap(), localhost);
+        // One sandbox's lookups past its own share wait too, with the process's slots free.
+        let own = sandbox
+            .clone()
+            .acquire_many_owned(LOOKUPS_PER_SANDBOX as u32)
+            .await
+            .unwrap();
+        let waiting = tokio::spawn(host_lookup(sandbox.clone(), "localhost".into()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "past the sandbox's share");
+        let other = Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX));
+        assert_eq!(host_lookup(other, "localhost".into()).await, localhost);
+        drop(own);
         assert_eq!(waiting.await.unwrap(), localhost);
     }
 }
