@@ -229,16 +229,25 @@ fn publish_error(e: jetstream::context::PublishError, event: &AppendEvent) -> (L
     }
 }
 
-/// The URL without its credentials (`user:password@` or a token as `token@`), for messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
+/// The URLs (comma-separated) without their credentials (`user:password@` or a token as
+/// `token@`), for messages; one that does not parse loses whatever precedes its last '@'.
+fn redact(urls: &str) -> String {
+    let one = |url: &str| match url::Url::parse(url) {
         Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
             let _ = u.set_username("***");
             let _ = u.set_password(None);
             u.to_string()
         }
-        _ => url.to_string(),
-    }
+        _ => match (url.split_once("://"), url.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+            (None, Some((_, host))) => format!("***@{host}"),
+            _ => url.to_string(),
+        },
+    };
+    urls.split(',')
+        .map(|u| one(u.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The JetStream message for an append: the id keyed as `Nats-Msg-Id` (see [`ids`]), optional
@@ -808,5 +817,12 @@ mod redact_tests {
         );
         assert_eq!(redact("nats://t0ken@nats:4222"), "nats://***@nats:4222");
         assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        // Each of a list; and what does not parse loses what precedes its '@'.
+        assert_eq!(
+            redact("nats://a:pw1@n1:4222, nats://b:pw2@n2:4222"),
+            "nats://***@n1:4222,nats://***@n2:4222"
+        );
+        assert_eq!(redact("nats://a:pw@n1:bad"), "nats://***@n1:bad");
+        assert_eq!(redact("a:pw@n1"), "***@n1");
     }
 }
