@@ -89,8 +89,10 @@ pub fn spawn_exporters(
     shutdown: watch::Receiver<bool>,
 ) -> crate::status::Health {
     let health = crate::status::Health::default();
-    health.set("archive", "up");
     for stream in streams {
+        // One health entry per stream (a few per process, kept for its life).
+        let name: &'static str = Box::leak(format!("archive {stream}").into_boxed_str());
+        health.set(name, "up");
         let exporter = AuditExporter::new(log.clone(), archive.clone(), stream, config);
         let shutdown = shutdown.clone();
         let health = health.clone();
@@ -101,7 +103,7 @@ pub fn spawn_exporters(
                     Ok(_) if *shutdown.borrow() => return,
                     Ok(_) => {}
                     Err(e) => {
-                        health.set("archive", format!("down: {}: {e}", exporter.stream()));
+                        health.set(name, format!("down: {e}"));
                         tracing::error!(stream = exporter.stream(), error = %e, "audit exporter stopped; restarting")
                     }
                 }
@@ -110,7 +112,7 @@ pub fn spawn_exporters(
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
-                health.set("archive", "up"); // trying again; down again if it fails
+                health.set(name, "up"); // trying again; down again if it fails
             }
         });
     }
