@@ -170,6 +170,7 @@ pub async fn start_messaging(
         platform.log.clone(),
         platform.catalog.clone(),
     ));
+    let mut tail_from = 0;
     if options.gateways {
         // Every key event before the first call: a replica that served while still reading
         // the directory would take a key revoked later in the log for a valid one.
@@ -177,6 +178,10 @@ pub async fn start_messaging(
             .catch_up()
             .await
             .map_err(|e| anyhow::anyhow!("cannot read the MESSAGING key directory: {e}"))?;
+        tail_from = queues
+            .tail_start()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the MESSAGING stream: {e}"))?;
     }
     let limits = platform.settings.messaging;
     let gateway = MessagingGateway::new(queues.clone(), directory.clone(), limits);
@@ -206,7 +211,7 @@ pub async fn start_messaging(
                 let _ = stop.changed().await;
                 sessions.stop_sessions();
             });
-            tasks.spawn(queues.tail(shutdown));
+            tasks.spawn(queues.tail(tail_from, shutdown));
         }
     })
     .await

@@ -28,6 +28,7 @@ creto_replay_tests::on_both_adapters!(
     a_message_sent_to_one_replica_reaches_a_recipient_on_another,
     a_batch_is_answered_per_envelope_and_stored_in_order,
     a_recipient_has_a_bounded_number_of_receive_streams,
+    a_restarted_replica_refuses_a_key_revoked_before_it_started,
 );
 
 async fn agent(url: &str, id: &str) -> AgentClient {
@@ -212,6 +213,16 @@ async fn rotation_overlap_and_revocation(env: &Env) {
     // Bob receives the rest in order; the last verifies with Alice's new key.
     let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
     assert_eq!(bob.open(&m).await.unwrap().plaintext, b"new key");
+    // Stored before the revocation, it still opens once Bob's client knows of it; the same
+    // envelope stored after it (as by a replica that missed the revocation) does not.
+    bob.forget_sender_keys();
+    assert_eq!(bob.open(&m).await.unwrap().plaintext, b"new key");
+    let mut late = m.clone();
+    late.stored_at = Some(creto_streams::envelope::timestamp(
+        chrono::Utc::now() + chrono::Duration::seconds(60),
+    ));
+    let refused = bob.open(&late).await.unwrap_err().to_string();
+    assert!(refused.contains("stopped signing"), "{refused}");
     let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
     assert_eq!(bob.open(&m).await.unwrap().plaintext, b"with the new key");
     running.stop().await;
@@ -794,5 +805,36 @@ async fn a_recipient_has_a_bounded_number_of_receive_streams(env: &Env) {
     };
     let m = next(&mut again, Duration::from_secs(10)).await.unwrap();
     assert_eq!(bob.open(&m).await.unwrap().plaintext, b"still here");
+    running.stop().await;
+}
+
+/// A replica reads the whole key directory before it serves: started on a long key history,
+/// it refuses a key revoked late in it from its first call on (it used to serve while the
+/// directory was still being read, and take the key for a valid one).
+async fn a_restarted_replica_refuses_a_key_revoked_before_it_started(env: &Env) {
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    agent(&url, "bob").await;
+    for i in 0..100 {
+        agent(&url, &format!("filler-{i}")).await;
+    }
+    alice
+        .rpc()
+        .revoke_key(pb::RevokeKeyRequest {
+            agent_id: "alice".into(),
+            key_id: "alice-sig-1".into(),
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap();
+    running.stop().await;
+    let (running, url) = env.start_messaging().await;
+    let mut again = AgentClient::connect(&url, "", "default", "alice")
+        .await
+        .unwrap();
+    again.signing = alice.signing.clone();
+    let (c, m) = code(again.send("bob", b"with a revoked key").await.unwrap_err());
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("revoked"), "{m}");
     running.stop().await;
 }

@@ -69,8 +69,25 @@ pub struct AgentClient {
     /// Last sequence used per recipient.
     sequences: HashMap<String, u64>,
     /// Senders' verifying keys by (agent, key id).
-    verifying: HashMap<(String, String), ed25519_dalek::VerifyingKey>,
+    verifying: HashMap<(String, String), SenderKey>,
 }
+
+/// A sender's signing key as the directory showed it, looked up again after
+/// [`SENDER_KEY_TTL`] (a revocation reaches this client within it).
+#[derive(Clone, Copy)]
+struct SenderKey {
+    key: ed25519_dalek::VerifyingKey,
+    /// When it stopped signing: revoked, or its rotation overlap over.
+    not_after: Option<chrono::DateTime<Utc>>,
+    fetched: std::time::Instant,
+}
+
+/// How long a sender's key status is taken from the cache.
+pub const SENDER_KEY_TTL: Duration = Duration::from_secs(30);
+
+/// `stored_at` is the log server's clock, a key's end the gateway's: a message accepted just
+/// before the end may be stamped a little after it.
+const CLOCK_TOLERANCE: chrono::Duration = chrono::Duration::seconds(2);
 
 impl AgentClient {
     /// Connects with fresh keys (`<agent>-sig-1`, `<agent>-enc-1`); `token` may be empty for a
@@ -291,13 +308,13 @@ impl AgentClient {
     }
 
     /// The sender's verifying key for the envelope's key id (from the directory, cached).
-    async fn sender_key(
-        &mut self,
-        agent: &str,
-        key_id: &str,
-    ) -> Result<ed25519_dalek::VerifyingKey, ClientError> {
+    async fn sender_key(&mut self, agent: &str, key_id: &str) -> Result<SenderKey, ClientError> {
         let cache_key = (agent.to_string(), key_id.to_string());
-        if let Some(k) = self.verifying.get(&cache_key) {
+        if let Some(k) = self
+            .verifying
+            .get(&cache_key)
+            .filter(|k| k.fetched.elapsed() < SENDER_KEY_TTL)
+        {
             return Ok(*k);
         }
         let found = self
@@ -314,12 +331,32 @@ impl AgentClient {
             .ok_or_else(|| {
                 Status::not_found(format!("sender {agent} has no signing key {key_id}"))
             })?;
-        let key = keys::verifying_key(&found.public_key)?;
+        let time = |t: &Option<prost_types::Timestamp>| {
+            t.as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
+        };
+        let not_after = match (time(&found.revoked_at), time(&found.valid_until)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let key = SenderKey {
+            key: keys::verifying_key(&found.public_key)?,
+            not_after,
+            fetched: std::time::Instant::now(),
+        };
         self.verifying.insert(cache_key, key);
         Ok(key)
     }
 
-    /// Verifies the sender's signature, then decrypts with this agent's keys.
+    /// Forgets the senders' keys looked up so far: the next message of each is checked
+    /// against the directory (after news of a compromised key, say).
+    pub fn forget_sender_keys(&mut self) {
+        self.verifying.clear();
+    }
+
+    /// Verifies the sender's signature, then decrypts with this agent's keys. A message the
+    /// server stored after the sender's key was revoked (or retired) is refused: whatever
+    /// signed it then may not be the sender.
     pub async fn open(&mut self, message: &pb::ReceivedMessage) -> Result<Opened, ClientError> {
         let envelope = message
             .envelope
@@ -329,9 +366,21 @@ impl AgentClient {
         let key = self
             .sender_key(&header.sender_agent_id, &header.sender_key_id)
             .await?;
+        let stored = message
+            .stored_at
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32));
+        if let (Some(stored), Some(not_after)) = (stored, key.not_after) {
+            if stored >= not_after + CLOCK_TOLERANCE {
+                return Err(ClientError::Envelope(EnvelopeError::Invalid(format!(
+                    "signed with {}'s key {}, which stopped signing at {not_after} before the message was stored at {stored}",
+                    header.sender_agent_id, header.sender_key_id
+                ))));
+            }
+        }
         Ok(domain::open(
             envelope,
-            &key,
+            &key.key,
             &self.agent_id,
             &self.encryption,
             Utc::now(),

@@ -84,10 +84,12 @@ impl Hub {
         }
     }
 
-    /// Called as a session ends (its subscription dropped): whether it was the recipient's
-    /// last here, in which case its feed is forgotten too (a recipient that does not come
-    /// back, and gets nothing more, would otherwise keep it for the life of the process).
-    fn ended(&self, tenant: &str, agent: &str) -> bool {
+    /// Called as a session ends (its subscription dropped). When it was the recipient's last
+    /// here, its feed is forgotten (a recipient that does not come back, and gets nothing
+    /// more, would otherwise keep it for the life of the process) and so is its queue-depth
+    /// series; not before: another session (a reconnect that overlapped this stream's end)
+    /// keeps setting it. Under the lock, so a session opening meanwhile keeps its series.
+    fn ended(&self, tenant: &str, agent: &str) {
         let mut recipients = self.recipients.lock().expect("hub lock");
         let key = (tenant.to_string(), agent.to_string());
         let last = recipients
@@ -95,8 +97,9 @@ impl Hub {
             .is_none_or(|feed| feed.messages.receiver_count() == 0);
         if last {
             recipients.remove(&key);
+            let _ =
+                metrics::QUEUE_DEPTH.remove_label_values(&[&metrics::agent_label(tenant, agent)]);
         }
-        last
     }
 
     fn acked(&self, tenant: &str, agent: &str, through: u64) {
@@ -230,6 +233,11 @@ impl Queues {
         ))
     }
 
+    /// Where [`Queues::tail`] starts: the stream's last sequence now.
+    pub async fn tail_start(&self) -> Result<u64, LogError> {
+        self.log.last_sequence(&self.stream).await
+    }
+
     /// Hands a stored message to its recipient's sessions on this replica.
     fn to_sessions(&self, event: StoredEvent) {
         let logical = self.catalog.strip(&event.subject);
@@ -251,19 +259,13 @@ impl Queues {
     /// It reads the whole stream and skips what is not a message here: a `messaging.msg.>`
     /// filter, matching one subject per sender-recipient pair, made nats-server 2.9 match it
     /// against every pair's subject for each delivery (see `creto_streams::jetstream`).
-    pub async fn tail(self, mut shutdown: watch::Receiver<bool>) {
-        let mut after = loop {
-            match self.log.last_sequence(&self.stream).await {
-                Ok(last) => break last,
-                Err(e) => {
-                    tracing::warn!(error = %e, "messaging tail cannot read the log; retrying")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(TAIL_RETRY) => {}
-                _ = shutdown.changed() => return,
-            }
-        };
+    ///
+    /// It follows from after `after`, the stream's last sequence read before the first
+    /// Receive stream could open ([`Queues::tail_start`]): a session replays the log up to
+    /// where it stands when it opens, at or past `after`, and the tail hands it everything
+    /// later. Read lazily, a message stored between a session's replay and the tail's first
+    /// read reached neither, and an Ack of a later one acknowledged it unseen.
+    pub async fn tail(self, mut after: u64, mut shutdown: watch::Receiver<bool>) {
         loop {
             match self
                 .log
@@ -309,8 +311,14 @@ pub struct Session {
     subscription: Option<Subscription>,
 }
 
-/// Delivered and not yet acknowledged: cursor → (attempts, first sent this attempt).
+/// Delivered and not yet acknowledged: cursor → (attempts, first sent this attempt). Handed
+/// out in cursor order and emptied at each rewind, so the first entry is the oldest.
 type Outstanding = BTreeMap<u64, (u32, Instant)>;
+
+/// Messages a session hands out before their acks: past it, it waits for them (or for the
+/// ack wait to send them again). Without a bound, a client that never acks was sent the whole
+/// backlog again at every ack wait, and the server tracked every message of it.
+pub const MAX_IN_FLIGHT: usize = 10_000;
 
 /// Where one session stands.
 struct Delivering {
@@ -355,12 +363,7 @@ impl Session {
     /// Streams the recipient's messages into `tx` until the caller goes away.
     pub async fn run(mut self, tx: mpsc::Sender<Result<ReceivedMessage, Status>>) {
         let delivered = self.deliver(&tx).await;
-        // The depth series goes with the recipient's last session here: another one (a
-        // reconnect that overlapped this stream's end) keeps setting it.
-        if self.queues.hub.ended(&self.tenant, &self.recipient) {
-            let _ = metrics::QUEUE_DEPTH
-                .remove_label_values(&[&metrics::agent_label(&self.tenant, &self.recipient)]);
-        }
+        self.queues.hub.ended(&self.tenant, &self.recipient);
         if let Err(status) = delivered {
             let _ = tx.send(Err(status)).await;
         }
@@ -412,6 +415,9 @@ impl Session {
                 )
                 .await
                 .map_err(log_status)?;
+            // Stopped short when the in-flight window is full: the rest is read again from
+            // the log once acks make room (the tail's messages are after it).
+            let mut behind = false;
             while let Some(event) = events.try_next().await.map_err(log_status)? {
                 // Acks keep coming during a replay (a rewind's may be long): what they cover
                 // is not sent again.
@@ -419,17 +425,27 @@ impl Session {
                 if !self.hand_out(&mut state, &event, floor, tx).await? {
                     return Ok(());
                 }
+                if state.outstanding.len() >= MAX_IN_FLIGHT {
+                    behind = true;
+                    break;
+                }
             }
+            drop(events);
             // Then live, from the tail, until a rewind or a fall-behind sends us back.
             loop {
+                let room = state.outstanding.len() < MAX_IN_FLIGHT;
+                // Back to the log once half the window is free: a replay per freed slot would
+                // open a log reader per ack while a backlog drains.
+                if behind && state.outstanding.len() <= MAX_IN_FLIGHT / 2 {
+                    break;
+                }
                 depth.set(state.outstanding.len() as i64);
                 let deadline = state
                     .outstanding
-                    .values()
-                    .map(|(_, sent)| *sent + self.ack_wait)
-                    .min();
+                    .first_key_value()
+                    .map(|(_, (_, sent))| *sent + self.ack_wait);
                 tokio::select! {
-                    message = live.recv() => match message {
+                    message = live.recv(), if room && !behind => match message {
                         Ok(event) => {
                             if event.sequence > state.cursor
                                 && !self.hand_out(&mut state, &event, floor, tx).await?
@@ -459,8 +475,8 @@ impl Session {
                         state.forget_through(floor);
                         if state
                             .outstanding
-                            .values()
-                            .any(|(_, sent)| sent.elapsed() >= self.ack_wait)
+                            .first_key_value()
+                            .is_some_and(|(_, (_, sent))| sent.elapsed() >= self.ack_wait)
                         {
                             // Redeliver in order: everything after the acknowledged position.
                             state.cursor = floor.max(self.after_cursor);

@@ -713,6 +713,17 @@ impl MessagingService for MessagingGateway {
                         .directory
                         .agent(&tenant, &r.agent_id)
                         .unwrap_or_default();
+                    // A concurrent registration of the same key id stored first (ours was
+                    // taken for its duplicate): ours is not registered, unless it is the same.
+                    if after
+                        .get(&r.key_id)
+                        .is_some_and(|k| k.public_key != r.public_key || k.purpose != purpose)
+                    {
+                        return Err(Status::already_exists(format!(
+                            "key id {:?} of agent {:?} was just registered with other material; choose a new key id",
+                            r.key_id, r.agent_id
+                        )));
+                    }
                     let view = |id: &str| after.get(id).map(|k| key_to_proto(k, now));
                     return Ok(Response::new(pb::RegisterKeyResponse {
                         key: view(&r.key_id),
