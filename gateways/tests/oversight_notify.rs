@@ -672,6 +672,29 @@ async fn email_reaches_each_approver_with_their_own_links() {
     }
 }
 
+/// A retry mails only the recipients that failed: each retry used to mail everyone again,
+/// each time with other links.
+#[tokio::test]
+async fn an_email_retry_mails_only_who_was_not_reached() {
+    let sink = start_smtp_sink().await;
+    let notifier = Notifier::new(NotifyConfig {
+        smtp_url: Some(format!("smtp://127.0.0.1:{}", sink.port)),
+        attempts: 3,
+        backoff: Duration::from_millis(10),
+        ..config()
+    });
+    // "bad@" is no address: that recipient fails every attempt.
+    let n = notification(&notifier, &["alice@example.org", "bad@"]);
+    let delivered = notifier
+        .deliver(notifier.senders_for(&[Channel::Email])[0], &n)
+        .await;
+    assert!(!delivered.ok, "{delivered:?}");
+    assert_eq!(delivered.attempts, 3, "{delivered:?}");
+    assert!(delivered.detail.contains("bad@"), "{}", delivered.detail);
+    let messages = read_maildir(&sink.python, &sink.maildir);
+    assert_eq!(messages.len(), 1, "alice mailed once: {messages:?}");
+}
+
 #[tokio::test]
 async fn email_without_any_address_fails_with_a_reason() {
     let notifier = Notifier::new(NotifyConfig {

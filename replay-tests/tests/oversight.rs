@@ -25,6 +25,7 @@ creto_replay_tests::on_both_adapters!(
     notifications_reach_the_webhook_signed_and_are_recorded,
     a_slow_receiver_does_not_hold_back_other_announcements,
     a_request_has_a_bounded_number_of_watchers,
+    every_escalation_is_announced,
 );
 
 fn level(approvers: &[&str], timeout: Duration) -> pb::Level {
@@ -981,5 +982,70 @@ async fn a_request_has_a_bounded_number_of_watchers(env: &Env) {
         State::Approved as i32
     );
     assert!(again.message().await.unwrap().is_none());
+    running.stop().await;
+}
+
+/// Each level a request escalates to is announced to its approvers. The notifier used to read
+/// the request from the replica's view without catching up to the escalation it announced: a
+/// copy still at the previous level was taken for stale, and the new level was never told.
+async fn every_escalation_is_announced(env: &Env) {
+    use std::sync::{Arc, Mutex};
+    let levels: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = levels.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let seen = seen.clone();
+            async move {
+                let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+                seen.lock().unwrap().push((
+                    json["request_id"].as_str().unwrap_or_default().to_string(),
+                    json["level"].as_u64().unwrap_or(u64::MAX),
+                ));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let notify = creto_gateways::oversight::notify::NotifyConfig {
+        webhook_url: Some(format!("http://{addr}/hook")),
+        ..Default::default()
+    };
+    let running = env.start_oversight_notifying(notify).await;
+    let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
+    let step = Duration::from_millis(400);
+    put(
+        &mut c,
+        policy(
+            "pager",
+            "infra.*",
+            1,
+            vec![
+                level(&["l1"], step),
+                level(&["l2"], step),
+                level(&["l3"], Duration::from_secs(60)),
+            ],
+            TimeoutAction::Escalate,
+        ),
+    )
+    .await;
+    let ids: Vec<String> = (0..5).map(|i| format!("esc-{i}")).collect();
+    for id in &ids {
+        ask(&mut c, id, "infra.failover").await;
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    let complete = |seen: &[(String, u64)]| {
+        ids.iter()
+            .all(|id| (0..3).all(|l| seen.iter().any(|(r, s)| r == id && *s == l)))
+    };
+    while !complete(&levels.lock().unwrap()) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = levels.lock().unwrap().clone();
+    assert!(complete(&seen), "levels announced: {seen:?}");
     running.stop().await;
 }

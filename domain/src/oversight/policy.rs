@@ -7,6 +7,9 @@ use creto_schemas::oversight::v1::{Policy, TimeoutAction};
 pub const MAX_LEVEL_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const MAX_LEVELS: usize = 8;
 pub const MAX_APPROVERS: usize = 100;
+/// Agents a policy may name: every request it matches carries a copy of the policy, and a
+/// request is one message on the log (1 MiB at most, parameters included).
+pub const MAX_AGENTS: usize = 1_000;
 
 fn check_token(what: &str, id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
@@ -50,6 +53,11 @@ pub fn validate(p: &Policy) -> Result<(), String> {
         return Err("'*' may only end the action pattern (\"payments.*\", \"*\")".into());
     }
     crate::text::check("action", &p.action)?;
+    if p.agents.len() > MAX_AGENTS {
+        return Err(format!(
+            "agents: at most {MAX_AGENTS} (a policy for more agents covers them all: leave agents empty)"
+        ));
+    }
     for a in &p.agents {
         check_token("agent", a)?;
     }
@@ -83,8 +91,16 @@ pub fn validate(p: &Policy) -> Result<(), String> {
                 "channels: {priority} is not a priority (1 low .. 4 critical)"
             ));
         }
-        if list.channels.iter().any(|c| !(1..=3).contains(c)) {
-            return Err("channels are CHANNEL_SLACK, CHANNEL_EMAIL or CHANNEL_WEBHOOK".into());
+        let repeated = list
+            .channels
+            .iter()
+            .enumerate()
+            .any(|(i, c)| list.channels[..i].contains(c));
+        if repeated || list.channels.iter().any(|c| !(1..=3).contains(c)) {
+            return Err(
+                "channels are CHANNEL_SLACK, CHANNEL_EMAIL or CHANNEL_WEBHOOK, each at most once"
+                    .into(),
+            );
         }
     }
     if p.quorum == 0 {
@@ -170,6 +186,9 @@ mod tests {
         assert!(validate(&policy("p", "é*é", 1, &[]))
             .unwrap_err()
             .contains("'*'"));
+        let mut crowded = policy("p", "x", 1, &[]);
+        crowded.agents = (0..=MAX_AGENTS).map(|i| format!("a{i}")).collect();
+        assert!(validate(&crowded).unwrap_err().contains("agents"));
         let mut no_timeout = policy("p", "x", 1, &[]);
         no_timeout.levels[0].timeout = None;
         assert!(validate(&no_timeout).is_err());

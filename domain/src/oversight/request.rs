@@ -442,6 +442,16 @@ pub fn cancel(
         )));
     }
     crate::text::check("reason", reason).map_err(Refusal::Invalid)?;
+    // The caller's token subject, as an approver's name is checked: what the PostgreSQL audit
+    // trail cannot store (a NUL) would set the event aside there and leave the request
+    // pending in the read model while the gateways have it cancelled.
+    if by.is_empty() || by.len() > 254 {
+        return Err(Refusal::Invalid(
+            "the caller's token subject is 1 to 254 bytes; issue a token with such a subject"
+                .into(),
+        ));
+    }
+    crate::text::check("token subject", by).map_err(Refusal::Invalid)?;
     match agg.state() {
         State::Cancelled => Ok(vec![]),
         State::Pending => Ok(vec![event(
@@ -719,6 +729,10 @@ mod tests {
         let now = Utc::now();
         let p = policy(1, vec![level(&["ann"], 60)], TimeoutAction::Deny);
         let mut agg = request(&p, now);
+        assert!(matches!(
+            cancel(&agg, "bo\0t", "not needed", now),
+            Err(Refusal::Invalid(_))
+        ));
         let e = cancel(&agg, "bot", "not needed", now).unwrap();
 
         fold(&mut agg, &e);

@@ -3,8 +3,11 @@
 //! upgrades with STARTTLS, `smtps://host:port` is TLS from the first byte; TLS is rustls with the
 //! system's roots. `user:password@` in the URL logs in.
 //!
-//! One attempt mails every recipient; if some fail, the attempt fails and the retry mails them
-//! all again (a duplicate e-mail beats a missing one).
+//! One attempt mails every recipient not mailed yet for this notification; if some fail, the
+//! attempt fails and the retry mails those again, not the ones already mailed (each would get
+//! another message, with other links).
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use creto_schemas::oversight::v1::Channel;
@@ -19,7 +22,14 @@ pub struct EmailSender {
     from: Mailbox,
     to_domain: Option<String>,
     signer: Option<LinkSigner>,
+    /// Addresses mailed so far, per notification (tenant, request, level) not yet mailed to
+    /// everyone: what a retry skips.
+    mailed: Mutex<HashMap<(String, String, u32), HashSet<String>>>,
 }
+
+/// Notifications with recipients still to mail that are remembered; past it, forgotten (a
+/// retry then mails everyone again).
+const MAILED_REMEMBERED: usize = 10_000;
 
 impl EmailSender {
     /// `smtp_url` as in the module docs; `from` a mailbox (`Name <addr>` or `addr`). Approvers
@@ -45,6 +55,7 @@ impl EmailSender {
             from,
             to_domain,
             signer,
+            mailed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -133,8 +144,20 @@ impl Sender for EmailSender {
             );
         }
         let subject = subject(n);
+        let key = (n.tenant.clone(), n.request.request_id.clone(), n.level);
+        let done = self
+            .mailed
+            .lock()
+            .expect("mailed lock")
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
         let mut failures = Vec::new();
+        let mut sent = Vec::new();
         for (approver, address) in &recipients {
+            if done.contains(address) {
+                continue;
+            }
             let to: Mailbox = match address.parse() {
                 Ok(m) => m,
                 Err(e) => {
@@ -161,8 +184,20 @@ impl Sender for EmailSender {
                     continue;
                 }
             };
-            if let Err(e) = self.transport.send(message).await {
-                failures.push(format!("{address}: {e}"));
+            match self.transport.send(message).await {
+                Ok(_) => sent.push(address.clone()),
+                Err(e) => failures.push(format!("{address}: {e}")),
+            }
+        }
+        {
+            let mut mailed = self.mailed.lock().expect("mailed lock");
+            if failures.is_empty() {
+                mailed.remove(&key);
+            } else {
+                if mailed.len() >= MAILED_REMEMBERED {
+                    mailed.clear();
+                }
+                mailed.entry(key).or_default().extend(sent);
             }
         }
         if failures.is_empty() {
