@@ -1285,6 +1285,10 @@ async fn replay_rebuild(
     json: bool,
 ) -> Result<(), CliError> {
     let started = std::time::Instant::now();
+    // Held until the rebuild ends (switch included); dropped with its connection otherwise.
+    let _only_one = rebuild::only_rebuild(&pool).await.map_err(fail)?.ok_or_else(|| {
+        fail("another metering rebuild is running (it holds the rebuild lock): wait for it, or stop it first")
+    })?;
     let projector = rebuild::prepare_metering(
         &pool,
         log.clone(),

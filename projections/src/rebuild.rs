@@ -68,6 +68,20 @@ pub struct RebuildReport {
     pub elapsed_ms: u128,
 }
 
+/// The one metering rebuild allowed at a time: a connection holding a session lock, released
+/// when it is dropped (or its process dies). Two rebuilds share the side schema: one
+/// `--restart` would drop the other's tables, and two loads would each copy the same rows.
+/// None when another rebuild holds it.
+pub async fn only_rebuild(pool: &PgPool) -> Result<Option<sqlx::PgConnection>, ProjectionError> {
+    // Out of the pool: a pooled connection given back would keep the lock for its next user.
+    let mut conn = pool.acquire().await?.detach();
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('creto.rebuild.metering'))")
+            .fetch_one(&mut conn)
+            .await?;
+    Ok(locked.then_some(conn))
+}
+
 /// Prepares (or resumes) the side schema and returns the rebuild projector.
 pub async fn prepare_metering(
     pool: &PgPool,

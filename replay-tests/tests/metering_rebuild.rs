@@ -227,3 +227,26 @@ async fn rebuilt_tables_equal_live_built_ones() {
     let _ = task.await;
     env.drop().await;
 }
+
+/// One rebuild at a time: the second is refused while the first holds the lock, and the lock
+/// goes with the first's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_is_refused_while_one_runs() {
+    let env = Env::new().await;
+    let first = rebuild::only_rebuild(env.pool()).await.unwrap();
+    assert!(first.is_some());
+    assert!(
+        rebuild::only_rebuild(env.pool()).await.unwrap().is_none(),
+        "two rebuilds at once"
+    );
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rebuild::only_rebuild(env.pool()).await.unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock outlived its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.drop().await;
+}

@@ -70,15 +70,22 @@ pub struct Added {
 /// Effects of the live projector only: a rebuild must not count events a second time.
 pub struct LiveEffects {
     stream: String,
+    /// `subscription_id` label values (configurable).
     labels: LabelBudget,
+    /// `event_type` label values: chosen by producers too, so bounded the same way.
+    event_types: LabelBudget,
     counters: Option<(Counters, CounterWriter)>,
 }
+
+/// Distinct `event_type` label values of `metering_events_total` before the rest are `other`.
+pub const EVENT_TYPE_LABELS: usize = 200;
 
 impl LiveEffects {
     pub fn new(stream: &str) -> Self {
         LiveEffects {
             stream: stream.to_string(),
             labels: LabelBudget::new(1_000),
+            event_types: LabelBudget::new(EVENT_TYPE_LABELS),
             counters: None,
         }
     }
@@ -130,7 +137,10 @@ impl LiveEffects {
         let mut keys = Vec::with_capacity(added.len());
         for a in added {
             metrics::METERING_EVENTS
-                .with_label_values(&[self.labels.label(&a.key.1), &a.key.2])
+                .with_label_values(&[
+                    self.labels.label(&a.key.1),
+                    self.event_types.label(&a.key.2),
+                ])
                 .inc_by(a.events);
             keys.push(a.key);
         }

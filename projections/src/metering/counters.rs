@@ -67,7 +67,8 @@ impl Counters {
         format!("{}metering:counters:sequence", self.prefix)
     }
 
-    async fn write(&self, rows: Vec<MonthTotal>, sequence: u64) -> Result<(), CacheError> {
+    /// Writes the totals; then, with `sequence`, that every counter reflects it.
+    async fn write(&self, rows: Vec<MonthTotal>, sequence: Option<u64>) -> Result<(), CacheError> {
         let month = chrono::Utc::now().format("%Y-%m").to_string();
         let mut writes: Vec<CacheWrite> = rows
             .into_iter()
@@ -85,10 +86,12 @@ impl Counters {
                 }
             })
             .collect();
-        writes.push(CacheWrite::Set {
-            key: self.sequence_key(),
-            value: sequence.to_string(),
-        });
+        if let Some(sequence) = sequence {
+            writes.push(CacheWrite::Set {
+                key: self.sequence_key(),
+                value: sequence.to_string(),
+            });
+        }
         self.cache.write(writes).await
     }
 
@@ -98,18 +101,28 @@ impl Counters {
             .inc();
     }
 
-    /// Writes the month-to-date totals of the keys a batch touched.
-    pub async fn refresh(&self, read_model: &dyn MeteringReadModel, keys: &[Key], sequence: u64) {
+    /// Writes the month-to-date totals of the keys a batch touched; whether it could.
+    async fn refresh(&self, read_model: &dyn MeteringReadModel, keys: &[Key]) -> bool {
         match read_model.month_totals(Some(keys)).await {
             Ok(rows) => {
-                let ok = self.write(rows, sequence).await;
+                let ok = self.write(rows, None).await;
                 if let Err(e) = &ok {
-                    tracing::warn!(error = %e, "usage counters not updated; they will be rebuilt");
+                    tracing::warn!(error = %e, "usage counters not updated; retried with the next batch");
                 }
                 self.record("set", ok.is_ok());
+                ok.is_ok()
             }
-            Err(e) => tracing::warn!(error = %e, "month totals query failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "month totals query failed; retried with the next batch");
+                false
+            }
         }
+    }
+
+    /// Records that every counter reflects the log up to `sequence`.
+    async fn mark(&self, sequence: u64) {
+        let ok = self.write(Vec::new(), Some(sequence)).await;
+        self.record("set", ok.is_ok());
     }
 
     /// Starts the single background writer the projector feeds after each commit. Requests
@@ -121,17 +134,26 @@ impl Counters {
         let counters = self.clone();
         tokio::spawn(async move {
             let mut last_write = tokio::time::Instant::now() - WRITE_EVERY;
+            // Keys whose refresh failed: written with the next batch's, and until they are,
+            // the stored sequence stays behind (an activation then rebuilds every counter).
+            let mut failed: std::collections::HashSet<Key> = Default::default();
             while let Some((keys, mut sequence)) = rx.recv().await {
                 tokio::time::sleep_until(last_write + WRITE_EVERY).await;
                 last_write = tokio::time::Instant::now();
                 let mut merged: std::collections::HashSet<Key> = keys.into_iter().collect();
+                merged.extend(failed.drain());
                 while let Ok((more, s)) = rx.try_recv() {
                     merged.extend(more);
                     sequence = sequence.max(s);
                 }
                 let keys: Vec<Key> = merged.into_iter().collect();
                 for chunk in keys.chunks(5_000) {
-                    counters.refresh(&*read_model, chunk, sequence).await;
+                    if !counters.refresh(&*read_model, chunk).await {
+                        failed.extend(chunk.iter().cloned());
+                    }
+                }
+                if failed.is_empty() {
+                    counters.mark(sequence).await;
                 }
             }
         });
@@ -148,7 +170,7 @@ impl Counters {
         match read_model.month_totals(None).await {
             Ok(rows) => {
                 let n = rows.len();
-                let ok = self.write(rows, checkpoint).await;
+                let ok = self.write(rows, Some(checkpoint)).await;
                 self.record("set", ok.is_ok());
                 tracing::info!(
                     keys = n,
