@@ -348,3 +348,73 @@ fn check_query_usage(make: impl FnOnce(&tokio::runtime::Runtime) -> Env) {
     rt.block_on(running.stop());
     rt.block_on(env.drop());
 }
+
+/// Window starts equal PostgreSQL's `date_trunc(field, t, zone)` around clock changes, and each
+/// window ends where the next begins: the embedded adapter computes windows in Rust, PostgreSQL
+/// in SQL, and the two answered differently for hours the clocks repeat, days whose midnight
+/// is skipped or repeated, and gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_equal_postgres_date_trunc_around_clock_changes() {
+    let env = Env::new().await;
+    // Spring and autumn changes of 2024 in zones with whole-hour, half-hour and 45-minute
+    // offsets, changes at midnight (Santiago, Havana) and half-hour changes (Lord Howe).
+    let zones = [
+        "America/New_York",
+        "America/Santiago",
+        "America/Havana",
+        "Australia/Lord_Howe",
+        "Europe/London",
+        "Asia/Kolkata",
+        "Pacific/Chatham",
+    ];
+    let mut instants: Vec<DateTime<Utc>> = Vec::new();
+    for from in [
+        "2024-03-08T00:00:00Z",
+        "2024-03-29T00:00:00Z",
+        "2024-04-05T00:00:00Z",
+        "2024-09-05T00:00:00Z",
+        "2024-09-27T00:00:00Z",
+        "2024-10-04T00:00:00Z",
+        "2024-10-25T00:00:00Z",
+        "2024-11-01T00:00:00Z",
+    ] {
+        let from: DateTime<Utc> = from.parse().unwrap();
+        instants.extend((0..4 * 24 * 6).map(|i| from + Ch::minutes(10 * i)));
+    }
+    for zone in zones {
+        let tz: chrono_tz::Tz = zone.parse().unwrap();
+        for window in [Window::Minute, Window::Hour, Window::Day, Window::Month] {
+            let rows: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT t, date_trunc($1, t, $2) FROM unnest($3::timestamptz[]) AS t ORDER BY t",
+            )
+            .bind(window.as_sql())
+            .bind(zone)
+            .bind(&instants)
+            .fetch_all(env.pool())
+            .await
+            .unwrap();
+            // (instant, its window's start) of the row before.
+            let mut previous: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
+            for (t, postgres) in rows {
+                assert_eq!(window.start(t, tz), postgres, "{window:?} of {t} in {zone}");
+                // Ten minutes apart, two instants in different day or month windows are in
+                // adjacent ones. (Hours are an hour long; where the clocks move by half an
+                // hour, PostgreSQL's hour windows overlap or leave a gap.)
+                if let Some((before, start)) = previous {
+                    if t - before == Ch::minutes(10)
+                        && start != postgres
+                        && matches!(window, Window::Day | Window::Month)
+                    {
+                        assert_eq!(
+                            window.end(start, tz),
+                            postgres,
+                            "{window:?} after {start} in {zone}"
+                        );
+                    }
+                }
+                previous = Some((t, postgres));
+            }
+        }
+    }
+    env.drop().await;
+}
