@@ -25,15 +25,17 @@ pub struct Sorted<'a> {
     pub billing: Vec<(super::billing::BillingFact, &'a StoredEvent)>,
 }
 
-/// Decodes the events after `checkpoint`; invalid ones are parked in the dead letters before
-/// the batch commits. A letter's id comes from the event's sequence, so a retried batch parks
-/// it once.
+/// Decodes the events after `checkpoint`; invalid ones after `parked_through` are parked in
+/// the dead letters before the batch commits. A letter's id comes from the event's sequence,
+/// so a retried batch parks it once, but only within the log's duplicate window: a rebuild,
+/// reading events the live projector parked long ago, passes the live checkpoint.
 pub async fn sort<'a>(
     events: &'a [StoredEvent],
     checkpoint: u64,
     catalog: &Catalog,
     limits: &IngestLimits,
     log: &dyn EventLog,
+    parked_through: u64,
 ) -> Result<Sorted<'a>, ProjectionError> {
     let mut sorted = Sorted::default();
     for e in events.iter().filter(|e| e.sequence > checkpoint) {
@@ -45,14 +47,16 @@ pub async fn sort<'a>(
                 sorted.meters.push((meter, tenant, e.sequence))
             }
             Decoded::Invalid(invalid) => {
-                let letter = deadletter::letter(
-                    e,
-                    &catalog.deadletter_subject(METERING),
-                    invalid.reason.as_str(),
-                    &invalid.detail,
-                    1,
-                );
-                log.append(letter).await?;
+                if e.sequence > parked_through {
+                    let letter = deadletter::letter(
+                        e,
+                        &catalog.deadletter_subject(METERING),
+                        invalid.reason.as_str(),
+                        &invalid.detail,
+                        1,
+                    );
+                    log.append(letter).await?;
+                }
                 sorted.invalid.push(invalid.reason.as_str());
             }
         }

@@ -385,8 +385,15 @@ impl Projector for SledProjector {
                 ..Default::default()
             });
         };
-        let sorted =
-            batch::sort(events, checkpoint, &self.catalog, &self.limits, &*self.log).await?;
+        let sorted = batch::sort(
+            events,
+            checkpoint,
+            &self.catalog,
+            &self.limits,
+            &*self.log,
+            0,
+        )
+        .await?;
         let mut report = ApplyReport {
             checkpoint: last.sequence,
             dead_lettered: sorted.invalid.len() as u64,

@@ -222,8 +222,28 @@ impl MeteringProjector {
             ));
         }
 
-        let sorted =
-            batch::sort(events, checkpoint, &self.catalog, &self.limits, &*self.log).await?;
+        // A rebuild parks only what the live projector has not passed (it parked the rest).
+        let parked_through = match &self.live {
+            Some(_) => 0,
+            None => {
+                let live: Option<i64> = sqlx::query_scalar(
+                    "SELECT last_sequence FROM public.projection_checkpoints WHERE projector = $1",
+                )
+                .bind(PRODUCT)
+                .fetch_optional(&mut **tx)
+                .await?;
+                live.unwrap_or(0) as u64
+            }
+        };
+        let sorted = batch::sort(
+            events,
+            checkpoint,
+            &self.catalog,
+            &self.limits,
+            &*self.log,
+            parked_through,
+        )
+        .await?;
         let mut report = ApplyReport {
             checkpoint: last.sequence,
             dead_lettered: sorted.invalid.len() as u64,
