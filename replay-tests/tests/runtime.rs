@@ -29,6 +29,7 @@ creto_replay_tests::on_both_adapters!(
     a_restarted_replica_marks_its_sandboxes_failed,
     bad_input_gets_clear_statuses,
     a_tenant_has_a_bounded_number_of_live_sandboxes,
+    a_replica_keeps_its_sandboxes_within_its_memory_budget,
 );
 
 /// A directory the unprivileged sandbox user can traverse to reach its layer.
@@ -895,5 +896,43 @@ async fn a_tenant_has_a_bounded_number_of_live_sandboxes(env: &Env) {
         .await
         .unwrap();
     }
+    running.stop().await;
+}
+
+/// The sandboxes of one replica ask for at most RUNTIME_MEMORY_BUDGET_MB together: their
+/// cgroups sit inside the replica's, and past its memory the kernel kills in the replica.
+async fn a_replica_keeps_its_sandboxes_within_its_memory_budget(env: &Env) {
+    let dir = sandbox_dir();
+    let limits = creto_domain::runtime::sandbox::RuntimeLimits {
+        replica_memory_mb: Some(600),
+        ..Default::default()
+    };
+    let (running, url) = env.start_runtime_limited(dir.path(), limits).await;
+    let mut c = client(&url).await;
+    // 256 MB each by default: two fit, a third does not, a smaller one does.
+    let first = create(&mut c, create_request()).await;
+    create(&mut c, create_request()).await;
+    let err = c.create_sandbox(create_request()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("RUNTIME_MEMORY_BUDGET_MB") && err.message().contains("512 MB"),
+        "{err:?}"
+    );
+    let mut small = create_request();
+    small.resources = Some(pb::Resources {
+        memory_mb: 64,
+        ..Default::default()
+    });
+    create(&mut c, small).await;
+    // An ended sandbox gives its memory back.
+    c.terminate_sandbox(pb::TerminateSandboxRequest {
+        sandbox_id: first.sandbox_id,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        create(&mut c, create_request()).await.state,
+        pb::State::Ready as i32
+    );
     running.stop().await;
 }

@@ -29,6 +29,10 @@ pub struct RuntimeLimits {
     /// Sandboxes one tenant may have live at once (requested, provisioning or ready), on
     /// every replica together.
     pub max_live_per_tenant: usize,
+    /// The memory (MB) the live sandboxes of one replica may ask for together, warm ones
+    /// included; None: no bound. Sandboxes' cgroups sit inside the replica's, so past its
+    /// memory the kernel kills in the replica, the gateway included.
+    pub replica_memory_mb: Option<u64>,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub default_exec_timeout: Duration,
@@ -51,6 +55,7 @@ impl Default for RuntimeLimits {
             default_disk_mb: 1024,
             max_disk_mb: 64 * 1024,
             max_live_per_tenant: 100,
+            replica_memory_mb: None,
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             default_exec_timeout: Duration::from_secs(60),

@@ -61,6 +61,22 @@ impl Drop for Admitted<'_> {
     }
 }
 
+/// Memory reserved by [`Runtime::reserve_memory`]; given back when dropped.
+struct MemoryReserved<'a> {
+    runtime: &'a Runtime,
+    memory_mb: u64,
+}
+
+impl Drop for MemoryReserved<'_> {
+    fn drop(&mut self) {
+        *self
+            .runtime
+            .provisioning_mb
+            .lock()
+            .expect("provisioning lock") -= self.memory_mb;
+    }
+}
+
 /// A sandbox this replica runs.
 pub struct Live {
     pub handle: Arc<dyn Sandbox>,
@@ -79,6 +95,9 @@ pub struct Runtime {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Tenant → its sandboxes being created on this replica (not in the view yet).
     creating: Mutex<HashMap<String, usize>>,
+    /// Memory (MB) of the sandboxes being provisioned here, counted against
+    /// `replica_memory_mb` until they are in the view.
+    provisioning_mb: Mutex<u64>,
     /// Checkpoint archives in memory at once ([`ARCHIVES_AT_ONCE`]).
     archives: Arc<Semaphore>,
     /// Template → ids of warm sandboxes ready to be claimed, oldest first.
@@ -179,6 +198,7 @@ impl Runtime {
             archive,
             live: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
+            provisioning_mb: Mutex::new(0),
             archives: Arc::new(Semaphore::new(ARCHIVES_AT_ONCE)),
             pool: Mutex::new(HashMap::new()),
             pool_wanted: Notify::new(),
@@ -270,6 +290,29 @@ impl Runtime {
         })
     }
 
+    /// Room in this replica's memory budget for a sandbox of `memory_mb`, held while it is
+    /// provisioned (until it is in the view, which then counts it).
+    fn reserve_memory(&self, memory_mb: u64) -> Result<MemoryReserved<'_>, RuntimeError> {
+        let Some(budget) = self.settings.limits.replica_memory_mb else {
+            return Ok(MemoryReserved {
+                runtime: self,
+                memory_mb: 0,
+            });
+        };
+        let mut provisioning = self.provisioning_mb.lock().expect("provisioning lock");
+        let used = self.view.memory_on_node() + *provisioning;
+        if used + memory_mb > budget {
+            return Err(RuntimeError::Exhausted(format!(
+                "this runtime replica's sandboxes hold {used} MB of its {budget} MB                  (RUNTIME_MEMORY_BUDGET_MB): ask for less than {memory_mb} MB in                  resources.memory_mb, retry (another replica may have room), or end a sandbox"
+            )));
+        }
+        *provisioning += memory_mb;
+        Ok(MemoryReserved {
+            runtime: self,
+            memory_mb,
+        })
+    }
+
     /// Claims a warm sandbox when the request matches the pool, else provisions a cold one.
     pub async fn create(&self, new: NewSandbox) -> Result<pb::Sandbox, RuntimeError> {
         let _admitted = self.admit(&new.tenant)?;
@@ -347,6 +390,7 @@ impl Runtime {
         started: Instant,
     ) -> Result<pb::Sandbox, RuntimeError> {
         let template = self.template(&template_name)?;
+        let _memory = self.reserve_memory(resources.memory_mb)?;
         let id = format!("sb-{}", uuid::Uuid::new_v4().simple());
         let pool = new.is_none();
         let egress = new.as_ref().map(|n| n.egress.clone()).unwrap_or_default();

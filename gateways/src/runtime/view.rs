@@ -128,6 +128,18 @@ impl RuntimeView {
         }
     }
 
+    /// The memory (MB) the live sandboxes of this replica asked for, warm ones included.
+    pub fn memory_on_node(&self) -> u64 {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .sandboxes
+            .values()
+            .filter(|a| a.view.node == self.node && a.is_live())
+            .map(|a| a.view.resources.as_ref().map_or(0, |r| r.memory_mb))
+            .sum()
+    }
+
     /// Sandboxes of `tenant` live on any replica (as far as this view has followed the log).
     pub fn live_of(&self, tenant: &str) -> usize {
         self.folded
