@@ -845,25 +845,21 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
     running.stop().await;
 }
 
-async fn a_slow_receiver_does_not_hold_back_other_announcements(env: &Env) {
-    use std::sync::{Arc, Mutex};
-    // A receiver that takes 3 s over each `slow-*` request (within the webhook's timeout) and
-    // answers the others at once, noting when.
-    let arrived: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+/// A webhook receiver on loopback (`POST /hook`): `on` gets each call's JSON body, then the
+/// call is answered 200. Returns its address.
+async fn webhook_receiver<F, Fut>(on: F) -> std::net::SocketAddr
+where
+    F: Fn(serde_json::Value) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = arrived.clone();
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |body: String| {
-            let seen = seen.clone();
+            let on = on.clone();
             async move {
-                let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-                let id = json["request_id"].as_str().unwrap().to_string();
-                if id.starts_with("slow-") {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                }
-                seen.lock().unwrap().push((id, Instant::now()));
+                on(serde_json::from_str(&body).unwrap()).await;
                 axum::http::StatusCode::OK
             }
         }),
@@ -871,6 +867,26 @@ async fn a_slow_receiver_does_not_hold_back_other_announcements(env: &Env) {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
+    addr
+}
+
+async fn a_slow_receiver_does_not_hold_back_other_announcements(env: &Env) {
+    use std::sync::{Arc, Mutex};
+    // A receiver that takes 3 s over each `slow-*` request (within the webhook's timeout) and
+    // answers the others at once, noting when.
+    let arrived: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let seen = arrived.clone();
+    let addr = webhook_receiver(move |json| {
+        let seen = seen.clone();
+        async move {
+            let id = json["request_id"].as_str().unwrap().to_string();
+            if id.starts_with("slow-") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            seen.lock().unwrap().push((id, Instant::now()));
+        }
+    })
+    .await;
     let notify = creto_gateways::oversight::notify::NotifyConfig {
         webhook_url: Some(format!("http://{addr}/hook")),
         webhook_secret: Some("hook-secret".into()),
@@ -991,26 +1007,17 @@ async fn a_request_has_a_bounded_number_of_watchers(env: &Env) {
 async fn every_escalation_is_announced(env: &Env) {
     use std::sync::{Arc, Mutex};
     let levels: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = levels.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: String| {
-            let seen = seen.clone();
-            async move {
-                let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-                seen.lock().unwrap().push((
-                    json["request_id"].as_str().unwrap_or_default().to_string(),
-                    json["level"].as_u64().unwrap_or(u64::MAX),
-                ));
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = webhook_receiver(move |json| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push((
+                json["request_id"].as_str().unwrap_or_default().to_string(),
+                json["level"].as_u64().unwrap_or(u64::MAX),
+            ));
+        }
+    })
+    .await;
     let notify = creto_gateways::oversight::notify::NotifyConfig {
         webhook_url: Some(format!("http://{addr}/hook")),
         ..Default::default()
