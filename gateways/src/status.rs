@@ -50,17 +50,43 @@ static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 
 /// State of each dependency, shared by `/health` and gRPC health.
 #[derive(Clone, Default)]
-pub struct Health(Arc<RwLock<BTreeMap<&'static str, String>>>);
+pub struct Health(Arc<RwLock<Dependencies>>);
+
+#[derive(Default)]
+struct Dependencies {
+    states: BTreeMap<&'static str, String>,
+    /// Reported, but the process serves without them (the cache: its keys are rebuilt), so
+    /// they do not take it out of service.
+    optional: std::collections::BTreeSet<&'static str>,
+}
 
 impl Health {
     pub fn set(&self, dependency: &'static str, state: impl Into<String>) {
-        self.0.write().unwrap().insert(dependency, state.into());
+        self.0
+            .write()
+            .unwrap()
+            .states
+            .insert(dependency, state.into());
     }
+    /// As [`Health::set`], for a dependency the process serves without.
+    pub fn set_optional(&self, dependency: &'static str, state: impl Into<String>) {
+        let mut d = self.0.write().unwrap();
+        d.optional.insert(dependency);
+        d.states.insert(dependency, state.into());
+    }
+    /// Every dependency the process needs is up: it serves.
     pub fn all_up(&self) -> bool {
-        self.0.read().unwrap().values().all(|s| s == "up")
+        let d = self.0.read().unwrap();
+        d.states
+            .iter()
+            .all(|(k, s)| s == "up" || d.optional.contains(k))
+    }
+    /// Every dependency, optional ones included, is up.
+    fn everything_up(&self) -> bool {
+        self.0.read().unwrap().states.values().all(|s| s == "up")
     }
     pub fn snapshot(&self) -> BTreeMap<&'static str, String> {
-        self.0.read().unwrap().clone()
+        self.0.read().unwrap().states.clone()
     }
 }
 
@@ -104,8 +130,22 @@ pub fn router(health: Health) -> Router {
             async move {
                 let deps = health.snapshot();
                 let up = health.all_up();
-                let body = serde_json::json!({ "status": if up { "ok" } else { "degraded" }, "dependencies": deps });
-                (if up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+                // 503 (out of service) only for what the process needs; "degraded" says an
+                // optional dependency (the cache) is down as well.
+                let status = if health.everything_up() {
+                    "ok"
+                } else {
+                    "degraded"
+                };
+                let body = serde_json::json!({ "status": status, "dependencies": deps });
+                (
+                    if up {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    },
+                    Json(body),
+                )
             }
         }),
     )
@@ -164,7 +204,10 @@ pub async fn watch_dependencies(
         if needs.cache {
             let pong = platform.cache.ping().await;
             REDIS_UP.set(pong.is_ok() as i64);
-            health.set(
+            // Optional: without Redis, quota checks and ingestion go on (the book is in
+            // memory, the counters are rewritten when it is back); taking every metering pod
+            // out of its Service would turn a cache outage into an ingestion outage.
+            health.set_optional(
                 cache_name,
                 match pong {
                     Ok(_) => "up".to_string(),
@@ -176,5 +219,24 @@ pub async fn watch_dependencies(
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_optional_dependency_down_degrades_without_taking_the_process_out() {
+        let h = Health::default();
+        h.set("nats", "up");
+        h.set_optional("redis", "down: connection refused");
+        assert!(h.all_up(), "serves without the cache");
+        assert!(!h.everything_up(), "but says so");
+        h.set("nats", "down: timed out");
+        assert!(!h.all_up());
+        h.set("nats", "up");
+        h.set_optional("redis", "up");
+        assert!(h.everything_up());
     }
 }
