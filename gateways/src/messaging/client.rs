@@ -331,10 +331,7 @@ impl AgentClient {
             .ok_or_else(|| {
                 Status::not_found(format!("sender {agent} has no signing key {key_id}"))
             })?;
-        let time = |t: &Option<prost_types::Timestamp>| {
-            t.as_ref()
-                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
-        };
+        let time = domain::envelope::time_of;
         let not_after = match (time(&found.revoked_at), time(&found.valid_until)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -366,10 +363,7 @@ impl AgentClient {
         let key = self
             .sender_key(&header.sender_agent_id, &header.sender_key_id)
             .await?;
-        let stored = message
-            .stored_at
-            .as_ref()
-            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32));
+        let stored = domain::envelope::time_of(&message.stored_at);
         if let (Some(stored), Some(not_after)) = (stored, key.not_after) {
             if stored >= not_after + CLOCK_TOLERANCE {
                 return Err(ClientError::Envelope(EnvelopeError::Invalid(format!(

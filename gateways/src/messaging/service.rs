@@ -664,6 +664,7 @@ impl MessagingService for MessagingGateway {
                 .filter(|d| *d <= MAX_OVERLAP)
                 .ok_or_else(|| invalid("overlap must be between 0 and 30 days".into()))?,
         };
+        let same_material = |k: &KeyRecord| k.public_key == r.public_key && k.purpose == purpose;
         for _ in 0..5 {
             let agent = self
                 .directory
@@ -673,7 +674,7 @@ impl MessagingService for MessagingGateway {
                 .unwrap_or_default();
             let now = Utc::now();
             if let Some(existing) = agent.get(&r.key_id) {
-                if existing.public_key == r.public_key && existing.purpose == purpose {
+                if same_material(existing) {
                     return Ok(Response::new(pb::RegisterKeyResponse {
                         key: Some(key_to_proto(existing, now)),
                         rotated: vec![],
@@ -715,10 +716,7 @@ impl MessagingService for MessagingGateway {
                         .unwrap_or_default();
                     // A concurrent registration of the same key id stored first (ours was
                     // taken for its duplicate): ours is not registered, unless it is the same.
-                    if after
-                        .get(&r.key_id)
-                        .is_some_and(|k| k.public_key != r.public_key || k.purpose != purpose)
-                    {
+                    if after.get(&r.key_id).is_some_and(|k| !same_material(k)) {
                         return Err(Status::already_exists(format!(
                             "key id {:?} of agent {:?} was just registered with other material; choose a new key id",
                             r.key_id, r.agent_id
