@@ -4,6 +4,7 @@
 //! too (`messaging.ack.<tenant>.<recipient>`), so any replica resumes a recipient exactly
 //! after its last acknowledged message, and what was not acknowledged comes again, in order.
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,41 @@ const TAIL_RETRY: Duration = Duration::from_millis(200);
 /// Messages a slow session may fall behind the tail before it catches up from the log.
 const SESSION_BUFFER: usize = 1024;
 
+/// Bytes of messages one recipient's feed holds until its sessions take them. Past it the
+/// tail hands the sessions a [`Live::Missed`] mark instead, and they read the rest from the
+/// log. Counting slots alone, one stalled reader of 256 KiB envelopes held 256 MiB.
+const FEED_BYTES: usize = 4 << 20;
+
+/// The same over every recipient of this replica, so many stalled readers together stay
+/// within a bound too.
+const HUB_BYTES: usize = 256 << 20;
+
+/// What a recipient's sessions hear from the tail.
+#[derive(Clone)]
+enum Live {
+    Message(Arc<Passing>),
+    /// A message for the recipient went by that did not fit the byte budget: read it from
+    /// the log.
+    Missed,
+}
+
+/// A stored message on its way through a feed. Its bytes count against the feed's and the
+/// hub's budgets until every session has taken it (tokio's broadcast drops a value once its
+/// last receiver has read it, or when a receiver goes away without reading it).
+struct Passing {
+    event: StoredEvent,
+    bytes: usize,
+    held: [Arc<AtomicUsize>; 2],
+}
+
+impl Drop for Passing {
+    fn drop(&mut self) {
+        for held in &self.held {
+            held.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Receive streams one recipient may have open on a replica at once. A recipient needs one; a
 /// few more cover a reconnect before the old stream's end is noticed. Without a bound, one
 /// caller could open thousands, each catching up from the log (a consumer on JetStream) and
@@ -35,19 +71,23 @@ const SESSION_BUFFER: usize = 1024;
 pub const MAX_SESSIONS: usize = 4;
 
 /// A session's share of its recipient's feed.
-type Subscription = (broadcast::Receiver<Arc<StoredEvent>>, watch::Receiver<u64>);
+type Subscription = (broadcast::Receiver<Live>, watch::Receiver<u64>);
 
 /// What the sessions of one recipient hear on this replica: the tail's messages for it, in
 /// stream order, and its acknowledged position as acks pass through this replica.
 struct Feed {
-    messages: broadcast::Sender<Arc<StoredEvent>>,
+    messages: broadcast::Sender<Live>,
     floor: watch::Sender<u64>,
+    /// Bytes of the messages in `messages` not yet taken by every session.
+    held: Arc<AtomicUsize>,
 }
 
 /// The connected recipients of this replica.
 #[derive(Default)]
 pub struct Hub {
     recipients: Mutex<HashMap<(String, String), Feed>>,
+    /// Bytes held by all feeds.
+    held: Arc<AtomicUsize>,
 }
 
 impl Hub {
@@ -59,6 +99,7 @@ impl Hub {
             .or_insert_with(|| Feed {
                 messages: broadcast::channel(SESSION_BUFFER).0,
                 floor: watch::channel(0).0,
+                held: Arc::default(),
             });
         if feed.messages.receiver_count() >= MAX_SESSIONS {
             return Err(Status::resource_exhausted(format!(
@@ -70,18 +111,37 @@ impl Hub {
         Ok((feed.messages.subscribe(), feed.floor.subscribe()))
     }
 
-    /// Hands a stored message to the recipient's sessions; forgets recipients with none left,
-    /// so the map holds only connected recipients.
-    fn publish(&self, tenant: &str, agent: &str, event: Arc<StoredEvent>) {
+    /// Hands a stored message to the recipient's sessions, or a [`Live::Missed`] mark when
+    /// it does not fit the byte budgets; forgets recipients with no session left, so the map
+    /// holds only connected recipients.
+    fn publish(&self, tenant: &str, agent: &str, event: StoredEvent) {
         let mut recipients = self.recipients.lock().expect("hub lock");
         let key = (tenant.to_string(), agent.to_string());
-        if let Some(feed) = recipients.get(&key) {
-            if feed.messages.receiver_count() == 0 {
-                recipients.remove(&key);
-            } else {
-                let _ = feed.messages.send(event);
-            }
+        let Some(feed) = recipients.get(&key) else {
+            return;
+        };
+        if feed.messages.receiver_count() == 0 {
+            recipients.remove(&key);
+            return;
         }
+        // The payload is nearly all of it; the rest is a rough allowance for the subject,
+        // headers and bookkeeping.
+        let bytes = event.payload.len() + event.subject.len() + 256;
+        let fits = feed.held.load(Ordering::Relaxed) + bytes <= FEED_BYTES
+            && self.held.load(Ordering::Relaxed) + bytes <= HUB_BYTES;
+        let live = if fits {
+            for held in [&feed.held, &self.held] {
+                held.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Live::Message(Arc::new(Passing {
+                event,
+                bytes,
+                held: [feed.held.clone(), self.held.clone()],
+            }))
+        } else {
+            Live::Missed
+        };
+        let _ = feed.messages.send(live);
     }
 
     /// Called as a session ends (its subscription dropped). When it was the recipient's last
@@ -248,7 +308,7 @@ impl Queues {
         let logical = logical.to_string();
         let mut tokens = logical.split('.').skip(2);
         if let (Some(tenant), Some(recipient)) = (tokens.next(), tokens.next()) {
-            self.hub.publish(tenant, recipient, Arc::new(event));
+            self.hub.publish(tenant, recipient, event);
         }
     }
 
@@ -446,14 +506,15 @@ impl Session {
                     .map(|(_, (_, sent))| *sent + self.ack_wait);
                 tokio::select! {
                     message = live.recv(), if room && !behind => match message {
-                        Ok(event) => {
-                            if event.sequence > state.cursor
-                                && !self.hand_out(&mut state, &event, floor, tx).await?
+                        Ok(Live::Message(passing)) => {
+                            if passing.event.sequence > state.cursor
+                                && !self.hand_out(&mut state, &passing.event, floor, tx).await?
                             {
                                 return Ok(());
                             }
                         }
-                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        // Fell behind the feed or its byte budget: the rest is in the log.
+                        Ok(Live::Missed) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     },
                     _ = acks.changed() => {
@@ -576,5 +637,67 @@ impl Session {
         };
         q.log.append(event).await.map_err(log_status)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sequence: u64, bytes: usize) -> StoredEvent {
+        StoredEvent {
+            stream: "MESSAGING".into(),
+            sequence,
+            subject: "messaging.msg.acme.bob.alice".into(),
+            headers: Headers::new(),
+            payload: vec![0u8; bytes].into(),
+            recorded_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_stalled_reader_holds_at_most_the_feed_budget_and_hears_what_it_missed() {
+        let hub = Hub::default();
+        let (mut stalled, _) = hub.subscribe("acme", "bob").unwrap();
+        for seq in 1..=64 {
+            hub.publish("acme", "bob", message(seq, 256 * 1024));
+        }
+        let held = hub.held.load(Ordering::Relaxed);
+        assert!(held <= FEED_BYTES, "{held} bytes held");
+        assert!(held > FEED_BYTES / 2, "the budget is used: {held}");
+        // What fitted comes in order, then the marks that send the session to the log.
+        let mut fitted = 0;
+        let mut missed = 0;
+        while let Ok(live) = stalled.try_recv() {
+            match live {
+                Live::Message(p) => {
+                    assert_eq!(missed, 0, "a message after a missed one");
+                    fitted += 1;
+                    assert_eq!(p.event.sequence, fitted);
+                }
+                Live::Missed => missed += 1,
+            }
+        }
+        assert_eq!(fitted + missed, 64);
+        assert!(missed > 0);
+        // Taken by its only reader: nothing is held any more.
+        assert_eq!(hub.held.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_reader_that_goes_away_releases_what_it_did_not_take() {
+        let hub = Hub::default();
+        let (stalled, _) = hub.subscribe("acme", "bob").unwrap();
+        let (mut reading, _) = hub.subscribe("acme", "bob").unwrap();
+        hub.publish("acme", "bob", message(1, 1000));
+        assert!(matches!(reading.try_recv(), Ok(Live::Message(_))));
+        // Still the stalled reader's to take.
+        assert!(hub.held.load(Ordering::Relaxed) >= 1000);
+        drop(stalled);
+        assert_eq!(hub.held.load(Ordering::Relaxed), 0);
+        hub.ended("acme", "bob");
+        drop(reading);
+        hub.ended("acme", "bob");
+        assert!(hub.recipients.lock().unwrap().is_empty());
     }
 }
