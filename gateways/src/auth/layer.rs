@@ -32,12 +32,14 @@ fn is_open(path: &str) -> bool {
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
 
-/// `/creto.enablement.metering.v1.MeteringService/QueryUsage` → (`metering`, `QueryUsage`).
+/// `/creto.enablement.metering.v1.MeteringService/QueryUsage` → (`metering`, `QueryUsage`);
+/// `None` for a method no gateway serves, answered UNIMPLEMENTED before anything is decided
+/// (made-up names would each be a new decision, and cache entry, of the remote authorizer).
 pub fn action_of(path: &str) -> Option<Action> {
-    let (service, method) = crate::grpc_metrics::service_and_method(path);
-    if method.is_empty() {
+    if !crate::grpc_metrics::is_known(path) {
         return None;
     }
+    let (service, method) = crate::grpc_metrics::service_and_method(path);
     let product = service
         .strip_prefix("creto.enablement.")?
         .split('.')
@@ -110,8 +112,7 @@ impl Auth {
 
     /// Rate-limits, then authorizes, one call of an authenticated caller. In that order: a
     /// decision may be a call to the remote authorizer, shared by every tenant, and calls it
-    /// would deny (made-up method names, each a new cache key) must cost their tenant's budget
-    /// before they can load it.
+    /// would deny must cost their tenant's budget before they can load it.
     pub async fn admit(&self, who: Identity, action: &Action) -> Result<Identity, Status> {
         if let Err(e) = self.limits.check(&who.tenant) {
             let message = format!(
@@ -240,7 +241,7 @@ mod tests {
             roles: vec![],
             via: crate::auth::AuthMethod::Bearer,
         };
-        let action = action_of("/creto.enablement.metering.v1.MeteringService/Made_Up").unwrap();
+        let action = action_of("/creto.enablement.metering.v1.MeteringService/QueryUsage").unwrap();
         let first = auth.admit(nobody.clone(), &action).await.unwrap_err();
         assert_eq!(first.code(), Code::PermissionDenied, "{first:?}");
         let second = auth.admit(nobody, &action).await.unwrap_err();
@@ -257,6 +258,10 @@ mod tests {
             })
         );
         assert_eq!(action_of("/other.Service/X"), None);
+        assert_eq!(
+            action_of("/creto.enablement.metering.v1.MeteringService/Made_Up"),
+            None
+        );
         assert!(is_open("/grpc.health.v1.Health/Check"));
         assert!(is_open(
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
