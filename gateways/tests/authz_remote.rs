@@ -33,6 +33,8 @@ enum Mode {
     Slow(Duration),
     /// Of every `fail + ok` calls, the first `fail` get UNAVAILABLE at once, the rest an answer.
     Flapping { fail: usize, ok: usize },
+    /// Refuses the check itself with this status code (a request it cannot judge).
+    Refuse(tonic::Code),
 }
 
 const UP: Mode = Mode::Answer {
@@ -78,6 +80,7 @@ impl AuthorizationService for FakeAuthz {
             Mode::Answer { .. } => true,
             Mode::Slow(_) => false,
             Mode::Flapping { fail, ok } => n % (fail + ok) >= *fail,
+            Mode::Refuse(_) => true,
         };
         self.0.log.lock().unwrap().push((Instant::now(), ok));
         match mode {
@@ -91,6 +94,7 @@ impl AuthorizationService for FakeAuthz {
             }
             Mode::Flapping { .. } if ok => Ok(Response::new(answer(&req, 0))),
             Mode::Flapping { .. } => Err(Status::unavailable("creto-authz is flapping")),
+            Mode::Refuse(code) => Err(Status::new(code, "no such method in my policy")),
         }
     }
 }
@@ -350,8 +354,7 @@ async fn down_server_gives_deny_with_a_clear_reason() {
     let (decision, took) = timed(&never, "alice").await;
     let reason = deny_reason(&decision);
     assert!(
-        reason.starts_with("authorization service unavailable (unreachable: ")
-            && reason.ends_with("); fallback decision DENY"),
+        reason == "authorization service unavailable (unreachable); fallback decision DENY",
         "{reason}"
     );
     assert!(took < Duration::from_millis(600), "took {took:?}");
@@ -367,7 +370,7 @@ async fn breaker_disabled_every_call_goes_to_the_server_and_fallbacks_are_rememb
     .unwrap();
     for i in 0..10 {
         let (decision, _) = timed(&authz, &format!("alice-{i}")).await;
-        assert!(deny_reason(&decision).contains("unreachable: creto-authz is flapping"));
+        assert!(deny_reason(&decision).contains("(unreachable)"));
     }
     assert_eq!(
         fake.calls(),
@@ -387,6 +390,30 @@ async fn breaker_disabled_every_call_goes_to_the_server_and_fallbacks_are_rememb
     // Back: a real decision.
     fake.set(UP);
     assert_eq!(timed(&authz, "alice-11").await.0, Decision::Allow);
+}
+
+/// A status about the request is creto-authz's refusal, not an outage: a deny, not the
+/// fallback (which may be ALLOW), not remembered, and no step toward opening the breaker for
+/// every tenant.
+#[tokio::test]
+async fn a_refused_check_is_a_deny_not_an_outage() {
+    let fake = Fake::start(Mode::Refuse(tonic::Code::InvalidArgument)).await;
+    let authz = RemoteAuthorizer::new(RemoteAuthzSettings {
+        fallback: FallbackDecision::Allow,
+        ..settings(fake.url())
+    })
+    .unwrap();
+    for _ in 0..THRESHOLD * 2 {
+        let (decision, _) = timed(&authz, "alice").await;
+        assert_eq!(
+            deny_reason(&decision),
+            "denied by creto-authz: the check was refused (InvalidArgument)"
+        );
+    }
+    assert_eq!(authz.breaker_state(), BreakerState::Closed);
+    assert_eq!(fake.calls(), THRESHOLD as usize * 2, "nothing was remembered");
+    fake.set(UP);
+    assert_eq!(timed(&authz, "alice").await.0, Decision::Allow);
 }
 
 #[tokio::test]

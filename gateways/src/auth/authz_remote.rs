@@ -346,6 +346,18 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// What a refused caller is told: the failure's text (transport errors, addresses) is
+    /// for the log.
+    fn for_callers(&self) -> String {
+        match self {
+            Failure::Unavailable(_) => "unreachable".to_string(),
+            Failure::Error(code, _) => format!("error {code:?}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -578,7 +590,8 @@ impl RemoteAuthorizer {
     fn fallback(&self, key: CacheKey, failure: &Failure, epoch: u64) -> Decision {
         let decision = match self.settings.fallback {
             FallbackDecision::Deny => Decision::Deny(format!(
-                "authorization service unavailable ({failure}); fallback decision DENY"
+                "authorization service unavailable ({}); fallback decision DENY",
+                failure.for_callers()
             )),
             FallbackDecision::Allow => Decision::Allow,
         };
@@ -605,10 +618,24 @@ impl RemoteAuthorizer {
             Err(_) => Err(Failure::Timeout(self.settings.timeout)),
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) if is_deadline(&status) => Err(Failure::Timeout(self.settings.timeout)),
-            Ok(Err(status)) => Err(match status.code() {
-                tonic::Code::Unavailable => Failure::Unavailable(status_text(&status)),
-                code => Failure::Error(code, status_text(&status)),
-            }),
+            Ok(Err(status)) => match status.code() {
+                tonic::Code::Unavailable => Err(Failure::Unavailable(status_text(&status))),
+                // creto-authz answered, about this request: a refusal, not an outage. As a
+                // failure it took the fallback decision (ALLOW in an emergency setting) and
+                // counted toward opening the breaker for every tenant.
+                code @ (tonic::Code::InvalidArgument
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::NotFound
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::OutOfRange
+                | tonic::Code::AlreadyExists) => Ok(CheckResponse {
+                    allowed: false,
+                    reason: format!("the check was refused ({code:?})"),
+                    cache_ttl_seconds: 0,
+                }),
+                code => Err(Failure::Error(code, status_text(&status))),
+            },
         }
     }
 }
