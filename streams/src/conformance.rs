@@ -60,6 +60,47 @@ pub async fn same_id_twice_is_one_message(log: Arc<dyn EventLog>, c: &Catalog) {
     );
 }
 
+/// Batches larger together (and one alone) than the acks a client lets wait at once all
+/// land, each event once: on JetStream, batches that sent part of their events before
+/// awaiting any ack held every slot and waited for one more, and no append went on.
+pub async fn batches_past_the_pending_ack_bound_all_land(log: Arc<dyn EventLog>, c: &Catalog) {
+    let s = c.subject("metering.events.sub_big");
+    let batch = |prefix: &str, n: usize| -> Vec<AppendEvent> {
+        (0..n)
+            .map(|i| event(&s, &format!("{prefix}-{i}"), "x"))
+            .collect()
+    };
+    let alone = batch("alone", 16_500);
+    let together: Vec<_> = (0..20)
+        .map(|b| {
+            let log = log.clone();
+            let events = batch(&format!("b{b}"), 1_000);
+            tokio::spawn(async move { log.append_batch(events).await })
+        })
+        .collect();
+    let results = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut all = log.append_batch(alone).await;
+        for task in together {
+            all.extend(task.await.unwrap());
+        }
+        all
+    })
+    .await
+    .expect("the batches landed within 2 minutes");
+    let mut sequences: Vec<u64> = results
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            Appended::New { sequence } => sequence,
+            other => panic!("a new event came back as {other:?}"),
+        })
+        .collect();
+    sequences.sort_unstable();
+    sequences.dedup();
+    assert_eq!(sequences.len(), 36_500);
+    let state = log.stream_state(&c.stream(METERING)).await.unwrap();
+    assert_eq!(state.messages, 36_500);
+}
+
 pub async fn expected_sequence_lets_exactly_one_writer_win(log: Arc<dyn EventLog>, c: &Catalog) {
     let stream = c.stream(OVERSIGHT);
     let s = c.subject("oversight.request.r1");
@@ -527,6 +568,7 @@ macro_rules! conformance_suite {
     ($make:expr, $cleanup:expr) => {
         $crate::conformance_suite!(@tests $make, $cleanup;
             same_id_twice_is_one_message,
+            batches_past_the_pending_ack_bound_all_land,
             expected_sequence_lets_exactly_one_writer_win,
             replay_returns_exactly_the_range_in_order,
             follow_yields_stored_then_new_events_in_order,

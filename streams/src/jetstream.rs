@@ -43,7 +43,19 @@ pub struct JetStreamLog {
     context: jetstream::Context,
     catalog: Catalog,
     ids: ids::IdKey,
+    /// Publishes awaiting their acks, as the client counts them ([`MAX_ACKS_PENDING`]). The
+    /// client's own bound makes a publish wait for a free slot, and a slot frees only when
+    /// its ack is awaited: batches that each sent part of their events before awaiting any
+    /// ack could hold every slot and wait for one more, and no append of the process went
+    /// on. Here a window of a batch takes all its slots at once, before sending.
+    acks_pending: Arc<tokio::sync::Semaphore>,
 }
+
+/// Publishes the client lets await their acks at once.
+const MAX_ACKS_PENDING: usize = 16_384;
+
+/// Events of a batch sent before their acks are awaited.
+const PUBLISH_WINDOW: usize = 1_024;
 
 impl JetStreamLog {
     /// Connects to `url`: one server URL, or several separated by commas (the client learns
@@ -104,7 +116,7 @@ impl JetStreamLog {
     ) -> Result<Self, LogError> {
         let context = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
-            .max_ack_inflight(16_384)
+            .max_ack_inflight(MAX_ACKS_PENDING)
             .backpressure_on_inflight(true)
             .build(client);
         let ids = ids::IdKey::load(&context).await?;
@@ -112,6 +124,7 @@ impl JetStreamLog {
             context,
             catalog,
             ids,
+            acks_pending: Arc::new(tokio::sync::Semaphore::new(MAX_ACKS_PENDING)),
         })
     }
 
@@ -169,6 +182,11 @@ impl JetStreamLog {
     }
 
     async fn publish_once(&self, event: &AppendEvent) -> Result<Appended, (LogError, bool)> {
+        let _slot = self
+            .acks_pending
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let ack = match self
             .context
             .send_publish(event.subject.clone(), publish_message(&self.ids, event))
@@ -177,14 +195,45 @@ impl JetStreamLog {
             Ok(fut) => fut.await,
             Err(e) => Err(e),
         };
-        match ack {
-            Ok(ack) if ack.duplicate => Ok(Appended::Duplicate {
-                sequence: ack.sequence,
-            }),
-            Ok(ack) => Ok(Appended::New {
-                sequence: ack.sequence,
-            }),
-            Err(e) => Err(publish_error(e, event)),
+        ack.map(appended).map_err(|e| publish_error(e, event))
+    }
+
+    /// Appends one event, retrying ambiguous failures with the same id. `retried`: an
+    /// earlier attempt failed ambiguously (it may have been stored).
+    async fn append_retrying(
+        &self,
+        event: &AppendEvent,
+        mut retried: bool,
+    ) -> Result<Appended, LogError> {
+        let deadline = tokio::time::Instant::now() + APPEND_RETRY_BUDGET;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.publish_once(event).await {
+                // After an ambiguous failure a duplicate is almost surely our own first attempt.
+                Ok(Appended::Duplicate { sequence }) if retried => {
+                    return Ok(Appended::New { sequence })
+                }
+                Ok(done) => return Ok(done),
+                Err((e, true)) if tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::warn!(error = %e, subject = %event.subject, "append failed, retrying with the same id");
+                    retried = true;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+}
+
+fn appended(ack: jetstream::publish::PublishAck) -> Appended {
+    if ack.duplicate {
+        Appended::Duplicate {
+            sequence: ack.sequence,
+        }
+    } else {
+        Appended::New {
+            sequence: ack.sequence,
         }
     }
 }
@@ -420,59 +469,47 @@ impl EventLog for JetStreamLog {
     }
 
     async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {
-        let deadline = tokio::time::Instant::now() + APPEND_RETRY_BUDGET;
-        let mut retried = false;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.publish_once(&event).await {
-                // After an ambiguous failure a duplicate is almost surely our own first attempt.
-                Ok(Appended::Duplicate { sequence }) if retried => {
-                    return Ok(Appended::New { sequence })
-                }
-                Ok(done) => return Ok(done),
-                Err((e, true)) if tokio::time::Instant::now() + backoff < deadline => {
-                    tracing::warn!(error = %e, subject = %event.subject, "append failed, retrying with the same id");
-                    retried = true;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        self.append_retrying(&event, false).await
     }
 
     async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
-        // Pipelined: send everything, then collect the acks in order. A failed ack is retried
-        // on its own (same id, so never duplicated).
-        let mut pending = Vec::with_capacity(events.len());
-        for event in &events {
-            pending.push(
-                self.context
-                    .send_publish(event.subject.clone(), publish_message(&self.ids, event))
-                    .await,
-            );
-        }
+        // Pipelined by windows: send a window, then collect its acks in order. A failed ack
+        // is retried on its own (same id, so never duplicated) once the window's slots are
+        // free again: retrying while holding them could wait for a slot for ever.
         let mut out = Vec::with_capacity(events.len());
-        for (event, sent) in events.into_iter().zip(pending) {
-            let result = match sent {
-                Ok(fut) => match fut.await {
-                    Ok(ack) if ack.duplicate => Ok(Appended::Duplicate {
-                        sequence: ack.sequence,
-                    }),
-                    Ok(ack) => Ok(Appended::New {
-                        sequence: ack.sequence,
-                    }),
-                    Err(e) => match publish_error(e, &event) {
-                        (_, true) => self.append(event).await,
-                        (e, false) => Err(e),
-                    },
-                },
-                Err(e) => match publish_error(e, &event) {
-                    (_, true) => self.append(event).await,
-                    (e, false) => Err(e),
-                },
-            };
-            out.push(result);
+        let mut retry = Vec::new();
+        for window in events.chunks(PUBLISH_WINDOW) {
+            let slots = self
+                .acks_pending
+                .acquire_many(window.len() as u32)
+                .await
+                .expect("the semaphore is never closed");
+            let mut pending = Vec::with_capacity(window.len());
+            for event in window {
+                pending.push(
+                    self.context
+                        .send_publish(event.subject.clone(), publish_message(&self.ids, event))
+                        .await,
+                );
+            }
+            for (event, sent) in window.iter().zip(pending) {
+                let acked = match sent {
+                    Ok(fut) => fut.await,
+                    Err(e) => Err(e),
+                };
+                let index = out.len();
+                out.push(acked.map(appended).map_err(|e| match publish_error(e, event) {
+                    (e, true) => {
+                        retry.push(index);
+                        e
+                    }
+                    (e, false) => e,
+                }));
+            }
+            drop(slots);
+        }
+        for i in retry {
+            out[i] = self.append_retrying(&events[i], true).await;
         }
         out
     }
