@@ -210,8 +210,8 @@ def cmd_helm_external_secrets(chart, values_file):
         values = yaml.safe_load(f)
     with open(values_file, encoding="utf-8") as f:
         merge(values, yaml.safe_load(f) or {})
-    secrets = [values.get("secret", {})] + [p.get("secret") or {} for p in
-                                           values.get("products", {}).values()]
+    secrets = [values.get("secret", {}), values.get("auditExporter", {}).get("secret") or {}]
+    secrets += [p.get("secret") or {} for p in values.get("products", {}).values()]
     print(",".join(s["name"] for s in secrets if s.get("name") and not s.get("create", True)))
     return 0
 
