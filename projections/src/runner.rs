@@ -247,16 +247,18 @@ pub async fn run(
             }
             last_lag_update = Instant::now();
         }
-        let Some(last) = batch.last() else { continue };
+        if batch.is_empty() {
+            continue;
+        }
         let first_delivery = std::mem::replace(&mut fresh, false);
-        let events: Vec<StoredEvent> = batch
+        let mut events: Vec<StoredEvent> = batch
             .iter()
             .map(|d| d.event.clone())
             .filter(|e| e.sequence > applied_to)
             .collect();
         match events.first() {
             None => {
-                last.ack().await?;
+                batch.last().expect("not empty").ack().await?;
                 continue;
             }
             // A consumer opened at the checkpoint delivers the first event the stream holds
@@ -286,6 +288,20 @@ pub async fn run(
             }
             Some(_) => {}
         }
+        // The same inside the batch: deliveries lost on the way (a connection cut mid-batch)
+        // leave a hole the cumulative ack would cover for good. Only what comes before it is
+        // projected; then the consumer starts again after it.
+        let lost = lost_in_delivery(&*log, projector.stream(), &events).await?;
+        if let Some(cut) = lost {
+            tracing::warn!(
+                product,
+                expected = events[cut - 1].sequence + 1,
+                got = events[cut].sequence,
+                "deliveries skipped events the stream holds; repositioning the consumer after the batch's first part"
+            );
+            events.truncate(cut);
+        }
+        let through = events.last().expect("not empty").sequence;
         let mut backoff = Duration::from_millis(100);
         // `project {product}`, parented or linked to the traces in the events' traceparent.
         let span = crate::trace_context::batch_span(product, &events);
@@ -311,13 +327,36 @@ pub async fn run(
                 }
             }
         };
-        // Acking the last delivery acks the whole batch (cumulative mode).
-        last.ack().await?;
+        // Acking the last applied delivery acks all before it (cumulative mode).
+        let applied = batch.iter().rev().find(|d| d.event.sequence == through);
+        applied.expect("a delivery of each event").ack().await?;
         applied_to = report.checkpoint;
         metrics::PROJECTOR_APPLIED
             .with_label_values(&[product])
             .inc_by(report.applied);
+        if lost.is_some() {
+            drop(batch);
+            consumer = open_at(&*log, projector.stream(), &durable, applied_to).await?;
+            fresh = true;
+        }
     }
+}
+
+/// Where deliveries skipped an event the stream still holds: the index of the first event
+/// after the hole. A hole of events removed from the stream (`nats stream rmm`, a purge by
+/// subject) is not one: nothing would ever deliver them.
+async fn lost_in_delivery(
+    log: &dyn EventLog,
+    stream: &str,
+    events: &[StoredEvent],
+) -> Result<Option<usize>, ProjectionError> {
+    for (i, pair) in events.windows(2).enumerate() {
+        let missing = pair[0].sequence + 1;
+        if missing != pair[1].sequence && log.get(stream, missing).await?.is_some() {
+            return Ok(Some(i + 1));
+        }
+    }
+    Ok(None)
 }
 
 async fn open_at(

@@ -3,6 +3,7 @@
 //! projector past the log's duplicate window (different log ids, same event id) count once,
 //! the first occurrence wins, invalid events are dead-lettered, meters apply once, the
 //! checkpoint moves with the rows, and the usage counters are written to the cache.
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +14,11 @@ use creto_projections::metering::query::{quantity_meter, UsageQuery};
 use creto_projections::runner::{self, RunnerConfig};
 use creto_replay_tests::{cloud_event, Env};
 use creto_streams::headers::{content_types, names};
-use creto_streams::{AppendEvent, Headers, ReplayFrom, DEADLETTERS};
+use creto_streams::{
+    AppendEvent, Appended, ConsumerSpec, Delivery, DurableConsumer, EnsureOutcome, EventLog,
+    Headers, LogError, ReplayFrom, StoredEvent, StreamSpec, StreamState, DEADLETTERS,
+};
+use futures::stream::BoxStream;
 use futures::TryStreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,6 +183,154 @@ async fn check(env: Env) {
         let (_, quantity, count) = got.expect("counter written");
         assert_eq!((quantity.parse::<f64>().unwrap(), count), (15.0, 2));
     }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    env.drop().await;
+}
+
+/// A log whose projector consumer loses one delivery on the way, as a connection cut in the
+/// middle of a fetched batch does: the server counts it delivered, the client never sees it.
+struct LosingLog {
+    inner: std::sync::Arc<dyn EventLog>,
+    lose: u64,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct LosingConsumer {
+    inner: Box<dyn DurableConsumer>,
+    lose: u64,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl DurableConsumer for LosingConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, LogError> {
+        let mut batch = self.inner.fetch(max, wait).await?;
+        let at = batch.iter().position(|d| d.event.sequence == self.lose);
+        if let Some(at) = at.filter(|_| !self.lost.swap(true, Ordering::SeqCst)) {
+            batch.remove(at);
+        }
+        Ok(batch)
+    }
+}
+
+#[async_trait::async_trait]
+impl EventLog for LosingLog {
+    async fn ensure_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        self.inner.ensure_streams(specs).await
+    }
+    async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {
+        self.inner.append(event).await
+    }
+    async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
+        self.inner.append_batch(events).await
+    }
+    async fn replay(
+        &self,
+        stream: &str,
+        from: ReplayFrom,
+        to: Option<u64>,
+        filter: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        self.inner.replay(stream, from, to, filter).await
+    }
+    async fn follow(
+        &self,
+        stream: &str,
+        from: ReplayFrom,
+        filter: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        self.inner.follow(stream, from, filter).await
+    }
+    async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
+        self.inner.get(stream, sequence).await
+    }
+    async fn last_subject_sequence(&self, stream: &str, subject: &str) -> Result<u64, LogError> {
+        self.inner.last_subject_sequence(stream, subject).await
+    }
+    async fn stream_state(&self, stream: &str) -> Result<StreamState, LogError> {
+        self.inner.stream_state(stream).await
+    }
+    async fn consumer(
+        &self,
+        stream: &str,
+        spec: ConsumerSpec,
+    ) -> Result<Box<dyn DurableConsumer>, LogError> {
+        Ok(Box::new(LosingConsumer {
+            inner: self.inner.consumer(stream, spec).await?,
+            lose: self.lose,
+            lost: self.lost.clone(),
+        }))
+    }
+    async fn delete_consumer(&self, stream: &str, durable: &str) -> Result<(), LogError> {
+        self.inner.delete_consumer(stream, durable).await
+    }
+    async fn delete_stream(&self, stream: &str) -> Result<(), LogError> {
+        self.inner.delete_stream(stream).await
+    }
+}
+
+/// A delivery lost in the middle of a batch is projected once the consumer starts again, not
+/// skipped: the batch's cumulative ack covered it, and its checkpoint moved past it, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_mid_batch_is_projected_not_skipped() {
+    let env = Env::embedded().await;
+    let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
+    let events: Vec<_> = (0..10)
+        .map(|i| {
+            let json = cloud_event(
+                &format!("e{i}"),
+                "s1",
+                "llm.tokens",
+                t,
+                serde_json::json!({ "quantity": 1 }),
+            );
+            append(&env, &format!("l{i}"), json, "s1")
+        })
+        .collect();
+    let sequences: Vec<u64> = env
+        .platform
+        .log
+        .append_batch(events)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().sequence())
+        .collect();
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = std::sync::Arc::new(LosingLog {
+        inner: env.platform.log.clone(),
+        lose: sequences[4],
+        lost: lost.clone(),
+    });
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        log,
+        env.platform.leadership(),
+        env.platform.metering_projector(),
+        RunnerConfig::default(),
+        stop_rx,
+    ));
+    env.wait_applied(sequences[9]).await;
+    assert!(lost.load(Ordering::SeqCst), "a delivery was lost");
+    let rm = &env.platform.metering;
+    let usage = rm
+        .usage(&UsageQuery {
+            tenant: "default".into(),
+            meter: quantity_meter("llm.tokens"),
+            from: t - Ch::hours(1),
+            to: t + Ch::hours(1),
+            window: Window::Hour,
+            tz: chrono_tz::UTC,
+            group_by: vec![],
+            filters: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(usage[0].value, 10.0, "every event, the lost delivery's too");
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     env.drop().await;
