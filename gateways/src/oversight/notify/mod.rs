@@ -29,10 +29,16 @@
 //! | `OVERSIGHT_WEBHOOK_URL` | where the webhook POSTs |
 //! | `OVERSIGHT_WEBHOOK_SECRET` | the webhook's HMAC key ([`webhook`] says how to verify) |
 //! | `OVERSIGHT_PUBLIC_URL` | base URL of the oversight gateway's HTTP pages, e.g. `http://127.0.0.1:9091` |
-//! | `OVERSIGHT_LINK_SECRET` | HMAC key of the one-click links (same on every replica) |
-//! | `OVERSIGHT_LINK_TTL` | how long a link works (humantime, default `24h`) |
+//! | `OVERSIGHT_LINK_SECRET` | HMAC key of the one-click links (same on every replica; at least 32 bytes, else links are off) |
+//! | `OVERSIGHT_LINK_TTL` | how long a link works (humantime, default `24h`, at most `7d`) |
 //! | `OVERSIGHT_NOTIFY_ATTEMPTS` | attempts per delivery (default 5) |
 //! | `OVERSIGHT_NOTIFY_BACKOFF` | delay after the first failure, doubling up to 10 s (humantime, default `200ms`) |
+/// The shortest `OVERSIGHT_LINK_SECRET` taken, as for the token key ring.
+pub const MIN_LINK_SECRET_BYTES: usize = 32;
+
+/// The longest a link may work: a leaked link is a standing approval until then.
+pub const MAX_LINK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 pub mod email;
 pub mod links;
 pub mod slack;
@@ -206,8 +212,22 @@ impl NotifyConfig {
             webhook_url: get("OVERSIGHT_WEBHOOK_URL"),
             webhook_secret: get("OVERSIGHT_WEBHOOK_SECRET"),
             public_url: get("OVERSIGHT_PUBLIC_URL"),
-            link_secret: get("OVERSIGHT_LINK_SECRET"),
-            link_ttl: duration("OVERSIGHT_LINK_TTL", d.link_ttl),
+            link_secret: get("OVERSIGHT_LINK_SECRET").filter(|secret| {
+                // Every link carries its claims and their HMAC: a short key can be guessed
+                // offline from one link, and forges links to approve anything.
+                let long_enough = secret.len() >= MIN_LINK_SECRET_BYTES;
+                if !long_enough {
+                    tracing::error!(variable = "OVERSIGHT_LINK_SECRET", "shorter than {MIN_LINK_SECRET_BYTES} bytes; links and the approval page are off (make one with `openssl rand -hex 32`)");
+                }
+                long_enough
+            }),
+            link_ttl: {
+                let ttl = duration("OVERSIGHT_LINK_TTL", d.link_ttl);
+                if ttl > MAX_LINK_TTL {
+                    tracing::warn!(variable = "OVERSIGHT_LINK_TTL", "longer than {}; using that", humantime::format_duration(MAX_LINK_TTL));
+                }
+                ttl.min(MAX_LINK_TTL)
+            },
             attempts,
             backoff: duration("OVERSIGHT_NOTIFY_BACKOFF", d.backoff),
             backoff_max: d.backoff_max,
@@ -468,4 +488,31 @@ pub(crate) async fn check_response(resp: reqwest::Response) -> Result<(), String
         status.as_u16(),
         excerpt(body.trim(), 200)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> NotifyConfig {
+        NotifyConfig::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn a_short_link_secret_turns_links_off_and_the_ttl_is_capped() {
+        let short = config(&[("OVERSIGHT_LINK_SECRET", "changeme")]);
+        assert_eq!(short.link_secret, None);
+        let key = "0123456789abcdef0123456789abcdef";
+        let long = config(&[
+            ("OVERSIGHT_LINK_SECRET", key),
+            ("OVERSIGHT_LINK_TTL", "365d"),
+        ]);
+        assert_eq!(long.link_secret.as_deref(), Some(key));
+        assert_eq!(long.link_ttl, MAX_LINK_TTL);
+        assert_eq!(config(&[]).link_ttl, Duration::from_secs(24 * 3600));
+    }
 }
