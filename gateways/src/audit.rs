@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use creto_projections::archive::{Archive, S3Archive, S3Settings};
 use creto_projections::audit::{self, AuditExporter, ExportConfig, RestoreOptions};
-use creto_streams::{Catalog, EventLog};
+use creto_streams::{Catalog, EventLog, METERING, OVERSIGHT, RUNTIME};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -238,7 +238,22 @@ pub async fn run(
                     String::new()
                 }
             );
-            println!("next: rebuild the read models (`enablement replay metering --rebuild`)");
+            // What a forced restore passed over, for the incident notes.
+            for problem in &report.verify.problems {
+                println!("skipped or suspect: {problem}");
+            }
+            let product = [METERING, OVERSIGHT, RUNTIME]
+                .into_iter()
+                .find(|p| catalog.stream(p) == stream);
+            match product {
+                Some(p) => println!(
+                    "next: rebuild the read models (`enablement replay {} --rebuild`)",
+                    p.to_lowercase()
+                ),
+                None => println!(
+                    "next: start the gateways again (they read {stream} when they start)"
+                ),
+            }
             Ok(())
         }
     }

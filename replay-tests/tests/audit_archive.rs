@@ -701,3 +701,63 @@ async fn an_event_removed_from_the_stream_does_not_stop_the_projector() {
     assert_eq!((at(40).await.unwrap(), at(41).await.unwrap()), (0, 1));
     env.drop().await;
 }
+
+/// Events appended with a concurrency check (expected last subject sequence), as oversight,
+/// runtime and messaging append theirs, restore past a hole: the archived check is not sent
+/// again at shifted sequences (the restore used to stop at the first event after the hole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_restore_past_a_hole_replays_checked_appends() {
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive: Arc<dyn Archive> = Arc::new(LocalDirArchive::new(dir.path().to_path_buf()));
+    let stream = env.platform.catalog.stream(OVERSIGHT);
+    let subject = env.subject("oversight.test.default.r1");
+    for expected in 0..10u64 {
+        env.platform
+            .log
+            .append(AppendEvent {
+                subject: subject.clone(),
+                id: format!("step-{expected}"),
+                expected_subject_sequence: Some(expected),
+                headers: Headers::new(),
+                payload: Bytes::from(format!("step {expected}")),
+            })
+            .await
+            .unwrap();
+    }
+    let js = async_nats::jetstream::new(
+        async_nats::connect(creto_replay_tests::nats_url())
+            .await
+            .unwrap(),
+    );
+    assert!(js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .delete_message(5)
+        .await
+        .unwrap());
+    export_once(&env, &archive, &stream, small_objects()).await;
+
+    env.platform.log.delete_stream(&stream).await.unwrap();
+    env.platform
+        .log
+        .ensure_streams(&env.platform.catalog.specs())
+        .await
+        .unwrap();
+    let forced = RestoreOptions { force: true };
+    let report = audit::restore(&*archive, &stream, &*env.platform.log, forced, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.events, 9);
+    assert!(!report.sequences_preserved);
+    let restored = audit::log_events(&*env.platform.log, &stream).await.unwrap();
+    let payloads: Vec<_> = restored
+        .iter()
+        .filter(|e| e.subject == subject)
+        .map(|e| String::from_utf8_lossy(&e.payload_bytes().unwrap()).to_string())
+        .collect();
+    assert_eq!(payloads.len(), 9);
+    assert_eq!(payloads[5], "step 6");
+    env.drop().await;
+}
