@@ -761,3 +761,37 @@ async fn a_forced_restore_past_a_hole_replays_checked_appends() {
     assert_eq!(payloads[5], "step 6");
     env.drop().await;
 }
+
+/// An object past the last manifest is an export cut between the object and its manifest
+/// (what a crash leaves): noted, not a broken archive, and a restore goes on without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_past_the_last_manifest_is_an_export_in_progress() {
+    let env = Env::embedded().await;
+    let archive = env.platform.archive.clone().expect("dev has an archive");
+    let log = env.platform.log.clone();
+    let stream = env.platform.catalog.stream(METERING);
+    let last = append_usage(&env, 600, 0).await;
+    export_once(&env, &archive, &stream, small_objects()).await;
+    archive
+        .put(
+            &object_key(&stream, last + 1, last + 50),
+            Bytes::from_static(b"cut short"),
+            "application/gzip",
+        )
+        .await
+        .unwrap();
+    let report = audit::verify(&*archive, &stream, None).await.unwrap();
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.notes.len(), 1, "{report}");
+    assert!(report.to_string().contains("has no manifest yet"), "{report}");
+
+    log.delete_stream(&stream).await.unwrap();
+    log.ensure_streams(&env.platform.catalog.specs())
+        .await
+        .unwrap();
+    let restored = audit::restore(&*archive, &stream, &*log, RestoreOptions::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((restored.events, restored.last_sequence), (600, last));
+    env.drop().await;
+}
