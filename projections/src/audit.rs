@@ -58,6 +58,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::metrics::AUDIT_UNARCHIVED_SECONDS;
+
 use crate::archive::{Archive, ArchiveError};
 
 /// Version of the object and manifest formats, in every manifest.
@@ -221,6 +223,9 @@ pub struct ExportConfig {
     pub max_age: Duration,
     /// Deliveries fetched at a time.
     pub fetch_batch: usize,
+    /// How long an object's writes are retried before the exporter stops with the error (and
+    /// is reported down) instead of looking healthy while nothing reaches the archive.
+    pub put_give_up: Duration,
 }
 
 impl Default for ExportConfig {
@@ -230,6 +235,7 @@ impl Default for ExportConfig {
             max_bytes: 16 * 1024 * 1024,
             max_age: Duration::from_secs(60),
             fetch_batch: 1_000,
+            put_give_up: Duration::from_secs(120),
         }
     }
 }
@@ -403,6 +409,7 @@ impl AuditExporter {
 
     /// Writes the buffer as one object, then its manifest; moves the tail.
     async fn flush(&self, buffer: Buffer, tail: &mut Tail) -> Result<u64, AuditError> {
+        let (count, oldest) = (buffer.count, buffer.oldest);
         let body = buffer
             .encoder
             .finish()
@@ -426,7 +433,9 @@ impl AuditExporter {
         );
         let size = body.len() as u64;
         let mut backoff = Duration::from_millis(200);
+        let failing_since = Instant::now();
         loop {
+            self.waited(count, oldest);
             let put = async {
                 self.archive
                     .put(&key, body.clone(), "application/gzip")
@@ -442,6 +451,11 @@ impl AuditExporter {
             match put.await {
                 Ok(()) => break,
                 Err(ArchiveError::InvalidKey(m)) => return Err(ArchiveError::InvalidKey(m).into()),
+                // Nothing is lost: events are acknowledged only once archived, and read again
+                // when the exporter starts again.
+                Err(e) if failing_since.elapsed() >= self.config.put_give_up => {
+                    return Err(e.into())
+                }
                 Err(e) => {
                     tracing::error!(stream = %self.stream, error = %e, "audit export put failed; retrying");
                     tokio::time::sleep(backoff).await;
@@ -479,6 +493,18 @@ impl AuditExporter {
             }
         }
         Ok(())
+    }
+
+    /// Sets [`AUDIT_UNARCHIVED_SECONDS`] from a buffer's count and its oldest event's time.
+    fn waited(&self, count: usize, oldest: Instant) {
+        let seconds = if count > 0 {
+            oldest.elapsed().as_secs() as i64
+        } else {
+            0
+        };
+        AUDIT_UNARCHIVED_SECONDS
+            .with_label_values(&[&self.stream])
+            .set(seconds);
     }
 
     fn due(&self, b: &Buffer) -> bool {
@@ -520,6 +546,7 @@ impl AuditExporter {
         // which no delivery would ever reach.
         let mut drained = false;
         loop {
+            self.waited(buffer.count, buffer.oldest);
             let stopping = *shutdown.borrow();
             let reached =
                 drained || target.is_some_and(|t| buffer.last.max(tail.last_sequence) >= t);

@@ -49,6 +49,17 @@ pub static STREAM_MESSAGES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
     .unwrap()
 });
+/// How long the oldest event the audit exporter holds has waited to reach the archive (0:
+/// none waits). The archive is what disaster recovery restores: past the export's max age
+/// (60 s by default) events are at risk.
+pub static AUDIT_UNARCHIVED_SECONDS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "enablement_audit_unarchived_seconds",
+        "Seconds the oldest event read by the audit exporter has waited for the archive",
+        &["stream"]
+    )
+    .unwrap()
+});
 pub static CONSUMER_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "enablement_stream_consumer_pending",

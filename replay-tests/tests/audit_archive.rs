@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use creto_projections::archive::{Archive, LocalDirArchive};
+use creto_projections::archive::{Archive, ArchiveError, ArchivedObject, LocalDirArchive};
 use creto_projections::audit::{
     self, manifest_key, object_key, AuditExporter, ExportConfig, Manifest, RestoreOptions,
 };
@@ -793,5 +793,58 @@ async fn an_object_past_the_last_manifest_is_an_export_in_progress() {
         .await
         .unwrap();
     assert_eq!((restored.events, restored.last_sequence), (600, last));
+    env.drop().await;
+}
+
+/// An archive that lists and reads, but refuses every write (revoked credentials, an outage).
+struct RefusingPuts(Arc<dyn Archive>);
+
+#[async_trait::async_trait]
+impl Archive for RefusingPuts {
+    async fn put(&self, key: &str, _: Bytes, _: &str) -> Result<(), ArchiveError> {
+        Err(ArchiveError::Unavailable(format!("put {key}: access denied")))
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, ArchiveError> {
+        self.0.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ArchivedObject>, ArchiveError> {
+        self.0.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.0.delete(key).await
+    }
+    fn describe(&self) -> String {
+        "refusing puts".into()
+    }
+}
+
+/// An exporter that cannot write stops with the error (its stream is then reported down)
+/// after its give-up time, instead of retrying for ever while looking healthy, and says how
+/// long events have waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exporter_that_cannot_write_stops_and_says_how_long_events_wait() {
+    let env = Env::embedded().await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive: Arc<dyn Archive> = Arc::new(RefusingPuts(Arc::new(LocalDirArchive::new(
+        dir.path().to_path_buf(),
+    ))));
+    let stream = env.platform.catalog.stream(METERING);
+    append_usage(&env, 10, 0).await;
+    let config = ExportConfig {
+        max_age: Duration::from_millis(100),
+        put_give_up: Duration::from_secs(1),
+        ..ExportConfig::default()
+    };
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let exporter = AuditExporter::new(env.platform.log.clone(), archive, &stream, config);
+    let err = tokio::time::timeout(Duration::from_secs(30), exporter.run(false, rx))
+        .await
+        .expect("the exporter gave up")
+        .unwrap_err();
+    assert!(err.to_string().contains("access denied"), "{err}");
+    let waited = creto_projections::metrics::AUDIT_UNARCHIVED_SECONDS
+        .with_label_values(&[&stream])
+        .get();
+    assert!(waited >= 1, "{waited}");
     env.drop().await;
 }

@@ -376,6 +376,21 @@ async fn every_contract_name_of_a_built_product_is_served() {
     .await
     .unwrap();
 
+    // The audit exporter (its own process in production; the same registry here): one export.
+    let archive_dir = tempfile::tempdir().unwrap();
+    let (_running_on, not_stopping) = tokio::sync::watch::channel(false);
+    creto_projections::audit::AuditExporter::new(
+        env.platform.log.clone(),
+        std::sync::Arc::new(creto_projections::archive::LocalDirArchive::new(
+            archive_dir.path().to_path_buf(),
+        )),
+        env.platform.catalog.stream(creto_streams::METERING),
+        Default::default(),
+    )
+    .run(true, not_stopping)
+    .await
+    .unwrap();
+
     // Gauges (pool, stream, lag) are refreshed in the background: wait for them a little.
     let expected: Vec<&str> = by_product
         .iter()
