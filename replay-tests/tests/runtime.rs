@@ -20,6 +20,7 @@ type Client = RuntimeServiceClient<Channel>;
 
 creto_replay_tests::on_both_adapters!(
     create_exec_and_terminate,
+    a_slow_reader_gets_all_the_output_and_the_exit_code,
     egress_is_denied_until_allowed,
     a_connect_loop_cannot_flood_the_stream,
     checkpoint_restores_into_a_new_sandbox,
@@ -124,6 +125,41 @@ async fn attest(c: &mut Client, id: &str) -> pb::Attestation {
     .await
     .unwrap()
     .into_inner()
+}
+
+/// A client that reads slowly gets every byte and the command's exit code. (The status of
+/// the command used to wait behind the output, and a reader stalled past the drain time when
+/// the command exited made it look never started; that window depends on the buffers
+/// between the sandbox and the client, and this test does not hit it reliably.)
+async fn a_slow_reader_gets_all_the_output_and_the_exit_code(env: &Env) {
+    let dir = sandbox_dir();
+    let (_running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let sb = create(&mut c, create_request()).await;
+    let mut stream = c
+        .exec(pb::ExecRequest {
+            sandbox_id: sb.sandbox_id.clone(),
+            argv: vec!["head".into(), "-c".into(), "16000000".into(), "/dev/zero".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = 0;
+    let mut result = None;
+    let mut first = true;
+    while let Some(m) = stream.message().await.unwrap() {
+        if std::mem::replace(&mut first, false) {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        match m.output {
+            Some(pb::exec_response::Output::Stdout(b)) => bytes += b.len(),
+            Some(pb::exec_response::Output::Finished(r)) => result = Some(r),
+            _ => {}
+        }
+    }
+    let result = result.expect("a finished message");
+    assert_eq!((bytes, result.exit_code), (16_000_000, Some(0)), "{result:?}");
 }
 
 async fn create_exec_and_terminate(env: &Env) {

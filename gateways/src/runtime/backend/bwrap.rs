@@ -576,15 +576,18 @@ impl BwrapSandbox {
             .await
             .map_err(|e| BackendError::Setup(format!("kill task: {e}")))?
         };
+        // The status pipe on its own: behind stdout and stderr, which wait for the client
+        // to read them, a slow reader made a command that ran and exited look never started.
         let drain = async {
             let _ = out_task.await;
-            let stderr = err_task.await.unwrap_or_default();
-            let json = status_task.await.unwrap_or_default();
-            (stderr, json)
+            err_task.await.unwrap_or_default()
         };
-        let (stderr, json) = tokio::time::timeout(OUTPUT_DRAIN, drain)
-            .await
-            .unwrap_or_default();
+        let (json, stderr) = tokio::join!(
+            tokio::time::timeout(OUTPUT_DRAIN, status_task),
+            tokio::time::timeout(OUTPUT_DRAIN, drain)
+        );
+        let json = json.ok().and_then(Result::ok).unwrap_or_default();
+        let stderr = stderr.unwrap_or_default();
         let pids_refused = exec_cg.pids_refused();
         exec_cg.remove();
         let after = self.host.cgroups.counters();
