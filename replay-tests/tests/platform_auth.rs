@@ -245,7 +245,15 @@ async fn check(env: Env) {
         .unwrap()
         .into_inner();
     assert_eq!(own.dead_letters.len(), 1);
-    let mut operator = client("ops", &["operator"]);
+    // A tenant's operator (the runbook's on-call token) sees its tenant's only.
+    let mut on_call = client("ops", &["operator"]);
+    let theirs = on_call
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(theirs.dead_letters.is_empty(), "{theirs:?}");
+    let mut operator = client("ops", &["platform-operator"]);
     let all = operator
         .list_dead_letters(pb::ListDeadLettersRequest::default())
         .await

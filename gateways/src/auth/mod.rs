@@ -32,6 +32,10 @@ pub enum AuthMethod {
     ClientCertificate,
 }
 
+/// The role of the platform's own operators: it lists every tenant's dead letters. Not
+/// `operator`, which the runbook gives on-call tokens of one tenant.
+pub const PLATFORM_OPERATOR: &str = "platform-operator";
+
 /// An authenticated caller. Every read and write is scoped to `tenant`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

@@ -60,7 +60,8 @@ impl Rule {
     }
 }
 
-/// The rules when no file is configured: `admin` and `operator` may do everything, `producer`
+/// The rules when no file is configured: `admin` and `operator` may do everything in their
+/// tenant, `platform-operator` may list every tenant's dead letters, `producer`
 /// may send usage and check quotas, `reader` may call the read methods (`Query*`, `List*`,
 /// `Get*`, `CheckQuota`), `agent`
 /// may use messaging and its tenant's sandboxes, and ask for approvals (as the agent its
@@ -68,6 +69,11 @@ impl Rule {
 pub const DEFAULT_POLICY: &str = r#"
 [[rules]]
 roles = ["admin", "operator"]
+effect = "allow"
+
+[[rules]]
+roles = ["platform-operator"]
+methods = ["ListDeadLetters"]
 effect = "allow"
 
 [[rules]]

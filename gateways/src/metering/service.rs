@@ -21,6 +21,7 @@ use creto_streams::{AppendEvent, Catalog, EventLog, Headers, LogError, StoredEve
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::auth::PLATFORM_OPERATOR;
 use crate::log_status::log_status;
 use crate::metering::{db_status, ingest};
 use crate::telemetry;
@@ -463,8 +464,9 @@ impl MeteringService for MeteringGateway {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let who = crate::auth::layer::caller(&request)?.clone();
-        // Platform operators see every tenant's dead letters; anyone else only their own.
-        let every_tenant = who.has_role("operator");
+        // The platform's operators see every tenant's dead letters; anyone else, a tenant's
+        // `operator` too (the runbook's on-call tokens), only their own.
+        let every_tenant = who.has_role(PLATFORM_OPERATOR);
         let r = request.into_inner();
         let limit = if r.limit == 0 {
             100
