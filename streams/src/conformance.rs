@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 
 use crate::catalog::{Catalog, DEADLETTERS, METERING, OVERSIGHT};
 use crate::deadletter::DeadLetter;
-use crate::headers::Headers;
+use crate::headers::{names, Headers};
 use crate::log::*;
 
 fn event(subject: &str, id: &str, body: &str) -> AppendEvent {
@@ -27,6 +27,12 @@ pub async fn same_id_twice_is_one_message(log: Arc<dyn EventLog>, c: &Catalog) {
     let first = log.append(event(&s, "evt-1", "one")).await.unwrap();
     let second = log.append(event(&s, "evt-1", "one again")).await.unwrap();
     assert!(!first.is_duplicate());
+    let stored = log
+        .get(&c.stream(METERING), first.sequence())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.headers.get(names::EVENT_ID), Some("evt-1"));
     assert_eq!(
         second,
         Appended::Duplicate {

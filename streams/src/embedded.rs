@@ -207,6 +207,11 @@ impl Stream {
         for h in r.headers {
             headers.0.append(h.name.as_str(), h.value.as_str());
         }
+        // As JetStream stores it: the audit archive takes an event's id from this header, and
+        // a restore without ids loses their duplicate protection.
+        if !r.id.is_empty() && headers.get(crate::headers::names::EVENT_ID).is_none() {
+            headers.insert(crate::headers::names::EVENT_ID, r.id.as_str());
+        }
         Ok(StoredEvent {
             stream: self.name.clone(),
             sequence: seq,
