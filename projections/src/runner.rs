@@ -159,6 +159,9 @@ impl Default for RunnerConfig {
     }
 }
 
+/// How often the active instance checks that its lock's connection is still there.
+const LEADER_CHECK: Duration = Duration::from_secs(5);
+
 fn lock_key(product: &str) -> i64 {
     // Stable across builds and processes (not Rust's randomized hasher).
     product.bytes().fold(0x0043_5245_544f_i64, |h, b| {
@@ -202,7 +205,7 @@ pub async fn run(
 ) -> Result<(), ProjectionError> {
     let product = projector.product();
     // Held for as long as we run.
-    let _leader = match leadership {
+    let mut leader = match leadership {
         Leadership::Postgres(pool) => match lead(&pool, product, &mut shutdown).await? {
             Some(connection) => Some(connection),
             None => return Ok(()),
@@ -223,9 +226,22 @@ pub async fn run(
     let mut applied_to = checkpoint;
     // Nothing delivered yet by this consumer, opened at `applied_to` + 1.
     let mut fresh = true;
+    let mut leader_checked = Instant::now();
     loop {
         if *shutdown.borrow() {
             return Ok(());
+        }
+        // The lock lives as long as its connection. Dead (an idle cut, a failover), the lock
+        // is gone and a standby takes it: this instance stops instead of projecting beside it
+        // (each would recreate the other's consumer, and run the live effects twice).
+        if let Some(connection) = leader.as_mut() {
+            if leader_checked.elapsed() >= LEADER_CHECK {
+                if let Err(e) = sqlx::query("SELECT 1").execute(&mut *connection).await {
+                    tracing::error!(product, error = %e, "the leader's connection is gone; stopping");
+                    return Err(e.into());
+                }
+                leader_checked = Instant::now();
+            }
         }
         let batch = tokio::select! {
             b = consumer.fetch(config.batch, config.wait) => b?,

@@ -335,3 +335,43 @@ async fn a_delivery_lost_mid_batch_is_projected_not_skipped() {
     task.await.unwrap().unwrap();
     env.drop().await;
 }
+
+/// The active projector stops when the connection that holds its lock dies (the lock died
+/// with it, and a standby may take it), instead of projecting beside the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_whose_lock_connection_dies_stops() {
+    let env = Env::new().await;
+    let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
+    let json = cloud_event("e0", "s1", "llm.tokens", t, serde_json::json!({ "quantity": 1 }));
+    let first = env
+        .platform
+        .log
+        .append(append(&env, "l0", json, "s1"))
+        .await
+        .unwrap()
+        .sequence();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        env.platform.log.clone(),
+        env.platform.leadership(),
+        env.platform.metering_projector(),
+        RunnerConfig::default(),
+        stop_rx,
+    ));
+    env.wait_applied(first).await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND database = \
+         (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(env.pool())
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![true], "one connection held the lock");
+    let result = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the projector stopped")
+        .unwrap();
+    assert!(result.is_err(), "{result:?}");
+    env.drop().await;
+}
