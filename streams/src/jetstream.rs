@@ -181,6 +181,15 @@ impl JetStreamLog {
             })
     }
 
+    /// Whether the stream of `subject` is one of the catalog's, and JetStream does not say it
+    /// is missing (it does not answer at all).
+    async fn stream_is_unreachable(&self, subject: &str) -> bool {
+        match self.catalog.stream_for_subject(subject) {
+            Some(name) => matches!(self.stream(&name).await, Err(LogError::Unavailable(_))),
+            None => false,
+        }
+    }
+
     async fn publish_once(&self, event: &AppendEvent) -> Result<Appended, (LogError, bool)> {
         let _slot = self
             .acks_pending
@@ -214,6 +223,18 @@ impl JetStreamLog {
                     return Ok(Appended::New { sequence })
                 }
                 Ok(done) => return Ok(done),
+                // The client reports "no responders" as a missing stream: also what a server
+                // answers while JetStream recovers its streams after a restart, or during a
+                // cluster's leader election. Missing for good only when the server says so.
+                Err((LogError::NoStream(s), _))
+                    if tokio::time::Instant::now() + backoff < deadline
+                        && self.stream_is_unreachable(&event.subject).await =>
+                {
+                    tracing::warn!(subject = %s, "the stream does not answer; retrying");
+                    retried = true;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
                 Err((e, true)) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::warn!(error = %e, subject = %event.subject, "append failed, retrying with the same id");
                     retried = true;

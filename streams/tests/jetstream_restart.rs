@@ -129,3 +129,57 @@ async fn publisher_survives_server_crash_without_losing_acknowledged_appends() {
     server.kill().ok();
     server.wait().ok();
 }
+
+/// While JetStream does not answer (a server restarting recovers its streams before it
+/// does), the client reports "no responders" as a missing stream: an append waits for it
+/// within its retry budget instead of failing with "run `enablement streams init`".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_waits_for_jetstream_to_answer_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = spare_port();
+    let mut server = start(port, dir.path());
+    wait_listening(port).await;
+    let catalog = Catalog::default();
+    let log = Arc::new(
+        JetStreamLog::connect(
+            &format!("nats://127.0.0.1:{port}"),
+            &Default::default(),
+            catalog.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    log.ensure_streams(&catalog.specs()).await.unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // The same server without JetStream: the client reconnects, and nothing answers.
+    let mut plain = Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the client's reconnect
+    let append = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            log.append(AppendEvent {
+                subject: "metering.events.sub_1".into(),
+                id: "evt-during-recovery".into(),
+                expected_subject_sequence: None,
+                headers: Headers::new(),
+                payload: Bytes::from_static(b"{}"),
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+    let mut server = start(port, dir.path());
+    let appended = append.await.unwrap();
+    assert!(appended.is_ok(), "{appended:?}");
+    server.kill().ok();
+    server.wait().ok();
+}
