@@ -21,6 +21,7 @@ type Client = RuntimeServiceClient<Channel>;
 creto_replay_tests::on_both_adapters!(
     create_exec_and_terminate,
     a_slow_reader_gets_all_the_output_and_the_exit_code,
+    a_command_stored_but_unseen_does_not_wedge_the_sandbox,
     egress_is_denied_until_allowed,
     a_connect_loop_cannot_flood_the_stream,
     checkpoint_restores_into_a_new_sandbox,
@@ -160,6 +161,59 @@ async fn a_slow_reader_gets_all_the_output_and_the_exit_code(env: &Env) {
     }
     let result = result.expect("a finished message");
     assert_eq!((bytes, result.exit_code), (16_000_000, Some(0)), "{result:?}");
+}
+
+/// A command whose event was stored but whose RPC was cancelled before it folded it (a
+/// client deadline) left the replica's copy a version behind: every later command on the
+/// sandbox conflicted, terminate included. Now one conflict re-reads it.
+async fn a_command_stored_but_unseen_does_not_wedge_the_sandbox(env: &Env) {
+    use creto_streams::headers::{content_types, names};
+    use prost::Message;
+    let dir = sandbox_dir();
+    let (_running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let sb = create(&mut c, create_request()).await;
+    let changed = creto_domain::runtime::sandbox::event(
+        chrono::Utc::now(),
+        pb::sandbox_event::Event::TimeoutChanged(pb::TimeoutChanged {
+            expires_at: Some(creto_streams::envelope::timestamp(
+                chrono::Utc::now() + chrono::Duration::minutes(30),
+            )),
+        }),
+    );
+    env.platform
+        .log
+        .append(creto_streams::AppendEvent {
+            subject: env.subject(&format!("runtime.sandboxes.{}", sb.sandbox_id)),
+            id: "stored-but-unseen".into(),
+            expected_subject_sequence: Some(sb.version),
+            headers: creto_streams::Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::EVENT_TYPE, "runtime.timeout_changed")
+                .with(names::TENANT, &sb.tenant),
+            payload: changed.encode_to_vec().into(),
+        })
+        .await
+        .unwrap();
+    let set = |c: &mut Client| {
+        let mut c = c.clone();
+        let id = sb.sandbox_id.clone();
+        async move {
+            c.set_timeout(pb::SetTimeoutRequest {
+                sandbox_id: id,
+                timeout: Some(Duration::from_secs(600).try_into().unwrap()),
+            })
+            .await
+        }
+    };
+    // The first may conflict (the copy was behind); the next goes through.
+    let _ = set(&mut c).await;
+    set(&mut c).await.expect("the sandbox takes commands again");
+    c.terminate_sandbox(pb::TerminateSandboxRequest {
+        sandbox_id: sb.sandbox_id.clone(),
+    })
+    .await
+    .unwrap();
 }
 
 async fn create_exec_and_terminate(env: &Env) {

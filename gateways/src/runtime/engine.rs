@@ -108,6 +108,10 @@ pub struct Runtime {
     /// Set by [`Runtime::terminate_all`]: a sandbox whose provisioning ends after it is
     /// terminated at once instead of outliving the replica.
     stopping: std::sync::atomic::AtomicBool,
+    /// Sandboxes ended here (killed) whose end the log refused to record: the expiry loop
+    /// records it when the log takes appends again. Without it a sandbox that expired during
+    /// an outage stayed live in the log, and counted against its tenant, for good.
+    unrecorded: Mutex<Vec<(String, Arc<Live>, Event)>>,
 }
 
 /// Why a runtime operation failed, before it becomes a gRPC status.
@@ -205,6 +209,7 @@ impl Runtime {
             egress_tx,
             egress_rx: Mutex::new(Some(egress_rx)),
             stopping: Default::default(),
+            unrecorded: Mutex::default(),
         })
     }
 
@@ -252,7 +257,7 @@ impl Runtime {
             if !agg.view.tenant.is_empty() {
                 headers = headers.with(names::TENANT, &agg.view.tenant);
             }
-            let sequence = self
+            let appended = self
                 .log
                 .append(AppendEvent {
                     id: append_id(&subject, expected, &payload),
@@ -261,12 +266,34 @@ impl Runtime {
                     headers,
                     payload: payload.into(),
                 })
-                .await?
-                .sequence();
+                .await;
+            let sequence = match appended {
+                Ok(a) => a.sequence(),
+                Err(e) => {
+                    self.resync(agg, id).await;
+                    return Err(e);
+                }
+            };
             agg.apply(id, &e, sequence);
             self.view.apply(id, &e, sequence);
         }
         Ok(())
+    }
+
+    /// Brings `agg` up to the log after a refused append. A command cancelled once its event
+    /// was stored (a client deadline) left the aggregate a version behind, and every later
+    /// command on the sandbox, terminate included, conflicted; an append that failed
+    /// ambiguously may have been stored too.
+    async fn resync(&self, agg: &mut Aggregate, id: &str) {
+        if let Err(e) = self.view.catch_up().await {
+            tracing::warn!(sandbox = %id, error = %e, "cannot re-read the sandbox after a refused append");
+            return;
+        }
+        if let Some(fresh) = self.view.get(id) {
+            if fresh.view.version > agg.view.version {
+                *agg = fresh;
+            }
+        }
     }
 
     /// A place for one more sandbox of `tenant`, held while it is created: its live
@@ -523,14 +550,51 @@ impl Runtime {
     }
 
     /// Ends a sandbox with `event` (Terminated or Expired); a no-op when it already ended.
-    pub async fn end(&self, id: &str, live: &Live, e: Event) -> Result<pb::Sandbox, RuntimeError> {
+    /// Killed at once; when the log refuses the record, it is recorded later
+    /// ([`Runtime::record_unrecorded`]).
+    pub async fn end(
+        &self,
+        id: &str,
+        live: &Arc<Live>,
+        e: Event,
+    ) -> Result<pb::Sandbox, RuntimeError> {
         let mut agg = live.agg.lock().await;
         if !agg.is_live() {
             return Ok(agg.view.clone());
         }
         self.forget(id).await;
-        self.append(&mut agg, id, vec![e]).await?;
+        if let Err(err) = self.append(&mut agg, id, vec![e.clone()]).await {
+            self.unrecorded
+                .lock()
+                .expect("unrecorded lock")
+                .push((id.to_string(), live.clone(), e));
+            return Err(err.into());
+        }
         Ok(agg.view.clone())
+    }
+
+    /// Records the ends the log refused before (see [`Runtime::end`]), one at a time, up to
+    /// the first it refuses again (each refusal costs an append's retry time: the rest waits
+    /// for the next round).
+    async fn record_unrecorded(&self) {
+        loop {
+            let Some((id, live, e)) = self.unrecorded.lock().expect("unrecorded lock").pop() else {
+                return;
+            };
+            let mut agg = live.agg.lock().await;
+            if !agg.is_live() {
+                continue;
+            }
+            if let Err(err) = self.append(&mut agg, &id, vec![e.clone()]).await {
+                tracing::warn!(sandbox = %id, error = %err, "recording a sandbox's end failed again; retrying");
+                drop(agg);
+                self.unrecorded
+                    .lock()
+                    .expect("unrecorded lock")
+                    .push((id, live, e));
+                return;
+            }
+        }
     }
 
     /// Keeps every template's warm pool at its minimum until shutdown.
@@ -567,6 +631,7 @@ impl Runtime {
                 .iter()
                 .map(|(id, l)| (id.clone(), l.clone()))
                 .collect();
+            self.record_unrecorded().await;
             for (id, live) in due {
                 let expired = self
                     .view
