@@ -22,6 +22,7 @@ creto_replay_tests::on_both_adapters!(
     create_exec_and_terminate,
     a_slow_reader_gets_all_the_output_and_the_exit_code,
     a_command_stored_but_unseen_does_not_wedge_the_sandbox,
+    a_sandbox_runs_a_bounded_number_of_execs_at_once,
     egress_is_denied_until_allowed,
     a_connect_loop_cannot_flood_the_stream,
     checkpoint_restores_into_a_new_sandbox,
@@ -214,6 +215,39 @@ async fn a_command_stored_but_unseen_does_not_wedge_the_sandbox(env: &Env) {
     })
     .await
     .unwrap();
+}
+
+/// Each running exec holds output buffers in the gateway for its client: a sandbox runs at
+/// most 16 at once, and the next is refused with a reason until one ends.
+async fn a_sandbox_runs_a_bounded_number_of_execs_at_once(env: &Env) {
+    let dir = sandbox_dir();
+    let (_running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let sb = create(&mut c, create_request()).await;
+    let sleeping = |c: &Client| {
+        let mut c = c.clone();
+        let id = sb.sandbox_id.clone();
+        async move {
+            c.exec(pb::ExecRequest {
+                sandbox_id: id,
+                argv: vec!["sleep".into(), "2".into()],
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        streams.push(sleeping(&c).await.unwrap().into_inner());
+    }
+    let refused = sleeping(&c).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("16 execs"), "{refused:?}");
+    for mut s in streams {
+        while s.message().await.unwrap().is_some() {}
+    }
+    let (_, _, result, _) = exec(&mut c, &sb.sandbox_id, &["true"]).await.unwrap();
+    assert_eq!(result.exit_code, Some(0));
 }
 
 async fn create_exec_and_terminate(env: &Env) {

@@ -84,7 +84,13 @@ pub struct Live {
     pub env: Mutex<BTreeMap<String, String>>,
     /// The aggregate as this replica appended it; the lock serialises commands per sandbox.
     pub agg: tokio::sync::Mutex<Aggregate>,
+    /// Execs running at once ([`MAX_EXECS_PER_SANDBOX`]).
+    pub execs: Arc<Semaphore>,
 }
+
+/// Execs one sandbox runs at once. Each buffers up to a few MiB of output in the gateway for
+/// a client that reads slowly, outside any sandbox's cgroup.
+pub const MAX_EXECS_PER_SANDBOX: usize = 16;
 
 pub struct Runtime {
     pub log: Arc<dyn EventLog>,
@@ -490,6 +496,7 @@ impl Runtime {
             .with_label_values(&[backend, "success"])
             .inc();
         let live = Arc::new(Live {
+            execs: Arc::new(Semaphore::new(MAX_EXECS_PER_SANDBOX)),
             handle,
             env: Mutex::new(new.as_ref().map(|n| n.env.clone()).unwrap_or_default()),
             agg: tokio::sync::Mutex::new(agg),

@@ -17,12 +17,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::backend::{BackendError, ExecChunk, ExecRequest};
-use super::engine::{Live, NewSandbox, Runtime, RuntimeError};
+use super::engine::{Live, NewSandbox, Runtime, RuntimeError, MAX_EXECS_PER_SANDBOX};
 use super::metrics;
 use crate::auth::Identity;
 use crate::log_status::log_status;
 
 const MAX_LIST: u32 = 1_000;
+
+/// How long an Exec stream may wait for its client to take the next output before the client
+/// is dropped (the command's output is then drained unread).
+const STALLED_CLIENT: Duration = Duration::from_secs(30);
 
 pub struct RuntimeGateway {
     pub runtime: Arc<Runtime>,
@@ -245,6 +249,12 @@ impl RuntimeService for RuntimeGateway {
             ));
         }
         let live = self.running(&caller, &req.sandbox_id).await?;
+        let running = live.execs.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "sandbox {} runs {MAX_EXECS_PER_SANDBOX} execs already; wait for one to end",
+                req.sandbox_id
+            ))
+        })?;
         let left = self
             .runtime
             .view
@@ -286,7 +296,12 @@ impl RuntimeService for RuntimeGateway {
         let runtime = self.runtime.clone();
         let id = req.sandbox_id;
         tokio::spawn(async move {
+            let _running = running;
             let (chunks_tx, mut chunks) = mpsc::channel(64);
+            // A client that stops reading (but keeps the stream open) is dropped after
+            // [`STALLED_CLIENT`]: the command's output is then drained unread, so the command
+            // ends (by itself or at its timeout) and its end is recorded.
+            let mut reading = true;
             let handle = live.handle.clone();
             let run = tokio::spawn(async move { handle.exec(exec, chunks_tx).await });
             while let Some(chunk) = chunks.recv().await {
@@ -295,11 +310,15 @@ impl RuntimeService for RuntimeGateway {
                     ExecChunk::Stderr(b) => pb::exec_response::Output::Stderr(b.to_vec()),
                 };
                 // A caller that went away does not stop the command; its timeout does.
-                let _ = tx
-                    .send(Ok(pb::ExecResponse {
-                        output: Some(output),
-                    }))
-                    .await;
+                if reading {
+                    let sent = tx.send_timeout(
+                        Ok(pb::ExecResponse {
+                            output: Some(output),
+                        }),
+                        STALLED_CLIENT,
+                    );
+                    reading = sent.await.is_ok();
+                }
             }
             let outcome = match run.await {
                 Ok(Ok(o)) => o,
@@ -345,7 +364,9 @@ impl RuntimeService for RuntimeGateway {
                 }),
                 Err(e) => Err(log_status(e)),
             };
-            let _ = tx.send(last).await;
+            if reading {
+                let _ = tx.send_timeout(last, STALLED_CLIENT).await;
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
