@@ -250,9 +250,9 @@ pub async fn run(
                     "next: rebuild the read models (`enablement replay {} --rebuild`)",
                     p.to_lowercase()
                 ),
-                None => println!(
-                    "next: start the gateways again (they read {stream} when they start)"
-                ),
+                None => {
+                    println!("next: start the gateways again (they read {stream} when they start)")
+                }
             }
             Ok(())
         }

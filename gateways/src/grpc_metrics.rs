@@ -63,12 +63,7 @@ static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
         .flat_map(|file| {
             file.service.iter().flat_map(move |service| {
                 service.method.iter().map(move |method| {
-                    format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        service.name(),
-                        method.name()
-                    )
+                    format!("/{}.{}/{}", file.package(), service.name(), method.name())
                 })
             })
         })

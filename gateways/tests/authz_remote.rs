@@ -411,7 +411,11 @@ async fn a_refused_check_is_a_deny_not_an_outage() {
         );
     }
     assert_eq!(authz.breaker_state(), BreakerState::Closed);
-    assert_eq!(fake.calls(), THRESHOLD as usize * 2, "nothing was remembered");
+    assert_eq!(
+        fake.calls(),
+        THRESHOLD as usize * 2,
+        "nothing was remembered"
+    );
     fake.set(UP);
     assert_eq!(timed(&authz, "alice").await.0, Decision::Allow);
 }

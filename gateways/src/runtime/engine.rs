@@ -571,10 +571,11 @@ impl Runtime {
         }
         self.forget(id).await;
         if let Err(err) = self.append(&mut agg, id, vec![e.clone()]).await {
-            self.unrecorded
-                .lock()
-                .expect("unrecorded lock")
-                .push((id.to_string(), live.clone(), e));
+            self.unrecorded.lock().expect("unrecorded lock").push((
+                id.to_string(),
+                live.clone(),
+                e,
+            ));
             return Err(err.into());
         }
         Ok(agg.view.clone())

@@ -363,9 +363,12 @@ async fn decide(shared: &Shared, dst: SocketAddr) -> (EgressDecision, Option<Str
         }
     }
     if let Some(n) = &name {
-        if !table.contains_key(n) {
-            // The address came from our own DNS answer for this name.
-            table.insert(n.clone(), vec![ip]);
+        // The address came from our own DNS answer for this name (the host's resolution
+        // then), also when an exact rule names it: a name whose DNS rotates resolves to other
+        // addresses since, and connections to the one the sandbox was given were refused.
+        let ips = table.entry(n.clone()).or_default();
+        if !ips.contains(&ip) {
+            ips.push(ip);
         }
     }
     let lookup = |h: &str| table.get(h).cloned().unwrap_or_default();
@@ -573,6 +576,43 @@ mod tests {
         assert!(name_allowed(&p, "a.b.example.org"));
         assert!(!name_allowed(&p, "example.org"));
         assert!(!name_allowed(&p, "evil.com"));
+    }
+
+    /// An exact-name rule admits the address the sandbox's DNS was given for the name, also
+    /// once the host's resolution has moved on (rotating DNS).
+    #[tokio::test]
+    async fn an_exact_rule_admits_the_address_our_dns_gave_for_its_name() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let given: IpAddr = "93.184.216.34".parse().unwrap();
+        let now_resolved: IpAddr = "93.184.216.35".parse().unwrap();
+        let shared = Shared {
+            sandbox_id: "sb".into(),
+            policy: RwLock::new(Arc::new(
+                EgressPolicy::parse(&["api.example.com:443".into()]).unwrap(),
+            )),
+            deny: EgressPolicy::default(),
+            tx,
+            own: Vec::new(),
+            resolved: Mutex::new(HashMap::from([(
+                "api.example.com".to_string(),
+                (vec![now_resolved], Instant::now()),
+            )])),
+            names: Mutex::new(HashMap::from([(
+                given,
+                ("api.example.com".to_string(), Instant::now()),
+            )])),
+            slots: Arc::new(Semaphore::new(1)),
+            lookups: Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX)),
+        };
+        let (decision, name) = decide(&shared, SocketAddr::new(given, 443)).await;
+        assert!(decision.allowed, "{decision:?}");
+        assert_eq!(name.as_deref(), Some("api.example.com"));
+        let (other, _) = decide(
+            &shared,
+            SocketAddr::new("93.184.216.36".parse().unwrap(), 443),
+        )
+        .await;
+        assert!(!other.allowed, "{other:?}");
     }
 
     #[tokio::test]
