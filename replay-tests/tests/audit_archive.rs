@@ -751,7 +751,9 @@ async fn a_forced_restore_past_a_hole_replays_checked_appends() {
         .unwrap();
     assert_eq!(report.events, 9);
     assert!(!report.sequences_preserved);
-    let restored = audit::log_events(&*env.platform.log, &stream).await.unwrap();
+    let restored = audit::log_events(&*env.platform.log, &stream)
+        .await
+        .unwrap();
     let payloads: Vec<_> = restored
         .iter()
         .filter(|e| e.subject == subject)
@@ -783,7 +785,10 @@ async fn an_object_past_the_last_manifest_is_an_export_in_progress() {
     let report = audit::verify(&*archive, &stream, None).await.unwrap();
     assert!(report.ok(), "{report}");
     assert_eq!(report.notes.len(), 1, "{report}");
-    assert!(report.to_string().contains("has no manifest yet"), "{report}");
+    assert!(
+        report.to_string().contains("has no manifest yet"),
+        "{report}"
+    );
 
     log.delete_stream(&stream).await.unwrap();
     log.ensure_streams(&env.platform.catalog.specs())
@@ -802,7 +807,9 @@ struct RefusingPuts(Arc<dyn Archive>);
 #[async_trait::async_trait]
 impl Archive for RefusingPuts {
     async fn put(&self, key: &str, _: Bytes, _: &str) -> Result<(), ArchiveError> {
-        Err(ArchiveError::Unavailable(format!("put {key}: access denied")))
+        Err(ArchiveError::Unavailable(format!(
+            "put {key}: access denied"
+        )))
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ArchiveError> {
         self.0.get(key).await

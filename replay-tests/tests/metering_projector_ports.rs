@@ -342,7 +342,13 @@ async fn a_delivery_lost_mid_batch_is_projected_not_skipped() {
 async fn a_projector_whose_lock_connection_dies_stops() {
     let env = Env::new().await;
     let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
-    let json = cloud_event("e0", "s1", "llm.tokens", t, serde_json::json!({ "quantity": 1 }));
+    let json = cloud_event(
+        "e0",
+        "s1",
+        "llm.tokens",
+        t,
+        serde_json::json!({ "quantity": 1 }),
+    );
     let first = env
         .platform
         .log

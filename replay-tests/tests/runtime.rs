@@ -141,7 +141,12 @@ async fn a_slow_reader_gets_all_the_output_and_the_exit_code(env: &Env) {
     let mut stream = c
         .exec(pb::ExecRequest {
             sandbox_id: sb.sandbox_id.clone(),
-            argv: vec!["head".into(), "-c".into(), "16000000".into(), "/dev/zero".into()],
+            argv: vec![
+                "head".into(),
+                "-c".into(),
+                "16000000".into(),
+                "/dev/zero".into(),
+            ],
             ..Default::default()
         })
         .await
@@ -161,7 +166,11 @@ async fn a_slow_reader_gets_all_the_output_and_the_exit_code(env: &Env) {
         }
     }
     let result = result.expect("a finished message");
-    assert_eq!((bytes, result.exit_code), (16_000_000, Some(0)), "{result:?}");
+    assert_eq!(
+        (bytes, result.exit_code),
+        (16_000_000, Some(0)),
+        "{result:?}"
+    );
 }
 
 /// A command whose event was stored but whose RPC was cancelled before it folded it (a

@@ -519,13 +519,17 @@ impl EventLog for JetStreamLog {
                     Err(e) => Err(e),
                 };
                 let index = out.len();
-                out.push(acked.map(appended).map_err(|e| match publish_error(e, event) {
-                    (e, true) => {
-                        retry.push(index);
-                        e
-                    }
-                    (e, false) => e,
-                }));
+                out.push(
+                    acked
+                        .map(appended)
+                        .map_err(|e| match publish_error(e, event) {
+                            (e, true) => {
+                                retry.push(index);
+                                e
+                            }
+                            (e, false) => e,
+                        }),
+                );
             }
             drop(slots);
         }
