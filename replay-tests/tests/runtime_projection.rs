@@ -188,6 +188,7 @@ fn requested(
         restore_checkpoint_id: String::new(),
         request_id: request_id.into(),
         pool,
+        owner: String::new(),
     })
 }
 
@@ -471,6 +472,7 @@ async fn runtime_read_model_is_projected_idempotent_and_rebuilt_identically() {
             env_names: strings(&["TOKEN"]),
             request_id: "req-2".into(),
             claim_duration: millis(1),
+            owner: "agent-2".into(),
         })],
     )
     .await;

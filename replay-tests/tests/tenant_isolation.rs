@@ -26,6 +26,7 @@ use tonic::{Code, Status};
 creto_replay_tests::on_both_adapters!(
     oversight_tenants_are_isolated,
     runtime_tenants_are_isolated,
+    runtime_agents_act_on_their_own_sandboxes,
     metering_tenants_are_isolated,
 );
 
@@ -699,6 +700,84 @@ fn runtime_probes(b: &RuntimeClient, sandbox: &str, checkpoint: &str) -> Vec<Pro
             Ok(shown(c9.create_sandbox(req).await?.into_inner()))
         }),
     ]
+}
+
+/// Within a tenant an agent sees and acts on the sandboxes it created: another agent's files,
+/// environment and egress are not its to read or change. The tenant's admin acts on all.
+async fn runtime_agents_act_on_their_own_sandboxes(env: &Env) {
+    let dir = sandbox_dir();
+    let (tokens, auth) = tokens();
+    let running = env.start_runtime_with(dir.path(), "", auth).await;
+    let channel = channel(&running).await;
+    let client = |subject: &str, roles: &[&str]| -> RuntimeClient {
+        runtime::RuntimeServiceClient::with_interceptor(
+            channel.clone(),
+            tokens.bearer(A, subject, roles),
+        )
+    };
+    let (mut alice, mut bob, mut admin) = (
+        client("alice", &["agent"]),
+        client("bob", &["agent"]),
+        client("ops", &["admin"]),
+    );
+    let theirs = alice
+        .create_sandbox(create_request("job-1", "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(theirs.owner, "alice");
+    let ck = alice
+        .checkpoint(runtime::CheckpointRequest {
+            sandbox_id: theirs.sandbox_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+
+    let e = get_sandbox(&mut bob, &theirs.sandbox_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = exec(&mut bob, &theirs.sandbox_id, &["true"]).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = bob
+        .set_egress_policy(runtime::SetEgressPolicyRequest {
+            sandbox_id: theirs.sandbox_id.clone(),
+            egress: Some(runtime::EgressPolicy {
+                allow: vec!["0.0.0.0/0".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let mut restore = create_request("", "b");
+    restore.restore_checkpoint_id = ck.checkpoint_id.clone();
+    let e = bob.create_sandbox(restore).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = bob
+        .create_sandbox(create_request("job-1", "b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(list_sandbox_ids(&mut bob).await.is_empty());
+    assert_eq!(
+        list_sandbox_ids(&mut alice).await,
+        vec![theirs.sandbox_id.clone()]
+    );
+
+    // The tenant's admin acts on every agent's.
+    assert_eq!(
+        list_sandbox_ids(&mut admin).await,
+        vec![theirs.sandbox_id.clone()]
+    );
+    let ended = admin
+        .terminate_sandbox(runtime::TerminateSandboxRequest {
+            sandbox_id: theirs.sandbox_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ended.state(), runtime::State::Terminated);
 }
 
 async fn runtime_tenants_are_isolated(env: &Env) {

@@ -322,6 +322,7 @@ impl Aggregate {
                 v.metadata = r.metadata.clone();
                 v.egress = r.egress.clone();
                 v.env_names = r.env_names.clone();
+                v.owner = r.owner.clone();
                 v.created_at = e.at;
                 v.set_state(State::Requested);
                 self.pooled = r.pool;
@@ -348,6 +349,7 @@ impl Aggregate {
                 v.metadata = c.metadata.clone();
                 v.egress = c.egress.clone();
                 v.env_names = c.env_names.clone();
+                v.owner = c.owner.clone();
                 v.created_at = e.at;
                 self.request_id = c.request_id.clone();
                 self.timeout = span(&c.timeout);

@@ -158,6 +158,8 @@ pub struct NewSandbox {
     /// The checkpoint's id and archive (shared, not copied, on its way to the backend).
     pub restore: Option<(String, Bytes)>,
     pub request_id: String,
+    /// The caller's subject (see `Sandbox.owner`).
+    pub owner: String,
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
@@ -404,6 +406,7 @@ impl Runtime {
             env_names: new.env.keys().cloned().collect(),
             request_id: new.request_id.clone(),
             claim_duration: Some(duration(started.elapsed())),
+            owner: new.owner.clone(),
         });
         self.append(&mut agg, id, vec![claimed]).await?;
         let backend = self.backend.name();
@@ -450,6 +453,7 @@ impl Runtime {
                 .map(|n| n.request_id.clone())
                 .unwrap_or_default(),
             pool,
+            owner: new.as_ref().map(|n| n.owner.clone()).unwrap_or_default(),
         });
         let provisioning = Event::Provisioning(pb::Provisioning {
             backend: self.backend.name().to_string(),

@@ -58,14 +58,24 @@ fn check_id(id: &str) -> Result<(), Status> {
     domain::check_name("sandbox_id", id).map_err(invalid)
 }
 
+/// The owner a caller is confined to: its subject when, of admin, operator and agent, it
+/// holds agent alone (an agent acts on the sandboxes it created, not on its tenant's others:
+/// their files, environment and egress are theirs). `None`: the whole tenant.
+fn confined_to(caller: &Identity) -> Option<&str> {
+    let tenant_wide = caller.has_role("admin") || caller.has_role("operator");
+    (caller.has_role("agent") && !tenant_wide).then_some(caller.subject.as_str())
+}
+
 impl RuntimeGateway {
     fn caller<T>(request: &Request<T>) -> Result<Identity, Status> {
         Ok(crate::auth::layer::caller(request)?.clone())
     }
 
-    /// The caller's sandbox as this replica's view has it; another tenant's is NOT_FOUND.
+    /// The caller's sandbox as this replica's view has it; another tenant's (or, for an
+    /// agent, another agent's) is NOT_FOUND.
     async fn sandbox(&self, caller: &Identity, id: &str) -> Result<Aggregate, Status> {
         check_id(id)?;
+        let owner = confined_to(caller);
         let agg = self
             .runtime
             .view
@@ -73,6 +83,7 @@ impl RuntimeGateway {
             .await
             .map_err(log_status)?
             .filter(|a| !a.pooled && a.view.tenant == caller.tenant)
+            .filter(|a| owner.is_none_or(|o| a.view.owner == o))
             .ok_or_else(|| Status::not_found(format!("no sandbox {id}")))?;
         Ok(agg)
     }
@@ -140,6 +151,7 @@ impl RuntimeGateway {
             egress: egress(req.egress.as_ref())?,
             restore,
             request_id: req.request_id,
+            owner: caller.subject.clone(),
         })
     }
 
@@ -156,7 +168,7 @@ impl RuntimeGateway {
         let found = self
             .runtime
             .view
-            .checkpoint(&caller.tenant, checkpoint_id)
+            .checkpoint(&caller.tenant, confined_to(caller), checkpoint_id)
             .ok_or_else(|| Status::not_found(format!("no checkpoint {checkpoint_id}")))?;
         let body = archive
             .get(&found.object_key)
@@ -211,6 +223,12 @@ impl RuntimeService for RuntimeGateway {
                 view.catch_up().await.map_err(log_status)?;
             }
             if let Some(agg) = view.by_request(&caller.tenant, &req.request_id) {
+                if confined_to(&caller).is_some_and(|o| agg.view.owner != o) {
+                    return Err(Status::already_exists(format!(
+                        "request_id {} names another agent's sandbox; use your own ids",
+                        req.request_id
+                    )));
+                }
                 return Ok(Response::new(agg.view));
             }
         }
@@ -407,7 +425,7 @@ impl RuntimeService for RuntimeGateway {
         let sandboxes = self
             .runtime
             .view
-            .list(&caller.tenant, &states, &req.metadata, limit);
+            .list(&caller.tenant, confined_to(&caller), &states, &req.metadata, limit);
         Ok(Response::new(pb::ListSandboxesResponse { sandboxes }))
     }
 

@@ -177,22 +177,28 @@ impl RuntimeView {
         f.sandboxes.get(id).cloned()
     }
 
-    /// A checkpoint of one of `tenant`'s sandboxes.
-    pub fn checkpoint(&self, tenant: &str, checkpoint_id: &str) -> Option<pb::CheckpointRef> {
+    /// A checkpoint of one of `tenant`'s sandboxes (of `owner`'s only, when given).
+    pub fn checkpoint(
+        &self,
+        tenant: &str,
+        owner: Option<&str>,
+        checkpoint_id: &str,
+    ) -> Option<pb::CheckpointRef> {
         let f = self.folded.read().expect("fold lock");
         f.sandboxes
             .values()
-            .filter(|a| a.view.tenant == tenant)
+            .filter(|a| a.view.tenant == tenant && owner.is_none_or(|o| a.view.owner == o))
             .flat_map(|a| a.view.checkpoints.iter())
             .find(|c| c.checkpoint_id == checkpoint_id)
             .cloned()
     }
 
-    /// Sandboxes of `tenant` in one of `states` (all when empty) whose metadata holds every
-    /// pair of `metadata`, newest first.
+    /// Sandboxes of `tenant` (of `owner`'s only, when given) in one of `states` (all when
+    /// empty) whose metadata holds every pair of `metadata`, newest first.
     pub fn list(
         &self,
         tenant: &str,
+        owner: Option<&str>,
         states: &[State],
         metadata: &std::collections::HashMap<String, String>,
         limit: usize,
@@ -202,6 +208,7 @@ impl RuntimeView {
             .sandboxes
             .values()
             .filter(|a| !a.pooled && a.view.tenant == tenant)
+            .filter(|a| owner.is_none_or(|o| a.view.owner == o))
             .map(|a| &a.view)
             .filter(|v| states.is_empty() || states.contains(&v.state()))
             .filter(|v| {
