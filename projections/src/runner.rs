@@ -23,6 +23,17 @@ pub enum ProjectionError {
     Log(#[from] creto_streams::LogError),
     #[error("embedded store error: {0}")]
     Embedded(String),
+    #[error(
+        "the {product} read models are at sequence {checkpoint}, past the end of the log \
+         ({last}): the log lost its tail (a crash before it reached the disk, or a stream \
+         recreated or restored under kept read models); events stored from now on would be \
+         taken for applied ones. Rebuild the read models: `enablement replay {product} --rebuild`"
+    )]
+    AheadOfLog {
+        product: String,
+        checkpoint: u64,
+        last: u64,
+    },
 }
 
 impl ProjectionError {
@@ -219,6 +230,14 @@ pub async fn run(
     // that would only come back after ack_wait, behind newer ones, and be skipped.
     let durable = format!("projector-{product}");
     let checkpoint = projector.checkpoint().await?;
+    let last = log.last_sequence(projector.stream()).await?;
+    if checkpoint > last {
+        return Err(ProjectionError::AheadOfLog {
+            product: product.to_string(),
+            checkpoint,
+            last,
+        });
+    }
     let mut consumer = open_at(&*log, projector.stream(), &durable, checkpoint).await?;
     tracing::info!(product, checkpoint, "projector active");
 

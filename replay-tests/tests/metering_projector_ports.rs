@@ -381,3 +381,68 @@ async fn a_projector_whose_lock_connection_dies_stops() {
     assert!(result.is_err(), "{result:?}");
     env.drop().await;
 }
+
+/// Read models past the end of the log (a log that lost its tail in a crash, a stream
+/// recreated under kept read models) refuse to project: the next events stored would reuse
+/// applied sequences and be skipped without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_ahead_of_the_log_refuse_to_project() {
+    let env = Env::embedded().await;
+    let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
+    let events: Vec<_> = (0..3)
+        .map(|i| {
+            let json = cloud_event(
+                &format!("e{i}"),
+                "s1",
+                "llm.tokens",
+                t,
+                serde_json::json!({}),
+            );
+            append(&env, &format!("l{i}"), json, "s1")
+        })
+        .collect();
+    let last = env
+        .platform
+        .log
+        .append_batch(events)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().sequence())
+        .max()
+        .unwrap();
+    let run = || {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(runner::run(
+            env.platform.log.clone(),
+            env.platform.leadership(),
+            env.platform.metering_projector(),
+            RunnerConfig::default(),
+            stop_rx,
+        ));
+        (stop, task)
+    };
+    let (stop, task) = run();
+    env.wait_applied(last).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+
+    let stream = env.platform.catalog.stream(creto_streams::METERING);
+    env.platform.log.delete_stream(&stream).await.unwrap();
+    env.platform
+        .log
+        .ensure_streams(&env.platform.catalog.specs())
+        .await
+        .unwrap();
+    let (_stop, task) = run();
+    let err = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("refused at once")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("past the end of the log"), "{err}");
+    assert!(
+        err.to_string().contains("replay metering --rebuild"),
+        "{err}"
+    );
+    env.drop().await;
+}

@@ -738,7 +738,9 @@ async fn runtime_agents_act_on_their_own_sandboxes(env: &Env) {
 
     let e = get_sandbox(&mut bob, &theirs.sandbox_id).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    let e = exec(&mut bob, &theirs.sandbox_id, &["true"]).await.unwrap_err();
+    let e = exec(&mut bob, &theirs.sandbox_id, &["true"])
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = bob
         .set_egress_policy(runtime::SetEgressPolicyRequest {

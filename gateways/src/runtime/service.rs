@@ -422,10 +422,13 @@ impl RuntimeService for RuntimeGateway {
         }
         let limit = if req.limit == 0 { 100 } else { req.limit } as usize;
         self.runtime.view.catch_up().await.map_err(log_status)?;
-        let sandboxes = self
-            .runtime
-            .view
-            .list(&caller.tenant, confined_to(&caller), &states, &req.metadata, limit);
+        let sandboxes = self.runtime.view.list(
+            &caller.tenant,
+            confined_to(&caller),
+            &states,
+            &req.metadata,
+            limit,
+        );
         Ok(Response::new(pb::ListSandboxesResponse { sandboxes }))
     }
 
