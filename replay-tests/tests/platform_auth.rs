@@ -239,6 +239,20 @@ async fn check(env: Env) {
         letters.dead_letters.is_empty(),
         "B sees A's dead letters: {letters:?}"
     );
+    // B's page read past A's letter: the next starts after it.
+    assert!(letters.next_after_sequence > 0, "{letters:?}");
+    let next = b
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            after_sequence: letters.next_after_sequence,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (next.dead_letters.len(), next.next_after_sequence),
+        (0, letters.next_after_sequence)
+    );
     let own = a
         .list_dead_letters(pb::ListDeadLettersRequest::default())
         .await

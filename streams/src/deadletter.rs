@@ -99,6 +99,22 @@ pub async fn list(
     limit: usize,
     keep: impl Fn(&DeadLetter) -> bool,
 ) -> Result<Vec<DeadLetter>, LogError> {
+    Ok(page(log, catalog, subject, after, limit, usize::MAX, keep)
+        .await?
+        .0)
+}
+
+/// As [`list`], reading at most `max_read` dead letters (those `keep` refuses included), and
+/// the sequence reached: where the next page starts.
+pub async fn page(
+    log: &dyn EventLog,
+    catalog: &Catalog,
+    subject: Option<&str>,
+    after: u64,
+    limit: usize,
+    max_read: usize,
+    keep: impl Fn(&DeadLetter) -> bool,
+) -> Result<(Vec<DeadLetter>, u64), LogError> {
     let mut events = log
         .replay(
             &catalog.stream(DEADLETTERS),
@@ -108,13 +124,18 @@ pub async fn list(
         )
         .await?;
     let mut out = Vec::new();
-    while out.len() < limit {
+    let (mut read, mut reached) = (0, after);
+    while out.len() < limit && read < max_read {
         match events.try_next().await? {
-            Some(e) => out.extend(DeadLetter::parse(e).filter(&keep)),
+            Some(e) => {
+                read += 1;
+                reached = e.sequence;
+                out.extend(DeadLetter::parse(e).filter(&keep));
+            }
             None => break,
         }
     }
-    Ok(out)
+    Ok((out, reached))
 }
 
 fn truncate(s: &str, max: usize) -> &str {

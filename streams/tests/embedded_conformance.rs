@@ -25,3 +25,43 @@ async fn cleanup(log: Arc<dyn EventLog>, catalog: Catalog) {
 }
 
 creto_streams::conformance_suite!(make, cleanup);
+
+/// A page of dead letters reads at most what it is allowed, those the filter refuses
+/// included, and says where the next page starts.
+#[tokio::test]
+async fn a_dead_letter_page_reads_within_its_budget() {
+    use creto_streams::{deadletter, StoredEvent, DEADLETTERS, METERING};
+    let (log, catalog) = make("dl_page").await;
+    let subject = catalog.deadletter_subject(METERING);
+    for sequence in 1..=5u64 {
+        let original = StoredEvent {
+            stream: catalog.stream(METERING),
+            sequence,
+            subject: catalog.subject("metering.events.s1"),
+            headers: Default::default(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            recorded_at: chrono::Utc::now(),
+        };
+        let reason = if sequence == 5 { "mine" } else { "theirs" };
+        log.append(deadletter::letter(&original, &subject, reason, "", 1))
+            .await
+            .unwrap();
+    }
+    let mine = |l: &deadletter::DeadLetter| l.reason == "mine";
+    let (found, reached) = deadletter::page(&*log, &catalog, Some(&subject), 0, 10, 3, mine)
+        .await
+        .unwrap();
+    assert_eq!((found.len(), reached), (0, 3));
+    let (found, reached) = deadletter::page(&*log, &catalog, Some(&subject), 3, 10, 3, mine)
+        .await
+        .unwrap();
+    assert_eq!((found.len(), reached), (1, 5));
+    assert_eq!(
+        log.stream_state(&catalog.stream(DEADLETTERS))
+            .await
+            .unwrap()
+            .messages,
+        5
+    );
+    cleanup(log, catalog).await;
+}

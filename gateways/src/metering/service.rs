@@ -474,10 +474,12 @@ impl MeteringService for MeteringGateway {
             r.limit.min(1_000)
         } as usize;
         let only = (!every_tenant).then_some(who.tenant.as_str());
-        let letters = list_dead_letters(&*self.log, &self.catalog, r.after_sequence, limit, only)
-            .await
-            .map_err(log_status)?;
+        let (letters, reached) =
+            dead_letters_page(&*self.log, &self.catalog, r.after_sequence, limit, only)
+                .await
+                .map_err(log_status)?;
         Ok(Response::new(pb::ListDeadLettersResponse {
+            next_after_sequence: reached,
             dead_letters: letters
                 .into_iter()
                 .map(|l| pb::DeadLetter {
@@ -615,5 +617,31 @@ pub async fn list_dead_letters(
     creto_streams::deadletter::list(log, catalog, Some(&subject), after, limit, |l| {
         tenant.is_none_or(|t| letter_tenant(l) == t)
     })
+    .await
+}
+
+/// Dead letters of every tenant one ListDeadLetters call reads at most: a tenant with none
+/// among millions of others' would otherwise have each call read them all.
+pub const DEAD_LETTERS_READ_PER_CALL: usize = 10_000;
+
+/// A page of [`list_dead_letters`] read within [`DEAD_LETTERS_READ_PER_CALL`], and where the
+/// next starts.
+pub async fn dead_letters_page(
+    log: &dyn EventLog,
+    catalog: &Catalog,
+    after: u64,
+    limit: usize,
+    tenant: Option<&str>,
+) -> Result<(Vec<DeadLetter>, u64), LogError> {
+    let subject = catalog.deadletter_subject(creto_streams::METERING);
+    creto_streams::deadletter::page(
+        log,
+        catalog,
+        Some(&subject),
+        after,
+        limit,
+        DEAD_LETTERS_READ_PER_CALL,
+        |l| tenant.is_none_or(|t| letter_tenant(l) == t),
+    )
     .await
 }
