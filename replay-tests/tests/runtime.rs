@@ -183,6 +183,31 @@ async fn a_command_stored_but_unseen_does_not_wedge_the_sandbox(env: &Env) {
     let (_running, url) = env.start_runtime(dir.path(), "").await;
     let mut c = client(&url).await;
     let sb = create(&mut c, create_request()).await;
+    // Every event of the sandbox names its tenant, its request included (it used to carry
+    // none: the tenant was read from the sandbox before the request gave it one).
+    let subject = env.subject(&format!("runtime.sandboxes.{}", sb.sandbox_id));
+    let stored: Vec<_> = futures::TryStreamExt::try_collect(
+        env.platform
+            .log
+            .replay(
+                &env.platform.catalog.stream(creto_streams::RUNTIME),
+                creto_streams::ReplayFrom::Start,
+                None,
+                Some(&subject),
+            )
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(stored.len() >= 3, "{stored:?}");
+    for e in &stored {
+        assert_eq!(
+            e.headers.get(names::TENANT),
+            Some(sb.tenant.as_str()),
+            "{e:?}"
+        );
+    }
     let changed = creto_domain::runtime::sandbox::event(
         chrono::Utc::now(),
         pb::sandbox_event::Event::TimeoutChanged(pb::TimeoutChanged {

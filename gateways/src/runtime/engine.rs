@@ -262,8 +262,14 @@ impl Runtime {
             let mut headers = Headers::new()
                 .with(names::CONTENT_TYPE, content_types::PROTOBUF)
                 .with(names::EVENT_TYPE, domain::event_type(&e));
-            if !agg.view.tenant.is_empty() {
-                headers = headers.with(names::TENANT, &agg.view.tenant);
+            // The tenant the event gives the sandbox (a request's, a claim's), else its own.
+            let tenant = match &e.event {
+                Some(Event::Requested(r)) => &r.tenant,
+                Some(Event::Claimed(c)) => &c.tenant,
+                _ => &agg.view.tenant,
+            };
+            if !tenant.is_empty() {
+                headers = headers.with(names::TENANT, tenant);
             }
             let appended = self
                 .log
