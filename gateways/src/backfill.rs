@@ -235,6 +235,12 @@ impl Backfill<'_> {
                 }
             }
             if batch.len() >= batch_size || (end && !batch.is_empty()) {
+                // Each batch is checked against its own "now": a window fixed at the start
+                // shrank, relative to the file's oldest event, as a long import went on, and
+                // turned it away at the end.
+                if options.accept_late {
+                    limits.late_window = late_window_covering(&self.limits, oldest, Utc::now());
+                }
                 self.submit(&mut batch, &limits, options, &mut seen, &mut report)
                     .await?;
                 progress(report.events, total);
