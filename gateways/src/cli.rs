@@ -351,8 +351,31 @@ pub fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
+    // Not a terminal (`kubectl exec` without -t, a Job's log): indicatif draws nothing there,
+    // so the same figures go out as a line every 10 seconds.
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let watched = bar.downgrade();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(PROGRESS_LINE_EVERY);
+            let Some(bar) = watched.upgrade() else { return };
+            if bar.is_finished() {
+                return;
+            }
+            eprintln!(
+                "progress: {} {}/{} ({:.0}/s, {} s elapsed)",
+                bar.message(),
+                bar.position(),
+                bar.length().unwrap_or(0),
+                bar.per_sec(),
+                bar.elapsed().as_secs()
+            );
+        });
+    }
     bar
 }
+
+/// How often long work says how far it is when stderr is not a terminal.
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(10);
 
 fn fail(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
