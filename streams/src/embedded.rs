@@ -34,6 +34,9 @@ const SUBJECT: u8 = b's';
 const COUNTS: &[u8] = b"z";
 /// How often expired ids and messages past `max_age` are removed.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
+/// Ids forgotten, and messages removed, by one maintenance pass at most; a pass that had
+/// more to do runs again at the next append.
+const MAINTENANCE_STEPS: usize = 10_000;
 /// Messages read from sled per step of a replay.
 const REPLAY_CHUNK: usize = 512;
 
@@ -290,8 +293,12 @@ impl Stream {
         let mut maintained = self.maintained.lock().unwrap();
         if maintained.elapsed() >= MAINTENANCE_EVERY {
             *maintained = Instant::now();
-            if let Err(e) = self.maintain(&spec, &mut counts) {
-                tracing::warn!(stream = %self.name, error = %e, "embedded log maintenance failed");
+            match self.maintain(&spec, &mut counts) {
+                Ok(true) => *maintained = Instant::now() - MAINTENANCE_EVERY,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(stream = %self.name, error = %e, "embedded log maintenance failed")
+                }
             }
         }
         out
@@ -379,13 +386,22 @@ impl Stream {
     }
 
     /// Forgets ids past the duplicate window and drops messages past `max_age` / `max_bytes`
-    /// (oldest first, as JetStream's discard-old).
-    fn maintain(&self, spec: &StreamSpec, counts: &mut Counts) -> Result<(), LogError> {
+    /// (oldest first, as JetStream's discard-old), [`MAINTENANCE_STEPS`] of each at most; true
+    /// when there may be more.
+    fn maintain(&self, spec: &StreamSpec, counts: &mut Counts) -> Result<bool, LogError> {
         let now = Utc::now().timestamp_micros();
         let id_cut = now - spec.duplicate_window.as_micros() as i64;
         let mut batch = sled::Batch::default();
         let from = counts.ids_forgotten_to.max(counts.first.saturating_sub(1)) + 1;
-        for kv in self.tree.range(msg_key(from)..=msg_key(counts.last)) {
+        // Bounded: it runs inside an append, under the stream's lock. The rest waits for the
+        // next pass (a burst of a million events expired at once stalled one append for
+        // seconds).
+        let mut forgotten = 0;
+        for kv in self
+            .tree
+            .range(msg_key(from)..=msg_key(counts.last))
+            .take(MAINTENANCE_STEPS)
+        {
             let (k, v) = kv.map_err(storage)?;
             let seq = u64_at(&k, 1);
             let r = Record::decode(v.as_ref()).map_err(|e| LogError::Other(e.to_string()))?;
@@ -400,9 +416,11 @@ impl Stream {
                 }
             }
             counts.ids_forgotten_to = seq;
+            forgotten += 1;
         }
         let age_cut = (!spec.max_age.is_zero()).then(|| now - spec.max_age.as_micros() as i64);
-        while counts.messages > 0 {
+        let mut removed = 0;
+        while counts.messages > 0 && removed < MAINTENANCE_STEPS {
             let Some(oldest) = self.read(counts.first)? else {
                 break;
             };
@@ -412,6 +430,7 @@ impl Stream {
                 break;
             }
             batch.remove(&msg_key(counts.first));
+            removed += 1;
             counts.bytes = counts
                 .bytes
                 .saturating_sub(size_of(&oldest.headers, &oldest.payload) as u64);
@@ -422,7 +441,8 @@ impl Stream {
             COUNTS,
             serde_json::to_vec(&*counts).expect("counts serialize"),
         );
-        self.tree.apply_batch(batch).map_err(storage)
+        self.tree.apply_batch(batch).map_err(storage)?;
+        Ok(forgotten == MAINTENANCE_STEPS || removed == MAINTENANCE_STEPS)
     }
 }
 
