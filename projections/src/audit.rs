@@ -521,6 +521,20 @@ impl AuditExporter {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ExportStats, AuditError> {
         let mut tail = self.recover().await?;
+        // An archive past the log's end: the log lost events the archive holds (a restore at
+        // new sequences, a stream recreated empty). The exporter would resume after the
+        // archive's end, and the log's events up to it would never be archived.
+        let last = self.log.last_sequence(&self.stream).await?;
+        if tail.last_sequence > last {
+            return Err(AuditError::Corrupt(format!(
+                "the archive of {} runs to sequence {}, past the log's last ({last}): the log was \
+                 restored at new sequences or recreated. Restore it (`enablement audit restore`) \
+                 or move the archive's {} objects aside, then start the exporter again",
+                self.stream,
+                tail.last_sequence,
+                stream_prefix(&self.stream)
+            )));
+        }
         let mut stats = ExportStats {
             checkpoint: tail.last_sequence,
             ..Default::default()
