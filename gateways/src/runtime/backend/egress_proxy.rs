@@ -235,12 +235,11 @@ async fn handle(stream: TcpStream, shared: &Shared) {
     } else {
         let (mut decision, host) = decide(shared, dst).await;
         if decision.allowed {
-            // Allowed by the policy, refused by the platform: the rule says which network.
-            let denied = shared.deny.decide(dst.ip(), dst.port(), |_| Vec::new());
-            if let Some(network) = denied.rule.filter(|_| denied.allowed) {
+            // Allowed by the policy, refused by the platform: the rule says why.
+            if let Some(why) = refused_by_platform(&shared.deny, dst) {
                 decision = EgressDecision {
                     allowed: false,
-                    rule: Some(format!("platform deny {network}")),
+                    rule: Some(why),
                 };
             }
         }
@@ -332,6 +331,73 @@ async fn resolve(shared: &Shared, host: &str) -> Vec<IpAddr> {
     }
     cache.insert(host.to_string(), (ips.clone(), Instant::now()));
     ips
+}
+
+/// Why the platform refuses `dst` whatever the policy says: a network of its deny list, or
+/// one of the host's own addresses (the proxy connects from the host, where a public address
+/// reaches the node's own services: gateways, metrics, a node-local NATS).
+fn refused_by_platform(deny: &EgressPolicy, dst: SocketAddr) -> Option<String> {
+    let denied = deny.decide(dst.ip(), dst.port(), |_| Vec::new());
+    if let Some(network) = denied.rule.filter(|_| denied.allowed) {
+        return Some(format!("platform deny {network}"));
+    }
+    let ip = dst.ip().to_canonical();
+    host_addresses()
+        .contains(&ip)
+        .then(|| format!("platform deny host address {ip}"))
+}
+
+/// The addresses of the host's interfaces, loopback aside (the deny list's `127.0.0.0/8` and
+/// `::/127` govern it), read again every [`HOST_ADDRESSES_TTL`].
+fn host_addresses() -> Vec<IpAddr> {
+    static CACHE: Mutex<Option<(Vec<IpAddr>, Instant)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((ips, at)) = cache.as_ref() {
+        if at.elapsed() < HOST_ADDRESSES_TTL {
+            return ips.clone();
+        }
+    }
+    let ips = interface_addresses();
+    *cache = Some((ips.clone(), Instant::now()));
+    ips
+}
+
+const HOST_ADDRESSES_TTL: Duration = Duration::from_secs(30);
+
+fn interface_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list that freeifaddrs releases below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "cannot list the host's addresses");
+        return out;
+    }
+    let mut node = head;
+    while !node.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*node };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        node = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.retain(|ip| !ip.is_loopback());
+    out
 }
 
 async fn decide(shared: &Shared, dst: SocketAddr) -> (EgressDecision, Option<String>) {
@@ -576,6 +642,27 @@ mod tests {
         assert!(name_allowed(&p, "a.b.example.org"));
         assert!(!name_allowed(&p, "example.org"));
         assert!(!name_allowed(&p, "evil.com"));
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_are_refused_whatever_the_deny_list() {
+        let own = interface_addresses();
+        assert!(!own.is_empty(), "this host has a non-loopback address");
+        let none = EgressPolicy::default();
+        let why = refused_by_platform(&none, SocketAddr::new(own[0], 443)).unwrap();
+        assert!(why.starts_with("platform deny host address"), "{why}");
+        let elsewhere: IpAddr = "93.184.216.34".parse().unwrap();
+        assert!(!own.contains(&elsewhere));
+        assert_eq!(
+            refused_by_platform(&none, SocketAddr::new(elsewhere, 443)),
+            None
+        );
+        let loopback = SocketAddr::new("127.0.0.1".parse().unwrap(), 80);
+        assert_eq!(
+            refused_by_platform(&none, loopback),
+            None,
+            "the deny list's to say"
+        );
     }
 
     /// An exact-name rule admits the address the sandbox's DNS was given for the name, also
