@@ -996,14 +996,18 @@ async fn ensure_streams(
     log: &dyn EventLog,
     catalog: &creto_streams::Catalog,
 ) -> Result<(), CliError> {
-    for (name, outcome) in log.ensure_streams(&catalog.specs()).await.map_err(fail)? {
+    for (name, outcome) in log
+        .create_missing_streams(&catalog.specs())
+        .await
+        .map_err(fail)?
+    {
         match outcome {
             EnsureOutcome::Created => tracing::info!(stream = %name, "stream created"),
             EnsureOutcome::Updated(changes) => {
                 tracing::warn!(stream = %name, ?changes, "stream config drifted; updated")
             }
             EnsureOutcome::Drifted(changes) => {
-                tracing::error!(stream = %name, ?changes, "stream config drifted and cannot be changed in place")
+                tracing::warn!(stream = %name, ?changes, "stream config differs from this process's settings; left as it is (`enablement streams init` applies them)")
             }
             EnsureOutcome::Unchanged => {}
         }

@@ -222,6 +222,12 @@ impl EventLog for LosingLog {
     ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
         self.inner.ensure_streams(specs).await
     }
+    async fn create_missing_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        self.inner.create_missing_streams(specs).await
+    }
     async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {
         self.inner.append(event).await
     }

@@ -442,9 +442,20 @@ pub async fn streams_init_is_idempotent(log: Arc<dyn EventLog>, c: &Catalog) {
         again.iter().all(|(_, o)| *o == EnsureOutcome::Unchanged),
         "{again:?}"
     );
-    // Drift: a changed duplicate window is reported and repaired.
+    // Drift: a changed duplicate window is reported and repaired; a process starting with
+    // other settings only reports it.
     let mut drifted = c.specs();
     drifted[0].duplicate_window = Duration::from_secs(60);
+    let left = log.create_missing_streams(&drifted[..1]).await.unwrap();
+    assert!(
+        matches!(&left[0].1, EnsureOutcome::Drifted(f) if f[0].starts_with("duplicate_window")),
+        "{left:?}"
+    );
+    assert_eq!(
+        log.ensure_streams(&c.specs()[..1]).await.unwrap()[0].1,
+        EnsureOutcome::Unchanged,
+        "left as it was"
+    );
     let changed = log.ensure_streams(&drifted[..1]).await.unwrap();
     assert!(
         matches!(&changed[0].1, EnsureOutcome::Updated(f) if f[0].starts_with("duplicate_window")),

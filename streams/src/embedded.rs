@@ -603,6 +603,40 @@ pub struct SledLog {
 }
 
 impl SledLog {
+    /// Creates missing streams; brings the others to their spec when `update`, else reports
+    /// their drift.
+    async fn ensure(
+        &self,
+        specs: &[StreamSpec],
+        update: bool,
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        let mut out = Vec::new();
+        for want in specs {
+            let outcome = match self.stream(&want.name) {
+                Err(_) => {
+                    self.store_spec(want)?;
+                    self.load_stream(want.clone())?;
+                    EnsureOutcome::Created
+                }
+                Ok(s) => {
+                    let drift = Self::drift(&s.spec.lock().unwrap(), want);
+                    if drift.is_empty() {
+                        EnsureOutcome::Unchanged
+                    } else if !update {
+                        EnsureOutcome::Drifted(drift)
+                    } else {
+                        self.store_spec(want)?;
+                        *s.spec.lock().unwrap() = want.clone();
+                        EnsureOutcome::Updated(drift)
+                    }
+                }
+            };
+            out.push((want.name.clone(), outcome));
+        }
+        self.flush().await?;
+        Ok(out)
+    }
+
     /// Opens (creating if needed) the log under `dir`.
     pub fn open(dir: &Path, catalog: Catalog) -> Result<SledLog, LogError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| {
@@ -803,29 +837,14 @@ impl EventLog for SledLog {
         &self,
         specs: &[StreamSpec],
     ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
-        let mut out = Vec::new();
-        for want in specs {
-            let outcome = match self.stream(&want.name) {
-                Err(_) => {
-                    self.store_spec(want)?;
-                    self.load_stream(want.clone())?;
-                    EnsureOutcome::Created
-                }
-                Ok(s) => {
-                    let drift = Self::drift(&s.spec.lock().unwrap(), want);
-                    if drift.is_empty() {
-                        EnsureOutcome::Unchanged
-                    } else {
-                        self.store_spec(want)?;
-                        *s.spec.lock().unwrap() = want.clone();
-                        EnsureOutcome::Updated(drift)
-                    }
-                }
-            };
-            out.push((want.name.clone(), outcome));
-        }
-        self.flush().await?;
-        Ok(out)
+        self.ensure(specs, true).await
+    }
+
+    async fn create_missing_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        self.ensure(specs, false).await
     }
 
     async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {

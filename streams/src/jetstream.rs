@@ -190,6 +190,45 @@ impl JetStreamLog {
         }
     }
 
+    /// Creates missing streams; brings the others to their spec when `update`, else reports
+    /// their drift.
+    async fn ensure(
+        &self,
+        specs: &[StreamSpec],
+        update: bool,
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        let mut out = Vec::new();
+        for spec in specs {
+            let want = Self::stream_config(spec);
+            let outcome = match self.stream(&spec.name).await {
+                Err(LogError::UnknownStream(_)) => {
+                    self.context
+                        .create_stream(want)
+                        .await
+                        .map_err(unavailable)?;
+                    EnsureOutcome::Created
+                }
+                Err(e) => return Err(e),
+                Ok(live) => {
+                    let (updatable, fixed) = drift(&live.cached_info().config, &want);
+                    if !fixed.is_empty() || (!update && !updatable.is_empty()) {
+                        EnsureOutcome::Drifted(fixed.into_iter().chain(updatable).collect())
+                    } else if updatable.is_empty() {
+                        EnsureOutcome::Unchanged
+                    } else {
+                        self.context
+                            .update_stream(want)
+                            .await
+                            .map_err(unavailable)?;
+                        EnsureOutcome::Updated(updatable)
+                    }
+                }
+            };
+            out.push((spec.name.clone(), outcome));
+        }
+        Ok(out)
+    }
+
     async fn publish_once(&self, event: &AppendEvent) -> Result<Appended, (LogError, bool)> {
         let _slot = self
             .acks_pending
@@ -457,36 +496,14 @@ impl EventLog for JetStreamLog {
         &self,
         specs: &[StreamSpec],
     ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
-        let mut out = Vec::new();
-        for spec in specs {
-            let want = Self::stream_config(spec);
-            let outcome = match self.stream(&spec.name).await {
-                Err(LogError::UnknownStream(_)) => {
-                    self.context
-                        .create_stream(want)
-                        .await
-                        .map_err(unavailable)?;
-                    EnsureOutcome::Created
-                }
-                Err(e) => return Err(e),
-                Ok(live) => {
-                    let (updatable, fixed) = drift(&live.cached_info().config, &want);
-                    if !fixed.is_empty() {
-                        EnsureOutcome::Drifted(fixed.into_iter().chain(updatable).collect())
-                    } else if updatable.is_empty() {
-                        EnsureOutcome::Unchanged
-                    } else {
-                        self.context
-                            .update_stream(want)
-                            .await
-                            .map_err(unavailable)?;
-                        EnsureOutcome::Updated(updatable)
-                    }
-                }
-            };
-            out.push((spec.name.clone(), outcome));
-        }
-        Ok(out)
+        self.ensure(specs, true).await
+    }
+
+    async fn create_missing_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        self.ensure(specs, false).await
     }
 
     async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {

@@ -159,7 +159,8 @@ pub enum EnsureOutcome {
     Unchanged,
     /// The live config had drifted; each entry says `field: live → catalog`. It was updated.
     Updated(Vec<String>),
-    /// Drift that cannot be changed in place (e.g. storage type); left as it is.
+    /// Drift left as it is: it cannot be changed in place (e.g. storage type), or the caller
+    /// only creates missing streams ([`EventLog::create_missing_streams`]).
     Drifted(Vec<String>),
 }
 
@@ -244,6 +245,15 @@ pub trait DurableConsumer: Send {
 pub trait EventLog: Send + Sync + 'static {
     /// Creates or reconciles every stream of the catalog.
     async fn ensure_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError>;
+
+    /// Creates the streams that are missing and leaves the others as they are: their drift
+    /// from `specs` is reported ([`EnsureOutcome::Drifted`]), not applied. What every process
+    /// does at start: the live configuration is `streams init`'s to change, not that of
+    /// whichever process started last with its own settings (a replica count left unset).
+    async fn create_missing_streams(
         &self,
         specs: &[StreamSpec],
     ) -> Result<Vec<(String, EnsureOutcome)>, LogError>;
