@@ -79,6 +79,9 @@ pub fn streams(catalog: &Catalog, which: &str) -> Result<Vec<String>, CliError> 
     }
 }
 
+/// How long a restarted exporter runs without failing before its stream is reported up again.
+const HEALTHY_AFTER: Duration = Duration::from_secs(300);
+
 /// One exporter task per stream, each restarted with backoff when it fails, until `shutdown`.
 pub fn spawn_exporters(
     tasks: &mut JoinSet<()>,
@@ -99,7 +102,20 @@ pub fn spawn_exporters(
         tasks.spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
-                match exporter.run(false, shutdown.clone()).await {
+                // Up again only once a restart has run a while: an exporter failing every
+                // few minutes (an S3 that refuses writes) stays down, not up between tries.
+                let run = exporter.run(false, shutdown.clone());
+                tokio::pin!(run);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut run => break result,
+                        _ = tokio::time::sleep(HEALTHY_AFTER) => {
+                            health.set(name, "up");
+                            backoff = Duration::from_secs(1);
+                        }
+                    }
+                };
+                match result {
                     Ok(_) if *shutdown.borrow() => return,
                     Ok(_) => {}
                     Err(e) => {
@@ -112,7 +128,6 @@ pub fn spawn_exporters(
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
-                health.set(name, "up"); // trying again; down again if it fails
             }
         });
     }

@@ -266,6 +266,9 @@ struct Buffer {
     count: usize,
     raw_bytes: usize,
     oldest: Instant,
+    /// When the log stored the oldest event held: how long it has waited for the archive,
+    /// across the exporter's restarts (each reads it again from the log).
+    oldest_recorded: DateTime<Utc>,
 }
 
 impl Buffer {
@@ -277,6 +280,7 @@ impl Buffer {
             count: 0,
             raw_bytes: 0,
             oldest: Instant::now(),
+            oldest_recorded: Utc::now(),
         }
     }
 
@@ -290,6 +294,7 @@ impl Buffer {
         if self.count == 0 {
             self.first = e.sequence;
             self.oldest = Instant::now();
+            self.oldest_recorded = e.recorded_at;
         }
         self.last = e.sequence;
         self.count += 1;
@@ -409,7 +414,7 @@ impl AuditExporter {
 
     /// Writes the buffer as one object, then its manifest; moves the tail.
     async fn flush(&self, buffer: Buffer, tail: &mut Tail) -> Result<u64, AuditError> {
-        let (count, oldest) = (buffer.count, buffer.oldest);
+        let (count, oldest) = (buffer.count, buffer.oldest_recorded);
         let body = buffer
             .encoder
             .finish()
@@ -495,10 +500,11 @@ impl AuditExporter {
         Ok(())
     }
 
-    /// Sets [`AUDIT_UNARCHIVED_SECONDS`] from a buffer's count and its oldest event's time.
-    fn waited(&self, count: usize, oldest: Instant) {
+    /// Sets [`AUDIT_UNARCHIVED_SECONDS`] from a buffer's count and when the log stored its
+    /// oldest event.
+    fn waited(&self, count: usize, oldest_recorded: DateTime<Utc>) {
         let seconds = if count > 0 {
-            oldest.elapsed().as_secs() as i64
+            (Utc::now() - oldest_recorded).num_seconds().max(0)
         } else {
             0
         };
@@ -560,7 +566,7 @@ impl AuditExporter {
         // which no delivery would ever reach.
         let mut drained = false;
         loop {
-            self.waited(buffer.count, buffer.oldest);
+            self.waited(buffer.count, buffer.oldest_recorded);
             let stopping = *shutdown.borrow();
             let reached =
                 drained || target.is_some_and(|t| buffer.last.max(tail.last_sequence) >= t);
