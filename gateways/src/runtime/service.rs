@@ -338,18 +338,17 @@ impl RuntimeService for RuntimeGateway {
                     reading = sent.await.is_ok();
                 }
             }
-            let outcome = match run.await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => {
-                    let _ = tx
-                        .send(Err(Status::unavailable(format!("exec failed: {e}"))))
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Status::internal(format!("exec task: {e}"))))
-                        .await;
+            let failed = match run.await {
+                Ok(Ok(o)) => Ok(o),
+                Ok(Err(e)) => Err(Status::unavailable(format!("exec failed: {e}"))),
+                Err(e) => Err(Status::internal(format!("exec task: {e}"))),
+            };
+            let outcome = match failed {
+                Ok(o) => o,
+                Err(status) => {
+                    if reading {
+                        let _ = tx.send_timeout(Err(status), STALLED_CLIENT).await;
+                    }
                     return;
                 }
             };
