@@ -44,10 +44,10 @@ pub struct JetStreamLog {
     catalog: Catalog,
     ids: ids::IdKey,
     /// Publishes awaiting their acks, as the client counts them ([`MAX_ACKS_PENDING`]). The
-    /// client's own bound makes a publish wait for a free slot, and a slot frees only when
-    /// its ack is awaited: batches that each sent part of their events before awaiting any
-    /// ack could hold every slot and wait for one more, and no append of the process went
-    /// on. Here a window of a batch takes all its slots at once, before sending.
+    /// client's own bound makes a publish wait for a free slot, held until its ack comes back
+    /// (or its future is dropped): batches that each sent part of their events before
+    /// awaiting any ack could hold every slot and wait for one more, and no append of the
+    /// process went on. Here a window of a batch takes all its slots at once, before sending.
     acks_pending: Arc<tokio::sync::Semaphore>,
 }
 
@@ -265,12 +265,16 @@ impl JetStreamLog {
                 // The client reports "no responders" as a missing stream: also what a server
                 // answers while JetStream recovers its streams after a restart, or during a
                 // cluster's leader election. Missing for good only when the server says so.
+                // Nothing was stored then: `retried` stays as it was.
                 Err((LogError::NoStream(s), _))
-                    if tokio::time::Instant::now() + backoff < deadline
-                        && self.stream_is_unreachable(&event.subject).await =>
+                    if self.stream_is_unreachable(&event.subject).await =>
                 {
+                    if tokio::time::Instant::now() + backoff >= deadline {
+                        return Err(LogError::Unavailable(format!(
+                            "the stream of {s} does not answer (JetStream unreachable or recovering its streams)"
+                        )));
+                    }
                     tracing::warn!(subject = %s, "the stream does not answer; retrying");
-                    retried = true;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -540,8 +544,14 @@ impl EventLog for JetStreamLog {
                     acked
                         .map(appended)
                         .map_err(|e| match publish_error(e, event) {
+                            // Maybe stored: retried as such.
                             (e, true) => {
-                                retry.push(index);
+                                retry.push((index, true));
+                                e
+                            }
+                            // Perhaps a stream that does not answer yet (see append_retrying).
+                            (e @ LogError::NoStream(_), false) => {
+                                retry.push((index, false));
                                 e
                             }
                             (e, false) => e,
@@ -550,8 +560,8 @@ impl EventLog for JetStreamLog {
             }
             drop(slots);
         }
-        for i in retry {
-            out[i] = self.append_retrying(&events[i], true).await;
+        for (i, ambiguous) in retry {
+            out[i] = self.append_retrying(&events[i], ambiguous).await;
         }
         out
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use creto_streams::jetstream::JetStreamLog;
-use creto_streams::{AppendEvent, Catalog, EventLog, Headers, ReplayFrom, METERING};
+use creto_streams::{AppendEvent, Appended, Catalog, EventLog, Headers, ReplayFrom, METERING};
 use futures::TryStreamExt;
 
 fn nats_server_binary() -> String {
@@ -174,12 +174,30 @@ async fn an_append_waits_for_jetstream_to_answer_again() {
             .await
         })
     };
+    let batch = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let event = |id: &str| AppendEvent {
+                subject: "metering.events.sub_2".into(),
+                id: id.into(),
+                expected_subject_sequence: None,
+                headers: Headers::new(),
+                payload: Bytes::from_static(b"{}"),
+            };
+            log.append_batch(vec![event("b1"), event("b2")]).await
+        })
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     plain.kill().unwrap();
     plain.wait().unwrap();
     let mut server = start(port, dir.path());
     let appended = append.await.unwrap();
     assert!(appended.is_ok(), "{appended:?}");
+    let batch = batch.await.unwrap();
+    assert!(
+        batch.iter().all(|r| matches!(r, Ok(Appended::New { .. }))),
+        "{batch:?}"
+    );
     server.kill().ok();
     server.wait().ok();
 }
