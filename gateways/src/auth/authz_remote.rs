@@ -620,20 +620,22 @@ impl RemoteAuthorizer {
             Ok(Err(status)) if is_deadline(&status) => Err(Failure::Timeout(self.settings.timeout)),
             Ok(Err(status)) => match status.code() {
                 tonic::Code::Unavailable => Err(Failure::Unavailable(status_text(&status))),
-                // creto-authz answered, about this request: a refusal, not an outage. As a
-                // failure it took the fallback decision (ALLOW in an emergency setting) and
-                // counted toward opening the breaker for every tenant.
+                // creto-authz answered about this request's content: a refusal, not an
+                // outage. As a failure it took the fallback decision (ALLOW in an emergency
+                // setting) and counted toward opening the breaker for every tenant. Statuses
+                // about the gateway itself (its credential refused, authz misconfigured) stay
+                // failures: they must show, and alert.
                 code @ (tonic::Code::InvalidArgument
-                | tonic::Code::PermissionDenied
-                | tonic::Code::Unauthenticated
                 | tonic::Code::NotFound
-                | tonic::Code::FailedPrecondition
-                | tonic::Code::OutOfRange
-                | tonic::Code::AlreadyExists) => Ok(CheckResponse {
-                    allowed: false,
-                    reason: format!("the check was refused ({code:?})"),
-                    cache_ttl_seconds: 0,
-                }),
+                | tonic::Code::OutOfRange) => {
+                    CHECK_ERRORS.with_label_values(&["refused"]).inc();
+                    tracing::warn!(code = ?code, error = %status_text(&status), "creto-authz refused a check");
+                    Ok(CheckResponse {
+                        allowed: false,
+                        reason: format!("the check was refused ({code:?})"),
+                        cache_ttl_seconds: 0,
+                    })
+                }
                 code => Err(Failure::Error(code, status_text(&status))),
             },
         }
