@@ -628,7 +628,6 @@ impl RemoteAuthorizer {
                 code @ (tonic::Code::InvalidArgument
                 | tonic::Code::NotFound
                 | tonic::Code::OutOfRange) => {
-                    CHECK_ERRORS.with_label_values(&["refused"]).inc();
                     tracing::warn!(code = ?code, error = %status_text(&status), "creto-authz refused a check");
                     Ok(CheckResponse {
                         allowed: false,
