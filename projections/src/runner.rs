@@ -250,17 +250,9 @@ pub async fn run(
         if *shutdown.borrow() {
             return Ok(());
         }
-        // The lock lives as long as its connection. Dead (an idle cut, a failover), the lock
-        // is gone and a standby takes it: this instance stops instead of projecting beside it
-        // (each would recreate the other's consumer, and run the live effects twice).
-        if let Some(connection) = leader.as_mut() {
-            if leader_checked.elapsed() >= LEADER_CHECK {
-                if let Err(e) = sqlx::query("SELECT 1").execute(&mut *connection).await {
-                    tracing::error!(product, error = %e, "the leader's connection is gone; stopping");
-                    return Err(e.into());
-                }
-                leader_checked = Instant::now();
-            }
+        if leader_checked.elapsed() >= LEADER_CHECK {
+            still_leading(&mut leader, product).await?;
+            leader_checked = Instant::now();
         }
         let batch = tokio::select! {
             b = consumer.fetch(config.batch, config.wait) => b?,
@@ -354,6 +346,8 @@ pub async fn run(
                 }
                 Err(e) => {
                     tracing::error!(product, error = %e, "batch failed; retrying");
+                    // Where a PostgreSQL failover keeps it: the lock may have died with it.
+                    still_leading(&mut leader, product).await?;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => return Ok(()),
@@ -386,12 +380,36 @@ async fn lost_in_delivery(
     events: &[StoredEvent],
 ) -> Result<Option<usize>, ProjectionError> {
     for (i, pair) in events.windows(2).enumerate() {
-        let missing = pair[0].sequence + 1;
-        if missing != pair[1].sequence && log.get(stream, missing).await?.is_some() {
+        let (missing, next) = (pair[0].sequence + 1, pair[1].sequence);
+        if missing == next {
+            continue;
+        }
+        // Any event the stream still holds in the hole (a removed one beside a lost one).
+        let mut held = log
+            .replay(stream, ReplayFrom::Sequence(missing), Some(next - 1), None)
+            .await?;
+        if futures::TryStreamExt::try_next(&mut held).await?.is_some() {
             return Ok(Some(i + 1));
         }
     }
     Ok(None)
+}
+
+/// Fails when the connection that holds the leader's lock is gone. The lock lives as long as
+/// its connection: dead (an idle cut, a failover), the lock is gone and a standby takes it,
+/// and this instance stops instead of projecting beside it (each would recreate the other's
+/// consumer, and run the live effects twice).
+async fn still_leading(
+    leader: &mut Option<sqlx::PgConnection>,
+    product: &str,
+) -> Result<(), ProjectionError> {
+    if let Some(connection) = leader.as_mut() {
+        if let Err(e) = sqlx::query("SELECT 1").execute(&mut *connection).await {
+            tracing::error!(product, error = %e, "the leader's connection is gone; stopping");
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 async fn open_at(
