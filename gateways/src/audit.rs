@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use creto_projections::archive::{Archive, S3Archive, S3Settings};
 use creto_projections::audit::{self, AuditExporter, ExportConfig, RestoreOptions};
-use creto_streams::{Catalog, EventLog, METERING, OVERSIGHT, RUNTIME};
+use creto_streams::{Catalog, EventLog, MESSAGING, METERING, OVERSIGHT, RUNTIME};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -265,9 +265,10 @@ pub async fn run(
                     "next: rebuild the read models (`enablement replay {} --rebuild`)",
                     p.to_lowercase()
                 ),
-                None => {
-                    println!("next: start the gateways again (they read {stream} when they start)")
-                }
+                None if catalog.stream(MESSAGING) == stream => println!(
+                    "next: start the messaging gateways again (they read {stream} when they start)"
+                ),
+                None => println!("next: nothing to rebuild from {stream}"),
             }
             Ok(())
         }

@@ -240,6 +240,7 @@ impl Backfill<'_> {
                 // turned it away at the end.
                 if options.accept_late {
                     limits.late_window = late_window_covering(&self.limits, oldest, Utc::now());
+                    report.late_window_hours = limits.late_window.num_hours();
                 }
                 self.submit(&mut batch, &limits, options, &mut seen, &mut report)
                     .await?;

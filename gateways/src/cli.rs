@@ -515,7 +515,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let (Some(url), Some(secret)) = (&config.public_url, &config.link_secret) else {
                 return Err(fail("set OVERSIGHT_PUBLIC_URL and OVERSIGHT_LINK_SECRET (the same as the oversight gateway's)"));
             };
-            let ttl = ttl.unwrap_or(config.link_ttl);
+            let ttl = ttl
+                .unwrap_or(config.link_ttl)
+                .min(crate::oversight::notify::MAX_LINK_TTL);
             let token = crate::oversight::notify::links::page_token(
                 secret.as_bytes(),
                 &tenant,

@@ -32,10 +32,10 @@ const SESSION_BUFFER: usize = 1024;
 /// Bytes of messages one recipient's feed holds until its sessions take them. Past it the
 /// tail hands the sessions a [`Live::Missed`] mark instead, and they read the rest from the
 /// log. Counting slots alone, one stalled reader of 256 KiB envelopes held 256 MiB.
-const FEED_BYTES: usize = 4 << 20;
+const FEED_BYTES: usize = 1 << 20;
 
 /// The same over every recipient of this replica, so many stalled readers together stay
-/// within a bound too.
+/// within a bound too (past it every session reads from the log: 256 stalled feeds fill it).
 const HUB_BYTES: usize = 256 << 20;
 
 /// What a recipient's sessions hear from the tail.
