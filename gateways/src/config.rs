@@ -13,7 +13,7 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConnectArgs {
     /// NATS server with JetStream: a URL, or several separated by commas.
-    #[arg(long, env = "NATS_URL", global = true)]
+    #[arg(long, env = "NATS_URL", global = true, hide_env_values = true)]
     pub nats_url: Option<String>,
     /// A NATS `.creds` file (JWT mode: `nsc generate creds`).
     #[arg(
@@ -28,10 +28,10 @@ pub struct ConnectArgs {
     #[arg(long, env = "NATS_NKEY_SEED_FILE", global = true)]
     pub nats_nkey_seed_file: Option<PathBuf>,
     /// PostgreSQL for the read models; the database is created if missing.
-    #[arg(long, env = "DATABASE_URL", global = true)]
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
     /// Redis for shared counters.
-    #[arg(long, env = "REDIS_URL", global = true)]
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Optional TOML file with the same settings (snake_case keys); flags and environment win.
     #[arg(long, env = "ENABLEMENT_CONFIG", global = true)]

@@ -20,6 +20,23 @@ fn enablement(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// URLs may carry passwords: `--help` names their variables, never their values.
+#[test]
+fn help_never_prints_a_url_from_the_environment() {
+    for args in [&["--help"][..], &["replay", "--help"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_enablement"))
+            .args(args)
+            .env("DATABASE_URL", "postgres://u:s3cret-pg@h/db")
+            .env("NATS_URL", "nats://u:s3cret-nats@h:4222")
+            .env("REDIS_URL", "redis://:s3cret-redis@h:6379")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("DATABASE_URL"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+}
+
 #[test]
 fn help_lists_every_subcommand() {
     let (code, out, _) = enablement(&["--help"]);
