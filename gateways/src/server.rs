@@ -430,10 +430,13 @@ async fn start_product(
         let name = product.name;
         let listener = bind(options.grpc_addr, &format!("the {name} gRPC gateway")).await?;
         grpc_addr = Some(listener.local_addr()?);
+        // NOT_SERVING until the first dependency check says otherwise (below).
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status(product.service, tonic_health::ServingStatus::Serving)
-            .await;
+        for service in ["", product.service] {
+            reporter
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         let reflection = || {
             // Only what this server serves (the descriptor set also holds the other products'
             // and creto-authz's APIs).
@@ -495,9 +498,11 @@ async fn start_product(
                         tonic_health::ServingStatus::NotServing
                     }
                 };
-                reporter
-                    .set_service_status(service, serving(h.all_up()))
-                    .await;
+                // The server as a whole ("", what a check without a service name asks, as the
+                // runbook's does) follows the product: tonic-health would say SERVING for ever.
+                for name in ["", service] {
+                    reporter.set_service_status(name, serving(h.all_up())).await;
+                }
                 for (dependency, state) in h.snapshot() {
                     reporter
                         .set_service_status(

@@ -74,12 +74,14 @@ impl Health {
         d.optional.insert(dependency);
         d.states.insert(dependency, state.into());
     }
-    /// Every dependency the process needs is up: it serves.
+    /// Every dependency the process needs is up: it serves. Not before the first check has
+    /// said anything (nothing checked is not "all up").
     pub fn all_up(&self) -> bool {
         let d = self.0.read().unwrap();
-        d.states
-            .iter()
-            .all(|(k, s)| s == "up" || d.optional.contains(k))
+        !d.states.is_empty()
+            && d.states
+                .iter()
+                .all(|(k, s)| s == "up" || d.optional.contains(k))
     }
     /// Every dependency, optional ones included, is up.
     fn everything_up(&self) -> bool {
@@ -160,6 +162,20 @@ pub struct Needs {
     pub cache: bool,
 }
 
+/// How long one dependency check may take: a server that accepts and never answers (a
+/// blackholed Redis, a stuck PostgreSQL) is down, and must not hold the other checks back.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `check`, failed with "no answer" past [`PROBE_TIMEOUT`].
+async fn probe<T, E: std::fmt::Display>(
+    check: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(PROBE_TIMEOUT, check).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+    }
+}
+
 /// Checks the log (the product's stream), and PostgreSQL and the cache when the product uses
 /// them, every few seconds until `shutdown`.
 pub async fn watch_dependencies(
@@ -180,14 +196,14 @@ pub async fn watch_dependencies(
         };
         health.set(
             log_name,
-            match platform.log.stream_state(&stream).await {
+            match probe(platform.log.stream_state(&stream)).await {
                 Ok(_) => "up".to_string(),
                 Err(e) => format!("down: {e}"),
             },
         );
         if needs.postgres {
             if let crate::platform::Stores::Services { pool, .. } = &platform.stores {
-                match sqlx::query("SELECT 1").execute(pool).await {
+                match probe(sqlx::query("SELECT 1").execute(pool)).await {
                     Ok(_) => health.set("postgres", "up"),
                     Err(e) => {
                         PG_ERRORS.inc();
@@ -202,7 +218,7 @@ pub async fn watch_dependencies(
             }
         }
         if needs.cache {
-            let pong = platform.cache.ping().await;
+            let pong = probe(platform.cache.ping()).await;
             REDIS_UP.set(pong.is_ok() as i64);
             // Optional: without Redis, quota checks and ingestion go on (the book is in
             // memory, the counters are rewritten when it is back); taking every metering pod
@@ -226,9 +242,19 @@ pub async fn watch_dependencies(
 mod tests {
     use super::*;
 
+    /// A dependency that accepts and never answers is down after the probe's time, instead of
+    /// holding every check (and its last "up") for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_without_an_answer_is_down() {
+        let never = std::future::pending::<Result<(), String>>();
+        let e = probe(never).await.unwrap_err();
+        assert!(e.starts_with("no answer within"), "{e}");
+    }
+
     #[test]
     fn an_optional_dependency_down_degrades_without_taking_the_process_out() {
         let h = Health::default();
+        assert!(!h.all_up(), "nothing checked yet");
         h.set("nats", "up");
         h.set_optional("redis", "down: connection refused");
         assert!(h.all_up(), "serves without the cache");
