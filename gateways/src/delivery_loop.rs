@@ -7,9 +7,76 @@ use std::time::Duration;
 use creto_streams::{ConsumerSpec, Delivery, DurableConsumer, EventLog};
 use tokio::sync::watch;
 
-/// Opens `spec` on `stream`, retrying every 2 s while the log is unavailable; None at shutdown.
-/// `what` names the deliverer in the logs.
-pub async fn open(
+/// Failed fetches in a row after which the consumer is opened again: it may be gone (deleted
+/// by hand, its stream recreated), and fetching from it would fail for ever.
+const REOPEN_AFTER_FAILURES: u32 = 5;
+
+/// A durable consumer of one deliverer.
+pub struct Deliverer {
+    log: Arc<dyn EventLog>,
+    stream: String,
+    spec: ConsumerSpec,
+    /// Names the deliverer in the logs.
+    what: &'static str,
+    consumer: Box<dyn DurableConsumer>,
+    failures: u32,
+}
+
+impl Deliverer {
+    /// Opens `spec` on `stream`, retrying every 2 s while the log is unavailable; None at
+    /// shutdown.
+    pub async fn open(
+        log: Arc<dyn EventLog>,
+        stream: String,
+        spec: ConsumerSpec,
+        what: &'static str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Deliverer> {
+        let consumer = open(&log, &stream, &spec, what, shutdown).await?;
+        Some(Deliverer {
+            log,
+            stream,
+            spec,
+            what,
+            consumer,
+            failures: 0,
+        })
+    }
+
+    /// The next deliveries (up to 16, waiting up to 500 ms); after a failed fetch, waits a
+    /// second and answers none, and after [`REOPEN_AFTER_FAILURES`] in a row opens the
+    /// consumer again. None at shutdown.
+    pub async fn next(&mut self, shutdown: &mut watch::Receiver<bool>) -> Option<Vec<Delivery>> {
+        let fetched = tokio::select! {
+            d = self.consumer.fetch(16, Duration::from_millis(500)) => d,
+            _ = shutdown.changed() => return None,
+        };
+        match fetched {
+            Ok(d) => {
+                self.failures = 0;
+                Some(d)
+            }
+            Err(e) => {
+                let what = self.what;
+                tracing::warn!(error = %e, "{what} fetch failed; retrying");
+                self.failures += 1;
+                if self.failures >= REOPEN_AFTER_FAILURES {
+                    tracing::warn!("{what}: opening its consumer again");
+                    self.consumer =
+                        open(&self.log, &self.stream, &self.spec, what, shutdown).await?;
+                    self.failures = 0;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return None,
+                }
+                Some(Vec::new())
+            }
+        }
+    }
+}
+
+async fn open(
     log: &Arc<dyn EventLog>,
     stream: &str,
     spec: &ConsumerSpec,
@@ -26,27 +93,6 @@ pub async fn open(
                     _ = shutdown.changed() => return None,
                 }
             }
-        }
-    }
-}
-
-/// The next deliveries (up to 16, waiting up to 500 ms); after a failed fetch, waits a second
-/// and answers none. None at shutdown.
-pub async fn next(
-    consumer: &mut Box<dyn DurableConsumer>,
-    what: &str,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<Vec<Delivery>> {
-    let fetched = tokio::select! {
-        d = consumer.fetch(16, Duration::from_millis(500)) => d,
-        _ = shutdown.changed() => return None,
-    };
-    match fetched {
-        Ok(d) => Some(d),
-        Err(e) => {
-            tracing::warn!(error = %e, "{what} fetch failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            Some(Vec::new())
         }
     }
 }

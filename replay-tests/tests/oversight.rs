@@ -1056,3 +1056,65 @@ async fn every_escalation_is_announced(env: &Env) {
     assert!(complete(&seen), "levels announced: {seen:?}");
     running.stop().await;
 }
+
+/// The notifier's consumer deleted under it (by hand, or with its stream): fetches fail, and
+/// after a few the notifier opens it again and announces what comes next, instead of failing
+/// every second for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notifier_opens_its_consumer_again_when_it_is_gone() {
+    use std::sync::{Arc, Mutex};
+    let env = Env::new().await;
+    let announced: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = announced.clone();
+    let addr = webhook_receiver(move |json| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .push(json["request_id"].as_str().unwrap_or_default().to_string());
+        }
+    })
+    .await;
+    let notify = creto_gateways::oversight::notify::NotifyConfig {
+        webhook_url: Some(format!("http://{addr}/hook")),
+        ..Default::default()
+    };
+    let running = env.start_oversight_notifying(notify).await;
+    let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
+    put(
+        &mut c,
+        policy(
+            "p",
+            "deploy.*",
+            1,
+            vec![level(&["l1"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    let wait_for = |id: &'static str| {
+        let announced = announced.clone();
+        async move {
+            let until = Instant::now() + Duration::from_secs(30);
+            while !announced.lock().unwrap().iter().any(|r| r == id) {
+                assert!(Instant::now() < until, "{id} was never announced");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    ask(&mut c, "before", "deploy.prod").await;
+    wait_for("before").await;
+    env.platform
+        .log
+        .delete_consumer(
+            &env.platform.catalog.stream(creto_streams::OVERSIGHT),
+            creto_gateways::oversight::notifications::DURABLE,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ask(&mut c, "after", "deploy.prod").await;
+    wait_for("after").await;
+    running.stop().await;
+    env.drop().await;
+}

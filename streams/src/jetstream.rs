@@ -852,7 +852,14 @@ impl DurableConsumer for JetStreamConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, LogError> {
         let mut out = Vec::new();
         match tokio::time::timeout(wait, self.messages.next()).await {
-            Err(_) | Ok(None) => return Ok(out),
+            Err(_) => return Ok(out),
+            // The client ends a consumer's messages for good (the consumer deleted, its
+            // stream recreated): empty batches from here on would hide that for ever.
+            Ok(None) => {
+                return Err(LogError::Unavailable(
+                    "the consumer's messages ended (consumer deleted?); open it again".into(),
+                ))
+            }
             Ok(Some(m)) => out.push(self.delivery(m.map_err(unavailable)?)?),
         }
         // Then gather what arrives within a short linger, so batches fill under load without

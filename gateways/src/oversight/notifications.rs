@@ -57,8 +57,14 @@ pub async fn run(
         start: ReplayFrom::Time(chrono::Utc::now()),
         ..ConsumerSpec::new(DURABLE)
     };
-    let Some(mut consumer) =
-        crate::delivery_loop::open(&log, &stream, &spec, "oversight notifier", &mut shutdown).await
+    let Some(mut deliverer) = crate::delivery_loop::Deliverer::open(
+        log.clone(),
+        stream,
+        spec,
+        "oversight notifier",
+        &mut shutdown,
+    )
+    .await
     else {
         return;
     };
@@ -66,9 +72,7 @@ pub async fn run(
     // timeout, a flood of one tenant's requests) must not hold back every other tenant's
     // announcements behind it. Each delivery is acknowledged on its own.
     let mut working = tokio::task::JoinSet::new();
-    while let Some(deliveries) =
-        crate::delivery_loop::next(&mut consumer, "oversight notifier", &mut shutdown).await
-    {
+    while let Some(deliveries) = deliverer.next(&mut shutdown).await {
         for d in deliveries {
             while working.len() >= IN_FLIGHT {
                 working.join_next().await;

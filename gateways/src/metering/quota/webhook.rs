@@ -187,14 +187,18 @@ pub async fn run(
         start: ReplayFrom::Start,
         ..ConsumerSpec::new(DURABLE)
     };
-    let Some(mut consumer) =
-        crate::delivery_loop::open(&log, &stream, &spec, "threshold webhook", &mut shutdown).await
+    let Some(mut deliverer) = crate::delivery_loop::Deliverer::open(
+        log.clone(),
+        stream,
+        spec,
+        "threshold webhook",
+        &mut shutdown,
+    )
+    .await
     else {
         return;
     };
-    while let Some(deliveries) =
-        crate::delivery_loop::next(&mut consumer, "threshold webhook", &mut shutdown).await
-    {
+    while let Some(deliveries) = deliverer.next(&mut shutdown).await {
         for d in deliveries {
             if *shutdown.borrow() {
                 // The rest come back to whichever replica runs next.
