@@ -225,3 +225,29 @@ fn a_missing_archive_setting_is_a_configuration_error() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("TMPDIR"), "{err}");
 }
+
+/// A certificate or key that does not load stops the start (exit 2) instead of leaving a
+/// process that passes health checks with nothing on its gRPC port.
+#[test]
+fn a_tls_key_that_does_not_load_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("enablement-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_enablement"))
+        .args(["serve"])
+        .env("ENABLEMENT_AUTH", "none")
+        .env("ENABLEMENT_TLS_CERT", &cert)
+        .env("ENABLEMENT_TLS_KEY", &key)
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("ENABLEMENT_TLS_CERT"), "{err}");
+}

@@ -173,6 +173,20 @@ impl AuthArgs {
                         .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
                         .client_auth_optional(keys.is_some() || anonymous.is_some());
                 }
+                // Parsed here, not when the gateway starts: there a bad key left a process
+                // that answered health checks with nothing on its gRPC port.
+                tonic::transport::Server::builder()
+                    .tls_config(tls.clone())
+                    .map_err(|e| {
+                        format!(
+                            "ENABLEMENT_TLS_CERT / ENABLEMENT_TLS_KEY{} do not load: {e}",
+                            if self.tls_client_ca.is_some() {
+                                " / ENABLEMENT_TLS_CLIENT_CA"
+                            } else {
+                                ""
+                            }
+                        )
+                    })?;
                 Some(tls)
             }
             _ => None,
