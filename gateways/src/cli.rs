@@ -902,10 +902,13 @@ async fn dev(
     }
     println!("ready");
     shutdown_signal().await;
-    // The exporters write what they hold before the log closes.
-    let _ = stop_exporters.send(true);
-    while exporters.join_next().await.is_some() {}
-    stop_all(running).await;
+    stopping(async move {
+        // The exporters write what they hold before the log closes.
+        let _ = stop_exporters.send(true);
+        while exporters.join_next().await.is_some() {}
+        stop_all(running).await;
+    })
+    .await;
     Ok(())
 }
 
@@ -990,8 +993,26 @@ async fn run_until_signal(
         tracing::info!(grpc = ?product.grpc_addr, metrics = %product.metrics_addr, "{name} running");
     }
     shutdown_signal().await;
-    stop_all(running).await;
+    stopping(stop_all(running)).await;
     Ok(())
+}
+
+/// The longest a graceful stop may take (the runtime's pods give it 120 s to end their
+/// sandboxes; the others are killed at 30 s anyway).
+const STOP_DEADLINE: Duration = Duration::from_secs(110);
+
+/// Runs a graceful `stop`, cut short by a second SIGINT or SIGTERM or by [`STOP_DEADLINE`]:
+/// a stop waiting on a stuck connection or a notification's retries does not hold the
+/// process for ever (once the signal handlers are in, Ctrl-C no longer kills it).
+async fn stopping(stop: impl std::future::Future<Output = ()>) {
+    tracing::info!("stopping (a second SIGINT or SIGTERM stops at once)");
+    tokio::select! {
+        _ = stop => {}
+        _ = shutdown_signal() => tracing::warn!("second signal: stopping now"),
+        _ = tokio::time::sleep(STOP_DEADLINE) => {
+            tracing::warn!("not stopped within {STOP_DEADLINE:?}: stopping now")
+        }
+    }
 }
 
 async fn ensure_streams(
