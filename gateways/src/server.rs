@@ -460,7 +460,13 @@ async fn start_product(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
-            let mut builder = tonic::transport::Server::builder();
+            // Pings on idle connections: a client gone without a word (a host that vanished, a
+            // NAT that forgot the flow) otherwise keeps its Watch, Receive or Exec stream, and
+            // its share of the per-request and per-recipient limits, until TCP gives up.
+            let mut builder = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .tcp_keepalive(Some(Duration::from_secs(60)));
             if let Some(tls) = auth.tls.clone() {
                 builder = match builder.tls_config(tls) {
                     Ok(b) => b,
