@@ -812,13 +812,17 @@ fn dev_key_ring(dir: &std::path::Path) -> Result<PathBuf, CliError> {
     let path = dir.join("auth-keys.toml");
     if !path.exists() {
         std::fs::create_dir_all(dir).map_err(fail)?;
-        std::fs::write(&path, crate::auth::token::keygen("dev-1")).map_err(fail)?;
+        // Owner-only from its creation: written first and restricted after, the key was
+        // readable by every local user in between.
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
         #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(fail)?;
-        }
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        std::io::Write::write_all(
+            &mut file.open(&path).map_err(fail)?,
+            crate::auth::token::keygen("dev-1").as_bytes(),
+        )
+        .map_err(fail)?;
     }
     Ok(path)
 }
