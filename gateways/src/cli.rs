@@ -474,7 +474,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     metrics_addr: messaging_metrics_addr,
                 }),
             };
-            let keys = dev_key_ring(&data_dir)?;
+            // The ring the gateways verify with: ENABLEMENT_AUTH_KEYS when set, else the data
+            // directory's. The printed token is signed with the same one (signed with the
+            // data directory's while the gateways used another, it was refused).
+            let keys = match &auth_args.auth_keys {
+                Some(ring) => ring.clone(),
+                None => dev_key_ring(&data_dir)?,
+            };
             let auth = auth(Some(&keys))?;
             dev(settings, &data_dir, options, auth, &keys).await
         }
