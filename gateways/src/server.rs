@@ -131,6 +131,13 @@ pub async fn start_metering(
             stream: creto_streams::METERING,
             postgres: true,
             cache: true,
+            // CheckQuota and GetQuota answer UNAVAILABLE until the book is warm: no traffic
+            // before (a rollout would send it to pods that refuse it).
+            warming: options.gateways.then(|| {
+                let quotas = quotas.clone();
+                let ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || quotas.is_warm());
+                ("quota_book", ready)
+            }),
         },
         routes: Routes::new(
             MeteringServiceServer::new(gateway).max_decoding_message_size(16 * 1024 * 1024),
@@ -193,6 +200,7 @@ pub async fn start_messaging(
             stream: creto_streams::MESSAGING,
             postgres: false,
             cache: false,
+            warming: None,
         },
         // Room for the largest ciphertext plus its header, stanzas and signature.
         routes: Routes::new(
@@ -256,6 +264,7 @@ pub async fn start_oversight(
             // Its projector writes the PostgreSQL read model; nothing of it uses the cache.
             postgres: options.projectors,
             cache: false,
+            warming: None,
         },
         routes: Routes::new(OversightServiceServer::from_arc(gateway)),
         http: page,
@@ -352,6 +361,7 @@ pub async fn start_runtime(
             // Its projector writes the PostgreSQL read model; nothing of it uses the cache.
             postgres: options.projectors,
             cache: false,
+            warming: None,
         },
         routes: match gateway {
             Some(g) => Routes::new(RuntimeServiceServer::new(g)),

@@ -160,6 +160,9 @@ pub struct Needs {
     pub stream: &'static str,
     pub postgres: bool,
     pub cache: bool,
+    /// Something of the process's own that must be ready before it takes traffic (metering's
+    /// quota book, warming from the log): its name, and whether it is ready.
+    pub warming: Option<(&'static str, Arc<dyn Fn() -> bool + Send + Sync>)>,
 }
 
 /// How long one dependency check may take: a server that accepts and never answers (a
@@ -216,6 +219,9 @@ pub async fn watch_dependencies(
                 POOL_IDLE.set(idle);
                 POOL_MAX.set(platform.settings.database_pool_size as i64);
             }
+        }
+        if let Some((name, ready)) = &needs.warming {
+            health.set(name, if ready() { "up" } else { "warming" });
         }
         if needs.cache {
             let pong = probe(platform.cache.ping()).await;
