@@ -135,7 +135,7 @@ pub async fn start_metering(
             // before (a rollout would send it to pods that refuse it).
             warming: options.gateways.then(|| {
                 let quotas = quotas.clone();
-                let ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || quotas.is_warm());
+                let ready: status::Ready = Arc::new(move || quotas.is_warm());
                 ("quota_book", ready)
             }),
         },

@@ -162,8 +162,11 @@ pub struct Needs {
     pub cache: bool,
     /// Something of the process's own that must be ready before it takes traffic (metering's
     /// quota book, warming from the log): its name, and whether it is ready.
-    pub warming: Option<(&'static str, Arc<dyn Fn() -> bool + Send + Sync>)>,
+    pub warming: Option<(&'static str, Ready)>,
 }
+
+/// Whether something a process warms up is ready (see [`Needs::warming`]).
+pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How long one dependency check may take: a server that accepts and never answers (a
 /// blackholed Redis, a stuck PostgreSQL) is down, and must not hold the other checks back.
