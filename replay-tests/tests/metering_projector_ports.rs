@@ -31,6 +31,24 @@ async fn projector_and_read_model_on_embedded() {
     check(Env::embedded().await).await;
 }
 
+type Projecting = (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), creto_projections::ProjectionError>>,
+);
+
+/// The metering projector's runner on `log`, with a sender that stops it.
+fn project(env: &Env, log: std::sync::Arc<dyn EventLog>) -> Projecting {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        log,
+        env.platform.leadership(),
+        env.platform.metering_projector(),
+        RunnerConfig::default(),
+        stop_rx,
+    ));
+    (stop, task)
+}
+
 fn append(env: &Env, log_id: &str, json: String, sub: &str) -> AppendEvent {
     AppendEvent {
         subject: env.subject(&format!("metering.events.{sub}")),
@@ -91,14 +109,7 @@ async fn check(env: Env) {
         .max()
         .unwrap();
 
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        env.platform.log.clone(),
-        env.platform.leadership(),
-        env.platform.metering_projector(),
-        RunnerConfig::default(),
-        stop_rx,
-    ));
+    let (stop, task) = project(&env, env.platform.log.clone());
     env.wait_applied(last).await;
 
     // A later batch repeating an applied id, after a restart of the projector.
@@ -116,14 +127,7 @@ async fn check(env: Env) {
         .await
         .unwrap()
         .sequence();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        env.platform.log.clone(),
-        env.platform.leadership(),
-        env.platform.metering_projector(),
-        RunnerConfig::default(),
-        stop_rx,
-    ));
+    let (stop, task) = project(&env, env.platform.log.clone());
     env.wait_applied(again).await;
 
     let rm = &env.platform.metering;
@@ -311,14 +315,7 @@ async fn a_delivery_lost_mid_batch_is_projected_not_skipped() {
         lose: sequences[4],
         lost: lost.clone(),
     });
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        log,
-        env.platform.leadership(),
-        env.platform.metering_projector(),
-        RunnerConfig::default(),
-        stop_rx,
-    ));
+    let (stop, task) = project(&env, log);
     env.wait_applied(sequences[9]).await;
     assert!(lost.load(Ordering::SeqCst), "a delivery was lost");
     let rm = &env.platform.metering;
@@ -362,14 +359,7 @@ async fn a_projector_whose_lock_connection_dies_stops() {
         .await
         .unwrap()
         .sequence();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        env.platform.log.clone(),
-        env.platform.leadership(),
-        env.platform.metering_projector(),
-        RunnerConfig::default(),
-        stop_rx,
-    ));
+    let (_stop, task) = project(&env, env.platform.log.clone());
     env.wait_applied(first).await;
     let ended: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_locks \
@@ -416,17 +406,7 @@ async fn read_models_ahead_of_the_log_refuse_to_project() {
         .map(|r| r.unwrap().sequence())
         .max()
         .unwrap();
-    let run = || {
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(runner::run(
-            env.platform.log.clone(),
-            env.platform.leadership(),
-            env.platform.metering_projector(),
-            RunnerConfig::default(),
-            stop_rx,
-        ));
-        (stop, task)
-    };
+    let run = || project(&env, env.platform.log.clone());
     let (stop, task) = run();
     env.wait_applied(last).await;
     stop.send(true).unwrap();
