@@ -246,6 +246,8 @@ pub struct Tail {
     /// Last exported sequence (0: nothing yet).
     pub last_sequence: u64,
     pub manifest_sha256: String,
+    /// The key of the object holding the last exported event.
+    pub last_object: Option<String>,
 }
 
 /// What an export did.
@@ -372,6 +374,7 @@ impl AuditExporter {
             None => Tail {
                 last_sequence: 0,
                 manifest_sha256: ZERO_HASH.to_string(),
+                last_object: None,
             },
             Some(&(first, l)) => {
                 let key = manifest_key(&self.stream, first, l);
@@ -381,6 +384,7 @@ impl AuditExporter {
                 Tail {
                     last_sequence: l,
                     manifest_sha256: sha256_hex(&bytes),
+                    last_object: Some(object_key(&self.stream, first, l)),
                 }
             }
         };
@@ -500,6 +504,28 @@ impl AuditExporter {
         Ok(())
     }
 
+    /// Whether the log holds, at the archive's last sequence, the event archived there (or
+    /// nothing any more, removed from a stream that still reaches that far).
+    async fn log_continues_archive(&self, tail: &Tail) -> Result<bool, AuditError> {
+        let Some(key) = &tail.last_object else {
+            return Ok(true);
+        };
+        let Some(stored) = self.log.get(&self.stream, tail.last_sequence).await? else {
+            let last = self.log.last_sequence(&self.stream).await?;
+            return Ok(tail.last_sequence <= last);
+        };
+        let Some(body) = self.archive.get(key).await? else {
+            return Ok(true); // recover() took it as the last link: it was there
+        };
+        let archived = gunzip(&body)
+            .and_then(|raw| parse_lines(&raw))
+            .map_err(|e| AuditError::Corrupt(format!("object {key}: {e}")))?;
+        Ok(match archived.last() {
+            Some(a) => a.subject == stored.subject && a.payload_bytes()? == stored.payload,
+            None => true,
+        })
+    }
+
     /// Sets [`AUDIT_UNARCHIVED_SECONDS`] from a buffer's count and when the log stored its
     /// oldest event.
     fn waited(&self, count: usize, oldest_recorded: DateTime<Utc>) {
@@ -527,15 +553,17 @@ impl AuditExporter {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ExportStats, AuditError> {
         let mut tail = self.recover().await?;
-        // An archive past the log's end: the log lost events the archive holds (a restore at
-        // new sequences, a stream recreated empty). The exporter would resume after the
-        // archive's end, and the log's events up to it would never be archived.
-        let last = self.log.last_sequence(&self.stream).await?;
-        if tail.last_sequence > last {
+        // The log no longer holds, at the archive's last sequence, the event archived there:
+        // it was restored at new sequences or recreated. The exporter would resume after the
+        // archive's end, and the log's events up to it would never be archived. Compared by
+        // content, not only by length: appends after a restore soon pass the archive's end.
+        if !self.log_continues_archive(&tail).await? {
+            let last = self.log.last_sequence(&self.stream).await?;
             return Err(AuditError::Corrupt(format!(
-                "the archive of {} runs to sequence {}, past the log's last ({last}): the log was \
-                 restored at new sequences or recreated. Restore it (`enablement audit restore`) \
-                 or move the archive's {} objects aside, then start the exporter again",
+                "the archive of {} runs to sequence {}, and the log (last sequence {last}) does \
+                 not hold the event archived there: the log was restored at new sequences or \
+                 recreated. Restore it (`enablement audit restore`) or move the archive's {} \
+                 objects aside, then start the exporter again",
                 self.stream,
                 tail.last_sequence,
                 stream_prefix(&self.stream)
