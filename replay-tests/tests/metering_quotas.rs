@@ -982,3 +982,59 @@ async fn an_event_stamped_in_the_next_period_counts_in_this_one(env: &Env) {
     assert_eq!((c.used.as_str(), c.allowed), ("9", true), "{c:?}");
     running.stop().await;
 }
+
+/// The book warms when its replay reaches the stream's end, also when the last stored event
+/// was removed (`nats stream rmm`): warming waited for that sequence, which nothing would
+/// ever deliver, and metering (not ready until warm) never took traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_book_warms_when_the_streams_last_event_was_removed() {
+    let env = Env::new().await;
+    let stream = env.platform.catalog.stream(METERING);
+    let mut last = 0;
+    for i in 0..3 {
+        let json = creto_replay_tests::cloud_event(
+            &format!("e{i}"),
+            "sub_rm",
+            "agent.execution",
+            Utc::now(),
+            serde_json::json!({}),
+        );
+        last = env
+            .platform
+            .log
+            .append(creto_streams::AppendEvent {
+                subject: env.subject("metering.events.sub_rm"),
+                id: format!("l{i}"),
+                expected_subject_sequence: None,
+                headers: creto_streams::Headers::new().with(
+                    creto_streams::headers::names::CONTENT_TYPE,
+                    creto_streams::headers::content_types::CLOUDEVENTS_JSON,
+                ),
+                payload: json.into(),
+            })
+            .await
+            .unwrap()
+            .sequence();
+    }
+    let js = async_nats::jetstream::new(
+        async_nats::connect(creto_replay_tests::nats_url())
+            .await
+            .unwrap(),
+    );
+    assert!(js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .delete_message(last)
+        .await
+        .unwrap());
+    let view = creto_gateways::metering::quota::start(&env.platform);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(view.clone().tail(rx));
+    let until = Instant::now() + Duration::from_secs(15);
+    while !view.is_warm() {
+        assert!(Instant::now() < until, "the quota book never warmed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.drop().await;
+}

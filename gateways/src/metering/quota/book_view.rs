@@ -294,7 +294,11 @@ impl QuotaView {
         // kept nats-server busy creating them).
         loop {
             match self.catch_up_to(u64::MAX).await {
-                Ok(()) => self.warm_when_there(),
+                // A replay to the stream's end, which was past the warm target when it began:
+                // warm, even when the target itself is no longer stored (the last event
+                // removed), which no later event would ever reach (and metering would never
+                // be ready).
+                Ok(()) => self.mark_warm(),
                 Err(e) => tracing::warn!(error = %e, "quota book catch-up failed; retrying"),
             }
             let from = ReplayFrom::Sequence(self.applied() + 1);
@@ -330,8 +334,13 @@ impl QuotaView {
     }
 
     fn warm_when_there(&self) {
-        if !self.is_warm() && self.applied() >= self.warm_target.load(Ordering::Acquire) {
-            self.warm.store(true, Ordering::Release);
+        if self.applied() >= self.warm_target.load(Ordering::Acquire) {
+            self.mark_warm();
+        }
+    }
+
+    fn mark_warm(&self) {
+        if !self.warm.swap(true, Ordering::AcqRel) {
             tracing::info!(applied = self.applied(), "quota book warm");
         }
     }
