@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use creto_streams::{ConsumerSpec, Delivery, DurableConsumer, EventLog};
+use chrono::{DateTime, Utc};
+use creto_streams::{ConsumerSpec, Delivery, DurableConsumer, EventLog, ReplayFrom};
 use tokio::sync::watch;
 
 /// Failed fetches in a row after which the consumer is opened again: it may be gone (deleted
@@ -20,6 +21,8 @@ pub struct Deliverer {
     what: &'static str,
     consumer: Box<dyn DurableConsumer>,
     failures: u32,
+    /// When the current run of failed fetches began.
+    failing_since: Option<DateTime<Utc>>,
 }
 
 impl Deliverer {
@@ -40,6 +43,7 @@ impl Deliverer {
             what,
             consumer,
             failures: 0,
+            failing_since: None,
         })
     }
 
@@ -54,17 +58,26 @@ impl Deliverer {
         match fetched {
             Ok(d) => {
                 self.failures = 0;
+                self.failing_since = None;
                 Some(d)
             }
             Err(e) => {
                 let what = self.what;
                 tracing::warn!(error = %e, "{what} fetch failed; retrying");
                 self.failures += 1;
+                let since = *self.failing_since.get_or_insert_with(Utc::now);
                 if self.failures >= REOPEN_AFTER_FAILURES {
                     tracing::warn!("{what}: opening its consumer again");
-                    self.consumer =
-                        open(&self.log, &self.stream, &self.spec, what, shutdown).await?;
+                    // An existing consumer is bound as it is; one that is gone is made again
+                    // from shortly before the failures began, not from its first start (which
+                    // announced, or re-sent, everything since then again).
+                    let spec = ConsumerSpec {
+                        start: ReplayFrom::Time(since - chrono::Duration::seconds(1)),
+                        ..self.spec.clone()
+                    };
+                    self.consumer = open(&self.log, &self.stream, &spec, what, shutdown).await?;
                     self.failures = 0;
+                    self.failing_since = None;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -1104,6 +1104,7 @@ async fn the_notifier_opens_its_consumer_again_when_it_is_gone() {
     };
     ask(&mut c, "before", "deploy.prod").await;
     wait_for("before").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     env.platform
         .log
         .delete_consumer(
@@ -1115,6 +1116,16 @@ async fn the_notifier_opens_its_consumer_again_when_it_is_gone() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     ask(&mut c, "after", "deploy.prod").await;
     wait_for("after").await;
+    let before = announced
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| *r == "before")
+        .count();
+    assert_eq!(
+        before, 1,
+        "announced again when the consumer was made again"
+    );
     running.stop().await;
     env.drop().await;
 }
