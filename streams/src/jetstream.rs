@@ -560,8 +560,18 @@ impl EventLog for JetStreamLog {
             }
             drop(slots);
         }
+        // Once one event found its stream still silent after the retry budget, the others of
+        // the batch fail at once: one by one, a batch of 1,000 would wait 1,000 budgets.
+        let mut silent = None;
         for (i, ambiguous) in retry {
+            if let (Some(e), false) = (&silent, ambiguous) {
+                out[i] = Err(LogError::clone(e));
+                continue;
+            }
             out[i] = self.append_retrying(&events[i], ambiguous).await;
+            if let (Err(e @ LogError::Unavailable(_)), false) = (&out[i], ambiguous) {
+                silent = Some(e.clone());
+            }
         }
         out
     }
