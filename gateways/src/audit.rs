@@ -188,8 +188,11 @@ pub async fn run(
                 });
             }
             shutdown_signal.await;
-            let _ = stop.send(true);
-            while tasks.join_next().await.is_some() {}
+            crate::cli::stopping(async move {
+                let _ = stop.send(true);
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
             Ok(())
         }
         AuditCommand::Verify { stream, json } => {

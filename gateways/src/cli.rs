@@ -396,13 +396,18 @@ pub fn main() -> ExitCode {
         let _runtime = runtime.enter();
         init_logging(json_logs)
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
         }
-    }
+    };
+    drop(_telemetry);
+    // Blocking work still running (a host lookup, a cgroup kill) does not hold the exit past
+    // a stop cut short.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
 }
 
 /// Logs on stderr, and traces over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
@@ -1014,7 +1019,7 @@ const STOP_DEADLINE: Duration = Duration::from_secs(110);
 /// Runs a graceful `stop`, cut short by a second SIGINT or SIGTERM or by [`STOP_DEADLINE`]:
 /// a stop waiting on a stuck connection or a notification's retries does not hold the
 /// process for ever (once the signal handlers are in, Ctrl-C no longer kills it).
-async fn stopping(stop: impl std::future::Future<Output = ()>) {
+pub(crate) async fn stopping(stop: impl std::future::Future<Output = ()>) {
     tracing::info!("stopping (a second SIGINT or SIGTERM stops at once)");
     tokio::select! {
         _ = stop => {}
@@ -1036,11 +1041,9 @@ async fn ensure_streams(
     {
         match outcome {
             EnsureOutcome::Created => tracing::info!(stream = %name, "stream created"),
-            EnsureOutcome::Updated(changes) => {
-                tracing::warn!(stream = %name, ?changes, "stream config drifted; updated")
-            }
-            EnsureOutcome::Drifted(changes) => {
-                tracing::warn!(stream = %name, ?changes, "stream config differs from this process's settings; left as it is (`enablement streams init` applies them)")
+            // (Updated does not come back from create_missing_streams.)
+            EnsureOutcome::Updated(changes) | EnsureOutcome::Drifted(changes) => {
+                tracing::warn!(stream = %name, ?changes, "stream config differs from this process's settings; left as it is (`enablement streams init` applies what can change in place)")
             }
             EnsureOutcome::Unchanged => {}
         }

@@ -466,8 +466,10 @@ async fn start_product(
             .add_service(reflection_v1alpha);
         // No Nagle: a streamed answer's small frames (headers, a message, trailers) would
         // otherwise wait for the client's delayed ACK, up to 40 ms each.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // TCP keepalive is set here: the builder's is not applied to an incoming of our own.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
             // Pings on idle connections: a client gone without a word (a host that vanished, a
@@ -475,8 +477,7 @@ async fn start_product(
             // its share of the per-request and per-recipient limits, until TCP gives up.
             let mut builder = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .tcp_keepalive(Some(Duration::from_secs(60)));
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)));
             if let Some(tls) = auth.tls.clone() {
                 builder = match builder.tls_config(tls) {
                     Ok(b) => b,

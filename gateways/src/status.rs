@@ -202,14 +202,23 @@ pub async fn watch_dependencies(
         };
         health.set(
             log_name,
-            match probe(platform.log.stream_state(&stream)).await {
+            // The stream's info alone (not its consumers' listing): a cheap look.
+            match probe(platform.log.last_sequence(&stream)).await {
                 Ok(_) => "up".to_string(),
                 Err(e) => format!("down: {e}"),
             },
         );
         if needs.postgres {
             if let crate::platform::Stores::Services { pool, .. } = &platform.stores {
-                match probe(sqlx::query("SELECT 1").execute(pool)).await {
+                // The wait for a pool connection is not the server's answer (a busy pool is
+                // not a down database): bounded by the pool's own acquire timeout, not counted.
+                let answered = match pool.acquire().await {
+                    Ok(mut connection) => probe(sqlx::query("SELECT 1").execute(&mut *connection))
+                        .await
+                        .map(|_| ()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match answered {
                     Ok(_) => health.set("postgres", "up"),
                     Err(e) => {
                         PG_ERRORS.inc();

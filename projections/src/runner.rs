@@ -384,11 +384,19 @@ async fn lost_in_delivery(
         if missing == next {
             continue;
         }
-        // Any event the stream still holds in the hole (a removed one beside a lost one).
-        let mut held = log
-            .replay(stream, ReplayFrom::Sequence(missing), Some(next - 1), None)
-            .await?;
-        if futures::TryStreamExt::try_next(&mut held).await?.is_some() {
+        // Any event the stream still holds in the hole (a removed one beside a lost one): one
+        // read for a hole of one, a replay of the hole (a consumer on JetStream) for more.
+        let held = if next - missing == 1 {
+            log.get(stream, missing).await?.is_some()
+        } else {
+            let mut events = log
+                .replay(stream, ReplayFrom::Sequence(missing), Some(next - 1), None)
+                .await?;
+            futures::TryStreamExt::try_next(&mut events)
+                .await?
+                .is_some()
+        };
+        if held {
             return Ok(Some(i + 1));
         }
     }

@@ -130,7 +130,9 @@ struct Stream {
     /// Also the append lock: appends to one stream are serialized, as on a stream leader.
     counts: Mutex<Counts>,
     last: watch::Sender<u64>,
-    maintained: Mutex<Instant>,
+    /// When the last maintenance pass ran; None: one is due (not `now - MAINTENANCE_EVERY`,
+    /// which underflows in a machine's first 30 s).
+    maintained: Mutex<Option<Instant>>,
     /// The sequence of the last restore marker's payload (see `Catalog::restore_marker_subject`),
     /// read once and forgotten when a new marker is appended.
     restored: Mutex<Option<u64>>,
@@ -291,10 +293,10 @@ impl Stream {
             }
         }
         let mut maintained = self.maintained.lock().unwrap();
-        if maintained.elapsed() >= MAINTENANCE_EVERY {
-            *maintained = Instant::now();
+        if maintained.is_none_or(|at| at.elapsed() >= MAINTENANCE_EVERY) {
+            *maintained = Some(Instant::now());
             match self.maintain(&spec, &mut counts) {
-                Ok(true) => *maintained = Instant::now() - MAINTENANCE_EVERY,
+                Ok(true) => *maintained = None,
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(stream = %self.name, error = %e, "embedded log maintenance failed")
@@ -704,7 +706,7 @@ impl SledLog {
             spec: Mutex::new(spec.clone()),
             counts: Mutex::new(counts),
             last: watch::channel(counts.last).0,
-            maintained: Mutex::new(Instant::now() - MAINTENANCE_EVERY),
+            maintained: Mutex::new(None),
             restored: Mutex::new(None),
         });
         self.inner
