@@ -58,6 +58,16 @@ pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+/// Removes one message from a JetStream stream, as an operator would with `nats stream rmm`.
+pub async fn remove_message(stream: &str, sequence: u64) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let s = js.get_stream(stream).await.unwrap();
+    assert!(
+        s.delete_message(sequence).await.unwrap(),
+        "{stream} {sequence}"
+    );
+}
+
 fn admin_url() -> String {
     std::env::var("TEST_DATABASE_ADMIN_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())

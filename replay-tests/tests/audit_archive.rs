@@ -638,19 +638,6 @@ async fn embedded_export_and_restore_round_trip() {
     env.drop().await;
 }
 
-/// Removes one message from the middle of `stream`, as an operator would with
-/// `nats stream rmm`.
-async fn remove_message(stream: &str, sequence: u64) {
-    let js = async_nats::jetstream::new(
-        async_nats::connect(creto_replay_tests::nats_url())
-            .await
-            .unwrap(),
-    );
-    let mut s = js.get_stream(stream).await.unwrap();
-    assert!(s.delete_message(sequence).await.unwrap());
-    assert_eq!(s.info().await.unwrap().state.messages, 99);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_removed_from_the_stream_neither_stops_the_exporter_nor_hides() {
     let env = Env::new().await;
@@ -658,7 +645,15 @@ async fn an_event_removed_from_the_stream_neither_stops_the_exporter_nor_hides()
     let archive: Arc<dyn Archive> = Arc::new(LocalDirArchive::new(dir.path().to_path_buf()));
     let stream = env.platform.catalog.stream(METERING);
     assert_eq!(append_usage(&env, 100, 0).await, 100);
-    remove_message(&stream, 40).await;
+    creto_replay_tests::remove_message(&stream, 40).await;
+    let left = env
+        .platform
+        .log
+        .stream_state(&stream)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(left, 99);
     // Before, the exporter took the hole for deliveries out of order and repositioned for ever.
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -679,7 +674,15 @@ async fn an_event_removed_from_the_stream_does_not_stop_the_projector() {
     let env = Env::new().await;
     let stream = env.platform.catalog.stream(METERING);
     assert_eq!(append_usage(&env, 100, 0).await, 100);
-    remove_message(&stream, 40).await;
+    creto_replay_tests::remove_message(&stream, 40).await;
+    let left = env
+        .platform
+        .log
+        .stream_state(&stream)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(left, 99);
     let projector = Arc::new(MeteringProjector::new(
         env.pool().clone(),
         env.platform.log.clone(),
@@ -725,18 +728,7 @@ async fn a_forced_restore_past_a_hole_replays_checked_appends() {
             .await
             .unwrap();
     }
-    let js = async_nats::jetstream::new(
-        async_nats::connect(creto_replay_tests::nats_url())
-            .await
-            .unwrap(),
-    );
-    assert!(js
-        .get_stream(&stream)
-        .await
-        .unwrap()
-        .delete_message(5)
-        .await
-        .unwrap());
+    creto_replay_tests::remove_message(&stream, 5).await;
     export_once(&env, &archive, &stream, small_objects()).await;
 
     env.platform.log.delete_stream(&stream).await.unwrap();

@@ -283,32 +283,33 @@ impl EventLog for LosingLog {
     }
 }
 
+/// Stores `n` valid `llm.tokens` events of subscription `s1` (quantity 1, five minutes ago);
+/// their sequences.
+async fn store_tokens(env: &Env, n: usize) -> Vec<u64> {
+    let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
+    let events: Vec<_> = (0..n)
+        .map(|i| {
+            let data = serde_json::json!({ "quantity": 1 });
+            let json = cloud_event(&format!("e{i}"), "s1", "llm.tokens", t, data);
+            append(env, &format!("l{i}"), json, "s1")
+        })
+        .collect();
+    env.platform
+        .log
+        .append_batch(events)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().sequence())
+        .collect()
+}
+
 /// A delivery lost in the middle of a batch is projected once the consumer starts again, not
 /// skipped: the batch's cumulative ack covered it, and its checkpoint moved past it, for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_lost_mid_batch_is_projected_not_skipped() {
     let env = Env::embedded().await;
     let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
-    let events: Vec<_> = (0..10)
-        .map(|i| {
-            let json = cloud_event(
-                &format!("e{i}"),
-                "s1",
-                "llm.tokens",
-                t,
-                serde_json::json!({ "quantity": 1 }),
-            );
-            append(&env, &format!("l{i}"), json, "s1")
-        })
-        .collect();
-    let sequences: Vec<u64> = env
-        .platform
-        .log
-        .append_batch(events)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().sequence())
-        .collect();
+    let sequences = store_tokens(&env, 10).await;
     let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let log = std::sync::Arc::new(LosingLog {
         inner: env.platform.log.clone(),
@@ -344,21 +345,7 @@ async fn a_delivery_lost_mid_batch_is_projected_not_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_whose_lock_connection_dies_stops() {
     let env = Env::new().await;
-    let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
-    let json = cloud_event(
-        "e0",
-        "s1",
-        "llm.tokens",
-        t,
-        serde_json::json!({ "quantity": 1 }),
-    );
-    let first = env
-        .platform
-        .log
-        .append(append(&env, "l0", json, "s1"))
-        .await
-        .unwrap()
-        .sequence();
+    let first = store_tokens(&env, 1).await[0];
     let (_stop, task) = project(&env, env.platform.log.clone());
     env.wait_applied(first).await;
     let ended: Vec<bool> = sqlx::query_scalar(
@@ -384,28 +371,7 @@ async fn a_projector_whose_lock_connection_dies_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_models_ahead_of_the_log_refuse_to_project() {
     let env = Env::embedded().await;
-    let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
-    let events: Vec<_> = (0..3)
-        .map(|i| {
-            let json = cloud_event(
-                &format!("e{i}"),
-                "s1",
-                "llm.tokens",
-                t,
-                serde_json::json!({}),
-            );
-            append(&env, &format!("l{i}"), json, "s1")
-        })
-        .collect();
-    let last = env
-        .platform
-        .log
-        .append_batch(events)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().sequence())
-        .max()
-        .unwrap();
+    let last = store_tokens(&env, 3).await[2];
     let run = || project(&env, env.platform.log.clone());
     let (stop, task) = run();
     env.wait_applied(last).await;

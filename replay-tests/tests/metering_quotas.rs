@@ -1016,18 +1016,7 @@ async fn the_quota_book_warms_when_the_streams_last_event_was_removed() {
             .unwrap()
             .sequence();
     }
-    let js = async_nats::jetstream::new(
-        async_nats::connect(creto_replay_tests::nats_url())
-            .await
-            .unwrap(),
-    );
-    assert!(js
-        .get_stream(&stream)
-        .await
-        .unwrap()
-        .delete_message(last)
-        .await
-        .unwrap());
+    creto_replay_tests::remove_message(&stream, last).await;
     let view = creto_gateways::metering::quota::start(&env.platform);
     let (_stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(view.clone().tail(rx));

@@ -55,6 +55,20 @@ async fn wait_listening(port: u16) {
     panic!("private nats-server did not start on port {port}");
 }
 
+/// The adapter on the private server at `port`, its streams created.
+async fn connected(port: u16) -> (Arc<JetStreamLog>, Catalog) {
+    let catalog = Catalog::default();
+    let log = JetStreamLog::connect(
+        &format!("nats://127.0.0.1:{port}"),
+        &Default::default(),
+        catalog.clone(),
+    )
+    .await
+    .unwrap();
+    log.ensure_streams(&catalog.specs()).await.unwrap();
+    (Arc::new(log), catalog)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_survives_server_crash_without_losing_acknowledged_appends() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,17 +76,7 @@ async fn publisher_survives_server_crash_without_losing_acknowledged_appends() {
     let mut server = start(port, dir.path());
     wait_listening(port).await;
 
-    let catalog = Catalog::default();
-    let log = Arc::new(
-        JetStreamLog::connect(
-            &format!("nats://127.0.0.1:{port}"),
-            &Default::default(),
-            catalog.clone(),
-        )
-        .await
-        .unwrap(),
-    );
-    log.ensure_streams(&catalog.specs()).await.unwrap();
+    let (log, catalog) = connected(port).await;
 
     let publisher = {
         let log = log.clone();
@@ -139,17 +143,7 @@ async fn an_append_waits_for_jetstream_to_answer_again() {
     let port = spare_port();
     let mut server = start(port, dir.path());
     wait_listening(port).await;
-    let catalog = Catalog::default();
-    let log = Arc::new(
-        JetStreamLog::connect(
-            &format!("nats://127.0.0.1:{port}"),
-            &Default::default(),
-            catalog.clone(),
-        )
-        .await
-        .unwrap(),
-    );
-    log.ensure_streams(&catalog.specs()).await.unwrap();
+    let (log, _) = connected(port).await;
     server.kill().unwrap();
     server.wait().unwrap();
     // The same server without JetStream: the client reconnects, and nothing answers.
