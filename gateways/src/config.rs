@@ -118,7 +118,14 @@ impl Settings {
         };
         let mut limits = IngestLimits::default();
         if let Some(h) = file.late_window_hours {
-            limits.late_window = chrono::Duration::hours(h.max(0));
+            // A typo must not quietly become another window (a negative one was 0: every
+            // late event refused).
+            if !(0..=24 * 366).contains(&h) {
+                return Err(ConfigError::Invalid(format!(
+                    "late_window_hours = {h}: choose 0 to 8784 (hours an event may arrive after its time)"
+                )));
+            }
+            limits.late_window = chrono::Duration::hours(h);
         }
         if let Some(b) = file.max_event_bytes {
             limits.max_bytes = b;
@@ -134,7 +141,12 @@ impl Settings {
             messaging.max_ciphertext_bytes = b;
         }
         if let Some(h) = file.messaging_max_ttl_hours {
-            messaging.max_ttl = std::time::Duration::from_secs(h.clamp(1, 24 * 365) * 3600);
+            if !(1..=24 * 365).contains(&h) {
+                return Err(ConfigError::Invalid(format!(
+                    "messaging_max_ttl_hours = {h}: choose 1 to 8760"
+                )));
+            }
+            messaging.max_ttl = std::time::Duration::from_secs(h * 3600);
         }
         Ok(Settings {
             nats_url: pick(&args.nats_url, file.nats_url, DEFAULT_NATS_URL),

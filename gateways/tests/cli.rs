@@ -121,6 +121,18 @@ fn a_bad_config_file_is_a_clear_error() {
         err.contains("bad.toml") && err.contains("nats_url"),
         "{err}"
     );
+    for (setting, says) in [
+        ("late_window_hours = -1\n", "late_window_hours = -1"),
+        (
+            "messaging_max_ttl_hours = 0\n",
+            "messaging_max_ttl_hours = 0",
+        ),
+    ] {
+        std::fs::write(&path, setting).unwrap();
+        let (code, _, err) = enablement(&["--config", path.to_str().unwrap(), "streams", "info"]);
+        assert_eq!(code, 2, "{setting}: {err}");
+        assert!(err.contains(says), "{err}");
+    }
     let (code, _, err) = enablement(&["--config", "/nonexistent/enablement.toml", "migrate"]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot read config file"), "{err}");
