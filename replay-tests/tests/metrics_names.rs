@@ -55,11 +55,17 @@ fn product_of(name: &str) -> &'static str {
 
 /// `GET /metrics` over plain HTTP/1.1.
 async fn scrape(addr: SocketAddr) -> String {
+    let (status, body) = get(addr, "/metrics").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}\n{body}");
+    body
+}
+
+/// `GET path` over plain HTTP/1.1: the status line and the body.
+async fn get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
         .unwrap();
@@ -67,12 +73,12 @@ async fn scrape(addr: SocketAddr) -> String {
     stream.read_to_end(&mut raw).await.unwrap();
     let raw = String::from_utf8(raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let status = head.lines().next().unwrap_or_default().to_string();
     if !head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
-        return body.to_string();
+        return (status, body.to_string());
     }
     let mut out = String::new();
     let mut rest = body;
@@ -84,7 +90,7 @@ async fn scrape(addr: SocketAddr) -> String {
         out.push_str(&tail[..size]);
         rest = &tail[size + 2..];
     }
-    out
+    (status, out)
 }
 
 /// Names of the samples served (histograms also under their base name).
@@ -390,6 +396,18 @@ async fn every_contract_name_of_a_built_product_is_served() {
     .run(true, not_stopping)
     .await
     .unwrap();
+
+    // Metering is ready once its quota book is warm, and says so (checked every 5 s).
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, health) = get(running.metrics_addr, "/health").await;
+        if health.contains("\"quota_book\":\"up\"") {
+            assert!(status.starts_with("HTTP/1.1 200"), "{status} {health}");
+            break;
+        }
+        assert!(Instant::now() < until, "{status} {health}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Gauges (pool, stream, lag) are refreshed in the background: wait for them a little.
     let expected: Vec<&str> = by_product
