@@ -225,6 +225,7 @@ fn exec_finished(exec_id: &str, exit_code: Option<i32>, signal: i32, ms: i64) ->
             duration: millis(ms),
             // A command that failed left the disk full, to see the column projected.
             disk_full: exit_code == Some(3),
+            error: String::new(),
         }),
     })
 }

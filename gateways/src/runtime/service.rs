@@ -192,7 +192,9 @@ impl RuntimeGateway {
 type ExecStream = ReceiverStream<Result<pb::ExecResponse, Status>>;
 
 fn exec_outcome(r: &pb::ExecResult) -> &'static str {
-    if r.timed_out {
+    if !r.error.is_empty() {
+        "failed"
+    } else if r.timed_out {
         "timeout"
     } else if r.oom_killed {
         "oom"
@@ -343,27 +345,34 @@ impl RuntimeService for RuntimeGateway {
                 Ok(Err(e)) => Err(Status::unavailable(format!("exec failed: {e}"))),
                 Err(e) => Err(Status::internal(format!("exec task: {e}"))),
             };
-            let outcome = match failed {
-                Ok(o) => o,
-                Err(status) => {
-                    if reading {
-                        let _ = tx.send_timeout(Err(status), STALLED_CLIENT).await;
-                    }
-                    return;
-                }
-            };
-            let result = pb::ExecResult {
-                exec_id,
-                exit_code: outcome.exit_code,
-                signal: outcome.signal.unwrap_or(0),
-                timed_out: outcome.timed_out,
-                oom_killed: outcome.oom_killed,
-                pids_limited: outcome.pids_limited,
-                disk_full: outcome.disk_full,
-                duration: Some(prost_types::Duration {
-                    seconds: outcome.duration.as_secs() as i64,
-                    nanos: outcome.duration.subsec_nanos() as i32,
-                }),
+            // A command that could not be run ends too (recorded with its error): left at
+            // ExecStarted, it stayed open in the exec history for good.
+            let (result, failure) = match failed {
+                Ok(outcome) => (
+                    pb::ExecResult {
+                        exec_id,
+                        exit_code: outcome.exit_code,
+                        signal: outcome.signal.unwrap_or(0),
+                        timed_out: outcome.timed_out,
+                        oom_killed: outcome.oom_killed,
+                        pids_limited: outcome.pids_limited,
+                        disk_full: outcome.disk_full,
+                        duration: Some(prost_types::Duration {
+                            seconds: outcome.duration.as_secs() as i64,
+                            nanos: outcome.duration.subsec_nanos() as i32,
+                        }),
+                        error: String::new(),
+                    },
+                    None,
+                ),
+                Err(status) => (
+                    pb::ExecResult {
+                        exec_id,
+                        error: status.message().to_string(),
+                        ..Default::default()
+                    },
+                    Some(status),
+                ),
             };
             metrics::EXECS
                 .with_label_values(&[exec_outcome(&result)])
@@ -375,11 +384,12 @@ impl RuntimeService for RuntimeGateway {
                 let mut agg = live.agg.lock().await;
                 runtime.append(&mut agg, &id, vec![finished]).await
             };
-            let last = match recorded {
-                Ok(()) => Ok(pb::ExecResponse {
+            let last = match (recorded, failure) {
+                (_, Some(status)) => Err(status),
+                (Ok(()), None) => Ok(pb::ExecResponse {
                     output: Some(pb::exec_response::Output::Finished(result)),
                 }),
-                Err(e) => Err(log_status(e)),
+                (Err(e), None) => Err(log_status(e)),
             };
             if reading {
                 let _ = tx.send_timeout(last, STALLED_CLIENT).await;
@@ -607,5 +617,24 @@ impl RuntimeService for RuntimeGateway {
             by: caller.subject.clone(),
         });
         Ok(Response::new(self.runtime.end(&id, &live, by).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exec_that_could_not_run_is_failed_whatever_else_it_says() {
+        let failed = pb::ExecResult {
+            error: "bwrap did not start the command".into(),
+            ..Default::default()
+        };
+        assert_eq!(exec_outcome(&failed), "failed");
+        let ran = pb::ExecResult {
+            exit_code: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(exec_outcome(&ran), "exit_zero");
     }
 }
