@@ -336,6 +336,16 @@ impl Env {
         );
     }
 
+    /// Deletes `stream` and creates it again, empty: a lost or recreated stream.
+    pub async fn recreate_stream(&self, stream: &str) {
+        self.platform.log.delete_stream(stream).await.unwrap();
+        self.platform
+            .log
+            .ensure_streams(&self.platform.catalog.specs())
+            .await
+            .unwrap();
+    }
+
     /// Removes the database, streams and cache keys (or the embedded data directory).
     pub async fn drop(self) {
         for spec in self.platform.catalog.specs() {

@@ -583,10 +583,7 @@ async fn embedded_export_and_restore_round_trip() {
     assert!(report.ok() && report.unarchived == 0, "{report}");
     let originals = audit::log_events(&*log, &stream).await.unwrap();
 
-    log.delete_stream(&stream).await.unwrap();
-    log.ensure_streams(&env.platform.catalog.specs())
-        .await
-        .unwrap();
+    env.recreate_stream(&stream).await;
     let key = object_key(&stream, 501, 1000);
     let saved = archive.get(&key).await.unwrap().unwrap();
     archive.delete(&key).await.unwrap();
@@ -621,10 +618,7 @@ async fn embedded_export_and_restore_round_trip() {
     // An object that no longer reads, forced: the rest is restored, at new sequences after
     // the hole, and the report says so (it used to stop there, leaving a stream it would not
     // restore into again).
-    log.delete_stream(&stream).await.unwrap();
-    log.ensure_streams(&env.platform.catalog.specs())
-        .await
-        .unwrap();
+    env.recreate_stream(&stream).await;
     archive
         .put(&key, Bytes::from_static(b"not gzip"), "application/gzip")
         .await
@@ -731,12 +725,7 @@ async fn a_forced_restore_past_a_hole_replays_checked_appends() {
     creto_replay_tests::remove_message(&stream, 5).await;
     export_once(&env, &archive, &stream, small_objects()).await;
 
-    env.platform.log.delete_stream(&stream).await.unwrap();
-    env.platform
-        .log
-        .ensure_streams(&env.platform.catalog.specs())
-        .await
-        .unwrap();
+    env.recreate_stream(&stream).await;
     let forced = RestoreOptions { force: true };
     let report = audit::restore(&*archive, &stream, &*env.platform.log, forced, |_| {})
         .await
@@ -782,10 +771,7 @@ async fn an_object_past_the_last_manifest_is_an_export_in_progress() {
         "{report}"
     );
 
-    log.delete_stream(&stream).await.unwrap();
-    log.ensure_streams(&env.platform.catalog.specs())
-        .await
-        .unwrap();
+    env.recreate_stream(&stream).await;
     let restored = audit::restore(&*archive, &stream, &*log, RestoreOptions::default(), |_| {})
         .await
         .unwrap();
@@ -859,10 +845,7 @@ async fn the_exporter_refuses_an_archive_past_the_log() {
     let stream = env.platform.catalog.stream(METERING);
     append_usage(&env, 100, 0).await;
     export_once(&env, &archive, &stream, small_objects()).await;
-    log.delete_stream(&stream).await.unwrap();
-    log.ensure_streams(&env.platform.catalog.specs())
-        .await
-        .unwrap();
+    env.recreate_stream(&stream).await;
     // New events past the archive's end (producers started before the exporter): the log
     // is longer than the archive, and still not its continuation.
     append_usage(&env, 150, 1_000).await;

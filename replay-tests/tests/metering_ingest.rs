@@ -27,7 +27,7 @@ fn usage_request(sub: &str, event_type: &str, min_sequence: u64) -> pb::QueryUsa
 
 /// Metering's first dead letters, oldest first.
 async fn dead_letters(env: &Env) -> Vec<creto_streams::deadletter::DeadLetter> {
-    creto_gateways::metering::service::list_dead_letters(
+    creto_gateways::metering::service::dead_letters_page(
         &*env.platform.log,
         &env.platform.catalog,
         0,
@@ -36,6 +36,7 @@ async fn dead_letters(env: &Env) -> Vec<creto_streams::deadletter::DeadLetter> {
     )
     .await
     .unwrap()
+    .0
 }
 
 fn total(rows: &[pb::UsageRow]) -> f64 {

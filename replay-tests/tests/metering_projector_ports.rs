@@ -379,12 +379,7 @@ async fn read_models_ahead_of_the_log_refuse_to_project() {
     task.await.unwrap().unwrap();
 
     let stream = env.platform.catalog.stream(creto_streams::METERING);
-    env.platform.log.delete_stream(&stream).await.unwrap();
-    env.platform
-        .log
-        .ensure_streams(&env.platform.catalog.specs())
-        .await
-        .unwrap();
+    env.recreate_stream(&stream).await;
     let (_stop, task) = run();
     let err = tokio::time::timeout(Duration::from_secs(10), task)
         .await

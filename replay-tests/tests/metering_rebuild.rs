@@ -127,7 +127,7 @@ async fn rebuilt_tables_equal_live_built_ones() {
     );
     assert_eq!(monthly_rollup_mismatches(env.pool()).await, 0);
     assert!(events > 6_000 && events < 7_300, "{events}");
-    let letters = creto_gateways::metering::service::list_dead_letters(
+    let letters = creto_gateways::metering::service::dead_letters_page(
         &*env.platform.log,
         &env.platform.catalog,
         0,
@@ -135,7 +135,8 @@ async fn rebuilt_tables_equal_live_built_ones() {
         None,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     assert!(letters.iter().all(|l| l.reason == "quantity_negative"));
 
     // Rebuild, interrupted halfway and resumed.

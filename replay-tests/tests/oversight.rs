@@ -1079,19 +1079,7 @@ async fn the_notifier_opens_its_consumer_again_when_it_is_gone() {
         webhook_url: Some(format!("http://{addr}/hook")),
         ..Default::default()
     };
-    let running = env.start_oversight_notifying(notify).await;
-    let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
-    put(
-        &mut c,
-        policy(
-            "p",
-            "deploy.*",
-            1,
-            vec![level(&["l1"], Duration::from_secs(60))],
-            TimeoutAction::Deny,
-        ),
-    )
-    .await;
+    let (running, mut c) = start_hooked(&env, notify).await;
     let wait_for = |id: &'static str| {
         let announced = announced.clone();
         async move {
@@ -1102,7 +1090,7 @@ async fn the_notifier_opens_its_consumer_again_when_it_is_gone() {
             }
         }
     };
-    ask(&mut c, "before", "deploy.prod").await;
+    ask(&mut c, "before", "payments.refund").await;
     wait_for("before").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.platform
@@ -1114,7 +1102,7 @@ async fn the_notifier_opens_its_consumer_again_when_it_is_gone() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    ask(&mut c, "after", "deploy.prod").await;
+    ask(&mut c, "after", "payments.refund").await;
     wait_for("after").await;
     let before = announced
         .lock()

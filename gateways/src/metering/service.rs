@@ -605,27 +605,12 @@ fn letter_tenant(l: &DeadLetter) -> String {
         .unwrap_or_else(|| DEFAULT_TENANT.to_string())
 }
 
-/// Metering's dead letters after `after`, oldest first; only `tenant`'s when given.
-pub async fn list_dead_letters(
-    log: &dyn EventLog,
-    catalog: &Catalog,
-    after: u64,
-    limit: usize,
-    tenant: Option<&str>,
-) -> Result<Vec<DeadLetter>, LogError> {
-    let subject = catalog.deadletter_subject(creto_streams::METERING);
-    creto_streams::deadletter::list(log, catalog, Some(&subject), after, limit, |l| {
-        tenant.is_none_or(|t| letter_tenant(l) == t)
-    })
-    .await
-}
-
 /// Dead letters of every tenant one ListDeadLetters call reads at most: a tenant with none
 /// among millions of others' would otherwise have each call read them all.
 pub const DEAD_LETTERS_READ_PER_CALL: usize = 10_000;
 
-/// A page of [`list_dead_letters`] read within [`DEAD_LETTERS_READ_PER_CALL`], and where the
-/// next starts.
+/// Metering's dead letters after `after`, oldest first (only `tenant`'s when given), read
+/// within [`DEAD_LETTERS_READ_PER_CALL`], and where the next page starts.
 pub async fn dead_letters_page(
     log: &dyn EventLog,
     catalog: &Catalog,
