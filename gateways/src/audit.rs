@@ -178,14 +178,11 @@ pub async fn run(
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|e| fail(format!("cannot listen on {addr} (--metrics-addr): {e}")))?;
-                let mut stop = rx;
-                tasks.spawn(async move {
-                    let _ = axum::serve(listener, crate::status::router(health))
-                        .with_graceful_shutdown(async move {
-                            let _ = stop.changed().await;
-                        })
-                        .await;
-                });
+                tasks.spawn(crate::http_server::serve(
+                    listener,
+                    crate::status::router(health),
+                    rx,
+                ));
             }
             shutdown_signal.await;
             crate::cli::stopping(async move {

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery_loop;
 pub mod grpc_metrics;
+pub mod http_server;
 pub mod log_status;
 pub mod messaging;
 pub mod metering;

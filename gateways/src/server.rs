@@ -420,14 +420,11 @@ async fn start_product(
         Some(extra) => status::router(health.clone()).merge(extra),
         None => status::router(health.clone()),
     };
-    let mut rx = shutdown_rx.clone();
-    tasks.spawn(async move {
-        let _ = axum::serve(metrics_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.changed().await;
-            })
-            .await;
-    });
+    tasks.spawn(crate::http_server::serve(
+        metrics_listener,
+        router,
+        shutdown_rx.clone(),
+    ));
     tasks.spawn(status::watch_dependencies(
         platform.clone(),
         health.clone(),
