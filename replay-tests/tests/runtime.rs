@@ -22,6 +22,7 @@ creto_replay_tests::on_both_adapters!(
     create_exec_and_terminate,
     a_slow_reader_gets_all_the_output_and_the_exit_code,
     a_command_stored_but_unseen_does_not_wedge_the_sandbox,
+    a_create_whose_caller_went_away_still_finishes,
     a_sandbox_runs_a_bounded_number_of_execs_at_once,
     egress_is_denied_until_allowed,
     a_connect_loop_cannot_flood_the_stream,
@@ -249,6 +250,80 @@ async fn a_command_stored_but_unseen_does_not_wedge_the_sandbox(env: &Env) {
     })
     .await
     .unwrap();
+}
+
+/// A client that gives up on CreateSandbox while its sandbox is provisioning (a deadline, a
+/// disconnect) drops the handler's future. That used to leave the sandbox recorded as
+/// provisioning for ever (its retry by `request_id` got that one back) and its process
+/// tracked by nobody. The create now runs to its end: the retry gets a ready sandbox.
+async fn a_create_whose_caller_went_away_still_finishes(env: &Env) {
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let provisioning = |c: &Client, request_id: String| {
+        let mut c = c.clone();
+        async move {
+            loop {
+                let all = c
+                    .list_sandboxes(pb::ListSandboxesRequest {
+                        metadata: [("request".to_string(), request_id.clone())].into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .sandboxes;
+                if let Some(sb) = all.into_iter().next() {
+                    return sb;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    // Cancel once the sandbox is recorded and before it is ready; a create too quick to be
+    // seen in between is tried again under another id.
+    let mut gave_up = None;
+    for attempt in 0..10 {
+        let mut req = create_request();
+        req.request_id = format!("gave-up-{attempt}");
+        req.metadata = [("request".to_string(), req.request_id.clone())].into();
+        let mut caller = c.clone();
+        let mut call = std::pin::pin!(caller.create_sandbox(req.clone()));
+        tokio::select! {
+            done = &mut call => {
+                let sb = done.unwrap().into_inner();
+                c.terminate_sandbox(pb::TerminateSandboxRequest { sandbox_id: sb.sandbox_id })
+                    .await
+                    .unwrap();
+            }
+            seen = provisioning(&c, req.request_id.clone()) => {
+                if seen.state != pb::State::Ready as i32 {
+                    gave_up = Some(req);
+                    break;
+                }
+            }
+        }
+    }
+    let req = gave_up.expect("never saw a sandbox before it was ready");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sb = loop {
+        let sb = create(&mut c, req.clone()).await;
+        if sb.state == pb::State::Ready as i32 {
+            break sb;
+        }
+        assert!(Instant::now() < deadline, "never ready: {sb:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (out, _, result, _) = exec(&mut c, &sb.sandbox_id, &["echo", "here"])
+        .await
+        .unwrap();
+    assert_eq!((out.as_str(), result.exit_code), ("here\n", Some(0)));
+    c.terminate_sandbox(pb::TerminateSandboxRequest {
+        sandbox_id: sb.sandbox_id,
+    })
+    .await
+    .unwrap();
+    running.stop().await;
 }
 
 /// Each running exec holds output buffers in the gateway for its client: a sandbox runs at

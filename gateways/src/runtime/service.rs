@@ -54,6 +54,19 @@ fn egress(p: Option<&pb::EgressPolicy>) -> Result<EgressPolicy, Status> {
         .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// Runs a command that changes a sandbox to its end even when its caller goes away (a client
+/// deadline or disconnect drops the handler's future): dropped half way, a create left a
+/// sandbox recorded as provisioning for ever (its retry by `request_id` got that one back) or
+/// a process no replica tracked, a terminate a killed sandbox recorded as running, an egress
+/// change a policy recorded but not applied.
+async fn to_completion<T: Send + 'static>(
+    command: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(command)
+        .await
+        .map_err(|e| Status::internal(format!("the command's task failed: {e}")))?
+}
+
 fn check_id(id: &str) -> Result<(), Status> {
     domain::check_name("sandbox_id", id).map_err(invalid)
 }
@@ -240,7 +253,13 @@ impl RuntimeService for RuntimeGateway {
             false => Some(self.runtime.archive_turn().await),
         };
         let new = self.new_sandbox(&caller, req).await?;
-        Ok(Response::new(self.runtime.create(new).await?))
+        let runtime = self.runtime.clone();
+        let sandbox = to_completion(async move {
+            let _turn = _turn;
+            runtime.create(new).await.map_err(Status::from)
+        })
+        .await?;
+        Ok(Response::new(sandbox))
     }
 
     type ExecStream = ExecStream;
@@ -486,20 +505,25 @@ impl RuntimeService for RuntimeGateway {
         let req = request.into_inner();
         let policy = egress(req.egress.as_ref())?;
         let live = self.running(&caller, &req.sandbox_id).await?;
-        let mut agg = live.agg.lock().await;
-        agg.require_ready().map_err(invalid)?;
-        let changed = Event::EgressPolicyChanged(pb::EgressPolicyChanged {
-            egress: Some(pb::EgressPolicy {
-                allow: policy.to_strings(),
-            }),
-        });
-        self.runtime
-            .append(&mut agg, &req.sandbox_id, vec![changed])
-            .await
-            .map_err(log_status)?;
-        // Recorded first: a connection the new policy allows is never let through unrecorded.
-        live.handle.set_egress(policy);
-        Ok(Response::new(agg.view.clone()))
+        let runtime = self.runtime.clone();
+        to_completion(async move {
+            let mut agg = live.agg.lock().await;
+            agg.require_ready().map_err(invalid)?;
+            let changed = Event::EgressPolicyChanged(pb::EgressPolicyChanged {
+                egress: Some(pb::EgressPolicy {
+                    allow: policy.to_strings(),
+                }),
+            });
+            runtime
+                .append(&mut agg, &req.sandbox_id, vec![changed])
+                .await
+                .map_err(log_status)?;
+            // Recorded first: a connection the new policy allows is never let through
+            // unrecorded.
+            live.handle.set_egress(policy);
+            Ok(Response::new(agg.view.clone()))
+        })
+        .await
     }
 
     async fn checkpoint(
@@ -512,45 +536,47 @@ impl RuntimeService for RuntimeGateway {
             Status::failed_precondition("no object storage is configured for checkpoints")
         })?;
         let live = self.running(&caller, &id).await?;
-        // Held until the archive is stored; taken before the sandbox's lock, so waiting for
-        // it does not hold up the sandbox's other commands.
-        let _turn = self.runtime.archive_turn().await;
-        let mut agg = live.agg.lock().await;
-        agg.require_ready().map_err(invalid)?;
-        let body = live.handle.checkpoint().await.map_err(|e| match e {
-            // What the layer holds (too big, nested too deep): retrying will not help.
-            BackendError::Checkpoint(m) => {
-                Status::failed_precondition(format!("checkpoint refused: {m}"))
-            }
-            e => Status::unavailable(format!("checkpoint failed: {e}")),
-        })?;
-        let checkpoint_id = format!("ck-{}", uuid::Uuid::new_v4().simple());
-        let object_key = format!(
-            "runtime/checkpoints/{}/{id}/{checkpoint_id}.tar.gz",
-            caller.tenant
-        );
-        let reference = pb::CheckpointRef {
-            checkpoint_id,
-            object_key: object_key.clone(),
-            size_bytes: body.len() as u64,
-            sha256: hex::encode(Sha256::digest(&body)),
-            at: Some(domain::timestamp(Utc::now())),
-        };
-        archive
-            .put(&object_key, body.into(), "application/gzip")
-            .await
-            .map_err(|e| Status::unavailable(format!("storing the checkpoint failed: {e}")))?;
-        let done = Event::Checkpointed(pb::Checkpointed {
-            checkpoint: Some(reference.clone()),
-        });
-        self.runtime
-            .append(&mut agg, &id, vec![done])
-            .await
-            .map_err(log_status)?;
-        Ok(Response::new(pb::CheckpointInfo {
-            sandbox_id: id,
-            checkpoint: Some(reference),
-        }))
+        let (runtime, tenant) = (self.runtime.clone(), caller.tenant);
+        // To its end once begun: an archive stored but not recorded is storage nobody finds.
+        to_completion(async move {
+            // Held until the archive is stored; taken before the sandbox's lock, so waiting for
+            // it does not hold up the sandbox's other commands.
+            let _turn = runtime.archive_turn().await;
+            let mut agg = live.agg.lock().await;
+            agg.require_ready().map_err(invalid)?;
+            let body = live.handle.checkpoint().await.map_err(|e| match e {
+                // What the layer holds (too big, nested too deep): retrying will not help.
+                BackendError::Checkpoint(m) => {
+                    Status::failed_precondition(format!("checkpoint refused: {m}"))
+                }
+                e => Status::unavailable(format!("checkpoint failed: {e}")),
+            })?;
+            let checkpoint_id = format!("ck-{}", uuid::Uuid::new_v4().simple());
+            let object_key = format!("runtime/checkpoints/{}/{id}/{checkpoint_id}.tar.gz", tenant);
+            let reference = pb::CheckpointRef {
+                checkpoint_id,
+                object_key: object_key.clone(),
+                size_bytes: body.len() as u64,
+                sha256: hex::encode(Sha256::digest(&body)),
+                at: Some(domain::timestamp(Utc::now())),
+            };
+            archive
+                .put(&object_key, body.into(), "application/gzip")
+                .await
+                .map_err(|e| Status::unavailable(format!("storing the checkpoint failed: {e}")))?;
+            let done = Event::Checkpointed(pb::Checkpointed {
+                checkpoint: Some(reference.clone()),
+            });
+            runtime
+                .append(&mut agg, &id, vec![done])
+                .await
+                .map_err(log_status)?;
+            Ok(Response::new(pb::CheckpointInfo {
+                sandbox_id: id,
+                checkpoint: Some(reference),
+            }))
+        })
+        .await
     }
 
     async fn get_attestation(
@@ -616,7 +642,11 @@ impl RuntimeService for RuntimeGateway {
         let by = Event::Terminated(pb::Terminated {
             by: caller.subject.clone(),
         });
-        Ok(Response::new(self.runtime.end(&id, &live, by).await?))
+        let runtime = self.runtime.clone();
+        let sandbox =
+            to_completion(async move { runtime.end(&id, &live, by).await.map_err(Status::from) })
+                .await?;
+        Ok(Response::new(sandbox))
     }
 }
 
