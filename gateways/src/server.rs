@@ -202,10 +202,13 @@ pub async fn start_messaging(
             cache: false,
             warming: None,
         },
-        // Room for the largest ciphertext plus its header, stanzas and signature.
+        // Room for the largest ciphertext plus its header, stanzas and signature, and for a
+        // SendBatch of ordinary envelopes (each is checked against the limits on its own).
         routes: Routes::new(
-            MessagingServiceServer::new(gateway)
-                .max_decoding_message_size(limits.max_ciphertext_bytes + 64 * 1024),
+            MessagingServiceServer::new(gateway).max_decoding_message_size(
+                (limits.max_ciphertext_bytes + 64 * 1024)
+                    .max(crate::messaging::service::MAX_BATCH_BYTES),
+            ),
         ),
         http: None,
     };

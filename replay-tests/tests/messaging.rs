@@ -225,6 +225,24 @@ async fn rotation_overlap_and_revocation(env: &Env) {
     assert!(refused.contains("stopped signing"), "{refused}");
     let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
     assert_eq!(bob.open(&m).await.unwrap().plaintext, b"with the new key");
+
+    // A message is wrapped for at most 4 keys: rotations that would leave Bob more usable
+    // encryption keys than that are refused (they used to make every Send to him fail).
+    for i in 3..=5 {
+        bob.rotate_encryption(&format!("bob-enc-{i}"), Duration::from_secs(3600))
+            .await
+            .unwrap();
+    }
+    let (c, m) = code(
+        bob.rotate_encryption("bob-enc-6", Duration::from_secs(3600))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("4 usable encryption keys"), "{m}");
+    alice.send("bob", b"wrapped for four").await.unwrap();
+    let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(bob.open(&m).await.unwrap().plaintext, b"wrapped for four");
     running.stop().await;
 }
 
@@ -272,6 +290,14 @@ async fn offline_recipient_in_order_and_exactly_once_after_acks(env: &Env) {
     running.stop().await;
     let (running, url) = env.start_messaging().await;
     let mut bob = bob.reconnect(&url, "").await.unwrap();
+    // A cursor that is not a message to Bob (here one of his own to Alice, past his
+    // undelivered ones) acknowledges nothing: acks are cumulative, and it would skip them.
+    let mut alice = alice.reconnect(&url, "").await.unwrap();
+    let sent = bob.send("alice", b"hello").await.unwrap();
+    assert!(sent.cursor > cursors[39]);
+    let (c, m) = code(bob.ack(sent.cursor).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(m.contains("not a message to bob"), "{m}");
     let mut inbox = bob.receive(0).await.unwrap();
     for (i, cursor) in cursors.iter().enumerate().skip(25) {
         let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
@@ -293,7 +319,6 @@ async fn offline_recipient_in_order_and_exactly_once_after_acks(env: &Env) {
     );
 
     // Within a session, what is not acked within ack_wait comes again, in order.
-    let mut alice = alice.reconnect(&url, "").await.unwrap();
     alice.send("bob", b"x1").await.unwrap();
     alice.send("bob", b"x2").await.unwrap();
     let mut session = bob
@@ -449,6 +474,21 @@ async fn a_batch_is_answered_per_envelope_and_stored_in_order(env: &Env) {
         }
         assert_eq!(got, want);
     }
+    // A full batch of ordinary envelopes fits in one call (the service's decode limit was
+    // sized for one envelope: 1,000 of 600 bytes were refused whole).
+    let full: Vec<_> = (0..creto_gateways::messaging::service::MAX_BATCH)
+        .map(|i| {
+            alice
+                .seal("carol", &to_carol, format!("{i:0>300}").as_bytes())
+                .unwrap()
+        })
+        .collect();
+    let results = alice.send_batch(full).await.unwrap();
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "{:?}",
+        results.iter().find(|r| r.is_err())
+    );
     // Too many envelopes: the whole call is refused.
     let too_many = vec![pb::Envelope::default(); creto_gateways::messaging::service::MAX_BATCH + 1];
     let (c, m) = code(alice.send_batch(too_many).await.unwrap_err());

@@ -130,7 +130,11 @@ pub fn seal(p: &SealParams<'_>, plaintext: &[u8]) -> Result<Envelope, EnvelopeEr
         message_id: p.message_id.to_string(),
         sequence: p.sequence,
         created_at: Some(timestamp(created)),
-        expires_at: Some(timestamp(created + ttl)),
+        expires_at: Some(timestamp(
+            created
+                .checked_add_signed(ttl)
+                .ok_or_else(|| EnvelopeError::Invalid("ttl out of range".into()))?,
+        )),
         content_type: p.content_type.to_string(),
     }
     .encode_to_vec();
@@ -343,6 +347,10 @@ pub fn check_for_sending(
         .any(|s| s.encapsulated_key.len() != 32)
     {
         return invalid("an X25519 encapsulated key is 32 bytes".into());
+    }
+    // A 32-byte content key and its 16-byte tag: anything longer is bytes past the size limit.
+    if envelope.stanzas.iter().any(|s| s.wrapped_key.len() != 48) {
+        return invalid("a wrapped key is 48 bytes (the content key and its tag)".into());
     }
     Ok(())
 }

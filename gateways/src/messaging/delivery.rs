@@ -257,6 +257,29 @@ impl Queues {
                 "cursor {through} is beyond the last stored message ({end}); acknowledge cursors you received"
             )));
         }
+        let floor = self
+            .acked_through(tenant, recipient)
+            .await
+            .map_err(log_status)?;
+        if through <= floor {
+            return Ok(floor);
+        }
+        // Acks are cumulative and cursors are sequences of the whole stream: another cursor
+        // (one of a message this agent sent, or to someone else) would skip its undelivered
+        // messages below it without a trace.
+        let ours = self
+            .catalog
+            .subject(&format!("messaging.msg.{tenant}.{recipient}."));
+        let stored = self
+            .log
+            .get(&self.stream, through)
+            .await
+            .map_err(log_status)?;
+        if !stored.is_some_and(|e| e.subject.starts_with(&ours)) {
+            return Err(Status::invalid_argument(format!(
+                "cursor {through} is not a message to {recipient}; acknowledge cursors you received"
+            )));
+        }
         for _ in 0..5 {
             let last = self.last_on::<Acked>(&subject).await.map_err(log_status)?;
             let (expected, floor) = last.map_or((0, 0), |(seq, a)| (seq, a.through_cursor));
@@ -329,7 +352,11 @@ impl Queues {
         loop {
             match self
                 .log
-                .follow(&self.stream, ReplayFrom::Sequence(after + 1), None)
+                .follow(
+                    &self.stream,
+                    ReplayFrom::Sequence(after.saturating_add(1)),
+                    None,
+                )
                 .await
             {
                 Ok(mut events) => loop {
@@ -469,7 +496,7 @@ impl Session {
                 .log
                 .replay(
                     &q.stream,
-                    ReplayFrom::Sequence(state.cursor + 1),
+                    ReplayFrom::Sequence(state.cursor.saturating_add(1)),
                     None,
                     Some(&filter),
                 )

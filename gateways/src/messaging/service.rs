@@ -29,6 +29,8 @@ const MAX_OVERLAP: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Envelopes in one SendBatch.
 pub const MAX_BATCH: usize = 1_000;
+/// Bytes of one SendBatch request: a full batch of envelopes of a few KiB.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Decompressed verifying keys kept (cleared whole when full).
 const VERIFYING_CACHE: usize = 100_000;
 
@@ -684,6 +686,22 @@ impl MessagingService for MessagingGateway {
                 return Err(Status::already_exists(format!(
                     "key id {:?} of agent {:?} is already registered with other material; choose a new key id",
                     r.key_id, r.agent_id
+                )));
+            }
+            // Senders wrap each message for every usable encryption key of its recipient, and
+            // Send takes at most max_recipient_keys: one more would leave the agent unreachable.
+            let usable = agent.usable(purpose, now);
+            if !signing && usable.len() >= self.limits.max_recipient_keys {
+                let ends = usable
+                    .iter()
+                    .filter_map(|k| k.valid_until)
+                    .min()
+                    .map_or("never (revoke one)".to_string(), |t| t.to_rfc3339());
+                return Err(Status::failed_precondition(format!(
+                    "agent {:?} already has {} usable encryption keys, the most a message is wrapped for; \
+                     revoke one with RevokeKey or wait for the oldest overlap to end ({ends})",
+                    r.agent_id,
+                    usable.len()
                 )));
             }
             let replaces = agent.replaced_by_new(purpose);
