@@ -81,8 +81,13 @@ pub fn validate(p: &Policy) -> Result<(), String> {
                 "level {i}: at most {MAX_APPROVERS} approvers, each 1 to 254 characters without spaces"
             ));
         }
-        for a in &level.approvers {
+        for (j, a) in level.approvers.iter().enumerate() {
             crate::text::check(&format!("levels[{i}].approvers"), a)?;
+            // Quorum is counted against the names: a repeated one made it unreachable (or,
+            // with deny_needs_quorum, turned the first approval into a denial).
+            if level.approvers[..j].contains(a) {
+                return Err(format!("level {i}: approver {a:?} is named twice"));
+            }
         }
     }
     for (priority, list) in &p.channels {
@@ -130,15 +135,27 @@ pub fn matches(p: &Policy, action: &str, agent: &str) -> bool {
     action_ok && (p.agents.is_empty() || p.agents.iter().any(|a| a == agent))
 }
 
-/// The policy that governs an action: the matching one with the highest precedence (the most
-/// specific pattern, then the policy id, break ties so the choice never depends on order).
+/// The policy that governs an action: the matching one with the highest precedence; among
+/// equals the most specific (an exact name over a pattern, a longer pattern over a shorter,
+/// one naming agents over one that does not), then the lower policy id, so the choice never
+/// depends on order. (The star used to count as a character: `payments.refund*` beat the
+/// exact `payments.refund` policy for a refund.)
 pub fn select<'a>(policies: &'a [Policy], action: &str, agent: &str) -> Option<&'a Policy> {
+    let rank = |p: &Policy| {
+        let prefix = p.action.strip_suffix('*');
+        (
+            p.precedence,
+            prefix.is_none(),
+            prefix.unwrap_or(&p.action).len(),
+            !p.agents.is_empty(),
+        )
+    };
     policies
         .iter()
         .filter(|p| matches(p, action, agent))
         .max_by(|a, b| {
-            (a.precedence, a.action.len(), !a.agents.is_empty())
-                .cmp(&(b.precedence, b.action.len(), !b.agents.is_empty()))
+            rank(a)
+                .cmp(&rank(b))
                 .then_with(|| b.policy_id.cmp(&a.policy_id))
         })
 }
@@ -192,6 +209,27 @@ mod tests {
         let mut no_timeout = policy("p", "x", 1, &[]);
         no_timeout.levels[0].timeout = None;
         assert!(validate(&no_timeout).is_err());
+        assert!(validate(&policy("p", "x", 3, &["ann", "ann", "bob"]))
+            .unwrap_err()
+            .contains("\"ann\" is named twice"));
+    }
+
+    #[test]
+    fn an_exact_name_beats_a_pattern_of_the_same_length() {
+        let exact = policy("exact", "payments.refund", 2, &["a", "b"]);
+        let mut status = policy("status", "payments.refund*", 1, &[]);
+        status.require_approval = false;
+        let both = [status.clone(), exact];
+        assert_eq!(
+            select(&both, "payments.refund", "bot").unwrap().policy_id,
+            "exact"
+        );
+        assert_eq!(
+            select(&both, "payments.refund_status", "bot")
+                .unwrap()
+                .policy_id,
+            "status"
+        );
     }
 
     #[test]
