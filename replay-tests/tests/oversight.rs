@@ -220,12 +220,20 @@ async fn one_deny_denies_and_answers_are_final(env: &Env) {
     answer(&mut c, "d-1", "ann", Decision::Approve)
         .await
         .unwrap();
-    // Ann again, even with another answer: nothing changes, no error.
-    let same = answer(&mut c, "d-1", "ann", Decision::Deny).await.unwrap();
+    // Ann again: the same answer changes nothing (a retry); another is refused, not shown
+    // as accepted.
+    let same = answer(&mut c, "d-1", "ann", Decision::Approve)
+        .await
+        .unwrap();
     assert_eq!(
         (same.state, same.responses.len()),
         (State::Pending as i32, 1)
     );
+    let e = answer(&mut c, "d-1", "ann", Decision::Deny)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("cannot be changed"), "{}", e.message());
     // Someone who is not an approver.
     let e = answer(&mut c, "d-1", "mallory", Decision::Approve)
         .await

@@ -317,9 +317,28 @@ pub fn respond(
     crate::text::check("approver", approver)
         .and_then(|()| crate::text::check("reason", reason))
         .map_err(Refusal::Invalid)?;
-    // Answering twice changes nothing, whatever happened since.
-    if agg.view.responses.iter().any(|r| r.approver == approver) {
+    // Answering twice changes nothing, whatever happened since; an answer is not changed
+    // either, and the caller is told so rather than shown success.
+    if let Some(earlier) = agg.view.responses.iter().find(|r| r.approver == approver) {
+        if earlier.decision != decision as i32 {
+            return Err(Refusal::Precondition(format!(
+                "{approver:?} already answered request {} ({}); an answer cannot be changed",
+                agg.view.request_id,
+                if earlier.decision == Decision::Approve as i32 {
+                    "approve"
+                } else {
+                    "deny"
+                }
+            )));
+        }
         return Ok(vec![]);
+    }
+    // An agent does not approve its own action, whatever roles its token carries.
+    if approver == agg.view.agent_id {
+        return Err(Refusal::NotAllowed(format!(
+            "{approver:?} asked for request {}; it cannot answer it",
+            agg.view.request_id
+        )));
     }
     if !agg.is_open() {
         return Err(Refusal::Precondition(format!(
@@ -340,11 +359,10 @@ pub fn respond(
     }
     let allowed = agg.allowed_approvers();
     if !allowed.is_empty() && !allowed.iter().any(|a| a == approver) {
+        // The approvers are not listed: whoever is refused need not learn who may answer.
         return Err(Refusal::NotAllowed(format!(
-            "{approver:?} is not an approver of request {} at level {} (approvers: {})",
-            agg.view.request_id,
-            agg.view.level,
-            allowed.join(", ")
+            "{approver:?} is not an approver of request {} at level {}",
+            agg.view.request_id, agg.view.level
         )));
     }
     let response = Response {
@@ -564,10 +582,14 @@ mod tests {
         let e = respond(&agg, "ann", Decision::Approve, "ok", 0, now).unwrap();
         assert_eq!(e.len(), 1);
         fold(&mut agg, &e);
-        // Ann again: a no-op, even with another decision.
-        assert!(respond(&agg, "ann", Decision::Deny, "", 0, now)
+        // Ann again: a no-op; with another decision, refused (an answer is not changed).
+        assert!(respond(&agg, "ann", Decision::Approve, "", 0, now)
             .unwrap()
             .is_empty());
+        assert!(matches!(
+            respond(&agg, "ann", Decision::Deny, "", 0, now),
+            Err(Refusal::Precondition(m)) if m.contains("cannot be changed")
+        ));
         assert!(matches!(
             respond(&agg, "mallory", Decision::Approve, "", 0, now),
             Err(Refusal::NotAllowed(_))
@@ -579,6 +601,24 @@ mod tests {
             respond(&agg, "cy", Decision::Deny, "", 0, now),
             Err(Refusal::Precondition(_))
         ));
+    }
+
+    #[test]
+    fn an_agent_does_not_answer_its_own_request() {
+        let now = Utc::now();
+        // Open to anyone with the approver role: the asking agent is still not anyone.
+        let p = policy(1, vec![level(&[], 60)], TimeoutAction::Deny);
+        let agg = request(&p, now);
+        assert!(matches!(
+            respond(&agg, "bot", Decision::Approve, "", 0, now),
+            Err(Refusal::NotAllowed(m)) if m.contains("cannot answer")
+        ));
+        assert_eq!(
+            respond(&agg, "ann", Decision::Approve, "", 0, now)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
