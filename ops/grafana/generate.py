@@ -252,7 +252,7 @@ def oversight():
     d.stat("Pending requests", f"sum({pending})", "short",
            "Waiting for a decision, all priorities")
     d.stat("Requests created / s", f"sum({rate('oversight_requests_total')})", "ops")
-    approved = sel('decision="approve"')
+    approved = sel('decision="approved"')
     d.stat("Approved share of responses (1h)",
            ratio(f"sum(increase(oversight_responses_total{approved}[1h]))",
                  f"sum(increase(oversight_responses_total{sel()}[1h]))"), "percentunit",

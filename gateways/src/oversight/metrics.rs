@@ -14,7 +14,7 @@ pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static RESPONSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "oversight_responses_total",
-        "Approver responses recorded, by decision and channel",
+        "Approver responses recorded, by decision (approved, denied) and channel",
         &["decision", "channel"]
     )
     .unwrap()

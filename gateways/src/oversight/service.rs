@@ -176,10 +176,11 @@ impl OversightGateway {
             })
             .await?;
         if after.view.responses.len() > answered {
+            // The runbook's approval rate selects decision="approved".
             let name = if decision == Decision::Approve {
-                "approve"
+                "approved"
             } else {
-                "deny"
+                "denied"
             };
             metrics::RESPONSES
                 .with_label_values(&[name, channel_name(channel)])
