@@ -284,6 +284,7 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
     // A void removes the event's quantity and count.
     let voided = void(env, &mut client, sub, "e2").await.unwrap();
     assert!(voided.voided);
+    assert_eq!(voided.issued_invoice, "", "no invoice holds it");
     let twice = void(env, &mut client, sub, "e2").await.unwrap();
     assert!(!twice.voided, "voiding twice is a no-op");
     assert_eq!(twice.sequence, voided.sequence);
@@ -479,8 +480,11 @@ async fn issued_invoices_never_change(env: &Env) {
         .invoices;
     assert_eq!(listed, vec![issued.clone()]);
 
-    // A later void changes usage, never the issued invoice.
-    assert!(void(env, &mut client, sub, "b2").await.unwrap().voided);
+    // A later void changes usage, never the issued invoice; the answer names that invoice,
+    // so the caller knows the bill did not change.
+    let voided = void(env, &mut client, sub, "b2").await.unwrap();
+    assert!(voided.voided);
+    assert_eq!(voided.issued_invoice, "INV-default-000001");
     assert_eq!(usage(&mut client, sub, start, end).await, 10.0);
     let after = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(after.document, issued.document);

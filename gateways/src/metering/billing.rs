@@ -190,6 +190,7 @@ pub async fn void_event(
     let (event_sequence, record) = gw
         .accepted_event(&tenant, &r.subscription_id, &r.event_id)
         .await?;
+    let billed = issued_invoice_holding(gw, &tenant, &r.subscription_id, record.time).await?;
     let billing = gw.read_model.billing();
     let state = billing
         .correction_state(&tenant, &r.subscription_id, &r.event_id)
@@ -206,6 +207,7 @@ pub async fn void_event(
         return Ok(Response::new(pb::VoidEventResponse {
             voided: false,
             sequence: earlier,
+            issued_invoice: billed,
         }));
     }
     let fact = CorrectionFact {
@@ -226,7 +228,25 @@ pub async fn void_event(
     Ok(Response::new(pb::VoidEventResponse {
         voided: !appended.is_duplicate(),
         sequence: appended.sequence(),
+        issued_invoice: billed,
     }))
+}
+
+/// The number of the issued invoice whose period holds an event at `time` ("" when none). A
+/// correction still applies to usage, but that invoice stays as issued: the caller must hear
+/// that the bill did not change.
+async fn issued_invoice_holding(
+    gw: &MeteringGateway,
+    tenant: &str,
+    subscription_id: &str,
+    time: DateTime<Utc>,
+) -> Result<String, Status> {
+    Ok(issued_of(gw, tenant, subscription_id)
+        .await?
+        .into_iter()
+        .find(|(d, _)| d.invoice.period.start <= time && time < d.invoice.period.end)
+        .and_then(|(d, _)| d.number)
+        .unwrap_or_default())
 }
 
 pub async fn amend_event(
@@ -310,9 +330,12 @@ pub async fn amend_event(
         reason: why,
         at: Utc::now(),
     };
+    let billed =
+        issued_invoice_holding(gw, &fact.tenant, &fact.subscription_id, fact.occurred_at).await?;
     let appended = gw.append_correction(&fact).await?;
     Ok(Response::new(pb::AmendEventResponse {
         sequence: appended.sequence(),
+        issued_invoice: billed,
     }))
 }
 
@@ -320,11 +343,13 @@ pub async fn amend_event(
 // Plans.
 
 fn dec(field: &str, s: &str) -> Result<Decimal, Status> {
-    Decimal::from_str(s.trim()).map_err(|_| {
+    let d = Decimal::from_str(s.trim()).map_err(|_| {
         Status::invalid_argument(format!(
             "{field}: {s:?} is not a decimal number; write it as a string such as \"0.002\""
         ))
-    })
+    })?;
+    // "-0" is zero: kept signed, its amounts printed as "-0.00" on invoices.
+    Ok(if d.is_zero() { d.abs() } else { d })
 }
 
 fn opt_dec(field: &str, s: &str) -> Result<Option<Decimal>, Status> {
@@ -537,10 +562,12 @@ pub async fn put_plan(
             created: false,
         })),
         _ => Err(Status::already_exists(format!(
-            "plan {} v{} is already defined with other content; a version is immutable: publish it as version {}",
+            "plan {} v{} is already defined with other content; a version is immutable: publish it as {}",
             plan.id,
             plan.version,
-            plan.version + 1
+            plan.version
+                .checked_add(1)
+                .map_or("a new plan id".to_string(), |v| format!("version {v}"))
         ))),
     }
 }
@@ -771,6 +798,21 @@ async fn issued_invoices(
         }
     }
     Ok(issued)
+}
+
+/// The subscription's issued invoices, as far as the log holds them now.
+async fn issued_of(
+    gw: &MeteringGateway,
+    tenant: &str,
+    subscription_id: &str,
+) -> Result<Vec<(InvoiceDocument, String)>, Status> {
+    let subject = gw.catalog.subject(&invoices_subject(tenant));
+    let last = gw
+        .log
+        .last_subject_sequence(&gw.stream(), &subject)
+        .await
+        .map_err(log_status)?;
+    issued_invoices(gw, tenant, subscription_id, &subject, last).await
 }
 
 /// An issued invoice of the subscription whose period overlaps `period` (and is not it) would
@@ -1006,13 +1048,24 @@ async fn generate(
     let grace_ends_at = end
         .checked_add_signed(grace.max(TimeDelta::zero()))
         .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    // Decided before the catch-up: every event the projector still accepts for the period
+    // (recorded before the grace period ends) is then in the log the catch-up waits for.
+    // Decided after it, an event accepted meanwhile was left out of an issued invoice.
+    let state = invoice_state(end, grace, Utc::now());
     gw.catch_up().await?;
-    match invoice_state(end, grace, Utc::now()) {
+    match state {
         InvoiceStatus::Issued => {
             let json = issue(gw, tenant, &r.subscription_id, period, grace_ends_at).await?;
             stored_to_proto(json)
         }
         InvoiceStatus::Draft => {
+            // Once issued, a period answers with its invoice, even if the late window has
+            // since been made longer; a draft overlapping an issued one could never be issued.
+            let issued = issued_of(gw, tenant, &r.subscription_id).await?;
+            if let Some((_, json)) = issued.iter().find(|(d, _)| d.invoice.period == period) {
+                return stored_to_proto(json.clone());
+            }
+            refuse_overlap(&issued, period)?;
             let invoice = compute(gw, tenant, &r.subscription_id, period).await?;
             let doc = InvoiceDocument {
                 number: None,
