@@ -66,6 +66,20 @@ impl Period {
             .checked_div(whole.micros()?)
             .ok_or(PricingError::Overflow)
     }
+
+    /// `amount × share`, multiplied before dividing: the share itself is cut at 28 digits
+    /// (1/30 is 0.0333…3), and 49.95 × that is 1.66499…, which rounds to 1.66 instead of the
+    /// 1.67 that 49.95 / 30 = 1.665 rounds to.
+    pub fn prorate(&self, amount: Decimal, whole: &Period) -> Result<Decimal, PricingError> {
+        let (part, whole_micros) = (self.micros()?, whole.micros()?);
+        match amount.checked_mul(part) {
+            Some(product) => product
+                .checked_div(whole_micros)
+                .ok_or(PricingError::Overflow),
+            // Too large to multiply first: the share's last digit no longer shows anyway.
+            None => mul(amount, self.share_of(whole)?),
+        }
+    }
 }
 
 /// From `effective_from` on (until the next assignment), the subscription is billed on `plan`.
@@ -182,6 +196,7 @@ pub fn price_period(
         let context = SegmentContext {
             plan,
             period: segment.period,
+            whole: period,
             share: segment.period.share_of(&period)?,
             partial: segment.period != period,
         };
@@ -228,6 +243,8 @@ fn usage_by_segment<'a>(
 struct SegmentContext<'a> {
     plan: &'a Plan,
     period: Period,
+    /// The billing period the segment is part of.
+    whole: Period,
     share: Decimal,
     /// Whether the segment is shorter than the period (descriptions then say when).
     partial: bool,
@@ -270,9 +287,10 @@ impl SegmentContext<'_> {
         // Flat fees are per period, so a segment pays its share; usage is already the
         // segment's own and is priced as is.
         let (amount, proration) = match charge.model {
-            ChargeModel::Flat { .. } if self.partial => {
-                (mul(price.amount, self.share)?, Some(self.share))
-            }
+            ChargeModel::Flat { .. } if self.partial => (
+                self.period.prorate(price.amount, &self.whole)?,
+                Some(self.share),
+            ),
             _ => (price.amount, None),
         };
         Ok(InvoiceLine {
@@ -320,7 +338,7 @@ impl SegmentContext<'_> {
         charged: Decimal,
     ) -> Result<Option<MinimumAdjustment>, PricingError> {
         let currency = self.plan.currency;
-        let prorated = currency.round(mul(minimum, self.share)?);
+        let prorated = currency.round(self.period.prorate(minimum, &self.whole)?);
         if charged >= prorated {
             return Ok(None);
         }
@@ -386,5 +404,30 @@ impl SegmentContext<'_> {
         }
         let at = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
         format!(", {} to {}", at(self.period.start), at(self.period.end))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn prorating_multiplies_before_it_divides() {
+        let at = |d| Utc.with_ymd_and_hms(2026, 11, d, 0, 0, 0).unwrap();
+        let whole =
+            Period::new(at(1), Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap()).unwrap();
+        let day = Period::new(at(1), at(2)).unwrap();
+        let fee = Decimal::from_str("49.95").unwrap();
+        // 49.95 / 30 = 1.665, half-up 1.67 (49.95 × 0.0333…3 was 1.66499…, 1.66).
+        let prorated = day.prorate(fee, &whole).unwrap();
+        assert_eq!(
+            prorated.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero),
+            Decimal::from_str("1.67").unwrap()
+        );
+        assert_eq!(whole.prorate(fee, &whole).unwrap(), fee);
     }
 }
