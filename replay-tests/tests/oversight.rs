@@ -26,6 +26,7 @@ creto_replay_tests::on_both_adapters!(
     a_slow_receiver_does_not_hold_back_other_announcements,
     a_request_has_a_bounded_number_of_watchers,
     every_escalation_is_announced,
+    a_request_with_an_undecodable_event_still_takes_answers,
 );
 
 fn level(approvers: &[&str], timeout: Duration) -> pb::Level {
@@ -1124,4 +1125,42 @@ async fn the_notifier_opens_its_consumer_again_when_it_is_gone() {
     );
     running.stop().await;
     env.drop().await;
+}
+
+/// An event on a request's subject that does not decode is skipped by the fold, but it is
+/// still the subject's last: the fold's copy kept the version before it, so every answer and
+/// timer conflicted with it for ever (ABORTED after the retries; the timer spun).
+async fn a_request_with_an_undecodable_event_still_takes_answers(env: &Env) {
+    use creto_streams::headers::{content_types, names};
+    let (running, _url, mut c) = start_with_policy(
+        env,
+        policy(
+            "deploys",
+            "deploy.*",
+            1,
+            vec![level(&["ann"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        ),
+    )
+    .await;
+    let asked = ask(&mut c, "d-garbled", "deploy.prod").await;
+    let version = asked.request.unwrap().version;
+    env.platform
+        .log
+        .append(creto_streams::AppendEvent {
+            subject: env.subject("oversight.requests.default.d-garbled"),
+            id: "garbled".into(),
+            expected_subject_sequence: Some(version),
+            headers: creto_streams::Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::TENANT, "default"),
+            payload: vec![0xff; 7].into(),
+        })
+        .await
+        .unwrap();
+    let approved = answer(&mut c, "d-garbled", "ann", Decision::Approve)
+        .await
+        .expect("the request takes answers after the undecodable event");
+    assert_eq!(approved.state, State::Approved as i32);
+    running.stop().await;
 }

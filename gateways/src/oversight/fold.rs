@@ -176,7 +176,13 @@ impl OversightView {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(sequence = event.sequence, error = %e, "undecodable oversight event skipped")
+                        tracing::error!(sequence = event.sequence, error = %e, "undecodable oversight event skipped");
+                        // Still the subject's last event: the next append to the request
+                        // expects it, or every answer and timer conflicts with it for ever.
+                        let key = (tenant.to_string(), id.to_string());
+                        if let Some(agg) = f.requests.get_mut(&key) {
+                            agg.view.version = event.sequence;
+                        }
                     }
                 },
                 "policies" => match pb::PolicyDefined::decode(event.payload.as_ref()) {
