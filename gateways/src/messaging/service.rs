@@ -327,12 +327,27 @@ impl MessagingGateway {
         key_usable(signing, now)?;
         let verifying = self.verifying_key(&signing.public_key)?;
 
-        let recipient = self
+        let to = &header.recipient_agent_id;
+        let mut recipient = self
             .directory
-            .agent_fresh(tenant, &header.recipient_agent_id, None)
+            .agent_fresh(tenant, to, None)
             .await
             .map_err(log_status)?
             .unwrap_or_default();
+        // A key registered a moment ago through another replica: read the log before saying
+        // it is not registered.
+        if let Some(missing) = header
+            .recipient_key_ids
+            .iter()
+            .find(|k| recipient.get(k).is_none())
+        {
+            recipient = self
+                .directory
+                .agent_fresh(tenant, to, Some(missing))
+                .await
+                .map_err(log_status)?
+                .unwrap_or_default();
+        }
         for key_id in &header.recipient_key_ids {
             match recipient
                 .get(key_id)
