@@ -1153,4 +1153,48 @@ creto_replay_tests::on_both_adapters!(
     a_sum_meter_adds_only_what_a_quantity_could_be,
     bad_input_is_invalid_argument_with_what_to_fix,
     a_rebuild_gives_the_same_usage_and_invoices,
+    a_plan_attached_again_after_another_is_in_force,
 );
+
+/// v1, then v2, then v1 again from the same hour: the last is a revert, in force. (Its id
+/// was the first's, so the log dropped it as a duplicate and answered OK with v2 in force.)
+/// Asking again for what is already in force is answered with the attachment there.
+async fn a_plan_attached_again_after_another_is_in_force(env: &Env) {
+    let (running, mut client) = env.start_metering(true).await;
+    let (sub, h) = ("sub_revert", this_hour());
+    put_plan(&mut client, calls_plan("pro", 1)).await;
+    put_plan(&mut client, calls_plan("pro", 2)).await;
+    let mut attach_seq = |version: u32| {
+        let mut client = client.clone();
+        async move {
+            client
+                .attach_plan(pb::AttachPlanRequest {
+                    subscription_id: sub.into(),
+                    plan_id: "pro".into(),
+                    version,
+                    effective_from: ts(h - Ch::days(1)),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .sequence
+        }
+    };
+    let first = attach_seq(1).await;
+    let second = attach_seq(2).await;
+    let reverted = attach_seq(1).await;
+    assert!(
+        first < second && second < reverted,
+        "{first} {second} {reverted}"
+    );
+    assert_eq!(attach_seq(1).await, reverted, "a retry stores nothing new");
+    let draft = generate(&mut client, sub, h, h + Ch::hours(1))
+        .await
+        .unwrap();
+    assert!(
+        draft.lines.iter().all(|l| l.plan_version == 1),
+        "{:?}",
+        draft.lines
+    );
+    running.stop().await;
+}

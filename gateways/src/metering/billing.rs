@@ -604,12 +604,34 @@ pub async fn attach_plan(
         plan: plan_ref,
         effective_from,
     };
+    let subject = gw
+        .catalog
+        .subject(&attachments_subject(&tenant, &r.subscription_id));
+    // The id dedupes a retried call, so it names the attachment it follows: v1, v2, then v1
+    // again at the same time is a revert, not a retry of the first (the log dropped it as a
+    // duplicate within its window and answered OK while v2 stayed in force). A call that
+    // asks for what the last attachment already says is answered with it.
+    let after = gw
+        .log
+        .last_subject_sequence(&gw.stream(), &subject)
+        .await
+        .map_err(log_status)?;
+    if after > 0 {
+        let last = gw.log.get(&gw.stream(), after).await.map_err(log_status)?;
+        let same = last
+            .as_ref()
+            .and_then(open_json)
+            .and_then(|(_, json)| serde_json::from_slice::<PlanAttached>(&json).ok())
+            .is_some_and(|a| a == attached);
+        if same {
+            return Ok(Response::new(pb::AttachPlanResponse { sequence: after }));
+        }
+    }
     let append = seal_json(
-        gw.catalog
-            .subject(&attachments_subject(&tenant, &r.subscription_id)),
+        subject,
         EventMeta {
             id: format!(
-                "attach:{tenant}:{}:{}:{}:{}",
+                "attach:{tenant}:{}:{}:{}:{}:{after}",
                 r.subscription_id,
                 effective_from.timestamp(),
                 r.plan_id,
