@@ -349,11 +349,20 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
     let env = Env::new().await;
     let (running, mut client) = env.start_metering(true).await;
 
+    // Within a minute of the window's ends: the projector checks again by the log's clock,
+    // and could refuse what was answered ACCEPTED here; refused here instead.
+    let at = |id: &str, time: chrono::DateTime<Utc>| {
+        let mut e = grpc_event(id, "sub_g", 1.0);
+        e.time = Some(ts(time));
+        e
+    };
     let batch = vec![
         grpc_event("g1", "sub_g", 10.0),
         grpc_event("g1", "sub_g", 10.0),
         grpc_event("g2", "sub_g", -1.0),
         grpc_event("g3", "sub_g", f64::NAN),
+        at("g4", Utc::now() - Ch::days(7) + Ch::seconds(30)),
+        at("g5", Utc::now() + Ch::minutes(5) - Ch::seconds(30)),
     ];
     let r = client
         .ingest_events(pb::IngestEventsRequest { events: batch })
@@ -368,11 +377,28 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
             Accepted as i32,
             Duplicate as i32,
             Rejected as i32,
+            Rejected as i32,
+            Rejected as i32,
             Rejected as i32
         ]
     );
     assert!(r.results[2].reason.starts_with("quantity_negative"));
     assert!(r.results[3].reason.starts_with("quantity_not_finite"));
+    assert!(
+        r.results[4].reason.starts_with("time_too_old"),
+        "{}",
+        r.results[4].reason
+    );
+    assert!(
+        r.results[4].reason.contains("within 60 s"),
+        "{}",
+        r.results[4].reason
+    );
+    assert!(
+        r.results[5].reason.starts_with("time_in_future"),
+        "{}",
+        r.results[5].reason
+    );
     assert_eq!(r.results[1].sequence, r.results[0].sequence);
 
     // Read your writes: the query waits for the returned sequence.

@@ -22,7 +22,47 @@ pub fn validate(
     size: usize,
     limits: &IngestLimits,
 ) -> Result<UsageRecord, Invalid> {
-    raw.and_then(|raw| metering::event::validate(raw, None, now, size, limits))
+    let record = raw.and_then(|raw| metering::event::validate(raw, None, now, size, limits))?;
+    clear_of_the_window_edges(&record, now, limits)?;
+    Ok(record)
+}
+
+/// How close to either end of the time window this side refuses an event itself.
+pub const WINDOW_EDGE: chrono::Duration = chrono::Duration::seconds(60);
+
+/// The projector checks the time window again against the log's clock (`recorded_at`: later,
+/// and another machine's): an event this side let through within moments of an edge could be
+/// refused there after the caller was answered ACCEPTED, and never billed. So the edges
+/// themselves are refused here, with what to do.
+fn clear_of_the_window_edges(
+    record: &UsageRecord,
+    now: DateTime<Utc>,
+    limits: &IngestLimits,
+) -> Result<(), Invalid> {
+    let edge = |what: &str| {
+        Invalid {
+        reason: if what == "late" {
+            metering::InvalidReason::TimeTooOld
+        } else {
+            metering::InvalidReason::TimeInFuture
+        },
+        detail: format!(
+            "`time` {} is within {} s of the {what} end of the accepted window ({} h back, {} s ahead): \
+             the log's clock decides there; send it with a time clear of the edge",
+            record.time,
+            WINDOW_EDGE.num_seconds(),
+            limits.late_window.num_hours(),
+            limits.max_future.num_seconds()
+        ),
+    }
+    };
+    if record.time < now - limits.late_window + WINDOW_EDGE {
+        return Err(edge("late"));
+    }
+    if record.time > now + limits.max_future - WINDOW_EDGE {
+        return Err(edge("future"));
+    }
+    Ok(())
 }
 
 /// A valid event ready to append.
