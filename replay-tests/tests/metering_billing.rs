@@ -1164,7 +1164,7 @@ async fn a_plan_attached_again_after_another_is_in_force(env: &Env) {
     let (sub, h) = ("sub_revert", this_hour());
     put_plan(&mut client, calls_plan("pro", 1)).await;
     put_plan(&mut client, calls_plan("pro", 2)).await;
-    let mut attach_seq = |version: u32| {
+    let attach_seq = |version: u32| {
         let mut client = client.clone();
         async move {
             client
