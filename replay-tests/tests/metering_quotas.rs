@@ -37,6 +37,7 @@ creto_replay_tests::on_both_adapters!(
     corrections_change_usage_against_the_quota,
     a_replica_warms_from_the_cache_counters,
     an_event_stamped_in_the_next_period_counts_in_this_one,
+    periods_without_an_anchor_start_at_local_midnight,
 );
 
 fn sub(name: &str) -> String {
@@ -1026,4 +1027,24 @@ async fn the_quota_book_warms_when_the_streams_last_event_was_removed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     env.drop().await;
+}
+
+/// Without an anchor, a day in New York starts at its midnight (it used to start at 19:00,
+/// the Unix epoch's local time there).
+async fn periods_without_an_anchor_start_at_local_midnight(env: &Env) {
+    use chrono::{TimeZone, Timelike};
+    let (running, mut client) = env.start_metering(false).await;
+    let s = sub("ny");
+    let mut req = set_quota(&s, "10", true, &[]);
+    req.period = Some(pb::QuotaPeriod {
+        kind: pb::QuotaPeriodKind::PeriodDay as i32,
+        anchor: None,
+        time_zone: "America/New_York".into(),
+    });
+    let seq = client.set_quota(req).await.unwrap().into_inner().sequence;
+    let c = check(&mut client, &s, 1.0, seq).await.unwrap();
+    let start = chrono::DateTime::from_timestamp(c.period_start.unwrap().seconds, 0).unwrap();
+    let local = chrono_tz::America::New_York.from_utc_datetime(&start.naive_utc());
+    assert_eq!((local.hour(), local.minute()), (0, 0), "{local}");
+    running.stop().await;
 }

@@ -95,7 +95,6 @@ fn period_from_proto(p: Option<&pb::QuotaPeriod>) -> Result<Period, Status> {
             "`period.kind` must be PERIOD_HOUR, PERIOD_DAY, PERIOD_MONTH or PERIOD_CALENDAR_MONTH",
         )),
     };
-    let anchor = time(&p.anchor, "period.anchor")?.unwrap_or(DateTime::UNIX_EPOCH);
     let tz: Tz = if p.time_zone.is_empty() {
         Tz::UTC
     } else {
@@ -106,6 +105,16 @@ fn period_from_proto(p: Option<&pb::QuotaPeriod>) -> Result<Period, Status> {
             ))
         })?
     };
+    // Default: local midnight on a 1st in the quota's zone. (The Unix epoch was the default:
+    // west of UTC it is the evening of 31 December, so days reset in the evening and calendar
+    // months began on the 31st.)
+    let local_first = || {
+        use chrono::TimeZone;
+        tz.with_ymd_and_hms(2000, 1, 1, 0, 0, 0)
+            .earliest()
+            .map_or(DateTime::UNIX_EPOCH, |t| t.with_timezone(&Utc))
+    };
+    let anchor = time(&p.anchor, "period.anchor")?.unwrap_or_else(local_first);
     Ok(Period::new(kind, anchor, tz))
 }
 
