@@ -312,6 +312,11 @@ try:
     print('DNS', socket.getaddrinfo('blocked.example.com', 80))
 except socket.gaierror as e:
     print('DNS ERR')
+try:
+    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    print('VSOCK opened')
+except OSError as e:
+    print('VSOCK ERR', e.errno)
 "#;
 
 async fn connect(sb: &Arc<dyn Sandbox>, addr: SocketAddr) -> String {
@@ -378,6 +383,13 @@ async fn egress_is_denied_by_default_and_allowed_when_the_policy_says_so() {
     );
     assert!(r.stdout.contains("UDP ERR"), "{} {}", r.stdout, r.stderr);
     assert!(r.stdout.contains("DNS ERR"), "{} {}", r.stdout, r.stderr);
+    // vsock, not network-namespaced, is refused by the filter (EPERM), whatever the host has.
+    assert!(
+        r.stdout.contains("VSOCK ERR 1\n"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
     let mut denied = Vec::new();
     while let Ok(a) = attempts.try_recv() {
         assert!(!a.allowed, "{a:?}");

@@ -258,6 +258,10 @@ impl BwrapSandbox {
                 "--unshare-ipc",
                 "--unshare-uts",
                 "--unshare-cgroup-try",
+                // As root (the fallback without user namespaces) bwrap keeps every capability
+                // unless told otherwise.
+                "--cap-drop",
+                "ALL",
                 "--new-session",
                 "--die-with-parent",
                 "--hostname",

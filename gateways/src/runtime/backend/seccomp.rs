@@ -191,6 +191,18 @@ pub fn compile() -> Result<SeccompProgram, BackendError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
+    // vsock is not network-namespaced: on a VM host (or the Kata node pool the manifests
+    // suggest) it reaches the host's agents past the egress proxy and nft rules alike.
+    for nr in [libc::SYS_socket, libc::SYS_socketpair] {
+        let vsock = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_VSOCK as u64,
+        )
+        .map_err(fail)?;
+        rules.insert(nr, vec![SeccompRule::new(vec![vsock]).map_err(fail)?]);
+    }
     // personality(p) is refused unless p is one of these (conditions of a rule are ANDed).
     let personality_ok: [u64; 5] = [0x0, 0x8, 0x20000, 0x20008, 0xffff_ffff];
     let conditions = personality_ok
@@ -296,6 +308,11 @@ mod tests {
         assert_eq!(run(ins, arch, libc::SYS_bpf, [0; 6]), eperm);
         assert_eq!(run(ins, arch, libc::SYS_ptrace, [0; 6]), eperm);
         assert_eq!(run(ins, arch, libc::SYS_clone3, [0; 6]), enosys);
+        let socket = |nr, family: i32| run(ins, arch, nr, [family as u64, 1, 0, 0, 0, 0]);
+        assert_eq!(socket(libc::SYS_socket, libc::AF_VSOCK), eperm);
+        assert_eq!(socket(libc::SYS_socketpair, libc::AF_VSOCK), eperm);
+        assert_eq!(socket(libc::SYS_socket, libc::AF_INET), allow);
+        assert_eq!(socket(libc::SYS_socket, libc::AF_UNIX), allow);
         let personality = |p: u64| run(ins, arch, libc::SYS_personality, [p, 0, 0, 0, 0, 0]);
         assert_eq!(personality(0xffff_ffff), allow);
         assert_eq!(personality(0), allow);
