@@ -58,7 +58,13 @@ pub const DEFAULT_PLATFORM_DENY: &[&str] = &[
     "172.16.0.0/12",
     "192.168.0.0/16",
     "224.0.0.0/3",
+    // Azure's WireServer (host agent and metadata), outside the link-local range.
+    "168.63.129.16/32",
     "::/127",
+    // NAT64 (well-known and local-use prefixes): the gateway translates to the IPv4 inside,
+    // internal networks included, past the IPv4 entries above.
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
     "fc00::/7",
     "fe80::/10",
     "ff00::/8",
@@ -601,6 +607,9 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "255.255.255.255",
+            "168.63.129.16",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a00:1",
         ] {
             let ip: IpAddr = inside.parse().unwrap();
             assert!(deny.decide(ip, 80, no_dns).allowed, "{inside} not denied");
