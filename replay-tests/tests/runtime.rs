@@ -34,6 +34,7 @@ creto_replay_tests::on_both_adapters!(
     bad_input_gets_clear_statuses,
     a_tenant_has_a_bounded_number_of_live_sandboxes,
     a_replica_keeps_its_sandboxes_within_its_memory_budget,
+    a_replica_keeps_its_sandboxes_within_its_disk_budget,
 );
 
 /// A directory the unprivileged sandbox user can traverse to reach its layer.
@@ -1158,6 +1159,42 @@ async fn a_replica_keeps_its_sandboxes_within_its_memory_budget(env: &Env) {
     });
     create(&mut c, small).await;
     // An ended sandbox gives its memory back.
+    c.terminate_sandbox(pb::TerminateSandboxRequest {
+        sandbox_id: first.sandbox_id,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        create(&mut c, create_request()).await.state,
+        pb::State::Ready as i32
+    );
+    running.stop().await;
+}
+
+/// The disk images are sparse: RUNTIME_DISK_BUDGET_MB bounds what a replica's sandboxes ask
+/// for together, or together they could fill the volume (and get the pod evicted).
+async fn a_replica_keeps_its_sandboxes_within_its_disk_budget(env: &Env) {
+    let dir = sandbox_dir();
+    let limits = creto_domain::runtime::sandbox::RuntimeLimits {
+        replica_disk_mb: Some(1500),
+        ..Default::default()
+    };
+    let (running, url) = env.start_runtime_limited(dir.path(), limits).await;
+    let mut c = client(&url).await;
+    // 1024 MB by default: one fits, a second does not, a smaller one does.
+    let first = create(&mut c, create_request()).await;
+    let err = c.create_sandbox(create_request()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("RUNTIME_DISK_BUDGET_MB") && err.message().contains("1024 MB of"),
+        "{err:?}"
+    );
+    let mut small = create_request();
+    small.resources = Some(pb::Resources {
+        disk_mb: 256,
+        ..Default::default()
+    });
+    create(&mut c, small).await;
     c.terminate_sandbox(pb::TerminateSandboxRequest {
         sandbox_id: first.sandbox_id,
     })

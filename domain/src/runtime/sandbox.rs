@@ -33,6 +33,10 @@ pub struct RuntimeLimits {
     /// included; None: no bound. Sandboxes' cgroups sit inside the replica's, so past its
     /// memory the kernel kills in the replica, the gateway included.
     pub replica_memory_mb: Option<u64>,
+    /// The disk (MB) the live sandboxes of one replica may ask for together, warm ones
+    /// included; None: no bound. Their images are sparse: without a bound they can fill the
+    /// volume together, whatever each one's own limit.
+    pub replica_disk_mb: Option<u64>,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub default_exec_timeout: Duration,
@@ -56,6 +60,7 @@ impl Default for RuntimeLimits {
             max_disk_mb: 64 * 1024,
             max_live_per_tenant: 100,
             replica_memory_mb: None,
+            replica_disk_mb: None,
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
             default_exec_timeout: Duration::from_secs(60),

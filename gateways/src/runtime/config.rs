@@ -26,7 +26,8 @@ pub struct RuntimeConfig {
     /// created on first start.
     pub attestation_key: Option<PathBuf>,
     /// `RUNTIME_MAX_SANDBOXES_PER_TENANT` sets `max_live_per_tenant` (default 100);
-    /// `RUNTIME_MEMORY_BUDGET_MB` sets `replica_memory_mb` (default none: no bound).
+    /// `RUNTIME_MEMORY_BUDGET_MB` sets `replica_memory_mb`, `RUNTIME_DISK_BUDGET_MB`
+    /// `replica_disk_mb` (default none: no bound).
     pub limits: RuntimeLimits,
     /// `RUNTIME_EGRESS_DENY`: networks no sandbox reaches, comma-separated (`none`: no such
     /// list); default the host's and internal networks (`DEFAULT_PLATFORM_DENY`).
@@ -115,6 +116,21 @@ impl RuntimeConfig {
                             .ok_or_else(|| {
                                 RuntimeConfigError(format!(
                                     "RUNTIME_MEMORY_BUDGET_MB {v:?}: a number of MB, at least 16 (the replica's memory less the gateway's), or none"
+                                ))
+                            })?,
+                    ),
+                },
+                replica_disk_mb: match var("RUNTIME_DISK_BUDGET_MB") {
+                    None => None,
+                    Some(v) if v.trim() == "none" => None,
+                    Some(v) => Some(
+                        v.trim()
+                            .parse()
+                            .ok()
+                            .filter(|n| *n >= 16)
+                            .ok_or_else(|| {
+                                RuntimeConfigError(format!(
+                                    "RUNTIME_DISK_BUDGET_MB {v:?}: a number of MB, at least 16 (the runtime volume's size less some room), or none"
                                 ))
                             })?,
                     ),

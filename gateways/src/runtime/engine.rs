@@ -61,19 +61,24 @@ impl Drop for Admitted<'_> {
     }
 }
 
-/// Memory reserved by [`Runtime::reserve_memory`]; given back when dropped.
-struct MemoryReserved<'a> {
-    runtime: &'a Runtime,
+/// Memory and disk (MB) of the sandboxes being provisioned on a replica.
+#[derive(Default, Clone, Copy)]
+struct Provisioning {
     memory_mb: u64,
+    disk_mb: u64,
 }
 
-impl Drop for MemoryReserved<'_> {
+/// Room reserved by [`Runtime::reserve`]; given back when dropped.
+struct Reserved<'a> {
+    runtime: &'a Runtime,
+    room: Provisioning,
+}
+
+impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        *self
-            .runtime
-            .provisioning_mb
-            .lock()
-            .expect("provisioning lock") -= self.memory_mb;
+        let mut p = self.runtime.provisioning.lock().expect("provisioning lock");
+        p.memory_mb -= self.room.memory_mb;
+        p.disk_mb -= self.room.disk_mb;
     }
 }
 
@@ -101,9 +106,9 @@ pub struct Runtime {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Tenant → its sandboxes being created on this replica (not in the view yet).
     creating: Mutex<HashMap<String, usize>>,
-    /// Memory (MB) of the sandboxes being provisioned here, counted against
-    /// `replica_memory_mb` until they are in the view.
-    provisioning_mb: Mutex<u64>,
+    /// Memory and disk of the sandboxes being provisioned here, counted against
+    /// `replica_memory_mb` and `replica_disk_mb` until they are in the view.
+    provisioning: Mutex<Provisioning>,
     /// Checkpoint archives in memory at once ([`ARCHIVES_AT_ONCE`]).
     archives: Arc<Semaphore>,
     /// Template → ids of warm sandboxes ready to be claimed, oldest first.
@@ -210,7 +215,7 @@ impl Runtime {
             archive,
             live: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
-            provisioning_mb: Mutex::new(0),
+            provisioning: Mutex::new(Provisioning::default()),
             archives: Arc::new(Semaphore::new(ARCHIVES_AT_ONCE)),
             pool: Mutex::new(HashMap::new()),
             pool_wanted: Notify::new(),
@@ -331,26 +336,52 @@ impl Runtime {
         })
     }
 
-    /// Room in this replica's memory budget for a sandbox of `memory_mb`, held while it is
-    /// provisioned (until it is in the view, which then counts it).
-    fn reserve_memory(&self, memory_mb: u64) -> Result<MemoryReserved<'_>, RuntimeError> {
-        let Some(budget) = self.settings.limits.replica_memory_mb else {
-            return Ok(MemoryReserved {
-                runtime: self,
-                memory_mb: 0,
-            });
-        };
-        let mut provisioning = self.provisioning_mb.lock().expect("provisioning lock");
-        let used = self.view.memory_on_node() + *provisioning;
-        if used + memory_mb > budget {
-            return Err(RuntimeError::Exhausted(format!(
-                "this runtime replica's sandboxes hold {used} MB of its {budget} MB                  (RUNTIME_MEMORY_BUDGET_MB): ask for less than {memory_mb} MB in                  resources.memory_mb, retry (another replica may have room), or end a sandbox"
-            )));
+    /// Room in this replica's memory and disk budgets for a sandbox of `resources`, held
+    /// while it is provisioned (until it is in the view, which then counts it).
+    fn reserve(&self, resources: &pb::Resources) -> Result<Reserved<'_>, RuntimeError> {
+        let limits = &self.settings.limits;
+        let mut provisioning = self.provisioning.lock().expect("provisioning lock");
+        if let Some(budget) = limits.replica_memory_mb {
+            let used = self.view.memory_on_node() + provisioning.memory_mb;
+            if used + resources.memory_mb > budget {
+                return Err(RuntimeError::Exhausted(format!(
+                    "this runtime replica's sandboxes hold {used} MB of its {budget} MB of memory \
+                     (RUNTIME_MEMORY_BUDGET_MB): ask for less than {} MB in resources.memory_mb, \
+                     retry (another replica may have room), or end a sandbox",
+                    resources.memory_mb
+                )));
+            }
         }
-        *provisioning += memory_mb;
-        Ok(MemoryReserved {
+        // Disk images are sparse: nothing else stops sandboxes together from filling the
+        // volume (and, in Kubernetes, getting the pod and all its sandboxes evicted).
+        if let Some(budget) = limits.replica_disk_mb {
+            let used = self.view.disk_on_node() + provisioning.disk_mb;
+            if used + resources.disk_mb > budget {
+                return Err(RuntimeError::Exhausted(format!(
+                    "this runtime replica's sandboxes hold {used} MB of its {budget} MB of disk \
+                     (RUNTIME_DISK_BUDGET_MB): ask for less than {} MB in resources.disk_mb, \
+                     retry (another replica may have room), or end a sandbox",
+                    resources.disk_mb
+                )));
+            }
+        }
+        let room = Provisioning {
+            memory_mb: if limits.replica_memory_mb.is_some() {
+                resources.memory_mb
+            } else {
+                0
+            },
+            disk_mb: if limits.replica_disk_mb.is_some() {
+                resources.disk_mb
+            } else {
+                0
+            },
+        };
+        provisioning.memory_mb += room.memory_mb;
+        provisioning.disk_mb += room.disk_mb;
+        Ok(Reserved {
             runtime: self,
-            memory_mb,
+            room,
         })
     }
 
@@ -432,7 +463,7 @@ impl Runtime {
         started: Instant,
     ) -> Result<pb::Sandbox, RuntimeError> {
         let template = self.template(&template_name)?;
-        let _memory = self.reserve_memory(resources.memory_mb)?;
+        let _room = self.reserve(&resources)?;
         let id = format!("sb-{}", uuid::Uuid::new_v4().simple());
         let pool = new.is_none();
         let egress = new.as_ref().map(|n| n.egress.clone()).unwrap_or_default();

@@ -130,13 +130,22 @@ impl RuntimeView {
 
     /// The memory (MB) the live sandboxes of this replica asked for, warm ones included.
     pub fn memory_on_node(&self) -> u64 {
+        self.on_node(|r| r.memory_mb)
+    }
+
+    /// The disk (MB) the live sandboxes of this replica asked for, warm ones included.
+    pub fn disk_on_node(&self) -> u64 {
+        self.on_node(|r| r.disk_mb)
+    }
+
+    fn on_node(&self, of: impl Fn(&pb::Resources) -> u64) -> u64 {
         self.folded
             .read()
             .expect("fold lock")
             .sandboxes
             .values()
             .filter(|a| a.view.node == self.node && a.is_live())
-            .map(|a| a.view.resources.as_ref().map_or(0, |r| r.memory_mb))
+            .map(|a| a.view.resources.as_ref().map_or(0, &of))
             .sum()
     }
 
