@@ -179,7 +179,10 @@ pub async fn run(
     let spec = ConsumerSpec {
         filter_subject: Some(catalog.subject("metering.thresholds.>")),
         ack: AckMode::Each,
-        max_deliver: 50,
+        // A naked crossing comes back every 30 s (after its own attempts): about a day of
+        // receiver outage before it is dead-lettered (max_deliveries; DeadLettersGrowing
+        // pages). 50 gave up after well under an hour.
+        max_deliver: 2_880,
         // Longer than all attempts of one delivery together.
         ack_wait: Duration::from_secs(300),
         // Every crossing ever appended is delivered once, including those appended before
@@ -236,7 +239,13 @@ pub async fn run(
                     let _ = d.ack().await;
                 }
                 Err(e) => {
-                    let _ = d.nak(Duration::from_secs(30), &e).await;
+                    let naked = d.nak(Duration::from_secs(30), &e).await;
+                    if matches!(naked, Ok(creto_streams::NakOutcome::DeadLettered)) {
+                        // Counted like the projectors' dead letters: DeadLettersGrowing pages.
+                        creto_projections::metrics::DEADLETTERS
+                            .with_label_values(&[METERING, "max_deliveries"])
+                            .inc();
+                    }
                 }
             }
         }
