@@ -367,6 +367,14 @@ async fn oversight_tenants_are_isolated(env: &Env) {
     assert_eq!(before.state(), oversight::State::Pending);
     assert_eq!(before.approvers, vec!["alice".to_string()]);
 
+    // An approver asks only as itself: asking as another agent, then answering, would approve
+    // its own action under that agent's name.
+    let mut two_hats = client(A, "mallory", &["agent", "approver"]);
+    let mut ask = approval_ask("req-2");
+    ask.agent_id = "someone-else".into();
+    let e = two_hats.create_request(ask).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
     // B on A's ids: nothing.
     let mut covered =
         run_matrix("oversight", oversight_probes(&b, &b_agent, &b_approver, id)).await;

@@ -48,6 +48,19 @@ fn check_agent(caller: &Identity, agent_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Who may ask for approval as `agent_id`: that agent, or an operator. An approver reads
+/// every request of its tenant (check_agent) but asks only as itself: asking as another agent
+/// and then answering would approve its own action under that agent's name.
+fn check_asker(caller: &Identity, agent_id: &str) -> Result<(), Status> {
+    if is_operator(caller) || caller.subject == agent_id {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "this token asks for approval as {:?}, not {agent_id:?}",
+        caller.subject
+    )))
+}
+
 fn refusal(r: Refusal) -> Status {
     match r {
         Refusal::Invalid(m) => Status::invalid_argument(m),
@@ -158,7 +171,7 @@ fn agg_id(agg: &Aggregate, events: &[pb::RequestEvent]) -> String {
 
 impl OversightGateway {
     /// Records `approver`'s answer (the gRPC method, the approval page and signed links all
-    /// come here once they know who answers). A second answer of the same approver is a no-op.
+    /// come here once they know who answers). The same answer again is a no-op; another answer is refused.
     pub async fn respond_as(
         &self,
         tenant: &str,
@@ -305,7 +318,7 @@ impl OversightService for OversightGateway {
     ) -> Result<Response<pb::CreateRequestResponse>, Status> {
         let caller = crate::auth::layer::caller(&request)?.clone();
         let cmd = request.into_inner();
-        check_agent(&caller, &cmd.agent_id)?;
+        check_asker(&caller, &cmd.agent_id)?;
         let tenant = caller.tenant;
         for _ in 0..5 {
             policy::check_id("request_id", &cmd.request_id).map_err(Status::invalid_argument)?;
