@@ -536,12 +536,14 @@ impl RuntimeService for RuntimeGateway {
             Status::failed_precondition("no object storage is configured for checkpoints")
         })?;
         let live = self.running(&caller, &id).await?;
+        // Held until the archive is stored; taken before the sandbox's lock, so waiting for it
+        // does not hold up the sandbox's other commands. Waited for here, not in the task: a
+        // caller that gives up while queued leaves no checkpoint to be taken later.
+        let turn = self.runtime.archive_turn().await;
         let (runtime, tenant) = (self.runtime.clone(), caller.tenant);
         // To its end once begun: an archive stored but not recorded is storage nobody finds.
         to_completion(async move {
-            // Held until the archive is stored; taken before the sandbox's lock, so waiting for
-            // it does not hold up the sandbox's other commands.
-            let _turn = runtime.archive_turn().await;
+            let _turn = turn;
             let mut agg = live.agg.lock().await;
             agg.require_ready().map_err(invalid)?;
             let body = live.handle.checkpoint().await.map_err(|e| match e {

@@ -392,6 +392,8 @@ impl Sandbox for BwrapSandbox {
         out: mpsc::Sender<ExecChunk>,
     ) -> Result<ExecOutcome, BackendError> {
         req.validate()?;
+        // Until the command is in the sandbox's cgroup (see HostSandbox::spawning).
+        let spawning = self.host.spawning.read().unwrap_or_else(|e| e.into_inner());
         self.host.check_live()?;
         let n = self.host.exec_seq.fetch_add(1, Ordering::Relaxed);
         let exec_cg = self.host.cgroups.exec_group(n)?;
@@ -464,7 +466,9 @@ impl Sandbox for BwrapSandbox {
             });
         }
         let started = Instant::now();
-        let mut child = match cmd.spawn() {
+        let spawned = cmd.spawn();
+        drop(spawning);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 exec_cg.kill(KILL_WAIT);

@@ -211,6 +211,12 @@ pub(crate) struct HostSandbox {
     pub layer: Layer,
     pub proxy: EgressProxy,
     pub terminated: AtomicBool,
+    /// Held (read) by a bwrap exec from its liveness check until its command is spawned into
+    /// the sandbox's cgroup, and (write) by terminate while it marks the sandbox ended: a
+    /// command is either refused or in the cgroup when terminate kills it. (Checked apart, a
+    /// command spawned just after the kill outlived its sandbox and kept its cgroup from
+    /// removal.) runsc starts its container after its spawn returns: not covered there.
+    pub spawning: std::sync::RwLock<()>,
     pub exec_seq: AtomicU64,
 }
 
@@ -318,6 +324,7 @@ impl HostSandbox {
             layer,
             proxy,
             terminated: AtomicBool::new(false),
+            spawning: std::sync::RwLock::new(()),
             exec_seq: AtomicU64::new(0),
         })
     }
@@ -350,7 +357,11 @@ impl HostSandbox {
 
     /// Kills every process and removes cgroups, namespace name and layer. Idempotent.
     pub async fn terminate(&self) -> Result<(), BackendError> {
-        if self.terminated.swap(true, Ordering::SeqCst) {
+        let already = {
+            let _no_spawn = self.spawning.write().unwrap_or_else(|e| e.into_inner());
+            self.terminated.swap(true, Ordering::SeqCst)
+        };
+        if already {
             return Ok(());
         }
         let cgroups = self.cgroups.clone();
