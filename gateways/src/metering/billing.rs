@@ -610,46 +610,56 @@ pub async fn attach_plan(
     // The id dedupes a retried call, so it names the attachment it follows: v1, v2, then v1
     // again at the same time is a revert, not a retry of the first (the log dropped it as a
     // duplicate within its window and answered OK while v2 stayed in force). A call that
-    // asks for what the last attachment already says is answered with it.
-    let after = gw
-        .log
-        .last_subject_sequence(&gw.stream(), &subject)
-        .await
-        .map_err(log_status)?;
-    if after > 0 {
-        let last = gw.log.get(&gw.stream(), after).await.map_err(log_status)?;
-        let same = last
-            .as_ref()
-            .and_then(open_json)
-            .and_then(|(_, json)| serde_json::from_slice::<PlanAttached>(&json).ok())
-            .is_some_and(|a| a == attached);
-        if same {
-            return Ok(Response::new(pb::AttachPlanResponse { sequence: after }));
+    // asks for what the last attachment already says is answered with it; the append expects
+    // that last attachment, so a concurrent one makes this call look again.
+    for _ in 0..5 {
+        let after = gw
+            .log
+            .last_subject_sequence(&gw.stream(), &subject)
+            .await
+            .map_err(log_status)?;
+        if after > 0 {
+            let last = gw.log.get(&gw.stream(), after).await.map_err(log_status)?;
+            let same = last
+                .as_ref()
+                .and_then(open_json)
+                .and_then(|(_, json)| serde_json::from_slice::<PlanAttached>(&json).ok())
+                .is_some_and(|a| a == attached);
+            if same {
+                return Ok(Response::new(pb::AttachPlanResponse { sequence: after }));
+            }
+        }
+        let mut append = seal_json(
+            subject.clone(),
+            EventMeta {
+                id: format!(
+                    "attach:{tenant}:{}:{}:{}:{}:{after}",
+                    r.subscription_id,
+                    effective_from.timestamp(),
+                    r.plan_id,
+                    r.version
+                ),
+                event_type: billing::PLAN_ATTACHED.into(),
+                schema_version: 1,
+                tenant: tenant.clone(),
+                ..Default::default()
+            },
+            serde_json::to_vec(&attached).map_err(|e| Status::internal(e.to_string()))?,
+        );
+        append.expected_subject_sequence = Some(after);
+        match telemetry::append(&*gw.log, "metering.subscriptions", append).await {
+            Ok(appended) => {
+                return Ok(Response::new(pb::AttachPlanResponse {
+                    sequence: appended.sequence(),
+                }))
+            }
+            Err(LogError::Conflict { .. }) => continue,
+            Err(e) => return Err(log_status(e)),
         }
     }
-    let append = seal_json(
-        subject,
-        EventMeta {
-            id: format!(
-                "attach:{tenant}:{}:{}:{}:{}:{after}",
-                r.subscription_id,
-                effective_from.timestamp(),
-                r.plan_id,
-                r.version
-            ),
-            event_type: billing::PLAN_ATTACHED.into(),
-            schema_version: 1,
-            tenant,
-            ..Default::default()
-        },
-        serde_json::to_vec(&attached).map_err(|e| Status::internal(e.to_string()))?,
-    );
-    let appended = telemetry::append(&*gw.log, "metering.subscriptions", append)
-        .await
-        .map_err(log_status)?;
-    Ok(Response::new(pb::AttachPlanResponse {
-        sequence: appended.sequence(),
-    }))
+    Err(Status::aborted(
+        "the subscription's plan kept changing under this call; retry",
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,28 +39,27 @@ fn clear_of_the_window_edges(
     now: DateTime<Utc>,
     limits: &IngestLimits,
 ) -> Result<(), Invalid> {
-    let edge = |what: &str| {
-        Invalid {
-        reason: if what == "late" {
-            metering::InvalidReason::TimeTooOld
-        } else {
-            metering::InvalidReason::TimeInFuture
-        },
+    // At most half of each side: a window of a few seconds keeps its middle.
+    let (late, ahead) = (
+        WINDOW_EDGE.min(limits.late_window / 2),
+        WINDOW_EDGE.min(limits.max_future / 2),
+    );
+    let edge = |reason, what: &str, margin: chrono::Duration| Invalid {
+        reason,
         detail: format!(
-            "`time` {} is within {} s of the {what} end of the accepted window ({} h back, {} s ahead): \
-             the log's clock decides there; send it with a time clear of the edge",
+            "`time` {} is within {} s of the {what} end of the accepted window ({} h back, {} s \
+             ahead): the log's clock decides there; send it with a time clear of the edge",
             record.time,
-            WINDOW_EDGE.num_seconds(),
+            margin.num_seconds(),
             limits.late_window.num_hours(),
             limits.max_future.num_seconds()
         ),
-    }
     };
-    if record.time < now - limits.late_window + WINDOW_EDGE {
-        return Err(edge("late"));
+    if record.time < now - limits.late_window + late {
+        return Err(edge(metering::InvalidReason::TimeTooOld, "late", late));
     }
-    if record.time > now + limits.max_future - WINDOW_EDGE {
-        return Err(edge("future"));
+    if record.time > now + limits.max_future - ahead {
+        return Err(edge(metering::InvalidReason::TimeInFuture, "future", ahead));
     }
     Ok(())
 }

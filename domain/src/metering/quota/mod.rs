@@ -43,6 +43,6 @@ pub use book::{Applied, CheckResult, Entitlement, Grant, MeteredQuota, QuotaBook
 pub use event::{
     ConfigSet, FeatureSet, GrantAdded, GrantVoided, QuotaError, QuotaEvent, QuotaRemoved, QuotaSet,
 };
-pub use period::{period_bounds, Period, PeriodKind};
+pub use period::{period_bounds, resolve, Period, PeriodKind};
 pub use quantity::{Quantity, QuantityError};
 pub use threshold::{QuotaThresholdReached, Thresholds};

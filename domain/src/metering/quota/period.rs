@@ -153,7 +153,7 @@ fn days_in_month(year: i32, month: u32) -> u32 {
 /// lands as far past the gap's end as the time was past its start (java.time's rule); a
 /// boundary on the gap's start is then exactly its end. Monotonic in `local`, so boundaries
 /// stay in order.
-fn resolve(local: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
+pub fn resolve(local: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
     match tz.from_local_datetime(&local) {
         LocalResult::Single(t) => t.with_timezone(&Utc),
         LocalResult::Ambiguous(a, b) => a.min(b).with_timezone(&Utc),

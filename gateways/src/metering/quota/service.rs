@@ -109,10 +109,12 @@ fn period_from_proto(p: Option<&pb::QuotaPeriod>) -> Result<Period, Status> {
     // west of UTC it is the evening of 31 December, so days reset in the evening and calendar
     // months began on the 31st.)
     let local_first = || {
-        use chrono::TimeZone;
-        tz.with_ymd_and_hms(2000, 1, 1, 0, 0, 0)
-            .earliest()
-            .map_or(DateTime::UNIX_EPOCH, |t| t.with_timezone(&Utc))
+        let midnight = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("a valid date");
+        // Where that midnight does not exist (a zone that skipped it), the period module's
+        // own rule places it, as it places every boundary.
+        creto_domain::metering::quota::resolve(midnight, tz)
     };
     let anchor = time(&p.anchor, "period.anchor")?.unwrap_or_else(local_first);
     Ok(Period::new(kind, anchor, tz))
