@@ -70,6 +70,25 @@ pub fn parse_pool(spec: &str) -> Result<BTreeMap<String, usize>, RuntimeConfigEr
     Ok(pool)
 }
 
+/// A replica budget in MB from the environment: unset or `none` is no bound.
+fn budget_mb(name: &str, what: &str) -> Result<Option<u64>, RuntimeConfigError> {
+    match std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
+        Some(v) if v.trim() == "none" => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n >= 16)
+            .map(Some)
+            .ok_or_else(|| {
+                RuntimeConfigError(format!(
+                    "{name} {v:?}: a number of MB, at least 16 ({what}), or none"
+                ))
+            }),
+    }
+}
+
 impl RuntimeConfig {
     /// From the environment, with `dir` as the default home of the sandboxes.
     pub fn from_env(dir: &Path) -> Result<Self, RuntimeConfigError> {
@@ -105,36 +124,14 @@ impl RuntimeConfig {
                             ))
                         })?,
                 },
-                replica_memory_mb: match var("RUNTIME_MEMORY_BUDGET_MB") {
-                    None => None,
-                    Some(v) if v.trim() == "none" => None,
-                    Some(v) => Some(
-                        v.trim()
-                            .parse()
-                            .ok()
-                            .filter(|n| *n >= 16)
-                            .ok_or_else(|| {
-                                RuntimeConfigError(format!(
-                                    "RUNTIME_MEMORY_BUDGET_MB {v:?}: a number of MB, at least 16 (the replica's memory less the gateway's), or none"
-                                ))
-                            })?,
-                    ),
-                },
-                replica_disk_mb: match var("RUNTIME_DISK_BUDGET_MB") {
-                    None => None,
-                    Some(v) if v.trim() == "none" => None,
-                    Some(v) => Some(
-                        v.trim()
-                            .parse()
-                            .ok()
-                            .filter(|n| *n >= 16)
-                            .ok_or_else(|| {
-                                RuntimeConfigError(format!(
-                                    "RUNTIME_DISK_BUDGET_MB {v:?}: a number of MB, at least 16 (the runtime volume's size less some room), or none"
-                                ))
-                            })?,
-                    ),
-                },
+                replica_memory_mb: budget_mb(
+                    "RUNTIME_MEMORY_BUDGET_MB",
+                    "the replica's memory less the gateway's",
+                )?,
+                replica_disk_mb: budget_mb(
+                    "RUNTIME_DISK_BUDGET_MB",
+                    "the runtime volume's size less room for templates",
+                )?,
                 ..RuntimeLimits::default()
             },
             egress_deny: match var("RUNTIME_EGRESS_DENY") {

@@ -341,41 +341,38 @@ impl Runtime {
     fn reserve(&self, resources: &pb::Resources) -> Result<Reserved<'_>, RuntimeError> {
         let limits = &self.settings.limits;
         let mut provisioning = self.provisioning.lock().expect("provisioning lock");
-        if let Some(budget) = limits.replica_memory_mb {
-            let used = self.view.memory_on_node() + provisioning.memory_mb;
-            if used + resources.memory_mb > budget {
-                return Err(RuntimeError::Exhausted(format!(
-                    "this runtime replica's sandboxes hold {used} MB of its {budget} MB of memory \
-                     (RUNTIME_MEMORY_BUDGET_MB): ask for less than {} MB in resources.memory_mb, \
-                     retry (another replica may have room), or end a sandbox",
-                    resources.memory_mb
+        // What `asked` takes of a budget (0 without one), or why it does not fit.
+        let take =
+            |budget: Option<u64>, held: u64, asked: u64, what: &str, var: &str, field: &str| {
+                let Some(budget) = budget else { return Ok(0) };
+                if held + asked > budget {
+                    return Err(RuntimeError::Exhausted(format!(
+                    "this runtime replica's sandboxes hold {held} MB of its {budget} MB of {what} \
+                     ({var}): ask for less than {asked} MB in resources.{field}, retry (another \
+                     replica may have room), or end a sandbox"
                 )));
-            }
-        }
-        // Disk images are sparse: nothing else stops sandboxes together from filling the
-        // volume (and, in Kubernetes, getting the pod and all its sandboxes evicted).
-        if let Some(budget) = limits.replica_disk_mb {
-            let used = self.view.disk_on_node() + provisioning.disk_mb;
-            if used + resources.disk_mb > budget {
-                return Err(RuntimeError::Exhausted(format!(
-                    "this runtime replica's sandboxes hold {used} MB of its {budget} MB of disk \
-                     (RUNTIME_DISK_BUDGET_MB): ask for less than {} MB in resources.disk_mb, \
-                     retry (another replica may have room), or end a sandbox",
-                    resources.disk_mb
-                )));
-            }
-        }
+                }
+                Ok(asked)
+            };
+        // Disk images are sparse: without its budget nothing stops sandboxes together from
+        // filling the volume (and, in Kubernetes, getting the pod and all its sandboxes evicted).
         let room = Provisioning {
-            memory_mb: if limits.replica_memory_mb.is_some() {
-                resources.memory_mb
-            } else {
-                0
-            },
-            disk_mb: if limits.replica_disk_mb.is_some() {
-                resources.disk_mb
-            } else {
-                0
-            },
+            memory_mb: take(
+                limits.replica_memory_mb,
+                self.view.memory_on_node() + provisioning.memory_mb,
+                resources.memory_mb,
+                "memory",
+                "RUNTIME_MEMORY_BUDGET_MB",
+                "memory_mb",
+            )?,
+            disk_mb: take(
+                limits.replica_disk_mb,
+                self.view.disk_on_node() + provisioning.disk_mb,
+                resources.disk_mb,
+                "disk",
+                "RUNTIME_DISK_BUDGET_MB",
+                "disk_mb",
+            )?,
         };
         provisioning.memory_mb += room.memory_mb;
         provisioning.disk_mb += room.disk_mb;
