@@ -1136,67 +1136,69 @@ async fn a_tenant_has_a_bounded_number_of_live_sandboxes(env: &Env) {
 /// The sandboxes of one replica ask for at most RUNTIME_MEMORY_BUDGET_MB together: their
 /// cgroups sit inside the replica's, and past its memory the kernel kills in the replica.
 async fn a_replica_keeps_its_sandboxes_within_its_memory_budget(env: &Env) {
-    let dir = sandbox_dir();
     let limits = creto_domain::runtime::sandbox::RuntimeLimits {
         replica_memory_mb: Some(600),
         ..Default::default()
     };
-    let (running, url) = env.start_runtime_limited(dir.path(), limits).await;
-    let mut c = client(&url).await;
     // 256 MB each by default: two fit, a third does not, a smaller one does.
-    let first = create(&mut c, create_request()).await;
-    create(&mut c, create_request()).await;
-    let err = c.create_sandbox(create_request()).await.unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(
-        err.message().contains("RUNTIME_MEMORY_BUDGET_MB") && err.message().contains("512 MB"),
-        "{err:?}"
-    );
-    let mut small = create_request();
-    small.resources = Some(pb::Resources {
+    let small = pb::Resources {
         memory_mb: 64,
         ..Default::default()
-    });
-    create(&mut c, small).await;
-    // An ended sandbox gives its memory back.
-    c.terminate_sandbox(pb::TerminateSandboxRequest {
-        sandbox_id: first.sandbox_id,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        create(&mut c, create_request()).await.state,
-        pb::State::Ready as i32
-    );
-    running.stop().await;
+    };
+    keeps_within_budget(env, limits, 2, small, "RUNTIME_MEMORY_BUDGET_MB", "512 MB").await;
 }
 
 /// The disk images are sparse: RUNTIME_DISK_BUDGET_MB bounds what a replica's sandboxes ask
 /// for together, or together they could fill the volume (and get the pod evicted).
 async fn a_replica_keeps_its_sandboxes_within_its_disk_budget(env: &Env) {
-    let dir = sandbox_dir();
     let limits = creto_domain::runtime::sandbox::RuntimeLimits {
         replica_disk_mb: Some(1500),
         ..Default::default()
     };
+    // 1024 MB by default: one fits, a second does not, a smaller one does.
+    let small = pb::Resources {
+        disk_mb: 256,
+        ..Default::default()
+    };
+    keeps_within_budget(
+        env,
+        limits,
+        1,
+        small,
+        "RUNTIME_DISK_BUDGET_MB",
+        "1024 MB of",
+    )
+    .await;
+}
+
+/// `fit` default sandboxes fit the budget, the next is refused naming `budget` and what is
+/// held, a `small` one still fits, and an ended sandbox gives its share back.
+async fn keeps_within_budget(
+    env: &Env,
+    limits: creto_domain::runtime::sandbox::RuntimeLimits,
+    fit: usize,
+    small: pb::Resources,
+    budget: &str,
+    held: &str,
+) {
+    let dir = sandbox_dir();
     let (running, url) = env.start_runtime_limited(dir.path(), limits).await;
     let mut c = client(&url).await;
-    // 1024 MB by default: one fits, a second does not, a smaller one does.
-    let first = create(&mut c, create_request()).await;
+    let mut created = Vec::new();
+    for _ in 0..fit {
+        created.push(create(&mut c, create_request()).await);
+    }
     let err = c.create_sandbox(create_request()).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(
-        err.message().contains("RUNTIME_DISK_BUDGET_MB") && err.message().contains("1024 MB of"),
+        err.message().contains(budget) && err.message().contains(held),
         "{err:?}"
     );
-    let mut small = create_request();
-    small.resources = Some(pb::Resources {
-        disk_mb: 256,
-        ..Default::default()
-    });
-    create(&mut c, small).await;
+    let mut req = create_request();
+    req.resources = Some(small);
+    create(&mut c, req).await;
     c.terminate_sandbox(pb::TerminateSandboxRequest {
-        sandbox_id: first.sandbox_id,
+        sandbox_id: created.swap_remove(0).sandbox_id,
     })
     .await
     .unwrap();
