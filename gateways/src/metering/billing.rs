@@ -348,7 +348,7 @@ fn dec(field: &str, s: &str) -> Result<Decimal, Status> {
             "{field}: {s:?} is not a decimal number; write it as a string such as \"0.002\""
         ))
     })?;
-    // "-0" is zero: kept signed, its amounts printed as "-0.00" on invoices.
+    // "-0" is zero: kept as parsed, the sign stayed and invoices printed "-0.00".
     Ok(if d.is_zero() { d.abs() } else { d })
 }
 
