@@ -38,6 +38,17 @@ fn env(instance: &str) -> Env {
 }
 
 fn env_denying(instance: &str, egress_deny: EgressPolicy) -> Env {
+    env_with(
+        instance,
+        BackendConfig {
+            egress_deny,
+            ..BackendConfig::default()
+        },
+    )
+}
+
+/// A backend of its own on `config` (its root and instance set here).
+fn env_with(instance: &str, config: BackendConfig) -> Env {
     // SAFETY: plain getter.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -51,8 +62,7 @@ fn env_denying(instance: &str, egress_deny: EgressPolicy) -> Env {
     let config = BackendConfig {
         root: root.path().to_path_buf(),
         instance: instance.to_string(),
-        egress_deny,
-        ..BackendConfig::default()
+        ..config
     };
     let bwrap = match BwrapBackend::new(config) {
         Ok(b) => Arc::new(b),
@@ -1000,4 +1010,71 @@ fn a_missing_bwrap_is_reported_clearly() {
     .unwrap()
     .to_string();
     assert!(err.contains("install bubblewrap"), "{err}");
+}
+
+/// A host service that answers and keeps every connection open.
+fn holder() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().flatten() {
+            let mut c = c;
+            let _ = c.write_all(b"hi");
+            held.push(c);
+        }
+    });
+    addr
+}
+
+const OPEN_THREE: &str = r#"
+import socket, sys
+held = []
+for i in range(3):
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+        d = s.recv(10)
+        held.append(s)
+        print(i, d.decode() if d else 'closed')
+    except Exception as e:
+        print(i, 'ERR', type(e).__name__)
+"#;
+
+/// The proxy's connections take the gateway's descriptors: every sandbox's together are
+/// bounded (`max_proxied_connections`, by default an eighth of the descriptor limit); past it
+/// a connection is reset, and the gateway keeps descriptors for everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_connections_are_bounded_across_the_replica() {
+    let e = env_with(
+        "tproxcap",
+        BackendConfig {
+            egress_deny: creto_gateways::runtime::backend::default_egress_deny_except(&[
+                "127.0.0.0/8",
+            ]),
+            max_proxied_connections: Some(2),
+            ..BackendConfig::default()
+        },
+    );
+    let service = holder();
+    let (sb, _attempts) = e.sandbox("proxcap-1").await;
+    let rule = format!("{}:{}", service.ip(), service.port());
+    sb.set_egress(EgressPolicy::parse(std::slice::from_ref(&rule)).unwrap());
+    let mut req = ExecRequest::new([
+        "python3".to_string(),
+        "-c".into(),
+        OPEN_THREE.into(),
+        service.ip().to_string(),
+        service.port().to_string(),
+    ]);
+    req.timeout = Duration::from_secs(30);
+    let r = run_req(&sb, req).await;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[..2], ["0 hi", "1 hi"], "{} {}", r.stdout, r.stderr);
+    assert!(
+        lines[2] == "2 closed" || lines[2].starts_with("2 ERR"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+    sb.terminate().await.unwrap();
 }

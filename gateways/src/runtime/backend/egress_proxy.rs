@@ -52,6 +52,8 @@ struct Shared {
     /// Addresses the sandbox's DNS answered: address → (name, when).
     names: Mutex<HashMap<IpAddr, (String, Instant)>>,
     slots: Arc<Semaphore>,
+    /// Every sandbox's proxied connections together: their descriptors are the gateway's.
+    replica: Arc<Semaphore>,
     /// This sandbox's host lookups at once ([`LOOKUPS_PER_SANDBOX`]).
     lookups: Arc<Semaphore>,
 }
@@ -78,6 +80,7 @@ impl EgressProxy {
         dns: Option<std::net::UdpSocket>,
         policy: EgressPolicy,
         deny: EgressPolicy,
+        replica: Arc<Semaphore>,
         tx: mpsc::UnboundedSender<EgressAttempt>,
     ) -> io::Result<EgressProxy> {
         let mut own = Vec::new();
@@ -96,6 +99,7 @@ impl EgressProxy {
             resolved: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            replica,
             lookups: Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX)),
         });
         let mut tasks = Vec::new();
@@ -138,10 +142,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     reset(stream);
                     continue;
                 };
+                let Ok(replica_permit) = shared.replica.clone().try_acquire_owned() else {
+                    tracing::warn!(sandbox = %shared.sandbox_id, "egress: the replica's proxied connections are all in use, reset");
+                    reset(stream);
+                    continue;
+                };
                 let shared = shared.clone();
                 conns.spawn(async move {
                     handle(stream, &shared).await;
-                    drop(permit);
+                    drop((permit, replica_permit));
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -689,6 +698,7 @@ mod tests {
                 ("api.example.com".to_string(), Instant::now()),
             )])),
             slots: Arc::new(Semaphore::new(1)),
+            replica: Arc::new(Semaphore::new(1)),
             lookups: Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX)),
         };
         let (decision, name) = decide(&shared, SocketAddr::new(given, 443)).await;

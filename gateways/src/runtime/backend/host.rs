@@ -36,7 +36,23 @@ pub(crate) struct HostCommon {
     /// The sandboxes' disk images (`<id>.img`), out of their reach.
     pub disks_dir: PathBuf,
     pub disk_tools: DiskTools,
+    /// Proxied connections of every sandbox together ([`BackendConfig::max_proxied_connections`]).
+    pub proxied: Arc<tokio::sync::Semaphore>,
     _lock: fs::File,
+}
+
+/// An eighth of the soft descriptor limit (two descriptors per connection: a quarter of them).
+fn proxied_connections_default() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct passed.
+    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur,
+        _ => 1024,
+    };
+    (soft / 8).clamp(64, 65_536) as usize
 }
 
 impl HostCommon {
@@ -94,8 +110,14 @@ impl HostCommon {
                 templates.insert(t.name.clone(), Arc::new(t));
             }
         }
+        let proxied = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .max_proxied_connections
+                .unwrap_or_else(proxied_connections_default),
+        ));
         Ok(HostCommon {
             config,
+            proxied,
             firewall,
             cgroups,
             templates,
@@ -305,6 +327,7 @@ impl HostSandbox {
             Some(parts.dns),
             spec.egress.clone(),
             common.config.egress_deny.clone(),
+            common.proxied.clone(),
             egress_tx,
         ) {
             Ok(p) => p,

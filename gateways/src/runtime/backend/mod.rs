@@ -362,6 +362,10 @@ pub struct BackendConfig {
     /// Networks the egress proxy never connects to, whatever a sandbox's policy allows
     /// (default [`DEFAULT_PLATFORM_DENY`](creto_domain::runtime::egress::DEFAULT_PLATFORM_DENY)).
     pub egress_deny: EgressPolicy,
+    /// Proxied connections of every sandbox of this process together (each takes two of the
+    /// gateway's descriptors). None: an eighth of the descriptor limit, so sandboxes together
+    /// leave the gateway three quarters of it for gRPC, exec pipes and checkpoints.
+    pub max_proxied_connections: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -386,6 +390,7 @@ impl Default for BackendConfig {
             runsc_path: PathBuf::from("runsc"),
             runsc_platform: "systrap".into(),
             egress_deny: default_egress_deny(),
+            max_proxied_connections: None,
         }
     }
 }
