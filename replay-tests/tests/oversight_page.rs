@@ -523,6 +523,16 @@ async fn one_click_links_confirm_before_changing_anything() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("Already recorded"), "{body}");
     assert_eq!(get(&mut c, "req-click").await.version, r.version);
+    // Her deny link afterwards: the same page, her approval standing (the gateway refuses a
+    // changed answer; the page shows the one given).
+    let (deny_url, deny_token) = split(&ann.deny);
+    let (status, body) = post(deny_url, &[("token", deny_token)]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("Already recorded") && body.contains("answered approve"),
+        "{body}"
+    );
+    assert_eq!(get(&mut c, "req-click").await.version, r.version);
     // The confirmation page of a decided request offers nothing to confirm.
     let (status, body) = fetch(http().get(&ann.deny).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);

@@ -518,18 +518,23 @@ async fn respond(
     };
     let approver = holder.claims.approver.as_str();
     let before = page.request(&tenant, &id).await?;
-    let after = page
-        .gateway
-        .respond_as(
-            &tenant,
-            &id,
-            approver,
-            decision,
-            f.reason.trim(),
-            Channel::Web as i32,
-        )
-        .await
-        .map_err(Refused::from_status)?;
+    // A person who answered already (a second click, the other button of an e-mail) is shown
+    // that answer; the gateway would refuse a changed one as a conflict.
+    let after = if before.responses.iter().any(|x| x.approver == approver) {
+        before.clone()
+    } else {
+        page.gateway
+            .respond_as(
+                &tenant,
+                &id,
+                approver,
+                decision,
+                f.reason.trim(),
+                Channel::Web as i32,
+            )
+            .await
+            .map_err(Refused::from_status)?
+    };
     let mut body = match before.responses.iter().find(|x| x.approver == approver) {
         Some(earlier) => format!(
             "<h1 id=\"outcome\">Already recorded</h1>\n<p>{} answered {} {}; that answer stands.</p>\n",
