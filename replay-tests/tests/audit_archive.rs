@@ -632,13 +632,10 @@ async fn embedded_export_and_restore_round_trip() {
     env.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_removed_from_the_stream_neither_stops_the_exporter_nor_hides() {
-    let env = Env::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let archive: Arc<dyn Archive> = Arc::new(LocalDirArchive::new(dir.path().to_path_buf()));
+/// METERING with 100 usage events, the 40th removed (`nats stream rmm`): 99 left.
+async fn stream_with_a_hole(env: &Env) -> String {
     let stream = env.platform.catalog.stream(METERING);
-    assert_eq!(append_usage(&env, 100, 0).await, 100);
+    assert_eq!(append_usage(env, 100, 0).await, 100);
     creto_replay_tests::remove_message(&stream, 40).await;
     let left = env
         .platform
@@ -648,6 +645,15 @@ async fn an_event_removed_from_the_stream_neither_stops_the_exporter_nor_hides()
         .unwrap()
         .messages;
     assert_eq!(left, 99);
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_removed_from_the_stream_neither_stops_the_exporter_nor_hides() {
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive: Arc<dyn Archive> = Arc::new(LocalDirArchive::new(dir.path().to_path_buf()));
+    let stream = stream_with_a_hole(&env).await;
     // Before, the exporter took the hole for deliveries out of order and repositioned for ever.
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -666,17 +672,7 @@ async fn an_event_removed_from_the_stream_neither_stops_the_exporter_nor_hides()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_removed_from_the_stream_does_not_stop_the_projector() {
     let env = Env::new().await;
-    let stream = env.platform.catalog.stream(METERING);
-    assert_eq!(append_usage(&env, 100, 0).await, 100);
-    creto_replay_tests::remove_message(&stream, 40).await;
-    let left = env
-        .platform
-        .log
-        .stream_state(&stream)
-        .await
-        .unwrap()
-        .messages;
-    assert_eq!(left, 99);
+    stream_with_a_hole(&env).await;
     let projector = Arc::new(MeteringProjector::new(
         env.pool().clone(),
         env.platform.log.clone(),

@@ -244,6 +244,29 @@ impl Queues {
             .map_or(0, |(_, a)| a.through_cursor))
     }
 
+    /// Refuses a cursor that is not a message to `recipient`.
+    async fn check_message_to(
+        &self,
+        tenant: &str,
+        recipient: &str,
+        through: u64,
+    ) -> Result<(), Status> {
+        let ours = self
+            .catalog
+            .subject(&format!("messaging.msg.{tenant}.{recipient}."));
+        let stored = self
+            .log
+            .get(&self.stream, through)
+            .await
+            .map_err(log_status)?;
+        if stored.is_some_and(|e| e.subject.starts_with(&ours)) {
+            return Ok(());
+        }
+        Err(Status::invalid_argument(format!(
+            "cursor {through} is not a message to {recipient}; acknowledge cursors you received"
+        )))
+    }
+
     /// Moves the acknowledged position forward to `through` (never back) and returns it.
     pub async fn ack(&self, tenant: &str, recipient: &str, through: u64) -> Result<u64, Status> {
         let subject = self.ack_subject(tenant, recipient);
@@ -257,34 +280,19 @@ impl Queues {
                 "cursor {through} is beyond the last stored message ({end}); acknowledge cursors you received"
             )));
         }
-        let floor = self
-            .acked_through(tenant, recipient)
-            .await
-            .map_err(log_status)?;
-        if through <= floor {
-            return Ok(floor);
-        }
-        // Acks are cumulative and cursors are sequences of the whole stream: another cursor
-        // (one of a message this agent sent, or to someone else) would skip its undelivered
-        // messages below it without a trace.
-        let ours = self
-            .catalog
-            .subject(&format!("messaging.msg.{tenant}.{recipient}."));
-        let stored = self
-            .log
-            .get(&self.stream, through)
-            .await
-            .map_err(log_status)?;
-        if !stored.is_some_and(|e| e.subject.starts_with(&ours)) {
-            return Err(Status::invalid_argument(format!(
-                "cursor {through} is not a message to {recipient}; acknowledge cursors you received"
-            )));
-        }
+        let mut checked = false;
         for _ in 0..5 {
             let last = self.last_on::<Acked>(&subject).await.map_err(log_status)?;
             let (expected, floor) = last.map_or((0, 0), |(seq, a)| (seq, a.through_cursor));
             if through <= floor {
                 return Ok(floor);
+            }
+            // Acks are cumulative and cursors are sequences of the whole stream: another
+            // cursor (one of a message this agent sent, or to someone else) would skip its
+            // undelivered messages below it without a trace.
+            if !checked {
+                self.check_message_to(tenant, recipient, through).await?;
+                checked = true;
             }
             let event = AppendEvent {
                 subject: subject.clone(),
