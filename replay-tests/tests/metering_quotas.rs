@@ -44,10 +44,17 @@ fn sub(name: &str) -> String {
     format!("{name}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
+/// Hourly periods that begin half an hour from now (to the second), so that no test runs
+/// across a period's end: with the default anchor they end on the hour, and a test that ran
+/// across one saw its usage start again from zero.
 fn hourly() -> Option<pb::QuotaPeriod> {
+    let anchor = Utc::now().timestamp() + 1800;
     Some(pb::QuotaPeriod {
         kind: pb::QuotaPeriodKind::PeriodHour as i32,
-        anchor: None,
+        anchor: Some(prost_types::Timestamp {
+            seconds: anchor,
+            nanos: 0,
+        }),
         time_zone: String::new(),
     })
 }
@@ -159,8 +166,14 @@ async fn hard_limit_denies_exactly_at_the_boundary(env: &Env) {
     assert_eq!((c.used.as_str(), c.remaining.as_str()), ("10", "0"));
     let c = check(&mut client, &s, 1.0, seq).await.unwrap();
     assert!(!c.allowed && c.hard, "{c:?}");
-    let end = c.period_end.unwrap();
-    assert_eq!(end.seconds % 3600, 0, "hourly periods end on the hour");
+    let (start, end) = (c.period_start.unwrap(), c.period_end.unwrap());
+    assert_eq!(end.seconds - start.seconds, 3600, "an hourly period: {c:?}");
+    let anchor = hourly().unwrap().anchor.unwrap().seconds;
+    assert_eq!(
+        (anchor - end.seconds).rem_euclid(3600),
+        0,
+        "on the anchor's hours"
+    );
     assert!(end.seconds > Utc::now().timestamp());
     // The same event id again counts once.
     let seq = ingest(&mut client, vec![usage("e2", &s, 6.0)]).await;

@@ -312,11 +312,10 @@ async fn timeouts_take_the_default_action(env: &Env) {
         (r2.state, r2.resolution),
         (State::TimedOut as i32, Decision::Approve as i32)
     );
+    // Loose enough for a loaded 2-core machine, tight enough to catch a timer that waits for
+    // some later poll instead of its deadline.
     let elapsed = started.elapsed();
-    assert!(
-        elapsed < Duration::from_millis(1_800),
-        "fired late: {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_secs(4), "fired late: {elapsed:?}");
     // Past the deadline, an answer is refused.
     let e = answer(&mut c, "t-1", "ann", Decision::Approve)
         .await
@@ -328,6 +327,8 @@ async fn timeouts_take_the_default_action(env: &Env) {
 async fn escalation_walks_the_levels(env: &Env) {
     let (running, url) = env.start_oversight().await;
     let mut c = client(&url).await;
+    // Level 2 is the one answered: it is given seconds, so that a busy machine does not move
+    // the request on before the answer arrives.
     let step = Duration::from_millis(500);
     put(
         &mut c,
@@ -337,7 +338,7 @@ async fn escalation_walks_the_levels(env: &Env) {
             1,
             vec![
                 level(&["l1"], step),
-                level(&["l2"], step),
+                level(&["l2"], Duration::from_secs(4)),
                 level(&["l3"], step),
             ],
             TimeoutAction::Escalate,
@@ -363,7 +364,7 @@ async fn escalation_walks_the_levels(env: &Env) {
     assert_eq!(approved.state, State::Approved as i32);
     assert_eq!(approved.responses[0].level, 1);
 
-    let r = settled(&mut c, "e-2", Duration::from_secs(5)).await;
+    let r = settled(&mut c, "e-2", Duration::from_secs(15)).await;
     assert_eq!(
         (r.state, r.resolution, r.level),
         (State::TimedOut as i32, Decision::Deny as i32, 2)
@@ -454,8 +455,8 @@ async fn timers_fire_after_every_replica_restarted(env: &Env) {
         (State::TimedOut as i32, Decision::Approve as i32)
     );
     assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
+        started.elapsed() < Duration::from_secs(3),
+        "an overdue timer fires at once after a restart: {:?}",
         started.elapsed()
     );
     // Two replicas firing the same deadline store one event.

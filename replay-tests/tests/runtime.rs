@@ -973,20 +973,37 @@ async fn a_restarted_replica_marks_its_sandboxes_failed(env: &Env) {
     let (mut running, url) = env.start_runtime(dir.path(), "").await;
     let mut c = client(&url).await;
     let sb = create(&mut c, create_request()).await;
-    // A crash: the gateway's tasks are dropped without the orderly shutdown.
-    drop(running.shutdown);
+    // A crash: the gateway's tasks end without the orderly shutdown. The stop signal is never
+    // sent (its sender lives on), so nothing records the sandbox's end on the way out.
+    let _never_sent = running.shutdown;
     running.tasks.abort_all();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    while running.tasks.join_next().await.is_some() {}
+    // The client's connection holds the old engine, and with it the root's lock.
+    drop(c);
+    let lock = dir.path().join(".lock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lock_is_free(&lock) {
+        assert!(
+            Instant::now() < deadline,
+            "the crashed replica never let go of its root"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (running, url) = env.start_runtime(dir.path(), "").await;
     let mut c2 = client(&url).await;
     let s = get(&mut c2, &sb.sandbox_id).await;
-    assert!(
-        matches!(s.state(), State::Failed | State::Terminated),
-        "{:?}",
-        s.state()
-    );
-    drop(c);
+    assert_eq!(s.state(), State::Failed, "{s:?}");
     running.stop().await;
+}
+
+/// Whether no process holds the runtime root's lock (taken and let go at once).
+fn lock_is_free(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return true;
+    };
+    // SAFETY: flock on a descriptor this function owns; closing it lets the lock go.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 async fn bad_input_gets_clear_statuses(env: &Env) {
