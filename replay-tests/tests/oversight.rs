@@ -27,6 +27,7 @@ creto_replay_tests::on_both_adapters!(
     a_request_has_a_bounded_number_of_watchers,
     every_escalation_is_announced,
     a_request_with_an_undecodable_event_still_takes_answers,
+    a_policy_stored_through_one_replica_decides_the_next_request_on_another,
 );
 
 fn level(approvers: &[&str], timeout: Duration) -> pb::Level {
@@ -1164,4 +1165,36 @@ async fn a_request_with_an_undecodable_event_still_takes_answers(env: &Env) {
         .expect("the request takes answers after the undecodable event");
     assert_eq!(approved.state, State::Approved as i32);
     running.stop().await;
+}
+
+/// A policy stored through one replica decides the very next request made through another.
+/// Each replica used to follow the log every 200 ms and decide a request on what it had
+/// folded: in between, the other replica auto-approved actions the new policy gates.
+async fn a_policy_stored_through_one_replica_decides_the_next_request_on_another(env: &Env) {
+    let (a_running, a_url) = env.start_oversight().await;
+    let (b_running, b_url) = env.start_oversight().await;
+    let (mut a, mut b) = (client(&a_url).await, client(&b_url).await);
+    assert!(ask(&mut b, "gate-0", "deploy0.prod").await.auto_approved);
+    for i in 1..=5 {
+        let gate = policy(
+            &format!("gate-{i}"),
+            &format!("deploy{i}.*"),
+            1,
+            vec![level(&["ann"], Duration::from_secs(60))],
+            TimeoutAction::Deny,
+        );
+        put(&mut a, gate).await;
+        let r = ask(&mut b, &format!("gate-{i}"), &format!("deploy{i}.prod")).await;
+        assert!(
+            !r.auto_approved,
+            "decided without the policy just stored: {r:?}"
+        );
+        let r = r.request.unwrap();
+        assert_eq!(
+            (r.state, r.policy_id),
+            (State::Pending as i32, format!("gate-{i}"))
+        );
+    }
+    a_running.stop().await;
+    b_running.stop().await;
 }

@@ -103,9 +103,12 @@ impl OversightView {
             .subject(&format!("oversight.notifications.{tenant}.{id}"))
     }
 
-    /// Folds every event appended since the last catch-up.
+    /// Folds every event the log held when this was called: what another replica appended
+    /// before a command began is in what the command decides on. One look at the stream's end
+    /// when nothing is new; callers that find it folded do not queue behind a replay.
     pub async fn catch_up(&self) -> Result<(), LogError> {
-        self.catch_up_to(u64::MAX).await
+        let last = self.log.last_sequence(&self.stream).await?;
+        self.catch_up_to(last).await
     }
 
     /// Makes sure everything up to `sequence` is folded: one reader catches up for all the
@@ -200,6 +203,14 @@ impl OversightView {
                     ),
                 },
                 _ => {}
+            }
+        }
+        // The replay read to the stream's end, which `sequence` (an event of it) does not pass:
+        // a last event outside the filter, or removed, is not looked for again on every call.
+        {
+            let mut f = self.folded.write().expect("fold lock");
+            if sequence != u64::MAX {
+                f.applied_through = f.applied_through.max(sequence);
             }
         }
         if any {

@@ -218,9 +218,21 @@ impl OversightGateway {
         id: &str,
         command: impl Fn(&Aggregate) -> Result<Vec<pb::RequestEvent>, Refusal>,
     ) -> Result<Aggregate, Status> {
+        let mut refreshed = false;
         for _ in 0..5 {
             let agg = self.existing(tenant, id).await?;
-            let events = command(&agg).map_err(refusal)?;
+            let events = match command(&agg) {
+                Ok(events) => events,
+                // Refused on this replica's copy, which can be moments behind another
+                // replica's write (an escalation naming this approver, say): only what the log
+                // as it stands refuses is refused, as a final answer.
+                Err(Refusal::Precondition(_) | Refusal::NotAllowed(_)) if !refreshed => {
+                    refreshed = true;
+                    self.view.catch_up().await.map_err(log_status)?;
+                    continue;
+                }
+                Err(r) => return Err(refusal(r)),
+            };
             if events.is_empty() {
                 return Ok(agg);
             }
@@ -320,10 +332,13 @@ impl OversightService for OversightGateway {
         let cmd = request.into_inner();
         check_asker(&caller, &cmd.agent_id)?;
         let tenant = caller.tenant;
+        policy::check_id("request_id", &cmd.request_id).map_err(Status::invalid_argument)?;
+        // A policy another replica stored before this call is the one that decides: without
+        // this, a request could be auto-approved under the policy it had just replaced.
+        self.view.catch_up().await.map_err(log_status)?;
         for _ in 0..5 {
-            policy::check_id("request_id", &cmd.request_id).map_err(Status::invalid_argument)?;
-            // Only this replica's view: a new id is the common case, and the append below
-            // expects an empty subject, so an id created elsewhere meanwhile is a conflict.
+            // The append below expects an empty subject, so an id created elsewhere since the
+            // catch-up is a conflict, answered on the next turn.
             if let Some(existing) = self.view.get(&tenant, &cmd.request_id) {
                 // The same id again: the same request, if it is the same ask.
                 if !request::same_ask(&existing.view, &cmd) {
