@@ -53,6 +53,14 @@ pub fn validate(p: &Policy) -> Result<(), String> {
         return Err("'*' may only end the action pattern (\"payments.*\", \"*\")".into());
     }
     crate::text::check("action", &p.action)?;
+    // Action names never hold these (CreateRequest refuses them): a pattern with one would
+    // never match, and the actions it was meant to gate would be approved at once.
+    if p.action
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("action may not hold spaces or control characters".into());
+    }
     if p.agents.len() > MAX_AGENTS {
         return Err(format!(
             "agents: at most {MAX_AGENTS} (a policy for more agents covers them all: leave agents empty)"
@@ -61,10 +69,9 @@ pub fn validate(p: &Policy) -> Result<(), String> {
     for a in &p.agents {
         check_token("agent", a)?;
     }
-    if !p.require_approval {
-        return Ok(());
-    }
-    if p.levels.is_empty() || p.levels.len() > MAX_LEVELS {
+    // Levels and channels are checked whether or not the policy requires approval: every
+    // request it matches carries a copy of it, into the read model too.
+    if (p.require_approval && p.levels.is_empty()) || p.levels.len() > MAX_LEVELS {
         return Err(format!(
             "a policy that requires approval has 1 to {MAX_LEVELS} levels"
         ));
@@ -107,6 +114,9 @@ pub fn validate(p: &Policy) -> Result<(), String> {
                     .into(),
             );
         }
+    }
+    if !p.require_approval {
+        return Ok(());
     }
     if p.quorum == 0 {
         return Err("quorum is at least 1".into());
@@ -212,6 +222,17 @@ mod tests {
         assert!(validate(&policy("p", "x", 3, &["ann", "ann", "bob"]))
             .unwrap_err()
             .contains("\"ann\" is named twice"));
+        // A pattern no action name can match would gate nothing.
+        assert!(validate(&policy("p", "payments.refund ", 1, &[]))
+            .unwrap_err()
+            .contains("spaces"));
+        // An allow-list policy is copied into every request it matches: checked all the same.
+        let mut allow = policy("p", "search.*", 1, &["ann\u{0}"]);
+        allow.require_approval = false;
+        assert!(validate(&allow).is_err());
+        allow.levels.clear();
+        allow.quorum = 0;
+        assert!(validate(&allow).is_ok(), "no levels or quorum needed");
     }
 
     #[test]

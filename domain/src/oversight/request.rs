@@ -240,7 +240,13 @@ pub fn create(
     let auto_approved = chosen.as_ref().is_none_or(|p| !p.require_approval);
     let deadline = match &chosen {
         Some(p) if !auto_approved => {
-            let timeout = policy::level_timeout(&p.levels[0].timeout).map_err(invalid)?;
+            let first = p.levels.first().ok_or_else(|| {
+                invalid(format!(
+                    "policy {:?} requires approval but names no level: define it again with PutPolicy",
+                    p.policy_id
+                ))
+            })?;
+            let timeout = policy::level_timeout(&first.timeout).map_err(invalid)?;
             ts(now + chrono::Duration::from_std(timeout).unwrap_or_default())
         }
         _ => None,
@@ -378,24 +384,45 @@ pub fn respond(
     let count = |d: Decision| all.iter().filter(|r| r.decision == d as i32).count();
     let (approvals, denials) = (count(Decision::Approve), count(Decision::Deny));
     let quorum = agg.policy.quorum.max(1) as usize;
+    // A level escalated to decides on its own as well: as many of the names it adds as the
+    // quorum asks, or all of them when it names fewer (one finance lead approves alone).
+    // Answers given at earlier levels still count towards the quorum.
+    let level = agg.view.level as usize;
+    let level_names: &[String] = match agg.policy.levels.get(level) {
+        Some(l) if level > 0 => &l.approvers,
+        _ => &[],
+    };
+    let level_quorum = quorum.min(level_names.len());
+    let level_approvals = all
+        .iter()
+        .filter(|r| r.decision == Decision::Approve as i32 && level_names.contains(&r.approver))
+        .count();
+    let approved = approvals >= quorum || (level_quorum > 0 && level_approvals >= level_quorum);
     let denied = if agg.policy.deny_needs_quorum {
         // Denied once approval can no longer reach the quorum (or, with anyone allowed, once
         // denials reach it).
         if allowed.is_empty() {
             denials >= quorum
         } else {
-            // Responses of earlier levels count, but only this level's approvers can still
-            // answer.
-            let yet_to_answer = allowed
-                .iter()
-                .filter(|a| !all.iter().any(|r| &r.approver == *a))
-                .count();
-            approvals + yet_to_answer < quorum
+            let yet_to_answer = |names: &[String]| {
+                names
+                    .iter()
+                    .filter(|a| !all.iter().any(|r| &r.approver == *a))
+                    .count()
+            };
+            // A later level reached by escalation can still approve.
+            let escalates = agg.policy.on_timeout == TimeoutAction::Escalate as i32
+                && level + 1 < agg.policy.levels.len();
+            let reachable = approvals + yet_to_answer(&allowed) >= quorum
+                || (level_quorum > 0
+                    && level_approvals + yet_to_answer(level_names) >= level_quorum)
+                || escalates;
+            !reachable
         }
     } else {
         denials > 0
     };
-    let outcome = if approvals >= quorum {
+    let outcome = if approved {
         State::Approved
     } else if denied {
         State::Denied
@@ -664,6 +691,66 @@ mod tests {
         let e = respond(&agg, "eve", Decision::Approve, "", 0, later).unwrap();
         fold(&mut agg, &e);
         assert_eq!(agg.state(), State::Approved, "3 approvals");
+    }
+
+    #[test]
+    fn a_level_escalated_to_decides_with_the_names_it_adds() {
+        // 2 of 3, then one finance lead: the lead approves alone (with the quorum counted over
+        // every level, the lead's approval left the request pending until it timed out).
+        let now = Utc::now();
+        let p = policy(
+            2,
+            vec![level(&["ann", "bob", "cy"], 60), level(&["lead"], 60)],
+            TimeoutAction::Escalate,
+        );
+        let mut agg = request(&p, now);
+        let e = on_deadline(&agg, now + chrono::Duration::seconds(61));
+        fold(&mut agg, &e);
+        let later = now + chrono::Duration::seconds(62);
+        let e = respond(&agg, "lead", Decision::Approve, "", 0, later).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(agg.state(), State::Approved);
+    }
+
+    #[test]
+    fn deny_needs_quorum_counts_the_levels_still_to_come() {
+        let now = Utc::now();
+        let mut p = policy(
+            2,
+            vec![level(&["ann", "bob"], 60), level(&["carol", "dan"], 60)],
+            TimeoutAction::Escalate,
+        );
+        p.deny_needs_quorum = true;
+        let mut agg = request(&p, now);
+        for who in ["ann", "bob"] {
+            let e = respond(&agg, who, Decision::Deny, "", 0, now).unwrap();
+            fold(&mut agg, &e);
+            assert_eq!(
+                agg.state(),
+                State::Pending,
+                "carol and dan may still approve"
+            );
+        }
+        let e = on_deadline(&agg, now + chrono::Duration::seconds(61));
+        fold(&mut agg, &e);
+        let later = now + chrono::Duration::seconds(62);
+        let e = respond(&agg, "carol", Decision::Approve, "", 0, later).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(agg.state(), State::Pending, "1 of the 2 the level needs");
+        let e = respond(&agg, "dan", Decision::Deny, "", 0, later).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(
+            agg.state(),
+            State::Denied,
+            "no level left to reach the quorum"
+        );
+
+        // Without escalation the first level's denials decide.
+        p.on_timeout = TimeoutAction::Deny as i32;
+        let mut agg = request(&p, now);
+        let e = respond(&agg, "ann", Decision::Deny, "", 0, now).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(agg.state(), State::Denied);
     }
 
     #[test]
