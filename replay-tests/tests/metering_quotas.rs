@@ -872,6 +872,42 @@ async fn corrections_change_usage_against_the_quota(env: &Env) {
     let (fresh, mut other) = env.start_metering(false).await;
     assert_eq!(check(&mut other, &s, 0.0, 0).await.unwrap().used, "2");
     fresh.stop().await;
+    // With every event of the month voided, the usage counter in the cache reads nothing (it
+    // used to keep the last total: a key without usage had no row to write).
+    let month = Utc::now().format("%Y-%m").to_string();
+    let voided = client
+        .void_event(pb::VoidEventRequest {
+            subscription_id: s.clone(),
+            event_id: "b".into(),
+            reason: "test run".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    env.wait_applied(voided.sequence).await;
+    let counters = creto_projections::metering::counters::Counters::new(
+        env.platform.cache.clone(),
+        &env.settings.redis_prefix(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = counters.get("default", &s, CALLS).await.unwrap();
+        if got
+            .as_ref()
+            .is_some_and(|(_, q, n)| (q.as_str(), *n) == ("0", 0))
+        {
+            break;
+        }
+        let month_turned = Utc::now().format("%Y-%m").to_string() != month;
+        assert!(
+            Instant::now() < deadline || month_turned,
+            "the counter keeps voided usage: {got:?}"
+        );
+        if month_turned {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     running.stop().await;
 }
 

@@ -305,7 +305,13 @@ impl MeteringReadModel for SledReadModel {
 
     async fn month_totals(&self, keys: Option<&[Key]>) -> Result<Vec<MonthTotal>, ProjectionError> {
         let since = time_bytes(month_start(Utc::now()));
-        let mut totals: BTreeMap<Key, (u64, f64)> = BTreeMap::new();
+        // Every key asked for is answered, zero when its month holds nothing (a key whose
+        // events were all voided must read zero, not keep its total).
+        let mut totals: BTreeMap<Key, (u64, f64)> = keys
+            .unwrap_or_default()
+            .iter()
+            .map(|k| (k.clone(), (0, 0.0)))
+            .collect();
         let mut add = |k: &[u8], v: &[u8]| {
             let (p, rest) = parts(k, 3);
             if rest[..8] >= since[..] {

@@ -245,16 +245,16 @@ pub async fn existing_ids(
 
 /// One lookup per key in `usage_monthly` (migration 0010 says why it is not summed from
 /// `usage_hourly`). `>=`: an event up to five minutes ahead, at the turn of a month, counts in
-/// the month being closed, as it always has.
+/// the month being closed, as it always has. Every key asked for is answered, zero when its
+/// month holds nothing: a key whose events were all voided must read zero, not keep its total.
 const MONTH_TOTALS: &str = "SELECT k.tenant, k.subscription_id, k.event_type, t.n, t.q
      FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[], $3::text[])) AS k(tenant, subscription_id, event_type)
      CROSS JOIN LATERAL (
-        SELECT sum(m.event_count)::int8 AS n, sum(m.quantity_sum)::text AS q
+        SELECT coalesce(sum(m.event_count), 0)::int8 AS n, coalesce(sum(m.quantity_sum), 0)::text AS q
         FROM usage_monthly m
         WHERE (m.tenant, m.subscription_id, m.event_type) = (k.tenant, k.subscription_id, k.event_type)
           AND m.month >= date_trunc('month', now(), 'UTC')
-     ) AS t
-     WHERE t.n IS NOT NULL";
+     ) AS t";
 
 const ALL_MONTH_TOTALS: &str =
     "SELECT tenant, subscription_id, event_type, sum(event_count)::int8, sum(quantity_sum)::text

@@ -36,7 +36,8 @@ pub trait MeteringReadModel: Send + Sync + 'static {
         tenant: &str,
         keys: &[(String, String)],
     ) -> Result<Vec<(String, String)>, ProjectionError>;
-    /// Month-to-date totals of `keys` (all keys when `None`).
+    /// Month-to-date totals of `keys`, zero for a key without usage this month (all keys with
+    /// usage when `None`).
     async fn month_totals(&self, keys: Option<&[Key]>) -> Result<Vec<MonthTotal>, ProjectionError>;
     /// Corrections, plans and invoices (`metering::billing`).
     fn billing(&self) -> &dyn super::billing::BillingReadModel;
