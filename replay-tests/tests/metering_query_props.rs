@@ -366,6 +366,13 @@ async fn windows_equal_postgres_date_trunc_around_clock_changes() {
         "Europe/London",
         "Asia/Kolkata",
         "Pacific/Chatham",
+        // Names PostgreSQL also knows as abbreviations of fixed offsets.
+        "CET",
+        "EET",
+        "MET",
+        "WET",
+        "EST",
+        "HST",
     ];
     let mut instants: Vec<DateTime<Utc>> = Vec::new();
     for from in [
@@ -388,7 +395,7 @@ async fn windows_equal_postgres_date_trunc_around_clock_changes() {
                 "SELECT t, date_trunc($1, t, $2) FROM unnest($3::timestamptz[]) AS t ORDER BY t",
             )
             .bind(window.as_sql())
-            .bind(zone)
+            .bind(creto_projections::metering::query::postgres_zone(tz))
             .bind(&instants)
             .fetch_all(env.pool())
             .await

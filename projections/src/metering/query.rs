@@ -68,12 +68,32 @@ fn value_as(q: &mut QueryBuilder<'_, Postgres>, meter: &Meter, sql_type: &str) {
     }
 }
 
+/// The zone as PostgreSQL must be given it. PostgreSQL reads a name that is also a time zone
+/// abbreviation (of its `timezone_abbreviations` set: CET, EET, MET, WET, and under other sets
+/// EST and more) as that abbreviation's fixed offset, while the tz database, and so chrono-tz
+/// (the embedded adapter and every window's end), has these names as links to zones with
+/// summer time: CET days began at 23:00 UTC all summer. The link's target is the same zone
+/// under a name no abbreviation takes.
+pub fn postgres_zone(tz: Tz) -> &'static str {
+    match tz.name() {
+        "CET" | "MET" => "Europe/Brussels",
+        "EET" => "Europe/Athens",
+        "WET" => "Europe/Lisbon",
+        "EST" => "America/Panama",
+        "MST" => "America/Phoenix",
+        "HST" => "Pacific/Honolulu",
+        "UTC" | "UCT" => "Etc/UTC",
+        "GMT" => "Etc/GMT",
+        name => name,
+    }
+}
+
 pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, sqlx::Error> {
     let meter = &query.meter;
     let mut q = QueryBuilder::<Postgres>::new("SELECT date_trunc(");
     q.push_bind(query.window.as_sql())
         .push(", occurred_at, ")
-        .push_bind(query.tz.name())
+        .push_bind(postgres_zone(query.tz))
         .push(") AS ws");
     for g in &query.group_by {
         q.push(", ");
