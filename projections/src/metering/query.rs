@@ -116,11 +116,14 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, s
             }
         }
         Aggregation::Latest => {
-            q.push("(array_agg(");
+            // The greatest (time, sequence, value) triple: one row kept per group, where an
+            // array_agg kept every value of the window (past 1 GB it fails). Float8 keeps
+            // `value` exact and orders times to the microsecond and sequences below 2^53.
+            q.push("(max(ARRAY[extract(epoch FROM occurred_at)::float8, stream_sequence::float8, ");
             value(&mut q, meter);
-            q.push(" ORDER BY occurred_at DESC, stream_sequence DESC) FILTER (WHERE ");
+            q.push("]) FILTER (WHERE ");
             value(&mut q, meter);
-            q.push(" IS NOT NULL))[1]");
+            q.push(" IS NOT NULL))[3]");
         }
         Aggregation::Sum => {
             // Summed as decimals, rounded once: what invoices price (see `exact_sum`). A
