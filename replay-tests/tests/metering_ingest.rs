@@ -418,6 +418,13 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
         .unwrap()
         .into_inner();
     assert_eq!(again.results[0].status, Duplicate as i32);
+    // Known from the read model, not from JetStream's duplicate window (which would answer
+    // the same status within its 10 minutes).
+    assert_eq!(
+        again.results[0].reason,
+        "this id was already accepted for this subscription",
+        "{again:?}"
+    );
 
     // Limits and malformed requests.
     let too_many = (0..1001)
@@ -455,8 +462,19 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
     let mut q = usage_request("sub_g", "agent.execution", 10_000_000);
     q.wait_ms = 200;
     assert_eq!(
-        client.query_usage(q).await.unwrap_err().code(),
+        client.query_usage(q.clone()).await.unwrap_err().code(),
         Code::DeadlineExceeded
+    );
+    // A request wrong in itself is told so at once, not after waiting for the projection.
+    q.window = 42;
+    q.wait_ms = 30_000;
+    let asked = std::time::Instant::now();
+    let err = client.query_usage(q).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
     );
 
     // Meters: defined once, with group-by.

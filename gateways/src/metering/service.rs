@@ -226,26 +226,6 @@ impl MeteringService for MeteringGateway {
         let r = request.into_inner();
         let started = std::time::Instant::now();
 
-        let applied_sequence = if r.min_sequence > 0 {
-            let wait = Duration::from_millis(if r.wait_ms == 0 {
-                5_000
-            } else {
-                u64::from(r.wait_ms).min(30_000)
-            });
-            let at = read_model::wait_for(&*self.read_model, r.min_sequence, wait)
-                .await
-                .map_err(db_status)?;
-            if at < r.min_sequence {
-                return Err(Status::deadline_exceeded(format!(
-                    "the projection has applied sequence {at}, not yet {}; retry or raise wait_ms",
-                    r.min_sequence
-                )));
-            }
-            at
-        } else {
-            self.read_model.checkpoint().await.map_err(db_status)?
-        };
-
         if r.filters.len() > MAX_FILTERS {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_FILTERS} filters, not {}",
@@ -254,30 +234,14 @@ impl MeteringService for MeteringGateway {
         }
         let mut filters: Vec<(String, String)> = r.filters.into_iter().collect();
         filters.sort();
-        let meter = if !r.meter.is_empty() {
-            let m = self
-                .read_model
-                .meter(&tenant, &r.meter)
-                .await
-                .map_err(db_status)?
-                .ok_or_else(|| {
-                    Status::not_found(format!(
-                        "no meter {:?}; create it with CreateMeter or list them with ListMeters",
-                        r.meter
-                    ))
-                })?;
-            if !r.subscription_id.is_empty() {
-                filters.push(("subscription_id".into(), r.subscription_id.clone()));
-            }
-            m
-        } else if !r.subscription_id.is_empty() && !r.event_type.is_empty() {
+        // The subscription narrows the query as a filter (checked with the others below).
+        if !r.subscription_id.is_empty() && (!r.meter.is_empty() || !r.event_type.is_empty()) {
             filters.push(("subscription_id".into(), r.subscription_id.clone()));
-            query::quantity_meter(&r.event_type)
-        } else {
+        } else if r.meter.is_empty() {
             return Err(Status::invalid_argument(
                 "set `meter`, or `subscription_id` and `event_type`",
             ));
-        };
+        }
         let from = r
             .from
             .as_ref()
@@ -332,18 +296,14 @@ impl MeteringService for MeteringGateway {
                 metering::meter::MAX_GROUP_BY
             )));
         }
-        for g in &r.group_by {
-            if g != "subscription_id" && !meter.group_by.contains(g) && !meter.slug.is_empty() {
-                return Err(Status::invalid_argument(format!(
-                    "meter {} cannot be grouped by {g:?}; its dimensions are {:?} (and subscription_id)",
-                    meter.slug, meter.group_by
-                )));
-            }
-            if !metering::meter::is_dimension(g) {
-                return Err(Status::invalid_argument(format!(
-                    "group_by {g:?} is not a dimension name"
-                )));
-            }
+        if let Some(g) = r
+            .group_by
+            .iter()
+            .find(|g| !metering::meter::is_dimension(g))
+        {
+            return Err(Status::invalid_argument(format!(
+                "group_by {g:?} is not a dimension name"
+            )));
         }
         if let Some((k, _)) = filters
             .iter()
@@ -357,6 +317,51 @@ impl MeteringService for MeteringGateway {
         for (k, v) in &filters {
             creto_domain::text::check(&format!("filters.{k}"), v)
                 .map_err(Status::invalid_argument)?;
+        }
+        // Everything the request alone decides is checked before waiting on the projection.
+        let applied_sequence = if r.min_sequence > 0 {
+            let wait = Duration::from_millis(if r.wait_ms == 0 {
+                5_000
+            } else {
+                u64::from(r.wait_ms).min(30_000)
+            });
+            let at = read_model::wait_for(&*self.read_model, r.min_sequence, wait)
+                .await
+                .map_err(db_status)?;
+            if at < r.min_sequence {
+                return Err(Status::deadline_exceeded(format!(
+                    "the projection has applied sequence {at}, not yet {}; retry or raise wait_ms",
+                    r.min_sequence
+                )));
+            }
+            at
+        } else {
+            self.read_model.checkpoint().await.map_err(db_status)?
+        };
+
+        // The meter is looked up once the projection has reached `min_sequence`: one created
+        // just before is read back.
+        let meter = if !r.meter.is_empty() {
+            self.read_model
+                .meter(&tenant, &r.meter)
+                .await
+                .map_err(db_status)?
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no meter {:?}; create it with CreateMeter or list them with ListMeters",
+                        r.meter
+                    ))
+                })?
+        } else {
+            query::quantity_meter(&r.event_type)
+        };
+        if let Some(g) = r.group_by.iter().find(|g| {
+            *g != "subscription_id" && !meter.group_by.contains(g) && !meter.slug.is_empty()
+        }) {
+            return Err(Status::invalid_argument(format!(
+                "meter {} cannot be grouped by {g:?}; its dimensions are {:?} (and subscription_id)",
+                meter.slug, meter.group_by
+            )));
         }
         let q = UsageQuery {
             tenant,
