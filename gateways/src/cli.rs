@@ -478,6 +478,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     grpc_addr: messaging_grpc_addr,
                     metrics_addr: messaging_metrics_addr,
                 }),
+                notify: Some(dev_notify(&data_dir, oversight_metrics_addr)?),
             };
             // The ring the gateways verify with: ENABLEMENT_AUTH_KEYS when set, else the data
             // directory's. The printed token is signed with the same one (signed with the
@@ -582,6 +583,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     grpc_addr: messaging_grpc_addr,
                     metrics_addr: messaging_metrics_addr,
                 }),
+                notify: None,
             };
             run_until_signal(settings, options, auth(None)?).await
         }
@@ -611,6 +613,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     .runtime()
                     .then(|| (projector(runtime_metrics_addr), PathBuf::new())),
                 messaging: None,
+                notify: None,
             };
             // Projectors serve no gRPC: nothing to authenticate.
             run_until_signal(settings, options, auth_args_disabled()?).await
@@ -838,6 +841,47 @@ fn dev_key_ring(dir: &std::path::Path) -> Result<PathBuf, CliError> {
     Ok(path)
 }
 
+/// Oversight's notification settings for `enablement dev`: the environment's, with the
+/// approval page on when neither OVERSIGHT_PUBLIC_URL nor OVERSIGHT_LINK_SECRET is set (on the
+/// oversight HTTP port, its link secret kept owner-only in the data directory).
+fn dev_notify(
+    dir: &std::path::Path,
+    oversight_http: std::net::SocketAddr,
+) -> Result<crate::oversight::notify::NotifyConfig, CliError> {
+    let mut config = crate::oversight::notify::NotifyConfig::from_env();
+    if config.public_url.is_some() || config.link_secret.is_some() {
+        return Ok(config);
+    }
+    let path = dir.join(DEV_LINK_SECRET);
+    if !path.exists() {
+        use rand::RngCore;
+        let mut secret = [0u8; 32];
+        rand::rng().fill_bytes(&mut secret);
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        std::io::Write::write_all(
+            &mut file.open(&path).map_err(fail)?,
+            hex::encode(secret).as_bytes(),
+        )
+        .map_err(fail)?;
+    }
+    let secret = std::fs::read_to_string(&path).map_err(fail)?;
+    let host = if oversight_http.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), oversight_http.port())
+    } else {
+        oversight_http
+    };
+    config.public_url = Some(format!("http://{host}"));
+    config.link_secret = Some(secret.trim().to_string());
+    Ok(config)
+}
+
+/// Where `enablement dev` keeps the approval links' secret, in its data directory.
+const DEV_LINK_SECRET: &str = "link-secret";
+
 /// The embedded default: opens the data directory, starts every product, says where they are.
 async fn dev(
     settings: Settings,
@@ -877,6 +921,11 @@ async fn dev(
             exporters_rx,
         );
     }
+    let approvals = options
+        .notify
+        .as_ref()
+        .filter(|n| n.link_secret.is_some())
+        .and_then(|n| n.public_url.clone());
     // Sandboxes need root, bubblewrap and nft: on a laptop without them the rest still runs.
     let runtime = options.runtime.take();
     let mut running = options.start(platform.clone(), auth.clone()).await?;
@@ -904,6 +953,16 @@ async fn dev(
         println!("  runtime    unavailable: {why}");
     }
     println!("  archive    {}", archive.unwrap_or_default());
+    if let Some(url) = approvals {
+        let secret = if std::env::var_os("OVERSIGHT_LINK_SECRET").is_some() {
+            "$OVERSIGHT_LINK_SECRET".to_string()
+        } else {
+            format!("$(cat {})", data.join(DEV_LINK_SECRET).display())
+        };
+        println!(
+            "  approvals  page on {url}; an approver's link: OVERSIGHT_PUBLIC_URL={url} OVERSIGHT_LINK_SECRET={secret} enablement oversight page-link --tenant default --approver NAME"
+        );
+    }
     println!(
         "  auth       bearer token for tenant default, role admin, valid 30 days (key ring {}):",
         keys.display()
@@ -934,6 +993,8 @@ struct Products {
     /// With the default directory of the sandboxes.
     runtime: Option<(ServeOptions, PathBuf)>,
     messaging: Option<ServeOptions>,
+    /// Oversight's notification settings: the environment's when `None`.
+    notify: Option<crate::oversight::notify::NotifyConfig>,
 }
 
 impl Products {
@@ -956,7 +1017,8 @@ impl Products {
                     platform.clone(),
                     options,
                     auth.clone(),
-                    crate::oversight::notify::NotifyConfig::from_env(),
+                    self.notify
+                        .unwrap_or_else(crate::oversight::notify::NotifyConfig::from_env),
                 )
                 .await?,
             ));

@@ -28,6 +28,8 @@ struct Dev {
     grpc: String,
     messaging: String,
     token: String,
+    /// The approval page's base URL, as the banner gives it.
+    approvals: String,
 }
 
 fn start(dir: &std::path::Path) -> Dev {
@@ -99,12 +101,41 @@ fn start(dir: &std::path::Path) -> Dev {
         .find_map(|l| l.strip_prefix("export ENABLEMENT_TOKEN="))
         .expect("dev prints a development token")
         .to_string();
+    let approvals = format!("http://127.0.0.1:{oversight_metrics}");
+    assert!(
+        banner.contains(&format!("approvals  page on {approvals};")),
+        "dev turns the approval page on: {banner}"
+    );
     Dev {
         child,
         grpc: format!("http://127.0.0.1:{grpc}"),
         messaging: format!("http://127.0.0.1:{messaging}"),
         token,
+        approvals,
     }
+}
+
+/// An approver's link, made as the banner says, opens the approval page.
+async fn approval_page_opens(dev: &Dev, data: &std::path::Path) {
+    let secret = std::fs::read_to_string(data.join("link-secret")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_enablement"))
+        .args([
+            "oversight",
+            "page-link",
+            "--tenant",
+            "default",
+            "--approver",
+            "ann",
+        ])
+        .env("OVERSIGHT_PUBLIC_URL", &dev.approvals)
+        .env("OVERSIGHT_LINK_SECRET", secret.trim())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let link = String::from_utf8(out.stdout).unwrap();
+    let page = reqwest::get(link.trim()).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("Approvals"));
 }
 
 async fn usage(client: &mut Client, min: u64) -> f64 {
@@ -182,6 +213,7 @@ async fn dev_runs_alone_and_keeps_its_data_across_restarts() {
     std::fs::create_dir_all(&data).unwrap();
 
     let mut dev = start(&data);
+    approval_page_opens(&dev, &data).await;
     let mut client = connect(&dev).await;
     let seq = ingest(&mut client, "evt-1").await;
     assert_eq!(usage(&mut client, seq).await, 2.5);
@@ -207,6 +239,7 @@ async fn dev_runs_alone_and_keeps_its_data_across_restarts() {
     assert!(dev.child.wait().unwrap().success());
 
     let mut dev = start(&data);
+    approval_page_opens(&dev, &data).await;
     let mut client = connect(&dev).await;
     assert_eq!(usage(&mut client, seq).await, 2.5, "kept across a restart");
     // The directory and Bob's queue came back from the embedded log.
@@ -245,6 +278,7 @@ async fn dev_runs_alone_and_keeps_its_data_across_restarts() {
     dev.child.wait().unwrap();
 
     let mut dev = start(&data);
+    approval_page_opens(&dev, &data).await;
     let mut client = connect(&dev).await;
     assert_eq!(usage(&mut client, seq).await, 5.0, "kept across a SIGKILL");
     // A clean stop last: it ends the warm pool's sandboxes (this start cleaned up what the

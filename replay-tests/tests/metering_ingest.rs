@@ -421,8 +421,7 @@ async fn grpc_ingest_answers_per_event_and_reads_its_writes() {
     // Known from the read model, not from JetStream's duplicate window (which would answer
     // the same status within its 10 minutes).
     assert_eq!(
-        again.results[0].reason,
-        "this id was already accepted for this subscription",
+        again.results[0].reason, "this id was already accepted for this subscription",
         "{again:?}"
     );
 
