@@ -263,7 +263,8 @@ pub enum TokenCommand {
         tenant: String,
         #[arg(long)]
         subject: String,
-        /// Comma-separated roles: admin, operator, producer, reader, or your policy's own.
+        /// Comma-separated roles of the built-in policy (admin, operator, producer, reader,
+        /// agent, approver, platform-operator) or of your policy's own.
         #[arg(long, value_delimiter = ',')]
         roles: Vec<String>,
         /// Lifetime, e.g. 15m, 12h, 30d.
@@ -510,6 +511,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         "{}",
                         ring.issue(&tenant, &subject, &roles, ttl).map_err(fail)?
                     );
+                    warn_of_roles_no_rule_names(auth_args.policy.as_deref(), &roles);
                     Ok(())
                 }
             }
@@ -819,6 +821,31 @@ async fn replay_whole(
         );
     }
     Ok(())
+}
+
+/// A token is issued with whatever roles it is given (a policy file may name its own), but a
+/// role no rule of the policy in force names (`agnet`) allows nothing: say so on stderr.
+fn warn_of_roles_no_rule_names(policy: Option<&std::path::Path>, roles: &[String]) {
+    let text = match policy {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(_) => return,
+        },
+        None => crate::auth::policy::DEFAULT_POLICY.to_string(),
+    };
+    let Ok(rules) = crate::auth::policy::parse(&text, "policy") else {
+        return;
+    };
+    let named: std::collections::BTreeSet<&str> = rules
+        .iter()
+        .flat_map(|r| r.roles.iter().map(String::as_str))
+        .collect();
+    for role in roles.iter().filter(|r| !named.contains(r.as_str())) {
+        eprintln!(
+            "warning: no rule of the policy names role {role:?}, so it allows nothing; the policy's roles are {}",
+            named.iter().copied().collect::<Vec<_>>().join(", ")
+        );
+    }
 }
 
 /// The key ring `enablement dev` keeps in its data directory (created once, owner-only).
@@ -1270,6 +1297,26 @@ async fn deadletters(
                 })
                 .await
                 .map_err(fail)?;
+            if let (Some(reason), true) = (&reason, letters.is_empty()) {
+                // Nothing to re-drive, or a mistyped reason: say which ones are parked.
+                let present: std::collections::BTreeSet<String> =
+                    deadletter::list(log, catalog, subject.as_deref(), after, usize::MAX, |_| {
+                        true
+                    })
+                    .await
+                    .map_err(fail)?
+                    .into_iter()
+                    .map(|l| l.reason)
+                    .collect();
+                eprintln!(
+                    "no dead letter has reason {reason:?}; those parked have: {}",
+                    if present.is_empty() {
+                        "none".to_string()
+                    } else {
+                        present.into_iter().collect::<Vec<_>>().join(", ")
+                    }
+                );
+            }
             // Metering's projector drops an event id it already applied, so a copy of a
             // letter is safe there. Oversight's and runtime's events are folded by their
             // aggregates (every gateway's view, the timers), which would take a copy for a
@@ -1378,6 +1425,7 @@ async fn replay_dry_run(
         let key = match creto_projections::metering::decode(&e, &catalog, &settings.limits) {
             creto_projections::metering::Decoded::Usage(_) => "usage".to_string(),
             creto_projections::metering::Decoded::Marker => "restore marker".to_string(),
+            creto_projections::metering::Decoded::Quota => "quota".to_string(),
             creto_projections::metering::Decoded::MeterDefined { .. } => {
                 "meter_defined".to_string()
             }

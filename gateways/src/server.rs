@@ -66,10 +66,11 @@ impl Running {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+/// Listens on `addr` for `what`; `flag` is the option that moves it.
+async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what} ({e}); is another instance running? choose another address with the flags"))
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what} ({e}); is another instance running? choose another address with {flag}"))
 }
 
 /// Keeps a projector running: restarts it with backoff when it stops on an error.
@@ -417,7 +418,13 @@ async fn start_product(
     let mut tasks = JoinSet::new();
     let health = Health::default();
 
-    let metrics_listener = bind(options.metrics_addr, "metrics").await?;
+    let name = product.name;
+    let metrics_listener = bind(
+        options.metrics_addr,
+        &format!("{name} metrics"),
+        &format!("--{name}-metrics-addr"),
+    )
+    .await?;
     let metrics_addr = metrics_listener.local_addr()?;
     let router = match product.http {
         Some(extra) => status::router(health.clone()).merge(extra),
@@ -437,8 +444,12 @@ async fn start_product(
 
     let mut grpc_addr = None;
     if options.gateways {
-        let name = product.name;
-        let listener = bind(options.grpc_addr, &format!("the {name} gRPC gateway")).await?;
+        let listener = bind(
+            options.grpc_addr,
+            &format!("the {name} gRPC gateway"),
+            &format!("--{name}-grpc-addr"),
+        )
+        .await?;
         grpc_addr = Some(listener.local_addr()?);
         // NOT_SERVING until the first dependency check says otherwise (below).
         let (reporter, health_service) = tonic_health::server::health_reporter();

@@ -44,11 +44,13 @@ pub enum TokenError {
     #[error("the token has expired; mint a new one (`enablement token issue`)")]
     Expired,
     #[error(
-        "the token was signed with key {0:?}, which this server no longer trusts; mint a new one"
+        "the token was signed with key {0:?}, which is not in this server's key ring (removed, or from another ring); mint one with this server's ring"
     )]
     UnknownKey(String),
     #[error("the token is not valid: {0}")]
     Invalid(String),
+    #[error("cannot issue the token: {0}")]
+    NotIssued(String),
     #[error("key ring {path}: {detail}")]
     Ring { path: String, detail: String },
 }
@@ -188,7 +190,6 @@ impl KeyRing {
         Ok(true)
     }
 
-    /// Reloads every `every` until the process ends.
     /// Mints a token with the signing key.
     pub fn issue(
         &self,
@@ -197,9 +198,11 @@ impl KeyRing {
         roles: &[String],
         ttl: Duration,
     ) -> Result<String, TokenError> {
-        super::check_tenant(tenant).map_err(TokenError::Invalid)?;
+        super::check_tenant(tenant).map_err(TokenError::NotIssued)?;
         if subject.is_empty() {
-            return Err(TokenError::Invalid("the subject must not be empty".into()));
+            return Err(TokenError::NotIssued(
+                "the subject must not be empty".into(),
+            ));
         }
         let loaded = self.loaded.read().unwrap();
         let key = loaded
@@ -228,13 +231,16 @@ impl KeyRing {
             ..Header::new(Algorithm::HS256)
         };
         jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&key.secret))
-            .map_err(|e| TokenError::Invalid(e.to_string()))
+            .map_err(|e| TokenError::NotIssued(e.to_string()))
     }
 
     /// Verifies a token: signature by a trusted key, issuer, expiry (no leeway).
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            TokenError::Invalid(format!(
+                "it is not a JWT as `enablement token issue` makes them ({e})"
+            ))
+        })?;
         if header.alg != Algorithm::HS256 {
             return Err(TokenError::Invalid(format!(
                 "algorithm {:?} is not accepted",

@@ -40,7 +40,7 @@ pub async fn sort<'a>(
     let mut sorted = Sorted::default();
     for e in events.iter().filter(|e| e.sequence > checkpoint) {
         match decode(e, catalog, limits) {
-            Decoded::Marker => {}
+            Decoded::Marker | Decoded::Quota => {}
             Decoded::Usage(r) => sorted.usage.push((r, e)),
             Decoded::Billing(fact) => sorted.billing.push((fact, e)),
             Decoded::MeterDefined { meter, tenant } => {

@@ -25,6 +25,9 @@ pub const LATE_WINDOW_HOURS: &str = "Creto-Late-Window-Hours";
 pub enum Decoded {
     /// Nothing to project: the log's own bookkeeping (the restore marker).
     Marker,
+    /// A quota or threshold fact: the gateways' books and `quotas::QuotasProjector` read it,
+    /// not this projector.
+    Quota,
     Usage(UsageRecord),
     MeterDefined {
         meter: Meter,
@@ -198,7 +201,7 @@ pub fn decode(event: &StoredEvent, catalog: &Catalog, limits: &IngestLimits) -> 
     }
     // Quotas and thresholds: read by the gateways' books and `quotas::QuotasProjector`.
     if super::quotas::is_quota_subject(subject) {
-        return Decoded::Marker;
+        return Decoded::Quota;
     }
     invalid(
         InvalidReason::InvalidField,

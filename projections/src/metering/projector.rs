@@ -356,7 +356,7 @@ impl MeteringProjector {
                     }
                 }
                 Decoded::Invalid(_) => report.dead_lettered += 1,
-                Decoded::Marker => {}
+                Decoded::Marker | Decoded::Quota => {}
             }
         }
         let submitted = columns.id.len() as u64;
@@ -467,7 +467,7 @@ impl BulkDecoder {
                 }
                 Decoded::Billing(fact) => batch.billing.push((fact, e.clone())),
                 Decoded::Invalid(_) => batch.report.dead_lettered += 1,
-                Decoded::Marker => {}
+                Decoded::Marker | Decoded::Quota => {}
             }
         }
         batch
