@@ -15,6 +15,7 @@ use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClie
 use creto_schemas::runtime::v1 as rpb;
 use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use creto_streams::{OVERSIGHT, RUNTIME};
+use futures::StreamExt;
 use sqlx::Executor;
 
 use crate::{rebuild_whole, table_checksums, Env};
@@ -32,7 +33,21 @@ fn tables() -> impl Iterator<Item = &'static str> {
 /// exec each, terminated), made through the gateways as agents and approvers would, then
 /// projected by the live oversight and runtime projectors until they have applied it all.
 pub async fn oversight_and_runtime_activity(env: &Env) {
-    let (running, url) = env.start_oversight().await;
+    // A webhook receiver that takes every announcement: their outcomes are notification rows.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = listener.local_addr().unwrap();
+    let app = axum::Router::new().route("/hook", axum::routing::post(|| async { "" }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let running = env
+        .start_oversight_notifying(creto_gateways::oversight::notify::NotifyConfig {
+            webhook_url: Some(format!("http://{hook}/hook")),
+            webhook_secret: Some("drill-secret".into()),
+            ..Default::default()
+        })
+        .await;
+    let url = format!("http://{}", running.grpc_addr.unwrap());
     let mut c = OversightServiceClient::connect(url).await.unwrap();
     c.put_policy(opb::PutPolicyRequest {
         policy: Some(opb::Policy {
@@ -79,6 +94,30 @@ pub async fn oversight_and_runtime_activity(env: &Env) {
         .await
         .unwrap();
     }
+    // The two left pending announced (their outcomes on the log) before the gateway stops;
+    // the decided ones may have been decided before their turn, and are then not announced.
+    let announced = env.platform.catalog.subject("oversight.notifications.>");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let outcomes = env
+            .platform
+            .log
+            .replay(
+                &env.platform.catalog.stream(OVERSIGHT),
+                creto_streams::ReplayFrom::Start,
+                None,
+                Some(&announced),
+            )
+            .await
+            .unwrap()
+            .count()
+            .await;
+        if outcomes >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{outcomes} requests announced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     running.stop().await;
 
     let dir = tempfile::Builder::new()
@@ -89,7 +128,7 @@ pub async fn oversight_and_runtime_activity(env: &Env) {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let (running, url) = env.start_runtime(dir.path(), "").await;
     let mut c = RuntimeServiceClient::connect(url).await.unwrap();
-    for _ in 0..2 {
+    for i in 0..2 {
         let sb = c
             .create_sandbox(rpb::CreateSandboxRequest {
                 template: "base".into(),
@@ -98,16 +137,34 @@ pub async fn oversight_and_runtime_activity(env: &Env) {
             .await
             .unwrap()
             .into_inner();
+        // The first one also tries a connection its (empty) egress policy denies, and is
+        // checkpointed: rows in sandbox_egress and sandbox_checkpoints.
+        let argv = if i == 0 {
+            vec![
+                "python3".into(),
+                "-c".into(),
+                "import socket\ntry: socket.create_connection(('203.0.113.7', 80), timeout=3)\nexcept OSError: pass".into(),
+            ]
+        } else {
+            vec!["true".into()]
+        };
         let mut out = c
             .exec(rpb::ExecRequest {
                 sandbox_id: sb.sandbox_id.clone(),
-                argv: vec!["true".into()],
+                argv,
                 ..Default::default()
             })
             .await
             .unwrap()
             .into_inner();
         while out.message().await.unwrap().is_some() {}
+        if i == 0 {
+            c.checkpoint(rpb::CheckpointRequest {
+                sandbox_id: sb.sandbox_id.clone(),
+            })
+            .await
+            .unwrap();
+        }
         c.terminate_sandbox(rpb::TerminateSandboxRequest {
             sandbox_id: sb.sandbox_id,
         })
@@ -115,6 +172,7 @@ pub async fn oversight_and_runtime_activity(env: &Env) {
         .unwrap();
     }
     running.stop().await;
+    quota_activity(env).await;
 
     let (pool, log, catalog) = (env.pool(), &env.platform.log, &env.platform.catalog);
     project_to_the_end(
@@ -137,6 +195,64 @@ pub async fn oversight_and_runtime_activity(env: &Env) {
         RUNTIME,
     )
     .await;
+}
+
+/// A quota whose thresholds are crossed, through a metering gateway whose projectors put it
+/// and the crossings in `quotas` and `quota_thresholds_reached`.
+async fn quota_activity(env: &Env) {
+    use creto_schemas::metering::v1 as mpb;
+    let (running, mut c) = env.start_metering(true).await;
+    c.set_quota(mpb::SetQuotaRequest {
+        subscription_id: "sub-drill".into(),
+        event_type: "drill.calls".into(),
+        limit: "10".into(),
+        period: Some(mpb::QuotaPeriod {
+            kind: mpb::QuotaPeriodKind::PeriodMonth as i32,
+            anchor: None,
+            time_zone: String::new(),
+        }),
+        hard: true,
+        thresholds_pct: vec![50, 100],
+    })
+    .await
+    .unwrap();
+    let quantity = prost_types::Struct {
+        fields: [(
+            "quantity".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(6.0)),
+            },
+        )]
+        .into(),
+    };
+    let answer = c
+        .ingest_events(mpb::IngestEventsRequest {
+            events: vec![mpb::UsageEvent {
+                id: "drill-1".into(),
+                source: "drill".into(),
+                r#type: "drill.calls".into(),
+                subject: "sub-drill".into(),
+                time: Some(creto_streams::envelope::timestamp(chrono::Utc::now())),
+                data: Some(quantity),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.accepted, 1, "{answer:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let crossed: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_thresholds_reached")
+            .fetch_one(env.pool())
+            .await
+            .unwrap();
+        if crossed > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no threshold crossing projected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.stop().await;
 }
 
 /// Runs `projector` live until it has applied its stream to the end, then stops it.
@@ -171,6 +287,22 @@ pub async fn checksums(env: &Env) -> Vec<(&'static str, String)> {
     let tables: Vec<&'static str> = tables().collect();
     let sums = table_checksums(env.pool(), &tables).await;
     tables.into_iter().zip(sums).collect()
+}
+
+/// The checksums of a drill's activity: every table holds rows (two empty tables are equal
+/// before and after any recovery, and would prove nothing).
+pub async fn checksums_of_activity(env: &Env) -> Vec<(&'static str, String)> {
+    let sums = checksums(env).await;
+    let empty: Vec<&str> = sums
+        .iter()
+        .filter(|(_, sum)| sum == "empty")
+        .map(|(table, _)| *table)
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "the drill's activity left {empty:?} empty"
+    );
+    sums
 }
 
 /// The disaster: every row of these read models and their checkpoints gone.

@@ -142,6 +142,10 @@ async fn wait_counters_at(env: &Env, sequence: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_1_read_models_and_cache_lost_rebuilt_by_replay() {
     let env = Env::new().await;
+    // The other products' read models (oversight requests, runtime sandboxes, a quota and its
+    // crossings), before metering's own events so that those end the stream.
+    drills::oversight_and_runtime_activity(&env).await;
+    let others = drills::checksums_of_activity(&env).await;
     let (running, _client) = env.start_metering(true).await;
     let last = publish(&env, 4_000, 11).await;
     env.wait_applied(last).await;
@@ -151,9 +155,6 @@ async fn drill_1_read_models_and_cache_lost_rebuilt_by_replay() {
     wait_counters_at(&env, last).await;
     let cached = counters(&env).await;
     assert!(!cached.is_empty(), "the projector keeps Redis counters");
-    // The other products' read models: oversight requests, runtime sandboxes.
-    drills::oversight_and_runtime_activity(&env).await;
-    let others = drills::checksums(&env).await;
 
     // The disaster: every read model row and every cache key of the environment is gone.
     running.stop().await;
@@ -207,6 +208,18 @@ async fn drill_3_rebuild_killed_at_random_points_resumes_and_switches() {
     let live = metering_checksums(env.pool()).await;
     let log = env.platform.log.clone();
 
+    // How long one whole rebuild of these events takes on this machine: the kills below land
+    // within its first quarter (at fixed 5–80 ms, a fast machine finished before most of them and
+    // a slow one had not begun).
+    let timed = Instant::now();
+    {
+        let p = env.prepare_rebuild(true).await;
+        rebuild::catch_up(&log, &p, None, 100, |_| {})
+            .await
+            .unwrap();
+    }
+    let whole = timed.elapsed().as_millis().max(40) as u64;
+
     let started = Instant::now();
     let mut rng = rand::rng();
     let mut checkpoints = Vec::new();
@@ -234,7 +247,10 @@ async fn drill_3_rebuild_killed_at_random_points_resumes_and_switches() {
                 .unwrap();
         });
         restart = false;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(5..80))).await;
+        tokio::time::sleep(Duration::from_millis(
+            rng.random_range(whole / 10..whole / 4),
+        ))
+        .await;
         task.abort();
         let _ = task.await;
         // The process is gone: so are its connections (and their transactions).
@@ -242,7 +258,7 @@ async fn drill_3_rebuild_killed_at_random_points_resumes_and_switches() {
         let p = env.prepare_rebuild(false).await;
         checkpoints.push(p.checkpoint().await.unwrap());
     }
-    let mid = checkpoints.iter().filter(|&&c| c < last).count();
+    let mid = checkpoints.iter().filter(|&&c| c > 0 && c < last).count();
     assert!(
         mid >= 2,
         "at least two kills land mid-rebuild: {checkpoints:?} of {last}"
@@ -295,13 +311,13 @@ fn enablement_binary() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
     let env = Env::new().await;
+    drills::oversight_and_runtime_activity(&env).await;
+    let others = drills::checksums_of_activity(&env).await;
     let (running, _client) = env.start_metering(true).await;
     let last = publish(&env, 5_000, 41).await;
     env.wait_applied(last).await;
     running.stop().await;
     let live = metering_checksums(env.pool()).await;
-    drills::oversight_and_runtime_activity(&env).await;
-    let others = drills::checksums(&env).await;
     let rebuild = |extra: &[&str]| {
         let mut c = std::process::Command::new(enablement_binary());
         c.args(["replay", "all", "--rebuild", "--batch", "250"])
@@ -314,13 +330,24 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
             .stderr(std::process::Stdio::null());
         c
     };
+    // One whole run first, timed: the kills below land in its second half, past the
+    // process's start, where the rebuild is loading (at fixed 100–600 ms they landed before
+    // it had loaded anything, or after it had finished).
+    let timed = Instant::now();
+    assert!(rebuild(&[]).status().unwrap().success());
+    let whole = timed.elapsed().as_millis().max(100) as u64;
     let started = Instant::now();
     let mut rng = rand::rng();
     let mut kills = 0;
-    for _ in 0..5 {
+    // Where the last killed run left its rebuild, when it had loaded something.
+    let mut left_at = 0;
+    for _ in 0..8 {
         let mut child = rebuild(&[]).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
-        if child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(whole / 2..whole * 9 / 10),
+        ));
+        let killed = child.try_wait().unwrap().is_none();
+        if killed {
             child.kill().unwrap(); // SIGKILL
             kills += 1;
         }
@@ -328,7 +355,19 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
         // Readers keep the live tables while a rebuild is pending.
         assert_eq!(metering_checksums(env.pool()).await, live);
         assert_eq!(drills::checksums(&env).await, others);
+        left_at = if killed {
+            env.prepare_rebuild(false).await.checkpoint().await.unwrap()
+        } else {
+            0
+        };
+        if left_at > 0 {
+            break;
+        }
     }
+    assert!(
+        left_at > 0,
+        "no kill landed once the rebuild had loaded something ({kills} kills)"
+    );
     let done = rebuild(&["--json"]).output().unwrap();
     assert!(
         done.status.success(),
@@ -343,6 +382,11 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
     assert_eq!(reports.len(), 3, "{reports:?}");
     let report = &reports[0];
     assert_eq!(report["switched"], true, "{report}");
+    assert_eq!(
+        report["resumed_from"].as_u64(),
+        Some(left_at),
+        "the last run resumed where the killed one stopped: {report}"
+    );
     assert_eq!(
         [&reports[1]["product"], &reports[2]["product"]],
         ["oversight", "runtime"]
