@@ -251,3 +251,53 @@ async fn a_second_rebuild_is_refused_while_one_runs() {
     }
     env.drop().await;
 }
+
+/// A rebuild that passes the live projector (stopped, or never run: the rebuild is often the
+/// remedy) parks the invalid events it passes, as the live projector would have: it moves the
+/// live checkpoint past them, so nothing else ever will. The bulk load used to only count them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_past_the_live_projector_parks_what_it_passes() {
+    let env = Env::new().await;
+    let letters = || async {
+        creto_gateways::metering::service::dead_letters_page(
+            &*env.platform.log,
+            &env.platform.catalog,
+            0,
+            10_000,
+            None,
+        )
+        .await
+        .unwrap()
+        .0
+    };
+    // 500 events, every 50th invalid; no live projector has run.
+    let last = publish_all(&env, 500, 7).await;
+    let log = env.platform.log.clone();
+    let p = env.prepare_rebuild(true).await;
+    rebuild::catch_up(&log, &p, None, 100, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        rebuild::switch_over(env.pool(), &log, &p).await.unwrap(),
+        last
+    );
+    let parked = letters().await;
+    assert_eq!(parked.len(), 10, "{parked:?}");
+    assert!(parked.iter().all(|l| l.reason == "quantity_negative"));
+
+    // The live projector goes on from the rebuild's position: parks only what comes after.
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        env.platform.log.clone(),
+        runner::Leadership::Postgres(env.pool().clone()),
+        projector(&env, env.pool()),
+        RunnerConfig::default(),
+        stop_rx,
+    ));
+    let more = publish_all(&env, 100, 8).await;
+    env.wait_applied(more).await;
+    assert_eq!(letters().await.len(), 12);
+    task.abort();
+    let _ = task.await;
+    env.drop().await;
+}

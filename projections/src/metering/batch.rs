@@ -48,20 +48,46 @@ pub async fn sort<'a>(
             }
             Decoded::Invalid(invalid) => {
                 if e.sequence > parked_through {
-                    let letter = deadletter::letter(
-                        e,
-                        &catalog.deadletter_subject(METERING),
-                        invalid.reason.as_str(),
-                        &invalid.detail,
-                        1,
-                    );
-                    log.append(letter).await?;
+                    park(log, catalog, e, &invalid).await?;
                 }
                 sorted.invalid.push(invalid.reason.as_str());
             }
         }
     }
     Ok(sorted)
+}
+
+/// Parks an invalid event in the dead letters with its reason. The letter's id comes from the
+/// event's sequence: parked twice within the log's duplicate window, it is stored once.
+pub async fn park(
+    log: &dyn EventLog,
+    catalog: &Catalog,
+    e: &StoredEvent,
+    invalid: &creto_domain::metering::Invalid,
+) -> Result<(), ProjectionError> {
+    let letter = deadletter::letter(
+        e,
+        &catalog.deadletter_subject(METERING),
+        invalid.reason.as_str(),
+        &invalid.detail,
+        1,
+    );
+    log.append(letter).await?;
+    Ok(())
+}
+
+/// The live projector's checkpoint, read from `tx`: a rebuild parks only the invalid events
+/// past it (the live projector parked the others).
+pub async fn live_checkpoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+) -> Result<u64, ProjectionError> {
+    let live: Option<i64> = sqlx::query_scalar(
+        "SELECT last_sequence FROM public.projection_checkpoints WHERE projector = $1",
+    )
+    .bind(super::projector::PRODUCT)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(live.unwrap_or(0) as u64)
 }
 
 /// Usage events a batch really added (duplicates excluded), per key.

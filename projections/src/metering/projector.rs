@@ -225,15 +225,7 @@ impl MeteringProjector {
         // A rebuild parks only what the live projector has not passed (it parked the rest).
         let parked_through = match &self.live {
             Some(_) => 0,
-            None => {
-                let live: Option<i64> = sqlx::query_scalar(
-                    "SELECT last_sequence FROM public.projection_checkpoints WHERE projector = $1",
-                )
-                .bind(PRODUCT)
-                .fetch_optional(&mut **tx)
-                .await?;
-                live.unwrap_or(0) as u64
-            }
+            None => batch::live_checkpoint(tx).await?,
         };
         let sorted = batch::sort(
             events,
@@ -388,6 +380,8 @@ impl MeteringProjector {
             schema: self.schema.clone(),
             stream: self.stream.clone(),
             sql: self.sql.clone(),
+            log: self.log.clone(),
+            catalog: self.catalog.clone(),
         }
     }
 
@@ -416,6 +410,8 @@ pub struct BulkBatch {
     rows: String,
     meters: Vec<(creto_domain::metering::Meter, String, u64)>,
     billing: Vec<(super::billing::BillingFact, StoredEvent)>,
+    /// Invalid events, parked by the writer when the live projector has not passed them.
+    invalid: Vec<(StoredEvent, creto_domain::metering::Invalid)>,
 }
 
 /// The idempotency key of a usage event as one string (one allocation per event). The tenant
@@ -451,6 +447,7 @@ impl BulkDecoder {
             rows: String::with_capacity(events.len() * 256),
             meters: Vec::new(),
             billing: Vec::new(),
+            invalid: Vec::new(),
         };
         for e in events {
             match decode(e, &self.catalog, &self.limits) {
@@ -466,7 +463,10 @@ impl BulkDecoder {
                     batch.meters.push((meter, tenant, e.sequence))
                 }
                 Decoded::Billing(fact) => batch.billing.push((fact, e.clone())),
-                Decoded::Invalid(_) => batch.report.dead_lettered += 1,
+                Decoded::Invalid(invalid) => {
+                    batch.report.dead_lettered += 1;
+                    batch.invalid.push((e.clone(), invalid));
+                }
                 Decoded::Marker | Decoded::Quota => {}
             }
         }
@@ -481,6 +481,8 @@ pub struct BulkWriter {
     schema: String,
     stream: String,
     sql: Sql,
+    log: Arc<dyn EventLog>,
+    catalog: Catalog,
 }
 
 impl BulkWriter {
@@ -492,6 +494,14 @@ impl BulkWriter {
             return Ok(report);
         }
         let mut tx = self.pool.begin().await?;
+        // Invalid events the live projector has not passed (it is stopped or behind, and the
+        // switch-over will move its checkpoint past them) are parked here, as it would have.
+        if !batch.invalid.is_empty() {
+            let live = batch::live_checkpoint(&mut tx).await?;
+            for (e, invalid) in batch.invalid.iter().filter(|(e, _)| e.sequence > live) {
+                batch::park(&*self.log, &self.catalog, e, invalid).await?;
+            }
+        }
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
