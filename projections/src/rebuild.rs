@@ -474,6 +474,11 @@ pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
     Ok(())
 }
 
+/// How far behind the live projector a rebuild may be when it takes the lock to switch, and
+/// the batch it closes the distance with.
+const SWITCH_TAIL: u64 = 5_000;
+const SWITCH_BATCH: usize = 1_000;
+
 /// Builds the indexes, then catches up to the live checkpoint under the lock and swaps the
 /// side schema's tables in.
 pub async fn switch_over(
@@ -482,15 +487,22 @@ pub async fn switch_over(
     projector: &MeteringProjector,
 ) -> Result<u64, ProjectionError> {
     build_indexes(pool).await?;
+    // The live projector went on while the rebuild loaded and built: most of that distance is
+    // closed here, in batches of their own, without its lock (it keeps projecting). What is
+    // left is applied under the lock, where the live projector waits.
+    loop {
+        let mut conn = pool.acquire().await?;
+        let live = crate::metering::batch::live_checkpoint(&mut conn).await?;
+        drop(conn);
+        let at = projector.checkpoint().await?;
+        if live <= at + SWITCH_TAIL {
+            break;
+        }
+        catch_up(log, projector, Some(live), SWITCH_BATCH, |_| {}).await?;
+    }
     let mut tx = pool.begin().await?;
     MeteringProjector::lock(&mut tx).await?;
-    let live: Option<i64> = sqlx::query_scalar(
-        "SELECT last_sequence FROM public.projection_checkpoints WHERE projector = $1",
-    )
-    .bind(projector.product())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let live = live.unwrap_or(0) as u64;
+    let live = crate::metering::batch::live_checkpoint(&mut tx).await?;
     let mut at = projector.checkpoint().await?;
     if at < live {
         let mut tail = log
@@ -501,16 +513,26 @@ pub async fn switch_over(
                 None,
             )
             .await?;
-        let mut buffer = Vec::new();
-        while let Some(e) = tail.next().await {
-            buffer.push(e?);
+        let mut buffer = Vec::with_capacity(SWITCH_BATCH);
+        loop {
+            let next = tail.next().await;
+            let end = next.is_none();
+            if let Some(e) = next {
+                buffer.push(e?);
+            }
+            if buffer.len() >= SWITCH_BATCH || (end && !buffer.is_empty()) {
+                at = projector
+                    .apply_in(&mut tx, &buffer)
+                    .await?
+                    .0
+                    .checkpoint
+                    .max(at);
+                buffer.clear();
+            }
+            if end {
+                break;
+            }
         }
-        at = projector
-            .apply_in(&mut tx, &buffer)
-            .await?
-            .0
-            .checkpoint
-            .max(at);
     }
     let rebuild = quote_ident(REBUILD_SCHEMA);
     let retired = quote_ident(RETIRED_SCHEMA);

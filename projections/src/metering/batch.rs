@@ -76,16 +76,14 @@ pub async fn park(
     Ok(())
 }
 
-/// The live projector's checkpoint, read from `tx`: a rebuild parks only the invalid events
-/// past it (the live projector parked the others).
-pub async fn live_checkpoint(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-) -> Result<u64, ProjectionError> {
+/// The live projector's checkpoint: a rebuild parks only the invalid events past it (the live
+/// projector parked the others), and switches over once it is close to it.
+pub async fn live_checkpoint(conn: &mut sqlx::PgConnection) -> Result<u64, ProjectionError> {
     let live: Option<i64> = sqlx::query_scalar(
         "SELECT last_sequence FROM public.projection_checkpoints WHERE projector = $1",
     )
     .bind(super::projector::PRODUCT)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(conn)
     .await?;
     Ok(live.unwrap_or(0) as u64)
 }
