@@ -26,6 +26,10 @@ fn db_status(e: ProjectionError) -> Status {
         Some(c) if c.starts_with("22") => Status::invalid_argument(format!(
             "the read model refused a value of this request: {e}; change it"
         )),
+        Some("57014") => Status::deadline_exceeded(format!(
+            "the read model gave up on this request after {} s; narrow it (a shorter range, a subscription, fewer groups)",
+            creto_projections::metering::query::USAGE_QUERY_TIMEOUT_SECONDS
+        )),
         Some(c) if c.starts_with("54") => Status::resource_exhausted(format!(
             "the read model cannot answer a request this large: {e}; narrow it (a shorter range, fewer groups)"
         )),

@@ -88,6 +88,10 @@ pub fn postgres_zone(tz: Tz) -> &'static str {
     }
 }
 
+/// How long PostgreSQL may work on one usage query (SQLSTATE 57014 past it).
+pub const USAGE_QUERY_TIMEOUT_SECONDS: u64 = 30;
+const USAGE_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '30s'";
+
 pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, sqlx::Error> {
     let meter = &query.meter;
     let mut q = QueryBuilder::<Postgres>::new("SELECT date_trunc(");
@@ -176,7 +180,15 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, s
         .push(&columns)
         .push(" ORDER BY ")
         .push(&columns);
-    let rows = q.build().fetch_all(pool).await?;
+    // A usage query reads the raw events of its range: bounded in time, so that one over
+    // months of a busy tenant is cancelled (the caller is told to narrow it) instead of
+    // holding a connection the ingestion path needs for as long as it runs.
+    let mut tx = pool.begin().await?;
+    sqlx::query(USAGE_STATEMENT_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    let rows = q.build().fetch_all(&mut *tx).await?;
+    tx.commit().await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let value: Option<f64> = row.try_get("v")?;

@@ -63,11 +63,18 @@ pub async fn wait_for(
 #[derive(Clone)]
 pub struct PgReadModel {
     pub pool: PgPool,
+    /// Usage queries at once: half the pool, so that slow ones leave connections to the
+    /// ingestion path's duplicate lookups and the billing reads.
+    usage_queries: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl PgReadModel {
     pub fn new(pool: PgPool) -> Self {
-        PgReadModel { pool }
+        let permits = (pool.options().get_max_connections() as usize / 2).max(1);
+        PgReadModel {
+            pool,
+            usage_queries: std::sync::Arc::new(tokio::sync::Semaphore::new(permits)),
+        }
     }
 }
 
@@ -84,6 +91,11 @@ impl MeteringReadModel for PgReadModel {
     }
 
     async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, ProjectionError> {
+        let _turn = self
+            .usage_queries
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         Ok(query::usage(&self.pool, q).await?)
     }
 
