@@ -16,6 +16,16 @@ pub fn check(field: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// `value` quoted for an error message, cut after 64 characters: a refusal that echoed a
+/// multi-megabyte value whole made a status message clients cannot read.
+pub fn shown(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
 /// `value` with each NUL replaced by U+FFFD, for text recorded from elsewhere that cannot be
 /// refused (a remote server's error answer kept in a notification's outcome).
 pub fn storable(value: &str) -> String {
@@ -77,5 +87,13 @@ mod tests {
         let e = check_json("data", &serde_json::json!({"a\u{0}k": 1})).unwrap_err();
         assert!(e.contains("`data.a\\0k`"), "{e}");
         assert_eq!(storable("busy\0!"), "busy\u{FFFD}!");
+    }
+
+    #[test]
+    fn long_values_are_shown_cut() {
+        assert_eq!(shown("sb-1"), "\"sb-1\"");
+        let huge = "é".repeat(1_000_000);
+        let s = shown(&huge);
+        assert!(s.len() < 200 && s.ends_with("… (2000000 bytes)"), "{s}");
     }
 }

@@ -21,7 +21,8 @@ fn check_token(what: &str, id: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{what} {id:?} must be 1 to 64 letters, digits, '_' or '-'"
+            "{what} {} must be 1 to 64 letters, digits, '_' or '-'",
+            crate::text::shown(id)
         ))
     }
 }

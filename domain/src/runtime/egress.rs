@@ -141,7 +141,7 @@ impl EgressDecision {
 pub enum EgressError {
     #[error("too many egress rules: {count}; a policy holds at most {MAX_EGRESS_RULES}")]
     TooManyRules { count: usize },
-    #[error("egress rule {index} {rule:?}: {reason}; {FORMS}")]
+    #[error("egress rule {index} {}: {reason}; {FORMS}", crate::text::shown(rule))]
     InvalidRule {
         /// 1-based position of the rule in the list given.
         index: usize,
@@ -336,13 +336,12 @@ impl EgressRule {
                 return Err(format!("unexpected {after:?} after \"]\""));
             };
             let destination = parse_net(inner)?;
-            if !matches!(
-                destination,
-                Destination::Net {
-                    addr: IpAddr::V6(_),
-                    ..
-                }
-            ) {
+            // Judged on what was written: an IPv4-mapped address comes back as IPv4.
+            let written_v6 = inner
+                .split('/')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+            if !written_v6 {
                 return Err(format!(
                     "brackets are for IPv6 addresses; {inner:?} is not one"
                 ));
@@ -479,6 +478,16 @@ fn parse_net(s: &str) -> Result<Destination, String> {
             Ok(n) if n <= max && p.chars().all(|c| c.is_ascii_digit()) => n,
             _ => return Err(format!("prefix length {p:?} is not 0-{max}")),
         },
+    };
+    // An IPv4-mapped network (`::ffff:169.254.0.0/112`) is the IPv4 network it maps: the
+    // decision sees a mapped destination as IPv4, so kept as IPv6 it matched nothing (an
+    // allow entry dead, a deny entry that never denied).
+    let (addr, prefix) = match addr {
+        IpAddr::V6(a) if prefix >= 96 => match a.to_ipv4_mapped() {
+            Some(v4) => (IpAddr::V4(v4), prefix - 96),
+            None => (addr, prefix),
+        },
+        _ => (addr, prefix),
     };
     Ok(Destination::Net {
         addr: mask(addr, prefix),
@@ -721,6 +730,11 @@ mod tests {
         assert!(allow("2001:db8:ffff::1", 1).allowed);
         // An IPv4-mapped IPv6 address is decided as the IPv4 address.
         assert!(allow("::ffff:10.1.1.1", 80).allowed);
+        // And an IPv4-mapped network is the IPv4 network (it used to match nothing).
+        let mapped = p(&["[::ffff:192.0.2.0]:443", "::ffff:198.51.100.0/120"]);
+        assert!(mapped.decide(ip("192.0.2.0"), 443, no_dns).allowed);
+        assert!(mapped.decide(ip("::ffff:198.51.100.7"), 80, no_dns).allowed);
+        assert!(!mapped.decide(ip("198.51.101.7"), 80, no_dns).allowed);
     }
 
     #[test]

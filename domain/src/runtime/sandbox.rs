@@ -145,7 +145,8 @@ pub fn check_name(what: &str, v: &str) -> Result<(), Refusal> {
         Ok(())
     } else {
         Err(Refusal::Invalid(format!(
-            "{what} {v:?} must be 1-64 letters, digits, '_', '-' or '.'"
+            "{what} {} must be 1-64 letters, digits, '_', '-' or '.'",
+            crate::text::shown(v)
         )))
     }
 }

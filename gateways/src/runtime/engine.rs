@@ -123,6 +123,9 @@ pub struct Runtime {
     /// records it when the log takes appends again. Without it a sandbox that expired during
     /// an outage stayed live in the log, and counted against its tenant, for good.
     unrecorded: Mutex<Vec<(String, Arc<Live>, Event)>>,
+    /// Sandboxes whose expiry is being recorded, each in a task of its own (see
+    /// [`Runtime::expire`]).
+    expiring: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why a runtime operation failed, before it becomes a gRPC status.
@@ -223,6 +226,7 @@ impl Runtime {
             egress_rx: Mutex::new(Some(egress_rx)),
             stopping: Default::default(),
             unrecorded: Mutex::default(),
+            expiring: Mutex::default(),
         })
     }
 
@@ -607,6 +611,11 @@ impl Runtime {
         if !agg.is_live() {
             return Ok(agg.view.clone());
         }
+        // The deadline read before the lock may have been moved while waiting for it (a
+        // SetTimeout answered OK): the sandbox expires by the deadline it has now.
+        if matches!(e, Event::Expired(_)) && agg.expires_at().is_some_and(|at| at > Utc::now()) {
+            return Ok(agg.view.clone());
+        }
         self.forget(id).await;
         if let Err(err) = self.append(&mut agg, id, vec![e.clone()]).await {
             self.unrecorded.lock().expect("unrecorded lock").push((
@@ -684,10 +693,23 @@ impl Runtime {
                     .get(&id)
                     .and_then(|a| a.expires_at())
                     .is_some_and(|at| at <= now);
-                if expired {
-                    if let Err(e) = self.end(&id, &live, Event::Expired(pb::Expired {})).await {
-                        tracing::error!(sandbox = %id, error = %e, "recording the expiry failed");
-                    }
+                // Each in a task of its own: an expiry waits for the sandbox's lock, which a
+                // checkpoint holds through its upload, and the others must not wait with it.
+                if expired
+                    && self
+                        .expiring
+                        .lock()
+                        .expect("expiring lock")
+                        .insert(id.clone())
+                {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let ended = me.end(&id, &live, Event::Expired(pb::Expired {})).await;
+                        if let Err(e) = ended {
+                            tracing::error!(sandbox = %id, error = %e, "recording the expiry failed");
+                        }
+                        me.expiring.lock().expect("expiring lock").remove(&id);
+                    });
                 }
             }
             tokio::select! {

@@ -301,6 +301,13 @@ impl RuntimeService for RuntimeGateway {
             .and_then(|a| a.expires_at())
             .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
             .unwrap_or(limits.max_timeout);
+        if left.is_zero() {
+            // Its expiry is being recorded: a command with no time left could not be run.
+            return Err(Status::failed_precondition(format!(
+                "sandbox {} has reached the end of its lifetime; SetTimeout earlier to keep it",
+                req.sandbox_id
+            )));
+        }
         let timeout = domain::timeout(
             req.timeout.as_ref(),
             limits.default_exec_timeout,
@@ -361,6 +368,12 @@ impl RuntimeService for RuntimeGateway {
             }
             let failed = match run.await {
                 Ok(Ok(o)) => Ok(o),
+                Ok(Err(e @ BackendError::InvalidSpec(_))) => {
+                    Err(Status::invalid_argument(format!("exec refused: {e}")))
+                }
+                Ok(Err(e @ BackendError::Terminated(_))) => {
+                    Err(Status::failed_precondition(format!("exec not run: {e}")))
+                }
                 Ok(Err(e)) => Err(Status::unavailable(format!("exec failed: {e}"))),
                 Err(e) => Err(Status::internal(format!("exec task: {e}"))),
             };
@@ -586,6 +599,9 @@ impl RuntimeService for RuntimeGateway {
         request: Request<pb::GetAttestationRequest>,
     ) -> Result<Response<pb::Attestation>, Status> {
         let caller = Self::caller(&request)?;
+        // A signed statement of what the log holds now: this replica's copy of a sandbox
+        // another replica runs can be moments behind (a terminated sandbox attested ready).
+        self.runtime.view.catch_up().await.map_err(log_status)?;
         let agg = self.sandbox(&caller, &request.get_ref().sandbox_id).await?;
         let started = Instant::now();
         let v = &agg.view;
