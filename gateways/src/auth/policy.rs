@@ -214,6 +214,35 @@ mod tests {
     use super::*;
     use crate::auth::AuthMethod;
 
+    /// The rules of a TOML block under `key: |` in a deployment file, as parsed.
+    fn shipped_rules(path: &str, key: &str) -> String {
+        let text =
+            std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut lines = text.lines().skip_while(|l| l.trim() != format!("{key}: |"));
+        lines.next().expect("the policy block");
+        let block: Vec<&str> = lines
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect();
+        format!("{:?}", parse(&block.join("\n"), path).unwrap())
+    }
+
+    /// The deployments mount their own policy file, which then replaces the built-in rules: it
+    /// once lacked CheckQuota for producers and the invoice and quota reads for readers, so
+    /// every cluster refused what the README grants.
+    #[test]
+    fn the_shipped_policy_files_grant_what_the_built_in_policy_does() {
+        let built_in = format!("{:?}", parse(DEFAULT_POLICY, "built-in").unwrap());
+        assert_eq!(
+            shipped_rules("ops/k8s/base/common/policy.yaml", "policy.toml"),
+            built_in
+        );
+        assert_eq!(
+            shipped_rules("ops/helm/creto-enablement/values.yaml", "rules"),
+            built_in
+        );
+    }
+
     fn who(tenant: &str, roles: &[&str]) -> Identity {
         Identity {
             tenant: tenant.into(),
