@@ -68,6 +68,11 @@ impl Catalog {
         self
     }
 
+    /// Replicas of each stream (`ENABLEMENT_STREAM_REPLICAS`).
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
     pub fn namespace(&self) -> Option<&str> {
         self.namespace.as_deref()
     }

@@ -119,7 +119,7 @@ impl JetStreamLog {
             .max_ack_inflight(MAX_ACKS_PENDING)
             .backpressure_on_inflight(true)
             .build(client);
-        let ids = ids::IdKey::load(&context).await?;
+        let ids = ids::IdKey::load(&context, catalog.replicas()).await?;
         Ok(JetStreamLog {
             context,
             catalog,

@@ -24,7 +24,9 @@ pub struct IdKey(Hmac<Sha256>);
 impl IdKey {
     /// Loads the key, creating it when no replica has yet (the first writer wins; the others
     /// read what it wrote).
-    pub async fn load(context: &jetstream::Context) -> Result<IdKey, LogError> {
+    /// `replicas`: as many as the platform's streams have (created with one, the key's only
+    /// copy made every start fail while its server was down).
+    pub async fn load(context: &jetstream::Context, replicas: usize) -> Result<IdKey, LogError> {
         let unavailable = |e: &dyn std::fmt::Display| {
             LogError::Unavailable(format!(
                 "cannot load the message-id key ({KEY_STREAM}): {e}"
@@ -39,6 +41,7 @@ impl IdKey {
                 ),
                 max_messages_per_subject: 1,
                 storage: stream::StorageType::File,
+                num_replicas: replicas.max(1),
                 ..Default::default()
             })
             .await
