@@ -1103,8 +1103,39 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
     let mut req = create_request();
     req.request_id = "job-7".into();
     let first = create(&mut c, req.clone()).await;
-    let again = create(&mut c, req).await;
+    let again = create(&mut c, req.clone()).await;
     assert_eq!(first.sandbox_id, again.sandbox_id);
+    // Another request under the same id is refused, not answered with the first's sandbox.
+    let mut other = req;
+    other.metadata.insert("job".into(), "8".into());
+    let err = c.create_sandbox(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // Two creates with one id at once make one sandbox (the second is told to retry).
+    let mut both = create_request();
+    both.request_id = "job-9".into();
+    both.metadata.insert("job".into(), "9".into());
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (a, b) = tokio::join!(
+        c1.create_sandbox(both.clone()),
+        c2.create_sandbox(both.clone())
+    );
+    let settled = create(&mut c, both.clone()).await;
+    for r in [a, b] {
+        match r {
+            Ok(s) => assert_eq!(s.into_inner().sandbox_id, settled.sandbox_id),
+            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+        }
+    }
+    let made = c
+        .list_sandboxes(pb::ListSandboxesRequest {
+            metadata: both.metadata.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert_eq!(made.len(), 1, "{made:?}");
     running.stop().await;
 }
 

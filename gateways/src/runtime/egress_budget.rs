@@ -58,6 +58,17 @@ impl Budgets {
         }
     }
 
+    /// Holds `attempts` more of `sandbox`'s decisions for its next summary (ones admitted, or
+    /// summarized, that could not be queued for recording).
+    pub fn hold(&mut self, sandbox: &str, allowed: bool, attempts: u64) {
+        let budget = self.sandboxes.entry(sandbox.to_string()).or_insert(Budget {
+            tokens: 0.0,
+            refilled_at: Instant::now(),
+            held: [0, 0],
+        });
+        budget.held[usize::from(allowed)] += attempts;
+    }
+
     /// The summaries of every attempt held so far (emptied), and forgets the sandboxes whose
     /// budget is whole again.
     pub fn summaries(&mut self, now: Instant) -> Vec<Summary> {

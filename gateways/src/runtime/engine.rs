@@ -126,6 +126,26 @@ pub struct Runtime {
     /// Sandboxes whose expiry is being recorded, each in a task of its own (see
     /// [`Runtime::expire`]).
     expiring: Mutex<std::collections::HashSet<String>>,
+    /// (tenant, request id) of the creates under way here ([`RequestInFlight`]).
+    requests_in_flight: Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+/// A create under a request id, from its idempotency check to its end: a second create with
+/// the same id meanwhile is told to retry instead of making a second sandbox (both passed the
+/// check before either was recorded).
+pub struct RequestInFlight {
+    runtime: Arc<Runtime>,
+    key: (String, String),
+}
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        self.runtime
+            .requests_in_flight
+            .lock()
+            .expect("requests lock")
+            .remove(&self.key);
+    }
 }
 
 /// Why a runtime operation failed, before it becomes a gRPC status.
@@ -150,6 +170,39 @@ impl From<domain::Refusal> for RuntimeError {
         match r {
             domain::Refusal::Invalid(m) => RuntimeError::Invalid(m),
             domain::Refusal::Precondition(m) => RuntimeError::Precondition(m),
+        }
+    }
+}
+
+/// Egress decisions recorded one by one, waiting for the recorder: past this, they are held
+/// for the next summary instead.
+const EGRESS_RECORDS_QUEUED: usize = 10_000;
+
+/// One `EgressDecided` to append: a decision, or a summary of `attempts` held ones.
+struct EgressRecord {
+    sandbox_id: String,
+    destination: String,
+    allowed: bool,
+    rule: String,
+    attempts: u64,
+}
+
+/// Queues the summaries of what `budgets` held; those the queue cannot take are held again.
+fn queue_egress_summaries(
+    to_record: &mpsc::Sender<EgressRecord>,
+    budgets: &mut egress_budget::Budgets,
+) {
+    for (sandbox_id, allowed, attempts) in budgets.summaries(Instant::now()) {
+        let summary = EgressRecord {
+            sandbox_id,
+            destination: String::new(),
+            allowed,
+            rule: String::new(),
+            attempts,
+        };
+        if let Err(e) = to_record.try_send(summary) {
+            let r = e.into_inner();
+            budgets.hold(&r.sandbox_id, r.allowed, r.attempts);
         }
     }
 }
@@ -227,6 +280,7 @@ impl Runtime {
             stopping: Default::default(),
             unrecorded: Mutex::default(),
             expiring: Mutex::default(),
+            requests_in_flight: Mutex::default(),
         })
     }
 
@@ -237,6 +291,23 @@ impl Runtime {
                 "unknown template {name:?}: \"base\" is built in, RUNTIME_TEMPLATES_DIR adds <name>/rootfs/ directories"
             ))
         })
+    }
+
+    /// Claims `request_id` of `tenant` for one create; `None` while another holds it.
+    pub fn request_in_flight(
+        self: &Arc<Self>,
+        tenant: &str,
+        request_id: &str,
+    ) -> Option<RequestInFlight> {
+        let key = (tenant.to_string(), request_id.to_string());
+        self.requests_in_flight
+            .lock()
+            .expect("requests lock")
+            .insert(key.clone())
+            .then(|| RequestInFlight {
+                runtime: self.clone(),
+                key,
+            })
     }
 
     pub fn live(&self, id: &str) -> Option<Arc<Live>> {
@@ -388,7 +459,7 @@ impl Runtime {
 
     /// Claims a warm sandbox when the request matches the pool, else provisions a cold one.
     pub async fn create(&self, new: NewSandbox) -> Result<pb::Sandbox, RuntimeError> {
-        let _admitted = self.admit(&new.tenant)?;
+        let admitted = self.admit(&new.tenant)?;
         let started = Instant::now();
         if new.restore.is_none() && new.resources == self.default_resources() {
             while let Some(id) = self.take_warm(&new.template) {
@@ -408,7 +479,7 @@ impl Runtime {
             }
         }
         let (template, resources) = (new.template.clone(), new.resources);
-        self.provision(Some(new), template, resources, started)
+        self.provision(Some(new), template, resources, started, Some(admitted))
             .await
     }
 
@@ -456,15 +527,19 @@ impl Runtime {
     }
 
     /// A cold sandbox for a tenant (`new`), or a warm one for the pool (`None`).
+    /// Provisions a sandbox. `admitted` (the tenant's place) and the room reserved here are
+    /// held until its first events are in the view, which counts it from then on: held for
+    /// the whole provisioning, they counted it twice and refused creates that fit.
     async fn provision(
         &self,
         new: Option<NewSandbox>,
         template_name: String,
         resources: pb::Resources,
         started: Instant,
+        admitted: Option<Admitted<'_>>,
     ) -> Result<pb::Sandbox, RuntimeError> {
         let template = self.template(&template_name)?;
-        let _room = self.reserve(&resources)?;
+        let room = self.reserve(&resources)?;
         let id = format!("sb-{}", uuid::Uuid::new_v4().simple());
         let pool = new.is_none();
         let egress = new.as_ref().map(|n| n.egress.clone()).unwrap_or_default();
@@ -501,6 +576,7 @@ impl Runtime {
         let mut agg = Aggregate::default();
         self.append(&mut agg, &id, vec![requested, provisioning])
             .await?;
+        drop((room, admitted));
         let spec = SandboxSpec {
             id: id.clone(),
             template,
@@ -659,7 +735,7 @@ impl Runtime {
                 while self.pool_size(&template) < min && !*shutdown.borrow() {
                     let resources = self.default_resources();
                     if let Err(e) = self
-                        .provision(None, template.clone(), resources, Instant::now())
+                        .provision(None, template.clone(), resources, Instant::now(), None)
                         .await
                     {
                         tracing::warn!(template = %template, error = %e, "warm pool refill failed");
@@ -721,10 +797,28 @@ impl Runtime {
 
     /// Counts every egress decision the backend reports and records it, one event per
     /// decision within the sandbox's budget, else in a summary ([`egress_budget`]), until
-    /// shutdown (held attempts are summarized first).
+    /// shutdown (held attempts are summarized first). The appends run in a task of their own
+    /// behind a bounded queue: while the log is slow or down, decisions are still counted and
+    /// held for summaries, instead of queueing in memory without bound behind the appends.
     pub async fn record_egress(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let Some(mut rx) = self.egress_rx.lock().expect("egress lock").take() else {
             return;
+        };
+        let (to_record, mut recording) = mpsc::channel::<EgressRecord>(EGRESS_RECORDS_QUEUED);
+        let recorder = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Some(r) = recording.recv().await {
+                    me.record_egress_event(
+                        &r.sandbox_id,
+                        r.destination,
+                        r.allowed,
+                        r.rule,
+                        r.attempts,
+                    )
+                    .await;
+                }
+            })
         };
         let mut budgets = egress_budget::Budgets::default();
         let mut summarize = tokio::time::interval(egress_budget::SUMMARY_EVERY);
@@ -735,25 +829,38 @@ impl Runtime {
                     let decision = if a.allowed { "allow" } else { "deny" };
                     metrics::EGRESS_CHECKS.with_label_values(&[decision]).inc();
                     if budgets.admit(&a.sandbox_id, a.allowed, Instant::now()) {
-                        let destination = a.destination.to_string();
-                        let rule = a.rule.unwrap_or_default();
-                        self.record_egress_event(&a.sandbox_id, destination, a.allowed, rule, 1)
-                            .await;
+                        let one = EgressRecord {
+                            sandbox_id: a.sandbox_id,
+                            destination: a.destination.to_string(),
+                            allowed: a.allowed,
+                            rule: a.rule.unwrap_or_default(),
+                            attempts: 1,
+                        };
+                        if let Err(e) = to_record.try_send(one) {
+                            let r = e.into_inner();
+                            budgets.hold(&r.sandbox_id, r.allowed, 1);
+                        }
                     }
                 }
-                _ = summarize.tick() => self.record_egress_summaries(&mut budgets).await,
+                _ = summarize.tick() => queue_egress_summaries(&to_record, &mut budgets),
                 _ = shutdown.changed() => break,
             }
         }
-        self.record_egress_summaries(&mut budgets).await;
-    }
-
-    /// One event per sandbox and outcome for the attempts held past their budget.
-    async fn record_egress_summaries(&self, budgets: &mut egress_budget::Budgets) {
-        for (sandbox, allowed, n) in budgets.summaries(Instant::now()) {
-            self.record_egress_event(&sandbox, String::new(), allowed, String::new(), n)
-                .await;
+        // Held attempts are summarized first; the recorder then writes what it was given.
+        for (sandbox_id, allowed, attempts) in budgets.summaries(Instant::now()) {
+            let summary = EgressRecord {
+                sandbox_id,
+                destination: String::new(),
+                allowed,
+                rule: String::new(),
+                attempts,
+            };
+            if to_record.send(summary).await.is_err() {
+                break;
+            }
         }
+        drop(to_record);
+        let _ = recorder.await;
     }
 
     /// Appends one `EgressDecided` standing for `attempts` decisions.

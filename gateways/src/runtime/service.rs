@@ -116,6 +116,65 @@ impl RuntimeGateway {
         })
     }
 
+    /// The sandbox a create under `req.request_id` made before, if any (the same request
+    /// again), or why the id cannot be used. `catch_up`: read the log first when this
+    /// replica's view does not know the id (another replica may have made it).
+    async fn made_for(
+        &self,
+        caller: &Identity,
+        req: &pb::CreateSandboxRequest,
+        catch_up: bool,
+    ) -> Result<Option<pb::Sandbox>, Status> {
+        let view = &self.runtime.view;
+        if catch_up && view.by_request(&caller.tenant, &req.request_id).is_none() {
+            view.catch_up().await.map_err(log_status)?;
+        }
+        let Some(agg) = view.by_request(&caller.tenant, &req.request_id) else {
+            return Ok(None);
+        };
+        if confined_to(caller).is_some_and(|o| agg.view.owner != o) {
+            return Err(Status::already_exists(format!(
+                "request_id {} names another agent's sandbox; use your own ids",
+                req.request_id
+            )));
+        }
+        if !self.same_ask(&agg.view, req) {
+            return Err(Status::already_exists(format!(
+                "request_id {} made sandbox {} from another request (template, resources, metadata or environment names differ); use a new id",
+                req.request_id, agg.view.sandbox_id
+            )));
+        }
+        if agg.view.state() == pb::State::Failed {
+            // OK with a dead sandbox read as success to a client retrying after an error:
+            // the request's outcome was the failure.
+            return Err(Status::failed_precondition(format!(
+                "request_id {} made sandbox {}, which failed ({}); retry with a new request_id",
+                req.request_id, agg.view.sandbox_id, agg.view.failure_reason
+            )));
+        }
+        Ok(Some(agg.view))
+    }
+
+    /// Whether `req`, sent again under a request id already used, asks for what `existing`
+    /// was made from (what the sandbox records of it: template, resources, metadata and
+    /// environment names).
+    fn same_ask(&self, existing: &pb::Sandbox, req: &pb::CreateSandboxRequest) -> bool {
+        let limits = &self.runtime.settings.limits;
+        let template = if req.template.is_empty() {
+            "base"
+        } else {
+            req.template.as_str()
+        };
+        let mut env_names: Vec<&String> = req.env.keys().collect();
+        env_names.sort();
+        let mut had: Vec<&String> = existing.env_names.iter().collect();
+        had.sort();
+        template == existing.template
+            && domain::resources(req.resources.as_ref(), limits).ok() == existing.resources
+            && req.metadata == existing.metadata
+            && env_names == had
+    }
+
     async fn new_sandbox(
         &self,
         caller: &Identity,
@@ -232,19 +291,25 @@ impl RuntimeService for RuntimeGateway {
     ) -> Result<Response<pb::Sandbox>, Status> {
         let caller = Self::caller(&request)?;
         let req = request.into_inner();
+        let mut in_flight = None;
         if !req.request_id.is_empty() {
-            let view = &self.runtime.view;
-            if view.by_request(&caller.tenant, &req.request_id).is_none() {
-                view.catch_up().await.map_err(log_status)?;
+            if let Some(made) = self.made_for(&caller, &req, true).await? {
+                return Ok(Response::new(made));
             }
-            if let Some(agg) = view.by_request(&caller.tenant, &req.request_id) {
-                if confined_to(&caller).is_some_and(|o| agg.view.owner != o) {
-                    return Err(Status::already_exists(format!(
-                        "request_id {} names another agent's sandbox; use your own ids",
-                        req.request_id
-                    )));
-                }
-                return Ok(Response::new(agg.view));
+            in_flight = Some(
+                self.runtime
+                    .request_in_flight(&caller.tenant, &req.request_id)
+                    .ok_or_else(|| {
+                        Status::aborted(format!(
+                            "a create with request_id {} is under way; retry to get its sandbox",
+                            req.request_id
+                        ))
+                    })?,
+            );
+            // A create here that held the id until just now has put its sandbox in the view
+            // (its own appends are folded at once: no need to read the log again).
+            if let Some(made) = self.made_for(&caller, &req, false).await? {
+                return Ok(Response::new(made));
             }
         }
         // A restore holds its archive from the fetch until the layer is unpacked.
@@ -255,7 +320,7 @@ impl RuntimeService for RuntimeGateway {
         let new = self.new_sandbox(&caller, req).await?;
         let runtime = self.runtime.clone();
         let sandbox = to_completion(async move {
-            let _turn = _turn;
+            let (_turn, _in_flight) = (_turn, in_flight);
             runtime.create(new).await.map_err(Status::from)
         })
         .await?;
@@ -527,10 +592,17 @@ impl RuntimeService for RuntimeGateway {
                     allow: policy.to_strings(),
                 }),
             });
-            runtime
+            let appended = runtime
                 .append(&mut agg, &req.sandbox_id, vec![changed])
-                .await
-                .map_err(log_status)?;
+                .await;
+            // An append that failed ambiguously may have been stored (the append re-reads the
+            // sandbox then): what the log records is what the sandbox must enforce, or GetSandbox
+            // and attestations would show a policy the proxy does not apply.
+            let allow = policy.to_strings();
+            let recorded = agg.view.egress.as_ref().is_some_and(|e| e.allow == allow);
+            if let (Err(e), false) = (appended, recorded) {
+                return Err(log_status(e));
+            }
             // Recorded first: a connection the new policy allows is never let through
             // unrecorded.
             live.handle.set_egress(policy);

@@ -473,14 +473,15 @@ impl RuntimeProjector {
                 sqlx::query(
                     "INSERT INTO sandbox_execs
                         (sandbox_id, exec_id, argv, finished_at, exit_code, signal, timed_out,
-                         oom_killed, pids_limited, duration_ms, disk_full)
-                     VALUES ($1, $2, '{}', $3, $4, $5, $6, $7, $8, $9, $10)
+                         oom_killed, pids_limited, duration_ms, disk_full, error)
+                     VALUES ($1, $2, '{}', $3, $4, $5, $6, $7, $8, $9, $10, $11)
                      ON CONFLICT (sandbox_id, exec_id) DO UPDATE
                         SET finished_at = EXCLUDED.finished_at, exit_code = EXCLUDED.exit_code,
                             signal = EXCLUDED.signal, timed_out = EXCLUDED.timed_out,
                             oom_killed = EXCLUDED.oom_killed,
                             pids_limited = EXCLUDED.pids_limited,
-                            duration_ms = EXCLUDED.duration_ms, disk_full = EXCLUDED.disk_full",
+                            duration_ms = EXCLUDED.duration_ms, disk_full = EXCLUDED.disk_full,
+                            error = EXCLUDED.error",
                 )
                 .bind(&sandbox_id)
                 .bind(clean(&r.exec_id))
@@ -492,6 +493,7 @@ impl RuntimeProjector {
                 .bind(r.pids_limited)
                 .bind(millis(&r.duration))
                 .bind(r.disk_full)
+                .bind((!r.error.is_empty()).then(|| clean(&r.error)))
                 .execute(&mut **tx)
                 .await?;
             }
