@@ -65,6 +65,26 @@ pub async fn oversight_and_runtime_activity(env: &Env) {
     })
     .await
     .unwrap();
+    // A policy defined, then removed: its row stays, marked removed, in live and rebuilt tables.
+    let mut retired = c
+        .list_policies(opb::ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .policies
+        .remove(0);
+    retired.policy_id = "retired".into();
+    retired.action = "retired.*".into();
+    c.put_policy(opb::PutPolicyRequest {
+        policy: Some(retired),
+    })
+    .await
+    .unwrap();
+    c.delete_policy(opb::DeletePolicyRequest {
+        policy_id: "retired".into(),
+    })
+    .await
+    .unwrap();
     for i in 0..6 {
         let request_id = format!("refund-{i}");
         c.create_request(opb::CreateRequestRequest {

@@ -28,6 +28,7 @@ creto_replay_tests::on_both_adapters!(
     every_escalation_is_announced,
     a_request_with_an_undecodable_event_still_takes_answers,
     a_policy_stored_through_one_replica_decides_the_next_request_on_another,
+    a_deleted_policy_governs_nothing_more,
 );
 
 fn level(approvers: &[&str], timeout: Duration) -> pb::Level {
@@ -1197,4 +1198,56 @@ async fn a_policy_stored_through_one_replica_decides_the_next_request_on_another
     }
     a_running.stop().await;
     b_running.stop().await;
+}
+
+/// DeletePolicy: the actions a removed policy governed fall to the next policy that matches,
+/// then to none (approved at once); the id can be defined again. Before it, retiring an exact
+/// policy meant setting require_approval false, which then won over the broader pattern.
+async fn a_deleted_policy_governs_nothing_more(env: &Env) {
+    let (running, url) = env.start_oversight().await;
+    let mut c = client(&url).await;
+    let wide = policy(
+        "wide",
+        "ship.*",
+        1,
+        vec![level(&["ann"], Duration::from_secs(60))],
+        TimeoutAction::Deny,
+    );
+    let exact = policy(
+        "exact",
+        "ship.parcel",
+        1,
+        vec![level(&["bob"], Duration::from_secs(60))],
+        TimeoutAction::Deny,
+    );
+    put(&mut c, wide).await;
+    put(&mut c, exact.clone()).await;
+    let governed = |r: pb::CreateRequestResponse| r.request.unwrap().policy_id;
+    assert_eq!(governed(ask(&mut c, "d-1", "ship.parcel").await), "exact");
+    let delete = |id: &str| pb::DeletePolicyRequest {
+        policy_id: id.into(),
+    };
+    let removed = c.delete_policy(delete("exact")).await.unwrap().into_inner();
+    assert!(removed.version > 0);
+    assert_eq!(governed(ask(&mut c, "d-2", "ship.parcel").await), "wide");
+    let listed: Vec<String> = c
+        .list_policies(pb::ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .policies
+        .into_iter()
+        .map(|p| p.policy_id)
+        .collect();
+    assert_eq!(listed, vec!["wide"]);
+    let e = c.delete_policy(delete("exact")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    c.delete_policy(delete("wide")).await.unwrap();
+    assert!(ask(&mut c, "d-3", "ship.parcel").await.auto_approved);
+    // Defined again after its removal.
+    put(&mut c, exact).await;
+    assert_eq!(governed(ask(&mut c, "d-4", "ship.parcel").await), "exact");
+    // The request made under a removed policy keeps it.
+    assert_eq!(get(&mut c, "d-2").await.policy_id, "wide");
+    running.stop().await;
 }

@@ -140,6 +140,7 @@ impl<'a> Gateway<'a> {
         let defined = PolicyDefined {
             policy: Some(p.clone()),
             at: ts(at),
+            removed: false,
         };
         self.append(
             &logical,

@@ -29,8 +29,11 @@ type Key = (String, String);
 #[derive(Default)]
 struct Folded {
     requests: HashMap<Key, Aggregate>,
-    /// tenant → policy id → (policy, its subject's last sequence).
+    /// tenant → policy id → (policy, its subject's last sequence): the policies in force.
     policies: HashMap<String, BTreeMap<String, (pb::Policy, u64)>>,
+    /// (tenant, policy id) → its subject's last sequence, removed or undecodable ones included:
+    /// what the next PutPolicy or DeletePolicy of that id appends after.
+    policy_versions: HashMap<Key, u64>,
     deadlines: BTreeSet<(DateTime<Utc>, String, String)>,
     /// Priority → pending requests, kept as events are folded: the gauge is set from it
     /// without going over every request ever folded.
@@ -188,20 +191,29 @@ impl OversightView {
                         }
                     }
                 },
-                "policies" => match pb::PolicyDefined::decode(event.payload.as_ref()) {
-                    Ok(pb::PolicyDefined {
-                        policy: Some(p), ..
-                    }) => {
-                        f.policies
-                            .entry(tenant.to_string())
-                            .or_default()
-                            .insert(id.to_string(), (p, event.sequence));
+                "policies" => {
+                    f.policy_versions
+                        .insert((tenant.to_string(), id.to_string()), event.sequence);
+                    match pb::PolicyDefined::decode(event.payload.as_ref()) {
+                        Ok(pb::PolicyDefined { removed: true, .. }) => {
+                            if let Some(m) = f.policies.get_mut(tenant) {
+                                m.remove(id);
+                            }
+                        }
+                        Ok(pb::PolicyDefined {
+                            policy: Some(p), ..
+                        }) => {
+                            f.policies
+                                .entry(tenant.to_string())
+                                .or_default()
+                                .insert(id.to_string(), (p, event.sequence));
+                        }
+                        _ => tracing::error!(
+                            sequence = event.sequence,
+                            "undecodable policy event skipped"
+                        ),
                     }
-                    _ => tracing::error!(
-                        sequence = event.sequence,
-                        "undecodable policy event skipped"
-                    ),
-                },
+                }
                 _ => {}
             }
         }
@@ -256,6 +268,17 @@ impl OversightView {
         }
         self.catch_up().await?;
         Ok(self.get(tenant, id))
+    }
+
+    /// The last sequence of policy `id`'s subject (0: never defined).
+    pub fn policy_version(&self, tenant: &str, id: &str) -> u64 {
+        self.folded
+            .read()
+            .expect("fold lock")
+            .policy_versions
+            .get(&(tenant.to_string(), id.to_string()))
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn policies(&self, tenant: &str) -> Vec<(pb::Policy, u64)> {

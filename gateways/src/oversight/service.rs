@@ -268,16 +268,12 @@ impl OversightService for OversightGateway {
         let tenant = caller.tenant;
         for _ in 0..5 {
             self.view.catch_up().await.map_err(log_status)?;
-            let expected = self
-                .view
-                .policies(&tenant)
-                .into_iter()
-                .find(|(q, _)| q.policy_id == p.policy_id)
-                .map_or(0, |(_, seq)| seq);
+            let expected = self.view.policy_version(&tenant, &p.policy_id);
             let subject = self.view.policy_subject(&tenant, &p.policy_id);
             let payload = pb::PolicyDefined {
                 policy: Some(p.clone()),
                 at: Some(creto_streams::envelope::timestamp(Utc::now())),
+                removed: false,
             }
             .encode_to_vec();
             match self
@@ -298,6 +294,66 @@ impl OversightService for OversightGateway {
                     self.view.catch_up().await.map_err(log_status)?;
                     return Ok(Response::new(pb::PutPolicyResponse {
                         policy: Some(p),
+                        version: a.sequence(),
+                    }));
+                }
+                Err(LogError::Conflict { .. }) => continue,
+                Err(e) => return Err(log_status(e)),
+            }
+        }
+        Err(Status::aborted("the policy kept changing; retry"))
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let caller = crate::auth::layer::caller(&request)?.clone();
+        if !is_operator(&caller) {
+            return Err(Status::permission_denied(
+                "policies are removed by admin or operator tokens",
+            ));
+        }
+        let id = request.into_inner().policy_id;
+        policy::check_id("policy_id", &id).map_err(Status::invalid_argument)?;
+        let tenant = caller.tenant;
+        for _ in 0..5 {
+            self.view.catch_up().await.map_err(log_status)?;
+            let Some((current, _)) = self
+                .view
+                .policies(&tenant)
+                .into_iter()
+                .find(|(q, _)| q.policy_id == id)
+            else {
+                return Err(Status::not_found(format!(
+                    "no policy {id:?} in tenant {tenant:?}"
+                )));
+            };
+            let expected = self.view.policy_version(&tenant, &id);
+            let subject = self.view.policy_subject(&tenant, &id);
+            let payload = pb::PolicyDefined {
+                policy: Some(current),
+                at: Some(creto_streams::envelope::timestamp(Utc::now())),
+                removed: true,
+            }
+            .encode_to_vec();
+            match self
+                .log
+                .append(AppendEvent {
+                    id: append_id(&subject, expected, &payload),
+                    subject,
+                    expected_subject_sequence: Some(expected),
+                    headers: Headers::new()
+                        .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                        .with(names::EVENT_TYPE, "oversight.policy_removed")
+                        .with(names::TENANT, &tenant),
+                    payload: payload.into(),
+                })
+                .await
+            {
+                Ok(a) => {
+                    self.view.catch_up().await.map_err(log_status)?;
+                    return Ok(Response::new(pb::DeletePolicyResponse {
                         version: a.sequence(),
                     }));
                 }

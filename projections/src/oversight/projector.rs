@@ -3,7 +3,8 @@
 //! - `oversight.requests.<tenant>.<request_id>` (`RequestEvent`): the stored aggregate is
 //!   loaded (or started empty for `Requested`), the event folded in by the domain's
 //!   [`Aggregate::apply`], the row upserted, and one audit row written per event.
-//! - `oversight.policies.<tenant>.<policy_id>` (`PolicyDefined`): the policy is upserted.
+//! - `oversight.policies.<tenant>.<policy_id>` (`PolicyDefined`): the policy is upserted
+//!   (`removed` when DeletePolicy removed it).
 //! - `oversight.notifications.<tenant>.<request_id>` (`NotificationDelivered`): one row.
 //!
 //! Idempotent: a request event at or below the row's `version` is skipped, audit and
@@ -463,7 +464,7 @@ impl OversightProjector {
         Ok(Ok(true))
     }
 
-    /// Upserts a policy unless a later definition is there. `true`: written.
+    /// Upserts a policy (removed or not) unless a later definition is there. `true`: written.
     async fn policy(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -475,13 +476,13 @@ impl OversightProjector {
         let done = sqlx::query(
             "INSERT INTO oversight_policies AS p
                 (tenant, policy_id, precedence, action, agents, require_approval, definition,
-                 version, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 version, updated_at, removed)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (tenant, policy_id) DO UPDATE
                 SET precedence = EXCLUDED.precedence, action = EXCLUDED.action,
                     agents = EXCLUDED.agents, require_approval = EXCLUDED.require_approval,
                     definition = EXCLUDED.definition, version = EXCLUDED.version,
-                    updated_at = EXCLUDED.updated_at
+                    updated_at = EXCLUDED.updated_at, removed = EXCLUDED.removed
                 WHERE p.version < EXCLUDED.version",
         )
         .bind(tenant)
@@ -493,6 +494,7 @@ impl OversightProjector {
         .bind(encode_policy(p))
         .bind(e.sequence as i64)
         .bind(time_of(&defined.at).unwrap_or(e.recorded_at))
+        .bind(defined.removed)
         .execute(&mut **tx)
         .await?;
         Ok(done.rows_affected() > 0)
