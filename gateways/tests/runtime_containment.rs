@@ -59,9 +59,19 @@ fn env_with(instance: &str, config: BackendConfig) -> Env {
         .prefix("creto-runtime-test-")
         .tempdir()
         .unwrap();
+    // Made unique per run (instance names are at most 12 of [a-z0-9]): what a failed run left
+    // on the host (a namespace, a mount) must not fail every later run.
+    let instance = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let suffix: String = (instance.len()..12)
+            .map(|_| char::from_digit(rng.random_range(0..36), 36).unwrap())
+            .collect();
+        format!("{instance}{suffix}")
+    };
     let config = BackendConfig {
         root: root.path().to_path_buf(),
-        instance: instance.to_string(),
+        instance: instance.clone(),
         ..config
     };
     let bwrap = match BwrapBackend::new(config) {
@@ -74,7 +84,7 @@ fn env_with(instance: &str, config: BackendConfig) -> Env {
     Env {
         backend: bwrap.clone(),
         bwrap,
-        instance: instance.to_string(),
+        instance,
         root,
     }
 }

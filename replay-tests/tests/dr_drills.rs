@@ -318,9 +318,9 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
     env.wait_applied(last).await;
     running.stop().await;
     let live = metering_checksums(env.pool()).await;
-    let rebuild = |extra: &[&str]| {
+    let replay = |product: &str, extra: &[&str]| {
         let mut c = std::process::Command::new(enablement_binary());
-        c.args(["replay", "all", "--rebuild", "--batch", "250"])
+        c.args(["replay", product, "--rebuild", "--batch", "250"])
             .args(extra)
             .env("NATS_URL", creto_replay_tests::nats_url())
             .env("DATABASE_URL", &env.settings.database_url)
@@ -330,21 +330,26 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
             .stderr(std::process::Stdio::null());
         c
     };
-    // One whole run first, timed: the kills below land in its second half, past the
-    // process's start, where the rebuild is loading (at fixed 100–600 ms they landed before
-    // it had loaded anything, or after it had finished).
+    let rebuild = |extra: &[&str]| replay("all", extra);
+    // One whole metering rebuild first, timed (metering comes first in `all`): the kills below
+    // land in its second half, past the process's start, where metering is loading or
+    // finishing (at fixed 100–600 ms they landed before it had loaded anything, or after).
     let timed = Instant::now();
-    assert!(rebuild(&[]).status().unwrap().success());
+    assert!(replay("metering", &[]).status().unwrap().success());
     let whole = timed.elapsed().as_millis().max(100) as u64;
     let started = Instant::now();
     let mut rng = rand::rng();
     let mut kills = 0;
     // Where the last killed run left its rebuild, when it had loaded something.
     let mut left_at = 0;
+    // When to kill, moved by what the last kill found (the machine's speed varies while
+    // the other drills run): later after one that came too early, earlier after a run that
+    // finished first.
+    let mut kill_at = whole * 7 / 10;
     for _ in 0..8 {
         let mut child = rebuild(&[]).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(
-            rng.random_range(whole / 2..whole * 9 / 10),
+            rng.random_range(kill_at * 9 / 10..=kill_at * 11 / 10),
         ));
         let killed = child.try_wait().unwrap().is_none();
         if killed {
@@ -363,6 +368,11 @@ async fn drill_3_sigkilled_cli_rebuild_resumes_and_switches() {
         if left_at > 0 {
             break;
         }
+        kill_at = if killed {
+            kill_at + whole / 5
+        } else {
+            kill_at * 2 / 3
+        };
     }
     assert!(
         left_at > 0,
