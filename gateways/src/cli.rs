@@ -836,6 +836,10 @@ fn warn_of_roles_no_rule_names(policy: Option<&std::path::Path>, roles: &[String
     let Ok(rules) = crate::auth::policy::parse(&text, "policy") else {
         return;
     };
+    // A rule naming no roles takes any; creto-authz decides by rules of its own.
+    if rules.iter().any(|r| r.roles.is_empty()) || std::env::var_os("AUTHZ_ENDPOINT").is_some() {
+        return;
+    }
     let named: std::collections::BTreeSet<&str> = rules
         .iter()
         .flat_map(|r| r.roles.iter().map(String::as_str))

@@ -15,14 +15,21 @@ use tonic::service::interceptor::InterceptedService;
 
 type Client = MeteringServiceClient<InterceptedService<tonic::transport::Channel, Bearer>>;
 
-/// Root with bubblewrap: what `enablement dev` needs to run sandboxes.
+/// What `enablement dev` needs to run sandboxes: root, bubblewrap, loop devices, mkfs.ext4 and
+/// nft or iptables.
 fn can_run_sandboxes() -> bool {
+    let runs = |program: &str, arg: &str| {
+        std::process::Command::new(program)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     // SAFETY: plain getter.
     let root = unsafe { libc::geteuid() } == 0;
-    root && std::process::Command::new("bwrap")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    root && runs("bwrap", "--version")
+        && std::path::Path::new("/dev/loop-control").exists()
+        && runs("mkfs.ext4", "-V")
+        && (runs("nft", "--version") || runs("iptables", "--version"))
 }
 
 fn spare_port() -> u16 {

@@ -478,6 +478,7 @@ pub async fn build_indexes(pool: &PgPool) -> Result<(), ProjectionError> {
 /// the batch it closes the distance with.
 const SWITCH_TAIL: u64 = 5_000;
 const SWITCH_BATCH: usize = 1_000;
+const SWITCH_PASSES: usize = 10;
 
 /// Builds the indexes, then catches up to the live checkpoint under the lock and swaps the
 /// side schema's tables in.
@@ -490,7 +491,9 @@ pub async fn switch_over(
     // The live projector went on while the rebuild loaded and built: most of that distance is
     // closed here, in batches of their own, without its lock (it keeps projecting). What is
     // left is applied under the lock, where the live projector waits.
-    loop {
+    // A bounded number of passes: ingestion faster than the rebuild applies would keep the
+    // distance open for ever; what is left then is applied under the lock all the same.
+    for _ in 0..SWITCH_PASSES {
         let mut conn = pool.acquire().await?;
         let live = crate::metering::batch::live_checkpoint(&mut conn).await?;
         drop(conn);

@@ -168,13 +168,8 @@ async fn hard_limit_denies_exactly_at_the_boundary(env: &Env) {
     assert!(!c.allowed && c.hard, "{c:?}");
     let (start, end) = (c.period_start.unwrap(), c.period_end.unwrap());
     assert_eq!(end.seconds - start.seconds, 3600, "an hourly period: {c:?}");
-    let anchor = hourly().unwrap().anchor.unwrap().seconds;
-    assert_eq!(
-        (anchor - end.seconds).rem_euclid(3600),
-        0,
-        "on the anchor's hours"
-    );
-    assert!(end.seconds > Utc::now().timestamp());
+    let now = Utc::now().timestamp();
+    assert!(start.seconds <= now && now < end.seconds, "{c:?}");
     // The same event id again counts once.
     let seq = ingest(&mut client, vec![usage("e2", &s, 6.0)]).await;
     let c = check(&mut client, &s, 0.0, seq).await.unwrap();

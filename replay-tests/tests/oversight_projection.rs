@@ -154,6 +154,36 @@ impl<'a> Gateway<'a> {
         list.push(p);
     }
 
+    /// DeletePolicy's event: `p`'s last definition, marked removed.
+    async fn remove_policy(&mut self, tenant: &str, p: Policy, at: DateTime<Utc>) {
+        let logical = format!("oversight.policies.{tenant}.{}", p.policy_id);
+        let expected = self
+            .env
+            .platform
+            .log
+            .last_subject_sequence(
+                &self.env.platform.catalog.stream(OVERSIGHT),
+                &self.env.subject(&logical),
+            )
+            .await
+            .unwrap();
+        let removed = PolicyDefined {
+            policy: Some(p.clone()),
+            at: ts(at),
+            removed: true,
+        };
+        self.append(
+            &logical,
+            "oversight.policy_removed",
+            removed.encode_to_vec(),
+            Some(expected),
+        )
+        .await;
+        if let Some(list) = self.policies.get_mut(tenant) {
+            list.retain(|q| q.policy_id != p.policy_id);
+        }
+    }
+
     /// Appends `events` to the request's subject, each guarded by the last sequence, and
     /// folds them into the gateway's aggregate.
     async fn emit(&mut self, tenant: &str, request_id: &str, events: Vec<RequestEvent>) {
@@ -407,6 +437,14 @@ async fn oversight_read_model_is_projected_idempotent_and_rebuilt_identically() 
         TimeoutAction::Deny,
     );
     gw.put_policy("globex", globex.clone(), at(5)).await;
+    // Defined, then removed: its row stays (removed), and it is listed nowhere.
+    let retired = Policy {
+        policy_id: "retired".into(),
+        action: "retired.*".into(),
+        ..search.clone()
+    };
+    gw.put_policy("acme", retired.clone(), at(5)).await;
+    gw.remove_policy("acme", retired, at(5)).await;
 
     // ---- requests ----
     // Quorum 2 of 3: two approvals.

@@ -72,7 +72,10 @@ pub fn validate(p: &Policy) -> Result<(), String> {
     }
     // Levels and channels are checked whether or not the policy requires approval: every
     // request it matches carries a copy of it, into the read model too.
-    if (p.require_approval && p.levels.is_empty()) || p.levels.len() > MAX_LEVELS {
+    if p.levels.len() > MAX_LEVELS {
+        return Err(format!("a policy has at most {MAX_LEVELS} levels"));
+    }
+    if p.require_approval && p.levels.is_empty() {
         return Err(format!(
             "a policy that requires approval has 1 to {MAX_LEVELS} levels"
         ));

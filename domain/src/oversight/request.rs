@@ -410,13 +410,29 @@ pub fn respond(
                     .filter(|a| !all.iter().any(|r| &r.approver == *a))
                     .count()
             };
-            // A later level reached by escalation can still approve.
-            let escalates = agg.policy.on_timeout == TimeoutAction::Escalate as i32
-                && level + 1 < agg.policy.levels.len();
+            // What a level's names can still approve on their own: open to anyone, or as many
+            // of them as its quorum asks, counting those who approved already.
+            let level_can_approve = |names: &[String]| {
+                let approved = all
+                    .iter()
+                    .filter(|r| {
+                        r.decision == Decision::Approve as i32 && names.contains(&r.approver)
+                    })
+                    .count();
+                names.is_empty() || approved + yet_to_answer(names) >= quorum.min(names.len())
+            };
+            // A later level reached by escalation may still approve (unless its names are all
+            // among those who denied).
+            let later_level_can = agg.policy.on_timeout == TimeoutAction::Escalate as i32
+                && agg
+                    .policy
+                    .levels
+                    .iter()
+                    .skip(level + 1)
+                    .any(|l| level_can_approve(&l.approvers));
             let reachable = approvals + yet_to_answer(&allowed) >= quorum
-                || (level_quorum > 0
-                    && level_approvals + yet_to_answer(level_names) >= level_quorum)
-                || escalates;
+                || (level_quorum > 0 && level_can_approve(level_names))
+                || later_level_can;
             !reachable
         }
     } else {
@@ -744,6 +760,18 @@ mod tests {
             State::Denied,
             "no level left to reach the quorum"
         );
+
+        // A later level whose names have all denied already cannot approve either.
+        let mut same = policy(
+            1,
+            vec![level(&["ann"], 60), level(&["ann"], 60)],
+            TimeoutAction::Escalate,
+        );
+        same.deny_needs_quorum = true;
+        let mut agg_same = request(&same, now);
+        let e = respond(&agg_same, "ann", Decision::Deny, "", 0, now).unwrap();
+        fold(&mut agg_same, &e);
+        assert_eq!(agg_same.state(), State::Denied);
 
         // Without escalation the first level's denials decide.
         p.on_timeout = TimeoutAction::Deny as i32;

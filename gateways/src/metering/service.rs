@@ -11,7 +11,7 @@ use creto_projections::metering::decode::{
 };
 use creto_projections::metering::query::{self, UsageQuery};
 use creto_projections::metering::read_model::{self, MeteringReadModel};
-use creto_projections::{metrics, ProjectionError};
+use creto_projections::metrics;
 use creto_schemas::metering::v1 as pb;
 use creto_schemas::metering::v1::metering_service_server::MeteringService;
 use creto_streams::deadletter::{self, DeadLetter};
@@ -377,14 +377,19 @@ impl MeteringService for MeteringGateway {
         metrics::METERING_POSTGRES_QUERIES
             .with_label_values(&["query_usage", metrics::status(rows.is_ok())])
             .inc();
-        let rows = rows.map_err(|e| match &e {
+        let rows = rows.map_err(|e| match super::db_code(&e).as_deref() {
             // PostgreSQL refuses a float8 sum past f64::MAX (values of a meter's property are
             // the producers'); the embedded adapter's sum becomes infinite: the same answer.
-            ProjectionError::Database(sqlx::Error::Database(d))
-                if d.code().as_deref() == Some("22003") =>
-            {
-                out_of_range(&q)
-            }
+            Some("22003") => out_of_range(&q),
+            // The query's statement timeout, or one of PostgreSQL's limits (an array past
+            // 1 GB): the same query fails the same way, however often it is retried.
+            Some("57014") => Status::deadline_exceeded(format!(
+                "the read model gave up on this query after {} s; narrow it (a shorter range, a subscription, fewer groups)",
+                creto_projections::metering::query::USAGE_QUERY_TIMEOUT_SECONDS
+            )),
+            Some(c) if c.starts_with("54") => Status::resource_exhausted(format!(
+                "the read model cannot answer a query this large: {e}; narrow it (a shorter range, fewer groups)"
+            )),
             _ => db_status(e),
         })?;
         if rows.iter().any(|r| !r.value.is_finite()) {

@@ -181,14 +181,13 @@ impl OversightGateway {
         reason: &str,
         channel: i32,
     ) -> Result<pb::ApprovalRequest, Status> {
-        let before = self.existing(tenant, request_id).await?;
-        let answered = before.view.responses.len();
-        let after = self
+        let (after, appended) = self
             .decide_and_append(tenant, request_id, |a| {
                 request::respond(a, approver, decision, reason, channel, Utc::now())
             })
             .await?;
-        if after.view.responses.len() > answered {
+        // Counted when this call recorded the answer (the same answer again records nothing).
+        if appended {
             // The runbook's approval rate selects decision="approved".
             let name = if decision == Decision::Approve {
                 "approved"
@@ -202,6 +201,56 @@ impl OversightGateway {
         Ok(after.view)
     }
 
+    /// Appends a `PolicyDefined` for policy `id` (`removed`: DeletePolicy's) after the
+    /// subject's last event, again on conflict; `definition` decides on the caught-up fold.
+    /// Returns the event's sequence.
+    async fn write_policy(
+        &self,
+        tenant: &str,
+        id: &str,
+        removed: bool,
+        definition: impl Fn() -> Result<pb::Policy, Status>,
+    ) -> Result<u64, Status> {
+        let event_type = if removed {
+            "oversight.policy_removed"
+        } else {
+            "oversight.policy_defined"
+        };
+        for _ in 0..5 {
+            self.view.catch_up().await.map_err(log_status)?;
+            let payload = pb::PolicyDefined {
+                policy: Some(definition()?),
+                at: Some(creto_streams::envelope::timestamp(Utc::now())),
+                removed,
+            }
+            .encode_to_vec();
+            let expected = self.view.policy_version(tenant, id);
+            let subject = self.view.policy_subject(tenant, id);
+            match self
+                .log
+                .append(AppendEvent {
+                    id: append_id(&subject, expected, &payload),
+                    subject,
+                    expected_subject_sequence: Some(expected),
+                    headers: Headers::new()
+                        .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                        .with(names::EVENT_TYPE, event_type)
+                        .with(names::TENANT, tenant),
+                    payload: payload.into(),
+                })
+                .await
+            {
+                Ok(a) => {
+                    self.view.catch_up().await.map_err(log_status)?;
+                    return Ok(a.sequence());
+                }
+                Err(LogError::Conflict { .. }) => continue,
+                Err(e) => return Err(log_status(e)),
+            }
+        }
+        Err(Status::aborted("the policy kept changing; retry"))
+    }
+
     pub async fn existing(&self, tenant: &str, id: &str) -> Result<Aggregate, Status> {
         policy::check_id("request_id", id).map_err(Status::invalid_argument)?;
         self.view
@@ -211,13 +260,14 @@ impl OversightGateway {
             .ok_or_else(|| Status::not_found(format!("no request {id:?} in tenant {tenant:?}")))
     }
 
-    /// Decides `command` on the latest aggregate and appends its events, again on conflict.
+    /// Decides `command` on the latest aggregate and appends its events, again on conflict;
+    /// the aggregate after, and whether this call appended anything.
     async fn decide_and_append(
         &self,
         tenant: &str,
         id: &str,
         command: impl Fn(&Aggregate) -> Result<Vec<pb::RequestEvent>, Refusal>,
-    ) -> Result<Aggregate, Status> {
+    ) -> Result<(Aggregate, bool), Status> {
         let mut refreshed = false;
         for _ in 0..5 {
             let agg = self.existing(tenant, id).await?;
@@ -234,10 +284,10 @@ impl OversightGateway {
                 Err(r) => return Err(refusal(r)),
             };
             if events.is_empty() {
-                return Ok(agg);
+                return Ok((agg, false));
             }
             match append_request_events(&self.log, &self.view, tenant, &agg, events).await {
-                Ok(after) => return Ok(after),
+                Ok(after) => return Ok((after, true)),
                 Err(LogError::Conflict { .. }) => self.view.catch_up().await.map_err(log_status)?,
                 Err(e) => return Err(log_status(e)),
             }
@@ -265,43 +315,14 @@ impl OversightService for OversightGateway {
             .policy
             .ok_or_else(|| Status::invalid_argument("policy is required"))?;
         policy::validate(&p).map_err(Status::invalid_argument)?;
-        let tenant = caller.tenant;
-        for _ in 0..5 {
-            self.view.catch_up().await.map_err(log_status)?;
-            let expected = self.view.policy_version(&tenant, &p.policy_id);
-            let subject = self.view.policy_subject(&tenant, &p.policy_id);
-            let payload = pb::PolicyDefined {
-                policy: Some(p.clone()),
-                at: Some(creto_streams::envelope::timestamp(Utc::now())),
-                removed: false,
-            }
-            .encode_to_vec();
-            match self
-                .log
-                .append(AppendEvent {
-                    id: append_id(&subject, expected, &payload),
-                    subject,
-                    expected_subject_sequence: Some(expected),
-                    headers: Headers::new()
-                        .with(names::CONTENT_TYPE, content_types::PROTOBUF)
-                        .with(names::EVENT_TYPE, "oversight.policy_defined")
-                        .with(names::TENANT, &tenant),
-                    payload: payload.into(),
-                })
-                .await
-            {
-                Ok(a) => {
-                    self.view.catch_up().await.map_err(log_status)?;
-                    return Ok(Response::new(pb::PutPolicyResponse {
-                        policy: Some(p),
-                        version: a.sequence(),
-                    }));
-                }
-                Err(LogError::Conflict { .. }) => continue,
-                Err(e) => return Err(log_status(e)),
-            }
-        }
-        Err(Status::aborted("the policy kept changing; retry"))
+        let id = p.policy_id.clone();
+        let version = self
+            .write_policy(&caller.tenant, &id, false, || Ok(p.clone()))
+            .await?;
+        Ok(Response::new(pb::PutPolicyResponse {
+            policy: Some(p),
+            version,
+        }))
     }
 
     async fn delete_policy(
@@ -316,52 +337,20 @@ impl OversightService for OversightGateway {
         }
         let id = request.into_inner().policy_id;
         policy::check_id("policy_id", &id).map_err(Status::invalid_argument)?;
-        let tenant = caller.tenant;
-        for _ in 0..5 {
-            self.view.catch_up().await.map_err(log_status)?;
-            let Some((current, _)) = self
-                .view
-                .policies(&tenant)
-                .into_iter()
-                .find(|(q, _)| q.policy_id == id)
-            else {
-                return Err(Status::not_found(format!(
-                    "no policy {id:?} in tenant {tenant:?}"
-                )));
-            };
-            let expected = self.view.policy_version(&tenant, &id);
-            let subject = self.view.policy_subject(&tenant, &id);
-            let payload = pb::PolicyDefined {
-                policy: Some(current),
-                at: Some(creto_streams::envelope::timestamp(Utc::now())),
-                removed: true,
-            }
-            .encode_to_vec();
-            match self
-                .log
-                .append(AppendEvent {
-                    id: append_id(&subject, expected, &payload),
-                    subject,
-                    expected_subject_sequence: Some(expected),
-                    headers: Headers::new()
-                        .with(names::CONTENT_TYPE, content_types::PROTOBUF)
-                        .with(names::EVENT_TYPE, "oversight.policy_removed")
-                        .with(names::TENANT, &tenant),
-                    payload: payload.into(),
-                })
-                .await
-            {
-                Ok(a) => {
-                    self.view.catch_up().await.map_err(log_status)?;
-                    return Ok(Response::new(pb::DeletePolicyResponse {
-                        version: a.sequence(),
-                    }));
-                }
-                Err(LogError::Conflict { .. }) => continue,
-                Err(e) => return Err(log_status(e)),
-            }
-        }
-        Err(Status::aborted("the policy kept changing; retry"))
+        let tenant = &caller.tenant;
+        let version = self
+            .write_policy(tenant, &id, true, || {
+                self.view
+                    .policies(tenant)
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .find(|p| p.policy_id == id)
+                    .ok_or_else(|| {
+                        Status::not_found(format!("no policy {id:?} in tenant {tenant:?}"))
+                    })
+            })
+            .await?;
+        Ok(Response::new(pb::DeletePolicyResponse { version }))
     }
 
     async fn list_policies(
@@ -556,7 +545,7 @@ impl OversightService for OversightGateway {
             ));
         }
         let by = caller.subject.clone();
-        let after = self
+        let (after, _) = self
             .decide_and_append(&caller.tenant, &r.request_id, |a| {
                 request::cancel(a, &by, &r.reason, Utc::now())
             })

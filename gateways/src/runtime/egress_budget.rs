@@ -61,8 +61,9 @@ impl Budgets {
     /// Holds `attempts` more of `sandbox`'s decisions for its next summary (ones admitted, or
     /// summarized, that could not be queued for recording).
     pub fn hold(&mut self, sandbox: &str, allowed: bool, attempts: u64) {
+        // A sandbox forgotten with its budget whole gets it whole again.
         let budget = self.sandboxes.entry(sandbox.to_string()).or_insert(Budget {
-            tokens: 0.0,
+            tokens: BURST,
             refilled_at: Instant::now(),
             held: [0, 0],
         });

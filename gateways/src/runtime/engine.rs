@@ -178,6 +178,9 @@ impl From<domain::Refusal> for RuntimeError {
 /// for the next summary instead.
 const EGRESS_RECORDS_QUEUED: usize = 10_000;
 
+/// How long a stopping replica goes on recording the egress decisions it holds.
+const EGRESS_DRAIN: Duration = Duration::from_secs(5);
+
 /// One `EgressDecided` to append: a decision, or a summary of `attempts` held ones.
 struct EgressRecord {
     sandbox_id: String,
@@ -187,20 +190,25 @@ struct EgressRecord {
     attempts: u64,
 }
 
+impl EgressRecord {
+    fn summary(sandbox_id: String, allowed: bool, attempts: u64) -> Self {
+        EgressRecord {
+            sandbox_id,
+            destination: String::new(),
+            allowed,
+            rule: String::new(),
+            attempts,
+        }
+    }
+}
+
 /// Queues the summaries of what `budgets` held; those the queue cannot take are held again.
 fn queue_egress_summaries(
     to_record: &mpsc::Sender<EgressRecord>,
     budgets: &mut egress_budget::Budgets,
 ) {
     for (sandbox_id, allowed, attempts) in budgets.summaries(Instant::now()) {
-        let summary = EgressRecord {
-            sandbox_id,
-            destination: String::new(),
-            allowed,
-            rule: String::new(),
-            attempts,
-        };
-        if let Err(e) = to_record.try_send(summary) {
+        if let Err(e) = to_record.try_send(EgressRecord::summary(sandbox_id, allowed, attempts)) {
             let r = e.into_inner();
             budgets.hold(&r.sandbox_id, r.allowed, r.attempts);
         }
@@ -526,10 +534,10 @@ impl Runtime {
         Ok(agg.view.clone())
     }
 
-    /// A cold sandbox for a tenant (`new`), or a warm one for the pool (`None`).
-    /// Provisions a sandbox. `admitted` (the tenant's place) and the room reserved here are
-    /// held until its first events are in the view, which counts it from then on: held for
-    /// the whole provisioning, they counted it twice and refused creates that fit.
+    /// A cold sandbox for a tenant (`new`), or a warm one for the pool (`None`). `admitted`
+    /// (the tenant's place) and the room reserved here are held until its first events are in
+    /// the view, which counts it from then on: held for the whole provisioning, they counted
+    /// it twice and refused creates that fit.
     async fn provision(
         &self,
         new: Option<NewSandbox>,
@@ -762,7 +770,6 @@ impl Runtime {
                 .iter()
                 .map(|(id, l)| (id.clone(), l.clone()))
                 .collect();
-            self.record_unrecorded().await;
             for (id, live) in due {
                 let expired = self
                     .view
@@ -788,6 +795,8 @@ impl Runtime {
                     });
                 }
             }
+            // After the expiries are under way: each refused record costs an append's retries.
+            self.record_unrecorded().await;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = shutdown.changed() => return,
@@ -846,21 +855,24 @@ impl Runtime {
                 _ = shutdown.changed() => break,
             }
         }
-        // Held attempts are summarized first; the recorder then writes what it was given.
+        // Held attempts are summarized first; the recorder then writes what it was given,
+        // for a bounded time: with the log down, each append waits out its retries, and a
+        // full queue would hold the shutdown for hours.
         for (sandbox_id, allowed, attempts) in budgets.summaries(Instant::now()) {
-            let summary = EgressRecord {
-                sandbox_id,
-                destination: String::new(),
-                allowed,
-                rule: String::new(),
-                attempts,
-            };
-            if to_record.send(summary).await.is_err() {
+            if to_record
+                .send(EgressRecord::summary(sandbox_id, allowed, attempts))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
         drop(to_record);
-        let _ = recorder.await;
+        if tokio::time::timeout(EGRESS_DRAIN, recorder).await.is_err() {
+            tracing::error!(
+                "egress decisions not recorded within {EGRESS_DRAIN:?} of the stop; runtime_egress_checks_total counted them"
+            );
+        }
     }
 
     /// Appends one `EgressDecided` standing for `attempts` decisions.

@@ -90,7 +90,6 @@ pub fn postgres_zone(tz: Tz) -> &'static str {
 
 /// How long PostgreSQL may work on one usage query (SQLSTATE 57014 past it).
 pub const USAGE_QUERY_TIMEOUT_SECONDS: u64 = 30;
-const USAGE_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '30s'";
 
 pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, sqlx::Error> {
     let meter = &query.meter;
@@ -184,9 +183,11 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRow>, s
     // months of a busy tenant is cancelled (the caller is told to narrow it) instead of
     // holding a connection the ingestion path needs for as long as it runs.
     let mut tx = pool.begin().await?;
-    sqlx::query(USAGE_STATEMENT_TIMEOUT)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(&format!(
+        "SET LOCAL statement_timeout = '{USAGE_QUERY_TIMEOUT_SECONDS}s'"
+    ))
+    .execute(&mut *tx)
+    .await?;
     let rows = q.build().fetch_all(&mut *tx).await?;
     tx.commit().await?;
     let mut out = Vec::with_capacity(rows.len());

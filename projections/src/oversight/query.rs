@@ -86,7 +86,7 @@ pub async fn get_request(
 /// highest precedence first, then by id.
 pub async fn list_policies(pool: &PgPool, tenant: &str) -> Result<Vec<Policy>, ProjectionError> {
     let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT definition FROM oversight_policies WHERE tenant = $1
+        "SELECT definition FROM oversight_policies WHERE tenant = $1 AND NOT removed
          ORDER BY precedence DESC, policy_id ASC",
     )
     .bind(tenant)
