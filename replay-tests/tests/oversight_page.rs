@@ -312,6 +312,10 @@ async fn approver_approves_in_a_browser_and_the_agent_sees_it() {
     assert_eq!(last.responses.len(), 1);
     let r = &last.responses[0];
     assert_eq!(
+        r.recorded_by,
+        creto_gateways::oversight::page::RECORDED_BY_PAGE
+    );
+    assert_eq!(
         (
             r.approver.as_str(),
             r.decision,

@@ -448,6 +448,8 @@ async fn oversight_tenants_are_isolated(env: &Env) {
         decided.responses[0].channel,
         oversight::Channel::Unspecified as i32
     );
+    // Who recorded the answer: the approver's own token.
+    assert_eq!(decided.responses[0].recorded_by, "bob");
     covered.extend(["PutPolicy", "CreateRequest"]);
     // Each sees only its own.
     assert_eq!(get_request(&mut a, id).await, before);

@@ -378,6 +378,8 @@ pub fn respond(
         channel,
         at: ts(now),
         level: agg.view.level,
+        // Set by the gateway, which knows the caller.
+        recorded_by: String::new(),
     };
     let mut all = agg.view.responses.clone();
     all.push(response);

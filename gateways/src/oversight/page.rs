@@ -44,6 +44,8 @@ use super::notify::links::{self, LinkClaims, LinkError};
 use super::notify::NotifyConfig;
 use super::OversightGateway;
 
+/// `Response.recorded_by` of the answers the page records (its signed links name the approver).
+pub const RECORDED_BY_PAGE: &str = "approval-page";
 /// The most requests the list page shows.
 const MAX_LISTED: usize = 200;
 
@@ -531,6 +533,7 @@ async fn respond(
                 decision,
                 f.reason.trim(),
                 Channel::Web as i32,
+                RECORDED_BY_PAGE,
             )
             .await
             .map_err(Refused::from_status)?

@@ -172,6 +172,8 @@ fn agg_id(agg: &Aggregate, events: &[pb::RequestEvent]) -> String {
 impl OversightGateway {
     /// Records `approver`'s answer (the gRPC method, the approval page and signed links all
     /// come here once they know who answers). The same answer again is a no-op; another answer is refused.
+    /// `recorded_by`: who records it (see `Response.recorded_by`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn respond_as(
         &self,
         tenant: &str,
@@ -180,10 +182,22 @@ impl OversightGateway {
         decision: Decision,
         reason: &str,
         channel: i32,
+        recorded_by: &str,
     ) -> Result<pb::ApprovalRequest, Status> {
         let (after, appended) = self
             .decide_and_append(tenant, request_id, |a| {
-                request::respond(a, approver, decision, reason, channel, Utc::now())
+                let mut events =
+                    request::respond(a, approver, decision, reason, channel, Utc::now())?;
+                for e in &mut events {
+                    if let Some(pb::request_event::Event::Responded(pb::Responded {
+                        response: Some(r),
+                        ..
+                    })) = &mut e.event
+                    {
+                        r.recorded_by = recorded_by.to_string();
+                    }
+                }
+                Ok(events)
             })
             .await?;
         // Counted when this call recorded the answer (the same answer again records nothing).
@@ -588,6 +602,7 @@ impl OversightService for OversightGateway {
                 decision,
                 &r.reason,
                 channel,
+                &caller.subject,
             )
             .await?;
         Ok(Response::new(view))

@@ -382,18 +382,6 @@ impl RuntimeService for RuntimeGateway {
         .map_err(invalid)?
         .min(left);
         let exec_id = format!("ex-{}", uuid::Uuid::new_v4().simple());
-        {
-            let mut agg = live.agg.lock().await;
-            agg.require_ready().map_err(invalid)?;
-            let started = Event::ExecStarted(pb::ExecStarted {
-                exec_id: exec_id.clone(),
-                argv: req.argv.clone(),
-            });
-            self.runtime
-                .append(&mut agg, &req.sandbox_id, vec![started])
-                .await
-                .map_err(log_status)?;
-        }
         let mut all_env = live.env.lock().expect("env lock").clone();
         all_env.extend(env);
         let exec = ExecRequest {
@@ -406,7 +394,29 @@ impl RuntimeService for RuntimeGateway {
         let (tx, rx) = mpsc::channel(64);
         let runtime = self.runtime.clone();
         let id = req.sandbox_id;
+        let started = Event::ExecStarted(pb::ExecStarted {
+            exec_id: exec_id.clone(),
+            argv: exec.argv.clone(),
+        });
+        let (start_tx, start_rx) = tokio::sync::oneshot::channel();
+        // The start is recorded, and the command run, in one task: a caller that gives up
+        // while the start is appended would otherwise leave a started exec that never runs
+        // nor ends. It then runs with no one reading, as one whose caller leaves later does.
         tokio::spawn(async move {
+            let start = async {
+                let mut agg = live.agg.lock().await;
+                agg.require_ready().map_err(invalid)?;
+                runtime
+                    .append(&mut agg, &id, vec![started])
+                    .await
+                    .map_err(log_status)
+            }
+            .await;
+            let begun = start.is_ok();
+            let _ = start_tx.send(start);
+            if !begun {
+                return;
+            }
             let _running = running;
             let (chunks_tx, mut chunks) = mpsc::channel(64);
             // A client that stops reading (but keeps the stream open) is dropped after
@@ -492,6 +502,9 @@ impl RuntimeService for RuntimeGateway {
                 let _ = tx.send_timeout(last, STALLED_CLIENT).await;
             }
         });
+        start_rx
+            .await
+            .map_err(|_| Status::internal("the exec's task ended before it started"))??;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

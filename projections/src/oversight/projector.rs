@@ -193,6 +193,8 @@ struct Audit<'a> {
     channel: Option<&'static str>,
     level: u32,
     reason: Option<&'a str>,
+    /// Who recorded a response, when it says.
+    recorded_by: Option<&'a str>,
 }
 
 fn non_empty(s: &str) -> Option<&str> {
@@ -399,6 +401,7 @@ impl OversightProjector {
                 channel: None,
                 level: 0,
                 reason: None,
+                recorded_by: None,
             },
             request_event::Event::Responded(r) => {
                 let response = r.response.as_ref().expect("checked by decode");
@@ -409,6 +412,7 @@ impl OversightProjector {
                     channel: channel_name(response.channel),
                     level: response.level,
                     reason: non_empty(&response.reason),
+                    recorded_by: non_empty(&response.recorded_by),
                 }
             }
             request_event::Event::TimedOut(t) => Audit {
@@ -418,6 +422,7 @@ impl OversightProjector {
                 channel: None,
                 level: agg.view.level,
                 reason: None,
+                recorded_by: None,
             },
             request_event::Event::Escalated(x) => Audit {
                 event_type: "escalated",
@@ -426,6 +431,7 @@ impl OversightProjector {
                 channel: None,
                 level: x.level,
                 reason: None,
+                recorded_by: None,
             },
             request_event::Event::Cancelled(c) => Audit {
                 event_type: "cancelled",
@@ -434,14 +440,15 @@ impl OversightProjector {
                 channel: None,
                 level: agg.view.level,
                 reason: non_empty(&c.reason),
+                recorded_by: None,
             },
         };
         let at = time_of(&event.at).unwrap_or(e.recorded_at);
         let done = sqlx::query(
             "INSERT INTO oversight_audit
                 (tenant, request_id, sequence, at, event_type, actor, decision, channel, level,
-                 reason, from_state, to_state)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 reason, from_state, to_state, recorded_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT DO NOTHING",
         )
         .bind(tenant)
@@ -456,6 +463,7 @@ impl OversightProjector {
         .bind(audit.reason)
         .bind((from != State::Unspecified).then(|| state_name(from)))
         .bind(state_name(to))
+        .bind(audit.recorded_by)
         .execute(&mut **tx)
         .await?;
         if done.rows_affected() == 0 {
