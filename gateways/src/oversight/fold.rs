@@ -23,12 +23,15 @@ pub const TAIL: Duration = Duration::from_millis(200);
 /// `WatchRequest` streams one request may have at once on a replica (the agent that asked, an
 /// operator's screen or two): a bound on how many tasks one request's change wakes.
 pub const MAX_WATCHERS: usize = 16;
+/// Bytes of requests one ListRequests answer holds at most (below gRPC clients' default 4 MiB).
+pub const MAX_LIST_BYTES: usize = 3 * 1024 * 1024;
 
 type Key = (String, String);
 
 #[derive(Default)]
 struct Folded {
-    requests: HashMap<Key, Aggregate>,
+    /// Ordered by (tenant, id): a tenant's list reads its own requests only.
+    requests: BTreeMap<Key, Aggregate>,
     /// tenant → policy id → (policy, its subject's last sequence): the policies in force.
     policies: HashMap<String, BTreeMap<String, (pb::Policy, u64)>>,
     /// (tenant, policy id) → its subject's last sequence, removed or undecodable ones included:
@@ -304,27 +307,37 @@ impl OversightView {
         let f = self.folded.read().expect("fold lock");
         let mut found: Vec<&Aggregate> = f
             .requests
-            .iter()
-            .filter(|((t, _), _)| t == tenant)
+            .range((tenant.to_string(), String::new())..)
+            .take_while(|((t, _), _)| t == tenant)
             .map(|(_, a)| a)
             .filter(|a| state.is_none_or(|s| a.state() == s))
             .filter(|a| priority.is_none_or(|p| a.view.priority == p as i32))
             .filter(|a| agent.is_none_or(|g| a.view.agent_id == g))
             .collect();
         let created = |a: &Aggregate| a.view.created_at.map(|t| (t.seconds, t.nanos));
-        found.sort_by(|a, b| match (a.is_open(), b.is_open()) {
-            (true, true) => b
-                .view
-                .priority
-                .cmp(&a.view.priority)
-                .then_with(|| created(a).cmp(&created(b))),
-            (true, false) => std::cmp::Ordering::Less,
-            (false, true) => std::cmp::Ordering::Greater,
-            (false, false) => created(b).cmp(&created(a)),
+        found.sort_by(|a, b| {
+            match (a.is_open(), b.is_open()) {
+                (true, true) => b
+                    .view
+                    .priority
+                    .cmp(&a.view.priority)
+                    .then_with(|| created(a).cmp(&created(b))),
+                (true, false) => std::cmp::Ordering::Less,
+                (false, true) => std::cmp::Ordering::Greater,
+                (false, false) => created(b).cmp(&created(a)),
+            }
+            .then_with(|| a.view.request_id.cmp(&b.view.request_id))
         });
+        // At most `limit`, and as many as fit one answer a client takes (4 MiB by default):
+        // a thousand requests with large parameters did not.
+        let mut bytes = 0;
         found
             .into_iter()
             .take(limit)
+            .take_while(|a| {
+                bytes += prost::Message::encoded_len(&a.view);
+                bytes <= MAX_LIST_BYTES
+            })
             .map(|a| a.view.clone())
             .collect()
     }

@@ -312,10 +312,16 @@ impl RuntimeService for RuntimeGateway {
                 return Ok(Response::new(made));
             }
         }
-        // A restore holds its archive from the fetch until the layer is unpacked.
+        // A restore holds its archive from the fetch until the layer is unpacked, in one of the
+        // replica's few archive turns: a request the cheap checks refuse does not wait for one.
         let _turn = match req.restore_checkpoint_id.is_empty() {
             true => None,
-            false => Some(self.runtime.archive_turn().await),
+            false => {
+                egress(req.egress.as_ref())?;
+                domain::resources(req.resources.as_ref(), &self.runtime.settings.limits)
+                    .map_err(invalid)?;
+                Some(self.runtime.archive_turn().await)
+            }
         };
         let new = self.new_sandbox(&caller, req).await?;
         let runtime = self.runtime.clone();
