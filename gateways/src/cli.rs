@@ -856,20 +856,23 @@ fn warn_of_roles_no_rule_names(policy: Option<&std::path::Path>, roles: &[String
 fn dev_key_ring(dir: &std::path::Path) -> Result<PathBuf, CliError> {
     let path = dir.join("auth-keys.toml");
     if !path.exists() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
-        // Owner-only from its creation: written first and restricted after, the key was
-        // readable by every local user in between.
-        let mut file = std::fs::OpenOptions::new();
-        file.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
-        std::io::Write::write_all(
-            &mut file.open(&path).map_err(fail)?,
-            crate::auth::token::keygen("dev-1").as_bytes(),
-        )
-        .map_err(fail)?;
+        write_owner_only(&path, crate::auth::token::keygen("dev-1").as_bytes())?;
     }
     Ok(path)
+}
+
+/// Creates `path` (and its directory) holding `secret`, readable by its owner alone from its
+/// creation: written first and restricted after, a key was readable by every local user in
+/// between.
+fn write_owner_only(path: &std::path::Path, secret: &[u8]) -> Result<(), CliError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    std::io::Write::write_all(&mut file.open(path).map_err(fail)?, secret).map_err(fail)
 }
 
 /// Oversight's notification settings for `enablement dev`: the environment's, with the
@@ -888,16 +891,7 @@ fn dev_notify(
         use rand::RngCore;
         let mut secret = [0u8; 32];
         rand::rng().fill_bytes(&mut secret);
-        std::fs::create_dir_all(dir).map_err(fail)?;
-        let mut file = std::fs::OpenOptions::new();
-        file.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
-        std::io::Write::write_all(
-            &mut file.open(&path).map_err(fail)?,
-            hex::encode(secret).as_bytes(),
-        )
-        .map_err(fail)?;
+        write_owner_only(&path, hex::encode(secret).as_bytes())?;
     }
     let secret = std::fs::read_to_string(&path).map_err(fail)?;
     let host = if oversight_http.ip().is_unspecified() {

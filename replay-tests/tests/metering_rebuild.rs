@@ -63,6 +63,25 @@ async fn metering_indexes(pool: &sqlx::PgPool) -> Vec<String> {
     .unwrap()
 }
 
+/// The live projector with the default settings, on the environment's pool; stopped when the
+/// sender is dropped or aborted with its task.
+fn live_projector(
+    env: &Env,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), creto_projections::ProjectionError>>,
+) {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        env.platform.log.clone(),
+        runner::Leadership::Postgres(env.pool().clone()),
+        projector(env, env.pool()),
+        RunnerConfig::default(),
+        stop_rx,
+    ));
+    (stop, task)
+}
+
 fn projector(env: &Env, pool: &sqlx::PgPool) -> Arc<MeteringProjector> {
     Arc::new(MeteringProjector::new(
         pool.clone(),
@@ -286,14 +305,7 @@ async fn a_rebuild_past_the_live_projector_parks_what_it_passes() {
     assert!(parked.iter().all(|l| l.reason == "quantity_negative"));
 
     // The live projector goes on from the rebuild's position: parks only what comes after.
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        env.platform.log.clone(),
-        runner::Leadership::Postgres(env.pool().clone()),
-        projector(&env, env.pool()),
-        RunnerConfig::default(),
-        stop_rx,
-    ));
+    let (_stop, task) = live_projector(&env);
     let more = publish_all(&env, 100, 8).await;
     env.wait_applied(more).await;
     assert_eq!(letters().await.len(), 12);
@@ -309,14 +321,7 @@ async fn a_rebuild_past_the_live_projector_parks_what_it_passes() {
 async fn a_rebuild_far_behind_the_live_projector_switches_to_the_same_tables() {
     let env = Env::new().await;
     let last = publish_all(&env, 8_000, 9).await;
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(runner::run(
-        env.platform.log.clone(),
-        runner::Leadership::Postgres(env.pool().clone()),
-        projector(&env, env.pool()),
-        RunnerConfig::default(),
-        stop_rx,
-    ));
+    let (_stop, task) = live_projector(&env);
     env.wait_applied(last).await;
     let live = metering_checksums(env.pool()).await;
     let log = env.platform.log.clone();
