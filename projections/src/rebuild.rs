@@ -494,9 +494,7 @@ pub async fn switch_over(
     // A bounded number of passes: ingestion faster than the rebuild applies would keep the
     // distance open for ever; what is left then is applied under the lock all the same.
     for _ in 0..SWITCH_PASSES {
-        let mut conn = pool.acquire().await?;
-        let live = crate::metering::batch::live_checkpoint(&mut conn).await?;
-        drop(conn);
+        let live = crate::metering::batch::live_checkpoint(pool).await?;
         let at = projector.checkpoint().await?;
         if live <= at + SWITCH_TAIL {
             break;
@@ -505,7 +503,7 @@ pub async fn switch_over(
     }
     let mut tx = pool.begin().await?;
     MeteringProjector::lock(&mut tx).await?;
-    let live = crate::metering::batch::live_checkpoint(&mut tx).await?;
+    let live = crate::metering::batch::live_checkpoint(&mut *tx).await?;
     let mut at = projector.checkpoint().await?;
     if at < live {
         let mut tail = log

@@ -76,9 +76,9 @@ pub async fn park(
     Ok(())
 }
 
-/// The live projector's checkpoint: a rebuild parks only the invalid events past it (the live
-/// projector parked the others), and switches over once it is close to it.
-pub async fn live_checkpoint(conn: &mut sqlx::PgConnection) -> Result<u64, ProjectionError> {
+/// The live projector's checkpoint (what queries wait for); a rebuild parks only the invalid
+/// events past it (the live projector parked the others), and switches over once close to it.
+pub async fn live_checkpoint<'c>(conn: impl sqlx::PgExecutor<'c>) -> Result<u64, ProjectionError> {
     let live: Option<i64> = sqlx::query_scalar(
         "SELECT last_sequence FROM public.projection_checkpoints WHERE projector = $1",
     )

@@ -225,7 +225,7 @@ impl MeteringProjector {
         // A rebuild parks only what the live projector has not passed (it parked the rest).
         let parked_through = match &self.live {
             Some(_) => 0,
-            None => batch::live_checkpoint(tx).await?,
+            None => batch::live_checkpoint(&mut **tx).await?,
         };
         let sorted = batch::sort(
             events,
@@ -497,7 +497,7 @@ impl BulkWriter {
         // Invalid events the live projector has not passed (it is stopped or behind, and the
         // switch-over will move its checkpoint past them) are parked here, as it would have.
         if !batch.invalid.is_empty() {
-            let live = batch::live_checkpoint(&mut tx).await?;
+            let live = batch::live_checkpoint(&mut *tx).await?;
             for (e, invalid) in batch.invalid.iter().filter(|(e, _)| e.sequence > live) {
                 batch::park(&*self.log, &self.catalog, e, invalid).await?;
             }

@@ -81,13 +81,7 @@ impl PgReadModel {
 #[async_trait]
 impl MeteringReadModel for PgReadModel {
     async fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_checkpoints WHERE projector = $1",
-        )
-        .bind(super::projector::PRODUCT)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(at.unwrap_or(0) as u64)
+        super::batch::live_checkpoint(&self.pool).await
     }
 
     async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, ProjectionError> {
