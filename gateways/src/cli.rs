@@ -1500,9 +1500,9 @@ async fn replay_rebuild(
         Arc::new(creto_projections::cache::RedisCache::new(vec![redis])),
         &settings.redis_prefix(),
     )
-    .resync_if_behind(
+    .resync(
         &creto_projections::metering::PgReadModel::new(pool.clone()),
-        u64::MAX,
+        None,
     )
     .await;
     // The quota tables, whole, in one transaction.

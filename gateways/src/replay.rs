@@ -190,10 +190,7 @@ pub async fn run_metering(
             Arc::new(creto_projections::cache::RedisCache::new(vec![redis])),
             &settings.redis_prefix(),
         )
-        .resync_if_behind(
-            &creto_projections::metering::PgReadModel::new(pool),
-            u64::MAX,
-        )
+        .resync(&creto_projections::metering::PgReadModel::new(pool), None)
         .await;
     }
     Ok(report)

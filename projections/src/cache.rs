@@ -34,6 +34,17 @@ pub enum CacheWrite {
 pub trait Cache: Send + Sync + 'static {
     /// Applies the writes in order, in one round trip.
     async fn write(&self, writes: Vec<CacheWrite>) -> Result<(), CacheError>;
+    /// Applies the writes in order, in one atomic step, unless `mark` holds a sequence above
+    /// `sequence`; with `advance`, then sets `mark` to `sequence`. Whether it applied them.
+    /// Writers of state read at a log position use it so that one that fell behind (a former
+    /// leader's last write, delayed) never overwrites what a newer one wrote.
+    async fn write_unless_past(
+        &self,
+        mark: &str,
+        sequence: u64,
+        writes: Vec<CacheWrite>,
+        advance: bool,
+    ) -> Result<bool, CacheError>;
     /// Every field of a hash; empty when the key is absent or expired.
     async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError>;
     async fn get(&self, key: &str) -> Result<Option<String>, CacheError>;
@@ -71,6 +82,38 @@ impl RedisCache {
     }
 }
 
+/// [`Cache::write_unless_past`] in Redis: KEYS[1] is the mark, ARGV[1] the sequence, ARGV[2]
+/// whether to advance the mark; then one write per further key, its operation and operands in
+/// ARGV in turn (`h` n field value... ttl_ms, `s` value, `d`). A script runs atomically.
+static UNLESS_PAST: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local at = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local sequence = tonumber(ARGV[1])
+if at > sequence then return 0 end
+local a = 3
+for i = 2, #KEYS do
+  local op = ARGV[a]
+  if op == 'h' then
+    local n = tonumber(ARGV[a + 1])
+    if n > 0 then redis.call('HSET', KEYS[i], unpack(ARGV, a + 2, a + 1 + 2 * n)) end
+    local ttl = tonumber(ARGV[a + 2 + 2 * n])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
+    a = a + 3 + 2 * n
+  elseif op == 's' then
+    redis.call('SET', KEYS[i], ARGV[a + 1])
+    a = a + 2
+  else
+    redis.call('DEL', KEYS[i])
+    a = a + 1
+  end
+end
+if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+",
+    )
+});
+
 fn redis_error(e: redis::RedisError) -> CacheError {
     CacheError(e.to_string())
 }
@@ -97,6 +140,40 @@ impl Cache for RedisCache {
         }
         let mut conn = self.conn();
         pipe.query_async::<()>(&mut conn).await.map_err(redis_error)
+    }
+
+    async fn write_unless_past(
+        &self,
+        mark: &str,
+        sequence: u64,
+        writes: Vec<CacheWrite>,
+        advance: bool,
+    ) -> Result<bool, CacheError> {
+        let mut script = UNLESS_PAST.prepare_invoke();
+        script
+            .key(mark)
+            .arg(sequence)
+            .arg(if advance { 1 } else { 0 });
+        for w in writes {
+            match w {
+                CacheWrite::Hash { key, fields, ttl } => {
+                    script.key(key).arg("h").arg(fields.len());
+                    for (f, v) in fields {
+                        script.arg(f).arg(v);
+                    }
+                    script.arg(ttl.map_or(0, |t| t.as_millis() as u64));
+                }
+                CacheWrite::Set { key, value } => {
+                    script.key(key).arg("s").arg(value);
+                }
+                CacheWrite::Delete { key } => {
+                    script.key(key).arg("d");
+                }
+            }
+        }
+        let mut conn = self.conn();
+        let applied: i64 = script.invoke_async(&mut conn).await.map_err(redis_error)?;
+        Ok(applied == 1)
     }
 
     async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError> {
@@ -218,16 +295,13 @@ impl MemoryCache {
         }
         map.get_mut(key).map(|(v, _)| v)
     }
-}
 
-#[async_trait]
-impl Cache for MemoryCache {
-    async fn write(&self, writes: Vec<CacheWrite>) -> Result<(), CacheError> {
-        let mut map = self.0.lock().unwrap();
+    /// Applies `writes` in order to the map (its lock held by the caller).
+    fn apply(map: &mut HashMap<String, (Value, Option<Instant>)>, writes: Vec<CacheWrite>) {
         for w in writes {
             match w {
                 CacheWrite::Hash { key, fields, ttl } => {
-                    if !matches!(Self::live(&mut map, &key), Some(Value::Hash(_))) {
+                    if !matches!(Self::live(map, &key), Some(Value::Hash(_))) {
                         map.insert(key.clone(), (Value::Hash(HashMap::new()), None));
                     }
                     let entry = map.get_mut(&key).expect("inserted above");
@@ -246,7 +320,36 @@ impl Cache for MemoryCache {
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    async fn write(&self, writes: Vec<CacheWrite>) -> Result<(), CacheError> {
+        Self::apply(&mut self.0.lock().unwrap(), writes);
         Ok(())
+    }
+
+    async fn write_unless_past(
+        &self,
+        mark: &str,
+        sequence: u64,
+        writes: Vec<CacheWrite>,
+        advance: bool,
+    ) -> Result<bool, CacheError> {
+        let mut map = self.0.lock().unwrap();
+        let at = match Self::live(&mut map, mark) {
+            Some(Value::Text(t)) => t.parse::<u64>().unwrap_or(0),
+            _ => 0,
+        };
+        if at > sequence {
+            return Ok(false);
+        }
+        Self::apply(&mut map, writes);
+        if advance {
+            map.insert(mark.to_string(), (Value::Text(sequence.to_string()), None));
+        }
+        Ok(true)
     }
 
     async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError> {
@@ -351,6 +454,62 @@ pub mod conformance {
         assert_eq!(cache.get(&key).await.unwrap(), None);
     }
 
+    /// A write at an older sequence than the mark's is refused whole; one at the mark's or a
+    /// later one applies, and advances the mark when asked.
+    pub async fn sequenced_writes_never_go_back(cache: &dyn Cache, prefix: &str) {
+        let mark = format!("{prefix}mark");
+        let key = format!("{prefix}quota:s2:t");
+        let at = |n: &str| vec![hash(&key, &[("count", n), ("month", "m")], None)];
+        // No mark yet: anything applies.
+        assert!(cache
+            .write_unless_past(&mark, 5, at("5"), true)
+            .await
+            .unwrap());
+        assert_eq!(cache.get(&mark).await.unwrap().as_deref(), Some("5"));
+        assert!(!cache
+            .write_unless_past(&mark, 4, at("4"), true)
+            .await
+            .unwrap());
+        assert!(!cache
+            .write_unless_past(&mark, 3, at("3"), false)
+            .await
+            .unwrap());
+        assert_eq!(cache.hash(&key).await.unwrap()["count"], "5");
+        assert_eq!(cache.get(&mark).await.unwrap().as_deref(), Some("5"));
+        // Not advancing leaves the mark where it was.
+        assert!(cache
+            .write_unless_past(&mark, 9, at("9"), false)
+            .await
+            .unwrap());
+        assert_eq!(cache.get(&mark).await.unwrap().as_deref(), Some("5"));
+        let h = cache.hash(&key).await.unwrap();
+        assert_eq!((h["count"].as_str(), h["month"].as_str()), ("9", "m"));
+        // Every kind of write, in order, at the mark's own sequence.
+        let other = format!("{prefix}other");
+        let writes = vec![
+            CacheWrite::Set {
+                key: other.clone(),
+                value: "x".into(),
+            },
+            CacheWrite::Delete { key: key.clone() },
+            hash(&key, &[("count", "10")], Some(Duration::from_secs(60))),
+        ];
+        assert!(cache
+            .write_unless_past(&mark, 5, writes, true)
+            .await
+            .unwrap());
+        assert_eq!(cache.get(&other).await.unwrap().as_deref(), Some("x"));
+        let h = cache.hash(&key).await.unwrap();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["count"], "10");
+        for k in [mark, key, other] {
+            cache
+                .write(vec![CacheWrite::Delete { key: k }])
+                .await
+                .unwrap();
+        }
+    }
+
     pub async fn expired_hashes_disappear(cache: &dyn Cache, prefix: &str) {
         let short = format!("{prefix}short");
         let long = format!("{prefix}long");
@@ -383,6 +542,7 @@ pub mod conformance {
             $crate::cache_conformance_suite!(@tests $make;
                 hashes_merge_fields_and_read_back,
                 writes_apply_in_order,
+                sequenced_writes_never_go_back,
                 expired_hashes_disappear);
         };
         (@tests $make:expr; $($name:ident),*) => {

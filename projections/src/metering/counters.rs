@@ -5,7 +5,9 @@
 //! Values are absolute totals read back from the read model after the commit, so writing them
 //! twice is harmless; `metering:counters:sequence` records the checkpoint they reflect, and a
 //! projector that finds the cache behind (a flush, a crash between commit and write, an
-//! in-process cache after a restart) rebuilds them.
+//! in-process cache after a restart) rebuilds them. A write read at an older checkpoint than
+//! the recorded one is refused: a former leader's last write, delayed past a takeover, would
+//! otherwise put back older totals (and an older mark) over the new leader's.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +22,16 @@ const TTL: Duration = Duration::from_secs(40 * 24 * 3600);
 /// the projection when done after every batch (then from `usage_hourly`, many rows per key).
 /// Counters lag the read model by at most this much plus one write.
 const WRITE_EVERY: Duration = Duration::from_secs(1);
+
+/// What became of a write of counters.
+enum Written {
+    Done,
+    /// The cache or the read model failed: tried again with the next batch.
+    Failed,
+    /// The counters reflect a later sequence than this write's: a newer projector (another
+    /// instance that took over) wrote them, and this older state must not replace theirs.
+    Superseded,
+}
 
 #[derive(Clone)]
 pub struct Counters {
@@ -67,11 +79,10 @@ impl Counters {
         format!("{}metering:counters:sequence", self.prefix)
     }
 
-    /// Writes the totals; then, with `sequence`, that every counter reflects it.
-    async fn write(&self, rows: Vec<MonthTotal>, sequence: Option<u64>) -> Result<(), CacheError> {
+    /// The writes of the totals.
+    fn writes(&self, rows: Vec<MonthTotal>) -> Vec<CacheWrite> {
         let month = chrono::Utc::now().format("%Y-%m").to_string();
-        let mut writes: Vec<CacheWrite> = rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
                 let (tenant, subscription, event_type) = r.key;
                 CacheWrite::Hash {
@@ -85,14 +96,7 @@ impl Counters {
                     ttl: Some(TTL),
                 }
             })
-            .collect();
-        if let Some(sequence) = sequence {
-            writes.push(CacheWrite::Set {
-                key: self.sequence_key(),
-                value: sequence.to_string(),
-            });
-        }
-        self.cache.write(writes).await
+            .collect()
     }
 
     fn record(&self, op: &str, ok: bool) {
@@ -101,27 +105,42 @@ impl Counters {
             .inc();
     }
 
-    /// Writes the month-to-date totals of the keys a batch touched; whether it could.
-    async fn refresh(&self, read_model: &dyn MeteringReadModel, keys: &[Key]) -> bool {
-        match read_model.month_totals(Some(keys)).await {
-            Ok(rows) => {
-                let ok = self.write(rows, None).await;
-                if let Err(e) = &ok {
-                    tracing::warn!(error = %e, "usage counters not updated; retried with the next batch");
-                }
-                self.record("set", ok.is_ok());
-                ok.is_ok()
-            }
+    /// Writes the month-to-date totals of the keys a batch touched, read after the commit of
+    /// `sequence`, unless the counters already reflect a later one (see [`Written`]).
+    async fn refresh(
+        &self,
+        read_model: &dyn MeteringReadModel,
+        keys: &[Key],
+        sequence: u64,
+    ) -> Written {
+        let rows = match read_model.month_totals(Some(keys)).await {
+            Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "month totals query failed; retried with the next batch");
-                false
+                return Written::Failed;
+            }
+        };
+        let written = self
+            .cache
+            .write_unless_past(&self.sequence_key(), sequence, self.writes(rows), false)
+            .await;
+        self.record("set", written.is_ok());
+        match written {
+            Ok(true) => Written::Done,
+            Ok(false) => Written::Superseded,
+            Err(e) => {
+                tracing::warn!(error = %e, "usage counters not updated; retried with the next batch");
+                Written::Failed
             }
         }
     }
 
-    /// Records that every counter reflects the log up to `sequence`.
+    /// Records that every counter reflects the log up to `sequence`, unless a later one.
     async fn mark(&self, sequence: u64) {
-        let ok = self.write(Vec::new(), Some(sequence)).await;
+        let ok = self
+            .cache
+            .write_unless_past(&self.sequence_key(), sequence, Vec::new(), true)
+            .await;
         self.record("set", ok.is_ok());
     }
 
@@ -147,12 +166,20 @@ impl Counters {
                     sequence = sequence.max(s);
                 }
                 let keys: Vec<Key> = merged.into_iter().collect();
+                let mut superseded = false;
                 for chunk in keys.chunks(5_000) {
-                    if !counters.refresh(&*read_model, chunk).await {
-                        failed.extend(chunk.iter().cloned());
+                    match counters.refresh(&*read_model, chunk, sequence).await {
+                        Written::Done => {}
+                        Written::Failed => failed.extend(chunk.iter().cloned()),
+                        Written::Superseded => superseded = true,
                     }
                 }
-                if failed.is_empty() {
+                if superseded {
+                    // Another instance projects now and writes after later commits: what this
+                    // one has left to write is older than what it wrote.
+                    tracing::info!(sequence, "usage counters written by a newer projector");
+                    failed.clear();
+                } else if failed.is_empty() {
                     counters.mark(sequence).await;
                 }
             }
@@ -167,10 +194,25 @@ impl Counters {
         if at.ok().flatten().and_then(|s| s.parse::<u64>().ok()) == Some(checkpoint) {
             return;
         }
+        self.resync(read_model, Some(checkpoint)).await;
+    }
+
+    /// Rebuilds every current-month counter from the read model, whatever the counters
+    /// reflected (a log recreated from zero included). With `checkpoint`, records that they
+    /// reflect it; without, leaves the mark to the live projector (a CLI that changed the
+    /// tables under it: a rebuild's switch, a re-applied range).
+    pub async fn resync(&self, read_model: &dyn MeteringReadModel, checkpoint: Option<u64>) {
         match read_model.month_totals(None).await {
             Ok(rows) => {
                 let n = rows.len();
-                let ok = self.write(rows, Some(checkpoint)).await;
+                let mut writes = self.writes(rows);
+                if let Some(checkpoint) = checkpoint {
+                    writes.push(CacheWrite::Set {
+                        key: self.sequence_key(),
+                        value: checkpoint.to_string(),
+                    });
+                }
+                let ok = self.cache.write(writes).await;
                 self.record("set", ok.is_ok());
                 tracing::info!(
                     keys = n,
@@ -197,5 +239,45 @@ impl Counters {
             (Some(m), Some(q), Some(c)) => Some((m.clone(), q.clone(), c.parse().unwrap_or(0))),
             _ => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::MemoryCache;
+    use crate::metering::embedded::SledReadModel;
+
+    /// Two writers of the same counters, as a former leader and the one that took over: the
+    /// former's last write, at an older sequence, arrives after the new one's and is refused
+    /// (it used to put the mark back, and with it older totals).
+    #[tokio::test]
+    async fn a_former_leaders_late_write_does_not_replace_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let read_model: Arc<dyn MeteringReadModel> =
+            Arc::new(SledReadModel::open(dir.path()).unwrap());
+        let counters = Counters::new(Arc::new(MemoryCache::new()), "t:");
+        let key: Key = ("default".into(), "sub".into(), "calls".into());
+        let mark = || async { counters.cache.get(&counters.sequence_key()).await.unwrap() };
+        let (former, newer) = (
+            counters.spawn_writer(read_model.clone()),
+            counters.spawn_writer(read_model.clone()),
+        );
+        newer.touched(vec![key.clone()], 10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while mark().await.as_deref() != Some("10") {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", mark().await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        former.touched(vec![key.clone()], 3);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(mark().await.as_deref(), Some("10"));
+        // Led again later, it writes again.
+        former.touched(vec![key], 11);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while mark().await.as_deref() != Some("11") {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", mark().await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
