@@ -723,6 +723,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 return replay_whole(Whole::Runtime, log, &settings, json).await;
             }
+            if product == Product::All && (!rebuild || dry_run || range.is_set()) {
+                return Err(fail("`replay all` rebuilds every product: say `enablement replay all --rebuild`; a range or a dry run is metering's alone (`enablement replay metering ...`)"));
+            }
             if dry_run {
                 return replay_dry_run(log, &settings, &range, json).await;
             }
@@ -1321,11 +1324,18 @@ async fn deadletters(
             // new event: a decided request pending again, a sandbox requested again. Their
             // letters are left for a rebuild, which applies each event at its own place.
             let metering = catalog.stream(creto_streams::METERING);
-            let (redrivable, folded): (Vec<_>, Vec<_>) =
-                letters.iter().partition(|l| l.original_stream == metering);
+            let (redrivable, folded): (Vec<_>, Vec<_>) = letters.iter().partition(|l| {
+                l.original_stream == metering
+                    || l.original_stream == crate::metering::service::GRPC_ORIGIN
+            });
+            let mut gone = Vec::new();
             for l in &redrivable {
-                if !dry_run {
-                    log.append(l.redrive()).await.map_err(fail)?;
+                match l.redrive_from(log).await.map_err(fail)? {
+                    Some(append) if !dry_run => {
+                        log.append(append).await.map_err(fail)?;
+                    }
+                    Some(_) => {}
+                    None => gone.push(l.sequence),
                 }
             }
             println!(
@@ -1335,8 +1345,16 @@ async fn deadletters(
                 } else {
                     "re-drove"
                 },
-                redrivable.len()
+                redrivable.len() - gone.len()
             );
+            if !gone.is_empty() {
+                // Letters too large to keep their payload, whose original the stream no
+                // longer holds: nothing is left to send.
+                return Err(fail(format!(
+                    "{} dead letter(s) not re-driven: they were too large to keep their payload and {metering} no longer holds the original (dead-letter sequences {gone:?})",
+                    gone.len()
+                )));
+            }
             if folded.is_empty() {
                 return Ok(());
             }

@@ -804,6 +804,126 @@ async fn dead_letters_can_be_redriven_after_a_fix() {
     env.drop().await;
 }
 
+/// An event near the log's 1 MiB limit is oversized for metering; its letter, with the
+/// dead-letter headers added, would be past the limit and refused, and the projector retried
+/// it for ever (every later event waited). It is parked without its payload, which a re-drive
+/// reads back from the original stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_near_the_logs_limit_is_parked_and_the_projection_goes_on() {
+    let env = Env::new().await;
+    let (running, mut client) = env.start_metering(true).await;
+    let nats = async_nats::connect(creto_replay_tests::nats_url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let subject = env.subject("metering.events.sub_big");
+    let now = Utc::now();
+    let huge = cloud_event(
+        "big",
+        "sub_big",
+        "agent.execution",
+        now,
+        serde_json::json!({"pad": "x".repeat(1_048_240)}),
+    );
+    // With the letter's headers (reason, origin, ...) past the 1 MiB the log takes.
+    let size = huge.len();
+    assert!(size > 1024 * 1024 - 400 && size < 1024 * 1024, "{size}");
+    js.publish(subject.clone(), huge.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let next = js
+        .publish(
+            subject,
+            cloud_event(
+                "small",
+                "sub_big",
+                "agent.execution",
+                now,
+                serde_json::json!({}),
+            )
+            .into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    env.wait_applied(next).await;
+    let rows = client
+        .query_usage(usage_request("sub_big", "agent.execution", next))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(total(&rows.rows), 1.0);
+    let letters = dead_letters(&env).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "oversized");
+    assert_eq!(letters[0].omitted, Some(size));
+    assert!(letters[0].event.payload.is_empty());
+    let again = letters[0]
+        .redrive_from(&*env.platform.log)
+        .await
+        .unwrap()
+        .expect("the original is still in its stream");
+    assert_eq!(again.payload, huge.as_bytes());
+    running.stop().await;
+    env.drop().await;
+}
+
+/// The runbook's re-drive, for an event `IngestEvents` refused: its letter (no stream of
+/// origin: it never reached the log) goes to metering's subject like a NATS producer's. It was
+/// taken for an oversight or runtime letter and refused, with advice to rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_of_the_grpc_ingest_is_redriven_by_the_cli() {
+    let env = Env::new().await;
+    let (running, mut client) = env.start_metering(true).await;
+    let mut early = grpc_event("g1", "sub_g", 2.0);
+    early.time = Some(ts(Utc::now() + Ch::minutes(20)));
+    let answer = client
+        .ingest_events(pb::IngestEventsRequest {
+            events: vec![early],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.rejected, 1, "{answer:?}");
+    assert_eq!(dead_letters(&env).await.len(), 1);
+    let nats_url = creto_replay_tests::nats_url();
+    let cli = <creto_gateways::cli::Cli as clap::Parser>::parse_from([
+        "enablement",
+        "--nats-url",
+        &nats_url,
+        "--namespace",
+        &env.name,
+        "deadletters",
+        "redrive",
+        "--stream",
+        "metering",
+        "--reason",
+        "time_in_future",
+    ]);
+    creto_gateways::cli::run(cli).await.unwrap();
+    // Still twenty minutes ahead: parked again, from the metering stream this time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let letters = loop {
+        let letters = dead_letters(&env).await;
+        if letters.len() == 2 || std::time::Instant::now() > deadline {
+            break letters;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters[1].reason, "time_in_future");
+    assert_eq!(
+        letters[1].original_stream,
+        env.platform.catalog.stream(METERING)
+    );
+    running.stop().await;
+    env.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_database_refuses_is_set_aside_then_redriven_after_the_fix() {
     let env = Env::new().await;

@@ -7,8 +7,19 @@ use crate::headers::{names, Headers};
 use crate::log::{AppendEvent, EventLog, LogError, ReplayFrom, StoredEvent};
 use crate::{Catalog, DEADLETTERS};
 
+/// The most a letter may weigh, headers and payload: the dead-letter stream takes a message of
+/// up to 1 MiB (the catalog's limit, and NATS's default maximum payload), less room for the
+/// headers the log adds on the way (the message id, a trace context).
+pub const LETTER_LIMIT: usize = 1024 * 1024 - 8 * 1024;
+
 /// Builds the dead-letter append for `event`. Its id is derived from the original stream and
 /// sequence, so dead-lettering the same event twice (after a crash) stores it once.
+///
+/// An event near the log's own limit would make a letter past it, one the log refuses: and a
+/// projector that cannot park a poison event retries it for ever, stopping its product. Such a
+/// letter keeps the reason and the original's place but not its payload, nor its headers
+/// other than short `Creto-` ones (`Creto-DL-Omitted` says how many payload bytes it left);
+/// [`DeadLetter::redrive_from`] reads the original back from its stream.
 pub fn letter(
     event: &StoredEvent,
     subject: &str,
@@ -29,13 +40,30 @@ pub fn letter(
     headers.insert(names::DL_SUBJECT, &event.subject);
     headers.insert(names::DL_SEQUENCE, event.sequence.to_string());
     headers.insert(names::DL_DELIVERIES, deliveries.to_string());
+    let mut payload = event.payload.clone();
+    if weight(&headers) + payload.len() > LETTER_LIMIT {
+        let mut kept = Headers::new();
+        for (k, v) in headers.iter() {
+            if k.starts_with("Creto-") && v.len() <= 1024 {
+                kept.insert(k, v);
+            }
+        }
+        kept.insert(names::DL_OMITTED, payload.len().to_string());
+        headers = kept;
+        payload = Default::default();
+    }
     AppendEvent {
         subject: subject.to_string(),
         id: format!("dl:{}:{}", event.stream, event.sequence),
         expected_subject_sequence: None,
         headers,
-        payload: event.payload.clone(),
+        payload,
     }
+}
+
+/// What headers weigh in a message (name, value and separators), as the log counts them.
+fn weight(headers: &Headers) -> usize {
+    headers.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
 }
 
 /// A dead letter as read back from the dead-letter stream.
@@ -48,6 +76,9 @@ pub struct DeadLetter {
     pub original_subject: String,
     pub original_sequence: u64,
     pub deliveries: u32,
+    /// Payload bytes the letter could not keep (see [`letter`]): the original's are in its
+    /// stream, for as long as the stream holds it.
+    pub omitted: Option<usize>,
     pub event: StoredEvent,
 }
 
@@ -65,8 +96,34 @@ impl DeadLetter {
                 .get(names::DL_DELIVERIES)
                 .and_then(|d| d.parse().ok())
                 .unwrap_or(0),
+            omitted: h.get(names::DL_OMITTED).and_then(|n| n.parse().ok()),
             event,
         })
+    }
+
+    /// [`Self::redrive`], the original read back from its stream when the letter could not
+    /// keep it; `None` when the stream no longer holds it (removed, or past its retention).
+    pub async fn redrive_from(&self, log: &dyn EventLog) -> Result<Option<AppendEvent>, LogError> {
+        if self.omitted.is_none() {
+            return Ok(Some(self.redrive()));
+        }
+        let original = match log.get(&self.original_stream, self.original_sequence).await {
+            Ok(original) => original,
+            Err(LogError::UnknownStream(_)) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(original
+            .filter(|o| o.subject == self.original_subject)
+            .map(|o| {
+                let mut append = DeadLetter {
+                    event: o,
+                    omitted: None,
+                    ..self.clone()
+                }
+                .redrive();
+                append.id = format!("redrive:{}:{}", self.original_stream, self.sequence);
+                append
+            }))
     }
 
     /// The append that sends the original event back to its subject. It gets a fresh id:

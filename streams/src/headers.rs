@@ -15,6 +15,8 @@ pub mod names {
     pub const DL_SUBJECT: &str = "Creto-DL-Subject";
     pub const DL_SEQUENCE: &str = "Creto-DL-Sequence";
     pub const DL_DELIVERIES: &str = "Creto-DL-Deliveries";
+    /// Payload bytes a dead letter left in the original stream (it was too large to park).
+    pub const DL_OMITTED: &str = "Creto-DL-Omitted";
     /// Set by `audit restore`: when the log first accepted the event (RFC 3339). The adapters
     /// report it as `StoredEvent::recorded_at`, so a restored stream decides and projects
     /// exactly as the original did, but only for sequences up to the stream's restore marker

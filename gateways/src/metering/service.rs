@@ -22,6 +22,10 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::auth::PLATFORM_OPERATOR;
+
+/// The "stream" a dead letter of an event `IngestEvents` refused names as its origin: the
+/// event never reached the log. Its letter re-drives to metering's subject like any other.
+pub const GRPC_ORIGIN: &str = "grpc";
 use crate::log_status::log_status;
 use crate::metering::{db_status, ingest};
 use crate::telemetry;
@@ -73,7 +77,7 @@ impl MeteringGateway {
     ) -> AppendEvent {
         // Rejected gRPC events never reach the metering stream; they are parked as they came.
         let original = StoredEvent {
-            stream: "grpc".into(),
+            stream: GRPC_ORIGIN.into(),
             sequence: 0,
             subject: self
                 .catalog
