@@ -257,6 +257,9 @@ pub async fn run(
             for problem in &report.verify.problems {
                 println!("skipped or suspect: {problem}");
             }
+            for object in &report.unvouched {
+                println!("skipped: object {object}, which its manifest does not vouch for");
+            }
             let product = [METERING, OVERSIGHT, RUNTIME]
                 .into_iter()
                 .find(|p| catalog.stream(p) == stream);

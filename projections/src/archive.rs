@@ -492,7 +492,17 @@ impl S3Archive {
                 None,
                 "S3Settings",
             ))
-            .force_path_style(settings.force_path_style);
+            .force_path_style(settings.force_path_style)
+            // Without these only connecting is bounded: a call on a half-open connection or
+            // to a stuck server waits for ever, the exporter with it, and nothing counts a
+            // failure (no alert fires). A timed-out attempt is retried like any failure.
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .operation_attempt_timeout(std::time::Duration::from_secs(60))
+                    .operation_timeout(std::time::Duration::from_secs(180))
+                    .build(),
+            );
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint.clone());
         }

@@ -942,6 +942,8 @@ pub struct RestoreReport {
     /// Events whose id had been used by an earlier event (accepted by the original log after
     /// its duplicate window): appended without the id, or the log would drop them.
     pub reused_ids: u64,
+    /// Objects a forced restore skipped: altered, or with no manifest to vouch for them.
+    pub unvouched: Vec<String>,
     pub verify: VerifyReport,
 }
 
@@ -1016,6 +1018,26 @@ pub async fn restore(
                 short(a, b)
             )));
         };
+        // Only what its manifest vouches for, read again now: the verify above read the
+        // objects once, and an object altered since (or one the verify found altered, which
+        // --force lets past) must not become the log's history.
+        let vouched = match archive.get(&manifest_key(stream, a, b)).await? {
+            Some(m) => serde_json::from_slice::<Manifest>(&m)
+                .is_ok_and(|m| m.object_sha256 == sha256_hex(&body)),
+            None => false,
+        };
+        if !vouched {
+            if options.force {
+                tracing::warn!(object = %short(a, b), "skipping an object its manifest does not vouch for");
+                out.unvouched.push(short(a, b));
+                preserving = false;
+                continue;
+            }
+            return Err(AuditError::Corrupt(format!(
+                "object {} does not match its manifest (altered since the verify?); the restore stopped",
+                short(a, b)
+            )));
+        }
         let events = match gunzip(&body).and_then(|raw| parse_lines(&raw)) {
             Ok(e) => e,
             Err(e) if options.force => {

@@ -598,7 +598,10 @@ async fn embedded_export_and_restore_round_trip() {
     assert!(err.to_string().contains("does not verify"), "{err}");
     assert!(err.to_string().contains("object 501-1000 missing"), "{err}");
     assert_eq!(log.stream_state(&stream).await.unwrap().messages, 0);
-    archive.put(&key, saved, "application/gzip").await.unwrap();
+    archive
+        .put(&key, saved.clone(), "application/gzip")
+        .await
+        .unwrap();
 
     let report = audit::restore(&*archive, &stream, &*log, RestoreOptions::default(), |_| {})
         .await
@@ -634,6 +637,27 @@ async fn embedded_export_and_restore_round_trip() {
         .unwrap();
     assert_eq!(report.events, 1_200 - 500);
     assert!(!report.sequences_preserved);
+    assert_eq!(report.unvouched, ["501-1000"]);
+
+    // An object altered but readable (an event changed, re-compressed; its manifest left):
+    // the verify reports it, and a forced restore must not make it history (it did).
+    env.recreate_stream(&stream).await;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&saved[..]), &mut text)
+        .unwrap();
+    let forged_text = text.replacen("\"quantity\\\":", "\"quantity\\\":1", 1);
+    assert_ne!(forged_text, text);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, forged_text.as_bytes()).unwrap();
+    archive
+        .put(&key, Bytes::from(gz.finish().unwrap()), "application/gzip")
+        .await
+        .unwrap();
+    let report = audit::restore(&*archive, &stream, &*log, forced, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.events, 1_200 - 500);
+    assert_eq!(report.unvouched, ["501-1000"]);
     env.drop().await;
 }
 
