@@ -79,8 +79,11 @@ pub(crate) async fn supervise_projector(
     projector: Arc<dyn creto_projections::Projector>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_secs(1);
+    const FIRST: Duration = Duration::from_secs(1);
+    let mut backoff = FIRST;
+    let mut shutdown_rx = shutdown.clone();
     loop {
+        let started = tokio::time::Instant::now();
         let result = runner::run(
             platform.log.clone(),
             platform.leadership(),
@@ -95,7 +98,14 @@ pub(crate) async fn supervise_projector(
         if let Err(e) = result {
             tracing::error!(error = %e, product = projector.product(), "projector stopped; restarting");
         }
-        tokio::time::sleep(backoff).await;
+        // A run that lasted is a fresh failure, not the next of a series: wait the first delay.
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = FIRST;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown_rx.changed() => return,
+        }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }

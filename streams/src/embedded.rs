@@ -1031,6 +1031,7 @@ impl EventLog for SledLog {
                 pending,
                 ack_pending: core.pending.len() as u64,
                 ack_floor: core.ack_floor,
+                durable: true,
             });
         }
         consumers.sort_by(|a, b| a.name.cmp(&b.name));

@@ -739,6 +739,7 @@ impl EventLog for JetStreamLog {
                 pending: c.num_pending,
                 ack_pending: c.num_ack_pending as u64,
                 ack_floor: c.ack_floor.stream_sequence,
+                durable: c.config.durable_name.is_some(),
             })
             .try_collect()
             .await
@@ -785,6 +786,8 @@ impl EventLog for JetStreamLog {
                 AckMode::Each => 1_000,
                 AckMode::Cumulative => 5_000,
             })
+            // Bounded in bytes too: 5,000 messages near the 1 MiB limit are 5 GiB of buffer.
+            .max_bytes_per_batch(64 * 1024 * 1024)
             .messages()
             .await
             .map_err(unavailable)?;
@@ -883,8 +886,14 @@ impl DurableConsumer for JetStreamConsumer {
                     Err(_) => break,
                 },
             };
-            match next {
-                Some(m) => out.push(self.delivery(m.map_err(unavailable)?)?),
+            match next.map(|m| m.map_err(unavailable).and_then(|m| self.delivery(m))) {
+                Some(Ok(d)) => out.push(d),
+                // What was gathered is handed over (dropped, it would only come back after
+                // ack_wait); the error shows again at the next fetch if it lasts.
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "a delivery failed; handing over those before it");
+                    break;
+                }
                 None => break,
             }
         }

@@ -140,6 +140,8 @@ pub struct ConsumerState {
     pub ack_pending: u64,
     /// Highest stream sequence acked with nothing unacked below it.
     pub ack_floor: u64,
+    /// A named, lasting consumer (not an ordered one of a replay, gone when it ends).
+    pub durable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
