@@ -93,12 +93,21 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Key>, TokenError> {
         path: path.display().to_string(),
         detail,
     };
-    let file: KeyFile = toml::from_str(text).map_err(|e| ring(e.to_string()))?;
+    // Where and what, never the error's own rendering: it quotes the offending line, which
+    // here is a secret (and reload errors go to the logs).
+    let file: KeyFile = toml::from_str(text).map_err(|e| {
+        let at = e.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            format!(" at line {}", before.matches('\n').count() + 1)
+        });
+        ring(format!("not valid TOML{at}: {}", e.message()))
+    })?;
     let mut keys = Vec::new();
     for k in file.keys {
         let secret = base64::engine::general_purpose::STANDARD
             .decode(k.secret.trim())
-            .map_err(|e| ring(format!("key {:?}: secret is not base64 ({e})", k.kid)))?;
+            // Not the decoder's message: it quotes the offending character of the secret.
+            .map_err(|_| ring(format!("key {:?}: secret is not base64", k.kid)))?;
         if secret.len() < MIN_SECRET_BYTES {
             return Err(ring(format!(
                 "key {:?}: secret has {} bytes; use at least {MIN_SECRET_BYTES} (`enablement token keygen`)",
@@ -145,6 +154,9 @@ pub fn keygen(kid: &str) -> String {
     toml::to_string(&entry).expect("key entry serializes")
 }
 
+/// The longest lifetime a token is issued with.
+pub const MAX_TTL: Duration = Duration::from_secs(366 * 86_400);
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -178,15 +190,17 @@ impl KeyRing {
         if now == self.loaded.read().unwrap().modified {
             return Ok(false);
         }
-        let text = std::fs::read_to_string(path).map_err(|e| TokenError::Ring {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
-        let keys = parse(path, &text)?;
-        *self.loaded.write().unwrap() = Loaded {
-            keys,
-            modified: now,
-        };
+        let keys = std::fs::read_to_string(path)
+            .map_err(|e| TokenError::Ring {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            })
+            .and_then(|text| parse(path, &text));
+        let mut loaded = self.loaded.write().unwrap();
+        // This version of the file is decided either way: a broken one is refused (and
+        // logged) once, not at every check until it changes.
+        loaded.modified = now;
+        loaded.keys = keys?;
         Ok(true)
     }
 
@@ -203,6 +217,13 @@ impl KeyRing {
             return Err(TokenError::NotIssued(
                 "the subject must not be empty".into(),
             ));
+        }
+        if ttl > MAX_TTL {
+            return Err(TokenError::NotIssued(format!(
+                "a lifetime of {} is past the limit of {} days: issue shorter-lived tokens and renew them (a leaked one stays valid for its whole lifetime)",
+                humantime::format_duration(ttl),
+                MAX_TTL.as_secs() / 86_400
+            )));
         }
         let loaded = self.loaded.read().unwrap();
         let key = loaded
@@ -386,5 +407,31 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("enablement token keygen"), "{e}");
+    }
+
+    /// Refusals of a broken ring go to the logs at every reload: they say where the file is
+    /// wrong, never what it holds there (a secret).
+    #[test]
+    fn a_broken_ring_is_refused_without_quoting_its_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "U2VjcmV0U2VjcmV0U2VjcmV0U2VjcmV0U2VjcmV0U2U";
+        for text in [
+            format!("[[keys]]\nkid = \"k\"\nsecret = \"{secret}\n"),
+            format!("[[keys]]\nkid = \"k\"\nsecret = {secret}\n"),
+            format!("[[keys]]\nkid = \"k\"\nsecret = \"{secret}-!\"\n"),
+        ] {
+            let path = ring_file(dir.path(), &text);
+            let e = KeyRing::load(&path).err().unwrap().to_string();
+            assert!(!e.contains("U2VjcmV0"), "{e}");
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        let e = KeyRing::load(&ring_file(
+            dir.path(),
+            "[[keys]]\nkid = \"k\"\nsecret = \"a\n",
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("line 3"), "{e}");
     }
 }
