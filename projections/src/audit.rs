@@ -589,10 +589,12 @@ impl AuditExporter {
         tracing::info!(stream = %self.stream, checkpoint = tail.last_sequence, "audit exporter active");
         let mut buffer = Buffer::new(tail.last_sequence + 1);
         let mut last_delivery: Option<Delivery> = None;
-        // With `once`: a fetch that waited and got nothing. The target may be a sequence the
-        // stream no longer holds (its last events removed: JetStream keeps the last sequence),
-        // which no delivery would ever reach.
+        // With `once`: fetches that waited and got nothing, for long enough. The target may be
+        // a sequence the stream no longer holds (its last events removed: JetStream keeps the
+        // last sequence), which no delivery would ever reach; but one silent fetch is also
+        // what a slow server gives, and stopping there archived less than asked.
         let mut drained = false;
+        let mut silent_since: Option<Instant> = None;
         loop {
             self.waited(buffer.count, buffer.oldest_recorded);
             let stopping = *shutdown.borrow();
@@ -620,9 +622,11 @@ impl AuditExporter {
                 _ = shutdown.changed() => continue,
             };
             if once && batch.is_empty() {
-                drained = true;
+                let since = *silent_since.get_or_insert_with(Instant::now);
+                drained = since.elapsed() >= ONCE_SILENCE;
                 continue;
             }
+            silent_since = None;
             for d in batch {
                 let first_delivery = std::mem::replace(&mut fresh, false);
                 let expected = tail.last_sequence.max(buffer.last) + 1;
@@ -658,6 +662,10 @@ impl AuditExporter {
         }
     }
 }
+
+/// How long `--once` waits for the stream to deliver more before it takes the rest for events
+/// removed from the stream.
+const ONCE_SILENCE: Duration = Duration::from_secs(10);
 
 /// What [`verify`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -1057,13 +1065,17 @@ pub async fn restore(
                 next_original = e.sequence;
                 let mut id = e.id.clone().unwrap_or_default();
                 let reused = !id.is_empty() && !seen_ids.insert(id.clone());
-                if reused {
-                    out.reused_ids += 1;
-                    id.clear();
+                if reused || id.is_empty() {
+                    // An id of its own place in the original log: the log would drop the
+                    // event as a duplicate under its original id, and without any id an
+                    // ambiguous append could not be retried safely. Its Creto-Event-Id
+                    // header stays the original's.
+                    out.reused_ids += u64::from(reused);
+                    id = format!("restore:{stream}:{}", e.sequence);
                 }
                 let mut headers = Headers::new();
                 for (name, values) in &e.headers {
-                    if reused && (name == "Nats-Msg-Id" || name == names::EVENT_ID) {
+                    if name == "Nats-Msg-Id" {
                         continue;
                     }
                     // The log keeps a publish's concurrency checks among its headers; sent

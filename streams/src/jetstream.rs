@@ -181,6 +181,21 @@ impl JetStreamLog {
             })
     }
 
+    /// The sequence of `event` when it is the last one stored on its subject (same id).
+    async fn stored_last(&self, event: &AppendEvent) -> Option<u64> {
+        if event.id.is_empty() {
+            return None;
+        }
+        let name = self.catalog.stream_for_subject(&event.subject)?;
+        let stream = self.stream(&name).await.ok()?;
+        let last = stream
+            .get_last_raw_message_by_subject(&event.subject)
+            .await
+            .ok()?;
+        let id = last.headers.get(crate::headers::names::EVENT_ID)?;
+        (id.as_str() == event.id).then_some(last.sequence)
+    }
+
     /// Whether the stream of `subject` is one of the catalog's, and JetStream does not say it
     /// is missing (it does not answer at all).
     async fn stream_is_unreachable(&self, subject: &str) -> bool {
@@ -278,6 +293,14 @@ impl JetStreamLog {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
+                // A clustered stream checks the expected last sequence before the duplicate
+                // id: the retry of an attempt that was stored meets itself as the conflict.
+                Err((LogError::Conflict { subject, expected }, _)) if retried => {
+                    return match self.stored_last(event).await {
+                        Some(sequence) => Ok(Appended::New { sequence }),
+                        None => Err(LogError::Conflict { subject, expected }),
+                    };
+                }
                 Err((e, true)) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::warn!(error = %e, subject = %event.subject, "append failed, retrying with the same id");
                     retried = true;
@@ -305,6 +328,23 @@ fn appended(ack: jetstream::publish::PublishAck) -> Appended {
 /// Maps a publish error to the port's error and whether retrying with the same id is safe
 /// and useful (the server may or may not have stored the message).
 fn publish_error(e: jetstream::context::PublishError, event: &AppendEvent) -> (LogError, bool) {
+    match publish_error_of_kind(e, event) {
+        // Only the id makes a retry safe: without one, the first attempt may have been
+        // stored and a retry would store the event twice. The caller is told.
+        (LogError::Unavailable(text), true) if event.id.is_empty() => (
+            LogError::Unavailable(format!(
+                "{text}; it may have been stored (an append without an id is not retried: it could be stored twice)"
+            )),
+            false,
+        ),
+        other => other,
+    }
+}
+
+fn publish_error_of_kind(
+    e: jetstream::context::PublishError,
+    event: &AppendEvent,
+) -> (LogError, bool) {
     match e.kind() {
         PublishErrorKind::WrongLastSequence => (
             LogError::Conflict {
@@ -367,7 +407,9 @@ fn redact(urls: &str) -> String {
 /// expected sequence.
 fn publish_message(ids: &ids::IdKey, event: &AppendEvent) -> PublishMessage {
     let mut headers = event.headers.0.clone();
-    if !event.id.is_empty() {
+    // The event's own id when it carries one (a restore keeps the original's), as the
+    // embedded log does.
+    if !event.id.is_empty() && headers.get(crate::headers::names::EVENT_ID).is_none() {
         headers.insert(crate::headers::names::EVENT_ID, event.id.as_str());
     }
     let mut publish = PublishMessage::build()
@@ -783,7 +825,10 @@ impl EventLog for JetStreamLog {
         let messages = consumer
             .stream()
             .max_messages_per_batch(match spec.ack {
-                AckMode::Each => 1_000,
+                // Work queues (notifications, timers) handle a few dozen at once, some for
+                // a minute and more: a deep prefetch let the tail's ack_wait run out in the
+                // client's buffer, and another replica sent those notifications again.
+                AckMode::Each => 64,
                 AckMode::Cumulative => 5_000,
             })
             // Bounded in bytes too: 5,000 messages near the 1 MiB limit are 5 GiB of buffer.

@@ -262,7 +262,9 @@ pub trait EventLog: Send + Sync + 'static {
 
     async fn append(&self, event: AppendEvent) -> Result<Appended, LogError>;
 
-    /// Appends in order, pipelined: results are in the order of `events`.
+    /// Appends in order, pipelined: results are in the order of `events`. An append that
+    /// failed ambiguously (it may have been stored) is retried after the others were sent, so
+    /// after such a failure its sequence may come after theirs.
     async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>>;
 
     /// Ordered replay of `stream` from `from` up to and including `to` (default: the last
