@@ -174,6 +174,41 @@ async fn hard_limit_denies_exactly_at_the_boundary(env: &Env) {
     let seq = ingest(&mut client, vec![usage("e2", &s, 6.0)]).await;
     let c = check(&mut client, &s, 0.0, seq).await.unwrap();
     assert_eq!(c.used, "10");
+    // And under another type with a quota of its own (the read model keys events by tenant,
+    // subscription and id, so the invoice counts it once): it used to count against both.
+    // (An id first used under a type without a quota is not remembered: see the README.)
+    client
+        .set_quota(pb::SetQuotaRequest {
+            event_type: "other.type".into(),
+            ..set_quota(&s, "10", true, &[])
+        })
+        .await
+        .unwrap();
+    let mut seq = 0;
+    for event_type in ["other.type", CALLS] {
+        seq = env
+            .platform
+            .log
+            .append(creto_streams::AppendEvent {
+                subject: env.subject(&format!("metering.events.{s}")),
+                id: format!("x1-{event_type}"),
+                expected_subject_sequence: None,
+                headers: Default::default(),
+                payload: creto_replay_tests::cloud_event(
+                    "x1",
+                    &s,
+                    event_type,
+                    Utc::now(),
+                    serde_json::json!({"quantity": 1}),
+                )
+                .into(),
+            })
+            .await
+            .unwrap()
+            .sequence();
+    }
+    let c = check(&mut client, &s, 0.0, seq).await.unwrap();
+    assert_eq!(c.used, "10");
     running.stop().await;
 }
 

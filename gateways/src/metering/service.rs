@@ -76,6 +76,24 @@ impl MeteringGateway {
         invalid: &metering::Invalid,
     ) -> AppendEvent {
         // Rejected gRPC events never reach the metering stream; they are parked as they came.
+        let encoded = event.encode_to_vec();
+        // The letter's id is the refusal's, whole: the same event refused again for the same
+        // reason is parked once, and two different events (two without an id, or reusing
+        // one) are parked both. Named by subject, id and reason, the second was dropped as
+        // a duplicate of the first within the log's duplicate window.
+        let id = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for part in [
+                tenant.as_bytes(),
+                invalid.reason.as_str().as_bytes(),
+                &encoded,
+            ] {
+                h.update((part.len() as u64).to_be_bytes());
+                h.update(part);
+            }
+            format!("dl:grpc:{}", &hex::encode(h.finalize())[..32])
+        };
         let original = StoredEvent {
             stream: GRPC_ORIGIN.into(),
             sequence: 0,
@@ -85,7 +103,7 @@ impl MeteringGateway {
             headers: Headers::new()
                 .with(names::CONTENT_TYPE, content_types::PROTOBUF)
                 .with(names::TENANT, tenant),
-            payload: event.encode_to_vec().into(),
+            payload: encoded.into(),
             recorded_at: Utc::now(),
         };
         let mut letter = deadletter::letter(
@@ -95,12 +113,7 @@ impl MeteringGateway {
             &invalid.detail,
             0,
         );
-        letter.id = format!(
-            "dl:grpc:{tenant}:{}:{}:{}",
-            event.subject,
-            event.id,
-            invalid.reason.as_str()
-        );
+        letter.id = id;
         letter
     }
 }

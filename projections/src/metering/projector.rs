@@ -323,6 +323,11 @@ impl MeteringProjector {
         };
         let mut tx = self.pool.begin().await?;
         Self::lock(&mut tx).await?;
+        // Unlike a live batch, nothing would apply these rows again after a crash (they lie
+        // below the checkpoint) once the CLI has said they were inserted: wait for the flush.
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
         let mut columns = Columns::default();
         let mut billing = Vec::new();
         for e in events {

@@ -88,8 +88,11 @@ impl Pass {
 }
 
 impl State {
-    fn was_counted(&self, key: &Key, hash: u64) -> bool {
-        self.counted_in(key, hash).is_some()
+    /// Whether the event (its hash of tenant, subscription and id) counted, under any event
+    /// type: the read model keys events by tenant, subscription and id, so a second event
+    /// under a counted id is a duplicate there whatever its type, and must not count here.
+    fn was_counted(&self, hash: u64) -> bool {
+        self.ids.contains(&hash)
     }
 
     /// The start of the period the key's event counted in, if it did.
@@ -108,10 +111,14 @@ impl State {
             .entry(key)
             .or_insert_with(|| (period_start, HashSet::new()));
         if entry.0 != period_start {
-            *entry = (period_start, HashSet::new());
+            let (_, ended) = std::mem::replace(entry, (period_start, HashSet::new()));
+            for h in ended {
+                self.ids.remove(&h);
+            }
         }
         if let Some(h) = hash {
             entry.1.insert(h);
+            self.ids.insert(h);
         }
     }
 
@@ -137,6 +144,8 @@ struct State {
     /// that never counted is ignored. Dropped when the key's period rolls over (events of an
     /// earlier period no longer count against the quota anyway).
     counted: HashMap<Key, (DateTime<Utc>, HashSet<u64>)>,
+    /// Every hash of `counted`, whatever its key's event type.
+    ids: HashSet<u64>,
     /// The current quantity of corrected events, by (tenant, subscription, event id).
     corrected: HashMap<Key, f64>,
     /// Crossings not yet appended (the log was unavailable).
@@ -432,7 +441,7 @@ impl QuotaView {
                     let k: Key = (r.tenant, r.subscription_id, r.event_type);
                     let h = self.hasher.hash_one((&k.0, &k.1, &r.id));
                     let restored = state.skips(&k.0, &k.1, &k.2, event.sequence);
-                    if !restored && !state.was_counted(&k, h) {
+                    if !restored && !state.was_counted(h) {
                         if let Ok(q) = Quantity::from_f64(r.quantity) {
                             // Counted when it was recorded at the latest: an event stamped
                             // in the next period (a few minutes ahead is valid) would move
