@@ -869,13 +869,26 @@ fn dev_key_ring(dir: &std::path::Path) -> Result<PathBuf, CliError> {
 /// between.
 fn write_owner_only(path: &std::path::Path, secret: &[u8]) -> Result<(), CliError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
+        platform::create_private_dir(dir).map_err(fail)?;
     }
+    // Whole or not at all: written aside and synced, then linked in place (which fails if
+    // another start got there first). Written in place, a start killed mid-write, or a
+    // second one reading too early, left a short or empty secret for every later start.
+    let aside = path.with_extension(format!("{}.partial", std::process::id()));
     let mut file = std::fs::OpenOptions::new();
-    file.write(true).create_new(true);
+    file.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
-    std::io::Write::write_all(&mut file.open(path).map_err(fail)?, secret).map_err(fail)
+    let written = file.open(&aside).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, secret)?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&aside, path));
+    let _ = std::fs::remove_file(&aside);
+    match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(fail(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Oversight's notification settings for `enablement dev`: the environment's, with the
@@ -897,6 +910,14 @@ fn dev_notify(
         write_owner_only(&path, hex::encode(secret).as_bytes())?;
     }
     let secret = std::fs::read_to_string(&path).map_err(fail)?;
+    if secret.trim().len() < crate::oversight::notify::MIN_LINK_SECRET_BYTES {
+        // Anyone reaching the page could forge links signed with a short key.
+        return Err(fail(format!(
+            "the approval-link secret in {} is shorter than {} bytes: delete the file and start again (a new one is made)",
+            path.display(),
+            crate::oversight::notify::MIN_LINK_SECRET_BYTES
+        )));
+    }
     let host = if oversight_http.ip().is_unspecified() {
         std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), oversight_http.port())
     } else {

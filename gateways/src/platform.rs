@@ -128,12 +128,12 @@ impl Platform {
         })
     }
 
-    /// Opens the embedded default under `dir` (created if missing): the log in `dir/log`,
+    /// Opens the embedded default under `dir` (created if missing, owner-only): the log in `dir/log`,
     /// the read models in `dir/read-models`, the archive in `dir/archive`, the cache in
     /// memory. Streams are created.
     pub async fn open_embedded(settings: Settings, dir: &Path) -> Result<Platform, ConnectError> {
         let embedded = |e: &dyn std::fmt::Display| ConnectError::Embedded(e.to_string());
-        std::fs::create_dir_all(dir).map_err(|e| {
+        create_private_dir(dir).map_err(|e| {
             ConnectError::Embedded(format!(
                 "cannot create the data directory {} ({e}); choose another with --data-dir",
                 dir.display()
@@ -202,4 +202,16 @@ impl Platform {
             ),
         }
     }
+}
+
+/// Creates `dir` and its missing parents readable by their owner only: the embedded default
+/// keeps every tenant's events, the read models, the archive (runtime checkpoints included)
+/// and its secrets there, which the services keep behind PostgreSQL's, NATS's and S3's access
+/// control. A directory that exists is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
