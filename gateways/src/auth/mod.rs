@@ -196,9 +196,22 @@ impl AuthArgs {
         }
         let authorizer: std::sync::Arc<dyn Authorizer> =
             match authz_remote::RemoteAuthzSettings::from_env().map_err(|e| e.to_string())? {
-                Some(remote) => std::sync::Arc::new(
-                    authz_remote::RemoteAuthorizer::new(remote).map_err(|e| e.to_string())?,
-                ),
+                Some(remote) => {
+                    let remote: std::sync::Arc<dyn Authorizer> = std::sync::Arc::new(
+                        authz_remote::RemoteAuthorizer::new(remote).map_err(|e| e.to_string())?,
+                    );
+                    match &self.policy {
+                        Some(p) => {
+                            let policy = policy::PolicyAuthorizer::load(p)?;
+                            reload::spawn(policy.clone(), RELOAD_EVERY);
+                            std::sync::Arc::new(policy::DenyRulesFirst {
+                                local: policy,
+                                then: remote,
+                            })
+                        }
+                        None => remote,
+                    }
+                }
                 None => match &self.policy {
                     Some(p) => {
                         let policy = policy::PolicyAuthorizer::load(p)?;
