@@ -84,19 +84,27 @@ pub(crate) async fn supervise_projector(
     let mut shutdown_rx = shutdown.clone();
     loop {
         let started = tokio::time::Instant::now();
-        let result = runner::run(
+        // In a task of its own: a panic (a bug met on some event) is a failure to restart
+        // from, not the end of the projection while the gateway goes on looking healthy.
+        let result = tokio::spawn(runner::run(
             platform.log.clone(),
             platform.leadership(),
             projector.clone(),
             RunnerConfig::default(),
             shutdown.clone(),
-        )
+        ))
         .await;
         if *shutdown.borrow() {
             return;
         }
-        if let Err(e) = result {
-            tracing::error!(error = %e, product = projector.product(), "projector stopped; restarting");
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, product = projector.product(), "projector stopped; restarting")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, product = projector.product(), "projector panicked; restarting")
+            }
         }
         // A run that lasted is a fresh failure, not the next of a series: wait the first delay.
         if started.elapsed() > Duration::from_secs(60) {

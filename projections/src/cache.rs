@@ -276,7 +276,11 @@ enum Value {
 /// Like Redis here, it keeps nothing across restarts; its owners rebuild it from the read
 /// models (see `metering::counters`).
 #[derive(Default)]
-pub struct MemoryCache(Mutex<HashMap<String, (Value, Option<Instant>)>>);
+pub struct MemoryCache {
+    map: Mutex<HashMap<String, (Value, Option<Instant>)>>,
+    /// When expired keys were last removed (see [`MemoryCache::sweep`]).
+    swept: Mutex<Option<Instant>>,
+}
 
 impl MemoryCache {
     pub fn new() -> Self {
@@ -294,6 +298,19 @@ impl MemoryCache {
             map.remove(key);
         }
         map.get_mut(key).map(|(v, _)| v)
+    }
+
+    /// Removes expired keys, at most once a minute. Redis expires keys by itself; here a key
+    /// was only removed when read, and counters of ended periods are never read again: `dev`
+    /// grew for as long as it ran.
+    fn sweep(&self, map: &mut HashMap<String, (Value, Option<Instant>)>) {
+        let mut swept = self.swept.lock().unwrap();
+        let now = Instant::now();
+        if swept.is_some_and(|at| now.duration_since(at) < Duration::from_secs(60)) {
+            return;
+        }
+        *swept = Some(now);
+        map.retain(|_, (_, expires)| expires.is_none_or(|e| e > now));
     }
 
     /// Applies `writes` in order to the map (its lock held by the caller).
@@ -326,7 +343,9 @@ impl MemoryCache {
 #[async_trait]
 impl Cache for MemoryCache {
     async fn write(&self, writes: Vec<CacheWrite>) -> Result<(), CacheError> {
-        Self::apply(&mut self.0.lock().unwrap(), writes);
+        let mut map = self.map.lock().unwrap();
+        Self::apply(&mut map, writes);
+        self.sweep(&mut map);
         Ok(())
     }
 
@@ -337,7 +356,7 @@ impl Cache for MemoryCache {
         writes: Vec<CacheWrite>,
         advance: bool,
     ) -> Result<bool, CacheError> {
-        let mut map = self.0.lock().unwrap();
+        let mut map = self.map.lock().unwrap();
         let at = match Self::live(&mut map, mark) {
             Some(Value::Text(t)) => t.parse::<u64>().unwrap_or(0),
             _ => 0,
@@ -353,7 +372,7 @@ impl Cache for MemoryCache {
     }
 
     async fn hash(&self, key: &str) -> Result<HashMap<String, String>, CacheError> {
-        let mut map = self.0.lock().unwrap();
+        let mut map = self.map.lock().unwrap();
         Ok(match Self::live(&mut map, key) {
             Some(Value::Hash(h)) => h.clone(),
             _ => HashMap::new(),
@@ -361,7 +380,7 @@ impl Cache for MemoryCache {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
-        let mut map = self.0.lock().unwrap();
+        let mut map = self.map.lock().unwrap();
         Ok(match Self::live(&mut map, key) {
             Some(Value::Text(t)) => Some(t.clone()),
             _ => None,
@@ -378,7 +397,7 @@ impl Cache for MemoryCache {
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, CacheError> {
         let now = Instant::now();
-        let map = self.0.lock().unwrap();
+        let map = self.map.lock().unwrap();
         let mut keys: Vec<String> = map
             .iter()
             .filter(|(k, (_, exp))| k.starts_with(prefix) && exp.is_none_or(|e| e > now))

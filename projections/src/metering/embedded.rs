@@ -282,6 +282,9 @@ impl MeteringReadModel for SledReadModel {
                 out.push(m);
             }
         }
+        // By slug, as PostgreSQL answers: the store's keys are length-prefixed, and came back
+        // shortest slug first.
+        out.sort_by(|a, b| a.slug.cmp(&b.slug));
         Ok(out)
     }
 
