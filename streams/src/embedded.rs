@@ -244,26 +244,7 @@ impl Stream {
         Ok(lo)
     }
 
-    /// Shows readers the stream up to `last`, once it is on disk: a reader shown it earlier
-    /// could act on events a crash then loses (a notification sent, a checkpoint saved past
-    /// the log's end) and whose sequences later events take.
-    fn publish(&self, last: u64) {
-        self.last.send_if_modified(|shown| {
-            let later = last > *shown;
-            if later {
-                *shown = last;
-            }
-            later
-        });
-    }
-
-    /// The last sequence readers are shown (see [`Self::publish`]).
-    fn shown(&self) -> u64 {
-        *self.last.borrow()
-    }
-
-    /// Appends a run of events that all belong to this stream, atomically (not yet shown to
-    /// readers: see [`Self::publish`]).
+    /// Appends a run of events that all belong to this stream, atomically.
     fn append_run(&self, events: &[AppendEvent]) -> Vec<Result<Appended, LogError>> {
         let spec = self.spec.lock().unwrap().clone();
         let mut counts = self.counts.lock().unwrap();
@@ -305,6 +286,7 @@ impl Stream {
                 })
                 .collect();
         }
+        self.last.send_replace(counts.last);
         if let Some(marker) = crate::catalog::restore_marker_of(&spec.subjects) {
             if events.iter().any(|e| e.subject == marker) {
                 *self.restored.lock().unwrap() = None;
@@ -551,7 +533,7 @@ impl Core {
                 }
             }
         }
-        let last = self.stream.shown();
+        let last = self.stream.counts().last;
         if out.len() < max && self.next <= last {
             let from = self.next.max(self.stream.counts().first);
             for kv in self.stream.tree.range(msg_key(from)..=msg_key(last)) {
@@ -876,7 +858,6 @@ impl EventLog for SledLog {
 
     async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
         let mut out = Vec::with_capacity(events.len());
-        let mut written = Vec::new();
         let mut start = 0;
         // Consecutive events of one stream are appended as one atomic batch.
         while start < events.len() {
@@ -897,10 +878,9 @@ impl EventLog for SledLog {
                 end += 1;
             }
             out.extend(stream.append_run(&events[start..end]));
-            written.push((stream.clone(), stream.counts().last));
             start = end;
         }
-        // Acknowledged means on disk; shown to readers only then.
+        // Acknowledged means on disk.
         if out.iter().any(|r| matches!(r, Ok(Appended::New { .. }))) {
             if let Err(e) = self.flush().await {
                 return out
@@ -911,9 +891,6 @@ impl EventLog for SledLog {
                     })
                     .collect();
             }
-        }
-        for (stream, last) in written {
-            stream.publish(last);
         }
         out
     }
@@ -927,8 +904,7 @@ impl EventLog for SledLog {
     ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
         let stream = self.stream(stream_name)?;
         let counts = stream.counts();
-        let shown = stream.shown();
-        let end = to.map_or(shown, |t| t.min(shown));
+        let end = to.map_or(counts.last, |t| t.min(counts.last));
         let start = match from {
             ReplayFrom::Start => counts.first.max(1),
             ReplayFrom::Sequence(s) => s.max(counts.first).max(1),
@@ -1180,18 +1156,6 @@ impl SledAck {
 impl AckHandle for SledAck {
     async fn ack(&self) -> Result<(), LogError> {
         self.update(|c| c.settle(self.sequence));
-        // A work queue's ack stands for an effect done (a notification sent): on disk before
-        // it is answered, as JetStream keeps it, or a crash within the store's flush interval
-        // did it again. A projector's cumulative acks need not be: its checkpoint is the truth.
-        let cumulative = self.core.lock().unwrap().cumulative;
-        if !cumulative {
-            self.log
-                .inner
-                .positions
-                .flush_async()
-                .await
-                .map_err(storage)?;
-        }
         Ok(())
     }
     async fn nak(&self, delay: Duration) -> Result<(), LogError> {
