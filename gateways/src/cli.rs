@@ -883,7 +883,14 @@ fn write_owner_only(path: &std::path::Path, secret: &[u8]) -> Result<(), CliErro
         std::io::Write::write_all(&mut f, secret)?;
         f.sync_all()
     });
-    let linked = written.and_then(|()| std::fs::hard_link(&aside, path));
+    let linked = written.and_then(|()| match std::fs::hard_link(&aside, path) {
+        // A file system without hard links (some FUSE and SMB mounts): moved in place,
+        // unless another start got there first.
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+            std::fs::rename(&aside, path)
+        }
+        other => other,
+    });
     let _ = std::fs::remove_file(&aside);
     match linked {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(fail(e)),
@@ -1372,7 +1379,7 @@ async fn deadletters(
                 // Letters too large to keep their payload, whose original the stream no
                 // longer holds: nothing is left to send.
                 return Err(fail(format!(
-                    "{} dead letter(s) not re-driven: they were too large to keep their payload and {metering} no longer holds the original (dead-letter sequences {gone:?})",
+                    "{} dead letter(s) not re-driven: they were too large to keep their payload, and the log no longer holds the original (removed from {metering}, or refused by IngestEvents before it reached the log) (dead-letter sequences {gone:?})",
                     gone.len()
                 )));
             }

@@ -211,6 +211,10 @@ async fn lead(
             return Ok(Some(leader));
         }
         tracing::info!(product, "another instance is projecting; standing by");
+        // Only the active instance knows the lag: a former leader standing by must not go on
+        // exporting its last value, which would set off ProjectorStalled. (One that fails
+        // and restarts keeps it: a projector that crashes in a loop is stalled.)
+        metrics::PROJECTOR_LAG.with_label_values(&[product]).set(0);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = shutdown.changed() => return Ok(None),
@@ -256,9 +260,6 @@ pub async fn run(
     let mut last_lag_update = Instant::now() - Duration::from_secs(10);
     // Consumers whose pending count this instance exports.
     let mut exported: BTreeSet<String> = BTreeSet::new();
-    // Only the active instance knows the lag: one that stops (or stands by after losing the
-    // lock) must not go on exporting its last value, which would set off ProjectorStalled.
-    let _lag = LagWhileActive(product);
     let mut applied_to = checkpoint;
     // Nothing delivered yet by this consumer, opened at `applied_to` + 1.
     let mut fresh = true;
@@ -428,15 +429,6 @@ pub async fn run(
             consumer = open_at(&*log, projector.stream(), &durable, applied_to).await?;
             fresh = true;
         }
-    }
-}
-
-/// Sets the product's lag to zero when the active run ends.
-struct LagWhileActive(&'static str);
-
-impl Drop for LagWhileActive {
-    fn drop(&mut self) {
-        metrics::PROJECTOR_LAG.with_label_values(&[self.0]).set(0);
     }
 }
 

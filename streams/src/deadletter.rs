@@ -115,14 +115,12 @@ impl DeadLetter {
         Ok(original
             .filter(|o| o.subject == self.original_subject)
             .map(|o| {
-                let mut append = DeadLetter {
+                DeadLetter {
                     event: o,
                     omitted: None,
                     ..self.clone()
                 }
-                .redrive();
-                append.id = format!("redrive:{}:{}", self.original_stream, self.sequence);
-                append
+                .redrive()
             }))
     }
 

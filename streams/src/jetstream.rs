@@ -181,19 +181,22 @@ impl JetStreamLog {
             })
     }
 
-    /// The sequence of `event` when it is the last one stored on its subject (same id).
-    async fn stored_last(&self, event: &AppendEvent) -> Option<u64> {
+    /// The sequence `event`, a conditional append, was stored at: the first message on its
+    /// subject after the one it expected, when that message carries its id (later ones may
+    /// have followed it since).
+    async fn stored_after_expected(&self, event: &AppendEvent) -> Option<u64> {
+        let expected = event.expected_subject_sequence?;
         if event.id.is_empty() {
             return None;
         }
         let name = self.catalog.stream_for_subject(&event.subject)?;
         let stream = self.stream(&name).await.ok()?;
-        let last = stream
-            .get_last_raw_message_by_subject(&event.subject)
+        let next = stream
+            .get_first_raw_message_by_subject(&event.subject, expected + 1)
             .await
             .ok()?;
-        let id = last.headers.get(crate::headers::names::EVENT_ID)?;
-        (id.as_str() == event.id).then_some(last.sequence)
+        let id = next.headers.get(crate::headers::names::EVENT_ID)?;
+        (id.as_str() == event.id).then_some(next.sequence)
     }
 
     /// Whether the stream of `subject` is one of the catalog's, and JetStream does not say it
@@ -296,7 +299,7 @@ impl JetStreamLog {
                 // A clustered stream checks the expected last sequence before the duplicate
                 // id: the retry of an attempt that was stored meets itself as the conflict.
                 Err((LogError::Conflict { subject, expected }, _)) if retried => {
-                    return match self.stored_last(event).await {
+                    return match self.stored_after_expected(event).await {
                         Some(sequence) => Ok(Appended::New { sequence }),
                         None => Err(LogError::Conflict { subject, expected }),
                     };

@@ -79,6 +79,9 @@ struct Key {
 struct Loaded {
     keys: Vec<Key>,
     modified: Option<SystemTime>,
+    /// The version of the file last refused: read again at every check (a write may land
+    /// within the same modification time), but reported once.
+    refused: Option<Option<SystemTime>>,
 }
 
 /// The signing and verifying keys, reloaded from their file when it changes.
@@ -177,6 +180,7 @@ impl KeyRing {
             loaded: Arc::new(RwLock::new(Loaded {
                 keys,
                 modified: modified(path),
+                refused: None,
             })),
         })
     }
@@ -197,11 +201,21 @@ impl KeyRing {
             })
             .and_then(|text| parse(path, &text));
         let mut loaded = self.loaded.write().unwrap();
-        // This version of the file is decided either way: a broken one is refused (and
-        // logged) once, not at every check until it changes.
-        loaded.modified = now;
-        loaded.keys = keys?;
-        Ok(true)
+        match keys {
+            Ok(keys) => {
+                *loaded = Loaded {
+                    keys,
+                    modified: now,
+                    refused: None,
+                };
+                Ok(true)
+            }
+            Err(_) if loaded.refused == Some(now) => Ok(false),
+            Err(e) => {
+                loaded.refused = Some(now);
+                Err(e)
+            }
+        }
     }
 
     /// Mints a token with the signing key.

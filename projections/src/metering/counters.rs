@@ -175,10 +175,11 @@ impl Counters {
                     }
                 }
                 if superseded {
-                    // Another instance projects now and writes after later commits: what this
-                    // one has left to write is older than what it wrote.
-                    tracing::info!(sequence, "usage counters written by a newer projector");
-                    failed.clear();
+                    // The counters reflect a later sequence: another instance projects now
+                    // (this one's writes are older than its), or this one applies again what
+                    // a database crash lost (its own later writes stand). Failed keys are
+                    // kept for the next write either way.
+                    tracing::info!(sequence, "usage counters already reflect a later sequence");
                 } else if failed.is_empty() {
                     counters.mark(sequence).await;
                 }
