@@ -682,6 +682,9 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// What is normal but worth saying (an export caught between an object and its manifest).
     pub notes: Vec<String>,
+    /// Each object found equal to its manifest: its range and hash, as read by the verify.
+    #[serde(skip)]
+    pub vouched: std::collections::BTreeMap<(u64, u64), String>,
 }
 
 impl VerifyReport {
@@ -862,6 +865,9 @@ pub async fn verify(
             ));
             continue;
         }
+        report
+            .vouched
+            .insert((a, b), manifest.object_sha256.clone());
         let events = match gunzip(&body).and_then(|raw| parse_lines(&raw)) {
             Ok(events) => events,
             Err(e) => {
@@ -1026,14 +1032,10 @@ pub async fn restore(
                 short(a, b)
             )));
         };
-        // Only what its manifest vouches for, read again now: the verify above read the
-        // objects once, and an object altered since (or one the verify found altered, which
-        // --force lets past) must not become the log's history.
-        let vouched = match archive.get(&manifest_key(stream, a, b)).await? {
-            Some(m) => serde_json::from_slice::<Manifest>(&m)
-                .is_ok_and(|m| m.object_sha256 == sha256_hex(&body)),
-            None => false,
-        };
+        // Only what its manifest vouched for when the verify above read them, checked again
+        // now: an object the verify found altered (which --force lets past), or one replaced
+        // since (with its manifest or not), must not become the log's history.
+        let vouched = report.vouched.get(&(a, b)) == Some(&sha256_hex(&body));
         if !vouched {
             if options.force {
                 tracing::warn!(object = %short(a, b), "skipping an object its manifest does not vouch for");
@@ -1042,7 +1044,7 @@ pub async fn restore(
                 continue;
             }
             return Err(AuditError::Corrupt(format!(
-                "object {} does not match its manifest (altered since the verify?); the restore stopped",
+                "object {} is not the one its manifest vouched for at the verify (altered since?); the restore stopped",
                 short(a, b)
             )));
         }
