@@ -244,26 +244,7 @@ impl Stream {
         Ok(lo)
     }
 
-    /// Shows readers the stream up to `last`, once it is on disk: a reader shown it earlier
-    /// could act on events a crash then loses (a notification sent, a checkpoint saved past
-    /// the log's end) and whose sequences later events take.
-    fn publish(&self, last: u64) {
-        self.last.send_if_modified(|shown| {
-            let later = last > *shown;
-            if later {
-                *shown = last;
-            }
-            later
-        });
-    }
-
-    /// The last sequence readers are shown (see [`Self::publish`]).
-    fn shown(&self) -> u64 {
-        *self.last.borrow()
-    }
-
-    /// Appends a run of events that all belong to this stream, atomically (not yet shown to
-    /// readers: see [`Self::publish`]).
+    /// Appends a run of events that all belong to this stream, atomically.
     fn append_run(&self, events: &[AppendEvent]) -> Vec<Result<Appended, LogError>> {
         let spec = self.spec.lock().unwrap().clone();
         let mut counts = self.counts.lock().unwrap();
@@ -305,6 +286,7 @@ impl Stream {
                 })
                 .collect();
         }
+        self.last.send_replace(counts.last);
         if let Some(marker) = crate::catalog::restore_marker_of(&spec.subjects) {
             if events.iter().any(|e| e.subject == marker) {
                 *self.restored.lock().unwrap() = None;
@@ -551,7 +533,7 @@ impl Core {
                 }
             }
         }
-        let last = self.stream.shown();
+        let last = self.stream.counts().last;
         if out.len() < max && self.next <= last {
             let from = self.next.max(self.stream.counts().first);
             for kv in self.stream.tree.range(msg_key(from)..=msg_key(last)) {
@@ -876,7 +858,6 @@ impl EventLog for SledLog {
 
     async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
         let mut out = Vec::with_capacity(events.len());
-        let mut written = Vec::new();
         let mut start = 0;
         // Consecutive events of one stream are appended as one atomic batch.
         while start < events.len() {
@@ -897,12 +878,9 @@ impl EventLog for SledLog {
                 end += 1;
             }
             out.extend(stream.append_run(&events[start..end]));
-            written.push((stream.clone(), stream.counts().last));
             start = end;
         }
-        // Acknowledged means on disk; shown to readers only then. Nothing new (duplicates,
-        // refusals): nothing to show, and the stream's end may be another appender's
-        // events still waiting for their flush.
+        // Acknowledged means on disk.
         if out.iter().any(|r| matches!(r, Ok(Appended::New { .. }))) {
             if let Err(e) = self.flush().await {
                 return out
@@ -912,11 +890,6 @@ impl EventLog for SledLog {
                         other => other,
                     })
                     .collect();
-            }
-            // The flush took everything written before it: these runs, and whatever another
-            // appender wrote before they were counted.
-            for (stream, last) in written {
-                stream.publish(last);
             }
         }
         out
@@ -931,8 +904,7 @@ impl EventLog for SledLog {
     ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
         let stream = self.stream(stream_name)?;
         let counts = stream.counts();
-        let shown = stream.shown();
-        let end = to.map_or(shown, |t| t.min(shown));
+        let end = to.map_or(counts.last, |t| t.min(counts.last));
         let start = match from {
             ReplayFrom::Start => counts.first.max(1),
             ReplayFrom::Sequence(s) => s.max(counts.first).max(1),
@@ -1029,9 +1001,6 @@ impl EventLog for SledLog {
     async fn stream_state(&self, stream_name: &str) -> Result<StreamState, LogError> {
         let stream = self.stream(stream_name)?;
         let counts = stream.counts();
-        // The end readers are shown: a caller that reads up to the last sequence it is told
-        // (a catch-up) would otherwise wait for an event still being flushed.
-        let last = stream.shown();
         let cores: Vec<Arc<Mutex<Core>>> = self
             .inner
             .consumers
@@ -1046,10 +1015,10 @@ impl EventLog for SledLog {
             let core = core.lock().unwrap();
             let from = core.next.max(counts.first);
             let pending = if core.filter.as_deref().is_none_or(str::is_empty) {
-                (last + 1).saturating_sub(from)
+                (counts.last + 1).saturating_sub(from)
             } else {
                 let mut n = 0;
-                for kv in stream.tree.range(msg_key(from)..=msg_key(last)) {
+                for kv in stream.tree.range(msg_key(from)..=msg_key(counts.last)) {
                     let (k, v) = kv.map_err(storage)?;
                     if core.matches(&stream.decode(u64_at(&k, 1), &v)?.subject) {
                         n += 1;
@@ -1071,7 +1040,7 @@ impl EventLog for SledLog {
             messages: counts.messages,
             bytes: counts.bytes,
             first_sequence: counts.first,
-            last_sequence: last,
+            last_sequence: counts.last,
             consumers,
         })
     }
@@ -1187,18 +1156,6 @@ impl SledAck {
 impl AckHandle for SledAck {
     async fn ack(&self) -> Result<(), LogError> {
         self.update(|c| c.settle(self.sequence));
-        // A work queue's ack stands for an effect done (a notification sent): on disk before
-        // it is answered, as JetStream keeps it, or a crash within the store's flush interval
-        // did it again. A projector's cumulative acks need not be: its checkpoint is the truth.
-        let cumulative = self.core.lock().unwrap().cumulative;
-        if !cumulative {
-            self.log
-                .inner
-                .positions
-                .flush_async()
-                .await
-                .map_err(storage)?;
-        }
         Ok(())
     }
     async fn nak(&self, delay: Duration) -> Result<(), LogError> {
