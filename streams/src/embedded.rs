@@ -8,7 +8,8 @@
 //! `apply_batch` (message, id, subject index and the stream counters together):
 //! `m<seq>` → record (with its id), `i<id>` → seq + time, `s<subject>` → last seq,
 //! `z` → counters. Ids expire in message order, so no separate time index is needed. Stream specs and consumer positions live in
-//! their own trees. An append returns after sled has flushed it to disk.
+//! their own trees. An append returns after sled has flushed it to disk, and readers see it only
+//! then.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -129,7 +130,13 @@ struct Stream {
     spec: Mutex<StreamSpec>,
     /// Also the append lock: appends to one stream are serialized, as on a stream leader.
     counts: Mutex<Counts>,
-    last: watch::Sender<u64>,
+    /// The last sequence known to be on disk: readers are shown the stream up to here. One
+    /// shown an event before its flush could act on it (a notification sent, a checkpoint
+    /// saved) and a crash would then lose it, its sequence taken by a later event. Writers'
+    /// checks (duplicate ids, expected subject sequences, `stream_state`) see every append at
+    /// once, so a replay up to an end they saw flushes that end first (see
+    /// [`SledLog::on_disk`]).
+    flushed: watch::Sender<u64>,
     /// When the last maintenance pass ran; None: one is due (not `now - MAINTENANCE_EVERY`,
     /// which underflows in a machine's first 30 s).
     maintained: Mutex<Option<Instant>>,
@@ -162,6 +169,21 @@ impl Stream {
 
     fn counts(&self) -> Counts {
         *self.counts.lock().unwrap()
+    }
+
+    fn flushed(&self) -> u64 {
+        *self.flushed.borrow()
+    }
+
+    /// Shows readers the stream up to `last`, which is on disk.
+    fn mark_flushed(&self, last: u64) {
+        self.flushed.send_if_modified(|shown| {
+            let later = last > *shown;
+            if later {
+                *shown = last;
+            }
+            later
+        });
     }
 
     fn read(&self, seq: u64) -> Result<Option<StoredEvent>, LogError> {
@@ -244,7 +266,8 @@ impl Stream {
         Ok(lo)
     }
 
-    /// Appends a run of events that all belong to this stream, atomically.
+    /// Appends a run of events that all belong to this stream, atomically; readers are shown
+    /// them once they are flushed.
     fn append_run(&self, events: &[AppendEvent]) -> Vec<Result<Appended, LogError>> {
         let spec = self.spec.lock().unwrap().clone();
         let mut counts = self.counts.lock().unwrap();
@@ -286,7 +309,6 @@ impl Stream {
                 })
                 .collect();
         }
-        self.last.send_replace(counts.last);
         if let Some(marker) = crate::catalog::restore_marker_of(&spec.subjects) {
             if events.iter().any(|e| e.subject == marker) {
                 *self.restored.lock().unwrap() = None;
@@ -533,7 +555,7 @@ impl Core {
                 }
             }
         }
-        let last = self.stream.counts().last;
+        let last = self.stream.flushed();
         if out.len() < max && self.next <= last {
             let from = self.next.max(self.stream.counts().first);
             for kv in self.stream.tree.range(msg_key(from)..=msg_key(last)) {
@@ -705,7 +727,8 @@ impl SledLog {
             tree,
             spec: Mutex::new(spec.clone()),
             counts: Mutex::new(counts),
-            last: watch::channel(counts.last).0,
+            // Read from disk: all of it is there.
+            flushed: watch::channel(counts.last).0,
             maintained: Mutex::new(None),
             restored: Mutex::new(None),
         });
@@ -831,6 +854,19 @@ impl SledLog {
         self.inner.db.flush_async().await.map_err(storage)?;
         Ok(())
     }
+
+    /// Returns once `stream` is on disk up to `upto` (at most its last sequence), flushing if
+    /// it is not yet: the end of a replay may come from a writer's view, which includes
+    /// appends whose flush is still running.
+    async fn on_disk(&self, stream: &Stream, upto: u64) -> Result<(), LogError> {
+        if stream.flushed() >= upto {
+            return Ok(());
+        }
+        let last = stream.counts().last;
+        self.flush().await?;
+        stream.mark_flushed(last);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -858,6 +894,7 @@ impl EventLog for SledLog {
 
     async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
         let mut out = Vec::with_capacity(events.len());
+        let mut written = Vec::new();
         let mut start = 0;
         // Consecutive events of one stream are appended as one atomic batch.
         while start < events.len() {
@@ -878,10 +915,12 @@ impl EventLog for SledLog {
                 end += 1;
             }
             out.extend(stream.append_run(&events[start..end]));
+            written.push((stream.clone(), stream.counts().last));
             start = end;
         }
-        // Acknowledged means on disk.
-        if out.iter().any(|r| matches!(r, Ok(Appended::New { .. }))) {
+        // Acknowledged means on disk, a duplicate's original included (it may be another
+        // writer's append whose flush is still running); shown to readers only then.
+        if written.iter().any(|(s, last)| *last > s.flushed()) {
             if let Err(e) = self.flush().await {
                 return out
                     .into_iter()
@@ -890,6 +929,9 @@ impl EventLog for SledLog {
                         other => other,
                     })
                     .collect();
+            }
+            for (stream, last) in written {
+                stream.mark_flushed(last);
             }
         }
         out
@@ -905,6 +947,7 @@ impl EventLog for SledLog {
         let stream = self.stream(stream_name)?;
         let counts = stream.counts();
         let end = to.map_or(counts.last, |t| t.min(counts.last));
+        self.on_disk(&stream, end).await?;
         let start = match from {
             ReplayFrom::Start => counts.first.max(1),
             ReplayFrom::Sequence(s) => s.max(counts.first).max(1),
@@ -940,7 +983,7 @@ impl EventLog for SledLog {
     ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
         let stream = self.stream(stream_name)?;
         // Subscribed before the first look, so an append in between still wakes the reader.
-        let appended = stream.last.subscribe();
+        let appended = stream.flushed.subscribe();
         let counts = stream.counts();
         let start = match from {
             ReplayFrom::Start => counts.first.max(1),
@@ -982,7 +1025,10 @@ impl EventLog for SledLog {
     }
 
     async fn get(&self, stream_name: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
-        self.stream(stream_name)?.read(sequence)
+        let stream = self.stream(stream_name)?;
+        self.on_disk(&stream, sequence.min(stream.counts().last))
+            .await?;
+        stream.read(sequence)
     }
 
     async fn last_subject_sequence(
@@ -1155,7 +1201,18 @@ impl SledAck {
 #[async_trait]
 impl AckHandle for SledAck {
     async fn ack(&self) -> Result<(), LogError> {
-        self.update(|c| c.settle(self.sequence));
+        let cumulative = {
+            let mut core = self.core.lock().unwrap();
+            core.settle(self.sequence);
+            self.log.save(&core);
+            core.cumulative
+        };
+        // A work queue's ack stands for an effect done (a notification sent): on disk before
+        // it is answered, as JetStream keeps it, or a crash within the store's flush interval
+        // does it again. A projector's cumulative acks need not be: its checkpoint is the truth.
+        if !cumulative {
+            self.log.flush().await?;
+        }
         Ok(())
     }
     async fn nak(&self, delay: Duration) -> Result<(), LogError> {
@@ -1185,7 +1242,7 @@ impl DurableConsumer for SledConsumer {
         let deadline = Instant::now() + wait;
         loop {
             // Subscribe before looking, so an append in between still wakes us.
-            let mut appended = self.stream.last.subscribe();
+            let mut appended = self.stream.flushed.subscribe();
             let (batch, next_due) = {
                 let mut core = self.core.lock().unwrap();
                 let batch = core.collect(max.max(1))?;
@@ -1222,5 +1279,63 @@ impl DurableConsumer for SledConsumer {
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::METERING;
+
+    fn event(id: &str) -> AppendEvent {
+        AppendEvent {
+            subject: "metering.events.sub_1".into(),
+            id: id.into(),
+            expected_subject_sequence: None,
+            headers: Headers::new(),
+            payload: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn readers_see_an_append_only_once_it_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::default();
+        let log = SledLog::open(dir.path(), catalog.clone()).unwrap();
+        log.ensure_streams(&catalog.specs()).await.unwrap();
+        let name = catalog.stream(METERING);
+        let mut follower = log.follow(&name, ReplayFrom::Start, None).await.unwrap();
+        let mut consumer = log
+            .consumer(&name, ConsumerSpec::new("worker"))
+            .await
+            .unwrap();
+
+        // In the store, not yet flushed: as while an append's flush is running.
+        let stream = log.stream(&name).unwrap();
+        assert!(stream.append_run(&[event("a")])[0].is_ok());
+        let wait = Duration::from_millis(200);
+        assert!(consumer.fetch(10, wait).await.unwrap().is_empty());
+        assert!(tokio::time::timeout(wait, follower.next()).await.is_err());
+
+        // A writer's view includes it, and a replay to that end flushes it first.
+        let end = log.stream_state(&name).await.unwrap().last_sequence;
+        assert_eq!(end, 1);
+        let replayed: Vec<_> = log
+            .replay(&name, ReplayFrom::Start, Some(end), None)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        assert_eq!(replayed.len(), 1);
+
+        // Now on disk: every reader is shown it.
+        let followed = tokio::time::timeout(wait, follower.next()).await.unwrap();
+        assert_eq!(followed.unwrap().unwrap().sequence, 1);
+        assert_eq!(consumer.fetch(10, wait).await.unwrap().len(), 1);
+        // A duplicate of an append still being flushed is answered once it is on disk.
+        assert!(stream.append_run(&[event("b")])[0].is_ok());
+        let again = log.append(event("b")).await.unwrap();
+        assert_eq!(again, Appended::Duplicate { sequence: 2 });
+        assert_eq!(stream.flushed(), 2);
     }
 }
