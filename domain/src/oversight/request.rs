@@ -96,7 +96,7 @@ impl Aggregate {
 
     /// Folds one event in; returns the state transitions it made (from, to) for metrics.
     pub fn apply(&mut self, e: &RequestEvent, sequence: u64) -> Vec<(State, State)> {
-        let before = self.state();
+        let mut before = self.state();
         let at = e.at;
         let mut transitions = Vec::new();
         match &e.event {
@@ -149,7 +149,15 @@ impl Aggregate {
             }
             Some(request_event::Event::Escalated(x)) => {
                 transitions.push((before, State::Escalated));
-                transitions.push((State::Escalated, State::Pending));
+                if x.outcome == State::Approved as i32 {
+                    transitions.push((State::Escalated, State::Approved));
+                    self.view.state = x.outcome;
+                    self.view.decided_at = at;
+                    // Counted above, through Escalated.
+                    before = State::Approved;
+                } else {
+                    transitions.push((State::Escalated, State::Pending));
+                }
                 self.view.level = x.level;
                 self.view.deadline = x.deadline;
                 self.view.approvers = self
@@ -395,11 +403,11 @@ pub fn respond(
         _ => &[],
     };
     let level_quorum = quorum.min(level_names.len());
-    let level_approvals = all
-        .iter()
-        .filter(|r| r.decision == Decision::Approve as i32 && level_names.contains(&r.approver))
-        .count();
-    let approved = approvals >= quorum || (level_quorum > 0 && level_approvals >= level_quorum);
+    let level_approvals = approvals_by(&all, level_names);
+    // Only an approval approves: a denial never completes a quorum that earlier approvals
+    // met (escalation decides that case when it happens, see `on_deadline`).
+    let approved = decision == Decision::Approve
+        && (approvals >= quorum || (level_quorum > 0 && level_approvals >= level_quorum));
     let denied = if agg.policy.deny_needs_quorum {
         // Denied once approval can no longer reach the quorum (or, with anyone allowed, once
         // denials reach it).
@@ -415,13 +423,8 @@ pub fn respond(
             // What a level's names can still approve on their own: open to anyone, or as many
             // of them as its quorum asks, counting those who approved already.
             let level_can_approve = |names: &[String]| {
-                let approved = all
-                    .iter()
-                    .filter(|r| {
-                        r.decision == Decision::Approve as i32 && names.contains(&r.approver)
-                    })
-                    .count();
-                names.is_empty() || approved + yet_to_answer(names) >= quorum.min(names.len())
+                names.is_empty()
+                    || approvals_by(&all, names) + yet_to_answer(names) >= quorum.min(names.len())
             };
             // A later level reached by escalation may still approve (unless its names are all
             // among those who denied).
@@ -456,6 +459,14 @@ pub fn respond(
     )])
 }
 
+/// How many of `names` approved among `responses`.
+fn approvals_by(responses: &[Response], names: &[String]) -> usize {
+    responses
+        .iter()
+        .filter(|r| r.decision == Decision::Approve as i32 && names.contains(&r.approver))
+        .count()
+}
+
 /// What the deadline does: the policy's default action, or the next escalation level. The
 /// next deadline counts from the one that passed, so a late firing (every replica down) does
 /// not stretch the schedule.
@@ -479,13 +490,20 @@ pub fn on_deadline(agg: &Aggregate, now: DateTime<Utc>) -> Vec<RequestEvent> {
     match action {
         TimeoutAction::Approve => timed_out(Decision::Approve),
         TimeoutAction::Escalate if next < agg.policy.levels.len() => {
+            let names = &agg.policy.levels[next].approvers;
             let timeout = policy::level_timeout(&agg.policy.levels[next].timeout)
                 .unwrap_or(std::time::Duration::from_secs(60));
+            // The level decides with the names it adds, and their earlier approvals count: when
+            // they already meet its quorum, nobody is left to ask (a second answer from them is
+            // refused as already given), so the escalation approves.
+            let quorum = (agg.policy.quorum.max(1) as usize).min(names.len());
+            let met = quorum > 0 && approvals_by(&agg.view.responses, names) >= quorum;
             vec![event(
                 now,
                 request_event::Event::Escalated(creto_schemas::oversight::v1::Escalated {
                     level: next as u32,
                     deadline: ts(deadline + chrono::Duration::from_std(timeout).unwrap_or_default()),
+                    outcome: if met { State::Approved as i32 } else { 0 },
                 }),
             )]
         }
@@ -728,6 +746,47 @@ mod tests {
         let e = respond(&agg, "lead", Decision::Approve, "", 0, later).unwrap();
         fold(&mut agg, &e);
         assert_eq!(agg.state(), State::Approved);
+    }
+
+    #[test]
+    fn an_escalation_to_names_that_approved_already_approves() {
+        // The lead approved at level 0 (1 of 2); level 1 is the lead alone. A later denial
+        // from bob was taken for the level's approval, and the lead could not answer again.
+        let now = Utc::now();
+        let p = policy(
+            2,
+            vec![level(&["ann", "bob", "lead"], 60), level(&["lead"], 60)],
+            TimeoutAction::Escalate,
+        );
+        let mut agg = request(&p, now);
+        let e = respond(&agg, "lead", Decision::Approve, "", 0, now).unwrap();
+        fold(&mut agg, &e);
+        assert_eq!(agg.state(), State::Pending);
+        let mut denied = agg.clone();
+        let e = on_deadline(&agg, now + chrono::Duration::seconds(61));
+        let transitions: Vec<_> = e
+            .iter()
+            .flat_map(|e| agg.apply(e, agg.view.version + 1))
+            .collect();
+        assert_eq!(agg.state(), State::Approved);
+        assert_eq!(
+            transitions,
+            vec![
+                (State::Pending, State::Escalated),
+                (State::Escalated, State::Approved)
+            ]
+        );
+
+        // An escalation recorded before it could decide: a denial still does not approve.
+        let mut e = on_deadline(&denied, now + chrono::Duration::seconds(61));
+        if let Some(request_event::Event::Escalated(x)) = &mut e[0].event {
+            x.outcome = 0;
+        }
+        fold(&mut denied, &e);
+        let later = now + chrono::Duration::seconds(62);
+        let e = respond(&denied, "bob", Decision::Deny, "", 0, later).unwrap();
+        fold(&mut denied, &e);
+        assert_eq!(denied.state(), State::Denied);
     }
 
     #[test]
