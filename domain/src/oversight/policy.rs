@@ -102,7 +102,8 @@ pub fn validate(p: &Policy) -> Result<(), String> {
         }
     }
     for (priority, list) in &p.channels {
-        if creto_schemas::oversight::v1::Priority::try_from(*priority).is_err() {
+        // 0 is no priority: a request without one is normal (2), so such a list never applied.
+        if *priority == 0 || creto_schemas::oversight::v1::Priority::try_from(*priority).is_err() {
             return Err(format!(
                 "channels: {priority} is not a priority (1 low .. 4 critical)"
             ));
@@ -237,6 +238,15 @@ mod tests {
         allow.levels.clear();
         allow.quorum = 0;
         assert!(validate(&allow).is_ok(), "no levels or quorum needed");
+        // Priority 0 is no priority: no request has it, so its channels would never apply.
+        let mut unset = policy("p", "x", 1, &[]);
+        let slack = creto_schemas::oversight::v1::ChannelList { channels: vec![1] };
+        unset.channels.insert(2, slack.clone());
+        assert!(validate(&unset).is_ok());
+        unset.channels.insert(0, slack);
+        assert!(validate(&unset)
+            .unwrap_err()
+            .contains("0 is not a priority"));
     }
 
     #[test]

@@ -232,6 +232,7 @@ impl KeyRing {
                 "the subject must not be empty".into(),
             ));
         }
+        creto_domain::text::check("subject", subject).map_err(TokenError::NotIssued)?;
         if ttl > MAX_TTL {
             return Err(TokenError::NotIssued(format!(
                 "a lifetime of {} is past the limit of {} days: issue shorter-lived tokens and renew them (a leaked one stays valid for its whole lifetime)",
@@ -345,6 +346,9 @@ mod tests {
         let who = ring.verify(&t1).unwrap();
         assert_eq!((who.tenant.as_str(), who.subject.as_str()), ("acme", "svc"));
         assert_eq!(who.roles, roles);
+        // A subject is stored with what its caller records (an approval): nothing unstorable.
+        let nul = ring.issue("acme", "svc\0", &roles, Duration::from_secs(60));
+        assert!(matches!(nul, Err(TokenError::NotIssued(m)) if m.contains("NUL")));
 
         // Tampering breaks the signature.
         let mut forged = t1.clone();

@@ -184,6 +184,9 @@ impl OversightGateway {
         channel: i32,
         recorded_by: &str,
     ) -> Result<pb::ApprovalRequest, Status> {
+        // Stored with the answer: one PostgreSQL cannot store would stall the audit projection.
+        creto_domain::text::check("the caller's token subject", recorded_by)
+            .map_err(Status::invalid_argument)?;
         let (after, appended) = self
             .decide_and_append(tenant, request_id, |a| {
                 let mut events =
