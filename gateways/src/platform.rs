@@ -34,6 +34,7 @@ pub enum ConnectError {
 }
 
 /// The adapters behind the ports.
+#[derive(Clone)]
 pub enum Stores {
     /// NATS JetStream, PostgreSQL and Redis.
     Services {

@@ -2,6 +2,7 @@
 //! PostgreSQL database, stream namespace and Redis key prefix, so tests run in parallel and a
 //! developer's data is never touched.
 pub mod drills;
+pub mod refusing_log;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,8 +251,48 @@ impl Env {
         (running, url)
     }
 
+    /// [`Self::start_runtime`] (no warm pool) on `platform`, this environment's with another
+    /// log ([`Self::platform_with_log`]).
+    pub async fn start_runtime_on(
+        &self,
+        platform: Arc<Platform>,
+        dir: &std::path::Path,
+    ) -> (Running, String) {
+        let running = self
+            .runtime_on_platform(platform, dir, "", no_auth(), Default::default())
+            .await;
+        let url = format!("http://{}", running.grpc_addr.unwrap());
+        (running, url)
+    }
+
+    /// This environment's platform with `log` in place of its own (to inject faults).
+    pub fn platform_with_log(&self, log: Arc<dyn creto_streams::EventLog>) -> Arc<Platform> {
+        let p = &self.platform;
+        Arc::new(Platform {
+            settings: p.settings.clone(),
+            catalog: p.catalog.clone(),
+            log,
+            cache: p.cache.clone(),
+            metering: p.metering.clone(),
+            archive: p.archive.clone(),
+            stores: p.stores.clone(),
+        })
+    }
+
     async fn runtime_on(
         &self,
+        dir: &std::path::Path,
+        pool: &str,
+        auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
+        limits: creto_domain::runtime::sandbox::RuntimeLimits,
+    ) -> Running {
+        self.runtime_on_platform(self.platform.clone(), dir, pool, auth, limits)
+            .await
+    }
+
+    async fn runtime_on_platform(
+        &self,
+        platform: Arc<Platform>,
         dir: &std::path::Path,
         pool: &str,
         auth: std::sync::Arc<creto_gateways::auth::layer::Auth>,
@@ -280,15 +321,9 @@ impl Env {
                     as std::sync::Arc<dyn creto_projections::archive::Archive>,
             ),
         };
-        server::start_runtime(
-            self.platform.clone(),
-            spare_ports(false),
-            auth,
-            config,
-            checkpoints,
-        )
-        .await
-        .unwrap()
+        server::start_runtime(platform, spare_ports(false), auth, config, checkpoints)
+            .await
+            .unwrap()
     }
 
     /// The first step of `enablement replay metering --rebuild` on this environment: the side

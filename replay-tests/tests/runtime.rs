@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use creto_domain::runtime::attestation;
 use creto_domain::runtime::egress::EgressPolicy;
+use creto_replay_tests::refusing_log::RefusingLog;
 use creto_replay_tests::Env;
 use creto_schemas::runtime::v1 as pb;
 use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
@@ -31,6 +32,7 @@ creto_replay_tests::on_both_adapters!(
     timeouts_kill_and_expire,
     warm_pool_claims_and_refills,
     a_restarted_replica_marks_its_sandboxes_failed,
+    a_sandbox_whose_readiness_the_log_refused_is_recorded_failed,
     bad_input_gets_clear_statuses,
     a_tenant_has_a_bounded_number_of_live_sandboxes,
     a_replica_keeps_its_sandboxes_within_its_memory_budget,
@@ -993,6 +995,41 @@ async fn a_restarted_replica_marks_its_sandboxes_failed(env: &Env) {
     let mut c2 = client(&url).await;
     let s = get(&mut c2, &sb.sandbox_id).await;
     assert_eq!(s.state(), State::Failed, "{s:?}");
+    running.stop().await;
+}
+
+/// A sandbox whose Ready the log refused is killed, and recorded failed once the log takes
+/// appends again: it stayed provisioning in the log, and counted against its tenant, for good.
+async fn a_sandbox_whose_readiness_the_log_refused_is_recorded_failed(env: &Env) {
+    let dir = sandbox_dir();
+    let log = RefusingLog::new(env.platform.log.clone(), "runtime.ready");
+    let platform = env.platform_with_log(log.clone());
+    let (running, url) = env.start_runtime_on(platform, dir.path()).await;
+    let mut c = client(&url).await;
+    let refused = c.create_sandbox(create_request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    log.disarm();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = c
+            .list_sandboxes(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .sandboxes;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        if listed[0].state() == State::Failed {
+            assert!(
+                listed[0]
+                    .failure_reason
+                    .contains("readiness was not recorded"),
+                "{listed:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recorded: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     running.stop().await;
 }
 

@@ -88,10 +88,13 @@ pub struct Live {
     /// Values of the sandbox's environment: kept here only, the events carry the names.
     pub env: Mutex<BTreeMap<String, String>>,
     /// The aggregate as this replica appended it; the lock serialises commands per sandbox.
-    pub agg: tokio::sync::Mutex<Aggregate>,
+    pub agg: Arc<tokio::sync::Mutex<Aggregate>>,
     /// Execs running at once ([`MAX_EXECS_PER_SANDBOX`]).
     pub execs: Arc<Semaphore>,
 }
+
+/// An end to record later: (sandbox id, its aggregate, the event).
+type Unrecorded = (String, Arc<tokio::sync::Mutex<Aggregate>>, Event);
 
 /// Execs one sandbox runs at once. Each buffers up to a few MiB of output in the gateway for
 /// a client that reads slowly, outside any sandbox's cgroup.
@@ -119,10 +122,10 @@ pub struct Runtime {
     /// Set by [`Runtime::terminate_all`]: a sandbox whose provisioning ends after it is
     /// terminated at once instead of outliving the replica.
     stopping: std::sync::atomic::AtomicBool,
-    /// Sandboxes ended here (killed) whose end the log refused to record: the expiry loop
-    /// records it when the log takes appends again. Without it a sandbox that expired during
-    /// an outage stayed live in the log, and counted against its tenant, for good.
-    unrecorded: Mutex<Vec<(String, Arc<Live>, Event)>>,
+    /// Sandboxes ended here (killed, or never started) whose end the log refused to record:
+    /// the expiry loop records it when the log takes appends again. Without it such a sandbox
+    /// stayed live in the log, and counted against its tenant, for good.
+    unrecorded: Mutex<Vec<Unrecorded>>,
     /// Sandboxes whose expiry is being recorded, each in a task of its own (see
     /// [`Runtime::expire`]).
     expiring: Mutex<std::collections::HashSet<String>>,
@@ -513,6 +516,12 @@ impl Runtime {
             .live(id)
             .ok_or_else(|| RuntimeError::Backend(format!("warm sandbox {id} is gone")))?;
         let mut agg = live.agg.lock().await;
+        // Ended while waiting for the lock (a shutdown's terminate_all).
+        if !agg.is_live() {
+            return Err(RuntimeError::Backend(format!(
+                "warm sandbox {id} has ended"
+            )));
+        }
         *live.env.lock().expect("env lock") = new.env.clone();
         live.handle.set_egress(new.egress.clone());
         let claimed = Event::Claimed(pb::Claimed {
@@ -582,8 +591,14 @@ impl Runtime {
             template_digest: hex::encode(template.digest),
         });
         let mut agg = Aggregate::default();
-        self.append(&mut agg, &id, vec![requested, provisioning])
-            .await?;
+        if let Err(e) = self
+            .append(&mut agg, &id, vec![requested, provisioning])
+            .await
+        {
+            // Requested may be in: live in the log with nothing behind it.
+            self.fail_later(&id, agg, format!("its provisioning was not recorded: {e}"));
+            return Err(e.into());
+        }
         drop((room, admitted));
         let spec = SandboxSpec {
             id: id.clone(),
@@ -603,14 +618,13 @@ impl Runtime {
                     .with_label_values(&[backend, "failure"])
                     .inc();
                 let reason = format!("provisioning failed: {e}");
-                self.append(
-                    &mut agg,
-                    &id,
-                    vec![Event::Failed(pb::Failed {
-                        reason: reason.clone(),
-                    })],
-                )
-                .await?;
+                let failed = Event::Failed(pb::Failed {
+                    reason: reason.clone(),
+                });
+                if let Err(e) = self.append(&mut agg, &id, vec![failed.clone()]).await {
+                    self.record_later(&id, Arc::new(tokio::sync::Mutex::new(agg)), failed);
+                    return Err(e.into());
+                }
                 // The request, not the host: e.g. a checkpoint bigger than the disk asked for.
                 return Err(match e {
                     BackendError::InvalidSpec(_) => RuntimeError::Invalid(reason),
@@ -625,7 +639,7 @@ impl Runtime {
             execs: Arc::new(Semaphore::new(MAX_EXECS_PER_SANDBOX)),
             handle,
             env: Mutex::new(new.as_ref().map(|n| n.env.clone()).unwrap_or_default()),
-            agg: tokio::sync::Mutex::new(agg),
+            agg: Arc::new(tokio::sync::Mutex::new(agg)),
         });
         // Held until the sandbox is ready: a concurrent terminate_all waits for it, then sees a
         // live sandbox to end.
@@ -641,7 +655,10 @@ impl Runtime {
             let stopped = Event::Terminated(pb::Terminated {
                 by: "shutdown".into(),
             });
-            self.append(&mut agg, &id, vec![stopped]).await?;
+            if let Err(e) = self.append(&mut agg, &id, vec![stopped.clone()]).await {
+                self.record_later(&id, live.agg.clone(), stopped);
+                return Err(e.into());
+            }
             return Err(RuntimeError::Backend("the runtime is shutting down".into()));
         }
         let ready = Event::Ready(pb::Ready {
@@ -649,6 +666,11 @@ impl Runtime {
         });
         if let Err(e) = self.append(&mut agg, &id, vec![ready]).await {
             self.forget(&id).await;
+            // Killed here, whether or not Ready went in.
+            let failed = Event::Failed(pb::Failed {
+                reason: format!("its readiness was not recorded ({e}); it was removed"),
+            });
+            self.record_later(&id, live.agg.clone(), failed);
             return Err(e.into());
         }
         if !pool {
@@ -702,14 +724,24 @@ impl Runtime {
         }
         self.forget(id).await;
         if let Err(err) = self.append(&mut agg, id, vec![e.clone()]).await {
-            self.unrecorded.lock().expect("unrecorded lock").push((
-                id.to_string(),
-                live.clone(),
-                e,
-            ));
+            self.record_later(id, live.agg.clone(), e);
             return Err(err.into());
         }
         Ok(agg.view.clone())
+    }
+
+    /// Queues an end the log refused for [`Runtime::record_unrecorded`].
+    fn record_later(&self, id: &str, agg: Arc<tokio::sync::Mutex<Aggregate>>, e: Event) {
+        self.unrecorded
+            .lock()
+            .expect("unrecorded lock")
+            .push((id.to_string(), agg, e));
+    }
+
+    /// [`Runtime::record_later`] of a failure, for a sandbox that has no [`Live`] here.
+    fn fail_later(&self, id: &str, agg: Aggregate, reason: String) {
+        let failed = Event::Failed(pb::Failed { reason });
+        self.record_later(id, Arc::new(tokio::sync::Mutex::new(agg)), failed);
     }
 
     /// Records the ends the log refused before (see [`Runtime::end`]), one at a time, up to
@@ -717,20 +749,20 @@ impl Runtime {
     /// for the next round).
     async fn record_unrecorded(&self) {
         loop {
-            let Some((id, live, e)) = self.unrecorded.lock().expect("unrecorded lock").pop() else {
+            let Some((id, held, e)) = self.unrecorded.lock().expect("unrecorded lock").pop() else {
                 return;
             };
-            let mut agg = live.agg.lock().await;
+            let mut agg = held.lock().await;
+            // Re-read: an append refused as ambiguous may be in the log after all (a Requested
+            // whose aggregate was empty when it was queued).
+            self.resync(&mut agg, &id).await;
             if !agg.is_live() {
                 continue;
             }
             if let Err(err) = self.append(&mut agg, &id, vec![e.clone()]).await {
                 tracing::warn!(sandbox = %id, error = %err, "recording a sandbox's end failed again; retrying");
                 drop(agg);
-                self.unrecorded
-                    .lock()
-                    .expect("unrecorded lock")
-                    .push((id, live, e));
+                self.record_later(&id, held, e);
                 return;
             }
         }
@@ -935,8 +967,9 @@ impl Runtime {
                     "the replica that ran it restarted; its processes and writable layer are gone"
                         .into(),
             });
-            if let Err(e) = self.append(&mut agg, &id, vec![failed]).await {
-                tracing::warn!(sandbox = %id, error = %e, "could not mark an orphaned sandbox failed");
+            if let Err(e) = self.append(&mut agg, &id, vec![failed.clone()]).await {
+                tracing::warn!(sandbox = %id, error = %e, "could not mark an orphaned sandbox failed; retrying");
+                self.record_later(&id, Arc::new(tokio::sync::Mutex::new(agg)), failed);
             }
         }
         Ok(())

@@ -16,6 +16,8 @@ use tokio::sync::watch;
 use super::metrics;
 
 pub const TAIL: Duration = Duration::from_millis(200);
+/// A sandbox requested this long ago with no node recorded was abandoned mid-create.
+const ABANDONED_AFTER: chrono::Duration = chrono::Duration::minutes(10);
 
 #[derive(Default)]
 struct Folded {
@@ -235,14 +237,26 @@ impl RuntimeView {
         found.into_iter().take(limit).cloned().collect()
     }
 
-    /// Sandboxes a previous process of this node left live: their processes and layers are gone.
+    /// Sandboxes a previous process of this node left live: their processes and layers are
+    /// gone. Also those requested long ago that no node took (a process that died between a
+    /// sandbox's first two events): nothing else ever ends them.
     pub fn orphaned(&self, running: &dyn Fn(&str) -> bool) -> Vec<Aggregate> {
+        let unclaimed_since = chrono::Utc::now() - ABANDONED_AFTER;
         self.folded
             .read()
             .expect("fold lock")
             .sandboxes
             .values()
-            .filter(|a| a.view.node == self.node && a.is_live() && !running(&a.view.sandbox_id))
+            .filter(|a| {
+                let abandoned = a.view.node.is_empty()
+                    && a.view
+                        .created_at
+                        .as_ref()
+                        .is_some_and(|t| t.seconds < unclaimed_since.timestamp());
+                (a.view.node == self.node || abandoned)
+                    && a.is_live()
+                    && !running(&a.view.sandbox_id)
+            })
             .cloned()
             .collect()
     }

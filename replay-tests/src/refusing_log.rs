@@ -1,0 +1,110 @@
+//! A log that refuses chosen appends as unavailable while armed, in front of a real one: the
+//! outage of a moment, on one kind of event, without stopping the shared NATS server.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use creto_streams::catalog::StreamSpec;
+use creto_streams::headers::names;
+use creto_streams::{
+    AppendEvent, Appended, ConsumerSpec, DurableConsumer, EnsureOutcome, EventLog, LogError,
+    ReplayFrom, StoredEvent, StreamState,
+};
+use futures::stream::BoxStream;
+
+pub struct RefusingLog {
+    inner: Arc<dyn EventLog>,
+    /// The `Creto-Event-Type` of the appends refused.
+    event_type: String,
+    pub armed: AtomicBool,
+}
+
+impl RefusingLog {
+    /// Armed: refuses appends of `event_type` until [`Self::disarm`].
+    pub fn new(inner: Arc<dyn EventLog>, event_type: &str) -> Arc<Self> {
+        Arc::new(RefusingLog {
+            inner,
+            event_type: event_type.to_string(),
+            armed: AtomicBool::new(true),
+        })
+    }
+
+    pub fn disarm(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+    }
+
+    fn refuses(&self, e: &AppendEvent) -> bool {
+        self.armed.load(Ordering::SeqCst)
+            && e.headers.get(names::EVENT_TYPE) == Some(self.event_type.as_str())
+    }
+}
+
+fn refused() -> LogError {
+    LogError::Unavailable("refused by the test".into())
+}
+
+#[async_trait::async_trait]
+impl EventLog for RefusingLog {
+    async fn ensure_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        self.inner.ensure_streams(specs).await
+    }
+    async fn create_missing_streams(
+        &self,
+        specs: &[StreamSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
+        self.inner.create_missing_streams(specs).await
+    }
+    async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {
+        if self.refuses(&event) {
+            return Err(refused());
+        }
+        self.inner.append(event).await
+    }
+    async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
+        if events.iter().any(|e| self.refuses(e)) {
+            return events.iter().map(|_| Err(refused())).collect();
+        }
+        self.inner.append_batch(events).await
+    }
+    async fn replay(
+        &self,
+        stream: &str,
+        from: ReplayFrom,
+        to: Option<u64>,
+        filter: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        self.inner.replay(stream, from, to, filter).await
+    }
+    async fn follow(
+        &self,
+        stream: &str,
+        from: ReplayFrom,
+        filter: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
+        self.inner.follow(stream, from, filter).await
+    }
+    async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
+        self.inner.get(stream, sequence).await
+    }
+    async fn last_subject_sequence(&self, stream: &str, subject: &str) -> Result<u64, LogError> {
+        self.inner.last_subject_sequence(stream, subject).await
+    }
+    async fn stream_state(&self, stream: &str) -> Result<StreamState, LogError> {
+        self.inner.stream_state(stream).await
+    }
+    async fn consumer(
+        &self,
+        stream: &str,
+        spec: ConsumerSpec,
+    ) -> Result<Box<dyn DurableConsumer>, LogError> {
+        self.inner.consumer(stream, spec).await
+    }
+    async fn delete_consumer(&self, stream: &str, durable: &str) -> Result<(), LogError> {
+        self.inner.delete_consumer(stream, durable).await
+    }
+    async fn delete_stream(&self, stream: &str) -> Result<(), LogError> {
+        self.inner.delete_stream(stream).await
+    }
+}
