@@ -13,7 +13,8 @@
 //! remembers which name each answered address came from. A later connection to that address is
 //! decided with that name ([`EgressPolicy::decide_named`]), which is how wildcard rules match.
 //! Host rules are also checked by resolving the rule's name on the host (cached for
-//! [`RESOLVE_TTL`]) and comparing addresses.
+//! [`RESOLVE_TTL`]) and comparing addresses. Names are resolved absolute, never inside the
+//! cluster ([`absolute_name`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -317,8 +318,25 @@ async fn host_lookup(sandbox: Arc<Semaphore>, host: String) -> Vec<IpAddr> {
     .unwrap_or_default()
 }
 
-/// Resolves `host` on the host, through the cache.
+/// `host` as the host's resolver is asked for it: absolute (a trailing dot), so its search
+/// domains never turn a sandbox's name into a cluster Service (Kubernetes tries
+/// `nats.<ns>.svc.cluster.local` for `nats`, and the proxy connects from the runtime's pod).
+/// None for a single label or a cluster-internal suffix: they name nothing public.
+fn absolute_name(host: &str) -> Option<String> {
+    const INTERNAL: [&str; 4] = ["local", "svc", "internal", "localhost"];
+    let host = host.trim_end_matches('.');
+    let last = host.rsplit('.').next().unwrap_or_default();
+    if !host.contains('.') || INTERNAL.contains(&last) {
+        return None;
+    }
+    Some(format!("{host}."))
+}
+
+/// Resolves `host` on the host, through the cache; nothing for names [`absolute_name`] refuses.
 async fn resolve(shared: &Shared, host: &str) -> Vec<IpAddr> {
+    let Some(absolute) = absolute_name(host) else {
+        return Vec::new();
+    };
     if let Some((ips, at)) = shared
         .resolved
         .lock()
@@ -329,7 +347,7 @@ async fn resolve(shared: &Shared, host: &str) -> Vec<IpAddr> {
             return ips.clone();
         }
     }
-    let lookup = host_lookup(shared.lookups.clone(), host.to_string());
+    let lookup = host_lookup(shared.lookups.clone(), absolute);
     let Ok(ips) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else {
         // Not remembered: waiting for a slot, or for a slow resolver, says nothing of the name.
         return Vec::new();
@@ -608,6 +626,22 @@ async fn answer(shared: &Shared, q: &Query) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_resolved_absolute_and_never_inside_the_cluster() {
+        assert_eq!(absolute_name("pypi.org").as_deref(), Some("pypi.org."));
+        assert_eq!(absolute_name("pypi.org.").as_deref(), Some("pypi.org."));
+        for internal in [
+            "nats",
+            "localhost",
+            "nats.default.svc",
+            "nats.default.svc.cluster.local",
+            "metadata.google.internal",
+            "printer.local.",
+        ] {
+            assert_eq!(absolute_name(internal), None, "{internal}");
+        }
+    }
 
     fn query(name: &str, qtype: u16) -> Vec<u8> {
         let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
