@@ -369,6 +369,61 @@ fn tampered(token: &str) -> String {
     )
 }
 
+/// An approver's list holds their requests even when others' fill more than one answer's
+/// size ahead of them: the list was cut to that size before it was filtered to the approver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_finds_an_approvers_requests_behind_large_ones_of_others() {
+    let env = Env::embedded().await;
+    let (running, mut c, base) = start(&env, Some(SECRET)).await;
+    put_policy(&mut c, &["ann"]).await;
+    let bulk = pb::Policy {
+        policy_id: "bulk".into(),
+        action: "bulk.*".into(),
+        require_approval: true,
+        quorum: 1,
+        levels: vec![pb::Level {
+            approvers: vec!["bob".into()],
+            timeout: Some(Duration::from_secs(600).try_into().unwrap()),
+        }],
+        on_timeout: TimeoutAction::Deny as i32,
+        ..Default::default()
+    };
+    c.put_policy(pb::PutPolicyRequest { policy: Some(bulk) })
+        .await
+        .unwrap();
+    let parameters = format!(r#"{{"blob":"{}"}}"#, "x".repeat(60 * 1024));
+    // About 4 MiB of critical requests for bob, ahead of ann's low one.
+    for i in 0..52 {
+        c.create_request(pb::CreateRequestRequest {
+            request_id: format!("req-bulk-{i}"),
+            agent_id: "bulk-bot".into(),
+            action: Some(pb::Action {
+                name: "bulk.export".into(),
+                parameters_json: parameters.clone(),
+            }),
+            context: "y".repeat(16 * 1024),
+            priority: Priority::Critical as i32,
+        })
+        .await
+        .unwrap();
+    }
+    ask(&mut c, "req-for-ann", "routine", Priority::Low).await;
+    let token = page_token("", "ann");
+    let (status, body) = fetch(
+        http()
+            .get(format!("{base}/approvals/{TENANT}?token={token}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("req-for-ann"), "{body}");
+    assert!(!body.contains("req-bulk-"), "bob's requests are not ann's");
+    running.stop().await;
+    env.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_click_links_confirm_before_changing_anything() {
     let env = Env::new().await;

@@ -304,15 +304,49 @@ impl OversightView {
         agent: Option<&str>,
         limit: usize,
     ) -> Vec<pb::ApprovalRequest> {
+        self.select(
+            tenant,
+            |a| {
+                state.is_none_or(|s| a.state() == s)
+                    && priority.is_none_or(|p| a.view.priority == p as i32)
+                    && agent.is_none_or(|g| a.view.agent_id == g)
+            },
+            limit,
+        )
+    }
+
+    /// Pending requests of `tenant` that `approver` may answer, in [`Self::list`]'s order:
+    /// chosen before the cut to one answer's size, or an approver whose requests sort after
+    /// others' was told nothing waits.
+    pub fn pending_for(
+        &self,
+        tenant: &str,
+        approver: &str,
+        limit: usize,
+    ) -> Vec<pb::ApprovalRequest> {
+        self.select(
+            tenant,
+            |a| {
+                let allowed = a.allowed_approvers();
+                a.is_open() && (allowed.is_empty() || allowed.iter().any(|x| x == approver))
+            },
+            limit,
+        )
+    }
+
+    fn select(
+        &self,
+        tenant: &str,
+        keep: impl Fn(&Aggregate) -> bool,
+        limit: usize,
+    ) -> Vec<pb::ApprovalRequest> {
         let f = self.folded.read().expect("fold lock");
         let mut found: Vec<&Aggregate> = f
             .requests
             .range((tenant.to_string(), String::new())..)
             .take_while(|((t, _), _)| t == tenant)
             .map(|(_, a)| a)
-            .filter(|a| state.is_none_or(|s| a.state() == s))
-            .filter(|a| priority.is_none_or(|p| a.view.priority == p as i32))
-            .filter(|a| agent.is_none_or(|g| a.view.agent_id == g))
+            .filter(|a| keep(a))
             .collect();
         let created = |a: &Aggregate| a.view.created_at.map(|t| (t.seconds, t.nanos));
         found.sort_by(|a, b| {

@@ -324,15 +324,8 @@ async fn list_page(
             e.to_string(),
         )
     })?;
-    let pending = page
-        .gateway
-        .view
-        .list(&tenant, Some(State::Pending), None, None, usize::MAX);
-    let mine: Vec<&pb::ApprovalRequest> = pending
-        .iter()
-        .filter(|r| page.may_answer(&tenant, &r.request_id, approver))
-        .take(MAX_LISTED)
-        .collect();
+    let pending = page.gateway.view.pending_for(&tenant, approver, MAX_LISTED);
+    let mine: Vec<&pb::ApprovalRequest> = pending.iter().collect();
     let mut body = format!(
         "<h1>Requests waiting for {}</h1>\n<p class=\"muted\">Tenant {} · {} pending</p>\n",
         esc(approver),
