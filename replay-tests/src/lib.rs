@@ -213,6 +213,17 @@ impl Env {
         self.start_oversight_with(no_auth(), notify).await
     }
 
+    /// [`Self::start_oversight_notifying`] on `platform` ([`Self::platform_with_log`]).
+    pub async fn start_oversight_on(
+        &self,
+        platform: Arc<Platform>,
+        notify: creto_gateways::oversight::notify::NotifyConfig,
+    ) -> Running {
+        server::start_oversight(platform, spare_ports(false), no_auth(), notify)
+            .await
+            .unwrap()
+    }
+
     /// Starts oversight with the given authentication and notification channels.
     pub async fn start_oversight_with(
         &self,

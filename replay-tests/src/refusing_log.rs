@@ -11,20 +11,32 @@ use creto_streams::{
 };
 use futures::stream::BoxStream;
 
+type Refuses = Box<dyn Fn(&AppendEvent) -> bool + Send + Sync>;
+
 pub struct RefusingLog {
     inner: Arc<dyn EventLog>,
-    /// The `Creto-Event-Type` of the appends refused.
-    event_type: String,
-    pub armed: AtomicBool,
+    refuses: Refuses,
+    armed: AtomicBool,
 }
 
 impl RefusingLog {
-    /// Armed: refuses appends of `event_type` until [`Self::disarm`].
-    pub fn new(inner: Arc<dyn EventLog>, event_type: &str) -> Arc<Self> {
+    /// Armed: refuses the appends `refuses` picks until [`Self::disarm`].
+    pub fn new(
+        inner: Arc<dyn EventLog>,
+        refuses: impl Fn(&AppendEvent) -> bool + Send + Sync + 'static,
+    ) -> Arc<Self> {
         Arc::new(RefusingLog {
             inner,
-            event_type: event_type.to_string(),
+            refuses: Box::new(refuses),
             armed: AtomicBool::new(true),
+        })
+    }
+
+    /// Refuses appends of `event_type` (their `Creto-Event-Type`) until [`Self::disarm`].
+    pub fn of_type(inner: Arc<dyn EventLog>, event_type: &str) -> Arc<Self> {
+        let event_type = event_type.to_string();
+        Self::new(inner, move |e| {
+            e.headers.get(names::EVENT_TYPE) == Some(event_type.as_str())
         })
     }
 
@@ -33,8 +45,7 @@ impl RefusingLog {
     }
 
     fn refuses(&self, e: &AppendEvent) -> bool {
-        self.armed.load(Ordering::SeqCst)
-            && e.headers.get(names::EVENT_TYPE) == Some(self.event_type.as_str())
+        self.armed.load(Ordering::SeqCst) && (self.refuses)(e)
     }
 }
 

@@ -4,6 +4,7 @@
 //! replica restarted, and bad input.
 use std::time::{Duration, Instant};
 
+use creto_replay_tests::refusing_log::RefusingLog;
 use creto_replay_tests::Env;
 use creto_schemas::oversight::v1 as pb;
 use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClient;
@@ -24,6 +25,7 @@ creto_replay_tests::on_both_adapters!(
     bad_input_gets_clear_statuses,
     notifications_reach_the_webhook_signed_and_are_recorded,
     a_slow_receiver_does_not_hold_back_other_announcements,
+    a_redelivered_announcement_skips_the_channels_already_recorded,
     a_request_has_a_bounded_number_of_watchers,
     every_escalation_is_announced,
     a_request_with_an_undecodable_event_still_takes_answers,
@@ -880,6 +882,86 @@ where
         let _ = axum::serve(listener, app).await;
     });
     addr
+}
+
+/// The log refused Slack's outcome once, so the announcement came back: only Slack is sent
+/// again, not the webhook whose outcome is recorded (it was called twice).
+async fn a_redelivered_announcement_skips_the_channels_already_recorded(env: &Env) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    let counting = |n: Arc<AtomicU32>| {
+        move |_: serde_json::Value| {
+            let n = n.clone();
+            async move {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    };
+    let (hooks, slacks) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let hook = webhook_receiver(counting(hooks.clone())).await;
+    let slack = webhook_receiver(counting(slacks.clone())).await;
+    let refused = AtomicBool::new(false);
+    let log = RefusingLog::new(env.platform.log.clone(), move |e| {
+        e.headers.get(creto_streams::headers::names::EVENT_TYPE)
+            == Some("oversight.notification_delivered")
+            && pb::NotificationDelivered::decode(e.payload.as_ref())
+                .is_ok_and(|o| o.channel == pb::Channel::Slack as i32)
+            && !refused.swap(true, Ordering::SeqCst)
+    });
+    let notify = creto_gateways::oversight::notify::NotifyConfig {
+        webhook_url: Some(format!("http://{hook}/hook")),
+        webhook_secret: Some("hook-secret".into()),
+        slack_webhook_url: Some(format!("http://{slack}/hook")),
+        backoff: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let running = env
+        .start_oversight_on(env.platform_with_log(log), notify)
+        .await;
+    let mut c = client(&format!("http://{}", running.grpc_addr.unwrap())).await;
+    let mut both = policy(
+        "both",
+        "payments.*",
+        1,
+        vec![level(&["ann"], Duration::from_secs(60))],
+        TimeoutAction::Deny,
+    );
+    let channels = vec![pb::Channel::Webhook as i32, pb::Channel::Slack as i32];
+    both.channels
+        .insert(Priority::High as i32, pb::ChannelList { channels });
+    put(&mut c, both).await;
+    ask(&mut c, "r-twice", "payments.refund").await;
+    // Slack's outcome goes in on the redelivery, 5 s after the refusal.
+    use futures::TryStreamExt;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let outcomes: Vec<_> = env
+            .platform
+            .log
+            .replay(
+                &env.platform.catalog.stream(creto_streams::OVERSIGHT),
+                creto_streams::ReplayFrom::Start,
+                None,
+                Some(&env.subject("oversight.notifications.default.r-twice")),
+            )
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        if outcomes.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < until, "outcomes: {}", outcomes.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(slacks.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        hooks.load(Ordering::SeqCst),
+        1,
+        "the webhook was called again"
+    );
+    running.stop().await;
 }
 
 async fn a_slow_receiver_does_not_hold_back_other_announcements(env: &Env) {

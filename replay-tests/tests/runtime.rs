@@ -1002,7 +1002,7 @@ async fn a_restarted_replica_marks_its_sandboxes_failed(env: &Env) {
 /// appends again: it stayed provisioning in the log, and counted against its tenant, for good.
 async fn a_sandbox_whose_readiness_the_log_refused_is_recorded_failed(env: &Env) {
     let dir = sandbox_dir();
-    let log = RefusingLog::new(env.platform.log.clone(), "runtime.ready");
+    let log = RefusingLog::of_type(env.platform.log.clone(), "runtime.ready");
     let platform = env.platform_with_log(log.clone());
     let (running, url) = env.start_runtime_on(platform, dir.path()).await;
     let mut c = client(&url).await;

@@ -104,6 +104,11 @@ impl OversightView {
             .subject(&format!("oversight.policies.{tenant}.{id}"))
     }
 
+    /// The OVERSIGHT stream's name in this deployment.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
     pub fn notification_subject(&self, tenant: &str, id: &str) -> String {
         self.catalog
             .subject(&format!("oversight.notifications.{tenant}.{id}"))

@@ -11,6 +11,7 @@ use creto_streams::headers::{content_types, names};
 use creto_streams::{
     AckMode, AppendEvent, Catalog, ConsumerSpec, Delivery, EventLog, Headers, ReplayFrom, OVERSIGHT,
 };
+use futures::TryStreamExt;
 use prost::Message;
 use tokio::sync::watch;
 
@@ -124,6 +125,48 @@ async fn handle(
     }
 }
 
+/// One outcome per triggering event and channel.
+fn outcome_id(subject: &str, cause: u64, channel: i32) -> String {
+    format!("{subject}:{cause}:{channel}")
+}
+
+/// The channels with an outcome recorded for the event at `cause`.
+async fn recorded_channels(
+    log: &dyn EventLog,
+    view: &OversightView,
+    tenant: &str,
+    id: &str,
+    cause: u64,
+) -> Result<Vec<i32>, String> {
+    let subject = view.notification_subject(tenant, id);
+    let stream = view.stream();
+    // The usual case, a first delivery of a request's first event: nothing to read.
+    if log
+        .last_subject_sequence(stream, &subject)
+        .await
+        .map_err(|e| e.to_string())?
+        == 0
+    {
+        return Ok(Vec::new());
+    }
+    let events: Vec<_> = log
+        .replay(stream, ReplayFrom::Start, None, Some(&subject))
+        .await
+        .map_err(|e| e.to_string())?
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let ids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.headers.get(names::EVENT_ID))
+        .collect();
+    Ok([Channel::Slack, Channel::Email, Channel::Webhook]
+        .into_iter()
+        .map(|c| c as i32)
+        .filter(|c| ids.contains(&outcome_id(&subject, cause, *c).as_str()))
+        .collect())
+}
+
 /// Sends the request at `level` on each configured channel of its policy and records every
 /// outcome. Requests decided meanwhile are not announced.
 async fn announce(
@@ -159,7 +202,13 @@ async fn announce(
         level,
         links,
     };
-    let wanted = channels(&agg.policy, agg.view.priority);
+    // Channels whose outcome for this event is recorded were sent by an earlier delivery of
+    // it (one whose other outcomes the log refused, or a crash before its ack).
+    let recorded = recorded_channels(log, view, tenant, id, cause).await?;
+    let wanted: Vec<Channel> = channels(&agg.policy, agg.view.priority)
+        .into_iter()
+        .filter(|c| !recorded.contains(&(*c as i32)))
+        .collect();
     let senders = notifier.senders_for(&wanted);
     // Channels are delivered at once, so slow ones do not add up past the ack wait.
     let mut outcomes = futures::future::join_all(
@@ -196,8 +245,7 @@ async fn announce(
         let subject = view.notification_subject(tenant, id);
         let payload = outcome.encode_to_vec();
         log.append(AppendEvent {
-            // One outcome per triggering event and channel.
-            id: format!("{subject}:{cause}:{}", outcome.channel),
+            id: outcome_id(&subject, cause, outcome.channel),
             subject,
             expected_subject_sequence: None,
             headers: Headers::new()

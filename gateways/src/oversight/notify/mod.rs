@@ -31,8 +31,13 @@
 //! | `OVERSIGHT_PUBLIC_URL` | base URL of the oversight gateway's HTTP pages, e.g. `http://127.0.0.1:9091` |
 //! | `OVERSIGHT_LINK_SECRET` | HMAC key of the one-click links (same on every replica; at least 32 bytes, else links are off) |
 //! | `OVERSIGHT_LINK_TTL` | how long a link works (humantime, default `24h`, at most `7d`) |
-//! | `OVERSIGHT_NOTIFY_ATTEMPTS` | attempts per delivery (default 5) |
+//! | `OVERSIGHT_NOTIFY_ATTEMPTS` | attempts per delivery (default 5), within [`DELIVERY_LIMIT`] |
 //! | `OVERSIGHT_NOTIFY_BACKOFF` | delay after the first failure, doubling up to 10 s (humantime, default `200ms`) |
+/// How long one channel's delivery may take, every attempt and backoff included: well inside
+/// the notifier's ack wait (300 s). Past it the request was delivered to another replica, and
+/// announced again, while this one still sent.
+pub const DELIVERY_LIMIT: Duration = Duration::from_secs(200);
+
 /// The shortest `OVERSIGHT_LINK_SECRET` taken, as for the token key ring.
 pub const MIN_LINK_SECRET_BYTES: usize = 32;
 
@@ -345,7 +350,15 @@ impl Notifier {
         let mut ok = false;
         while attempts < self.attempts {
             attempts += 1;
-            match sender.send(n).await {
+            let left = DELIVERY_LIMIT.saturating_sub(start.elapsed());
+            let Ok(sent) = tokio::time::timeout(left, sender.send(n)).await else {
+                last_error = format!(
+                    "gave up after {}s (the limit for one delivery)",
+                    DELIVERY_LIMIT.as_secs()
+                );
+                break;
+            };
+            match sent {
                 Ok(()) => {
                     ok = true;
                     break;
@@ -360,6 +373,9 @@ impl Notifier {
                         "approval notification attempt failed"
                     );
                     last_error = e;
+                    if start.elapsed() + delay >= DELIVERY_LIMIT {
+                        break;
+                    }
                     if attempts < self.attempts {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(self.backoff_max);
