@@ -203,7 +203,7 @@ impl EgressPolicy {
         port: u16,
         resolve: impl Fn(&str) -> Vec<IpAddr>,
     ) -> EgressDecision {
-        self.decide_inner(None, ip, port, &resolve)
+        self.decide_inner(None, false, ip, port, &resolve)
     }
 
     /// Like [`decide`](Self::decide), when the caller also knows the name the client asked for
@@ -216,7 +216,21 @@ impl EgressPolicy {
         port: u16,
         resolve: impl Fn(&str) -> Vec<IpAddr>,
     ) -> EgressDecision {
-        self.decide_inner(Some(name), ip, port, &resolve)
+        self.decide_inner(Some(name), false, ip, port, &resolve)
+    }
+
+    /// Like [`decide_named`](Self::decide_named) for a name the connection itself asks for
+    /// (its TLS server name, its HTTP `Host`): a name rule matches only when it covers that
+    /// name. An address shared by many sites (a CDN) is not admitted for every site because
+    /// one allowed name resolves to it.
+    pub fn decide_claimed(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        port: u16,
+        resolve: impl Fn(&str) -> Vec<IpAddr>,
+    ) -> EgressDecision {
+        self.decide_inner(Some(name), true, ip, port, &resolve)
     }
 
     /// Whether some rule is a wildcard admitting `port`: only then can knowing the requested
@@ -228,9 +242,11 @@ impl EgressPolicy {
         })
     }
 
+    /// `claimed`: `name` is what the connection asks for, and only rules covering it match.
     fn decide_inner(
         &self,
         name: Option<&str>,
+        claimed: bool,
         ip: IpAddr,
         port: u16,
         resolve: &dyn Fn(&str) -> Vec<IpAddr>,
@@ -273,7 +289,7 @@ impl EgressPolicy {
             } else if name.as_deref() == Some(host.as_str()) {
                 *name_resolves.get_or_init(|| resolves_to(resolve, host, ip))
             } else {
-                resolves_to(resolve, host, ip)
+                !claimed && resolves_to(resolve, host, ip)
             };
             if matched {
                 return EgressDecision {
@@ -692,6 +708,29 @@ mod tests {
         assert_eq!(
             EgressPolicy::parse(&many).unwrap_err(),
             EgressError::TooManyRules { count: 257 }
+        );
+    }
+
+    #[test]
+    fn a_claimed_name_must_be_allowed_itself_on_a_shared_address() {
+        let pol = p(&["api.vendor.com:443", "*.example.org:443", "10.0.0.0/8:443"]);
+        let cdn = ip("104.16.0.1");
+        let resolve = |_: &str| vec![cdn];
+        // Asked for by address or by an unrelated DNS answer: the rule's name resolves here.
+        assert!(pol.decide(cdn, 443, resolve).allowed);
+        assert!(pol.decide_named("evil.com", cdn, 443, resolve).allowed);
+        // Asked for in the connection itself: only names the rules cover.
+        assert!(!pol.decide_claimed("evil.com", cdn, 443, resolve).allowed);
+        let d = pol.decide_claimed("API.vendor.com.", cdn, 443, resolve);
+        assert_eq!(d.rule.as_deref(), Some("api.vendor.com:443"));
+        assert!(
+            pol.decide_claimed("a.example.org", cdn, 443, resolve)
+                .allowed
+        );
+        // A network rule admits its addresses whatever the name.
+        assert!(
+            pol.decide_claimed("evil.com", ip("10.1.2.3"), 443, |_| vec![])
+                .allowed
         );
     }
 

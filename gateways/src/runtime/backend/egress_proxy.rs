@@ -24,10 +24,12 @@ use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use creto_domain::runtime::egress::{Destination, EgressDecision, EgressPolicy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
+use super::claimed_name::{claimed_name, Claim, CLAIM_BYTES};
 use super::EgressAttempt;
 
 /// How long a host-side resolution of a rule's name is reused.
@@ -38,6 +40,9 @@ pub const NAME_TTL: Duration = Duration::from_secs(600);
 pub const MAX_CONNECTIONS: usize = 512;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection a name rule admitted is read for the name it asks for. TLS and HTTP
+/// clients send at once; a protocol whose server speaks first waits this long, once.
+const CLAIM_WAIT: Duration = Duration::from_secs(1);
 const DNS_TTL_SECS: u32 = 30;
 
 struct Shared {
@@ -225,7 +230,7 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     }
 }
 
-async fn handle(stream: TcpStream, shared: &Shared) {
+async fn handle(mut stream: TcpStream, shared: &Shared) {
     let dst = match original_dst(&stream) {
         Ok(d) => d,
         Err(_) => {
@@ -234,7 +239,7 @@ async fn handle(stream: TcpStream, shared: &Shared) {
             return;
         }
     };
-    let (decision, host) = if shared.own.contains(&dst) {
+    let (mut decision, mut host) = if shared.own.contains(&dst) {
         (
             EgressDecision {
                 allowed: false,
@@ -255,6 +260,30 @@ async fn handle(stream: TcpStream, shared: &Shared) {
         }
         (decision, host)
     };
+    // Admitted by a name rule: the name the connection itself asks for must be allowed too.
+    let mut first = Vec::new();
+    if decision.allowed && !by_network(shared, dst) {
+        let (read, claim) = read_claim(&mut stream).await;
+        first = read;
+        match claim {
+            Claim::Name(name) => {
+                if !decide_claimed(shared, dst, &name).await.allowed {
+                    decision = EgressDecision {
+                        allowed: false,
+                        rule: Some(format!("asked for {name}, which no rule allows here")),
+                    };
+                }
+                host = Some(name);
+            }
+            Claim::Unreadable => {
+                decision = EgressDecision {
+                    allowed: false,
+                    rule: Some("TLS without a readable server name (SNI)".into()),
+                };
+            }
+            Claim::Nothing | Claim::Incomplete => {}
+        }
+    }
     let _ = shared.tx.send(EgressAttempt {
         sandbox_id: shared.sandbox_id.clone(),
         destination: dst,
@@ -276,7 +305,70 @@ async fn handle(stream: TcpStream, shared: &Shared) {
     let _ = upstream.set_nodelay(true);
     let _ = stream.set_nodelay(true);
     let (mut a, mut b) = (stream, upstream);
+    if b.write_all(&first).await.is_err() {
+        return;
+    }
     let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+/// Whether a network rule admits `dst` (no name involved).
+fn by_network(shared: &Shared, dst: SocketAddr) -> bool {
+    current_policy(shared)
+        .decide(dst.ip().to_canonical(), dst.port(), |_| Vec::new())
+        .allowed
+}
+
+/// Reads what the connection sends first until it tells the name it asks for, or cannot, for
+/// at most [`CLAIM_WAIT`]: the bytes read (sent upstream first) and the claim.
+async fn read_claim(stream: &mut TcpStream) -> (Vec<u8>, Claim) {
+    let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+    let mut first = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match claimed_name(&first) {
+            Claim::Incomplete if first.len() < CLAIM_BYTES => {}
+            Claim::Incomplete => return (first, Claim::Unreadable),
+            claim => return (first, claim),
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => first.extend_from_slice(&chunk[..n]),
+            // Silent (the server speaks first), closed or failed: decided on what came.
+            _ => {
+                let claim = match first.first() {
+                    Some(0x16) => Claim::Unreadable,
+                    _ => Claim::Nothing,
+                };
+                return (first, claim);
+            }
+        }
+    }
+}
+
+/// The decision for a connection that asks for `name` itself ([`EgressPolicy::decide_claimed`]).
+async fn decide_claimed(shared: &Shared, dst: SocketAddr, name: &str) -> EgressDecision {
+    let policy = current_policy(shared);
+    let ip = dst.ip().to_canonical();
+    if !name_allowed(&policy, name) {
+        return policy.decide_claimed(name, ip, dst.port(), |_| Vec::new());
+    }
+    let mut ips = resolve(shared, name).await;
+    // Our DNS gave the sandbox this address for this name (rotating DNS, as in `decide`).
+    let given = shared
+        .names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&ip)
+        .is_some_and(|(n, at)| n == name && at.elapsed() < NAME_TTL);
+    if given {
+        ips.push(ip);
+    }
+    policy.decide_claimed(name, ip, dst.port(), |h| {
+        if h == name {
+            ips.clone()
+        } else {
+            Vec::new()
+        }
+    })
 }
 
 fn current_policy(shared: &Shared) -> Arc<EgressPolicy> {
@@ -708,33 +800,46 @@ mod tests {
         );
     }
 
+    /// A proxy's state with `rules`, the host resolving each name of `resolved` to its
+    /// address, and our DNS having given the sandbox each address of `given` for its name.
+    fn shared(rules: &[&str], resolved: &[(&str, IpAddr)], given: &[(IpAddr, &str)]) -> Shared {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let rules: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+        Shared {
+            sandbox_id: "sb".into(),
+            policy: RwLock::new(Arc::new(EgressPolicy::parse(&rules).unwrap())),
+            deny: EgressPolicy::default(),
+            tx,
+            own: Vec::new(),
+            resolved: Mutex::new(
+                resolved
+                    .iter()
+                    .map(|(n, ip)| (n.to_string(), (vec![*ip], Instant::now())))
+                    .collect(),
+            ),
+            names: Mutex::new(
+                given
+                    .iter()
+                    .map(|(ip, n)| (*ip, (n.to_string(), Instant::now())))
+                    .collect(),
+            ),
+            slots: Arc::new(Semaphore::new(1)),
+            replica: Arc::new(Semaphore::new(1)),
+            lookups: Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX)),
+        }
+    }
+
     /// An exact-name rule admits the address the sandbox's DNS was given for the name, also
     /// once the host's resolution has moved on (rotating DNS).
     #[tokio::test]
     async fn an_exact_rule_admits_the_address_our_dns_gave_for_its_name() {
-        let (tx, _rx) = mpsc::unbounded_channel();
         let given: IpAddr = "93.184.216.34".parse().unwrap();
         let now_resolved: IpAddr = "93.184.216.35".parse().unwrap();
-        let shared = Shared {
-            sandbox_id: "sb".into(),
-            policy: RwLock::new(Arc::new(
-                EgressPolicy::parse(&["api.example.com:443".into()]).unwrap(),
-            )),
-            deny: EgressPolicy::default(),
-            tx,
-            own: Vec::new(),
-            resolved: Mutex::new(HashMap::from([(
-                "api.example.com".to_string(),
-                (vec![now_resolved], Instant::now()),
-            )])),
-            names: Mutex::new(HashMap::from([(
-                given,
-                ("api.example.com".to_string(), Instant::now()),
-            )])),
-            slots: Arc::new(Semaphore::new(1)),
-            replica: Arc::new(Semaphore::new(1)),
-            lookups: Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX)),
-        };
+        let shared = shared(
+            &["api.example.com:443"],
+            &[("api.example.com", now_resolved)],
+            &[(given, "api.example.com")],
+        );
         let (decision, name) = decide(&shared, SocketAddr::new(given, 443)).await;
         assert!(decision.allowed, "{decision:?}");
         assert_eq!(name.as_deref(), Some("api.example.com"));
@@ -744,6 +849,53 @@ mod tests {
         )
         .await;
         assert!(!other.allowed, "{other:?}");
+    }
+
+    /// On an address shared by many sites, the name a connection asks for must be allowed
+    /// itself: one allowed name resolving there admitted every site behind it.
+    #[tokio::test]
+    async fn a_connection_asking_for_another_name_on_a_shared_address_is_refused() {
+        let cdn: IpAddr = "104.16.0.1".parse().unwrap();
+        let shared = shared(
+            &["api.vendor.com:443"],
+            &[("api.vendor.com", cdn), ("evil.example", cdn)],
+            &[],
+        );
+        let dst = SocketAddr::new(cdn, 443);
+        assert!(decide(&shared, dst).await.0.allowed, "by address");
+        assert!(!by_network(&shared, dst));
+        assert!(!decide_claimed(&shared, dst, "evil.example").await.allowed);
+        assert!(decide_claimed(&shared, dst, "api.vendor.com").await.allowed);
+    }
+
+    /// The name is read from a ClientHello arriving in pieces, and every byte read is kept
+    /// for upstream; a client that says nothing (the server speaks first) is waited for once.
+    #[tokio::test]
+    async fn the_claim_is_read_from_the_first_bytes_and_they_are_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hello = super::super::claimed_name::tests::client_hello("api.vendor.com");
+        let sent = hello.clone();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&sent[..10]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.write_all(&sent[10..]).await.unwrap();
+            c
+        });
+        let (mut server, _) = listener.accept().await.unwrap();
+        let (first, claim) = read_claim(&mut server).await;
+        assert_eq!(claim, Claim::Name("api.vendor.com".into()));
+        assert_eq!(first, hello);
+        let _keep = client.await.unwrap();
+
+        let silent = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let started = Instant::now();
+        let (first, claim) = read_claim(&mut server).await;
+        assert_eq!((first.len(), claim), (0, Claim::Nothing));
+        assert!(started.elapsed() >= CLAIM_WAIT);
+        drop(silent);
     }
 
     #[tokio::test]

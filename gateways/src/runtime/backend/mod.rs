@@ -19,6 +19,7 @@
 
 pub mod bwrap;
 mod cgroup;
+mod claimed_name;
 mod disk;
 pub mod egress_proxy;
 mod host;
