@@ -44,16 +44,16 @@ fn sub(name: &str) -> String {
     format!("{name}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
-/// Hourly periods that begin half an hour from now (to the second), so that no test runs
-/// across a period's end: with the default anchor they end on the hour, and a test that ran
-/// across one saw its usage start again from zero.
+/// Hourly periods that begin half an hour from now, so that no test runs across a period's
+/// end: with the default anchor they end on the hour, and a test that ran across one saw its
+/// usage start again from zero. With a fraction of a second, as a client's `now` has.
 fn hourly() -> Option<pb::QuotaPeriod> {
     let anchor = Utc::now().timestamp() + 1800;
     Some(pb::QuotaPeriod {
         kind: pb::QuotaPeriodKind::PeriodHour as i32,
         anchor: Some(prost_types::Timestamp {
             seconds: anchor,
-            nanos: 0,
+            nanos: 250_000_000,
         }),
         time_zone: String::new(),
     })

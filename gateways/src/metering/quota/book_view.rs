@@ -16,7 +16,8 @@
 //! while the tail follows the log: under
 //! `quota-usage:{tenant}:{subscription}:{event_type}:{period start, unix seconds}` (fields
 //! `used`, decimal, and `sequence`, the stream sequence it reflects) and as the key's latest
-//! under `quota-usage:{tenant}:{subscription}:{event_type}` (plus `period_start`); then the
+//! under `quota-usage:{tenant}:{subscription}:{event_type}` (plus `period_start` and
+//! `period_start_micros`); then the
 //! watermark `quota-usage-watermark`: every counter change up to it is in the cache. A failed
 //! write is retried with the next one and holds the watermark back.
 //!
@@ -677,7 +678,13 @@ impl QuotaView {
                 .await
                 .map_err(|e| e.to_string())?;
             let parsed = (|| {
-                let start = DateTime::from_timestamp(fields.get("period_start")?.parse().ok()?, 0)?;
+                // Exact: an anchor with a fraction of a second, cut to whole seconds, put the
+                // start in the period before, and the warmed counter started again from zero.
+                // Whole seconds only in counters written before the exact field existed.
+                let start = match fields.get("period_start_micros") {
+                    Some(m) => DateTime::from_timestamp_micros(m.parse().ok()?)?,
+                    None => DateTime::from_timestamp(fields.get("period_start")?.parse().ok()?, 0)?,
+                };
                 let used = fields.get("used")?.parse::<Quantity>().ok()?;
                 let seq = fields.get("sequence")?.parse::<u64>().ok()?;
                 Some((start, used, seq))
@@ -775,6 +782,10 @@ impl QuotaView {
                     key: latest_key(prefix, tenant, sub, event_type),
                     fields: vec![
                         ("period_start".into(), start.timestamp().to_string()),
+                        (
+                            "period_start_micros".into(),
+                            start.timestamp_micros().to_string(),
+                        ),
                         ("used".into(), used.to_string()),
                         ("sequence".into(), seq.to_string()),
                     ],
@@ -794,7 +805,8 @@ impl QuotaView {
 }
 
 /// `{prefix}quota-usage:{tenant}:{subscription}:{event_type}`: the key's latest counter
-/// (`period_start` in unix seconds, `used`, `sequence`), which a warming replica reads.
+/// (`period_start` in unix seconds and `period_start_micros`, `used`, `sequence`), which a
+/// warming replica reads.
 pub fn latest_key(prefix: &str, tenant: &str, subscription_id: &str, event_type: &str) -> String {
     format!("{prefix}quota-usage:{tenant}:{subscription_id}:{event_type}")
 }
