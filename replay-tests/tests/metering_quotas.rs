@@ -36,6 +36,7 @@ creto_replay_tests::on_both_adapters!(
     bad_input_is_invalid_argument_with_what_to_fix,
     corrections_change_usage_against_the_quota,
     a_replica_warms_from_the_cache_counters,
+    a_correction_after_a_warm_up_counts_against_the_quota,
     an_event_stamped_in_the_next_period_counts_in_this_one,
     periods_without_an_anchor_start_at_local_midnight,
 );
@@ -939,6 +940,37 @@ async fn corrections_change_usage_against_the_quota(env: &Env) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     running.stop().await;
+}
+
+/// A replica warmed from the cache counts corrections of events its counters already hold:
+/// once past the warm-up it took them for events that never counted, and a customer blocked
+/// by a mistaken event stayed blocked on restarted replicas after it was voided.
+async fn a_correction_after_a_warm_up_counts_against_the_quota(env: &Env) {
+    let (running, mut client) = env.start_metering(true).await;
+    let s = sub("warmvoid");
+    client
+        .set_quota(set_quota(&s, "10", true, &[]))
+        .await
+        .unwrap();
+    let seq = ingest(&mut client, vec![usage("a", &s, 4.0), usage("b", &s, 5.0)]).await;
+    env.wait_applied(seq).await;
+    wait_watermark(env, seq).await;
+    running.stop().await;
+    let (warmed, mut other) = env.start_metering(true).await;
+    assert_eq!(check(&mut other, &s, 0.0, seq).await.unwrap().used, "9");
+    let voided = other
+        .void_event(pb::VoidEventRequest {
+            subscription_id: s.clone(),
+            event_id: "a".into(),
+            reason: "mistaken".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(voided.voided);
+    let c = check(&mut other, &s, 0.0, voided.sequence).await.unwrap();
+    assert_eq!(c.used, "5");
+    warmed.stop().await;
 }
 
 /// Waits until the cache's watermark is at least `seq`.

@@ -107,6 +107,13 @@ impl State {
     /// Records that the key counted usage in the period starting at `period_start` (and the
     /// event, if it is one).
     fn count(&mut self, key: Key, period_start: DateTime<Utc>, hash: Option<u64>) {
+        if self
+            .warmed
+            .get(&key)
+            .is_some_and(|(start, _)| *start != period_start)
+        {
+            self.warmed.remove(&key);
+        }
         let entry = self
             .counted
             .entry(key)
@@ -121,6 +128,14 @@ impl State {
             entry.1.insert(h);
             self.ids.insert(h);
         }
+    }
+
+    /// Whether the key's event at `sequence`, of time `at`, counted in the period a warm-up
+    /// restored (and still current).
+    fn counted_before_warming(&self, key: &Key, sequence: u64, at: DateTime<Utc>) -> bool {
+        self.warmed
+            .get(key)
+            .is_some_and(|(start, through)| sequence <= *through && at >= *start)
     }
 
     /// Whether the key's event at `sequence` is already in the book (restored from the cache).
@@ -154,6 +169,10 @@ struct State {
     /// After a warm-up from the cache: the sequence each key's state was restored at; the
     /// key's events up to it are already in the book.
     restored: HashMap<Key, u64>,
+    /// Per key restored from the cache, its counter's period start and sequence, kept until
+    /// the key's period rolls over: the key's events up to that sequence, from that start on,
+    /// counted in it, so their corrections count too (`counted` does not hold them).
+    warmed: HashMap<Key, (DateTime<Utc>, u64)>,
     /// Counters whose write to the cache failed, written with the next ones.
     unwritten: Dirty,
     /// The last watermark written to the cache (or that needed none: no cache).
@@ -478,13 +497,10 @@ impl QuotaView {
                         .hasher
                         .hash_one((&c.tenant, &c.subscription_id, &c.event_id));
                     let counted_in = state.counted_in(&usage_key, h);
+                    // Counted at the time the original was: see the usage case above.
+                    let original_at = c.occurred_at.min(event.recorded_at);
                     let counted = counted_in.is_some()
-                        || state.skips(
-                            &c.tenant,
-                            &c.subscription_id,
-                            &c.event_type,
-                            c.event_sequence,
-                        );
+                        || state.counted_before_warming(&usage_key, c.event_sequence, original_at);
                     let restored =
                         state.skips(&c.tenant, &c.subscription_id, &c.event_type, event.sequence);
                     if counted && !voided && !restored {
@@ -722,6 +738,10 @@ impl QuotaView {
             .unwrap_or(watermark)
             .min(watermark);
         *self.books.write().expect("quota books lock") = books;
+        state.warmed = counters
+            .iter()
+            .map(|(k, (start, _))| (k.clone(), (*start, at[k])))
+            .collect();
         state.restored = at;
         self.applied.store(from, Ordering::Release);
         tracing::info!(
