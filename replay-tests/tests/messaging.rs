@@ -761,6 +761,12 @@ async fn tenants_are_isolated() {
     );
     assert!(results[1].is_ok(), "{:?}", results[1]);
     assert!(as_bob.receive(0).await.is_ok());
+    // A header that does not decode is invalid, not a permission Bob could ask for.
+    let mut garbled = as_bob.seal("alice", &to_alice, b"garbled").unwrap();
+    garbled.header = vec![0xFF; 8];
+    let (c, m) = code(as_bob.send_envelope(garbled).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(m.contains("header does not decode"), "{m}");
 
     // No token at all.
     let mut anonymous = AgentClient::connect(&url, "not-a-token", "a", "alice")

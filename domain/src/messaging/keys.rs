@@ -126,7 +126,16 @@ pub fn check_public_key(signing: bool, bytes: &[u8]) -> Result<(), EnvelopeError
     if signing {
         verifying_key(bytes).map(|_| ())
     } else {
-        x25519_public(bytes).map(|_| ())
+        let public = x25519_public(bytes)?;
+        // A low-order point (all zeros, say) gives every sender the all-zero shared secret,
+        // which HPKE refuses: registered, it made every message to the agent fail to seal.
+        X25519HkdfSha256::encap(&public, None, &mut rand::rng())
+            .map(|_| ())
+            .map_err(|_| {
+                EnvelopeError::Malformed(
+                    "a low-order X25519 key: no shared secret can be made with it; generate a new key pair".into(),
+                )
+            })
     }
 }
 
@@ -191,5 +200,12 @@ mod tests {
         assert!(check_public_key(true, &[1u8; 31]).is_err());
         assert!(check_public_key(false, &[1u8; 33]).is_err());
         assert!(check_public_key(false, &EncryptionKeyPair::generate("e").public()).is_ok());
+        // Low-order points: no sender could seal to them.
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        for low in [[0u8; 32], one] {
+            let refused = check_public_key(false, &low).unwrap_err().to_string();
+            assert!(refused.contains("low-order"), "{refused}");
+        }
     }
 }

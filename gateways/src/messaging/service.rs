@@ -492,7 +492,7 @@ impl MessagingGateway {
             let i = out.len();
             out.push((label, None));
             let result = match allowed {
-                Err(status) => Err(refuse("forbidden", status)),
+                Err(refusal) => Err(refusal),
                 Ok(()) => match self.check(tenant, envelope, now).await {
                     Ok(c) => match self.verify(&c) {
                         Ok(()) => {
@@ -567,18 +567,31 @@ struct Checked {
     verifying: VerifyingKey,
 }
 
-/// The metrics label of an envelope's sender ("unknown" until its header decodes) and whether
-/// the caller may send as that agent. A refused envelope is counted under the caller: the
-/// sender it claims is free text of the client's choosing, one new series per name otherwise.
+/// The metrics label of an envelope's sender and whether the caller may send as that agent. A
+/// refused envelope is counted under the caller: the sender it claims is free text of the
+/// client's choosing, one new series per name otherwise. A header that names no valid sender
+/// is invalid (it was refused as sent by "unknown", a permission the caller could not fix).
 fn sender_of(
     caller: &crate::auth::Identity,
     envelope: &pb::Envelope,
-) -> (String, Result<(), Status>) {
-    let sender = pb::EnvelopeHeader::decode(envelope.header.as_slice())
-        .ok()
-        .map(|h| h.sender_agent_id)
-        .filter(|s| domain::check_agent_id(s).is_ok())
-        .unwrap_or_else(|| "unknown".into());
+) -> (String, Result<(), Refusal>) {
+    let invalid = |status| {
+        (
+            metrics::agent_label(&caller.tenant, &caller.subject),
+            Err(refuse("invalid", status)),
+        )
+    };
+    let sender = match pb::EnvelopeHeader::decode(envelope.header.as_slice()) {
+        Ok(h) => match domain::check_agent_id(&h.sender_agent_id) {
+            Ok(()) => h.sender_agent_id,
+            Err(e) => return invalid(Status::invalid_argument(format!("header: {e}"))),
+        },
+        Err(e) => {
+            return invalid(Status::invalid_argument(format!(
+            "the envelope header does not decode ({e}); seal envelopes with the messaging client"
+        )))
+        }
+    };
     let operator = caller.roles.iter().any(|r| r == "admin" || r == "operator");
     if !operator && caller.subject != sender {
         let refused = Status::permission_denied(format!(
@@ -587,7 +600,7 @@ fn sender_of(
         ));
         return (
             metrics::agent_label(&caller.tenant, &caller.subject),
-            Err(refused),
+            Err(refuse("forbidden", refused)),
         );
     }
     (metrics::agent_label(&caller.tenant, &sender), Ok(()))
@@ -878,11 +891,11 @@ impl MessagingService for MessagingGateway {
         let caller = crate::auth::layer::caller(&request)?;
         let caller_label = metrics::agent_label(&caller.tenant, &caller.subject);
         let (label, allowed) = sender_of(caller, envelope);
-        if let Err(status) = allowed {
+        if let Err(refusal) = allowed {
             metrics::SENT
-                .with_label_values(&[&label, "forbidden"])
+                .with_label_values(&[&label, refusal.reason])
                 .inc();
-            return Err(status);
+            return Err(refusal.status);
         }
         let tenant = caller.tenant.clone();
         let envelope = request.into_inner().envelope.unwrap_or_default();
