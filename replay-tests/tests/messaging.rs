@@ -223,6 +223,10 @@ async fn rotation_overlap_and_revocation(env: &Env) {
     ));
     let refused = bob.open(&late).await.unwrap_err().to_string();
     assert!(refused.contains("stopped signing"), "{refused}");
+    // Without a storage time it cannot be told apart: refused too (it used to open).
+    late.stored_at = None;
+    let refused = bob.open(&late).await.unwrap_err().to_string();
+    assert!(refused.contains("gave no time it was stored"), "{refused}");
     let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
     assert_eq!(bob.open(&m).await.unwrap().plaintext, b"with the new key");
 

@@ -360,16 +360,34 @@ impl AgentClient {
             .as_ref()
             .ok_or_else(|| EnvelopeError::Malformed("no envelope".into()))?;
         let header = domain::envelope::header(envelope)?;
+        // Signed for another tenant's agent of the same name: not a message to this one.
+        if header.tenant != self.tenant {
+            return Err(ClientError::Envelope(EnvelopeError::Invalid(format!(
+                "sealed in tenant {:?}, not {:?}",
+                header.tenant, self.tenant
+            ))));
+        }
         let key = self
             .sender_key(&header.sender_agent_id, &header.sender_key_id)
             .await?;
-        let stored = domain::envelope::time_of(&message.stored_at);
-        if let (Some(stored), Some(not_after)) = (stored, key.not_after) {
-            if stored >= not_after + CLOCK_TOLERANCE {
-                return Err(ClientError::Envelope(EnvelopeError::Invalid(format!(
-                    "signed with {}'s key {}, which stopped signing at {not_after} before the message was stored at {stored}",
-                    header.sender_agent_id, header.sender_key_id
-                ))));
+        if let Some(not_after) = key.not_after {
+            // Without the time it was stored, a message signed after the key stopped cannot
+            // be told apart: refused, not let through.
+            let invalid = |why: String| Err(ClientError::Envelope(EnvelopeError::Invalid(why)));
+            match domain::envelope::time_of(&message.stored_at) {
+                None => {
+                    return invalid(format!(
+                        "signed with {}'s key {}, which stopped signing at {not_after}, and the server gave no time it was stored",
+                        header.sender_agent_id, header.sender_key_id
+                    ))
+                }
+                Some(stored) if stored >= not_after + CLOCK_TOLERANCE => {
+                    return invalid(format!(
+                        "signed with {}'s key {}, which stopped signing at {not_after} before the message was stored at {stored}",
+                        header.sender_agent_id, header.sender_key_id
+                    ))
+                }
+                Some(_) => {}
             }
         }
         Ok(domain::open(
