@@ -93,6 +93,11 @@ pub struct Live {
     pub execs: Arc<Semaphore>,
 }
 
+/// The first delay before a failed warm-pool refill is tried again; it doubles up to
+/// [`REFILL_BACKOFF_MAX`].
+const REFILL_BACKOFF_FIRST: Duration = Duration::from_secs(2);
+const REFILL_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
 /// An end to record later: (sandbox id, its aggregate, the event).
 type Unrecorded = (String, Arc<tokio::sync::Mutex<Aggregate>>, Event);
 
@@ -770,17 +775,35 @@ impl Runtime {
 
     /// Keeps every template's warm pool at its minimum until shutdown.
     pub async fn refill_pool(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // Per template that failed: when to try again, and the delay after the next failure.
+        // A failing refill (disk full, no loop device) retried every second, and at every
+        // claim, appended its events each time.
+        let mut backoff: HashMap<String, (Instant, Duration)> = HashMap::new();
         loop {
             for (template, min) in self.settings.pool.clone() {
+                if backoff
+                    .get(&template)
+                    .is_some_and(|(next, _)| *next > Instant::now())
+                {
+                    continue;
+                }
                 while self.pool_size(&template) < min && !*shutdown.borrow() {
                     let resources = self.default_resources();
                     if let Err(e) = self
                         .provision(None, template.clone(), resources, Instant::now(), None)
                         .await
                     {
-                        tracing::warn!(template = %template, error = %e, "warm pool refill failed");
+                        let delay = backoff
+                            .get(&template)
+                            .map_or(REFILL_BACKOFF_FIRST, |(_, d)| *d);
+                        tracing::warn!(template = %template, error = %e, retry_in = ?delay, "warm pool refill failed");
+                        backoff.insert(
+                            template.clone(),
+                            (Instant::now() + delay, (delay * 2).min(REFILL_BACKOFF_MAX)),
+                        );
                         break;
                     }
+                    backoff.remove(&template);
                 }
             }
             tokio::select! {
