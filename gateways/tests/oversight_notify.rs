@@ -474,6 +474,7 @@ fn config_from_variables() {
             "OVERSIGHT_WEBHOOK_SECRET" => Some("s"),
             "OVERSIGHT_SLACK_WEBHOOK_URL" => Some(""),
             "OVERSIGHT_LINK_TTL" => Some("2h 30m"),
+            "OVERSIGHT_EMAIL_DOMAINS" => Some(" Example.com, @corp.example ,"),
             _ => None,
         }
         .map(str::to_owned)
@@ -483,6 +484,7 @@ fn config_from_variables() {
     assert_eq!(c.email_from, "Oversight <ov@example.com>");
     assert_eq!(c.slack_webhook_url, None, "empty is unset");
     assert_eq!(c.link_ttl, Duration::from_secs(9000));
+    assert_eq!(c.email_domains, ["example.com", "corp.example"]);
     assert_eq!(c.attempts, 5);
     assert_eq!(c.backoff, Duration::from_millis(200));
     assert_eq!(c.backoff_max, Duration::from_secs(10));
@@ -612,6 +614,32 @@ fn link_after<'a>(body: &'a str, label: &str) -> &'a str {
         .find(|l| l.starts_with(label))
         .unwrap_or_else(|| panic!("no {label} line in {body}"));
     line[label.len()..].trim()
+}
+
+/// A tenant's policy may name any address: with OVERSIGHT_EMAIL_DOMAINS set, only those
+/// domains are mailed (the others are left out, not retried).
+#[tokio::test]
+async fn email_goes_only_to_the_allowed_domains() {
+    let sink = start_smtp_sink().await;
+    let notifier = Notifier::new(NotifyConfig {
+        smtp_url: Some(format!("smtp://127.0.0.1:{}", sink.port)),
+        email_to_domain: Some("example.com".into()),
+        email_domains: vec!["example.com".into()],
+        ..config()
+    });
+    let n = notification(
+        &notifier,
+        &["alice@example.org", "bob", "carol@EXAMPLE.com"],
+    );
+    let senders = notifier.senders_for(&[Channel::Email]);
+    let delivered = notifier.deliver(senders[0], &n).await;
+    assert!(delivered.ok && delivered.attempts == 1, "{delivered:?}");
+    let mut to: Vec<String> = read_maildir(&sink.python, &sink.maildir)
+        .iter()
+        .map(|m| m["to"].as_str().unwrap().to_owned())
+        .collect();
+    to.sort();
+    assert_eq!(to, ["bob@example.com", "carol@EXAMPLE.com"]);
 }
 
 #[tokio::test]

@@ -21,6 +21,8 @@ pub struct EmailSender {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     to_domain: Option<String>,
+    /// Domains addresses may be at (lowercase); empty: any.
+    domains: Vec<String>,
     signer: Option<LinkSigner>,
     /// Addresses mailed so far, per notification (tenant, request, level) not yet mailed to
     /// everyone: what a retry skips.
@@ -33,12 +35,14 @@ const MAILED_REMEMBERED: usize = 10_000;
 
 impl EmailSender {
     /// `smtp_url` as in the module docs; `from` a mailbox (`Name <addr>` or `addr`). Approvers
-    /// without '@' are mailed at `<approver>@<to_domain>` when it is set. With `signer`, each
+    /// without '@' are mailed at `<approver>@<to_domain>` when it is set; with `domains`, only
+    /// addresses at one of them are mailed. With `signer`, each
     /// recipient gets links signed for their own identity; without, the notification's links.
     pub fn new(
         smtp_url: &str,
         from: &str,
         to_domain: Option<String>,
+        domains: Vec<String>,
         signer: Option<LinkSigner>,
         timeout: Duration,
     ) -> Result<EmailSender, String> {
@@ -54,6 +58,7 @@ impl EmailSender {
             transport,
             from,
             to_domain,
+            domains,
             signer,
             mailed: Mutex::new(HashMap::new()),
         })
@@ -70,6 +75,12 @@ impl EmailSender {
             } else {
                 continue;
             };
+            let domain = address.rsplit('@').next().unwrap_or_default();
+            if !self.domains.is_empty() && !self.domains.contains(&domain.to_ascii_lowercase()) {
+                // A tenant's policy may name anyone: this relay mails only where it was told.
+                tracing::warn!(address = %address, "approver's address is outside OVERSIGHT_EMAIL_DOMAINS; not mailed");
+                continue;
+            }
             if !out.iter().any(|(_, x)| x.eq_ignore_ascii_case(&address)) {
                 out.push((a, address));
             }
@@ -139,7 +150,7 @@ impl Sender for EmailSender {
         let recipients = self.recipients(&n.request.approvers);
         if recipients.is_empty() {
             return Err(
-                "no approver has an e-mail address (and OVERSIGHT_EMAIL_TO_DOMAIN is unset)"
+                "no approver has an e-mail address this deployment mails (see OVERSIGHT_EMAIL_TO_DOMAIN and OVERSIGHT_EMAIL_DOMAINS)"
                     .to_owned(),
             );
         }

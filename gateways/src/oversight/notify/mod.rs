@@ -26,6 +26,7 @@
 //! | `OVERSIGHT_SMTP_URL` | `smtp://host:port` (plain), `smtp://host:port?tls=required` (STARTTLS), `smtps://host:port` (TLS); `user:password@` for AUTH |
 //! | `OVERSIGHT_EMAIL_FROM` | the From mailbox, e.g. `Creto Oversight <oversight@example.com>` |
 //! | `OVERSIGHT_EMAIL_TO_DOMAIN` | approvers without `@` are mailed at `<approver>@<domain>` (unset: they get no e-mail) |
+//! | `OVERSIGHT_EMAIL_DOMAINS` | comma-separated domains approvers' full addresses may be at; others are not mailed (unset: any, and a tenant's admin can have this relay mail anyone) |
 //! | `OVERSIGHT_WEBHOOK_URL` | where the webhook POSTs |
 //! | `OVERSIGHT_WEBHOOK_SECRET` | the webhook's HMAC key ([`webhook`] says how to verify) |
 //! | `OVERSIGHT_PUBLIC_URL` | base URL of the oversight gateway's HTTP pages, e.g. `http://127.0.0.1:9091` |
@@ -107,6 +108,8 @@ pub struct NotifyConfig {
     pub email_from: String,
     /// Approvers without '@' are mailed at `<approver>@<email_to_domain>`; None: not mailed.
     pub email_to_domain: Option<String>,
+    /// Domains (lowercase) approvers' addresses may be at; empty: any.
+    pub email_domains: Vec<String>,
     pub webhook_url: Option<String>,
     /// None: webhook calls go unsigned (receivers cannot tell them from forgeries).
     pub webhook_secret: Option<String>,
@@ -130,6 +133,7 @@ impl Default for NotifyConfig {
             smtp_url: None,
             email_from: "Creto Oversight <oversight@localhost>".to_owned(),
             email_to_domain: None,
+            email_domains: Vec::new(),
             webhook_url: None,
             webhook_secret: None,
             public_url: None,
@@ -152,6 +156,7 @@ impl std::fmt::Debug for NotifyConfig {
             .field("smtp_url", &set(&self.smtp_url))
             .field("email_from", &self.email_from)
             .field("email_to_domain", &self.email_to_domain)
+            .field("email_domains", &self.email_domains)
             .field("webhook_url", &self.webhook_url)
             .field("webhook_secret", &set(&self.webhook_secret))
             .field("public_url", &self.public_url)
@@ -214,6 +219,14 @@ impl NotifyConfig {
             email_from: get("OVERSIGHT_EMAIL_FROM").unwrap_or(d.email_from),
             email_to_domain: get("OVERSIGHT_EMAIL_TO_DOMAIN")
                 .map(|v| v.trim_start_matches('@').to_owned()),
+            email_domains: get("OVERSIGHT_EMAIL_DOMAINS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|d| d.trim().trim_start_matches('@').to_ascii_lowercase())
+                        .filter(|d| !d.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
             webhook_url: get("OVERSIGHT_WEBHOOK_URL"),
             webhook_secret: get("OVERSIGHT_WEBHOOK_SECRET"),
             public_url: get("OVERSIGHT_PUBLIC_URL"),
@@ -300,6 +313,7 @@ impl Notifier {
                 url,
                 &config.email_from,
                 config.email_to_domain.clone(),
+                config.email_domains.clone(),
                 signer.clone(),
                 config.timeout,
             ) {
