@@ -20,6 +20,7 @@ use super::{suite, MessagingLimits};
 
 const SIGNATURE_CONTEXT: &[u8] = b"creto-messaging/v1";
 const WRAP_INFO: &[u8] = b"creto-messaging/v1 content key";
+const COMMITMENT_CONTEXT: &[u8] = b"creto-messaging/v2 content key commitment";
 /// The content key is fresh for every message and encrypts exactly one payload, so a fixed
 /// nonce is safe (the same argument as age's payload key).
 const PAYLOAD_NONCE: [u8; 12] = [0; 12];
@@ -28,7 +29,7 @@ const PAYLOAD_NONCE: [u8; 12] = [0; 12];
 pub enum EnvelopeError {
     #[error("malformed envelope: {0}")]
     Malformed(String),
-    #[error("envelope version {0} is not supported (this build speaks version 1)")]
+    #[error("envelope version {0} is not supported (this build speaks version 2)")]
     UnknownVersion(u32),
     #[error("unknown HPKE suite kem=0x{kem:04x} kdf=0x{kdf:04x} aead=0x{aead:04x}; supported: kem=0x0020 kdf=0x0001 aead=0x0003")]
     UnknownSuite { kem: u32, kdf: u32, aead: u32 },
@@ -106,8 +107,28 @@ fn signed_message(envelope: &Envelope) -> Vec<u8> {
     m
 }
 
+/// What the header commits the content key to (see the proto's `content_key_commitment`).
+fn commitment(content_key: &[u8; 32]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(COMMITMENT_CONTEXT);
+    h.update(content_key);
+    h.finalize().to_vec()
+}
+
 /// Seals `plaintext` for the recipient's keys and signs the result.
 pub fn seal(p: &SealParams<'_>, plaintext: &[u8]) -> Result<Envelope, EnvelopeError> {
+    let mut content_key = [0u8; 32];
+    rand::rng().fill_bytes(&mut content_key);
+    seal_with(p, plaintext, &content_key, commitment(&content_key))
+}
+
+/// [`seal`] with a given content key and commitment (a test commits to another key).
+fn seal_with(
+    p: &SealParams<'_>,
+    plaintext: &[u8],
+    content_key: &[u8; 32],
+    content_key_commitment: Vec<u8>,
+) -> Result<Envelope, EnvelopeError> {
     if p.recipient_keys.is_empty() {
         return Err(EnvelopeError::Invalid(
             "the recipient has no encryption key to seal for".into(),
@@ -136,13 +157,12 @@ pub fn seal(p: &SealParams<'_>, plaintext: &[u8]) -> Result<Envelope, EnvelopeEr
                 .ok_or_else(|| EnvelopeError::Invalid("ttl out of range".into()))?,
         )),
         content_type: p.content_type.to_string(),
+        content_key_commitment,
     }
     .encode_to_vec();
 
-    let mut content_key = [0u8; 32];
     let mut rng = rand::rng();
-    rng.fill_bytes(&mut content_key);
-    let ciphertext = ChaCha20Poly1305::new(&content_key.into())
+    let ciphertext = ChaCha20Poly1305::new(content_key.into())
         .encrypt(
             &PAYLOAD_NONCE.into(),
             Payload {
@@ -159,7 +179,7 @@ pub fn seal(p: &SealParams<'_>, plaintext: &[u8]) -> Result<Envelope, EnvelopeEr
                 &OpModeS::Base,
                 &public,
                 WRAP_INFO,
-                &content_key,
+                content_key,
                 &header,
                 &mut rng,
             )
@@ -262,6 +282,11 @@ pub fn open(
         .as_slice()
         .try_into()
         .map_err(|_| EnvelopeError::Decrypt)?;
+    // The key the signed header commits to, or another recipient key may open this envelope
+    // to another plaintext.
+    if commitment(&content_key) != header.content_key_commitment {
+        return Err(EnvelopeError::Decrypt);
+    }
     let plaintext = ChaCha20Poly1305::new(&content_key.into())
         .decrypt(
             &PAYLOAD_NONCE.into(),
@@ -371,24 +396,25 @@ mod tests {
         }
     }
 
+    /// What `a` says sealing message m-1 for agent b's `keys`.
+    fn params<'a>(a: &'a Agent, keys: &'a [(String, Vec<u8>)]) -> SealParams<'a> {
+        SealParams {
+            tenant: "acme",
+            sender_agent_id: "a",
+            signing_key: &a.signing,
+            recipient_agent_id: "b",
+            recipient_keys: keys,
+            message_id: "m-1",
+            sequence: 1,
+            created_at: Utc::now(),
+            ttl: Duration::from_secs(60),
+            content_type: "text/plain",
+        }
+    }
+
     fn sealed(a: &Agent, b: &Agent, plaintext: &[u8]) -> Envelope {
         let keys = [(b.encryption.key_id.clone(), b.encryption.public().to_vec())];
-        seal(
-            &SealParams {
-                tenant: "acme",
-                sender_agent_id: "a",
-                signing_key: &a.signing,
-                recipient_agent_id: "b",
-                recipient_keys: &keys,
-                message_id: "m-1",
-                sequence: 1,
-                created_at: Utc::now(),
-                ttl: Duration::from_secs(60),
-                content_type: "text/plain",
-            },
-            plaintext,
-        )
-        .unwrap()
+        seal(&params(a, &keys), plaintext).unwrap()
     }
 
     fn vk(a: &Agent) -> VerifyingKey {
@@ -507,7 +533,8 @@ mod tests {
             |h: &mut EnvelopeHeader| h.aead_id = 0x0001,
             |h: &mut EnvelopeHeader| h.kem_id = 0x0010,
             |h: &mut EnvelopeHeader| h.kdf_id = 0x0002,
-            |h: &mut EnvelopeHeader| h.version = 2,
+            |h: &mut EnvelopeHeader| h.version = 1,
+            |h: &mut EnvelopeHeader| h.version = 3,
             |h: &mut EnvelopeHeader| h.signature_algorithm = 9,
         ] {
             let mut env = sealed(&a, &b, b"payload");
@@ -517,6 +544,32 @@ mod tests {
             sign(&mut env, &a.signing);
             assert_eq!(verify(&env, &vk(&a)).unwrap_err().reason(), "unknown_suite");
         }
+    }
+
+    /// A stanza that unwraps another key than the header commits to is refused: without the
+    /// commitment a sender could make one signed envelope open differently under each of the
+    /// recipient's keys (two keys are live during a rotation).
+    #[test]
+    fn every_stanza_must_unwrap_the_key_the_header_commits_to() {
+        let (a, b) = (agent("a"), agent("b"));
+        let keys = [(b.encryption.key_id.clone(), b.encryption.public().to_vec())];
+        let (key, other) = ([1u8; 32], [2u8; 32]);
+        let own = std::slice::from_ref(&b.encryption);
+        // Valid in every other way: signed, and the payload sealed with the key unwrapped.
+        let env = seal_with(&params(&a, &keys), b"hidden", &key, commitment(&other)).unwrap();
+        assert!(verify(&env, &vk(&a)).is_ok());
+        let refused = open(&env, &vk(&a), "b", own, Utc::now()).unwrap_err();
+        assert_eq!(refused, EnvelopeError::Decrypt);
+        let env = seal_with(&params(&a, &keys), b"hidden", &key, commitment(&key)).unwrap();
+        let opened = open(&env, &vk(&a), "b", own, Utc::now()).unwrap();
+        assert_eq!(opened.plaintext, b"hidden");
+        // A header without a commitment is malformed.
+        let mut env = sealed(&a, &b, b"payload");
+        let mut h = EnvelopeHeader::decode(env.header.as_slice()).unwrap();
+        h.content_key_commitment.clear();
+        env.header = h.encode_to_vec();
+        sign(&mut env, &a.signing);
+        assert_eq!(verify(&env, &vk(&a)).unwrap_err().reason(), "invalid");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use creto_schemas::messaging::v1::{EnvelopeHeader, SignatureAlgorithm};
 
 use super::EnvelopeError;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// RFC 9180 identifiers.
 pub const KEM_X25519_HKDF_SHA256: u32 = 0x0020;
 pub const KDF_HKDF_SHA256: u32 = 0x0001;
@@ -35,6 +35,11 @@ pub fn check(header: &EnvelopeHeader) -> Result<(), EnvelopeError> {
     if header.signature_algorithm != SignatureAlgorithm::Ed25519 as i32 {
         return Err(EnvelopeError::UnknownSignatureAlgorithm(
             header.signature_algorithm,
+        ));
+    }
+    if header.content_key_commitment.len() != 32 {
+        return Err(EnvelopeError::Malformed(
+            "content_key_commitment is 32 bytes".into(),
         ));
     }
     Ok(())
