@@ -711,6 +711,18 @@ async fn a_checkpoint_of_directories_nested_without_end_is_refused() {
     let r = sh(&sb, "rm -rf d && mkdir -p a/b/c && echo ok").await;
     assert_eq!(r.stdout, "ok\n", "{}", r.stderr);
     assert!(!sb.checkpoint().await.unwrap().is_empty());
+    // Shallow enough, but a path longer than a restore can unpack (100 names of 40 bytes).
+    let w = sh(
+        &sb,
+        "python3 -c \"import os\nfor _ in range(100):\n    os.mkdir('x' * 40); os.chdir('x' * 40)\nprint('long')\"",
+    )
+    .await;
+    assert_eq!(w.stdout, "long\n", "{}", w.stderr);
+    let e3 = sb.checkpoint().await.unwrap_err();
+    assert!(
+        matches!(&e3, BackendError::Checkpoint(m) if m.contains("longer than 3072 bytes")),
+        "{e3}"
+    );
     sb.terminate().await.unwrap();
 }
 

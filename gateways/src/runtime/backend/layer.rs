@@ -240,6 +240,10 @@ fn append_dir<W: Write>(
 /// sandbox chooses the nesting (one `mkdir; cd` loop makes tens of thousands of levels), and
 /// the walk holds a descriptor per level.
 pub(crate) const MAX_DEPTH: usize = 256;
+/// The longest path in the layer a checkpoint keeps. The walk goes by descriptors, so it
+/// reaches any length; a restore unpacks by path under the new layer's directory, and past
+/// PATH_MAX (4096) it failed: a checkpoint taken fine that no restore could use.
+pub(crate) const MAX_PATH_BYTES: usize = 3072;
 
 /// A directory being walked: its descriptor, its path in the archive, the names left to visit.
 struct Level {
@@ -278,6 +282,13 @@ fn walk<W: Write>(
             continue;
         };
         let path = at.rel.join(&name);
+        if path.as_os_str().len() > MAX_PATH_BYTES {
+            let shown: String = path.to_string_lossy().chars().take(60).collect();
+            return Err(ck(format!(
+                "a path in the layer is longer than {MAX_PATH_BYTES} bytes (at {shown}…); a \
+                 checkpoint keeps paths up to {MAX_PATH_BYTES} bytes, or it could not be restored"
+            )));
+        }
         let Ok(st) = fstatat_nofollow(&at.fd, &name) else {
             continue; // removed meanwhile
         };
