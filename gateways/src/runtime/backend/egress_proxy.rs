@@ -38,6 +38,26 @@ pub const RESOLVE_TTL: Duration = Duration::from_secs(5);
 pub const NAME_TTL: Duration = Duration::from_secs(600);
 /// At most this many proxied connections per sandbox at once; more are reset.
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// The proxied connections of a replica's sandboxes: all of them together, and one sandbox's
+/// share.
+#[derive(Clone)]
+pub struct ConnectionBudget {
+    pub replica: Arc<Semaphore>,
+    pub per_sandbox: usize,
+}
+
+impl ConnectionBudget {
+    /// `total` for the replica; a sandbox takes at most a quarter of it (at least 16, or all
+    /// of a smaller total; at most [`MAX_CONNECTIONS`]): one holding idle keep-alives to an
+    /// allowed host left the others none.
+    pub fn new(total: usize) -> ConnectionBudget {
+        ConnectionBudget {
+            replica: Arc::new(Semaphore::new(total)),
+            per_sandbox: (total / 4).max(total.min(16)).min(MAX_CONNECTIONS),
+        }
+    }
+}
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a connection a name rule admitted is read for the name it asks for. TLS and HTTP
@@ -86,7 +106,7 @@ impl EgressProxy {
         dns: Option<std::net::UdpSocket>,
         policy: EgressPolicy,
         deny: EgressPolicy,
-        replica: Arc<Semaphore>,
+        budget: ConnectionBudget,
         tx: mpsc::UnboundedSender<EgressAttempt>,
     ) -> io::Result<EgressProxy> {
         let mut own = Vec::new();
@@ -104,8 +124,8 @@ impl EgressProxy {
             own,
             resolved: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
-            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            replica,
+            slots: Arc::new(Semaphore::new(budget.per_sandbox)),
+            replica: budget.replica,
             lookups: Arc::new(Semaphore::new(LOOKUPS_PER_SANDBOX)),
         });
         let mut tasks = Vec::new();
@@ -332,11 +352,13 @@ async fn read_claim(stream: &mut TcpStream) -> (Vec<u8>, Claim) {
         }
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => first.extend_from_slice(&chunk[..n]),
-            // Silent (the server speaks first), closed or failed: decided on what came.
+            // Silent (the server speaks first), closed or failed: decided on what came. A
+            // ClientHello or request head begun and not finished in time hides its name.
             _ => {
-                let claim = match first.first() {
-                    Some(0x16) => Claim::Unreadable,
-                    _ => Claim::Nothing,
+                let claim = match claimed_name(&first) {
+                    Claim::Incomplete if first.is_empty() => Claim::Nothing,
+                    Claim::Incomplete => Claim::Unreadable,
+                    claim => claim,
                 };
                 return (first, claim);
             }
@@ -718,6 +740,12 @@ async fn answer(shared: &Shared, q: &Query) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_sandbox_takes_at_most_a_quarter_of_the_replicas_connections() {
+        let shares = [128, 100_000, 40, 2].map(|total| ConnectionBudget::new(total).per_sandbox);
+        assert_eq!(shares, [32, MAX_CONNECTIONS, 16, 2]);
+    }
 
     #[test]
     fn names_are_resolved_absolute_and_never_inside_the_cluster() {

@@ -37,19 +37,31 @@ pub(crate) struct HostCommon {
     pub disks_dir: PathBuf,
     pub disk_tools: DiskTools,
     /// Proxied connections of every sandbox together ([`BackendConfig::max_proxied_connections`]).
-    pub proxied: Arc<tokio::sync::Semaphore>,
+    pub proxied: super::egress_proxy::ConnectionBudget,
     _lock: fs::File,
 }
 
-/// An eighth of the soft descriptor limit (two descriptors per connection: a quarter of them).
+/// An eighth of the descriptor limit (two descriptors per connection: a quarter of them),
+/// after raising the soft limit to the hard one: the usual soft 1024 gave the whole replica
+/// 128 proxied connections.
 fn proxied_connections_default() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit fills the struct passed.
+    // SAFETY: getrlimit fills the struct passed; setrlimit reads it.
     let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 => limit.rlim_cur,
+        0 => {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                limit.rlim_max
+            } else {
+                limit.rlim_cur
+            }
+        }
         _ => 1024,
     };
     (soft / 8).clamp(64, 65_536) as usize
@@ -110,11 +122,11 @@ impl HostCommon {
                 templates.insert(t.name.clone(), Arc::new(t));
             }
         }
-        let proxied = Arc::new(tokio::sync::Semaphore::new(
+        let proxied = super::egress_proxy::ConnectionBudget::new(
             config
                 .max_proxied_connections
                 .unwrap_or_else(proxied_connections_default),
-        ));
+        );
         Ok(HostCommon {
             config,
             proxied,
