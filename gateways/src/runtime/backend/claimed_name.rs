@@ -30,8 +30,15 @@ pub fn claimed_name(first: &[u8]) -> Claim {
         None => Claim::Incomplete,
         // A TLS handshake record.
         Some(0x16) => tls_server_name(first),
-        Some(b) if b.is_ascii_uppercase() => http_host(first),
-        Some(_) => Claim::Nothing,
+        Some(_) => {
+            // Servers skip empty lines before a request line (RFC 9112, 2.2).
+            let start = first.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+            match start.map(|s| &first[s..]) {
+                None if first.len() < CLAIM_BYTES => Claim::Incomplete,
+                Some(rest) if rest[0].is_ascii_alphabetic() => http_host(rest),
+                _ => Claim::Nothing,
+            }
+        }
     }
 }
 
@@ -75,24 +82,68 @@ fn tls_server_name(first: &[u8]) -> Claim {
     }
 }
 
+/// An HTTP/1 request's name: its `Host`, or the authority of an absolute-form target. Once
+/// the first line says HTTP/1, a head that is incomplete, malformed, too large or names two
+/// hosts is unreadable (refused), not let through: the server would still route on it.
 fn http_host(first: &[u8]) -> Claim {
+    let Some(end) = first.iter().position(|b| *b == b'\n') else {
+        let printable = first.iter().all(|b| b.is_ascii_graphic() || *b == b' ');
+        return if printable && first.len() < CLAIM_BYTES {
+            Claim::Incomplete
+        } else {
+            Claim::Nothing
+        };
+    };
+    let line = first[..end].strip_suffix(b"\r").unwrap_or(&first[..end]);
+    if line.ends_with(b" HTTP/2.0") {
+        // Cleartext HTTP/2 names its authority in compressed headers.
+        return Claim::Unreadable;
+    }
+    if !(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")) {
+        // Another protocol whose client speaks first in lines (an SSH banner, say).
+        return Claim::Nothing;
+    }
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(first) {
         Ok(httparse::Status::Partial) if first.len() < CLAIM_BYTES => Claim::Incomplete,
-        // Not HTTP after all (or a head past the limit, or past 64 headers): no name to check.
-        Ok(httparse::Status::Partial) | Err(_) => Claim::Nothing,
+        Ok(httparse::Status::Partial) | Err(_) => Claim::Unreadable,
         Ok(httparse::Status::Complete(_)) => {
-            let host = request
+            let mut names = request
                 .headers
                 .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("host"))
-                .and_then(|h| std::str::from_utf8(h.value).ok());
-            match host.map(without_port) {
-                Some(h) if !h.is_empty() && h.parse::<std::net::IpAddr>().is_err() => {
-                    Claim::Name(normalize(h))
+                .filter(|h| h.name.eq_ignore_ascii_case("host"))
+                .map(|h| std::str::from_utf8(h.value).ok().map(str::to_string))
+                .collect::<Vec<_>>();
+            // GET http://host:port/path HTTP/1.1: the target's authority wins over Host.
+            if let Some(target) = request.path {
+                let lower = target.to_ascii_lowercase();
+                if let Some(rest) = lower
+                    .strip_prefix("http://")
+                    .or_else(|| lower.strip_prefix("https://"))
+                {
+                    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+                    let host = authority.rsplit('@').next().unwrap_or_default();
+                    names.push(Some(host.to_string()));
                 }
-                _ => Claim::Nothing,
+            }
+            let mut hosts: Vec<String> = Vec::new();
+            for name in names {
+                let Some(name) = name else {
+                    return Claim::Unreadable;
+                };
+                let host = normalize(without_port(&name));
+                if !hosts.contains(&host) {
+                    hosts.push(host);
+                }
+            }
+            match hosts.as_slice() {
+                [] => Claim::Nothing,
+                [one] if one.is_empty() || one.parse::<std::net::IpAddr>().is_ok() => {
+                    Claim::Nothing
+                }
+                [one] => Claim::Name(one.clone()),
+                _ => Claim::Unreadable,
             }
         }
     }
@@ -155,6 +206,7 @@ pub mod tests {
         let get = b"GET / HTTP/1.1\r\nhost: Evil.Example:8080\r\naccept: */*\r\n\r\n";
         assert_eq!(claimed_name(get), Claim::Name("evil.example".into()));
         assert_eq!(claimed_name(&get[..20]), Claim::Incomplete);
+        assert_eq!(claimed_name(&get[..5]), Claim::Incomplete);
         let v6 = b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n";
         assert_eq!(claimed_name(v6), Claim::Nothing);
         let none = b"GET / HTTP/1.0\r\n\r\n";
@@ -162,5 +214,39 @@ pub mod tests {
         // Other protocols: nothing to check.
         assert_eq!(claimed_name(b"SSH-2.0-OpenSSH_9.6\r\n"), Claim::Nothing);
         assert_eq!(claimed_name(b"\x00\x01binary"), Claim::Nothing);
+    }
+
+    /// What a server would still route on is read, or refused: never let through unread.
+    #[test]
+    fn an_http_head_that_hides_its_host_is_unreadable() {
+        let name = |s: &str| Claim::Name(s.into());
+        // Empty lines before the request line.
+        let lead = b"\r\n\r\nGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+        assert_eq!(claimed_name(lead), name("evil.example"));
+        assert_eq!(claimed_name(b"\r\n"), Claim::Incomplete);
+        // An absolute-form target, alone or against the Host.
+        let absolute = b"GET http://evil.example:80/x HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+        assert_eq!(claimed_name(absolute), name("evil.example"));
+        let two = b"GET http://evil.example/ HTTP/1.1\r\nHost: api.vendor.com\r\n\r\n";
+        assert_eq!(claimed_name(two), Claim::Unreadable);
+        let twice = b"GET / HTTP/1.1\r\nHost: api.vendor.com\r\nHost: evil.example\r\n\r\n";
+        assert_eq!(claimed_name(twice), Claim::Unreadable);
+        // Past 64 headers, malformed, or cleartext HTTP/2.
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..70 {
+            many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"Host: evil.example\r\n\r\n");
+        assert_eq!(claimed_name(&many), Claim::Unreadable);
+        let bad = b"GET / HTTP/1.1\r\nHo st: evil.example\r\n\r\n";
+        assert_eq!(claimed_name(bad), Claim::Unreadable);
+        assert_eq!(
+            claimed_name(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Claim::Unreadable
+        );
+        // A head larger than is read.
+        let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(CLAIM_BYTES + 10, b'a');
+        assert_eq!(claimed_name(&huge), Claim::Unreadable);
     }
 }
