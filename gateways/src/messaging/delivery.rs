@@ -604,7 +604,7 @@ impl Session {
         }
         let envelope = Envelope::decode(event.payload.as_ref())
             .map_err(|e| Status::internal(format!("stored envelope undecodable: {e}")))?;
-        let header = envelope::header(&envelope)
+        let header = envelope::stored_header(&envelope)
             .map_err(|e| Status::internal(format!("stored envelope: {e}")))?;
         let age = (Utc::now() - event.recorded_at)
             .to_std()

@@ -191,7 +191,7 @@ impl MessagingGateway {
             if let Some(event) = log.get(stream, last).await.map_err(log_status)? {
                 let stored = pb::Envelope::decode(event.payload.as_ref())
                     .map_err(|e| Status::internal(format!("stored envelope undecodable: {e}")))?;
-                state.sequence = envelope::header(&stored)
+                state.sequence = envelope::stored_header(&stored)
                     .map_err(|e| Status::internal(format!("stored envelope: {e}")))?
                     .sequence;
             }
@@ -231,7 +231,7 @@ impl MessagingGateway {
             let Ok(stored) = pb::Envelope::decode(event.payload.as_ref()) else {
                 continue;
             };
-            let Ok(stored_header) = envelope::header(&stored) else {
+            let Ok(stored_header) = envelope::stored_header(&stored) else {
                 continue;
             };
             if stored_header.sequence > header.sequence {
