@@ -142,6 +142,12 @@ impl Aggregate {
                     self.view.decided_at = at;
                 }
             }
+            Some(request_event::Event::TimedOut(_) | request_event::Event::Escalated(_))
+                if !self.is_open() =>
+            {
+                // Fired by a replica whose fold missed the decision (one of an older version,
+                // during an upgrade, reads no escalation outcome): the decision stands.
+            }
             Some(request_event::Event::TimedOut(t)) => {
                 self.view.state = State::TimedOut as i32;
                 self.view.resolution = t.resolution;
@@ -776,6 +782,16 @@ mod tests {
                 (State::Escalated, State::Approved)
             ]
         );
+        // A timer fired by a replica that did not see the approval changes nothing.
+        let late = event(
+            now + chrono::Duration::seconds(121),
+            request_event::Event::TimedOut(creto_schemas::oversight::v1::TimedOut {
+                resolution: Decision::Deny as i32,
+            }),
+        );
+        let next = agg.view.version + 1;
+        assert_eq!(agg.apply(&late, next), vec![]);
+        assert_eq!(agg.state(), State::Approved);
 
         // An escalation recorded before it could decide: a denial still does not approve.
         let mut e = on_deadline(&denied, now + chrono::Duration::seconds(61));

@@ -391,8 +391,17 @@ impl OversightProjector {
         slot.dirty = true;
         let after = agg.state();
         // The transition this event made: the first one (an escalation makes two, pending →
-        // escalated → pending: the audit says escalated).
-        let (from, to) = transitions.first().copied().unwrap_or((before, after));
+        // escalated → pending: the audit says escalated), unless the escalation decided the
+        // request (its level's names had approved already): then how it ended.
+        let approved_by_escalation = matches!(
+            event.event.as_ref(),
+            Some(request_event::Event::Escalated(x)) if x.outcome == State::Approved as i32
+        );
+        let (from, to) = if approved_by_escalation {
+            (before, after)
+        } else {
+            transitions.first().copied().unwrap_or((before, after))
+        };
         let audit = match event.event.as_ref().expect("checked by decode") {
             request_event::Event::Requested(r) => Audit {
                 event_type: "requested",
@@ -427,7 +436,7 @@ impl OversightProjector {
             request_event::Event::Escalated(x) => Audit {
                 event_type: "escalated",
                 actor: "timer",
-                decision: None,
+                decision: approved_by_escalation.then_some("approve"),
                 channel: None,
                 level: x.level,
                 reason: None,
