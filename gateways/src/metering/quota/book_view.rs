@@ -17,7 +17,7 @@
 //! `quota-usage:{tenant}:{subscription}:{event_type}:{period start, unix seconds}` (fields
 //! `used`, decimal, and `sequence`, the stream sequence it reflects) and as the key's latest
 //! under `quota-usage:{tenant}:{subscription}:{event_type}` (plus `period_start` and
-//! `period_start_micros`); then the
+//! `period_start_nanos`); then the
 //! watermark `quota-usage-watermark`: every counter change up to it is in the cache. A failed
 //! write is retried with the next one and holds the watermark back.
 //!
@@ -130,12 +130,14 @@ impl State {
         }
     }
 
-    /// Whether the key's event at `sequence`, of time `at`, counted in the period a warm-up
-    /// restored (and still current).
-    fn counted_before_warming(&self, key: &Key, sequence: u64, at: DateTime<Utc>) -> bool {
+    /// The start of the period a warm-up restored for the key (still current) when the key's
+    /// event at `sequence` is among those its counter holds; whether it counted there depends
+    /// on the event's time.
+    fn warmed_period(&self, key: &Key, sequence: u64) -> Option<DateTime<Utc>> {
         self.warmed
             .get(key)
-            .is_some_and(|(start, through)| sequence <= *through && at >= *start)
+            .filter(|(_, through)| sequence <= *through)
+            .map(|(start, _)| *start)
     }
 
     /// Whether the key's event at `sequence` is already in the book (restored from the cache).
@@ -477,17 +479,6 @@ impl QuotaView {
                         c.subscription_id.clone(),
                         c.event_id.clone(),
                     );
-                    let before = match state.corrected.get(&key) {
-                        Some(q) => *q,
-                        None => self.original_quantity(c.event_sequence).await,
-                    };
-                    let after = match c.kind {
-                        CorrectionKind::Void => 0.0,
-                        CorrectionKind::Amend => c.quantity.unwrap_or(before),
-                    };
-                    // A voided event stays voided: later corrections change nothing. An
-                    // event that did not count (no quota then) is not taken back either.
-                    let voided = state.corrected.get(&key).is_some_and(|q| q.is_nan());
                     let usage_key: Key = (
                         c.tenant.clone(),
                         c.subscription_id.clone(),
@@ -497,13 +488,33 @@ impl QuotaView {
                         .hasher
                         .hash_one((&c.tenant, &c.subscription_id, &c.event_id));
                     let counted_in = state.counted_in(&usage_key, h);
-                    // Counted at the time the original was: see the usage case above.
-                    let original_at = c.occurred_at.min(event.recorded_at);
-                    let counted = counted_in.is_some()
-                        || state.counted_before_warming(&usage_key, c.event_sequence, original_at);
+                    let warmed_in = counted_in
+                        .is_none()
+                        .then(|| state.warmed_period(&usage_key, c.event_sequence))
+                        .flatten();
+                    let original = if warmed_in.is_some() || !state.corrected.contains_key(&key) {
+                        self.original(c.event_sequence).await
+                    } else {
+                        None
+                    };
+                    let before = match state.corrected.get(&key) {
+                        Some(q) => *q,
+                        None => original.map_or(0.0, |(q, _)| q),
+                    };
+                    // Held by a warmed counter, it counted there if the book counted it in
+                    // that period: by the original's time, as the usage case above.
+                    let counted_in = counted_in
+                        .or(warmed_in.filter(|start| original.is_some_and(|(_, at)| at >= *start)));
+                    let after = match c.kind {
+                        CorrectionKind::Void => 0.0,
+                        CorrectionKind::Amend => c.quantity.unwrap_or(before),
+                    };
+                    // A voided event stays voided: later corrections change nothing. An
+                    // event that did not count (no quota then) is not taken back either.
+                    let voided = state.corrected.get(&key).is_some_and(|q| q.is_nan());
                     let restored =
                         state.skips(&c.tenant, &c.subscription_id, &c.event_type, event.sequence);
-                    if counted && !voided && !restored {
+                    if let (Some(at), false, false) = (counted_in, voided, restored) {
                         state.corrected.insert(
                             key,
                             if c.kind == CorrectionKind::Void {
@@ -516,8 +527,6 @@ impl QuotaView {
                             if delta != Quantity::ZERO {
                                 // In the period the event counted in (its time may be
                                 // past it, see above).
-                                let at = counted_in
-                                    .unwrap_or_else(|| c.occurred_at.min(event.recorded_at));
                                 usage.push((
                                     (c.tenant, c.subscription_id, c.event_type),
                                     delta,
@@ -697,8 +706,8 @@ impl QuotaView {
                 // Exact: an anchor with a fraction of a second, cut to whole seconds, put the
                 // start in the period before, and the warmed counter started again from zero.
                 // Whole seconds only in counters written before the exact field existed.
-                let start = match fields.get("period_start_micros") {
-                    Some(m) => DateTime::from_timestamp_micros(m.parse().ok()?)?,
+                let start = match fields.get("period_start_nanos") {
+                    Some(n) => DateTime::from_timestamp_nanos(n.parse().ok()?),
                     None => DateTime::from_timestamp(fields.get("period_start")?.parse().ok()?, 0)?,
                 };
                 let used = fields.get("used")?.parse::<Quantity>().ok()?;
@@ -753,14 +762,13 @@ impl QuotaView {
         Ok(true)
     }
 
-    /// The accepted quantity of the usage event at `sequence` (0 if it cannot be read).
-    async fn original_quantity(&self, sequence: u64) -> f64 {
-        match self.log.get(&self.stream, sequence).await {
-            Ok(Some(stored)) => match decode(&stored, &self.catalog, &self.limits) {
-                Decoded::Usage(r) => r.quantity,
-                _ => 0.0,
-            },
-            _ => 0.0,
+    /// The accepted quantity of the usage event at `sequence` and the time the book counted it
+    /// at (its time, or when it was recorded if that was earlier); None if it cannot be read.
+    async fn original(&self, sequence: u64) -> Option<(f64, DateTime<Utc>)> {
+        let stored = self.log.get(&self.stream, sequence).await.ok()??;
+        match decode(&stored, &self.catalog, &self.limits) {
+            Decoded::Usage(r) => Some((r.quantity, r.time.min(stored.recorded_at))),
+            _ => None,
         }
     }
 
@@ -803,8 +811,8 @@ impl QuotaView {
                     fields: vec![
                         ("period_start".into(), start.timestamp().to_string()),
                         (
-                            "period_start_micros".into(),
-                            start.timestamp_micros().to_string(),
+                            "period_start_nanos".into(),
+                            start.timestamp_nanos_opt().unwrap_or_default().to_string(),
                         ),
                         ("used".into(), used.to_string()),
                         ("sequence".into(), seq.to_string()),
@@ -825,7 +833,7 @@ impl QuotaView {
 }
 
 /// `{prefix}quota-usage:{tenant}:{subscription}:{event_type}`: the key's latest counter
-/// (`period_start` in unix seconds and `period_start_micros`, `used`, `sequence`), which a
+/// (`period_start` in unix seconds and `period_start_nanos`, `used`, `sequence`), which a
 /// warming replica reads.
 pub fn latest_key(prefix: &str, tenant: &str, subscription_id: &str, event_type: &str) -> String {
     format!("{prefix}quota-usage:{tenant}:{subscription_id}:{event_type}")
