@@ -793,6 +793,11 @@ impl Runtime {
                         .provision(None, template.clone(), resources, Instant::now(), None)
                         .await
                     {
+                        // No room on the replica: nothing failed; the next round (within a
+                        // second) tries again.
+                        if matches!(e, RuntimeError::Exhausted(_)) {
+                            break;
+                        }
                         let delay = backoff
                             .get(&template)
                             .map_or(REFILL_BACKOFF_FIRST, |(_, d)| *d);
