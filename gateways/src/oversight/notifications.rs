@@ -149,8 +149,14 @@ async fn recorded_channels(
     {
         return Ok(Vec::new());
     }
+    // Outcomes of the event at `cause` come after it.
     let events: Vec<_> = log
-        .replay(stream, ReplayFrom::Start, None, Some(&subject))
+        .replay(
+            stream,
+            ReplayFrom::Sequence(cause + 1),
+            None,
+            Some(&subject),
+        )
         .await
         .map_err(|e| e.to_string())?
         .try_collect()

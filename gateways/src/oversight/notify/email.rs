@@ -75,8 +75,13 @@ impl EmailSender {
             } else {
                 continue;
             };
+            // Only addresses a policy names in full: those at OVERSIGHT_EMAIL_TO_DOMAIN are the
+            // operator's own.
             let domain = address.rsplit('@').next().unwrap_or_default();
-            if !self.domains.is_empty() && !self.domains.contains(&domain.to_ascii_lowercase()) {
+            if a.contains('@')
+                && !self.domains.is_empty()
+                && !self.domains.contains(&domain.to_ascii_lowercase())
+            {
                 // A tenant's policy may name anyone: this relay mails only where it was told.
                 tracing::warn!(address = %address, "approver's address is outside OVERSIGHT_EMAIL_DOMAINS; not mailed");
                 continue;
@@ -164,7 +169,6 @@ impl Sender for EmailSender {
             .cloned()
             .unwrap_or_default();
         let mut failures = Vec::new();
-        let mut sent = Vec::new();
         for (approver, address) in &recipients {
             if done.contains(address) {
                 continue;
@@ -196,20 +200,23 @@ impl Sender for EmailSender {
                 }
             };
             match self.transport.send(message).await {
-                Ok(_) => sent.push(address.clone()),
+                // Remembered at once: a delivery cut short (its time limit) retries only the
+                // rest.
+                Ok(_) => {
+                    let mut mailed = self.mailed.lock().expect("mailed lock");
+                    if mailed.len() >= MAILED_REMEMBERED && !mailed.contains_key(&key) {
+                        mailed.clear();
+                    }
+                    mailed
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(address.clone());
+                }
                 Err(e) => failures.push(format!("{address}: {e}")),
             }
         }
-        {
-            let mut mailed = self.mailed.lock().expect("mailed lock");
-            if failures.is_empty() {
-                mailed.remove(&key);
-            } else {
-                if mailed.len() >= MAILED_REMEMBERED {
-                    mailed.clear();
-                }
-                mailed.entry(key).or_default().extend(sent);
-            }
+        if failures.is_empty() {
+            self.mailed.lock().expect("mailed lock").remove(&key);
         }
         if failures.is_empty() {
             Ok(())

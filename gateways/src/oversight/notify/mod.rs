@@ -26,7 +26,7 @@
 //! | `OVERSIGHT_SMTP_URL` | `smtp://host:port` (plain), `smtp://host:port?tls=required` (STARTTLS), `smtps://host:port` (TLS); `user:password@` for AUTH |
 //! | `OVERSIGHT_EMAIL_FROM` | the From mailbox, e.g. `Creto Oversight <oversight@example.com>` |
 //! | `OVERSIGHT_EMAIL_TO_DOMAIN` | approvers without `@` are mailed at `<approver>@<domain>` (unset: they get no e-mail) |
-//! | `OVERSIGHT_EMAIL_DOMAINS` | comma-separated domains approvers' full addresses may be at; others are not mailed (unset: any, and a tenant's admin can have this relay mail anyone) |
+//! | `OVERSIGHT_EMAIL_DOMAINS` | comma-separated domains the full addresses a policy names may be at; others are not mailed (unset: any, and a tenant's admin can have this relay mail anyone). Addresses made with `OVERSIGHT_EMAIL_TO_DOMAIN` are always mailed |
 //! | `OVERSIGHT_WEBHOOK_URL` | where the webhook POSTs |
 //! | `OVERSIGHT_WEBHOOK_SECRET` | the webhook's HMAC key ([`webhook`] says how to verify) |
 //! | `OVERSIGHT_PUBLIC_URL` | base URL of the oversight gateway's HTTP pages, e.g. `http://127.0.0.1:9091` |
