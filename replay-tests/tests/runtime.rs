@@ -33,6 +33,7 @@ creto_replay_tests::on_both_adapters!(
     warm_pool_claims_and_refills,
     a_restarted_replica_marks_its_sandboxes_failed,
     a_sandbox_whose_readiness_the_log_refused_is_recorded_failed,
+    a_sandbox_abandoned_mid_create_is_recorded_failed,
     bad_input_gets_clear_statuses,
     a_tenant_has_a_bounded_number_of_live_sandboxes,
     a_replica_keeps_its_sandboxes_within_its_memory_budget,
@@ -1030,6 +1031,45 @@ async fn a_sandbox_whose_readiness_the_log_refused_is_recorded_failed(env: &Env)
         assert!(Instant::now() < deadline, "never recorded: {listed:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    running.stop().await;
+}
+
+/// A sandbox whose process died between its first two events (requested, no node) was live
+/// in the log for good; a replica marks it failed once it is 10 minutes old.
+async fn a_sandbox_abandoned_mid_create_is_recorded_failed(env: &Env) {
+    use creto_domain::runtime::sandbox::{event, event_type};
+    use creto_streams::headers::{content_types, names};
+    let id = format!("sb-{}", uuid::Uuid::new_v4().simple());
+    let requested = event(
+        chrono::Utc::now() - chrono::Duration::minutes(11),
+        pb::sandbox_event::Event::Requested(pb::Requested {
+            tenant: "default".into(),
+            template: "base".into(),
+            ..Default::default()
+        }),
+    );
+    let appended = env
+        .platform
+        .log
+        .append(creto_streams::AppendEvent {
+            subject: env.subject(&format!("runtime.sandboxes.{id}")),
+            id: format!("{id}:requested"),
+            expected_subject_sequence: Some(0),
+            headers: creto_streams::Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::EVENT_TYPE, event_type(&requested))
+                .with(names::TENANT, "default"),
+            payload: prost::Message::encode_to_vec(&requested).into(),
+        })
+        .await
+        .unwrap();
+    assert!(!appended.is_duplicate());
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    let s = get(&mut c, &id).await;
+    assert_eq!(s.state(), State::Failed, "{s:?}");
+    assert!(s.failure_reason.contains("abandoned"), "{s:?}");
     running.stop().await;
 }
 

@@ -93,6 +93,9 @@ pub struct Live {
     pub execs: Arc<Semaphore>,
 }
 
+/// How often the expiry loop looks for sandboxes abandoned mid-create.
+const ABANDONED_CHECK_EVERY: Duration = Duration::from_secs(60);
+
 /// The first delay before a failed warm-pool refill is tried again; it doubles up to
 /// [`REFILL_BACKOFF_MAX`].
 const REFILL_BACKOFF_FIRST: Duration = Duration::from_secs(2);
@@ -821,6 +824,7 @@ impl Runtime {
 
     /// Expires sandboxes of this replica whose lifetime ended, until shutdown.
     pub async fn expire(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut abandoned_checked = Instant::now();
         loop {
             let now = Utc::now();
             let due: Vec<(String, Arc<Live>)> = self
@@ -857,6 +861,10 @@ impl Runtime {
             }
             // After the expiries are under way: each refused record costs an append's retries.
             self.record_unrecorded().await;
+            if abandoned_checked.elapsed() >= ABANDONED_CHECK_EVERY {
+                abandoned_checked = Instant::now();
+                self.fail_abandoned().await;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = shutdown.changed() => return,
@@ -1000,7 +1008,22 @@ impl Runtime {
                 self.record_later(&id, Arc::new(tokio::sync::Mutex::new(agg)), failed);
             }
         }
+        self.fail_abandoned().await;
         Ok(())
+    }
+
+    /// Fails the sandboxes abandoned mid-create ([`RuntimeView::abandoned`]). Every replica
+    /// does it now and then; the first append wins, the others' conflict.
+    async fn fail_abandoned(&self) {
+        for mut agg in self.view.abandoned() {
+            let id = agg.view.sandbox_id.clone();
+            let failed = Event::Failed(pb::Failed {
+                reason: "abandoned while it was being created: no replica took it".into(),
+            });
+            if let Err(e) = self.append(&mut agg, &id, vec![failed]).await {
+                tracing::debug!(sandbox = %id, error = %e, "an abandoned sandbox was not marked failed here");
+            }
+        }
     }
 
     /// Terminates every sandbox of this replica (on shutdown: their processes end with it).

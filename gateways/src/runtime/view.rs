@@ -238,24 +238,34 @@ impl RuntimeView {
     }
 
     /// Sandboxes a previous process of this node left live: their processes and layers are
-    /// gone. Also those requested long ago that no node took (a process that died between a
-    /// sandbox's first two events): nothing else ever ends them.
+    /// gone.
     pub fn orphaned(&self, running: &dyn Fn(&str) -> bool) -> Vec<Aggregate> {
-        let unclaimed_since = chrono::Utc::now() - ABANDONED_AFTER;
+        self.folded
+            .read()
+            .expect("fold lock")
+            .sandboxes
+            .values()
+            .filter(|a| a.view.node == self.node && a.is_live() && !running(&a.view.sandbox_id))
+            .cloned()
+            .collect()
+    }
+
+    /// Sandboxes requested long ago that no node took (a process that died between a
+    /// sandbox's first two events): live in the log with nothing behind them.
+    pub fn abandoned(&self) -> Vec<Aggregate> {
+        let unclaimed_since = (chrono::Utc::now() - ABANDONED_AFTER).timestamp();
         self.folded
             .read()
             .expect("fold lock")
             .sandboxes
             .values()
             .filter(|a| {
-                let abandoned = a.view.node.is_empty()
+                a.view.node.is_empty()
+                    && a.is_live()
                     && a.view
                         .created_at
                         .as_ref()
-                        .is_some_and(|t| t.seconds < unclaimed_since.timestamp());
-                (a.view.node == self.node || abandoned)
-                    && a.is_live()
-                    && !running(&a.view.sandbox_id)
+                        .is_some_and(|t| t.seconds < unclaimed_since)
             })
             .cloned()
             .collect()
