@@ -42,6 +42,9 @@ struct PairState {
     sequence: u64,
 }
 
+/// Sender-recipient pairs whose last sequence a gateway keeps in memory.
+const MAX_PAIRS_CACHED: usize = 100_000;
+
 pub struct MessagingGateway {
     pub queues: Queues,
     pub directory: Arc<DirectoryView>,
@@ -196,11 +199,18 @@ impl MessagingGateway {
                     .sequence;
             }
         }
-        self.pairs
-            .lock()
-            .expect("pairs lock")
-            .insert(subject.to_string(), state.clone());
+        self.remember_pair(subject, state.clone());
         Ok(state)
+    }
+
+    /// Caches a pair's state. Bounded: a pair not cached is read back from the log, so the
+    /// cache is emptied when full rather than growing with every pair ever seen.
+    fn remember_pair(&self, subject: &str, state: PairState) {
+        let mut pairs = self.pairs.lock().expect("pairs lock");
+        if pairs.len() >= MAX_PAIRS_CACHED && !pairs.contains_key(subject) {
+            pairs.clear();
+        }
+        pairs.insert(subject.to_string(), state);
     }
 
     /// An envelope whose sequence is not ahead of its pair: the same message again (answered
@@ -437,8 +447,8 @@ impl MessagingGateway {
             };
             match self.queues.log.append(append).await {
                 Ok(Appended::New { sequence }) => {
-                    self.pairs.lock().expect("pairs lock").insert(
-                        subject.clone(),
+                    self.remember_pair(
+                        subject,
                         PairState {
                             stream_sequence: sequence,
                             sequence: header.sequence,
