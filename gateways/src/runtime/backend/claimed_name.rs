@@ -76,9 +76,20 @@ fn tls_server_name(first: &[u8]) -> Claim {
             .and_then(|(_, n)| std::str::from_utf8(n).ok()),
         _ => None,
     });
-    match name {
-        Some(n) => Claim::Name(normalize(n)),
-        None => Claim::Unreadable,
+    name.map_or(Claim::Unreadable, name_claim)
+}
+
+/// A DNS name, as asked for; anything else (it is recorded with the decision) is unreadable.
+fn name_claim(name: &str) -> Claim {
+    let name = normalize(name);
+    let valid = name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if valid {
+        Claim::Name(name)
+    } else {
+        Claim::Unreadable
     }
 }
 
@@ -142,7 +153,7 @@ fn http_host(first: &[u8]) -> Claim {
                 [one] if one.is_empty() || one.parse::<std::net::IpAddr>().is_ok() => {
                     Claim::Nothing
                 }
-                [one] => Claim::Name(one.clone()),
+                [one] => name_claim(one),
                 _ => Claim::Unreadable,
             }
         }
@@ -244,6 +255,11 @@ pub mod tests {
             claimed_name(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
             Claim::Unreadable
         );
+        // Not a DNS name (it would be recorded with the decision).
+        let long = format!("GET / HTTP/1.1\r\nHost: {}.com\r\n\r\n", "a".repeat(300));
+        assert_eq!(claimed_name(long.as_bytes()), Claim::Unreadable);
+        let odd = b"GET / HTTP/1.1\r\nHost: evil<script>\r\n\r\n";
+        assert_eq!(claimed_name(odd), Claim::Unreadable);
         // A head larger than is read.
         let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
         huge.resize(CLAIM_BYTES + 10, b'a');

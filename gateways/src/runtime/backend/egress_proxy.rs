@@ -298,7 +298,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
             Claim::Unreadable => {
                 decision = EgressDecision {
                     allowed: false,
-                    rule: Some("TLS without a readable server name (SNI)".into()),
+                    rule: Some("TLS or HTTP without a readable name (SNI, Host)".into()),
                 };
             }
             Claim::Nothing | Claim::Incomplete => {}
