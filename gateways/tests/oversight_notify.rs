@@ -866,4 +866,17 @@ fn link_signer_makes_two_tokens_per_approver() {
         .unwrap()
         .as_secs();
     assert!(approve.expires_at > now && approve.expires_at <= now + 60);
+    // A level that waits three days: the links last until its deadline (not a minute, then
+    // nothing to answer with); past the longest a link may work, that longest.
+    let in_days = |d: u64| SystemTime::now() + Duration::from_secs(d * 86_400);
+    let until = |deadline| {
+        let l = signer.links_until("acme", "req 1", "bob", Some(deadline));
+        claims_of(&l.approve).expires_at
+    };
+    assert!(until(in_days(3)).abs_diff(now + 3 * 86_400) <= 2);
+    assert!(until(in_days(30)).abs_diff(now + 7 * 86_400) <= 2);
+    assert!(
+        until(SystemTime::now()) <= now + 61,
+        "a deadline sooner: the usual lifetime"
+    );
 }

@@ -197,9 +197,11 @@ async fn announce(
     // approver the channel carries that approver's; with several, e-mail carries each
     // approver's own. With anyone allowed, a link answers as "anyone": it can decide alone
     // (quorum 1) but never make a quorum of several people, so none is sent then.
+    // Valid until the level's deadline, when that is past the links' usual lifetime.
+    let deadline = super::notify::deadline_of(&agg.view);
     let links = match approvers.as_slice() {
-        [] if agg.policy.quorum <= 1 => notifier.links(tenant, id, "anyone"),
-        [one] => notifier.links(tenant, id, one),
+        [] if agg.policy.quorum <= 1 => notifier.links_until(tenant, id, "anyone", deadline),
+        [one] => notifier.links_until(tenant, id, one, deadline),
         _ => None,
     };
     let notification = Notification {

@@ -181,7 +181,12 @@ impl Sender for EmailSender {
                 }
             };
             let links = match &self.signer {
-                Some(s) => Some(s.links(&n.tenant, &n.request.request_id, approver)),
+                Some(s) => Some(s.links_until(
+                    &n.tenant,
+                    &n.request.request_id,
+                    approver,
+                    super::deadline_of(&n.request),
+                )),
                 None => n.links.clone(),
             };
             let message = Message::builder()

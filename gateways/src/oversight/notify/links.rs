@@ -215,6 +215,35 @@ impl LinkSigner {
         approver: &str,
         now: SystemTime,
     ) -> Links {
+        self.links_for(tenant, request_id, approver, now, self.ttl)
+    }
+
+    /// [`Self::links`], valid until `deadline` when that is later than the TTL (at most
+    /// [`super::MAX_LINK_TTL`]): a level may wait days, and links that expired on its second
+    /// day left the approver nothing to answer with (no newer notification comes).
+    pub fn links_until(
+        &self,
+        tenant: &str,
+        request_id: &str,
+        approver: &str,
+        deadline: Option<SystemTime>,
+    ) -> Links {
+        let now = SystemTime::now();
+        let until = deadline.and_then(|d| d.duration_since(now).ok());
+        let ttl = until
+            .map_or(self.ttl, |u| self.ttl.max(u))
+            .min(super::MAX_LINK_TTL);
+        self.links_for(tenant, request_id, approver, now, ttl)
+    }
+
+    fn links_for(
+        &self,
+        tenant: &str,
+        request_id: &str,
+        approver: &str,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Links {
         let page = format!(
             "{}/approvals/{}/{}",
             self.public_url,
@@ -222,13 +251,13 @@ impl LinkSigner {
             encode_segment(request_id)
         );
         let link = |decision| {
-            let claims = LinkClaims::new(tenant, request_id, approver, decision, now, self.ttl);
+            let claims = LinkClaims::new(tenant, request_id, approver, decision, now, ttl);
             // The token is base64url and '.': nothing in it needs escaping in a query.
             format!("{page}/respond?token={}", sign(&self.secret, &claims))
         };
         // The page opens with a token for this request and approver (the page refuses
         // anonymous visits).
-        let token = page_token(&self.secret, tenant, request_id, approver, now, self.ttl);
+        let token = page_token(&self.secret, tenant, request_id, approver, now, ttl);
         Links {
             approve: link(Decision::Approve),
             deny: link(Decision::Deny),

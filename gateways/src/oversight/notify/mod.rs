@@ -31,7 +31,7 @@
 //! | `OVERSIGHT_WEBHOOK_SECRET` | the webhook's HMAC key ([`webhook`] says how to verify) |
 //! | `OVERSIGHT_PUBLIC_URL` | base URL of the oversight gateway's HTTP pages, e.g. `http://127.0.0.1:9091` |
 //! | `OVERSIGHT_LINK_SECRET` | HMAC key of the one-click links (same on every replica; at least 32 bytes, else links are off) |
-//! | `OVERSIGHT_LINK_TTL` | how long a link works (humantime, default `24h`, at most `7d`) |
+//! | `OVERSIGHT_LINK_TTL` | how long a link works (humantime, default `24h`, at most `7d`); a notification's links work until the level's deadline when that is later (at most `7d`) |
 //! | `OVERSIGHT_NOTIFY_ATTEMPTS` | attempts per delivery (default 5), within [`DELIVERY_LIMIT`] |
 //! | `OVERSIGHT_NOTIFY_BACKOFF` | delay after the first failure, doubling up to 10 s (humantime, default `200ms`) |
 /// How long one channel's delivery may take, every attempt and backoff included: well inside
@@ -421,9 +421,20 @@ impl Notifier {
     /// The request's page and `approver`'s one-click links, or None when no public URL or link
     /// secret is configured.
     pub fn links(&self, tenant: &str, request_id: &str, approver: &str) -> Option<Links> {
+        self.links_until(tenant, request_id, approver, None)
+    }
+
+    /// [`Self::links`] valid until the request's `deadline` ([`LinkSigner::links_until`]).
+    pub fn links_until(
+        &self,
+        tenant: &str,
+        request_id: &str,
+        approver: &str,
+        deadline: Option<std::time::SystemTime>,
+    ) -> Option<Links> {
         self.signer
             .as_ref()
-            .map(|s| s.links(tenant, request_id, approver))
+            .map(|s| s.links_until(tenant, request_id, approver, deadline))
     }
 }
 
@@ -452,6 +463,13 @@ pub(crate) fn state_name(s: i32) -> &'static str {
         .unwrap_or(State::Unspecified)
         .as_str_name();
     name.trim_start_matches("STATE_")
+}
+
+/// A request's deadline as the links' expiry wants it.
+pub(crate) fn deadline_of(request: &ApprovalRequest) -> Option<std::time::SystemTime> {
+    let d = request.deadline.as_ref()?;
+    let secs = u64::try_from(d.seconds).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 pub(crate) fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
