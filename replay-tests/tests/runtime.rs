@@ -34,6 +34,7 @@ creto_replay_tests::on_both_adapters!(
     a_restarted_replica_marks_its_sandboxes_failed,
     a_sandbox_whose_readiness_the_log_refused_is_recorded_failed,
     a_sandbox_abandoned_mid_create_is_recorded_failed,
+    a_sandbox_ended_long_ago_is_forgotten,
     bad_input_gets_clear_statuses,
     a_tenant_has_a_bounded_number_of_live_sandboxes,
     a_replica_keeps_its_sandboxes_within_its_memory_budget,
@@ -1036,40 +1037,89 @@ async fn a_sandbox_whose_readiness_the_log_refused_is_recorded_failed(env: &Env)
 
 /// A sandbox whose process died between its first two events (requested, no node) was live
 /// in the log for good; a replica marks it failed once it is 10 minutes old.
-async fn a_sandbox_abandoned_mid_create_is_recorded_failed(env: &Env) {
+/// Appends sandbox `id`'s `events`, each stamped its time ago, as a replica would have.
+async fn append_lifecycle(
+    env: &Env,
+    id: &str,
+    events: Vec<(chrono::Duration, pb::sandbox_event::Event)>,
+) {
     use creto_domain::runtime::sandbox::{event, event_type};
     use creto_streams::headers::{content_types, names};
+    let subject = env.subject(&format!("runtime.sandboxes.{id}"));
+    let mut last = 0;
+    for (i, (ago, e)) in events.into_iter().enumerate() {
+        let e = event(chrono::Utc::now() - ago, e);
+        let appended = env
+            .platform
+            .log
+            .append(creto_streams::AppendEvent {
+                subject: subject.clone(),
+                id: format!("{id}:{i}"),
+                expected_subject_sequence: Some(last),
+                headers: creto_streams::Headers::new()
+                    .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                    .with(names::EVENT_TYPE, event_type(&e))
+                    .with(names::TENANT, "default"),
+                payload: prost::Message::encode_to_vec(&e).into(),
+            })
+            .await
+            .unwrap();
+        assert!(!appended.is_duplicate());
+        last = appended.sequence();
+    }
+}
+
+fn requested() -> pb::sandbox_event::Event {
+    pb::sandbox_event::Event::Requested(pb::Requested {
+        tenant: "default".into(),
+        template: "base".into(),
+        ..Default::default()
+    })
+}
+
+async fn a_sandbox_abandoned_mid_create_is_recorded_failed(env: &Env) {
     let id = format!("sb-{}", uuid::Uuid::new_v4().simple());
-    let requested = event(
-        chrono::Utc::now() - chrono::Duration::minutes(11),
-        pb::sandbox_event::Event::Requested(pb::Requested {
-            tenant: "default".into(),
-            template: "base".into(),
-            ..Default::default()
-        }),
-    );
-    let appended = env
-        .platform
-        .log
-        .append(creto_streams::AppendEvent {
-            subject: env.subject(&format!("runtime.sandboxes.{id}")),
-            id: format!("{id}:requested"),
-            expected_subject_sequence: Some(0),
-            headers: creto_streams::Headers::new()
-                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
-                .with(names::EVENT_TYPE, event_type(&requested))
-                .with(names::TENANT, "default"),
-            payload: prost::Message::encode_to_vec(&requested).into(),
-        })
-        .await
-        .unwrap();
-    assert!(!appended.is_duplicate());
+    append_lifecycle(env, &id, vec![(chrono::Duration::minutes(11), requested())]).await;
     let dir = sandbox_dir();
     let (running, url) = env.start_runtime(dir.path(), "").await;
     let mut c = client(&url).await;
     let s = get(&mut c, &id).await;
     assert_eq!(s.state(), State::Failed, "{s:?}");
     assert!(s.failure_reason.contains("abandoned"), "{s:?}");
+    running.stop().await;
+}
+
+/// A replica keeps an ended sandbox for 7 days, then forgets it (the PostgreSQL projection
+/// keeps it): every replica held every sandbox ever created in memory.
+async fn a_sandbox_ended_long_ago_is_forgotten(env: &Env) {
+    let failed = || {
+        pb::sandbox_event::Event::Failed(pb::Failed {
+            reason: "test".into(),
+        })
+    };
+    let days = chrono::Duration::days;
+    let (old, recent) = (
+        format!("sb-{}", uuid::Uuid::new_v4().simple()),
+        format!("sb-{}", uuid::Uuid::new_v4().simple()),
+    );
+    append_lifecycle(env, &old, vec![(days(9), requested()), (days(8), failed())]).await;
+    append_lifecycle(
+        env,
+        &recent,
+        vec![(days(2), requested()), (days(1), failed())],
+    )
+    .await;
+    let dir = sandbox_dir();
+    let (running, url) = env.start_runtime(dir.path(), "").await;
+    let mut c = client(&url).await;
+    assert_eq!(get(&mut c, &recent).await.state(), State::Failed);
+    let gone = c
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: old.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     running.stop().await;
 }
 

@@ -2,7 +2,7 @@
 //! from it, and the gauges are computed from it, so they are projections of the log like the
 //! PostgreSQL table. The replica that runs a sandbox folds its own appends at once; the others
 //! see them within [`TAIL`].
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,13 +18,37 @@ use super::metrics;
 pub const TAIL: Duration = Duration::from_millis(200);
 /// A sandbox requested this long ago with no node recorded was abandoned mid-create.
 const ABANDONED_AFTER: chrono::Duration = chrono::Duration::minutes(10);
+/// How long an ended sandbox stays in the view (Get, List, a create retried with its request
+/// id); past it only the PostgreSQL projection has it. Every replica folded every sandbox ever
+/// created, in memory, and scanned them all five times a second for its gauges.
+const ENDED_KEPT: chrono::Duration = chrono::Duration::days(7);
 
 #[derive(Default)]
 struct Folded {
     sandboxes: HashMap<String, Aggregate>,
     /// (tenant, request_id) → sandbox, for idempotent creates.
     requests: HashMap<(String, String), String>,
+    /// Sandboxes in the order they ended, with when (unix seconds): forgotten after
+    /// [`ENDED_KEPT`].
+    ended: VecDeque<(i64, String)>,
     applied_through: u64,
+}
+
+impl Folded {
+    /// Forgets the sandboxes that ended before `cut` (unix seconds).
+    fn forget_ended(&mut self, cut: i64) {
+        while self.ended.front().is_some_and(|(at, _)| *at < cut) {
+            let (_, id) = self.ended.pop_front().expect("checked");
+            let Some(agg) = self.sandboxes.get(&id).filter(|a| !a.is_live()) else {
+                continue;
+            };
+            let key = (agg.view.tenant.clone(), agg.request_id.clone());
+            if self.requests.get(&key) == Some(&id) {
+                self.requests.remove(&key);
+            }
+            self.sandboxes.remove(&id);
+        }
+    }
 }
 
 pub struct RuntimeView {
@@ -60,15 +84,30 @@ impl RuntimeView {
     /// appends right away; the tail then meets them again).
     pub fn apply(&self, id: &str, e: &pb::SandboxEvent, sequence: u64) {
         let mut f = self.folded.write().expect("fold lock");
+        // A sandbox begins with its request: a later event of one forgotten (ended long ago)
+        // does not bring back half of it.
+        if !f.sandboxes.contains_key(id)
+            && !matches!(e.event, Some(pb::sandbox_event::Event::Requested(_)))
+        {
+            return;
+        }
         let agg = f.sandboxes.entry(id.to_string()).or_default();
         if agg.view.version >= sequence {
             return;
         }
+        let was_live = agg.is_live();
         agg.apply(id, e, sequence);
+        let ended = was_live && !agg.is_live();
         if !agg.request_id.is_empty() && !agg.view.tenant.is_empty() {
             let key = (agg.view.tenant.clone(), agg.request_id.clone());
             f.requests.insert(key, id.to_string());
         }
+        let now = chrono::Utc::now().timestamp();
+        if ended {
+            let at = e.at.as_ref().map_or(now, |t| t.seconds);
+            f.ended.push_back((at, id.to_string()));
+        }
+        f.forget_ended(now - ENDED_KEPT.num_seconds());
     }
 
     /// Folds every sandbox event appended since the last catch-up.
