@@ -618,6 +618,12 @@ struct Inner {
     positions: sled::Tree,
     streams: Mutex<HashMap<String, Arc<Stream>>>,
     consumers: Mutex<HashMap<ConsumerKey, Arc<Mutex<Core>>>>,
+    /// One flush at a time ([`SledLog::flush`]).
+    flushing: tokio::sync::Mutex<()>,
+    /// Flushes begun, and the number of the last one done: a caller whose writes came before
+    /// flush `n` began is on disk once `flushed_through >= n`.
+    flushes_begun: std::sync::atomic::AtomicU64,
+    flushed_through: std::sync::atomic::AtomicU64,
 }
 
 /// The log on sled. Cheap to clone; one per data directory per process (sled locks it).
@@ -679,6 +685,9 @@ impl SledLog {
                 positions,
                 streams: Mutex::new(HashMap::new()),
                 consumers: Mutex::new(HashMap::new()),
+                flushing: tokio::sync::Mutex::new(()),
+                flushes_begun: Default::default(),
+                flushed_through: Default::default(),
             }),
         };
         for kv in log.inner.specs.iter() {
@@ -850,8 +859,24 @@ impl SledLog {
         Ok(())
     }
 
+    /// Returns once everything written before the call is on disk. sled 0.34's `flush_async`
+    /// deadlocks when called concurrently (spacejam/sled#1308, fixed only on its main branch):
+    /// this runs its blocking flush on tokio's blocking pool, one at a time, and a caller that
+    /// waited while a flush begun after its call ran is done with that one (group commit).
     async fn flush(&self) -> Result<(), LogError> {
-        self.inner.db.flush_async().await.map_err(storage)?;
+        use std::sync::atomic::Ordering::SeqCst;
+        let covered_by = self.inner.flushes_begun.load(SeqCst) + 1;
+        let _one = self.inner.flushing.lock().await;
+        if self.inner.flushed_through.load(SeqCst) >= covered_by {
+            return Ok(());
+        }
+        let n = self.inner.flushes_begun.fetch_add(1, SeqCst) + 1;
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| LogError::Unavailable(format!("embedded log flush: {e}")))?
+            .map_err(storage)?;
+        self.inner.flushed_through.store(n, SeqCst);
         Ok(())
     }
 
@@ -1337,5 +1362,30 @@ mod tests {
         let again = log.append(event("b")).await.unwrap();
         assert_eq!(again, Appended::Duplicate { sequence: 2 });
         assert_eq!(stream.flushed(), 2);
+    }
+
+    /// Appends from many tasks at once each wait for a flush: sled's own `flush_async`
+    /// deadlocked under such concurrency (spacejam/sled#1308).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_all_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::default();
+        let log = SledLog::open(dir.path(), catalog.clone()).unwrap();
+        log.ensure_streams(&catalog.specs()).await.unwrap();
+        for round in 0..20 {
+            let tasks: Vec<_> = (0..100)
+                .map(|i| {
+                    let log = log.clone();
+                    tokio::spawn(async move { log.append(event(&format!("{round}-{i}"))).await })
+                })
+                .collect();
+            let all = futures::future::join_all(tasks);
+            let done = tokio::time::timeout(Duration::from_secs(30), all)
+                .await
+                .expect("every append returned");
+            assert!(done.into_iter().all(|r| r.unwrap().is_ok()));
+        }
+        let name = catalog.stream(METERING);
+        assert_eq!(log.stream(&name).unwrap().flushed(), 2_000);
     }
 }
