@@ -1,5 +1,6 @@
-//! A log that refuses chosen appends as unavailable while armed, in front of a real one: the
-//! outage of a moment, on one kind of event, without stopping the shared NATS server.
+//! A real log with faults put in front of it, without stopping the shared NATS server: chosen
+//! appends refused as unavailable while armed (the outage of a moment, on one kind of event),
+//! and durable consumers wrapped (one that loses a delivery, say).
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,23 +13,40 @@ use creto_streams::{
 use futures::stream::BoxStream;
 
 type Refuses = Box<dyn Fn(&AppendEvent) -> bool + Send + Sync>;
+type WrapsConsumer =
+    Box<dyn Fn(Box<dyn DurableConsumer>) -> Box<dyn DurableConsumer> + Send + Sync>;
 
-pub struct RefusingLog {
+pub struct FaultyLog {
     inner: Arc<dyn EventLog>,
     refuses: Refuses,
     armed: AtomicBool,
+    consumers: Option<WrapsConsumer>,
 }
 
-impl RefusingLog {
+impl FaultyLog {
     /// Armed: refuses the appends `refuses` picks until [`Self::disarm`].
     pub fn new(
         inner: Arc<dyn EventLog>,
         refuses: impl Fn(&AppendEvent) -> bool + Send + Sync + 'static,
     ) -> Arc<Self> {
-        Arc::new(RefusingLog {
+        Arc::new(FaultyLog {
             inner,
             refuses: Box::new(refuses),
             armed: AtomicBool::new(true),
+            consumers: None,
+        })
+    }
+
+    /// Refuses nothing; hands out its durable consumers through `wrap`.
+    pub fn wrapping_consumers(
+        inner: Arc<dyn EventLog>,
+        wrap: impl Fn(Box<dyn DurableConsumer>) -> Box<dyn DurableConsumer> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(FaultyLog {
+            inner,
+            refuses: Box::new(|_| false),
+            armed: AtomicBool::new(false),
+            consumers: Some(Box::new(wrap)),
         })
     }
 
@@ -54,7 +72,7 @@ fn refused() -> LogError {
 }
 
 #[async_trait::async_trait]
-impl EventLog for RefusingLog {
+impl EventLog for FaultyLog {
     async fn ensure_streams(
         &self,
         specs: &[StreamSpec],
@@ -110,7 +128,11 @@ impl EventLog for RefusingLog {
         stream: &str,
         spec: ConsumerSpec,
     ) -> Result<Box<dyn DurableConsumer>, LogError> {
-        self.inner.consumer(stream, spec).await
+        let consumer = self.inner.consumer(stream, spec).await?;
+        Ok(match &self.consumers {
+            Some(wrap) => wrap(consumer),
+            None => consumer,
+        })
     }
     async fn delete_consumer(&self, stream: &str, durable: &str) -> Result<(), LogError> {
         self.inner.delete_consumer(stream, durable).await

@@ -2,7 +2,7 @@
 //! PostgreSQL database, stream namespace and Redis key prefix, so tests run in parallel and a
 //! developer's data is never touched.
 pub mod drills;
-pub mod refusing_log;
+pub mod faulty_log;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,13 +12,12 @@ use creto_domain::metering::Window;
 use creto_projections::metering::counters::Counters;
 use creto_projections::metering::query::{quantity_meter, UsageQuery};
 use creto_projections::runner::{self, RunnerConfig};
+use creto_replay_tests::faulty_log::FaultyLog;
 use creto_replay_tests::{cloud_event, Env};
 use creto_streams::headers::{content_types, names};
 use creto_streams::{
-    AppendEvent, Appended, ConsumerSpec, Delivery, DurableConsumer, EnsureOutcome, EventLog,
-    Headers, LogError, ReplayFrom, StoredEvent, StreamSpec, StreamState, DEADLETTERS,
+    AppendEvent, Delivery, DurableConsumer, EventLog, Headers, LogError, ReplayFrom, DEADLETTERS,
 };
-use futures::stream::BoxStream;
 use futures::TryStreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,14 +191,8 @@ async fn check(env: Env) {
     env.drop().await;
 }
 
-/// A log whose projector consumer loses one delivery on the way, as a connection cut in the
-/// middle of a fetched batch does: the server counts it delivered, the client never sees it.
-struct LosingLog {
-    inner: std::sync::Arc<dyn EventLog>,
-    lose: u64,
-    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
+/// A projector consumer that loses one delivery on the way, as a connection cut in the middle
+/// of a fetched batch does: the server counts it delivered, the client never sees it.
 struct LosingConsumer {
     inner: Box<dyn DurableConsumer>,
     lose: u64,
@@ -215,71 +208,6 @@ impl DurableConsumer for LosingConsumer {
             batch.remove(at);
         }
         Ok(batch)
-    }
-}
-
-#[async_trait::async_trait]
-impl EventLog for LosingLog {
-    async fn ensure_streams(
-        &self,
-        specs: &[StreamSpec],
-    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
-        self.inner.ensure_streams(specs).await
-    }
-    async fn create_missing_streams(
-        &self,
-        specs: &[StreamSpec],
-    ) -> Result<Vec<(String, EnsureOutcome)>, LogError> {
-        self.inner.create_missing_streams(specs).await
-    }
-    async fn append(&self, event: AppendEvent) -> Result<Appended, LogError> {
-        self.inner.append(event).await
-    }
-    async fn append_batch(&self, events: Vec<AppendEvent>) -> Vec<Result<Appended, LogError>> {
-        self.inner.append_batch(events).await
-    }
-    async fn replay(
-        &self,
-        stream: &str,
-        from: ReplayFrom,
-        to: Option<u64>,
-        filter: Option<&str>,
-    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
-        self.inner.replay(stream, from, to, filter).await
-    }
-    async fn follow(
-        &self,
-        stream: &str,
-        from: ReplayFrom,
-        filter: Option<&str>,
-    ) -> Result<BoxStream<'static, Result<StoredEvent, LogError>>, LogError> {
-        self.inner.follow(stream, from, filter).await
-    }
-    async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredEvent>, LogError> {
-        self.inner.get(stream, sequence).await
-    }
-    async fn last_subject_sequence(&self, stream: &str, subject: &str) -> Result<u64, LogError> {
-        self.inner.last_subject_sequence(stream, subject).await
-    }
-    async fn stream_state(&self, stream: &str) -> Result<StreamState, LogError> {
-        self.inner.stream_state(stream).await
-    }
-    async fn consumer(
-        &self,
-        stream: &str,
-        spec: ConsumerSpec,
-    ) -> Result<Box<dyn DurableConsumer>, LogError> {
-        Ok(Box::new(LosingConsumer {
-            inner: self.inner.consumer(stream, spec).await?,
-            lose: self.lose,
-            lost: self.lost.clone(),
-        }))
-    }
-    async fn delete_consumer(&self, stream: &str, durable: &str) -> Result<(), LogError> {
-        self.inner.delete_consumer(stream, durable).await
-    }
-    async fn delete_stream(&self, stream: &str) -> Result<(), LogError> {
-        self.inner.delete_stream(stream).await
     }
 }
 
@@ -311,10 +239,13 @@ async fn a_delivery_lost_mid_batch_is_projected_not_skipped() {
     let t = Utc::now().duration_trunc(Ch::minutes(1)).unwrap() - Ch::minutes(5);
     let sequences = store_tokens(&env, 10).await;
     let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let log = std::sync::Arc::new(LosingLog {
-        inner: env.platform.log.clone(),
-        lose: sequences[4],
-        lost: lost.clone(),
+    let (lose, losing) = (sequences[4], lost.clone());
+    let log = FaultyLog::wrapping_consumers(env.platform.log.clone(), move |inner| {
+        Box::new(LosingConsumer {
+            inner,
+            lose,
+            lost: losing.clone(),
+        })
     });
     let (stop, task) = project(&env, log);
     env.wait_applied(sequences[9]).await;

@@ -4,7 +4,7 @@
 //! replica restarted, and bad input.
 use std::time::{Duration, Instant};
 
-use creto_replay_tests::refusing_log::RefusingLog;
+use creto_replay_tests::faulty_log::FaultyLog;
 use creto_replay_tests::Env;
 use creto_schemas::oversight::v1 as pb;
 use creto_schemas::oversight::v1::oversight_service_client::OversightServiceClient;
@@ -795,25 +795,10 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
     );
 
     // The outcome is an event: delivered on the second attempt.
-    use futures::TryStreamExt;
     let until = Instant::now() + Duration::from_secs(5);
     let outcome = loop {
-        let events: Vec<_> = env
-            .platform
-            .log
-            .replay(
-                &env.platform.catalog.stream(creto_streams::OVERSIGHT),
-                creto_streams::ReplayFrom::Start,
-                None,
-                Some(&env.subject("oversight.notifications.default.n-1")),
-            )
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        if let Some(e) = events.first() {
-            break pb::NotificationDelivered::decode(e.payload.as_ref()).unwrap();
+        if let Some(first) = outcomes(env, "n-1").await.into_iter().next() {
+            break first;
         }
         assert!(Instant::now() < until, "no notification outcome recorded");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -859,6 +844,29 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
     running.stop().await;
 }
 
+/// The notification outcomes recorded so far for request `id` of tenant `default`.
+async fn outcomes(env: &Env, id: &str) -> Vec<pb::NotificationDelivered> {
+    use futures::TryStreamExt;
+    let events: Vec<creto_streams::StoredEvent> = env
+        .platform
+        .log
+        .replay(
+            &env.platform.catalog.stream(creto_streams::OVERSIGHT),
+            creto_streams::ReplayFrom::Start,
+            None,
+            Some(&env.subject(&format!("oversight.notifications.default.{id}"))),
+        )
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    events
+        .iter()
+        .map(|e| pb::NotificationDelivered::decode(e.payload.as_ref()).unwrap())
+        .collect()
+}
+
 /// A webhook receiver on loopback (`POST /hook`): `on` gets each call's JSON body, then the
 /// call is answered 200. Returns its address.
 async fn webhook_receiver<F, Fut>(on: F) -> std::net::SocketAddr
@@ -901,7 +909,7 @@ async fn a_redelivered_announcement_skips_the_channels_already_recorded(env: &En
     let hook = webhook_receiver(counting(hooks.clone())).await;
     let slack = webhook_receiver(counting(slacks.clone())).await;
     let refused = AtomicBool::new(false);
-    let log = RefusingLog::new(env.platform.log.clone(), move |e| {
+    let log = FaultyLog::new(env.platform.log.clone(), move |e| {
         e.headers.get(creto_streams::headers::names::EVENT_TYPE)
             == Some("oversight.notification_delivered")
             && pb::NotificationDelivered::decode(e.payload.as_ref())
@@ -932,27 +940,13 @@ async fn a_redelivered_announcement_skips_the_channels_already_recorded(env: &En
     put(&mut c, both).await;
     ask(&mut c, "r-twice", "payments.refund").await;
     // Slack's outcome goes in on the redelivery, 5 s after the refusal.
-    use futures::TryStreamExt;
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let outcomes: Vec<_> = env
-            .platform
-            .log
-            .replay(
-                &env.platform.catalog.stream(creto_streams::OVERSIGHT),
-                creto_streams::ReplayFrom::Start,
-                None,
-                Some(&env.subject("oversight.notifications.default.r-twice")),
-            )
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        if outcomes.len() == 2 {
+        let recorded = outcomes(env, "r-twice").await.len();
+        if recorded == 2 {
             break;
         }
-        assert!(Instant::now() < until, "outcomes: {}", outcomes.len());
+        assert!(Instant::now() < until, "outcomes: {recorded}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(slacks.load(Ordering::SeqCst), 2);

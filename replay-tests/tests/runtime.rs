@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use creto_domain::runtime::attestation;
 use creto_domain::runtime::egress::EgressPolicy;
-use creto_replay_tests::refusing_log::RefusingLog;
+use creto_replay_tests::faulty_log::FaultyLog;
 use creto_replay_tests::Env;
 use creto_schemas::runtime::v1 as pb;
 use creto_schemas::runtime::v1::runtime_service_client::RuntimeServiceClient;
@@ -1004,7 +1004,7 @@ async fn a_restarted_replica_marks_its_sandboxes_failed(env: &Env) {
 /// appends again: it stayed provisioning in the log, and counted against its tenant, for good.
 async fn a_sandbox_whose_readiness_the_log_refused_is_recorded_failed(env: &Env) {
     let dir = sandbox_dir();
-    let log = RefusingLog::of_type(env.platform.log.clone(), "runtime.ready");
+    let log = FaultyLog::of_type(env.platform.log.clone(), "runtime.ready");
     let platform = env.platform_with_log(log.clone());
     let (running, url) = env.start_runtime_on(platform, dir.path()).await;
     let mut c = client(&url).await;
