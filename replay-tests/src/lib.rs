@@ -512,6 +512,23 @@ pub async fn checksums(
 
 /// Every event of a stream of the environment's catalog (`OVERSIGHT`, `RUNTIME`, ...).
 pub async fn stream_events(env: &Env, logical: &str) -> Vec<creto_streams::StoredEvent> {
+    replay_all(env, logical, None).await
+}
+
+/// Every event of stream `logical` on the logical subject `subject`.
+pub async fn subject_events(
+    env: &Env,
+    logical: &str,
+    subject: &str,
+) -> Vec<creto_streams::StoredEvent> {
+    replay_all(env, logical, Some(&env.subject(subject))).await
+}
+
+async fn replay_all(
+    env: &Env,
+    logical: &str,
+    filter: Option<&str>,
+) -> Vec<creto_streams::StoredEvent> {
     use futures::TryStreamExt;
     env.platform
         .log
@@ -519,7 +536,7 @@ pub async fn stream_events(env: &Env, logical: &str) -> Vec<creto_streams::Store
             &env.platform.catalog.stream(logical),
             creto_streams::ReplayFrom::Start,
             None,
-            None,
+            filter,
         )
         .await
         .unwrap()

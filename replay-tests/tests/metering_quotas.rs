@@ -887,15 +887,7 @@ async fn corrections_change_usage_against_the_quota(env: &Env) {
         .into_inner();
     let c = check(&mut client, &s, 0.0, amended.sequence).await.unwrap();
     assert_eq!((c.used.as_str(), c.remaining.as_str()), ("6", "4"));
-    let voided = client
-        .void_event(pb::VoidEventRequest {
-            subscription_id: s.clone(),
-            event_id: "a".into(),
-            reason: "test run".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let voided = void(&mut client, &s, "a", "test run").await;
     assert!(voided.voided);
     let c = check(&mut client, &s, 0.0, voided.sequence).await.unwrap();
     assert_eq!(c.used, "2");
@@ -906,15 +898,7 @@ async fn corrections_change_usage_against_the_quota(env: &Env) {
     // With every event of the month voided, the usage counter in the cache reads nothing (it
     // used to keep the last total: a key without usage had no row to write).
     let month = Utc::now().format("%Y-%m").to_string();
-    let voided = client
-        .void_event(pb::VoidEventRequest {
-            subscription_id: s.clone(),
-            event_id: "b".into(),
-            reason: "test run".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let voided = void(&mut client, &s, "b", "test run").await;
     env.wait_applied(voided.sequence).await;
     let counters = creto_projections::metering::counters::Counters::new(
         env.platform.cache.clone(),
@@ -958,19 +942,24 @@ async fn a_correction_after_a_warm_up_counts_against_the_quota(env: &Env) {
     running.stop().await;
     let (warmed, mut other) = env.start_metering(true).await;
     assert_eq!(check(&mut other, &s, 0.0, seq).await.unwrap().used, "9");
-    let voided = other
-        .void_event(pb::VoidEventRequest {
-            subscription_id: s.clone(),
-            event_id: "a".into(),
-            reason: "mistaken".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let voided = void(&mut other, &s, "a", "mistaken").await;
     assert!(voided.voided);
     let c = check(&mut other, &s, 0.0, voided.sequence).await.unwrap();
     assert_eq!(c.used, "5");
     warmed.stop().await;
+}
+
+/// Voids event `id` of subscription `sub` with `reason`.
+async fn void(client: &mut Client, sub: &str, id: &str, reason: &str) -> pb::VoidEventResponse {
+    client
+        .void_event(pb::VoidEventRequest {
+            subscription_id: sub.into(),
+            event_id: id.into(),
+            reason: reason.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Waits until the cache's watermark is at least `seq`.
@@ -1081,15 +1070,7 @@ async fn an_event_stamped_in_the_next_period_counts_in_this_one(env: &Env) {
     assert!(!c.allowed, "{c:?}");
     assert_eq!(c.period_end.unwrap().seconds, end.timestamp());
     // Voided, it is taken back from the period it counted in.
-    let voided = client
-        .void_event(pb::VoidEventRequest {
-            subscription_id: s.clone(),
-            event_id: "ahead".into(),
-            reason: "clock ahead".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let voided = void(&mut client, &s, "ahead", "clock ahead").await;
     let c = check(&mut client, &s, 1.0, voided.sequence).await.unwrap();
     assert_eq!((c.used.as_str(), c.allowed), ("9", true), "{c:?}");
     running.stop().await;

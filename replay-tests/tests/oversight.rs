@@ -491,20 +491,9 @@ async fn timers_fire_after_every_replica_restarted(env: &Env) {
 }
 
 async fn count_events(env: &Env, id: &str) -> usize {
-    use futures::TryStreamExt;
-    env.platform
-        .log
-        .replay(
-            &env.platform.catalog.stream(creto_streams::OVERSIGHT),
-            creto_streams::ReplayFrom::Start,
-            None,
-            Some(&env.subject(&format!("oversight.requests.default.{id}"))),
-        )
+    let subject = format!("oversight.requests.default.{id}");
+    creto_replay_tests::subject_events(env, creto_streams::OVERSIGHT, &subject)
         .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
         .len()
 }
 
@@ -846,22 +835,9 @@ async fn notifications_reach_the_webhook_signed_and_are_recorded(env: &Env) {
 
 /// The notification outcomes recorded so far for request `id` of tenant `default`.
 async fn outcomes(env: &Env, id: &str) -> Vec<pb::NotificationDelivered> {
-    use futures::TryStreamExt;
-    let events: Vec<creto_streams::StoredEvent> = env
-        .platform
-        .log
-        .replay(
-            &env.platform.catalog.stream(creto_streams::OVERSIGHT),
-            creto_streams::ReplayFrom::Start,
-            None,
-            Some(&env.subject(&format!("oversight.notifications.default.{id}"))),
-        )
+    let subject = format!("oversight.notifications.default.{id}");
+    creto_replay_tests::subject_events(env, creto_streams::OVERSIGHT, &subject)
         .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    events
         .iter()
         .map(|e| pb::NotificationDelivered::decode(e.payload.as_ref()).unwrap())
         .collect()

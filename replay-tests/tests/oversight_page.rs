@@ -46,10 +46,15 @@ async fn start(env: &Env, link_secret: Option<&[u8]>) -> (Running, Client, Strin
 }
 
 async fn put_policy(c: &mut Client, approvers: &[&str]) {
+    put_policy_for(c, "deploys", "deploy.*", approvers).await;
+}
+
+/// A policy `id` for actions matching `action`: one level of `approvers`, quorum 1.
+async fn put_policy_for(c: &mut Client, id: &str, action: &str, approvers: &[&str]) {
     c.put_policy(pb::PutPolicyRequest {
         policy: Some(pb::Policy {
-            policy_id: "deploys".into(),
-            action: "deploy.*".into(),
+            policy_id: id.into(),
+            action: action.into(),
             require_approval: true,
             quorum: 1,
             levels: vec![pb::Level {
@@ -346,6 +351,11 @@ async fn fetch(resp: reqwest::Response) -> (StatusCode, String) {
 }
 
 /// POSTs the confirmation of a one-click link (or a page form).
+/// GET `url`: its status and body.
+async fn get_page(url: impl reqwest::IntoUrl) -> (StatusCode, String) {
+    fetch(http().get(url).send().await.unwrap()).await
+}
+
 async fn post(url: &str, form: &[(&str, &str)]) -> (StatusCode, String) {
     fetch(http().post(url).form(form).send().await.unwrap()).await
 }
@@ -376,21 +386,7 @@ async fn the_list_finds_an_approvers_requests_behind_large_ones_of_others() {
     let env = Env::embedded().await;
     let (running, mut c, base) = start(&env, Some(SECRET)).await;
     put_policy(&mut c, &["ann"]).await;
-    let bulk = pb::Policy {
-        policy_id: "bulk".into(),
-        action: "bulk.*".into(),
-        require_approval: true,
-        quorum: 1,
-        levels: vec![pb::Level {
-            approvers: vec!["bob".into()],
-            timeout: Some(Duration::from_secs(600).try_into().unwrap()),
-        }],
-        on_timeout: TimeoutAction::Deny as i32,
-        ..Default::default()
-    };
-    c.put_policy(pb::PutPolicyRequest { policy: Some(bulk) })
-        .await
-        .unwrap();
+    put_policy_for(&mut c, "bulk", "bulk.*", &["bob"]).await;
     let parameters = format!(r#"{{"blob":"{}"}}"#, "x".repeat(60 * 1024));
     // About 4 MiB of critical requests for bob, ahead of ann's low one.
     for i in 0..52 {
@@ -409,14 +405,7 @@ async fn the_list_finds_an_approvers_requests_behind_large_ones_of_others() {
     }
     ask(&mut c, "req-for-ann", "routine", Priority::Low).await;
     let token = page_token("", "ann");
-    let (status, body) = fetch(
-        http()
-            .get(format!("{base}/approvals/{TENANT}?token={token}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = get_page(format!("{base}/approvals/{TENANT}?token={token}")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("req-for-ann"), "{body}");
     assert!(!body.contains("req-bulk-"), "bob's requests are not ann's");
@@ -476,14 +465,7 @@ async fn one_click_links_confirm_before_changing_anything() {
     // Tampered, altered, foreign, expired or misplaced tokens: 403, nothing recorded.
     let (respond_url, token) = split(&ann.approve);
     let bad = tampered(token);
-    let (status, body) = fetch(
-        http()
-            .get(format!("{respond_url}?token={bad}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = get_page(format!("{respond_url}?token={bad}")).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("altered"), "{body}");
     let (status, _) = post(respond_url, &[("token", &bad), ("reason", "x")]).await;
@@ -551,14 +533,7 @@ async fn one_click_links_confirm_before_changing_anything() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("not an approver"), "{body}");
     // A one-click link is no page token: not for the list.
-    let (status, _) = fetch(
-        http()
-            .get(format!("{base}/approvals/{TENANT}?token={token}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = get_page(format!("{base}/approvals/{TENANT}?token={token}")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let r = get(&mut c, "req-click").await;
     assert_eq!((r.state, r.responses.len()), (State::Pending as i32, 0));
@@ -593,7 +568,7 @@ async fn one_click_links_confirm_before_changing_anything() {
     );
     assert_eq!(get(&mut c, "req-click").await.version, r.version);
     // The confirmation page of a decided request offers nothing to confirm.
-    let (status, body) = fetch(http().get(&ann.deny).send().await.unwrap()).await;
+    let (status, body) = get_page(&ann.deny).await;
     assert_eq!(status, StatusCode::OK);
     assert!(!body.contains("id=\"confirm\""), "{body}");
     // Another approver, too late: 409.
@@ -606,20 +581,13 @@ async fn one_click_links_confirm_before_changing_anything() {
     let (url, nope_token) = split(&nope.approve);
     let (status, _) = post(url, &[("token", nope_token)]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = fetch(http().get(&nope.approve).send().await.unwrap()).await;
+    let (status, _) = get_page(&nope.approve).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // A page token of one request: the forms post the decision; without one, 400.
     ask(&mut c, "req-deny", "deny me", Priority::Normal).await;
     let t = page_token("req-deny", "bob");
-    let (status, body) = fetch(
-        http()
-            .get(format!("{base}/approvals/{TENANT}/req-deny?token={t}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = get_page(format!("{base}/approvals/{TENANT}/req-deny?token={t}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("id=\"approve\"") && body.contains("id=\"deny\""));
     // ... and not of another request, nor the list.
@@ -627,7 +595,7 @@ async fn one_click_links_confirm_before_changing_anything() {
         format!("{base}/approvals/{TENANT}/req-click?token={t}"),
         format!("{base}/approvals/{TENANT}?token={t}"),
     ] {
-        let (status, _) = fetch(http().get(url).send().await.unwrap()).await;
+        let (status, _) = get_page(url).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
     }
     let url = format!("{base}/approvals/{TENANT}/req-deny/respond");
@@ -645,14 +613,7 @@ async fn one_click_links_confirm_before_changing_anything() {
     assert_eq!(r.responses[0].reason, "not today");
 
     // No token at all: 403.
-    let (status, _) = fetch(
-        http()
-            .get(format!("{base}/approvals/{TENANT}/req-deny"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = get_page(format!("{base}/approvals/{TENANT}/req-deny")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     running.stop().await;
     env.drop().await;
@@ -668,7 +629,7 @@ async fn without_a_link_secret_the_page_is_off() {
         format!("{base}/approvals/{TENANT}/req-1"),
         format!("{base}/approvals/{TENANT}/req-1/respond?token={token}"),
     ] {
-        let (status, body) = fetch(http().get(url).send().await.unwrap()).await;
+        let (status, body) = get_page(url).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(
             body.contains("OVERSIGHT_LINK_SECRET") && body.contains("OVERSIGHT_PUBLIC_URL"),
@@ -676,7 +637,7 @@ async fn without_a_link_secret_the_page_is_off() {
         );
     }
     // Metrics and health are still served on the same port.
-    let (status, _) = fetch(http().get(format!("{base}/metrics")).send().await.unwrap()).await;
+    let (status, _) = get_page(format!("{base}/metrics")).await;
     assert_eq!(status, StatusCode::OK);
     running.stop().await;
     env.drop().await;

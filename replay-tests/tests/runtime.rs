@@ -519,24 +519,10 @@ except Exception as e:
 "#;
 
 async fn egress_events(env: &Env, id: &str) -> Vec<pb::EgressDecided> {
-    use futures::TryStreamExt;
     use prost::Message;
-    let log = env.platform.log.clone();
-    let stream = env.platform.catalog.stream(creto_streams::RUNTIME);
-    let filter = env.subject(&format!("runtime.egress.{id}"));
-    let events: Vec<_> = log
-        .replay(
-            &stream,
-            creto_streams::ReplayFrom::Sequence(1),
-            None,
-            Some(&filter),
-        )
+    let subject = format!("runtime.egress.{id}");
+    creto_replay_tests::subject_events(env, creto_streams::RUNTIME, &subject)
         .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    events
         .iter()
         .map(|e| pb::EgressDecided::decode(e.payload.as_ref()).unwrap())
         .collect()

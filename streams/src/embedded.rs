@@ -1216,22 +1216,21 @@ struct SledAck {
 }
 
 impl SledAck {
-    fn update(&self, f: impl FnOnce(&mut Core)) {
+    fn update<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
         let mut core = self.core.lock().unwrap();
-        f(&mut core);
+        let r = f(&mut core);
         self.log.save(&core);
+        r
     }
 }
 
 #[async_trait]
 impl AckHandle for SledAck {
     async fn ack(&self) -> Result<(), LogError> {
-        let cumulative = {
-            let mut core = self.core.lock().unwrap();
-            core.settle(self.sequence);
-            self.log.save(&core);
-            core.cumulative
-        };
+        let cumulative = self.update(|c| {
+            c.settle(self.sequence);
+            c.cumulative
+        });
         // A work queue's ack stands for an effect done (a notification sent): on disk before
         // it is answered, as JetStream keeps it, or a crash within the store's flush interval
         // does it again. A projector's cumulative acks need not be: its checkpoint is the truth.

@@ -140,12 +140,12 @@ async fn recorded_channels(
 ) -> Result<Vec<i32>, String> {
     let subject = view.notification_subject(tenant, id);
     let stream = view.stream();
-    // The usual case, a first delivery of a request's first event: nothing to read.
+    // The usual case, a first delivery: nothing recorded after the event, nothing to read.
     if log
         .last_subject_sequence(stream, &subject)
         .await
         .map_err(|e| e.to_string())?
-        == 0
+        <= cause
     {
         return Ok(Vec::new());
     }

@@ -259,16 +259,17 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
             return;
         }
     };
-    let (mut decision, mut host) = if shared.own.contains(&dst) {
+    let (mut decision, mut host, by_network) = if shared.own.contains(&dst) {
         (
             EgressDecision {
                 allowed: false,
                 rule: None,
             },
             None,
+            false,
         )
     } else {
-        let (mut decision, host) = decide(shared, dst).await;
+        let (mut decision, host, by_network) = decide(shared, dst).await;
         if decision.allowed {
             // Allowed by the policy, refused by the platform: the rule says why.
             if let Some(why) = refused_by_platform(&shared.deny, dst) {
@@ -278,11 +279,11 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
                 };
             }
         }
-        (decision, host)
+        (decision, host, by_network)
     };
     // Admitted by a name rule: the name the connection itself asks for must be allowed too.
     let mut first = Vec::new();
-    if decision.allowed && !by_network(shared, dst) {
+    if decision.allowed && !by_network {
         let (read, claim) = read_claim(&mut stream).await;
         first = read;
         match claim {
@@ -329,13 +330,6 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-}
-
-/// Whether a network rule admits `dst` (no name involved).
-fn by_network(shared: &Shared, dst: SocketAddr) -> bool {
-    current_policy(shared)
-        .decide(dst.ip().to_canonical(), dst.port(), |_| Vec::new())
-        .allowed
 }
 
 /// Reads what the connection sends first until it tells the name it asks for, or cannot, for
@@ -541,7 +535,9 @@ fn interface_addresses() -> Vec<IpAddr> {
     out
 }
 
-async fn decide(shared: &Shared, dst: SocketAddr) -> (EgressDecision, Option<String>) {
+/// The decision for `dst`, the name our DNS gave the sandbox for its address, and whether a
+/// network rule decided (no name involved).
+async fn decide(shared: &Shared, dst: SocketAddr) -> (EgressDecision, Option<String>, bool) {
     let policy = current_policy(shared);
     let ip = dst.ip().to_canonical();
     let name = {
@@ -554,7 +550,7 @@ async fn decide(shared: &Shared, dst: SocketAddr) -> (EgressDecision, Option<Str
     // A network rule needs no resolution.
     let by_net = policy.decide(ip, dst.port(), |_| Vec::new());
     if by_net.allowed {
-        return (by_net, name);
+        return (by_net, name, true);
     }
     // Resolve the names the decision may ask about, then decide synchronously.
     let mut table: HashMap<String, Vec<IpAddr>> = HashMap::new();
@@ -583,7 +579,7 @@ async fn decide(shared: &Shared, dst: SocketAddr) -> (EgressDecision, Option<Str
         Some(n) => policy.decide_named(n, ip, dst.port(), lookup),
         None => policy.decide(ip, dst.port(), lookup),
     };
-    (d, name)
+    (d, name, false)
 }
 
 /// Whether some host rule (any port) covers `name`.
@@ -868,10 +864,10 @@ mod tests {
             &[("api.example.com", now_resolved)],
             &[(given, "api.example.com")],
         );
-        let (decision, name) = decide(&shared, SocketAddr::new(given, 443)).await;
+        let (decision, name, _) = decide(&shared, SocketAddr::new(given, 443)).await;
         assert!(decision.allowed, "{decision:?}");
         assert_eq!(name.as_deref(), Some("api.example.com"));
-        let (other, _) = decide(
+        let (other, _, _) = decide(
             &shared,
             SocketAddr::new("93.184.216.36".parse().unwrap(), 443),
         )
@@ -890,8 +886,9 @@ mod tests {
             &[],
         );
         let dst = SocketAddr::new(cdn, 443);
-        assert!(decide(&shared, dst).await.0.allowed, "by address");
-        assert!(!by_network(&shared, dst));
+        let (by_address, _, by_network) = decide(&shared, dst).await;
+        assert!(by_address.allowed, "by address");
+        assert!(!by_network);
         assert!(!decide_claimed(&shared, dst, "evil.example").await.allowed);
         assert!(decide_claimed(&shared, dst, "api.vendor.com").await.allowed);
     }
