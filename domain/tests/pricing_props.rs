@@ -4,14 +4,14 @@
 //! looks up its tier by a linear scan), volume by scanning for the tier of the total, packages
 //! by counting them out in a loop, per unit by adding the price once per unit. It only handles
 //! whole quantities and whole tier bounds, which is what the generators produce; the engine
-//! itself works on any decimal.
+//! itself works on any decimal. Billing intervals are counted out on the calendar.
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeDelta, TimeZone, Timelike, Utc};
 use creto_domain::metering::invoice::{compute_invoice, InvoiceDraft};
 use creto_domain::metering::pricing::{
-    price_charge, segments, Charge, ChargeModel, Currency, Period, Plan, PlanAssignment, PlanRef,
-    SegmentUsage, Tier,
+    price_charge, segments, BillingInterval, Charge, ChargeModel, Currency, Period, Plan,
+    PlanAssignment, PlanRef, PricingError, SegmentUsage, Tier,
 };
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -109,6 +109,47 @@ fn ref_total(plan: &Plan, usage: &BTreeMap<String, u64>) -> Decimal {
     total.max(ref_round(plan.minimum.unwrap_or_default(), minor))
 }
 
+/// The end of the billing interval that starts at `start`, on paper: months by counting them
+/// on the calendar and keeping the day of the month, or the month's last day if it has fewer.
+fn ref_interval_end(interval: BillingInterval, start: DateTime<Utc>) -> DateTime<Utc> {
+    let months = match interval {
+        BillingInterval::Hour => return start + TimeDelta::seconds(3_600),
+        BillingInterval::Day => return start + TimeDelta::seconds(86_400),
+        BillingInterval::Week => return start + TimeDelta::seconds(7 * 86_400),
+        BillingInterval::Month => 1,
+        BillingInterval::Year => 12,
+        BillingInterval::PerInvoice => unreachable!("per-invoice plans have no interval"),
+    };
+    let index = start.year() * 12 + start.month0() as i32 + months;
+    let (year, month) = (index / 12, index as u32 % 12 + 1);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let day = start.day().min(days[month as usize - 1]);
+    Utc.with_ymd_and_hms(
+        year,
+        month,
+        day,
+        start.hour(),
+        start.minute(),
+        start.second(),
+    )
+    .unwrap()
+        + TimeDelta::nanoseconds(i64::from(start.nanosecond()))
+}
+
 fn usage_of(charge: &Charge, usage: &BTreeMap<String, u64>) -> u64 {
     match (&charge.model, &charge.meter) {
         (ChargeModel::Flat { .. }, _) | (_, None) => 0,
@@ -169,6 +210,17 @@ fn currency() -> impl Strategy<Value = Currency> {
 
 const METERS: [&str; 3] = ["tokens", "calls", "storage"];
 
+fn interval() -> impl Strategy<Value = BillingInterval> {
+    prop::sample::select(vec![
+        BillingInterval::Hour,
+        BillingInterval::Day,
+        BillingInterval::Week,
+        BillingInterval::Month,
+        BillingInterval::Year,
+        BillingInterval::PerInvoice,
+    ])
+}
+
 /// 1 to 5 charges on three meters (so some charges share one), with optional minimums.
 fn plan() -> impl Strategy<Value = Plan> {
     let charge = (model(), prop::option::of(money()), 0usize..3);
@@ -176,11 +228,13 @@ fn plan() -> impl Strategy<Value = Plan> {
         currency(),
         prop::collection::vec(charge, 1..=5),
         prop::option::of(money()),
+        interval(),
     )
-        .prop_map(|(currency, charges, minimum)| Plan {
+        .prop_map(|(currency, charges, minimum, billing_interval)| Plan {
             id: "plan".into(),
             version: 1,
             currency,
+            billing_interval,
             charges: charges
                 .into_iter()
                 .enumerate()
@@ -225,11 +279,19 @@ fn assigned(plan: &Plan, from: DateTime<Utc>) -> PlanAssignment {
     }
 }
 
+/// The billing interval of `interval` that starts with `period` (per invoice: `period` itself).
+fn one_interval(interval: BillingInterval, period: Period) -> Period {
+    let end = interval.end_after(period.start).unwrap_or(period.end);
+    Period::new(period.start, end).unwrap()
+}
+
+/// One whole billing interval of `plan` from `period`'s start, on that plan alone.
 fn whole_period_invoice(
     plan: &Plan,
     period: Period,
     usage: &BTreeMap<String, u64>,
 ) -> InvoiceDraft {
+    let period = one_interval(plan.billing_interval, period);
     let usage = [SegmentUsage {
         period,
         usage: decimal_usage(usage),
@@ -340,12 +402,15 @@ proptest! {
 
     #[test]
     fn a_whole_period_is_not_prorated(
-        flat in money(), currency in currency(), period in period(), before in 0i64..=86_400 * 400
+        flat in money(), currency in currency(), period in period(), before in 0i64..=86_400 * 400,
+        interval in interval(),
     ) {
+        let period = one_interval(interval, period);
         let plan = Plan {
             id: "p".into(),
             version: 1,
             currency,
+            billing_interval: interval,
             charges: vec![Charge { id: "base".into(), meter: None,
                                    model: ChargeModel::Flat { amount: flat },
                                    minimum: Some(flat) }],
@@ -372,7 +437,9 @@ proptest! {
         cut in 0.0f64..1.0,
         usage in usage(),
         share_before in prop::collection::vec(0.0f64..=1.0, 3),
+        interval in interval(),
     ) {
+        let period = one_interval(interval, period);
         // Versions 1 and 2 list the same prices, in cents so that no line needs rounding.
         let charges: Vec<Charge> = prices.iter().enumerate().map(|(i, (cents, meter))| Charge {
             id: format!("c{i}"),
@@ -383,7 +450,7 @@ proptest! {
                            model: ChargeModel::Flat { amount: flat }, minimum: None }])
           .collect();
         let v1 = Plan { id: "p".into(), version: 1, currency: Currency::parse("USD").unwrap(),
-                        charges, minimum: None };
+                        billing_interval: interval, charges, minimum: None };
         let v2 = Plan { version: 2, ..v1.clone() };
         let length = (period.end - period.start).num_seconds();
         prop_assume!(length >= 2);
@@ -420,6 +487,39 @@ proptest! {
                      "{} vs {}", halves, per_charge(&whole, "base"));
         let shares: Decimal = split.lines.iter().filter_map(|l| l.proration).sum();
         prop_assert!((shares - Decimal::ONE).abs() < Decimal::new(1, 20));
+    }
+
+    #[test]
+    fn a_shorter_period_pays_its_share_and_a_longer_one_is_refused(
+        interval in interval().prop_filter("has a length", |i| *i != BillingInterval::PerInvoice),
+        flat in money(), currency in currency(), period in period(), part in 0.0f64..=1.0,
+    ) {
+        let plan = Plan {
+            id: "p".into(),
+            version: 1,
+            currency,
+            billing_interval: interval,
+            charges: vec![Charge { id: "base".into(), meter: None,
+                                   model: ChargeModel::Flat { amount: flat }, minimum: None }],
+            minimum: None,
+        };
+        let start = period.start;
+        let whole = (ref_interval_end(interval, start) - start).num_seconds();
+        let seconds = 1 + ((whole - 1) as f64 * part) as i64;
+        let price = |seconds: i64| {
+            let period = Period::new(start, start + TimeDelta::seconds(seconds)).unwrap();
+            let usage = [SegmentUsage { period, usage: BTreeMap::new() }];
+            compute_invoice(std::slice::from_ref(&plan), &[assigned(&plan, start)], period, &usage)
+        };
+        let draft = price(seconds).unwrap();
+        let share = Decimal::from(seconds) / Decimal::from(whole);
+        prop_assert_eq!(draft.total,
+                        ref_round(flat * Decimal::from(seconds) / Decimal::from(whole),
+                                  currency.minor_units()));
+        prop_assert_eq!(draft.lines[0].proration, (seconds != whole).then_some(share));
+        let refused = matches!(price(whole + 1),
+                               Err(PricingError::PeriodLongerThanInterval { .. }));
+        prop_assert!(refused, "a period one second past the interval was priced");
     }
 
     #[test]

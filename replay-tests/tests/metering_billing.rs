@@ -9,11 +9,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration as Ch, DurationRound, Utc};
+use creto_projections::metering::billing::{plan_subject, seal_json, PLAN_DEFINED};
 use creto_projections::metering::decode::{BACKFILL_SUBJECT_PREFIX, LATE_WINDOW_HOURS};
 use creto_projections::metering::query::{quantity_meter, UsageQuery};
 use creto_replay_tests::{cloud_event, Env};
 use creto_schemas::metering::v1 as pb;
 use creto_schemas::metering::v1::metering_service_client::MeteringServiceClient;
+use creto_streams::envelope::EventMeta;
 use creto_streams::headers::{content_types, names};
 use creto_streams::{AppendEvent, Headers};
 use tonic::transport::Channel;
@@ -125,7 +127,7 @@ fn tier(up_to: &str, price: &str) -> pb::Tier {
     }
 }
 
-/// 10.00 USD a period, plus calls: the first 10 at 1.00, the rest at 0.25.
+/// 10.00 USD a day, plus calls: the first 10 at 1.00, the rest at 0.25.
 fn calls_plan(id: &str, version: u32) -> pb::Plan {
     pb::Plan {
         plan_id: id.into(),
@@ -142,6 +144,7 @@ fn calls_plan(id: &str, version: u32) -> pb::Plan {
             ),
         ],
         minimum: String::new(),
+        billing_interval: pb::BillingInterval::BillingDaily as i32,
     }
 }
 
@@ -270,10 +273,10 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(draft.status, pb::InvoiceStatus::Draft as i32);
     assert!(draft.number.is_empty(), "a draft has no number");
-    // 20 calls: 10 × 1.00 + 10 × 0.25 = 12.50, plus 10.00.
+    // 20 calls: 10 × 1.00 + 10 × 0.25 = 12.50, plus 3 hours of the daily fee: 1.25.
     assert_eq!(
         (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
-        ("20", "22.50")
+        ("20", "13.75")
     );
     assert_eq!(draft.currency, "USD");
     // Same usage, same draft, byte for byte.
@@ -290,10 +293,10 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
     assert_eq!(twice.sequence, voided.sequence);
     assert_eq!(usage(&mut client, sub, start, end).await, 14.0);
     let draft = generate(&mut client, sub, start, end).await.unwrap();
-    // 14 calls: 10.00 + 4 × 0.25 = 11.00, plus 10.00.
+    // 14 calls: 10.00 + 4 × 0.25 = 11.00, plus 1.25.
     assert_eq!(
         (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
-        ("14", "21.00")
+        ("14", "12.25")
     );
 
     // An amend replaces the quantity.
@@ -304,7 +307,7 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(
         (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
-        ("6", "16.00")
+        ("6", "7.25")
     );
 
     // ... or the dimensions.
@@ -603,6 +606,7 @@ async fn a_plan_change_mid_period_prorates(env: &Env) {
         currency: "EUR".into(),
         charges: vec![charge("base", "", flat(amount))],
         minimum: String::new(),
+        billing_interval: pb::BillingInterval::BillingWeekly as i32,
     };
     put_plan(&mut client, flat_plan(1, "30")).await;
     put_plan(&mut client, flat_plan(2, "60")).await;
@@ -625,19 +629,125 @@ async fn a_plan_change_mid_period_prorates(env: &Env) {
             )
         })
         .collect();
-    // 30 × 10/30 = 10.00 and 60 × 20/30 = 40.00.
+    // Weekly fees, so each version pays for its hours out of 168:
+    // 30 × 10/168 = 1.785… → 1.79 and 60 × 20/168 = 7.142… → 7.14.
     assert_eq!(
         lines,
         vec![
-            (1, "10.00", Some(start + Ch::hours(10))),
-            (2, "40.00", Some(end))
+            (1, "1.79", Some(start + Ch::hours(10))),
+            (2, "7.14", Some(end))
         ]
     );
     assert_eq!(
         (invoice.total.as_str(), invoice.currency.as_str()),
-        ("50.00", "EUR")
+        ("8.93", "EUR")
     );
-    assert!(invoice.lines[0].proration.starts_with("0.333"));
+    assert!(invoice.lines[0].proration.starts_with("0.0595"));
+    running.stop().await;
+}
+
+/// Flat fees and minimums pay for the plan's billing interval: a shorter period pays its
+/// share, a longer one is refused, and a version stored before intervals existed keeps billing
+/// its fees per invoice.
+async fn fees_pay_for_the_billing_interval(env: &Env) {
+    let (running, mut client) = env.start_metering(true).await;
+    let h = this_hour();
+    let fee_plan = |id: &str, interval: pb::BillingInterval| pb::Plan {
+        plan_id: id.into(),
+        version: 1,
+        currency: "USD".into(),
+        charges: vec![charge("base", "", flat("744"))],
+        minimum: String::new(),
+        billing_interval: interval as i32,
+    };
+    // No interval given: monthly, and the answer says so.
+    let put = put_plan(
+        &mut client,
+        fee_plan("monthly", pb::BillingInterval::Unspecified),
+    )
+    .await;
+    assert_eq!(
+        put.plan.unwrap().billing_interval,
+        pb::BillingInterval::BillingMonthly as i32
+    );
+    attach(&mut client, "sub_monthly", "monthly", 1, h - Ch::days(90)).await;
+    // One day of it: 744 × 24 h / the hours of the month from that day, half-up to cents.
+    let start = h - Ch::days(20);
+    let month_hours =
+        (start.checked_add_months(chrono::Months::new(1)).unwrap() - start).num_hours();
+    let cents = (744 * 24 * 100 * 2 + month_hours) / (2 * month_hours);
+    let day = generate(&mut client, "sub_monthly", start, start + Ch::days(1))
+        .await
+        .unwrap();
+    assert_eq!(day.total, format!("{}.{:02}", cents / 100, cents % 100));
+    assert!(!day.lines[0].proration.is_empty());
+    // More than a month in one invoice: refused, with what to do instead.
+    let long_start = h - Ch::days(80);
+    let e = generate(
+        &mut client,
+        "sub_monthly",
+        long_start,
+        long_start + Ch::days(32),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("by a month") && e.message().contains("one invoice per interval"),
+        "{e:?}"
+    );
+    // Per-invoice fees are not for new plans.
+    let e = client
+        .put_plan(pb::PutPlanRequest {
+            plan: Some(fee_plan(
+                "per_invoice",
+                pb::BillingInterval::BillingPerInvoice,
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("BILLING_MONTHLY"), "{e:?}");
+
+    // A version defined before billing intervals: its JSON has none.
+    let legacy = serde_json::json!({"id": "legacy", "version": 1, "currency": "USD",
+        "charges": [{"id": "base", "model": {"type": "flat", "amount": "744"}}]});
+    let appended = env
+        .platform
+        .log
+        .append(seal_json(
+            env.subject(&plan_subject("default", "legacy", 1)),
+            EventMeta {
+                id: "plan:default:legacy:1".into(),
+                event_type: PLAN_DEFINED.into(),
+                schema_version: 1,
+                tenant: "default".into(),
+                ..Default::default()
+            },
+            serde_json::to_vec(&legacy).unwrap(),
+        ))
+        .await
+        .unwrap();
+    env.wait_applied(appended.sequence()).await;
+    attach(&mut client, "sub_legacy", "legacy", 1, h - Ch::days(90)).await;
+    let day = generate(&mut client, "sub_legacy", start, start + Ch::days(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        day.total, "744.00",
+        "its fee is per invoice, whatever the period"
+    );
+    let e = client
+        .put_plan(pb::PutPlanRequest {
+            plan: Some(fee_plan("legacy", pb::BillingInterval::Unspecified)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        e.message().contains("before billing intervals") && e.message().contains("version 2"),
+        "{e:?}"
+    );
     running.stop().await;
 }
 
@@ -673,6 +783,7 @@ async fn a_meter_bills_with_its_aggregation(env: &Env) {
             }),
         )],
         minimum: String::new(),
+        billing_interval: pb::BillingInterval::BillingDaily as i32,
     };
     put_plan(&mut client, per_call("calls_count")).await;
     put_plan(&mut client, per_call("calls_avg")).await;
@@ -731,6 +842,7 @@ async fn fractional_usage_is_summed_exactly(env: &Env) {
                 }),
             )],
             minimum: String::new(),
+            billing_interval: pb::BillingInterval::BillingDaily as i32,
         },
     )
     .await;
@@ -783,6 +895,7 @@ async fn a_sum_meter_adds_only_what_a_quantity_could_be(env: &Env) {
                 }),
             )],
             minimum: String::new(),
+            billing_interval: pb::BillingInterval::BillingDaily as i32,
         },
     )
     .await;
@@ -1014,7 +1127,7 @@ async fn a_rebuild_gives_the_same_usage_and_invoices(env: &Env) {
         .await
         .unwrap();
     assert_eq!(issued.status, pb::InvoiceStatus::Issued as i32);
-    let (start, end) = (h - Ch::days(1), h + Ch::hours(1));
+    let (start, end) = (h - Ch::hours(23), h + Ch::hours(1));
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     // A void after issuance: the issued invoice keeps its usage, a rebuild must too.
     void(env, &mut client, sub, "b3").await.unwrap();
@@ -1148,6 +1261,7 @@ creto_replay_tests::on_both_adapters!(
     numbering_is_gapless_under_concurrent_generation,
     overlapping_periods_are_issued_once_under_concurrency,
     a_plan_change_mid_period_prorates,
+    fees_pay_for_the_billing_interval,
     a_meter_bills_with_its_aggregation,
     fractional_usage_is_summed_exactly,
     a_sum_meter_adds_only_what_a_quantity_could_be,

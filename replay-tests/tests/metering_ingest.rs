@@ -591,7 +591,7 @@ async fn text_postgresql_cannot_store_is_refused() {
                     })),
                     ..Default::default()
                 }],
-                minimum: String::new(),
+                ..Default::default()
             }),
         })
         .await,

@@ -201,6 +201,7 @@ async fn every_contract_name_of_a_built_product_is_served() {
                     })),
                     ..Default::default()
                 }],
+                billing_interval: pb::BillingInterval::BillingHourly as i32,
                 ..Default::default()
             }),
         })

@@ -990,7 +990,7 @@ fn this_hour() -> DateTime<Utc> {
     Utc::now().duration_trunc(Ch::hours(1)).unwrap()
 }
 
-/// A flat fee per period plus a price per call.
+/// A flat fee per day plus a price per call.
 fn plan(currency: &str, fee: &str) -> metering::Plan {
     metering::Plan {
         plan_id: "pro".into(),
@@ -1014,6 +1014,7 @@ fn plan(currency: &str, fee: &str) -> metering::Plan {
             },
         ],
         minimum: String::new(),
+        billing_interval: metering::BillingInterval::BillingDaily as i32,
     }
 }
 

@@ -22,8 +22,9 @@ pub struct InvoiceLine {
     pub segment: Period,
     /// Usage billed (the meter's total over the segment); 1 for a flat fee.
     pub quantity: Decimal,
-    /// For a flat fee over part of the period: the share of the period charged. Usage lines
-    /// are never prorated, they bill the usage that happened in their segment.
+    /// For a flat fee over part of its plan's billing interval: the share of the interval
+    /// charged. Usage lines are never prorated, they bill the usage that happened in their
+    /// segment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proration: Option<Decimal>,
     /// Tiers that priced some usage (graduated and volume), exact amounts.
@@ -118,7 +119,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-    use crate::metering::pricing::{segments, Charge, ChargeModel, PlanRef, Tier};
+    use crate::metering::pricing::{segments, BillingInterval, Charge, ChargeModel, PlanRef, Tier};
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
@@ -153,6 +154,7 @@ mod tests {
             id: "pro".into(),
             version: 1,
             currency: Currency::parse("USD").unwrap(),
+            billing_interval: BillingInterval::Month,
             charges: vec![
                 charge("base", None, ChargeModel::Flat { amount: d("49") }),
                 charge(
@@ -207,6 +209,7 @@ mod tests {
             id: "pro".into(),
             version: 2,
             currency: Currency::parse("USD").unwrap(),
+            billing_interval: BillingInterval::Month,
             charges: vec![
                 charge("base", None, ChargeModel::Flat { amount: d("99") }),
                 tokens,
@@ -356,7 +359,7 @@ mod tests {
         assert_eq!(draft.total.to_string(), "112.87");
         assert_eq!(
             draft.lines[0].description,
-            "base: flat fee, prorated to 32.26% of the period, 2026-01-01T00:00:00Z to \
+            "base: flat fee, prorated to 32.26% of a month, 2026-01-01T00:00:00Z to \
              2026-01-11T00:00:00Z"
         );
         assert_eq!(draft.lines[4].proration, Some(d("21") / d("31")));
@@ -368,6 +371,7 @@ mod tests {
             id: "pro".into(),
             version: 1,
             currency: Currency::parse("EUR").unwrap(),
+            billing_interval: BillingInterval::Month,
             charges: vec![charge("base", None, ChargeModel::Flat { amount: d("31") })],
             minimum: None,
         };
@@ -380,12 +384,113 @@ mod tests {
         assert_eq!(draft.lines[0].segment, from);
     }
 
+    /// "pro" v1: 31.00 EUR per `interval`, with a 62.00 minimum.
+    fn fee_plan(interval: BillingInterval) -> Plan {
+        Plan {
+            id: "pro".into(),
+            version: 1,
+            currency: Currency::parse("EUR").unwrap(),
+            billing_interval: interval,
+            charges: vec![charge("base", None, ChargeModel::Flat { amount: d("31") })],
+            minimum: Some(d("62")),
+        }
+    }
+
+    fn fee_invoice(
+        interval: BillingInterval,
+        period: Period,
+    ) -> Result<InvoiceDraft, PricingError> {
+        compute_invoice(
+            &[fee_plan(interval)],
+            &[on(1, jan(1))],
+            period,
+            &[usage(period, &[])],
+        )
+    }
+
+    #[test]
+    fn a_short_period_pays_its_share_of_the_billing_interval() {
+        // One day of a monthly plan in January: 1/31 of the fee and of the minimum.
+        let day = Period::new(jan(5), jan(6)).unwrap();
+        let draft = fee_invoice(BillingInterval::Month, day).unwrap();
+        assert_eq!(draft.lines[0].amount.to_string(), "1.00");
+        assert_eq!(draft.lines[0].proration, Some(d("1") / d("31")));
+        assert!(
+            draft.lines[0]
+                .description
+                .contains("prorated to 3.23% of a month"),
+            "{}",
+            draft.lines[0].description
+        );
+        assert_eq!(draft.minimum_adjustments[0].minimum.to_string(), "2.00");
+        assert_eq!(draft.total.to_string(), "2.00");
+        // The same day on a daily plan is one whole interval: list prices, no proration.
+        let daily = fee_invoice(BillingInterval::Day, day).unwrap();
+        assert_eq!(daily.lines[0].proration, None);
+        assert_eq!(daily.total.to_string(), "62.00");
+        // Two halves of January add up to the month, each measured from its own start.
+        let halves = [(jan(1), jan(17)), (jan(17), feb1())]
+            .map(|(a, b)| fee_invoice(BillingInterval::Month, Period::new(a, b).unwrap()));
+        let lines: Vec<String> = halves
+            .iter()
+            .map(|h| h.as_ref().unwrap().lines[0].amount.to_string())
+            .collect();
+        assert_eq!(lines, ["16.00", "15.00"]);
+        let month = fee_invoice(BillingInterval::Month, january()).unwrap();
+        assert_eq!(month.lines[0].amount.to_string(), "31.00");
+    }
+
+    #[test]
+    fn a_period_longer_than_the_billing_interval_is_refused() {
+        let err =
+            fee_invoice(BillingInterval::Week, Period::new(jan(1), jan(9)).unwrap()).unwrap_err();
+        assert_eq!(
+            err,
+            PricingError::PeriodLongerThanInterval {
+                plan: PlanRef {
+                    id: "pro".into(),
+                    version: 1
+                },
+                interval: BillingInterval::Week,
+                start: jan(1),
+                until: jan(8),
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("generate one invoice per interval"));
+        // A month from January 31 ends on the last day of February.
+        let from_31 = Utc.with_ymd_and_hms(2026, 1, 31, 0, 0, 0).unwrap();
+        let feb28 = Utc.with_ymd_and_hms(2026, 2, 28, 0, 0, 0).unwrap();
+        let month = Period::new(from_31, feb28).unwrap();
+        assert!(fee_invoice(BillingInterval::Month, month).is_ok());
+        let longer = Period::new(from_31, feb28 + TimeDelta::hours(1)).unwrap();
+        assert!(matches!(
+            fee_invoice(BillingInterval::Month, longer),
+            Err(PricingError::PeriodLongerThanInterval { until, .. }) if until == feb28
+        ));
+    }
+
+    #[test]
+    fn plans_stored_before_billing_intervals_bill_per_invoice() {
+        let mut stored = serde_json::to_value(fee_plan(BillingInterval::Month)).unwrap();
+        assert_eq!(stored["billing_interval"], "month");
+        stored.as_object_mut().unwrap().remove("billing_interval");
+        let old: Plan = serde_json::from_value(stored).unwrap();
+        assert_eq!(old.billing_interval, BillingInterval::PerInvoice);
+        // Whatever the period, the whole fee: the meaning the version was published with.
+        let day = Period::new(jan(5), jan(6)).unwrap();
+        let draft = compute_invoice(&[old], &[on(1, jan(1))], day, &[usage(day, &[])]).unwrap();
+        assert_eq!(draft.total.to_string(), "62.00");
+    }
+
     #[test]
     fn yen_lines_round_half_up_to_whole_yen() {
         let plan = Plan {
             id: "jp".into(),
             version: 1,
             currency: Currency::parse("JPY").unwrap(),
+            billing_interval: BillingInterval::Month,
             charges: vec![charge(
                 "calls",
                 Some("calls"),

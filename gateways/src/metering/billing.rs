@@ -22,8 +22,8 @@ use creto_domain::metering::invoice::{
     compute_invoice, invoice_state, InvoiceDraft, InvoiceStatus,
 };
 use creto_domain::metering::pricing::{
-    segments, Charge, ChargeModel, Currency, Period, Plan, PlanRef, PricingError, SegmentUsage,
-    Tier,
+    segments, BillingInterval, Charge, ChargeModel, Currency, Period, Plan, PlanRef, PricingError,
+    SegmentUsage, Tier,
 };
 use creto_domain::metering::{Aggregation, UsageRecord, Window};
 use creto_projections::metering::billing::{
@@ -435,10 +435,43 @@ pub fn plan_from_proto(p: &pb::Plan) -> Result<Plan, Status> {
         currency,
         charges,
         minimum: opt_dec("minimum", &p.minimum)?,
+        billing_interval: interval_from_proto(p.billing_interval)?,
     };
     plan.validate()
         .map_err(|e| Status::invalid_argument(format!("{e}; fix the plan and send it again")))?;
     Ok(plan)
+}
+
+fn interval_from_proto(value: i32) -> Result<BillingInterval, Status> {
+    use pb::BillingInterval as P;
+    match P::try_from(value) {
+        Ok(P::Unspecified | P::BillingMonthly) => Ok(BillingInterval::Month),
+        Ok(P::BillingHourly) => Ok(BillingInterval::Hour),
+        Ok(P::BillingDaily) => Ok(BillingInterval::Day),
+        Ok(P::BillingWeekly) => Ok(BillingInterval::Week),
+        Ok(P::BillingYearly) => Ok(BillingInterval::Year),
+        Ok(P::BillingPerInvoice) => Err(Status::invalid_argument(
+            "billing_interval BILLING_PER_INVOICE is kept only for plan versions defined before \
+             billing intervals; choose BILLING_HOURLY, BILLING_DAILY, BILLING_WEEKLY, \
+             BILLING_MONTHLY (the default) or BILLING_YEARLY",
+        )),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "billing_interval {value} is not a BillingInterval: use BILLING_HOURLY, \
+             BILLING_DAILY, BILLING_WEEKLY, BILLING_MONTHLY (the default) or BILLING_YEARLY"
+        ))),
+    }
+}
+
+fn interval_to_proto(interval: BillingInterval) -> pb::BillingInterval {
+    use pb::BillingInterval as P;
+    match interval {
+        BillingInterval::Hour => P::BillingHourly,
+        BillingInterval::Day => P::BillingDaily,
+        BillingInterval::Week => P::BillingWeekly,
+        BillingInterval::Month => P::BillingMonthly,
+        BillingInterval::Year => P::BillingYearly,
+        BillingInterval::PerInvoice => P::BillingPerInvoice,
+    }
 }
 
 fn opt_text(d: Option<Decimal>) -> String {
@@ -465,6 +498,7 @@ pub fn plan_to_proto(p: &Plan) -> pb::Plan {
         version: p.version,
         currency: p.currency.code().to_string(),
         minimum: opt_text(p.minimum),
+        billing_interval: interval_to_proto(p.billing_interval) as i32,
         charges: p
             .charges
             .iter()
@@ -561,15 +595,28 @@ pub async fn put_plan(
             sequence,
             created: false,
         })),
+        Some((existing, _)) if existing.billing_interval == BillingInterval::PerInvoice => {
+            Err(Status::already_exists(format!(
+                "plan {} v{} was defined before billing intervals and bills its fees per invoice; a version is immutable: publish this content as {}",
+                plan.id,
+                plan.version,
+                next_version(&plan)
+            )))
+        }
         _ => Err(Status::already_exists(format!(
             "plan {} v{} is already defined with other content; a version is immutable: publish it as {}",
             plan.id,
             plan.version,
-            plan.version
-                .checked_add(1)
-                .map_or("a new plan id".to_string(), |v| format!("version {v}"))
+            next_version(&plan)
         ))),
     }
+}
+
+/// Where a changed plan goes: its next version, or a new id after the last one.
+fn next_version(plan: &Plan) -> String {
+    plan.version
+        .checked_add(1)
+        .map_or("a new plan id".to_string(), |v| format!("version {v}"))
 }
 
 pub async fn attach_plan(
@@ -667,7 +714,9 @@ pub async fn attach_plan(
 
 fn pricing_status(e: PricingError) -> Status {
     match e {
-        PricingError::EmptyPeriod { .. } => Status::invalid_argument(e.to_string()),
+        PricingError::EmptyPeriod { .. } | PricingError::PeriodLongerThanInterval { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
         PricingError::NoPlanInPeriod { .. } => Status::failed_precondition(format!(
             "{e}: attach a plan with AttachPlan from the period's start or earlier"
         )),

@@ -5,7 +5,8 @@
 //!   package), with validation.
 //! - [`tiers`]: the price of one charge for one quantity, with its tier breakdown.
 //! - [`period`]: a subscription's plan history cut into segments over a billing period, flat
-//!   fees and minimums prorated by time, usage priced per segment.
+//!   fees and minimums prorated by the share of their billing interval, usage priced per
+//!   segment.
 //!
 //! Pure and deterministic: the same plans, assignments and usage always give the same lines in
 //! the same order, so a replay or a second `GenerateInvoice` reproduces an invoice exactly.
@@ -22,7 +23,8 @@ pub use period::{
     price_period, segments, Period, PlanAssignment, PricedPeriod, Segment, SegmentUsage,
 };
 pub use plan::{
-    validate_catalog, Charge, ChargeError, ChargeModel, Plan, PlanError, PlanRef, Tier,
+    validate_catalog, BillingInterval, Charge, ChargeError, ChargeModel, Plan, PlanError, PlanRef,
+    Tier,
 };
 pub use tiers::{price_charge, ChargePrice, TierLine};
 
@@ -45,6 +47,16 @@ pub enum PricingError {
     EmptyPeriod {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
+    },
+    #[error(
+        "plan {} v{} bills its fees by {}, so a period starting at {start} can end at {until} at the latest: generate one invoice per interval",
+        plan.id, plan.version, interval.describe()
+    )]
+    PeriodLongerThanInterval {
+        plan: PlanRef,
+        interval: BillingInterval,
+        start: DateTime<Utc>,
+        until: DateTime<Utc>,
     },
     #[error("no plan is assigned at any time in the period {start} .. {end}")]
     NoPlanInPeriod {

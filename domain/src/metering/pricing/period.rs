@@ -6,12 +6,16 @@
 //! hands that back to [`price_period`] as [`SegmentUsage`]: usage is never prorated, it is
 //! billed by the plan that was in force when it happened.
 //!
-//! Proration: flat fees and minimums are charged for the share of the period a segment covers,
-//! `share = seconds in segment / seconds in period` (counted to the microsecond, divided in
-//! `Decimal`), and the prorated amount is `round_half_up(amount × share)` in the currency's
-//! minor unit. A segment covering the whole period has a share of exactly 1, so an unchanged
-//! plan bills exactly its list prices. A subscription that starts mid-period has no segment
-//! before its first assignment, so it pays the share of the period it had a plan for.
+//! Proration: flat fees and minimums pay for the plan's billing interval ([`BillingInterval`]),
+//! counted from the period's start: its *cycle*. A segment pays the share of the cycle it
+//! covers, `share = seconds in segment / seconds in cycle` (counted to the microsecond, divided
+//! in `Decimal`), and the prorated amount is `round_half_up(amount × share)` in the currency's
+//! minor unit. A period that is exactly one interval, on one plan, has a share of exactly 1 and
+//! bills the list prices; a 1-day period of a monthly plan pays 1/31 of the fee in January. A
+//! period longer than a plan's interval is refused: its tiers would count more than one
+//! interval's usage. A subscription that starts mid-period has no segment before its first
+//! assignment, so it pays only for the time it had a plan. Plans from before billing intervals
+//! ([`BillingInterval::PerInvoice`]) have the period itself as their cycle.
 //!
 //! Minimums apply per segment, with the plan version in force: a charge's minimum (prorated) is
 //! compared with that charge's line, and the plan's minimum (prorated) with the segment's lines
@@ -23,7 +27,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
 use super::money::Currency;
-use super::plan::{validate_catalog, Charge, ChargeModel, Plan, PlanRef};
+use super::plan::{validate_catalog, BillingInterval, Charge, ChargeModel, Plan, PlanRef};
 use super::tiers::{price_charge, ChargePrice};
 use super::{mul, sum, PricingError};
 use crate::metering::invoice::{InvoiceLine, MinimumAdjustment};
@@ -193,16 +197,41 @@ pub fn price_period(
                 found: plan.currency,
             });
         }
+        let cycle = cycle(plan, period)?;
         let context = SegmentContext {
             plan,
             period: segment.period,
-            whole: period,
-            share: segment.period.share_of(&period)?,
+            cycle,
+            share: segment.period.share_of(&cycle)?,
             partial: segment.period != period,
         };
         context.price(usage, out)?;
     }
     Ok(priced.expect("segments() returns at least one segment"))
+}
+
+/// The stretch `plan`'s fees pay for, from the period's start: one billing interval, which the
+/// period must not outlast.
+fn cycle(plan: &Plan, period: Period) -> Result<Period, PricingError> {
+    let interval = plan.billing_interval;
+    if interval == BillingInterval::PerInvoice {
+        return Ok(period);
+    }
+    let end = interval
+        .end_after(period.start)
+        .ok_or(PricingError::Overflow)?;
+    if period.end > end {
+        return Err(PricingError::PeriodLongerThanInterval {
+            plan: plan.plan_ref(),
+            interval,
+            start: period.start,
+            until: end,
+        });
+    }
+    Ok(Period {
+        start: period.start,
+        end,
+    })
 }
 
 /// Matches the caller's usage to the segments one to one, in segment order.
@@ -239,12 +268,12 @@ fn usage_by_segment<'a>(
         .collect()
 }
 
-/// One segment being priced: its plan, its time range and its share of the billing period.
+/// One segment being priced: its plan, its time range and its share of the plan's cycle.
 struct SegmentContext<'a> {
     plan: &'a Plan,
     period: Period,
-    /// The billing period the segment is part of.
-    whole: Period,
+    /// The billing interval the plan's fees pay for, from the period's start.
+    cycle: Period,
     share: Decimal,
     /// Whether the segment is shorter than the period (descriptions then say when).
     partial: bool,
@@ -284,11 +313,11 @@ impl SegmentContext<'_> {
     ) -> Result<InvoiceLine, PricingError> {
         let quantity = self.quantity(charge, usage)?;
         let price = price_charge(&charge.model, quantity)?;
-        // Flat fees are per period, so a segment pays its share; usage is already the
-        // segment's own and is priced as is.
+        // Flat fees are per billing interval, so a segment pays its share; usage is already
+        // the segment's own and is priced as is.
         let (amount, proration) = match charge.model {
-            ChargeModel::Flat { .. } if self.partial => (
-                self.period.prorate(price.amount, &self.whole)?,
+            ChargeModel::Flat { .. } if self.period != self.cycle => (
+                self.period.prorate(price.amount, &self.cycle)?,
                 Some(self.share),
             ),
             _ => (price.amount, None),
@@ -338,7 +367,7 @@ impl SegmentContext<'_> {
         charged: Decimal,
     ) -> Result<Option<MinimumAdjustment>, PricingError> {
         let currency = self.plan.currency;
-        let prorated = currency.round(self.period.prorate(minimum, &self.whole)?);
+        let prorated = currency.round(self.period.prorate(minimum, &self.cycle)?);
         if charged >= prorated {
             return Ok(None);
         }
@@ -370,7 +399,11 @@ impl SegmentContext<'_> {
             (ChargeModel::Flat { .. }, Some(share)) => {
                 let percent = (share * Decimal::ONE_HUNDRED)
                     .round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
-                format!("flat fee, prorated to {percent}% of the period")
+                let of = match self.plan.billing_interval {
+                    BillingInterval::PerInvoice => "the period",
+                    interval => interval.describe(),
+                };
+                format!("flat fee, prorated to {percent}% of {of}")
             }
             (ChargeModel::PerUnit { unit_price }, _) => {
                 format!("{quantity} units × {unit_price}")

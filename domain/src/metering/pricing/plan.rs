@@ -5,6 +5,7 @@
 //! exact version they were priced with.
 use std::collections::BTreeSet;
 
+use chrono::{DateTime, Months, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -24,10 +25,63 @@ pub struct Plan {
     pub version: u32,
     pub currency: Currency,
     pub charges: Vec<Charge>,
-    /// Minimum commitment per billing period for the whole plan: when the charges add up to
+    /// Minimum commitment per billing interval for the whole plan: when the charges add up to
     /// less, the invoice tops them up to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum: Option<Decimal>,
+    /// What the flat fees and minimums are for. Versions stored before plans had an interval
+    /// have none in their JSON and keep the meaning they were published with.
+    #[serde(default = "BillingInterval::per_invoice")]
+    pub billing_interval: BillingInterval,
+}
+
+/// The stretch of time a plan's flat fees and minimums pay for. An invoice period shorter
+/// than it pays its share (a 1-day invoice of a monthly plan pays 1/31 of the fee in January);
+/// a longer one is refused, since tiers and packages would then count more than one
+/// interval's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingInterval {
+    Hour,
+    Day,
+    Week,
+    /// A calendar month from the invoice period's start (January 31 + 1 month is February 28).
+    Month,
+    Year,
+    /// Fees and minimums per invoice, whatever its period: only plan versions defined before
+    /// billing intervals, whose bills must not change meaning. PutPlan does not accept it.
+    PerInvoice,
+}
+
+impl BillingInterval {
+    fn per_invoice() -> BillingInterval {
+        BillingInterval::PerInvoice
+    }
+
+    /// The end of the interval that starts at `start`; `None` for [`Self::PerInvoice`], whose
+    /// interval is the invoice period itself, or past the end of time.
+    pub fn end_after(self, start: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            BillingInterval::Hour => start.checked_add_signed(TimeDelta::hours(1)),
+            BillingInterval::Day => start.checked_add_signed(TimeDelta::days(1)),
+            BillingInterval::Week => start.checked_add_signed(TimeDelta::weeks(1)),
+            BillingInterval::Month => start.checked_add_months(Months::new(1)),
+            BillingInterval::Year => start.checked_add_months(Months::new(12)),
+            BillingInterval::PerInvoice => None,
+        }
+    }
+
+    /// "a month", "the invoice period": what one fee pays for, in descriptions and errors.
+    pub fn describe(self) -> &'static str {
+        match self {
+            BillingInterval::Hour => "an hour",
+            BillingInterval::Day => "a day",
+            BillingInterval::Week => "a week",
+            BillingInterval::Month => "a month",
+            BillingInterval::Year => "a year",
+            BillingInterval::PerInvoice => "the invoice period",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +327,7 @@ mod tests {
             id: "pro".into(),
             version: 1,
             currency: Currency::parse("USD").unwrap(),
+            billing_interval: BillingInterval::Month,
             charges,
             minimum: None,
         }
