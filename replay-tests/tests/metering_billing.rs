@@ -514,6 +514,26 @@ async fn issued_invoices_never_change(env: &Env) {
         .await
         .unwrap();
     assert_eq!(next.number, "INV-default-000002");
+    // Skipping a day would leave its usage and fees on no invoice.
+    let after_next = end + Ch::days(1);
+    let e = generate(
+        &mut client,
+        sub,
+        after_next + Ch::days(1),
+        after_next + Ch::days(2),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("INV-default-000002") && e.message().contains("billed by no invoice"),
+        "{}",
+        e.message()
+    );
+    let filled = generate(&mut client, sub, after_next, after_next + Ch::days(1))
+        .await
+        .unwrap();
+    assert_eq!(filled.number, "INV-default-000003");
     running.stop().await;
 }
 

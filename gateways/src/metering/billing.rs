@@ -22,8 +22,8 @@ use creto_domain::metering::invoice::{
     compute_invoice, invoice_state, InvoiceDraft, InvoiceStatus,
 };
 use creto_domain::metering::pricing::{
-    segments, BillingInterval, Charge, ChargeModel, Currency, Period, Plan, PlanRef, PricingError,
-    SegmentUsage, Tier,
+    segments, BillingInterval, Charge, ChargeModel, Currency, Period, Plan, PlanAssignment,
+    PlanRef, PricingError, SegmentUsage, Tier,
 };
 use creto_domain::metering::{Aggregation, UsageRecord, Window};
 use creto_projections::metering::billing::{
@@ -915,6 +915,39 @@ fn refuse_overlap(issued: &[(InvoiceDocument, String)], period: Period) -> Resul
     Ok(())
 }
 
+/// Issued invoices of a subscription follow each other: one that started after the latest
+/// issued before it ended would leave the time between, when a plan was in force, on no invoice.
+fn refuse_gap(
+    issued: &[(InvoiceDocument, String)],
+    assignments: &[PlanAssignment],
+    period: Period,
+) -> Result<(), Status> {
+    let Some(previous) = issued
+        .iter()
+        .filter(|(doc, _)| doc.invoice.period.end <= period.start)
+        .max_by_key(|(doc, _)| doc.invoice.period.end)
+        .map(|(doc, _)| doc)
+    else {
+        return Ok(());
+    };
+    let Ok(gap) = Period::new(previous.invoice.period.end, period.start) else {
+        return Ok(());
+    };
+    match segments(assignments, gap) {
+        Ok(in_force) => Err(Status::failed_precondition(format!(
+            "issued invoice {} ends at {}, so the time until {}, when plan {} v{} was in force, would be billed by no invoice: generate the period from {} first",
+            previous.number.clone().unwrap_or_default(),
+            gap.start.to_rfc3339(),
+            gap.end.to_rfc3339(),
+            in_force[0].plan.id,
+            in_force[0].plan.version,
+            gap.start.to_rfc3339()
+        ))),
+        // No plan in force in between: nothing to bill there.
+        Err(_) => Ok(()),
+    }
+}
+
 /// Issues the invoice: the next number of the tenant, taken by appending with the invoice
 /// subject's last sequence expected, so a concurrent issuance makes this one retry.
 async fn issue(
@@ -926,6 +959,12 @@ async fn issue(
 ) -> Result<String, Status> {
     let stream = gw.stream();
     let subject = gw.catalog.subject(&invoices_subject(tenant));
+    let assignments = gw
+        .read_model
+        .billing()
+        .assignments(tenant, subscription_id)
+        .await
+        .map_err(db_status)?;
     let mut draft: Option<InvoiceDraft> = None;
     for attempt in 0..ISSUE_ATTEMPTS {
         let last = gw
@@ -940,6 +979,7 @@ async fn issue(
             return Ok(json.clone());
         }
         refuse_overlap(&issued, period)?;
+        refuse_gap(&issued, &assignments, period)?;
         let previous = if last == 0 {
             0
         } else {
