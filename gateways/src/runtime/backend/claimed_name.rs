@@ -160,6 +160,49 @@ fn http_host(first: &[u8]) -> Claim {
     }
 }
 
+/// `first` with its HTTP/1 request head asking the server to close the connection after
+/// answering it (`Connection: close`, replacing the request's own `Connection` and
+/// `Keep-Alive`), or `None` when `first` does not begin with a whole HTTP/1 request head.
+///
+/// Only a connection's first request is read for its name; a server honouring `close` must not
+/// process any further request on it (RFC 9112, 9.6), so a later request on a kept-alive
+/// connection cannot ask a shared address for another site. Body bytes and anything pipelined
+/// after the head are kept as they are.
+pub fn one_request_only(first: &[u8]) -> Option<Vec<u8>> {
+    let start = first.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
+    let request_bytes = &first[start..];
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head_len)) = request.parse(request_bytes) else {
+        return None;
+    };
+    if !matches!(request.version, Some(0 | 1)) {
+        return None;
+    }
+    let head = &request_bytes[..head_len];
+    let mut out = Vec::with_capacity(first.len() + 19);
+    out.extend_from_slice(&first[..start]);
+    // Lines of the head, each with its line end; the last is the empty line ending it.
+    let mut lines = head.split_inclusive(|b| *b == b'\n');
+    out.extend_from_slice(lines.next()?);
+    for line in lines {
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        if content.is_empty() {
+            out.extend_from_slice(b"Connection: close\r\n");
+            out.extend_from_slice(line);
+            break;
+        }
+        let name = content.split(|b| *b == b':').next().unwrap_or_default();
+        let name = name.trim_ascii();
+        if !(name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")) {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(&request_bytes[head_len..]);
+    Some(out)
+}
+
 /// `host` of `host:port`; `[v6]:port` and bare `[v6]` become the address (which names nothing).
 fn without_port(host: &str) -> &str {
     let host = host.trim();
@@ -225,6 +268,27 @@ pub mod tests {
         // Other protocols: nothing to check.
         assert_eq!(claimed_name(b"SSH-2.0-OpenSSH_9.6\r\n"), Claim::Nothing);
         assert_eq!(claimed_name(b"\x00\x01binary"), Claim::Nothing);
+    }
+
+    #[test]
+    fn the_first_request_asks_the_server_to_close_after_it() {
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        // Keep-alive asked for, a body, and a second request pipelined after it.
+        let pipelined = b"\r\nPOST /a HTTP/1.1\r\nHost: api.vendor.com\r\nConnection: keep-alive, Upgrade\r\nkeep-alive: timeout=5\r\nUpgrade: h2c\r\nContent-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+        assert_eq!(
+            text(one_request_only(pipelined).unwrap()),
+            "\r\nPOST /a HTTP/1.1\r\nHost: api.vendor.com\r\nUpgrade: h2c\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhiGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+        );
+        // Bare LF line ends, and an HTTP/1.0 request with nothing to replace.
+        assert_eq!(
+            text(one_request_only(b"GET / HTTP/1.0\nHost: a.example\n\n").unwrap()),
+            "GET / HTTP/1.0\nHost: a.example\nConnection: close\r\n\n"
+        );
+        // Not a whole HTTP/1 head: TLS, another protocol, a head still arriving.
+        assert_eq!(one_request_only(&client_hello("api.vendor.com")), None);
+        assert_eq!(one_request_only(b"SSH-2.0-OpenSSH_9.6\r\n"), None);
+        assert_eq!(one_request_only(b"GET / HTTP/1.1\r\nHost: a"), None);
+        assert_eq!(one_request_only(b""), None);
     }
 
     /// What a server would still route on is read, or refused: never let through unread.

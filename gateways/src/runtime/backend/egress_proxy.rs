@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use super::claimed_name::{claimed_name, Claim, CLAIM_BYTES};
+use super::claimed_name::{claimed_name, one_request_only, Claim, CLAIM_BYTES};
 use super::EgressAttempt;
 
 /// How long a host-side resolution of a rule's name is reused.
@@ -325,6 +325,13 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
     };
     let _ = upstream.set_nodelay(true);
     let _ = stream.set_nodelay(true);
+    // Only the first request of a name-rule connection is read for its name: HTTP/1 servers are
+    // asked to close after answering it, so no later request can ask for another site.
+    if !by_network {
+        if let Some(one) = one_request_only(&first) {
+            first = one;
+        }
+    }
     let (mut a, mut b) = (stream, upstream);
     if b.write_all(&first).await.is_err() {
         return;
