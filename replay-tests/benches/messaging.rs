@@ -150,8 +150,7 @@ async fn recipients(
                 key_id: key.key_id.clone(),
                 purpose: pb::KeyPurpose::Encryption as i32,
                 public_key: key.public().to_vec(),
-                overlap: None,
-                proof: vec![],
+                ..Default::default()
             };
             a.rpc().register_key(request).await.unwrap();
             a

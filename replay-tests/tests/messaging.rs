@@ -29,6 +29,7 @@ creto_replay_tests::on_both_adapters!(
     a_batch_is_answered_per_envelope_and_stored_in_order,
     a_recipient_has_a_bounded_number_of_receive_streams,
     a_restarted_replica_refuses_a_key_revoked_before_it_started,
+    only_the_agents_signing_key_puts_keys_in_its_name,
 );
 
 async fn agent(url: &str, id: &str) -> AgentClient {
@@ -227,7 +228,15 @@ async fn rotation_overlap_and_revocation(env: &Env) {
     late.stored_at = None;
     let refused = bob.open(&late).await.unwrap_err().to_string();
     assert!(refused.contains("gave no time it was stored"), "{refused}");
+    // Alice's new key starts a new chain, which Bob (who pinned her first key) refuses until
+    // he is told to trust it: whoever registered it, it was not her old key.
     let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+    let refused = bob.open(&m).await.unwrap_err();
+    assert!(
+        matches!(refused, ClientError::Untrusted(ref why) if why.contains("trust_anew")),
+        "{refused}"
+    );
+    bob.trust_anew("alice");
     assert_eq!(bob.open(&m).await.unwrap().plaintext, b"with the new key");
 
     // A message is wrapped for at most 4 keys: rotations that would leave Bob more usable
@@ -550,7 +559,6 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
     assert_eq!(c, Code::PermissionDenied);
 
     // Registration: no proof, a wrong proof, a short key, a reused key id, hostile ids.
-    let rpc = alice.rpc();
     let signing = creto_domain::messaging::SigningKeyPair::generate("alice-sig-9");
     let base = pb::RegisterKeyRequest {
         agent_id: "alice".into(),
@@ -559,7 +567,16 @@ async fn bad_input_gets_clear_statuses(env: &Env) {
         public_key: signing.public().to_vec(),
         overlap: None,
         proof: signing.proof("default", "alice"),
+        endorsed_by: "alice-sig-1".into(),
+        endorsement: alice.signing.endorse(
+            "default",
+            "alice",
+            "alice-sig-9",
+            KeyPurpose::Signing,
+            &signing.public(),
+        ),
     };
+    let rpc = alice.rpc();
     for (request, expected) in [
         (
             pb::RegisterKeyRequest {
@@ -898,5 +915,107 @@ async fn a_restarted_replica_refuses_a_key_revoked_before_it_started(env: &Env) 
     let (c, m) = code(again.send("bob", b"with a revoked key").await.unwrap_err());
     assert_eq!(c, Code::FailedPrecondition, "{m}");
     assert!(m.contains("revoked"), "{m}");
+    running.stop().await;
+}
+
+/// Whoever can call RegisterKey for an agent (an operator's token, here a client without
+/// authentication) cannot put a key in its name without the agent's signing key; starting a
+/// new chain takes revoking the agent's keys, which clients that pinned it refuse.
+async fn only_the_agents_signing_key_puts_keys_in_its_name(env: &Env) {
+    use creto_domain::messaging::{EncryptionKeyPair, SigningKeyPair};
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = agent(&url, "bob").await;
+    alice.send("bob", b"first contact").await.unwrap();
+    let mut operator = AgentClient::connect(&url, "", "default", "operator")
+        .await
+        .unwrap();
+    let evil = EncryptionKeyPair::generate("bob-enc-evil");
+    let evil_key = |endorsed_by: &str, endorsement: Vec<u8>| pb::RegisterKeyRequest {
+        agent_id: "bob".into(),
+        key_id: "bob-enc-evil".into(),
+        purpose: KeyPurpose::Encryption as i32,
+        public_key: evil.public().to_vec(),
+        endorsed_by: endorsed_by.into(),
+        endorsement,
+        ..Default::default()
+    };
+    // Not endorsed, or endorsed by a key that is not Bob's.
+    let e = operator
+        .rpc()
+        .register_key(evil_key("", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("bob-sig-1") && e.message().contains("must be endorsed"),
+        "{e:?}"
+    );
+    let mallory = SigningKeyPair::generate("bob-sig-1");
+    let forged = mallory.endorse(
+        "default",
+        "bob",
+        "bob-enc-evil",
+        KeyPurpose::Encryption,
+        &evil.public(),
+    );
+    let e = operator
+        .rpc()
+        .register_key(evil_key("bob-sig-1", forged))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("endorsement"), "{e:?}");
+
+    // Bob's own rotations, endorsed by his keys, are taken and trusted along the chain.
+    bob.rotate_signing("bob-sig-2", Duration::from_secs(0))
+        .await
+        .unwrap();
+    bob.rotate_encryption("bob-enc-2", Duration::from_secs(0))
+        .await
+        .unwrap();
+    alice.send("bob", b"after the rotations").await.unwrap();
+    bob.send("alice", b"signed with bob-sig-2").await.unwrap();
+    let mut inbox = bob.receive(0).await.unwrap();
+    for expected in [&b"first contact"[..], b"after the rotations"] {
+        let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(bob.open(&m).await.unwrap().plaintext, expected);
+        bob.ack(m.cursor).await.unwrap();
+    }
+    let mut alice_inbox = alice.receive(0).await.unwrap();
+    let m = next(&mut alice_inbox, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        alice.open(&m).await.unwrap().plaintext,
+        b"signed with bob-sig-2"
+    );
+
+    // Taking Bob's name over: revoke his keys, register new ones (a new chain the server
+    // cannot tell from Bob starting over). Alice, who pinned Bob's chain, refuses to seal to it.
+    for key_id in ["bob-sig-2", "bob-enc-2"] {
+        operator
+            .rpc()
+            .revoke_key(pb::RevokeKeyRequest {
+                agent_id: "bob".into(),
+                key_id: key_id.into(),
+                reason: "taken over".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut impostor = AgentClient::with_rpc(operator.rpc().clone(), "default", "bob");
+    impostor.signing = SigningKeyPair::generate("bob-sig-3");
+    impostor.encryption = vec![EncryptionKeyPair::generate("bob-enc-3")];
+    impostor.register().await.unwrap();
+    let refused = alice.send("bob", b"for the impostor").await.unwrap_err();
+    assert!(
+        matches!(refused, ClientError::Untrusted(ref why) if why.contains("encryption key")),
+        "{refused}"
+    );
+    // A client meeting Bob for the first time pins what it finds (trust on first use), and
+    // Alice does too once told to.
+    alice.trust_anew("bob");
+    alice.send("bob", b"confirmed out of band").await.unwrap();
     running.stop().await;
 }

@@ -18,6 +18,9 @@ pub struct KeyRecord {
     /// End of the rotation overlap, once a newer key replaced this one.
     pub valid_until: Option<DateTime<Utc>>,
     pub revoked: Option<(DateTime<Utc>, String)>,
+    /// The signing key that vouched for this one, and its signature ([`super::keys::verify_endorsement`]).
+    pub endorsed_by: Option<String>,
+    pub endorsement: Vec<u8>,
 }
 
 impl KeyRecord {
@@ -89,6 +92,8 @@ impl AgentKeys {
                         registered_at: time_of(&r.registered_at).unwrap_or_default(),
                         valid_until: None,
                         revoked: None,
+                        endorsed_by: (!r.endorsed_by.is_empty()).then(|| r.endorsed_by.clone()),
+                        endorsement: r.endorsement.clone(),
                     });
                 }
             }
@@ -128,6 +133,7 @@ mod tests {
             registered_at: ts(Utc::now()),
             replaces: replaces.iter().map(|s| s.to_string()).collect(),
             replaced_valid_until: until.and_then(ts),
+            ..Default::default()
         })
     }
 

@@ -1,5 +1,7 @@
-//! An agent's key pairs, held by the agent (never by the server), and the proof of
-//! possession that comes with a signing key's registration.
+//! An agent's key pairs, held by the agent (never by the server), the proof of possession that
+//! comes with a signing key's registration, and the endorsement by which an agent's current
+//! signing key vouches for its next keys.
+use creto_schemas::messaging::v1::KeyPurpose;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem, Serializable};
@@ -11,6 +13,7 @@ type X25519Private = <X25519HkdfSha256 as Kem>::PrivateKey;
 pub(crate) type X25519Public = <X25519HkdfSha256 as Kem>::PublicKey;
 
 const PROOF_CONTEXT: &[u8] = b"creto-messaging-key/v1";
+const ENDORSE_CONTEXT: &[u8] = b"creto-messaging-endorse/v1";
 
 fn random_seed() -> [u8; 32] {
     let mut seed = [0u8; 32];
@@ -57,6 +60,21 @@ impl SigningKeyPair {
             agent_id,
             &self.key_id,
             &self.public(),
+        ))
+    }
+
+    /// Endorsement for `RegisterKey`: this key, the agent's current signing key, vouches for
+    /// the agent's new key `key_id` of `purpose`.
+    pub fn endorse(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        key_id: &str,
+        purpose: KeyPurpose,
+        public: &[u8],
+    ) -> Vec<u8> {
+        self.sign(&endorsement_message(
+            tenant, agent_id, key_id, purpose, public,
         ))
     }
 }
@@ -149,6 +167,44 @@ fn proof_message(tenant: &str, agent_id: &str, key_id: &str, public: &[u8]) -> V
     m
 }
 
+fn endorsement_message(
+    tenant: &str,
+    agent_id: &str,
+    key_id: &str,
+    purpose: KeyPurpose,
+    public: &[u8],
+) -> Vec<u8> {
+    let mut m = ENDORSE_CONTEXT.to_vec();
+    for part in [tenant.as_bytes(), agent_id.as_bytes(), key_id.as_bytes()] {
+        m.extend_from_slice(part);
+        m.push(0);
+    }
+    m.push(purpose as i32 as u8);
+    m.extend_from_slice(public);
+    m
+}
+
+/// Checks that the signing key `endorser` (32 public bytes) vouched for the agent's key
+/// `key_id` of `purpose` with this material.
+pub fn verify_endorsement(
+    endorser: &[u8],
+    tenant: &str,
+    agent_id: &str,
+    key_id: &str,
+    purpose: KeyPurpose,
+    public: &[u8],
+    endorsement: &[u8],
+) -> Result<(), EnvelopeError> {
+    let key = verifying_key(endorser)?;
+    let signature = ed25519_dalek::Signature::from_slice(endorsement)
+        .map_err(|_| EnvelopeError::BadSignature)?;
+    key.verify_strict(
+        &endorsement_message(tenant, agent_id, key_id, purpose, public),
+        &signature,
+    )
+    .map_err(|_| EnvelopeError::BadSignature)
+}
+
 /// Checks that whoever registers a signing key holds its private half.
 pub fn verify_proof(
     tenant: &str,
@@ -193,6 +249,39 @@ mod tests {
         assert!(verify_proof("acme", "bot", "s2", &s.public(), &proof).is_err());
         let stranger = SigningKeyPair::generate("s1");
         assert!(verify_proof("acme", "bot", "s1", &stranger.public(), &proof).is_err());
+    }
+
+    #[test]
+    fn an_endorsement_binds_tenant_agent_key_id_purpose_and_material() {
+        let current = SigningKeyPair::generate("s1");
+        let next = EncryptionKeyPair::generate("e2").public();
+        let e = current.endorse("acme", "bot", "e2", KeyPurpose::Encryption, &next);
+        let check = |endorser: &[u8], tenant, agent, id, purpose, public: &[u8]| {
+            verify_endorsement(endorser, tenant, agent, id, purpose, public, &e).is_ok()
+        };
+        let enc = KeyPurpose::Encryption;
+        assert!(check(&current.public(), "acme", "bot", "e2", enc, &next));
+        assert!(!check(&current.public(), "other", "bot", "e2", enc, &next));
+        assert!(!check(&current.public(), "acme", "bot2", "e2", enc, &next));
+        assert!(!check(&current.public(), "acme", "bot", "e3", enc, &next));
+        assert!(!check(
+            &current.public(),
+            "acme",
+            "bot",
+            "e2",
+            KeyPurpose::Signing,
+            &next
+        ));
+        assert!(!check(
+            &current.public(),
+            "acme",
+            "bot",
+            "e2",
+            enc,
+            &[7; 32]
+        ));
+        let stranger = SigningKeyPair::generate("s1");
+        assert!(!check(&stranger.public(), "acme", "bot", "e2", enc, &next));
     }
 
     #[test]

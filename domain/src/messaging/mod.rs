@@ -12,6 +12,7 @@ pub mod directory;
 pub mod envelope;
 pub mod keys;
 pub mod suite;
+pub mod trust;
 
 pub use envelope::{open, seal, verify, EnvelopeError, Opened, SealParams};
 pub use keys::{EncryptionKeyPair, SigningKeyPair};

@@ -1,5 +1,7 @@
 //! The messaging client library: an agent that holds its own keys, seals for the recipient's
-//! current keys, and verifies the sender's signature before it opens anything.
+//! current keys, and verifies the sender's signature before it opens anything. Other agents'
+//! keys are trusted only along endorsements from the signing key pinned at first contact
+//! ([`creto_domain::messaging::trust`]), not because the directory lists them.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,16 +18,17 @@
 //! assert_eq!(opened.plaintext, b"hello");
 //! # Ok(()) }
 //! ```
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
 use creto_domain::messaging::{
-    self as domain, keys, EncryptionKeyPair, EnvelopeError, Opened, SealParams, SigningKeyPair,
+    self as domain, keys, trust, EncryptionKeyPair, EnvelopeError, Opened, SealParams,
+    SigningKeyPair,
 };
 use creto_schemas::messaging::v1 as pb;
 use creto_schemas::messaging::v1::messaging_service_client::MessagingServiceClient;
-use creto_schemas::messaging::v1::KeyPurpose;
+use creto_schemas::messaging::v1::{KeyPurpose, KeyStatus};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
@@ -54,6 +57,9 @@ pub enum ClientError {
     Envelope(#[from] EnvelopeError),
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// The directory lists keys for an agent that its pinned signing key did not vouch for.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 pub struct AgentClient {
@@ -70,6 +76,10 @@ pub struct AgentClient {
     sequences: HashMap<String, u64>,
     /// Senders' verifying keys by (agent, key id).
     verifying: HashMap<(String, String), SenderKey>,
+    /// Per agent, the public half of the signing key this client trusts its keys from: the
+    /// root of the agent's chain when this client first looked (trust on first use). Keep it
+    /// with the agent's own keys to carry the trust across restarts.
+    pub pins: HashMap<String, Vec<u8>>,
 }
 
 /// A sender's signing key as the directory showed it, looked up again after
@@ -133,6 +143,7 @@ impl AgentClient {
             rpc,
             sequences: HashMap::new(),
             verifying: HashMap::new(),
+            pins: HashMap::new(),
         }
     }
 
@@ -140,70 +151,149 @@ impl AgentClient {
         &mut self.rpc
     }
 
-    /// Registers the signing key (with its proof of possession) and the newest encryption key.
+    /// Registers the signing key (with its proof of possession) and the newest encryption key,
+    /// endorsed by it.
     pub async fn register(&mut self) -> Result<(), ClientError> {
         let signing = pb::RegisterKeyRequest {
             agent_id: self.agent_id.clone(),
             key_id: self.signing.key_id.clone(),
             purpose: KeyPurpose::Signing as i32,
             public_key: self.signing.public().to_vec(),
-            overlap: None,
             proof: self.signing.proof(&self.tenant, &self.agent_id),
+            ..Default::default()
         };
         self.rpc.register_key(signing).await?;
-        let newest = self.encryption.last().expect("an encryption key").clone();
-        self.register_encryption(&newest, None).await
+        let newest = self.encryption.last().expect("an encryption key");
+        let request = self.endorsed(
+            &newest.key_id,
+            KeyPurpose::Encryption,
+            newest.public(),
+            None,
+        );
+        self.rpc.register_key(request).await?;
+        Ok(())
     }
 
-    /// Rotates the encryption key: the new key is registered, the old one stays valid (and
-    /// held here) for `overlap`.
+    /// Rotates the encryption key: the new key is registered, endorsed by the signing key; the
+    /// old one stays valid (and held here) for `overlap`.
     pub async fn rotate_encryption(
         &mut self,
         key_id: &str,
         overlap: Duration,
     ) -> Result<(), ClientError> {
         let key = EncryptionKeyPair::generate(key_id);
-        self.register_encryption(&key, Some(overlap)).await?;
+        let request = self.endorsed(key_id, KeyPurpose::Encryption, key.public(), Some(overlap));
+        self.rpc.register_key(request).await?;
         self.encryption.push(key);
         Ok(())
     }
 
-    async fn register_encryption(
+    /// Rotates the signing key: the current one endorses the next, which signs from then on;
+    /// the current one stays valid for `overlap` (messages it signed still verify).
+    pub async fn rotate_signing(
         &mut self,
-        key: &EncryptionKeyPair,
-        overlap: Option<Duration>,
+        key_id: &str,
+        overlap: Duration,
     ) -> Result<(), ClientError> {
-        let request = pb::RegisterKeyRequest {
-            agent_id: self.agent_id.clone(),
-            key_id: key.key_id.clone(),
-            purpose: KeyPurpose::Encryption as i32,
-            public_key: key.public().to_vec(),
-            overlap: overlap.map(|d| d.try_into().expect("overlap fits")),
-            proof: vec![],
-        };
+        let next = SigningKeyPair::generate(key_id);
+        let mut request = self.endorsed(key_id, KeyPurpose::Signing, next.public(), Some(overlap));
+        request.proof = next.proof(&self.tenant, &self.agent_id);
         self.rpc.register_key(request).await?;
+        self.signing = next;
         Ok(())
     }
 
-    /// The recipient's usable encryption keys, from the directory.
-    pub async fn recipient_keys(
+    /// A registration of this agent's new key, endorsed by its current signing key.
+    fn endorsed(
+        &self,
+        key_id: &str,
+        purpose: KeyPurpose,
+        public: [u8; 32],
+        overlap: Option<Duration>,
+    ) -> pb::RegisterKeyRequest {
+        pb::RegisterKeyRequest {
+            agent_id: self.agent_id.clone(),
+            key_id: key_id.to_string(),
+            purpose: purpose as i32,
+            public_key: public.to_vec(),
+            overlap: overlap.map(|d| d.try_into().expect("overlap fits")),
+            proof: Vec::new(),
+            endorsed_by: self.signing.key_id.clone(),
+            endorsement: self.signing.endorse(
+                &self.tenant,
+                &self.agent_id,
+                key_id,
+                purpose,
+                &public,
+            ),
+        }
+    }
+
+    /// `agent`'s keys as the directory lists them (retired and revoked ones too, for the
+    /// chains), and the ids this client trusts: `None` for an agent without a signing key,
+    /// which has nothing to vouch for its keys.
+    async fn listed_keys(
         &mut self,
-        to: &str,
-    ) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+        agent: &str,
+    ) -> Result<(Vec<pb::AgentKey>, Option<HashSet<String>>), ClientError> {
         let keys = self
             .rpc
             .lookup_keys(pb::LookupKeysRequest {
-                agent_id: to.to_string(),
-                include_inactive: false,
+                agent_id: agent.to_string(),
+                include_inactive: true,
             })
             .await?
             .into_inner()
             .keys;
-        Ok(keys
-            .into_iter()
-            .filter(|k| k.purpose == KeyPurpose::Encryption as i32)
-            .map(|k| (k.key_id, k.public_key))
-            .collect())
+        let root = match self.pins.get(agent) {
+            Some(root) => root.clone(),
+            None => match trust::chain_root(&keys) {
+                Some(root) => self.pins.entry(agent.to_string()).or_insert(root).clone(),
+                None => return Ok((keys, None)),
+            },
+        };
+        let trusted = trust::trusted(&self.tenant, agent, &root, &keys);
+        Ok((keys, Some(trusted)))
+    }
+
+    fn untrusted(&self, agent: &str, what: &str) -> ClientError {
+        ClientError::Untrusted(format!(
+            "{what} of agent {agent:?} is not vouched for by the signing key this client pinned for it: \
+             the directory lists keys that may not be {agent}'s own; if {agent} really started over, \
+             check its new keys out of band, then call trust_anew({agent:?})"
+        ))
+    }
+
+    /// Forgets the signing key pinned for `agent`, so the next look pins the root of its
+    /// current chain: after its new keys were confirmed out of band.
+    pub fn trust_anew(&mut self, agent: &str) {
+        self.pins.remove(agent);
+        self.verifying.retain(|(a, _), _| a != agent);
+    }
+
+    /// The recipient's usable encryption keys that this client trusts, from the directory.
+    pub async fn recipient_keys(
+        &mut self,
+        to: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, ClientError> {
+        let (keys, trusted) = self.listed_keys(to).await?;
+        let usable = |k: &pb::AgentKey| {
+            k.purpose == KeyPurpose::Encryption as i32
+                && matches!(
+                    KeyStatus::try_from(k.status),
+                    Ok(KeyStatus::Active | KeyStatus::Rotating)
+                )
+        };
+        let trusted_keys: Vec<(String, Vec<u8>)> = keys
+            .iter()
+            .filter(|k| usable(k))
+            .filter(|k| trusted.as_ref().is_none_or(|t| t.contains(&k.key_id)))
+            .map(|k| (k.key_id.clone(), k.public_key.clone()))
+            .collect();
+        if trusted_keys.is_empty() && keys.iter().any(usable) {
+            return Err(self.untrusted(to, "every usable encryption key"));
+        }
+        Ok(trusted_keys)
     }
 
     /// The next sequence for `to`: strictly increasing, and seeded from the clock in
@@ -317,20 +407,16 @@ impl AgentClient {
         {
             return Ok(*k);
         }
-        let found = self
-            .rpc
-            .lookup_keys(pb::LookupKeysRequest {
-                agent_id: agent.to_string(),
-                include_inactive: true,
-            })
-            .await?
-            .into_inner()
-            .keys
+        let (keys, trusted) = self.listed_keys(agent).await?;
+        let found = keys
             .into_iter()
             .find(|k| k.key_id == key_id && k.purpose == KeyPurpose::Signing as i32)
             .ok_or_else(|| {
                 Status::not_found(format!("sender {agent} has no signing key {key_id}"))
             })?;
+        if !trusted.is_some_and(|t| t.contains(key_id)) {
+            return Err(self.untrusted(agent, &format!("signing key {key_id:?}")));
+        }
         let time = domain::envelope::time_of;
         let not_after = match (time(&found.revoked_at), time(&found.valid_until)) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -98,6 +98,8 @@ fn key_to_proto(k: &KeyRecord, now: DateTime<Utc>) -> pb::AgentKey {
             .as_ref()
             .map(|(_, r)| r.clone())
             .unwrap_or_default(),
+        endorsed_by: k.endorsed_by.clone().unwrap_or_default(),
+        endorsement: k.endorsement.clone(),
     }
 }
 
@@ -726,6 +728,42 @@ impl MessagingService for MessagingGateway {
                     r.key_id, r.agent_id
                 )));
             }
+            // Once the agent has a signing key, only that key can vouch for a new one: a token
+            // for the agent's name (an operator's too) is not enough to put a key in it.
+            let endorsers = agent.usable(KeyPurpose::Signing, now);
+            let endorsed = !endorsers.is_empty() || !r.endorsed_by.is_empty();
+            if endorsed {
+                let Some(endorser) = endorsers.iter().find(|k| k.key_id == r.endorsed_by) else {
+                    let current: Vec<&str> = endorsers.iter().map(|k| k.key_id.as_str()).collect();
+                    return Err(Status::failed_precondition(if current.is_empty() {
+                        format!(
+                            "endorsed_by {:?} is not a usable signing key of agent {:?}, which has none: register its next signing key without an endorsement (it starts a new chain)",
+                            r.endorsed_by, r.agent_id
+                        )
+                    } else {
+                        format!(
+                            "agent {:?} has signing key {}: a new key must be endorsed by it (endorsed_by and endorsement, from SigningKeyPair::endorse); an agent that lost its signing keys revokes them with RevokeKey first, and clients that trusted them refuse its new chain until told",
+                            r.agent_id,
+                            current.join(", ")
+                        )
+                    }));
+                };
+                keys::verify_endorsement(
+                    &endorser.public_key,
+                    &tenant,
+                    &r.agent_id,
+                    &r.key_id,
+                    purpose,
+                    &r.public_key,
+                    &r.endorsement,
+                )
+                .map_err(|_| {
+                    invalid(format!(
+                        "endorsement must be signing key {:?}'s signature over this registration (SigningKeyPair::endorse)",
+                        endorser.key_id
+                    ))
+                })?;
+            }
             // Senders wrap each message for every usable encryption key of its recipient, and
             // Send takes at most max_recipient_keys: one more would leave the agent unreachable.
             let usable = agent.usable(purpose, now);
@@ -752,6 +790,16 @@ impl MessagingService for MessagingGateway {
                 registered_at: ts(now),
                 replaces: replaces.clone(),
                 replaced_valid_until: if replaces.is_empty() { None } else { ts(until) },
+                endorsed_by: if endorsed {
+                    r.endorsed_by.clone()
+                } else {
+                    String::new()
+                },
+                endorsement: if endorsed {
+                    r.endorsement.clone()
+                } else {
+                    Vec::new()
+                },
             });
             let id = format!("key:{tenant}:{}:{}", r.agent_id, r.key_id);
             match self
