@@ -80,6 +80,66 @@ pub struct AgentClient {
     /// root of the agent's chain when this client first looked (trust on first use). Keep it
     /// with the agent's own keys to carry the trust across restarts.
     pub pins: HashMap<String, Vec<u8>>,
+    /// What this client opened and acknowledged, to refuse replays itself.
+    seen: Seen,
+}
+
+/// What a client opened, to tell a replay (a message stored again, or a pair's messages
+/// reordered, by whoever runs the server) from the redelivery of one not acknowledged yet. A
+/// pair's messages are stored in sequence order, so, per sender: nothing at or below the
+/// newest sequence an acknowledgement covered may come again, and an unacknowledged one may
+/// come again only as it was.
+#[derive(Default)]
+struct Seen {
+    acked: HashMap<String, u64>,
+    /// Opened and not acknowledged yet: per sender, sequence → message id.
+    pending: HashMap<String, std::collections::BTreeMap<u64, String>>,
+    /// Their cursors → (sender, sequence), to apply acknowledgements (which go by cursor).
+    cursors: std::collections::BTreeMap<u64, (String, u64)>,
+}
+
+impl Seen {
+    fn check(&self, sender: &str, sequence: u64, id: &str) -> Result<(), String> {
+        if let Some(acked) = self.acked.get(sender).filter(|a| sequence <= **a) {
+            return Err(format!(
+                "message {id} from {sender} has sequence {sequence}, and this client acknowledged {sender}'s messages through sequence {acked}: a replayed message"
+            ));
+        }
+        let Some(pending) = self.pending.get(sender) else {
+            return Ok(());
+        };
+        match pending.get(&sequence) {
+            Some(known) if known == id => Ok(()),
+            Some(known) => Err(format!(
+                "message {id} from {sender} reuses sequence {sequence} of message {known}: a replayed message"
+            )),
+            None => match pending.last_key_value() {
+                Some((newest, newest_id)) if *newest > sequence => Err(format!(
+                    "message {id} from {sender} has sequence {sequence}, after {newest_id} with {newest} was opened: a replayed or reordered message"
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    fn opened(&mut self, cursor: u64, sender: &str, sequence: u64, id: &str) {
+        self.pending
+            .entry(sender.to_string())
+            .or_default()
+            .insert(sequence, id.to_string());
+        self.cursors.insert(cursor, (sender.to_string(), sequence));
+    }
+
+    fn acked_through(&mut self, cursor: u64) {
+        let later = self.cursors.split_off(&(cursor.saturating_add(1)));
+        for (_, (sender, sequence)) in std::mem::replace(&mut self.cursors, later) {
+            let acked = self.acked.entry(sender.clone()).or_default();
+            *acked = (*acked).max(sequence);
+            if let Some(pending) = self.pending.get_mut(&sender) {
+                *pending = pending.split_off(&(*acked + 1));
+            }
+        }
+    }
 }
 
 /// A sender's signing key as the directory showed it, looked up again after
@@ -144,6 +204,7 @@ impl AgentClient {
             sequences: HashMap::new(),
             verifying: HashMap::new(),
             pins: HashMap::new(),
+            seen: Seen::default(),
         }
     }
 
@@ -476,17 +537,30 @@ impl AgentClient {
                 Some(_) => {}
             }
         }
-        Ok(domain::open(
+        let opened = domain::open(
             envelope,
             &key.key,
             &self.agent_id,
             &self.encryption,
             Utc::now(),
-        )?)
+        )?;
+        // Checked here too, not left to the server: a server that replays a message (or
+        // reorders a pair's) is caught.
+        let h = &opened.header;
+        self.seen
+            .check(&h.sender_agent_id, h.sequence, &h.message_id)
+            .map_err(|why| ClientError::Envelope(EnvelopeError::Invalid(why)))?;
+        self.seen.opened(
+            message.cursor,
+            &h.sender_agent_id,
+            h.sequence,
+            &h.message_id,
+        );
+        Ok(opened)
     }
 
     pub async fn ack(&mut self, through_cursor: u64) -> Result<u64, ClientError> {
-        Ok(self
+        let acked = self
             .rpc
             .ack(pb::AckRequest {
                 agent_id: self.agent_id.clone(),
@@ -494,6 +568,39 @@ impl AgentClient {
             })
             .await?
             .into_inner()
-            .acked_through)
+            .acked_through;
+        self.seen.acked_through(acked.min(through_cursor));
+        Ok(acked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seen;
+
+    #[test]
+    fn replays_are_told_from_redeliveries() {
+        let mut seen = Seen::default();
+        for (cursor, sequence, id) in [(10, 5, "m5"), (11, 7, "m7")] {
+            assert!(seen.check("alice", sequence, id).is_ok());
+            seen.opened(cursor, "alice", sequence, id);
+        }
+        // Not acknowledged yet: both may come again as they were, nothing else may.
+        assert!(seen.check("alice", 5, "m5").is_ok());
+        assert!(seen.check("alice", 7, "m7").is_ok());
+        assert!(seen.check("alice", 7, "other").is_err());
+        assert!(
+            seen.check("alice", 6, "m6").is_err(),
+            "older than one opened"
+        );
+        assert!(seen.check("alice", 8, "m8").is_ok());
+        assert!(seen.check("bob", 1, "b1").is_ok(), "pairs are apart");
+        // Acknowledged through m5's cursor: m5 never again, m7 still may.
+        seen.acked_through(10);
+        assert!(seen.check("alice", 5, "m5").is_err());
+        assert!(seen.check("alice", 7, "m7").is_ok());
+        seen.acked_through(11);
+        assert!(seen.check("alice", 7, "m7").is_err());
+        assert!(seen.check("alice", 8, "m8").is_ok());
     }
 }
