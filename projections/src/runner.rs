@@ -35,6 +35,10 @@ pub enum ProjectionError {
         checkpoint: u64,
         last: u64,
     },
+    /// A read-model query past its budget (events read, or time): the same query fails the same
+    /// way however often it is retried; the caller narrows it.
+    #[error("the query {0}")]
+    QueryBudget(String),
 }
 
 impl ProjectionError {

@@ -119,10 +119,24 @@ fn hourly_of(v: &[u8]) -> (u64, f64) {
 /// The embedded metering read model (the query side; [`SledProjector`] writes it).
 pub struct SledReadModel {
     tree: sled::Tree,
+    /// The most raw events one usage query reads ([`QUERY_EVENTS`] unless changed).
+    query_events: usize,
 }
+
+/// The most raw events one usage query reads on the embedded store, each held in memory while
+/// it is aggregated (a few hundred bytes apiece): past it, or past the query timeout PostgreSQL
+/// also has, the query is refused with what to narrow, rather than taking the process's memory
+/// or a worker thread for as long as it runs.
+pub const QUERY_EVENTS: usize = 2_000_000;
 
 impl SledReadModel {
     /// Opens the metering read model of the embedded store in `dir`.
+    /// The most raw events one usage query reads (tests make it small).
+    pub fn with_query_budget(mut self, events: usize) -> Self {
+        self.query_events = events;
+        self
+    }
+
     pub fn open(dir: &Path) -> Result<SledReadModel, ProjectionError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| {
             ProjectionError::Embedded(format!(
@@ -132,6 +146,7 @@ impl SledReadModel {
         })?;
         Ok(SledReadModel {
             tree: db.open_tree("metering").map_err(store_error)?,
+            query_events: QUERY_EVENTS,
         })
     }
 
@@ -232,11 +247,36 @@ impl MeteringReadModel for SledReadModel {
         from.extend_from_slice(&time_bytes(q.from));
         let mut to = prefix;
         to.extend_from_slice(&time_bytes(q.to));
-        let mut events = Vec::new();
-        for kv in self.tree.range(from..to) {
-            let (k, v) = kv.map_err(store_error)?;
-            events.extend(Self::row_to_record(&q.tenant, &meter.event_type, &k, &v));
-        }
+        // Read on the blocking pool: a long range is many store reads.
+        let (tree, tenant, event_type) = (
+            self.tree.clone(),
+            q.tenant.clone(),
+            meter.event_type.clone(),
+        );
+        let budget = self.query_events;
+        let mut events = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_secs(super::query::USAGE_QUERY_TIMEOUT_SECONDS);
+            let mut events = Vec::new();
+            for (read, kv) in tree.range(from..to).enumerate() {
+                if read >= budget {
+                    return Err(ProjectionError::QueryBudget(format!(
+                        "reads more than {budget} events, the most one query reads on the embedded store"
+                    )));
+                }
+                if read % 4096 == 0 && std::time::Instant::now() > deadline {
+                    return Err(ProjectionError::QueryBudget(format!(
+                        "took longer than {} s, the most one query may",
+                        super::query::USAGE_QUERY_TIMEOUT_SECONDS
+                    )));
+                }
+                let (k, v) = kv.map_err(store_error)?;
+                events.extend(Self::row_to_record(&tenant, &event_type, &k, &v));
+            }
+            Ok(events)
+        })
+        .await
+        .map_err(|e| ProjectionError::Embedded(format!("usage query task: {e}")))??;
         // Log order decides ties (LATEST), as in PostgreSQL's ORDER BY stream_sequence.
         events.sort_by_key(|(seq, _)| *seq);
         // Voided events drop out, amended ones carry their new values.
@@ -521,6 +561,51 @@ mod tests {
         let mut hk = key(b'h', &k);
         hk.extend_from_slice(&time_bytes(hour));
         tree.insert(hk, &hourly_value(count, quantity)).unwrap();
+    }
+
+    /// A query that would read more raw events than the budget is refused, not held in memory.
+    #[tokio::test]
+    async fn a_usage_query_past_its_budget_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = Utc::now() - chrono::Duration::hours(2);
+        for (budget, expected) in [(100, Some(30.0)), (10, None)] {
+            let model = SledReadModel::open(&dir.path().join(budget.to_string()))
+                .unwrap()
+                .with_query_budget(budget);
+            for i in 0..30u64 {
+                let mut ek = key(b'e', &["default", "api.call"]);
+                ek.extend_from_slice(&time_bytes(start + chrono::Duration::seconds(i as i64)));
+                ek.extend_from_slice(&(i + 1).to_be_bytes());
+                let row = EventRow {
+                    subscription_id: "sub".into(),
+                    id: format!("e{i}"),
+                    source: "test".into(),
+                    quantity: 1.0,
+                    data: "{}".into(),
+                    recorded_at_micros: 0,
+                };
+                model.tree.insert(ek, row.encode_to_vec()).unwrap();
+            }
+            let query = UsageQuery {
+                tenant: "default".into(),
+                meter: super::super::query::quantity_meter("api.call"),
+                from: start - chrono::Duration::hours(1),
+                to: start + chrono::Duration::hours(1),
+                window: creto_domain::metering::Window::Day,
+                tz: chrono_tz::UTC,
+                group_by: Vec::new(),
+                filters: Vec::new(),
+            };
+            match (model.usage(&query).await, expected) {
+                (Ok(rows), Some(sum)) => {
+                    assert_eq!(rows.iter().map(|r| r.value).sum::<f64>(), sum)
+                }
+                (Err(ProjectionError::QueryBudget(why)), None) => {
+                    assert!(why.contains("more than 10 events"), "{why}")
+                }
+                (other, _) => panic!("budget {budget}: {other:?}"),
+            }
+        }
     }
 
     /// A key's month is read from the month's first hour to the key's last: its earlier hours
