@@ -30,6 +30,7 @@ creto_replay_tests::on_both_adapters!(
     a_recipient_has_a_bounded_number_of_receive_streams,
     a_restarted_replica_refuses_a_key_revoked_before_it_started,
     only_the_agents_signing_key_puts_keys_in_its_name,
+    keys_registered_before_endorsements_are_endorsed_by_register,
 );
 
 async fn agent(url: &str, id: &str) -> AgentClient {
@@ -1023,5 +1024,71 @@ async fn only_the_agents_signing_key_puts_keys_in_its_name(env: &Env) {
     // Alice does too once told to.
     alice.trust_anew("bob");
     alice.send("bob", b"confirmed out of band").await.unwrap();
+    running.stop().await;
+}
+
+/// An agent whose encryption key was registered before endorsements existed (so carries none)
+/// is refused by clients that pinned its signing key, until its upgraded client registers
+/// again: that endorses the key it holds, and no new key is needed.
+async fn keys_registered_before_endorsements_are_endorsed_by_register(env: &Env) {
+    use creto_streams::headers::{content_types, names};
+    use creto_streams::{AppendEvent, Headers};
+    let (running, url) = env.start_messaging().await;
+    let mut alice = agent(&url, "alice").await;
+    let mut bob = AgentClient::connect(&url, "", "default", "bob")
+        .await
+        .unwrap();
+    let signing = pb::RegisterKeyRequest {
+        agent_id: "bob".into(),
+        key_id: bob.signing.key_id.clone(),
+        purpose: KeyPurpose::Signing as i32,
+        public_key: bob.signing.public().to_vec(),
+        proof: bob.signing.proof("default", "bob"),
+        ..Default::default()
+    };
+    bob.rpc().register_key(signing).await.unwrap();
+    // What the previous version stored for Bob's encryption key: no endorsement.
+    let enc = bob.encryption[0].clone();
+    let legacy = pb::KeyEvent {
+        event: Some(pb::key_event::Event::Registered(pb::KeyRegistered {
+            agent_id: "bob".into(),
+            key_id: enc.key_id.clone(),
+            purpose: KeyPurpose::Encryption as i32,
+            public_key: enc.public().to_vec(),
+            registered_at: Some(creto_streams::envelope::timestamp(chrono::Utc::now())),
+            ..Default::default()
+        })),
+    };
+    env.platform
+        .log
+        .append(AppendEvent {
+            subject: env.subject("messaging.keys.default.bob"),
+            id: format!("key:default:bob:{}", enc.key_id),
+            expected_subject_sequence: None,
+            headers: Headers::new()
+                .with(names::CONTENT_TYPE, content_types::PROTOBUF)
+                .with(names::EVENT_TYPE, "messaging.key_registered")
+                .with(names::TENANT, "default"),
+            payload: prost::Message::encode_to_vec(&legacy).into(),
+        })
+        .await
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..50 {
+        match alice.send("bob", b"before").await {
+            Err(e @ ClientError::Untrusted(_)) => {
+                refused = Some(e);
+                break;
+            }
+            // The gateway has not followed the appended key yet.
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(refused.is_some(), "an unendorsed key was sealed to");
+    bob.register().await.unwrap();
+    alice.send("bob", b"after").await.unwrap();
+    let mut inbox = bob.receive(0).await.unwrap();
+    let m = next(&mut inbox, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(bob.open(&m).await.unwrap().plaintext, b"after");
     running.stop().await;
 }

@@ -83,7 +83,17 @@ impl AgentKeys {
                         k.valid_until = until;
                     }
                 }
-                if self.get(&r.key_id).is_none() {
+                if let Some(k) = self.keys.iter_mut().find(|k| k.key_id == r.key_id) {
+                    // The same key again with an endorsement: one registered before
+                    // endorsements existed, endorsed now (checked when appended).
+                    if k.endorsed_by.is_none()
+                        && !r.endorsed_by.is_empty()
+                        && k.public_key == r.public_key
+                    {
+                        k.endorsed_by = Some(r.endorsed_by.clone());
+                        k.endorsement = r.endorsement.clone();
+                    }
+                } else {
                     self.keys.push(KeyRecord {
                         agent_id: r.agent_id.clone(),
                         key_id: r.key_id.clone(),

@@ -24,13 +24,39 @@ pub fn chain_root(keys: &[AgentKey]) -> Option<Vec<u8>> {
         .map(|k| k.public_key.clone())
 }
 
-/// The ids of `keys` that descend from `root`: the signing key with `root`'s material, and each
-/// key endorsed by a signing key trusted before it. `keys` are one agent's in registration
-/// order, retired and revoked ones included, so that a chain can pass through them.
-pub fn trusted(tenant: &str, agent_id: &str, root: &[u8], keys: &[AgentKey]) -> HashSet<String> {
+/// One key as trusted: its id, purpose and material, all three, since the directory could list
+/// another key under a trusted key's id.
+pub type TrustedKey = (String, i32, Vec<u8>);
+
+/// The keys of `keys` that descend from `root`: the signing key with `root`'s material, and
+/// each key endorsed by a signing key trusted before it. `keys` are one agent's in
+/// registration order, retired and revoked ones included, so that a chain can pass through
+/// them. A listing that names another agent or shows one key id twice is not the directory's
+/// to give: refused, with why.
+pub fn trusted(
+    tenant: &str,
+    agent_id: &str,
+    root: &[u8],
+    keys: &[AgentKey],
+) -> Result<HashSet<TrustedKey>, String> {
+    let mut ids = HashSet::new();
+    for k in keys {
+        if k.agent_id != agent_id {
+            return Err(format!(
+                "the directory listed a key of agent {:?} among {agent_id:?}'s",
+                k.agent_id
+            ));
+        }
+        if !ids.insert(k.key_id.as_str()) {
+            return Err(format!(
+                "the directory listed {agent_id:?}'s key id {:?} twice",
+                k.key_id
+            ));
+        }
+    }
     let mut signers: Vec<(&str, &[u8])> = Vec::new();
     let mut out = HashSet::new();
-    for k in keys.iter().filter(|k| k.agent_id == agent_id) {
+    for k in keys {
         let purpose = KeyPurpose::try_from(k.purpose).unwrap_or(KeyPurpose::Unspecified);
         let signing = purpose == KeyPurpose::Signing;
         let is_root = signing && k.endorsed_by.is_empty() && k.public_key == root;
@@ -49,13 +75,18 @@ pub fn trusted(tenant: &str, agent_id: &str, root: &[u8], keys: &[AgentKey]) -> 
                     .is_ok()
             });
         if is_root || endorsed {
-            out.insert(k.key_id.clone());
+            out.insert((k.key_id.clone(), k.purpose, k.public_key.clone()));
             if signing {
                 signers.push((&k.key_id, &k.public_key));
             }
         }
     }
-    out
+    Ok(out)
+}
+
+/// Whether `key` is one of `trusted`, material and all.
+pub fn is_trusted(trusted: &HashSet<TrustedKey>, key: &AgentKey) -> bool {
+    trusted.contains(&(key.key_id.clone(), key.purpose, key.public_key.clone()))
 }
 
 #[cfg(test)]
@@ -98,8 +129,15 @@ mod tests {
         ];
         let root = chain_root(&chain).unwrap();
         assert_eq!(root, sig1.public());
-        let all: HashSet<String> = ["s1", "e1", "s2", "e2"].map(String::from).into();
-        assert_eq!(trusted("t", "bob", &root, &chain), all);
+        let ids = |listing: &[AgentKey]| -> Vec<String> {
+            let t = trusted("t", "bob", &root, listing).unwrap();
+            listing
+                .iter()
+                .filter(|k| is_trusted(&t, k))
+                .map(|k| k.key_id.clone())
+                .collect()
+        };
+        assert_eq!(ids(&chain), ["s1", "e1", "s2", "e2"]);
 
         // A key slipped in by whoever keeps the directory: unendorsed, endorsed by a key of
         // its own, or carrying another key's endorsement.
@@ -111,13 +149,24 @@ mod tests {
             &mallory,
             listed(KeyPurpose::Encryption, "e4", evil),
         ));
-        let mut copied = listed(KeyPurpose::Encryption, "e2", evil);
+        let mut copied = listed(KeyPurpose::Encryption, "e5", evil);
         copied.endorsed_by = "s2".into();
         copied.endorsement = chain[3].endorsement.clone();
         forged.push(copied);
-        assert_eq!(trusted("t", "bob", &root, &forged), all);
+        assert_eq!(ids(&forged), ["s1", "e1", "s2", "e2"]);
+        // A trusted id listed again with other material, or a key of another agent: refused.
+        let mut twice = chain.clone();
+        let mut impostor = chain[3].clone();
+        impostor.public_key = evil.to_vec();
+        twice.insert(2, impostor);
+        assert!(trusted("t", "bob", &root, &twice)
+            .unwrap_err()
+            .contains("twice"));
+        let mut foreign = chain.clone();
+        foreign[3].agent_id = "carol".into();
+        assert!(trusted("t", "bob", &root, &foreign).is_err());
         // Another tenant's agent of the same name cannot lend its endorsements.
-        assert!(trusted("other", "bob", &root, &chain).len() == 1);
+        assert_eq!(trusted("other", "bob", &root, &chain).unwrap().len(), 1);
 
         // A new chain (the agent, or someone in its name, started over): the old pin trusts
         // none of it, a first look pins the new root.
@@ -125,7 +174,8 @@ mod tests {
         let mut reset = chain.clone();
         reset.push(listed(KeyPurpose::Signing, "s9", fresh.public()));
         reset.push(endorsed(&fresh, listed(KeyPurpose::Encryption, "e9", evil)));
-        assert!(!trusted("t", "bob", &root, &reset).contains("e9"));
+        let t = trusted("t", "bob", &root, &reset).unwrap();
+        assert!(!reset.iter().any(|k| k.key_id == "e9" && is_trusted(&t, k)));
         assert_eq!(chain_root(&reset).unwrap(), fresh.public());
         assert!(
             chain_root(&chain[1..2]).is_none(),

@@ -83,6 +83,57 @@ fn invalid(e: String) -> Status {
 }
 
 /// The API view of a key at `now`.
+/// Checks a registration's endorsement. Once the agent has a signing key, a key in its name
+/// must be vouched for by its current one (not one rotating out: a key replaced after a leak
+/// must not mint more), so a token for the agent's name, an operator's too, is not enough.
+/// `Ok(true)`: endorsed and checked; `Ok(false)`: the agent has no current signing key, and a
+/// signing key registered now starts a new chain.
+fn check_endorsement(
+    tenant: &str,
+    agent: &AgentKeys,
+    r: &pb::RegisterKeyRequest,
+    purpose: KeyPurpose,
+) -> Result<bool, Status> {
+    let current = agent.replaced_by_new(KeyPurpose::Signing);
+    if current.is_empty() && r.endorsed_by.is_empty() {
+        return Ok(false);
+    }
+    let endorser = current
+        .iter()
+        .find(|id| **id == r.endorsed_by)
+        .and_then(|id| agent.get(id));
+    let Some(endorser) = endorser else {
+        return Err(Status::failed_precondition(if current.is_empty() {
+            format!(
+                "endorsed_by {:?} is not the current signing key of agent {:?}, which has none: register its next signing key without an endorsement (it starts a new chain)",
+                r.endorsed_by, r.agent_id
+            )
+        } else {
+            format!(
+                "agent {:?} has signing key {}: a new key must be endorsed by it (endorsed_by and endorsement, from SigningKeyPair::endorse); an agent that lost its signing keys revokes them with RevokeKey first, and clients that trusted them refuse its new chain until told",
+                r.agent_id,
+                current.join(", ")
+            )
+        }));
+    };
+    keys::verify_endorsement(
+        &endorser.public_key,
+        tenant,
+        &r.agent_id,
+        &r.key_id,
+        purpose,
+        &r.public_key,
+        &r.endorsement,
+    )
+    .map_err(|_| {
+        invalid(format!(
+            "endorsement must be signing key {:?}'s signature over this registration (SigningKeyPair::endorse)",
+            endorser.key_id
+        ))
+    })?;
+    Ok(true)
+}
+
 fn key_to_proto(k: &KeyRecord, now: DateTime<Utc>) -> pb::AgentKey {
     pb::AgentKey {
         agent_id: k.agent_id.clone(),
@@ -716,54 +767,67 @@ impl MessagingService for MessagingGateway {
                 .unwrap_or_default();
             let now = Utc::now();
             if let Some(existing) = agent.get(&r.key_id) {
-                if same_material(existing) {
+                // A key registered before endorsements existed takes one now, from the agent's
+                // current signing key, so clients that pinned the agent trust it: an upgraded
+                // client's `register` does this for the keys it holds.
+                let endorse_now = same_material(existing)
+                    && existing.endorsed_by.is_none()
+                    && !r.endorsed_by.is_empty();
+                if same_material(existing) && !endorse_now {
                     return Ok(Response::new(pb::RegisterKeyResponse {
                         key: Some(key_to_proto(existing, now)),
                         rotated: vec![],
                         already_registered: true,
                     }));
                 }
+                if endorse_now {
+                    check_endorsement(&tenant, &agent, &r, purpose)?;
+                    let event = key_event::Event::Registered(pb::KeyRegistered {
+                        agent_id: r.agent_id.clone(),
+                        key_id: r.key_id.clone(),
+                        purpose: purpose as i32,
+                        public_key: r.public_key.clone(),
+                        registered_at: ts(existing.registered_at),
+                        endorsed_by: r.endorsed_by.clone(),
+                        endorsement: r.endorsement.clone(),
+                        ..Default::default()
+                    });
+                    let id = format!("endorse:{tenant}:{}:{}", r.agent_id, r.key_id);
+                    match self
+                        .append_key_event(
+                            &tenant,
+                            &r.agent_id,
+                            agent.last_sequence,
+                            id,
+                            event,
+                            "messaging.key_registered",
+                        )
+                        .await
+                    {
+                        Ok(()) => {
+                            let after = self
+                                .directory
+                                .agent(&tenant, &r.agent_id)
+                                .unwrap_or_default();
+                            return Ok(Response::new(pb::RegisterKeyResponse {
+                                key: after.get(&r.key_id).map(|k| key_to_proto(k, now)),
+                                rotated: vec![],
+                                already_registered: true,
+                            }));
+                        }
+                        Err(LogError::Conflict { .. }) => {
+                            self.directory.catch_up().await.map_err(log_status)?;
+                            continue;
+                        }
+                        Err(e) => return Err(log_status(e)),
+                    }
+                }
                 return Err(Status::already_exists(format!(
                     "key id {:?} of agent {:?} is already registered with other material; choose a new key id",
                     r.key_id, r.agent_id
                 )));
             }
-            // Once the agent has a signing key, only that key can vouch for a new one: a token
-            // for the agent's name (an operator's too) is not enough to put a key in it.
-            let endorsers = agent.usable(KeyPurpose::Signing, now);
-            let endorsed = !endorsers.is_empty() || !r.endorsed_by.is_empty();
-            if endorsed {
-                let Some(endorser) = endorsers.iter().find(|k| k.key_id == r.endorsed_by) else {
-                    let current: Vec<&str> = endorsers.iter().map(|k| k.key_id.as_str()).collect();
-                    return Err(Status::failed_precondition(if current.is_empty() {
-                        format!(
-                            "endorsed_by {:?} is not a usable signing key of agent {:?}, which has none: register its next signing key without an endorsement (it starts a new chain)",
-                            r.endorsed_by, r.agent_id
-                        )
-                    } else {
-                        format!(
-                            "agent {:?} has signing key {}: a new key must be endorsed by it (endorsed_by and endorsement, from SigningKeyPair::endorse); an agent that lost its signing keys revokes them with RevokeKey first, and clients that trusted them refuse its new chain until told",
-                            r.agent_id,
-                            current.join(", ")
-                        )
-                    }));
-                };
-                keys::verify_endorsement(
-                    &endorser.public_key,
-                    &tenant,
-                    &r.agent_id,
-                    &r.key_id,
-                    purpose,
-                    &r.public_key,
-                    &r.endorsement,
-                )
-                .map_err(|_| {
-                    invalid(format!(
-                        "endorsement must be signing key {:?}'s signature over this registration (SigningKeyPair::endorse)",
-                        endorser.key_id
-                    ))
-                })?;
-            }
+            let endorsed = check_endorsement(&tenant, &agent, &r, purpose)?;
             // Senders wrap each message for every usable encryption key of its recipient, and
             // Send takes at most max_recipient_keys: one more would leave the agent unreachable.
             let usable = agent.usable(purpose, now);
