@@ -1088,7 +1088,7 @@ async fn proxied_connections_are_bounded_across_the_replica() {
         },
     );
     let service = holder();
-    let (sb, _attempts) = e.sandbox("proxcap-1").await;
+    let (sb, mut attempts) = e.sandbox("proxcap-1").await;
     let rule = format!("{}:{}", service.ip(), service.port());
     sb.set_egress(EgressPolicy::parse(std::slice::from_ref(&rule)).unwrap());
     let mut req = ExecRequest::new([
@@ -1107,6 +1107,19 @@ async fn proxied_connections_are_bounded_across_the_replica() {
         "{} {}",
         r.stdout,
         r.stderr
+    );
+    // The refused third connection is a decision on record, with why.
+    let mut refused = Vec::new();
+    while let Ok(a) = attempts.try_recv() {
+        if !a.allowed {
+            refused.push(a.rule.unwrap_or_default());
+        }
+    }
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.contains("proxied connections are all in use")),
+        "{refused:?}"
     );
     sb.terminate().await.unwrap();
 }

@@ -164,13 +164,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     continue;
                 };
                 let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-                    tracing::warn!(sandbox = %shared.sandbox_id, "egress: too many connections, reset");
-                    reset(stream);
+                    refuse_unproxied(stream, &shared, "the sandbox's proxied connections are all in use");
                     continue;
                 };
                 let Ok(replica_permit) = shared.replica.clone().try_acquire_owned() else {
-                    tracing::warn!(sandbox = %shared.sandbox_id, "egress: the replica's proxied connections are all in use, reset");
-                    reset(stream);
+                    refuse_unproxied(stream, &shared, "the replica's proxied connections are all in use");
                     continue;
                 };
                 let shared = shared.clone();
@@ -182,6 +180,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
+}
+
+/// Resets a connection refused for want of a slot, recorded as a denied egress decision (the
+/// decisions' budget summarizes a flood of them) so the sandbox's owner can see why it failed.
+fn refuse_unproxied(stream: TcpStream, shared: &Shared, why: &str) {
+    if let Ok(destination) = original_dst(&stream) {
+        let _ = shared.tx.send(EgressAttempt {
+            sandbox_id: shared.sandbox_id.clone(),
+            destination,
+            allowed: false,
+            rule: Some(why.to_string()),
+            host: None,
+        });
+    }
+    reset(stream);
 }
 
 /// Closes with a RST, so the sandbox sees "connection reset" rather than a clean end.
