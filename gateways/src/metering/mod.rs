@@ -14,6 +14,12 @@ use tonic::Status;
 /// of the request PostgreSQL refuses, which no retry mends: a text holding U+0000 (SQLSTATE
 /// 22021), a parameter it does not take (22023, e.g. a time zone its tz database lacks).
 fn db_status(e: ProjectionError) -> Status {
+    if matches!(e, ProjectionError::QueryBudget(_)) {
+        // The embedded store's own bound on a usage read: the same read fails again.
+        return Status::resource_exhausted(format!(
+            "{e}; narrow it (a shorter range or period, a subscription, fewer groups)"
+        ));
+    }
     match db_code(&e).as_deref() {
         Some("22021") => Status::invalid_argument(
             "a text in the request contains U+0000 (NUL), which cannot be stored or looked up; remove it",

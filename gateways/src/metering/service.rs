@@ -12,7 +12,6 @@ use creto_projections::metering::decode::{
 use creto_projections::metering::query::{self, UsageQuery};
 use creto_projections::metering::read_model::{self, MeteringReadModel};
 use creto_projections::metrics;
-use creto_projections::ProjectionError;
 use creto_schemas::metering::v1 as pb;
 use creto_schemas::metering::v1::metering_service_server::MeteringService;
 use creto_streams::deadletter::{self, DeadLetter};
@@ -396,10 +395,6 @@ impl MeteringService for MeteringGateway {
             .with_label_values(&["query_usage", metrics::status(rows.is_ok())])
             .inc();
         let rows = rows.map_err(|e| match super::db_code(&e).as_deref() {
-            // The embedded store's own budget, where PostgreSQL has its timeout and limits.
-            _ if matches!(e, ProjectionError::QueryBudget(_)) => Status::resource_exhausted(
-                format!("{e}; narrow it (a shorter range, a subscription, fewer groups)"),
-            ),
             // PostgreSQL refuses a float8 sum past f64::MAX (values of a meter's property are
             // the producers'); the embedded adapter's sum becomes infinite: the same answer.
             Some("22003") => out_of_range(&q),

@@ -119,14 +119,20 @@ fn hourly_of(v: &[u8]) -> (u64, f64) {
 /// The embedded metering read model (the query side; [`SledProjector`] writes it).
 pub struct SledReadModel {
     tree: sled::Tree,
-    /// The most raw events one usage query reads ([`QUERY_EVENTS`] unless changed).
+    /// The most raw events one usage query holds ([`QUERY_EVENTS`] unless changed).
     query_events: usize,
+    /// Usage queries reading at once ([`QUERIES_AT_ONCE`]): each may hold its budget.
+    queries: Arc<tokio::sync::Semaphore>,
 }
 
-/// The most raw events one usage query reads on the embedded store, each held in memory while
-/// it is aggregated (a few hundred bytes apiece): past it, or past the query timeout PostgreSQL
-/// also has, the query is refused with what to narrow, rather than taking the process's memory
-/// or a worker thread for as long as it runs.
+/// Usage queries the embedded store runs at once; the others wait their turn.
+pub const QUERIES_AT_ONCE: usize = 2;
+
+/// The most raw events one usage query holds on the embedded store, each in memory while it is
+/// aggregated (a few hundred bytes apiece): past it, or past the query timeout PostgreSQL also
+/// has, the query is refused with what to narrow, rather than taking the process's memory or a
+/// worker thread for as long as it runs. Events of other subscriptions than a query's filter
+/// names are skipped as they are read, and count only toward the time.
 pub const QUERY_EVENTS: usize = 2_000_000;
 
 impl SledReadModel {
@@ -147,6 +153,7 @@ impl SledReadModel {
         Ok(SledReadModel {
             tree: db.open_tree("metering").map_err(store_error)?,
             query_events: QUERY_EVENTS,
+            queries: Arc::new(tokio::sync::Semaphore::new(QUERIES_AT_ONCE)),
         })
     }
 
@@ -254,16 +261,22 @@ impl MeteringReadModel for SledReadModel {
             meter.event_type.clone(),
         );
         let budget = self.query_events;
+        let subscription = q
+            .filters
+            .iter()
+            .find(|(k, _)| k == "subscription_id")
+            .map(|(_, v)| v.clone());
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_secs(super::query::USAGE_QUERY_TIMEOUT_SECONDS);
+        let _turn = self
+            .queries
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ProjectionError::Embedded(e.to_string()))?;
         let mut events = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now()
-                + std::time::Duration::from_secs(super::query::USAGE_QUERY_TIMEOUT_SECONDS);
             let mut events = Vec::new();
             for (read, kv) in tree.range(from..to).enumerate() {
-                if read >= budget {
-                    return Err(ProjectionError::QueryBudget(format!(
-                        "reads more than {budget} events, the most one query reads on the embedded store"
-                    )));
-                }
                 if read % 4096 == 0 && std::time::Instant::now() > deadline {
                     return Err(ProjectionError::QueryBudget(format!(
                         "took longer than {} s, the most one query may",
@@ -271,7 +284,21 @@ impl MeteringReadModel for SledReadModel {
                     )));
                 }
                 let (k, v) = kv.map_err(store_error)?;
-                events.extend(Self::row_to_record(&tenant, &event_type, &k, &v));
+                let Some(event) = Self::row_to_record(&tenant, &event_type, &k, &v) else {
+                    continue;
+                };
+                if subscription
+                    .as_ref()
+                    .is_some_and(|s| *s != event.1.subscription_id)
+                {
+                    continue;
+                }
+                if events.len() >= budget {
+                    return Err(ProjectionError::QueryBudget(format!(
+                        "holds more than {budget} events, the most one query holds on the embedded store"
+                    )));
+                }
+                events.push(event);
             }
             Ok(events)
         })
@@ -563,13 +590,18 @@ mod tests {
         tree.insert(hk, &hourly_value(count, quantity)).unwrap();
     }
 
-    /// A query that would read more raw events than the budget is refused, not held in memory.
+    /// A query that would hold more raw events than the budget is refused, not held in memory;
+    /// other subscriptions' events do not count against one that names its subscription.
     #[tokio::test]
     async fn a_usage_query_past_its_budget_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let start = Utc::now() - chrono::Duration::hours(2);
-        for (budget, expected) in [(100, Some(30.0)), (10, None)] {
-            let model = SledReadModel::open(&dir.path().join(budget.to_string()))
+        for (case, budget, filter, expected) in [
+            (0, 100, None, Some(30.0)),
+            (1, 10, None, None),
+            (2, 10, Some("sub-b"), Some(5.0)),
+        ] {
+            let model = SledReadModel::open(&dir.path().join(case.to_string()))
                 .unwrap()
                 .with_query_budget(budget);
             for i in 0..30u64 {
@@ -577,7 +609,7 @@ mod tests {
                 ek.extend_from_slice(&time_bytes(start + chrono::Duration::seconds(i as i64)));
                 ek.extend_from_slice(&(i + 1).to_be_bytes());
                 let row = EventRow {
-                    subscription_id: "sub".into(),
+                    subscription_id: if i % 6 == 5 { "sub-b" } else { "sub" }.into(),
                     id: format!("e{i}"),
                     source: "test".into(),
                     quantity: 1.0,
@@ -594,7 +626,9 @@ mod tests {
                 window: creto_domain::metering::Window::Day,
                 tz: chrono_tz::UTC,
                 group_by: Vec::new(),
-                filters: Vec::new(),
+                filters: filter
+                    .map(|f| vec![("subscription_id".to_string(), f.to_string())])
+                    .unwrap_or_default(),
             };
             match (model.usage(&query).await, expected) {
                 (Ok(rows), Some(sum)) => {
