@@ -111,7 +111,12 @@ fn http_host(first: &[u8]) -> Claim {
         return Claim::Unreadable;
     }
     if !(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")) {
-        // Another protocol whose client speaks first in lines (an SSH banner, say).
+        // Another protocol whose client speaks first in lines (an SSH banner, say); but a line
+        // that names HTTP otherwise (`HTTP/1.2`, a trailing space) is one a lenient server
+        // may still take as a request and route: refused, not let through unread.
+        if line.windows(6).any(|w| w == b" HTTP/") {
+            return Claim::Unreadable;
+        }
         return Claim::Nothing;
     }
     let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -126,6 +131,13 @@ fn http_host(first: &[u8]) -> Claim {
                 .filter(|h| h.name.eq_ignore_ascii_case("host"))
                 .map(|h| std::str::from_utf8(h.value).ok().map(str::to_string))
                 .collect::<Vec<_>>();
+            // CONNECT host:port HTTP/1.1: the tunnel's far end is a name asked for too.
+            if request
+                .method
+                .is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"))
+            {
+                names.push(request.path.map(str::to_string));
+            }
             // GET http://host:port/path HTTP/1.1: the target's authority wins over Host.
             if let Some(target) = request.path {
                 let lower = target.to_ascii_lowercase();
@@ -161,8 +173,8 @@ fn http_host(first: &[u8]) -> Claim {
 }
 
 /// `first` with its HTTP/1 request head asking the server to close the connection after
-/// answering it (`Connection: close`, replacing the request's own `Connection` and
-/// `Keep-Alive`), or `None` when `first` does not begin with a whole HTTP/1 request head.
+/// answering it (`Connection: close`, replacing the request's own `Connection`, `Keep-Alive`
+/// and `Upgrade`), or `None` when `first` does not begin with a whole HTTP/1 request head.
 ///
 /// Only a connection's first request is read for its name; a server honouring `close` must not
 /// process any further request on it (RFC 9112, 9.6), so a later request on a kept-alive
@@ -195,7 +207,8 @@ pub fn one_request_only(first: &[u8]) -> Option<Vec<u8>> {
         }
         let name = content.split(|b| *b == b':').next().unwrap_or_default();
         let name = name.trim_ascii();
-        if !(name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")) {
+        let dropped = [&b"connection"[..], b"keep-alive", b"upgrade"];
+        if !dropped.iter().any(|d| name.eq_ignore_ascii_case(d)) {
             out.extend_from_slice(line);
         }
     }
@@ -277,7 +290,7 @@ pub mod tests {
         let pipelined = b"\r\nPOST /a HTTP/1.1\r\nHost: api.vendor.com\r\nConnection: keep-alive, Upgrade\r\nkeep-alive: timeout=5\r\nUpgrade: h2c\r\nContent-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n";
         assert_eq!(
             text(one_request_only(pipelined).unwrap()),
-            "\r\nPOST /a HTTP/1.1\r\nHost: api.vendor.com\r\nUpgrade: h2c\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhiGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+            "\r\nPOST /a HTTP/1.1\r\nHost: api.vendor.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhiGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"
         );
         // Bare LF line ends, and an HTTP/1.0 request with nothing to replace.
         assert_eq!(
@@ -315,6 +328,16 @@ pub mod tests {
         assert_eq!(claimed_name(&many), Claim::Unreadable);
         let bad = b"GET / HTTP/1.1\r\nHo st: evil.example\r\n\r\n";
         assert_eq!(claimed_name(bad), Claim::Unreadable);
+        // A version a lenient server may still take: HTTP/1.2, a trailing space.
+        for line in ["GET / HTTP/1.2", "GET / HTTP/1.1 "] {
+            let head = format!("{line}\r\nHost: evil.example\r\n\r\n");
+            assert_eq!(claimed_name(head.as_bytes()), Claim::Unreadable, "{line}");
+        }
+        // A tunnel's far end is asked for as well as the Host.
+        let tunnel = b"CONNECT evil.example:443 HTTP/1.1\r\nHost: api.vendor.com\r\n\r\n";
+        assert_eq!(claimed_name(tunnel), Claim::Unreadable);
+        let same = b"CONNECT api.vendor.com:443 HTTP/1.1\r\nHost: api.vendor.com\r\n\r\n";
+        assert_eq!(claimed_name(same), name("api.vendor.com"));
         assert_eq!(
             claimed_name(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
             Claim::Unreadable
