@@ -757,9 +757,21 @@ async fn fees_pay_for_the_billing_interval(env: &Env) {
         day.total, "744.00",
         "its fee is per invoice, whatever the period"
     );
+    // Sent again as it was then (no interval): the same version, nothing new.
+    let again = put_plan(
+        &mut client,
+        fee_plan("legacy", pb::BillingInterval::Unspecified),
+    )
+    .await;
+    assert!(!again.created);
+    assert_eq!(
+        again.plan.unwrap().billing_interval,
+        pb::BillingInterval::BillingPerInvoice as i32
+    );
+    // With an interval it is other content.
     let e = client
         .put_plan(pb::PutPlanRequest {
-            plan: Some(fee_plan("legacy", pb::BillingInterval::Unspecified)),
+            plan: Some(fee_plan("legacy", pb::BillingInterval::BillingMonthly)),
         })
         .await
         .unwrap_err();

@@ -589,12 +589,24 @@ pub async fn put_plan(
         Ok(Appended::Duplicate { .. }) | Err(LogError::Conflict { .. }) => {}
         Err(e) => return Err(log_status(e)),
     }
+    // A version defined before billing intervals, sent again as it was then (no interval):
+    // the same content, as the caller sees it.
+    let as_sent_before = |existing: &Plan| {
+        proto.billing_interval == pb::BillingInterval::Unspecified as i32
+            && *existing
+                == Plan {
+                    billing_interval: BillingInterval::PerInvoice,
+                    ..plan.clone()
+                }
+    };
     match defined_plan(gw, &subject).await? {
-        Some((existing, sequence)) if existing == plan => Ok(Response::new(pb::PutPlanResponse {
-            plan: Some(plan_to_proto(&existing)),
-            sequence,
-            created: false,
-        })),
+        Some((existing, sequence)) if existing == plan || as_sent_before(&existing) => {
+            Ok(Response::new(pb::PutPlanResponse {
+                plan: Some(plan_to_proto(&existing)),
+                sequence,
+                created: false,
+            }))
+        }
         Some((existing, _)) if existing.billing_interval == BillingInterval::PerInvoice => {
             Err(Status::already_exists(format!(
                 "plan {} v{} was defined before billing intervals and bills its fees per invoice; a version is immutable: publish this content as {}",
