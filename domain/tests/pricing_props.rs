@@ -4,7 +4,7 @@
 //! looks up its tier by a linear scan), volume by scanning for the tier of the total, packages
 //! by counting them out in a loop, per unit by adding the price once per unit. It only handles
 //! whole quantities and whole tier bounds, which is what the generators produce; the engine
-//! itself works on any decimal. Billing intervals are counted out on the calendar.
+//! itself works on any decimal. Billing cycles are counted out on the calendar.
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Datelike, TimeDelta, TimeZone, Timelike, Utc};
@@ -109,45 +109,33 @@ fn ref_total(plan: &Plan, usage: &BTreeMap<String, u64>) -> Decimal {
     total.max(ref_round(plan.minimum.unwrap_or_default(), minor))
 }
 
-/// The end of the billing interval that starts at `start`, on paper: months by counting them
-/// on the calendar and keeping the day of the month, or the month's last day if it has fewer.
-fn ref_interval_end(interval: BillingInterval, start: DateTime<Utc>) -> DateTime<Utc> {
-    let months = match interval {
-        BillingInterval::Hour => return start + TimeDelta::seconds(3_600),
-        BillingInterval::Day => return start + TimeDelta::seconds(86_400),
-        BillingInterval::Week => return start + TimeDelta::seconds(7 * 86_400),
-        BillingInterval::Month => 1,
-        BillingInterval::Year => 12,
-        BillingInterval::PerInvoice => unreachable!("per-invoice plans have no interval"),
-    };
-    let index = start.year() * 12 + start.month0() as i32 + months;
-    let (year, month) = (index / 12, index as u32 % 12 + 1);
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let days = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    let day = start.day().min(days[month as usize - 1]);
-    Utc.with_ymd_and_hms(
-        year,
-        month,
-        day,
-        start.hour(),
-        start.minute(),
-        start.second(),
-    )
-    .unwrap()
-        + TimeDelta::nanoseconds(i64::from(start.nanosecond()))
+/// The billing cycle holding `t`, on paper: the hour, the day from midnight, the week from
+/// Monday, the month from the 1st, the year from January 1, all in UTC, counted out on the
+/// calendar.
+fn ref_cycle(interval: BillingInterval, t: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let at = |y: i32, m: u32, d: u32, h: u32| Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap();
+    let midnight = at(t.year(), t.month(), t.day(), 0);
+    let next_month = |y: i32, m: u32| if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    match interval {
+        BillingInterval::Hour => {
+            let start = at(t.year(), t.month(), t.day(), t.hour());
+            (start, start + TimeDelta::seconds(3_600))
+        }
+        BillingInterval::Day => (midnight, midnight + TimeDelta::seconds(86_400)),
+        BillingInterval::Week => {
+            let mut monday = midnight;
+            while monday.weekday() != chrono::Weekday::Mon {
+                monday -= TimeDelta::seconds(86_400);
+            }
+            (monday, monday + TimeDelta::seconds(7 * 86_400))
+        }
+        BillingInterval::Month => {
+            let (y, m) = next_month(t.year(), t.month());
+            (at(t.year(), t.month(), 1, 0), at(y, m, 1, 0))
+        }
+        BillingInterval::Year => (at(t.year(), 1, 1, 0), at(t.year() + 1, 1, 1, 0)),
+        BillingInterval::PerInvoice => unreachable!("per-invoice plans have no cycle"),
+    }
 }
 
 fn usage_of(charge: &Charge, usage: &BTreeMap<String, u64>) -> u64 {
@@ -279,13 +267,18 @@ fn assigned(plan: &Plan, from: DateTime<Utc>) -> PlanAssignment {
     }
 }
 
-/// The billing interval of `interval` that starts with `period` (per invoice: `period` itself).
+/// The billing cycle of `interval` holding `period`'s start (per invoice: `period` itself).
 fn one_interval(interval: BillingInterval, period: Period) -> Period {
-    let end = interval.end_after(period.start).unwrap_or(period.end);
-    Period::new(period.start, end).unwrap()
+    match interval {
+        BillingInterval::PerInvoice => period,
+        _ => {
+            let (start, end) = ref_cycle(interval, period.start);
+            Period::new(start, end).unwrap()
+        }
+    }
 }
 
-/// One whole billing interval of `plan` from `period`'s start, on that plan alone.
+/// One whole billing cycle of `plan` holding `period`'s start, on that plan alone.
 fn whole_period_invoice(
     plan: &Plan,
     period: Period,
@@ -490,9 +483,10 @@ proptest! {
     }
 
     #[test]
-    fn a_shorter_period_pays_its_share_and_a_longer_one_is_refused(
-        interval in interval().prop_filter("has a length", |i| *i != BillingInterval::PerInvoice),
-        flat in money(), currency in currency(), period in period(), part in 0.0f64..=1.0,
+    fn a_part_of_a_cycle_pays_its_share_and_one_crossing_cycles_is_refused(
+        interval in interval().prop_filter("has cycles", |i| *i != BillingInterval::PerInvoice),
+        flat in money(), currency in currency(), period in period(),
+        from in 0.0f64..1.0, part in 0.0f64..=1.0,
     ) {
         let plan = Plan {
             id: "p".into(),
@@ -503,9 +497,11 @@ proptest! {
                                    model: ChargeModel::Flat { amount: flat }, minimum: None }],
             minimum: None,
         };
-        let start = period.start;
-        let whole = (ref_interval_end(interval, start) - start).num_seconds();
-        let seconds = 1 + ((whole - 1) as f64 * part) as i64;
+        let (cycle_start, cycle_end) = ref_cycle(interval, period.start);
+        let whole = (cycle_end - cycle_start).num_seconds();
+        let start = cycle_start + TimeDelta::seconds(((whole - 1) as f64 * from) as i64);
+        let room = (cycle_end - start).num_seconds();
+        let seconds = 1 + ((room - 1) as f64 * part) as i64;
         let price = |seconds: i64| {
             let period = Period::new(start, start + TimeDelta::seconds(seconds)).unwrap();
             let usage = [SegmentUsage { period, usage: BTreeMap::new() }];
@@ -517,9 +513,10 @@ proptest! {
                         ref_round(flat * Decimal::from(seconds) / Decimal::from(whole),
                                   currency.minor_units()));
         prop_assert_eq!(draft.lines[0].proration, (seconds != whole).then_some(share));
-        let refused = matches!(price(whole + 1),
-                               Err(PricingError::PeriodLongerThanInterval { .. }));
-        prop_assert!(refused, "a period one second past the interval was priced");
+        let refused = matches!(price(room + 1),
+                               Err(PricingError::CrossesBillingCycle { boundary, .. })
+                                   if boundary == cycle_end);
+        prop_assert!(refused, "a period one second into the next cycle was priced");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration as Ch, DurationRound, Utc};
+use chrono::{DateTime, Datelike, Duration as Ch, DurationRound, Utc};
 use creto_projections::metering::billing::{plan_subject, seal_json, PLAN_DEFINED};
 use creto_projections::metering::decode::{BACKFILL_SUBJECT_PREFIX, LATE_WINDOW_HOURS};
 use creto_projections::metering::query::{quantity_meter, UsageQuery};
@@ -31,6 +31,11 @@ fn ts(t: DateTime<Utc>) -> Option<prost_types::Timestamp> {
 
 fn this_hour() -> DateTime<Utc> {
     Utc::now().duration_trunc(Ch::hours(1)).unwrap()
+}
+
+/// Today's UTC midnight: daily plans bill UTC calendar days, and an invoice stays in one.
+fn this_day() -> DateTime<Utc> {
+    Utc::now().duration_trunc(Ch::days(1)).unwrap()
 }
 
 fn event(id: &str, sub: &str, time: DateTime<Utc>, quantity: f64, model: &str) -> pb::UsageEvent {
@@ -258,7 +263,8 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
     let (sub, h) = ("sub_corr", this_hour());
     put_plan(&mut client, calls_plan("pro", 1)).await;
     attach(&mut client, sub, "pro", 1, h - Ch::days(1)).await;
-    let now = Utc::now() - Ch::seconds(30);
+    let day = this_day();
+    let now = (Utc::now() - Ch::seconds(30)).max(day);
     ingest(
         env,
         &mut client,
@@ -269,14 +275,14 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
         ],
     )
     .await;
-    let (start, end) = (h - Ch::hours(1), h + Ch::hours(2));
+    let (start, end) = (day, day + Ch::days(1));
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(draft.status, pb::InvoiceStatus::Draft as i32);
     assert!(draft.number.is_empty(), "a draft has no number");
-    // 20 calls: 10 × 1.00 + 10 × 0.25 = 12.50, plus 3 hours of the daily fee: 1.25.
+    // 20 calls: 10 × 1.00 + 10 × 0.25 = 12.50, plus the day's 10.00.
     assert_eq!(
         (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
-        ("20", "13.75")
+        ("20", "22.50")
     );
     assert_eq!(draft.currency, "USD");
     // Same usage, same draft, byte for byte.
@@ -293,10 +299,10 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
     assert_eq!(twice.sequence, voided.sequence);
     assert_eq!(usage(&mut client, sub, start, end).await, 14.0);
     let draft = generate(&mut client, sub, start, end).await.unwrap();
-    // 14 calls: 10.00 + 4 × 0.25 = 11.00, plus 1.25.
+    // 14 calls: 10.00 + 4 × 0.25 = 11.00, plus 10.00.
     assert_eq!(
         (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
-        ("14", "12.25")
+        ("14", "21.00")
     );
 
     // An amend replaces the quantity.
@@ -307,7 +313,7 @@ async fn void_and_amend_change_usage_and_the_draft(env: &Env) {
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(
         (calls_line(&draft).quantity.as_str(), draft.total.as_str()),
-        ("6", "7.25")
+        ("6", "16.00")
     );
 
     // ... or the dimensions.
@@ -396,11 +402,11 @@ async fn late_events_count_in_their_own_period_until_the_window_closes(env: &Env
     put_plan(&mut client, calls_plan("late", 1)).await;
     attach(&mut client, sub, "late", 1, h - Ch::days(5)).await;
     // Two and a half days ago is inside the default 7-day window: its period is still a draft.
-    let (start, end) = (h - Ch::hours(72), h - Ch::hours(48));
+    let (start, end) = (this_day() - Ch::days(3), this_day() - Ch::days(2));
     let before = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(before.status, pb::InvoiceStatus::Draft as i32);
     assert_eq!(before.total, "10.00");
-    let late = h - Ch::hours(60);
+    let late = start + Ch::hours(12);
     let r = ingest(env, &mut client, vec![event("late-1", sub, late, 8.0, "m")]).await;
     assert_eq!(r.accepted, 1, "{r:?}");
     let after = generate(&mut client, sub, start, end).await.unwrap();
@@ -436,7 +442,7 @@ async fn issued_invoices_never_change(env: &Env) {
     let (sub, h) = ("sub_issued", this_hour());
     put_plan(&mut client, calls_plan("pro", 1)).await;
     attach(&mut client, sub, "pro", 1, h - Ch::days(30)).await;
-    let (start, end) = (h - Ch::days(20), h - Ch::days(19));
+    let (start, end) = (this_day() - Ch::days(20), this_day() - Ch::days(19));
     backfill(env, sub, "b1", start + Ch::hours(1), 10.0).await;
     let last = backfill(env, sub, "b2", start + Ch::hours(2), 30.0).await;
     env.wait_applied(last).await;
@@ -545,7 +551,7 @@ async fn numbering_is_gapless_under_concurrent_generation(env: &Env) {
     for s in &subs {
         attach(&mut client, s, "pro", 1, h - Ch::days(40)).await;
     }
-    let (start, end) = (h - Ch::days(20), h - Ch::days(19));
+    let (start, end) = (this_day() - Ch::days(20), this_day() - Ch::days(19));
     // A second replica (gateway only) on the same log and read model.
     let (replica, other) = env.start_metering(false).await;
     // Every subscription twice, once on each replica, all at once.
@@ -596,8 +602,10 @@ async fn overlapping_periods_are_issued_once_under_concurrency(env: &Env) {
     let clients = [client.clone(), other];
     let calls = (0..8).map(|k| {
         let mut c = clients[k % 2].clone();
-        let start = h - Ch::days(30) + Ch::hours(k as i64);
-        tokio::spawn(async move { generate(&mut c, sub, start, start + Ch::days(1)).await })
+        // Periods within one day that all overlap: the same start, ends an hour apart.
+        let start = this_day() - Ch::days(30);
+        let end = start + Ch::hours(k as i64 + 1);
+        tokio::spawn(async move { generate(&mut c, sub, start, end).await })
     });
     let results: Vec<_> = futures::future::join_all(calls)
         .await
@@ -619,7 +627,7 @@ async fn overlapping_periods_are_issued_once_under_concurrency(env: &Env) {
 
 async fn a_plan_change_mid_period_prorates(env: &Env) {
     let (running, mut client) = env.start_metering(true).await;
-    let (sub, h) = ("sub_prorate", this_hour());
+    let sub = "sub_prorate";
     let flat_plan = |version: u32, amount: &str| pb::Plan {
         plan_id: "flat".into(),
         version,
@@ -630,8 +638,10 @@ async fn a_plan_change_mid_period_prorates(env: &Env) {
     };
     put_plan(&mut client, flat_plan(1, "30")).await;
     put_plan(&mut client, flat_plan(2, "60")).await;
-    // A 30-hour period: v1 for its first 10 hours, v2 for the last 20.
-    let start = h - Ch::days(20);
+    // A 30-hour period from a Monday (weeks start on Mondays, UTC): v1 for its first 10
+    // hours, v2 for the last 20.
+    let day = this_day() - Ch::days(20);
+    let start = day - Ch::days(i64::from(day.weekday().num_days_from_monday()));
     let end = start + Ch::hours(30);
     attach(&mut client, sub, "flat", 1, start - Ch::days(1)).await;
     attach(&mut client, sub, "flat", 2, start + Ch::hours(10)).await;
@@ -691,18 +701,19 @@ async fn fees_pay_for_the_billing_interval(env: &Env) {
         pb::BillingInterval::BillingMonthly as i32
     );
     attach(&mut client, "sub_monthly", "monthly", 1, h - Ch::days(90)).await;
-    // One day of it: 744 × 24 h / the hours of the month from that day, half-up to cents.
-    let start = h - Ch::days(20);
+    // One day of it: 744 × 24 h / the hours of that calendar month, half-up to cents.
+    let start = this_day() - Ch::days(20);
+    let month = start.with_day(1).unwrap();
     let month_hours =
-        (start.checked_add_months(chrono::Months::new(1)).unwrap() - start).num_hours();
+        (month.checked_add_months(chrono::Months::new(1)).unwrap() - month).num_hours();
     let cents = (744 * 24 * 100 * 2 + month_hours) / (2 * month_hours);
     let day = generate(&mut client, "sub_monthly", start, start + Ch::days(1))
         .await
         .unwrap();
     assert_eq!(day.total, format!("{}.{:02}", cents / 100, cents % 100));
     assert!(!day.lines[0].proration.is_empty());
-    // More than a month in one invoice: refused, with what to do instead.
-    let long_start = h - Ch::days(80);
+    // Into the next month in one invoice: refused, with what to do instead.
+    let long_start = this_day() - Ch::days(80);
     let e = generate(
         &mut client,
         "sub_monthly",
@@ -713,7 +724,7 @@ async fn fees_pay_for_the_billing_interval(env: &Env) {
     .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(
-        e.message().contains("by a month") && e.message().contains("one invoice per interval"),
+        e.message().contains("by a month") && e.message().contains("one invoice per cycle"),
         "{e:?}"
     );
     // Per-invoice fees are not for new plans.
@@ -879,14 +890,14 @@ async fn fractional_usage_is_summed_exactly(env: &Env) {
     )
     .await;
     attach(&mut client, sub, "packs", 1, h - Ch::days(1)).await;
-    let now = Utc::now() - Ch::seconds(5);
+    let now = (Utc::now() - Ch::seconds(5)).max(this_day());
     for batch in 0..10 {
         let events = (0..1000)
             .map(|i| event(&format!("t{batch}-{i}"), sub, now, 0.1, "m"))
             .collect();
         ingest(env, &mut client, events).await;
     }
-    let (start, end) = (h - Ch::hours(1), h + Ch::hours(1));
+    let (start, end) = (this_day(), this_day() + Ch::days(1));
     assert_eq!(usage(&mut client, sub, start, end).await, 1000.0);
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(
@@ -932,7 +943,7 @@ async fn a_sum_meter_adds_only_what_a_quantity_could_be(env: &Env) {
     )
     .await;
     attach(&mut client, sub, "per_token", 1, h - Ch::days(1)).await;
-    let now = Utc::now() - Ch::seconds(5);
+    let now = (Utc::now() - Ch::seconds(5)).max(this_day());
     let events = [100.0, -50.0, 2e15, 1e300, 0.5]
         .iter()
         .enumerate()
@@ -945,7 +956,7 @@ async fn a_sum_meter_adds_only_what_a_quantity_could_be(env: &Env) {
         })
         .collect();
     ingest(env, &mut client, events).await;
-    let (start, end) = (h - Ch::hours(1), h + Ch::hours(1));
+    let (start, end) = (this_day(), this_day() + Ch::days(1));
     let rows = client
         .query_usage(pb::QueryUsageRequest {
             meter: "tokens".into(),
@@ -1112,7 +1123,7 @@ async fn a_rebuild_gives_the_same_usage_and_invoices(env: &Env) {
     let (sub, h) = ("sub_rebuild", this_hour());
     put_plan(&mut client, calls_plan("pro", 1)).await;
     attach(&mut client, sub, "pro", 1, h - Ch::days(30)).await;
-    let (old_start, old_end) = (h - Ch::days(20), h - Ch::days(19));
+    let (old_start, old_end) = (this_day() - Ch::days(20), this_day() - Ch::days(19));
     for i in 0..5 {
         backfill(
             env,
@@ -1159,7 +1170,7 @@ async fn a_rebuild_gives_the_same_usage_and_invoices(env: &Env) {
         .await
         .unwrap();
     assert_eq!(issued.status, pb::InvoiceStatus::Issued as i32);
-    let (start, end) = (h - Ch::hours(23), h + Ch::hours(1));
+    let (start, end) = (this_day(), this_day() + Ch::days(1));
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     // A void after issuance: the issued invoice keeps its usage, a rebuild must too.
     void(env, &mut client, sub, "b3").await.unwrap();

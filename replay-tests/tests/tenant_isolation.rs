@@ -1028,21 +1028,23 @@ fn attach(from: DateTime<Utc>) -> metering::AttachPlanRequest {
 }
 
 /// A period long past the grace: generating it issues the invoice.
+/// A UTC calendar day: the plan bills by the day, and an invoice stays in one.
 fn past_period() -> metering::GenerateInvoiceRequest {
-    let h = this_hour();
+    let day = Utc::now().duration_trunc(Ch::days(1)).unwrap();
     metering::GenerateInvoiceRequest {
         subscription_id: SUB.into(),
-        period_start: ts(h - Ch::days(20)),
-        period_end: ts(h - Ch::days(19)),
+        period_start: ts(day - Ch::days(20)),
+        period_end: ts(day - Ch::days(19)),
     }
 }
 
-/// The current period (`h`: this hour): a draft.
+/// The UTC day holding `h` (this hour): a draft.
 fn current_period(h: DateTime<Utc>) -> metering::GenerateInvoiceRequest {
+    let day = h.duration_trunc(Ch::days(1)).unwrap();
     metering::GenerateInvoiceRequest {
         subscription_id: SUB.into(),
-        period_start: ts(h - Ch::hours(1)),
-        period_end: ts(h + Ch::hours(1)),
+        period_start: ts(day),
+        period_end: ts(day + Ch::days(1)),
     }
 }
 

@@ -22,7 +22,7 @@ pub struct InvoiceLine {
     pub segment: Period,
     /// Usage billed (the meter's total over the segment); 1 for a flat fee.
     pub quantity: Decimal,
-    /// For a flat fee over part of its plan's billing interval: the share of the interval
+    /// For a flat fee over part of its plan's billing cycle: the share of the cycle
     /// charged. Usage lines are never prorated, they bill the usage that happened in their
     /// segment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -428,7 +428,7 @@ mod tests {
         let daily = fee_invoice(BillingInterval::Day, day).unwrap();
         assert_eq!(daily.lines[0].proration, None);
         assert_eq!(daily.total.to_string(), "62.00");
-        // Two halves of January add up to the month, each measured from its own start.
+        // Two halves of January add up to the month.
         let halves = [(jan(1), jan(17)), (jan(17), feb1())]
             .map(|(a, b)| fee_invoice(BillingInterval::Month, Period::new(a, b).unwrap()));
         let lines: Vec<String> = halves
@@ -438,37 +438,48 @@ mod tests {
         assert_eq!(lines, ["16.00", "15.00"]);
         let month = fee_invoice(BillingInterval::Month, january()).unwrap();
         assert_eq!(month.lines[0].amount.to_string(), "31.00");
+        // So do January's 31 daily invoices.
+        let daily: Decimal = (0..31)
+            .map(|i| {
+                let day = jan(1) + TimeDelta::days(i);
+                let period = Period::new(day, day + TimeDelta::days(1)).unwrap();
+                fee_invoice(BillingInterval::Month, period).unwrap().lines[0].amount
+            })
+            .sum();
+        assert_eq!(daily, d("31"));
     }
 
     #[test]
-    fn a_period_longer_than_the_billing_interval_is_refused() {
+    fn a_period_crossing_into_the_next_billing_cycle_is_refused() {
+        // 2026-01-01 is a Thursday: its week started on Monday, December 29, the next starts
+        // on January 5.
         let err =
-            fee_invoice(BillingInterval::Week, Period::new(jan(1), jan(9)).unwrap()).unwrap_err();
+            fee_invoice(BillingInterval::Week, Period::new(jan(1), jan(6)).unwrap()).unwrap_err();
         assert_eq!(
             err,
-            PricingError::PeriodLongerThanInterval {
+            PricingError::CrossesBillingCycle {
                 plan: PlanRef {
                     id: "pro".into(),
                     version: 1
                 },
                 interval: BillingInterval::Week,
-                start: jan(1),
-                until: jan(8),
+                boundary: jan(5),
             }
         );
-        assert!(err
-            .to_string()
-            .contains("generate one invoice per interval"));
-        // A month from January 31 ends on the last day of February.
+        assert!(err.to_string().contains("one invoice per cycle"));
+        // Thursday to Monday is 4/7 of the week.
+        let week = fee_invoice(BillingInterval::Week, Period::new(jan(1), jan(5)).unwrap());
+        assert_eq!(week.unwrap().lines[0].proration, Some(d("4") / d("7")));
+        // Months run from the 1st: January 31 to February 28 crosses February 1.
         let from_31 = Utc.with_ymd_and_hms(2026, 1, 31, 0, 0, 0).unwrap();
         let feb28 = Utc.with_ymd_and_hms(2026, 2, 28, 0, 0, 0).unwrap();
-        let month = Period::new(from_31, feb28).unwrap();
-        assert!(fee_invoice(BillingInterval::Month, month).is_ok());
-        let longer = Period::new(from_31, feb28 + TimeDelta::hours(1)).unwrap();
         assert!(matches!(
-            fee_invoice(BillingInterval::Month, longer),
-            Err(PricingError::PeriodLongerThanInterval { until, .. }) if until == feb28
+            fee_invoice(BillingInterval::Month, Period::new(from_31, feb28).unwrap()),
+            Err(PricingError::CrossesBillingCycle { boundary, .. }) if boundary == feb1()
         ));
+        let february = Period::new(feb1(), feb1() + TimeDelta::days(28)).unwrap();
+        let whole = fee_invoice(BillingInterval::Month, february).unwrap();
+        assert_eq!((whole.lines[0].proration, whole.total), (None, d("62.00")));
     }
 
     #[test]

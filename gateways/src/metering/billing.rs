@@ -726,7 +726,7 @@ pub async fn attach_plan(
 
 fn pricing_status(e: PricingError) -> Status {
     match e {
-        PricingError::EmptyPeriod { .. } | PricingError::PeriodLongerThanInterval { .. } => {
+        PricingError::EmptyPeriod { .. } | PricingError::CrossesBillingCycle { .. } => {
             Status::invalid_argument(e.to_string())
         }
         PricingError::NoPlanInPeriod { .. } => Status::failed_precondition(format!(

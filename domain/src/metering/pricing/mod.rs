@@ -5,7 +5,7 @@
 //!   package), with validation.
 //! - [`tiers`]: the price of one charge for one quantity, with its tier breakdown.
 //! - [`period`]: a subscription's plan history cut into segments over a billing period, flat
-//!   fees and minimums prorated by the share of their billing interval, usage priced per
+//!   fees and minimums prorated by the share of their billing cycle, usage priced per
 //!   segment.
 //!
 //! Pure and deterministic: the same plans, assignments and usage always give the same lines in
@@ -49,14 +49,13 @@ pub enum PricingError {
         end: DateTime<Utc>,
     },
     #[error(
-        "plan {} v{} bills its fees by {}, so a period starting at {start} can end at {until} at the latest: generate one invoice per interval",
+        "plan {} v{} bills its fees by {} (UTC calendar cycles), and this period crosses into a new cycle at {boundary}: end the invoice there and generate one invoice per cycle",
         plan.id, plan.version, interval.describe()
     )]
-    PeriodLongerThanInterval {
+    CrossesBillingCycle {
         plan: PlanRef,
         interval: BillingInterval,
-        start: DateTime<Utc>,
-        until: DateTime<Utc>,
+        boundary: DateTime<Utc>,
     },
     #[error("no plan is assigned at any time in the period {start} .. {end}")]
     NoPlanInPeriod {

@@ -6,16 +6,17 @@
 //! hands that back to [`price_period`] as [`SegmentUsage`]: usage is never prorated, it is
 //! billed by the plan that was in force when it happened.
 //!
-//! Proration: flat fees and minimums pay for the plan's billing interval ([`BillingInterval`]),
-//! counted from the period's start: its *cycle*. A segment pays the share of the cycle it
-//! covers, `share = seconds in segment / seconds in cycle` (counted to the microsecond, divided
-//! in `Decimal`), and the prorated amount is `round_half_up(amount × share)` in the currency's
-//! minor unit. A period that is exactly one interval, on one plan, has a share of exactly 1 and
-//! bills the list prices; a 1-day period of a monthly plan pays 1/31 of the fee in January. A
-//! period longer than a plan's interval is refused: its tiers would count more than one
-//! interval's usage. A subscription that starts mid-period has no segment before its first
-//! assignment, so it pays only for the time it had a plan. Plans from before billing intervals
-//! ([`BillingInterval::PerInvoice`]) have the period itself as their cycle.
+//! Proration: flat fees and minimums pay for one *cycle* of the plan's billing interval
+//! ([`BillingInterval`]: UTC calendar hours, days, weeks, months, years). A segment pays the
+//! share of its cycle it covers, `share = seconds in segment / seconds in cycle` (counted to
+//! the microsecond, divided in `Decimal`), and the prorated amount is
+//! `round_half_up(amount × share)` in the currency's minor unit. A period that is exactly one
+//! cycle, on one plan, has a share of exactly 1 and bills the list prices; a 1-day period of a
+//! monthly plan pays 1/31 of the fee in January. A segment may not cross into its plan's next
+//! cycle: its tiers would count more than one cycle's usage. A subscription that starts
+//! mid-period has no segment before its first assignment, so it pays only for the time it had
+//! a plan. Plans from before billing intervals ([`BillingInterval::PerInvoice`]) have the
+//! period itself as their cycle.
 //!
 //! Minimums apply per segment, with the plan version in force: a charge's minimum (prorated) is
 //! compared with that charge's line, and the plan's minimum (prorated) with the segment's lines
@@ -197,7 +198,7 @@ pub fn price_period(
                 found: plan.currency,
             });
         }
-        let cycle = cycle(plan, period)?;
+        let cycle = cycle(plan, segment.period, period)?;
         let context = SegmentContext {
             plan,
             period: segment.period,
@@ -210,28 +211,24 @@ pub fn price_period(
     Ok(priced.expect("segments() returns at least one segment"))
 }
 
-/// The stretch `plan`'s fees pay for, from the period's start: one billing interval, which the
-/// period must not outlast.
-fn cycle(plan: &Plan, period: Period) -> Result<Period, PricingError> {
+/// The cycle `plan`'s fees in `segment` pay for: the one holding the segment's start, which
+/// the segment must not leave; the whole period for a per-invoice plan.
+fn cycle(plan: &Plan, segment: Period, whole: Period) -> Result<Period, PricingError> {
     let interval = plan.billing_interval;
     if interval == BillingInterval::PerInvoice {
-        return Ok(period);
+        return Ok(whole);
     }
-    let end = interval
-        .end_after(period.start)
+    let (start, end) = interval
+        .cycle_holding(segment.start)
         .ok_or(PricingError::Overflow)?;
-    if period.end > end {
-        return Err(PricingError::PeriodLongerThanInterval {
+    if segment.end > end {
+        return Err(PricingError::CrossesBillingCycle {
             plan: plan.plan_ref(),
             interval,
-            start: period.start,
-            until: end,
+            boundary: end,
         });
     }
-    Ok(Period {
-        start: period.start,
-        end,
-    })
+    Ok(Period { start, end })
 }
 
 /// Matches the caller's usage to the segments one to one, in segment order.
@@ -272,7 +269,7 @@ fn usage_by_segment<'a>(
 struct SegmentContext<'a> {
     plan: &'a Plan,
     period: Period,
-    /// The billing interval the plan's fees pay for, from the period's start.
+    /// The billing cycle the plan's fees pay for, holding the segment.
     cycle: Period,
     share: Decimal,
     /// Whether the segment is shorter than the period (descriptions then say when).
@@ -313,7 +310,7 @@ impl SegmentContext<'_> {
     ) -> Result<InvoiceLine, PricingError> {
         let quantity = self.quantity(charge, usage)?;
         let price = price_charge(&charge.model, quantity)?;
-        // Flat fees are per billing interval, so a segment pays its share; usage is already
+        // Flat fees are per billing cycle, so a segment pays its share; usage is already
         // the segment's own and is priced as is.
         let (amount, proration) = match charge.model {
             ChargeModel::Flat { .. } if self.period != self.cycle => (

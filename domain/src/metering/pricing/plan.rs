@@ -5,7 +5,7 @@
 //! exact version they were priced with.
 use std::collections::BTreeSet;
 
-use chrono::{DateTime, Months, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, DurationRound, Months, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +25,7 @@ pub struct Plan {
     pub version: u32,
     pub currency: Currency,
     pub charges: Vec<Charge>,
-    /// Minimum commitment per billing interval for the whole plan: when the charges add up to
+    /// Minimum commitment per billing cycle for the whole plan: when the charges add up to
     /// less, the invoice tops them up to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum: Option<Decimal>,
@@ -35,17 +35,18 @@ pub struct Plan {
     pub billing_interval: BillingInterval,
 }
 
-/// The stretch of time a plan's flat fees and minimums pay for. An invoice period shorter
-/// than it pays its share (a 1-day invoice of a monthly plan pays 1/31 of the fee in January);
-/// a longer one is refused, since tiers and packages would then count more than one
-/// interval's usage.
+/// The stretch of time a plan's flat fees and minimums pay for: calendar cycles in UTC (hours,
+/// days from midnight, weeks from Monday, months from the 1st, years from January 1). An
+/// invoice pays the share of the cycle it covers (a 1-day invoice of a monthly plan pays 1/31
+/// of the fee in January, and January's daily invoices add up to the fee), and may not cross
+/// from one cycle into the next: tiers and packages count one cycle's usage at most, and no
+/// anchor drifts from month to month.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BillingInterval {
     Hour,
     Day,
     Week,
-    /// A calendar month from the invoice period's start (January 31 + 1 month is February 28).
     Month,
     Year,
     /// Fees and minimums per invoice, whatever its period: only plan versions defined before
@@ -58,17 +59,33 @@ impl BillingInterval {
         BillingInterval::PerInvoice
     }
 
-    /// The end of the interval that starts at `start`; `None` for [`Self::PerInvoice`], whose
-    /// interval is the invoice period itself, or past the end of time.
-    pub fn end_after(self, start: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        match self {
-            BillingInterval::Hour => start.checked_add_signed(TimeDelta::hours(1)),
-            BillingInterval::Day => start.checked_add_signed(TimeDelta::days(1)),
-            BillingInterval::Week => start.checked_add_signed(TimeDelta::weeks(1)),
-            BillingInterval::Month => start.checked_add_months(Months::new(1)),
-            BillingInterval::Year => start.checked_add_months(Months::new(12)),
-            BillingInterval::PerInvoice => None,
-        }
+    /// The cycle holding `t`, `[start, end)`; `None` for [`Self::PerInvoice`], whose cycle is
+    /// the invoice period itself, or at the ends of time.
+    pub fn cycle_holding(self, t: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        let day = t.duration_trunc(TimeDelta::days(1)).ok()?;
+        let (start, end) = match self {
+            BillingInterval::Hour => {
+                let start = t.duration_trunc(TimeDelta::hours(1)).ok()?;
+                (start, start.checked_add_signed(TimeDelta::hours(1))?)
+            }
+            BillingInterval::Day => (day, day.checked_add_signed(TimeDelta::days(1))?),
+            BillingInterval::Week => {
+                let monday = day.checked_sub_signed(TimeDelta::days(i64::from(
+                    t.weekday().num_days_from_monday(),
+                )))?;
+                (monday, monday.checked_add_signed(TimeDelta::weeks(1))?)
+            }
+            BillingInterval::Month => {
+                let first = day.with_day(1)?;
+                (first, first.checked_add_months(Months::new(1))?)
+            }
+            BillingInterval::Year => {
+                let first = day.with_day(1)?.with_month(1)?;
+                (first, first.checked_add_months(Months::new(12))?)
+            }
+            BillingInterval::PerInvoice => return None,
+        };
+        Some((start, end))
     }
 
     /// "a month", "the invoice period": what one fee pays for, in descriptions and errors.
