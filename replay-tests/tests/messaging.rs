@@ -1024,6 +1024,28 @@ async fn only_the_agents_signing_key_puts_keys_in_its_name(env: &Env) {
     // Alice does too once told to.
     alice.trust_anew("bob");
     alice.send("bob", b"confirmed out of band").await.unwrap();
+
+    // An agent without a signing key: nothing vouches for its keys, so only a client told to
+    // trust such agents seals to them.
+    let dave = EncryptionKeyPair::generate("dave-enc-1");
+    operator
+        .rpc()
+        .register_key(pb::RegisterKeyRequest {
+            agent_id: "dave".into(),
+            key_id: "dave-enc-1".into(),
+            purpose: KeyPurpose::Encryption as i32,
+            public_key: dave.public().to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let refused = alice.send("dave", b"unsigned").await.unwrap_err();
+    assert!(
+        matches!(refused, ClientError::Untrusted(ref why) if why.contains("trust_unsigned_agents")),
+        "{refused}"
+    );
+    alice.trust_unsigned_agents = true;
+    alice.send("dave", b"unsigned, allowed").await.unwrap();
     running.stop().await;
 }
 

@@ -56,29 +56,41 @@ pub fn trusted(
     }
     let mut signers: Vec<(&str, &[u8])> = Vec::new();
     let mut out = HashSet::new();
-    for k in keys {
-        let purpose = KeyPurpose::try_from(k.purpose).unwrap_or(KeyPurpose::Unspecified);
-        let signing = purpose == KeyPurpose::Signing;
-        let is_root = signing && k.endorsed_by.is_empty() && k.public_key == root;
-        let endorsed = !k.endorsed_by.is_empty()
-            && signers.iter().any(|(id, endorser)| {
-                *id == k.endorsed_by
-                    && verify_endorsement(
-                        endorser,
-                        tenant,
-                        agent_id,
-                        &k.key_id,
-                        purpose,
-                        &k.public_key,
-                        &k.endorsement,
-                    )
-                    .is_ok()
-            });
-        if is_root || endorsed {
-            out.insert((k.key_id.clone(), k.purpose, k.public_key.clone()));
-            if signing {
-                signers.push((&k.key_id, &k.public_key));
+    // Until nothing more is trusted: an endorser may be listed after a key it endorsed later
+    // (a key from before endorsements, endorsed by a newer signing key).
+    loop {
+        let before = out.len();
+        for k in keys {
+            let key = (k.key_id.clone(), k.purpose, k.public_key.clone());
+            if out.contains(&key) {
+                continue;
             }
+            let purpose = KeyPurpose::try_from(k.purpose).unwrap_or(KeyPurpose::Unspecified);
+            let signing = purpose == KeyPurpose::Signing;
+            let is_root = signing && k.endorsed_by.is_empty() && k.public_key == root;
+            let endorsed = !k.endorsed_by.is_empty()
+                && signers.iter().any(|(id, endorser)| {
+                    *id == k.endorsed_by
+                        && verify_endorsement(
+                            endorser,
+                            tenant,
+                            agent_id,
+                            &k.key_id,
+                            purpose,
+                            &k.public_key,
+                            &k.endorsement,
+                        )
+                        .is_ok()
+                });
+            if is_root || endorsed {
+                out.insert(key);
+                if signing {
+                    signers.push((&k.key_id, &k.public_key));
+                }
+            }
+        }
+        if out.len() == before {
+            break;
         }
     }
     Ok(out)
@@ -181,5 +193,15 @@ mod tests {
             chain_root(&chain[1..2]).is_none(),
             "no signing key, no root"
         );
+
+        // An endorser listed after the key it endorsed (a key from before endorsements,
+        // endorsed later by a newer signing key) still counts.
+        let late = vec![
+            endorsed(&sig2, listed(KeyPurpose::Encryption, "e1", enc1.public())),
+            listed(KeyPurpose::Signing, "s1", sig1.public()),
+            endorsed(&sig1, listed(KeyPurpose::Signing, "s2", sig2.public())),
+        ];
+        let t = trusted("t", "bob", &root, &late).unwrap();
+        assert!(late.iter().all(|k| is_trusted(&t, k)));
     }
 }

@@ -80,6 +80,9 @@ pub struct AgentClient {
     /// root of the agent's chain when this client first looked (trust on first use). Keep it
     /// with the agent's own keys to carry the trust across restarts.
     pub pins: HashMap<String, Vec<u8>>,
+    /// Whether to seal to agents that never registered a signing key, with the encryption keys
+    /// the directory lists for them (nothing vouches for those). Off by default.
+    pub trust_unsigned_agents: bool,
     /// What this client opened and acknowledged, to refuse replays itself.
     seen: Seen,
 }
@@ -94,8 +97,9 @@ struct Seen {
     acked: HashMap<String, u64>,
     /// Opened and not acknowledged yet: per sender, sequence → message id.
     pending: HashMap<String, std::collections::BTreeMap<u64, String>>,
-    /// Their cursors → (sender, sequence), to apply acknowledgements (which go by cursor).
-    cursors: std::collections::BTreeMap<u64, (String, u64)>,
+    /// Their cursors → (sender, sequence) of each message opened at it (the server picks
+    /// cursors), to apply acknowledgements (which go by cursor).
+    cursors: std::collections::BTreeMap<u64, Vec<(String, u64)>>,
 }
 
 /// Opened messages remembered until acknowledged.
@@ -121,7 +125,10 @@ impl Seen {
             .entry(sender.to_string())
             .or_default()
             .insert(sequence, id.to_string());
-        self.cursors.insert(cursor, (sender.to_string(), sequence));
+        self.cursors
+            .entry(cursor)
+            .or_default()
+            .push((sender.to_string(), sequence));
         // A client that never acknowledges (or does so through `rpc()`) would grow this
         // without end: the oldest are then taken as acknowledged.
         if self.cursors.len() > MAX_UNACKNOWLEDGED {
@@ -133,11 +140,12 @@ impl Seen {
 
     fn acked_through(&mut self, cursor: u64) {
         let later = self.cursors.split_off(&(cursor.saturating_add(1)));
-        for (_, (sender, sequence)) in std::mem::replace(&mut self.cursors, later) {
+        let covered = std::mem::replace(&mut self.cursors, later);
+        for (sender, sequence) in covered.into_values().flatten() {
             let acked = self.acked.entry(sender.clone()).or_default();
             *acked = (*acked).max(sequence);
             if let Some(pending) = self.pending.get_mut(&sender) {
-                *pending = pending.split_off(&(*acked + 1));
+                *pending = pending.split_off(&acked.saturating_add(1));
             }
         }
     }
@@ -205,6 +213,7 @@ impl AgentClient {
             sequences: HashMap::new(),
             verifying: HashMap::new(),
             pins: HashMap::new(),
+            trust_unsigned_agents: false,
             seen: Seen::default(),
         }
     }
@@ -311,7 +320,20 @@ impl AgentClient {
             Some(root) => root.clone(),
             None => match trust::chain_root(&keys) {
                 Some(root) => self.pins.entry(agent.to_string()).or_insert(root).clone(),
-                None => return Ok((keys, None)),
+                // Signing keys, none of which can be a root: the listing is not a chain.
+                None if keys.iter().any(|k| k.purpose == KeyPurpose::Signing as i32) => {
+                    return Err(ClientError::Untrusted(format!(
+                        "the directory lists signing keys for agent {agent:?} but none that begins a chain of endorsements: it cannot be checked"
+                    )))
+                }
+                // No signing key at all: nothing can vouch for its keys, so they are used
+                // only when the caller said so.
+                None if self.trust_unsigned_agents => return Ok((keys, None)),
+                None => {
+                    return Err(ClientError::Untrusted(format!(
+                        "agent {agent:?} has no signing key to vouch for its keys; set trust_unsigned_agents to seal to such agents as the directory lists them"
+                    )))
+                }
             },
         };
         let trusted =
@@ -546,8 +568,8 @@ impl AgentClient {
             &self.encryption,
             Utc::now(),
         )?;
-        // Checked here too, not left to the server: a server that replays a message (or
-        // reorders a pair's) is caught.
+        // Checked here too, not left to the server: a server that hands out again a message
+        // this client acknowledged, or another one under an opened sequence, is caught.
         let h = &opened.header;
         self.seen
             .check(&h.sender_agent_id, h.sequence, &h.message_id)
@@ -571,7 +593,9 @@ impl AgentClient {
             .await?
             .into_inner()
             .acked_through;
-        self.seen.acked_through(acked.min(through_cursor));
+        // What this client asked to acknowledge, not what the server answers: a server that
+        // answered less would keep acknowledged messages open to replay.
+        self.seen.acked_through(through_cursor);
         Ok(acked)
     }
 }
@@ -602,5 +626,16 @@ mod tests {
         seen.acked_through(11);
         assert!(seen.check("alice", 7, "m7").is_err());
         assert!(seen.check("alice", 8, "m8").is_ok());
+        // Two messages handed out under one cursor (the server picks cursors): an ack through
+        // it covers both.
+        seen.opened(12, "alice", 8, "m8");
+        seen.opened(12, "bob", 3, "b3");
+        seen.acked_through(12);
+        assert!(seen.check("alice", 8, "m8").is_err());
+        assert!(seen.check("bob", 3, "b3").is_err());
+        // The largest sequence a sender can use does not overflow the floor.
+        seen.opened(13, "carol", u64::MAX, "last");
+        seen.acked_through(13);
+        assert!(seen.check("carol", u64::MAX, "last").is_err());
     }
 }

@@ -770,7 +770,10 @@ impl MessagingService for MessagingGateway {
                 // A key registered before endorsements existed takes one now, from the agent's
                 // current signing key, so clients that pinned the agent trust it: an upgraded
                 // client's `register` does this for the keys it holds.
+                // Encryption keys only: a signing key endorsed later (by itself, say) would
+                // leave the chain without a root.
                 let endorse_now = same_material(existing)
+                    && purpose == KeyPurpose::Encryption
                     && existing.endorsed_by.is_none()
                     && !r.endorsed_by.is_empty();
                 if same_material(existing) && !endorse_now {
