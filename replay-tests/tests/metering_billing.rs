@@ -600,10 +600,10 @@ async fn overlapping_periods_are_issued_once_under_concurrency(env: &Env) {
     let sub = "sub_overlap";
     attach(&mut client, sub, "pro", 1, h - Ch::days(40)).await;
     let clients = [client.clone(), other];
+    // Periods within one day that all overlap: the same start, ends an hour apart.
+    let start = this_day() - Ch::days(30);
     let calls = (0..8).map(|k| {
         let mut c = clients[k % 2].clone();
-        // Periods within one day that all overlap: the same start, ends an hour apart.
-        let start = this_day() - Ch::days(30);
         let end = start + Ch::hours(k as i64 + 1);
         tokio::spawn(async move { generate(&mut c, sub, start, end).await })
     });
@@ -831,7 +831,8 @@ async fn a_meter_bills_with_its_aggregation(env: &Env) {
     put_plan(&mut client, per_call("calls_count")).await;
     put_plan(&mut client, per_call("calls_avg")).await;
     attach(&mut client, sub, "by_calls_count", 1, h - Ch::days(1)).await;
-    let now = Utc::now() - Ch::seconds(30);
+    // In this hour's invoice below, even in the first 30 s of the hour.
+    let now = (Utc::now() - Ch::seconds(30)).max(h);
     ingest(
         env,
         &mut client,
@@ -890,14 +891,15 @@ async fn fractional_usage_is_summed_exactly(env: &Env) {
     )
     .await;
     attach(&mut client, sub, "packs", 1, h - Ch::days(1)).await;
-    let now = (Utc::now() - Ch::seconds(5)).max(this_day());
+    let day = this_day();
+    let now = (Utc::now() - Ch::seconds(5)).max(day);
     for batch in 0..10 {
         let events = (0..1000)
             .map(|i| event(&format!("t{batch}-{i}"), sub, now, 0.1, "m"))
             .collect();
         ingest(env, &mut client, events).await;
     }
-    let (start, end) = (this_day(), this_day() + Ch::days(1));
+    let (start, end) = (day, day + Ch::days(1));
     assert_eq!(usage(&mut client, sub, start, end).await, 1000.0);
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     assert_eq!(
@@ -943,7 +945,8 @@ async fn a_sum_meter_adds_only_what_a_quantity_could_be(env: &Env) {
     )
     .await;
     attach(&mut client, sub, "per_token", 1, h - Ch::days(1)).await;
-    let now = (Utc::now() - Ch::seconds(5)).max(this_day());
+    let day = this_day();
+    let now = (Utc::now() - Ch::seconds(5)).max(day);
     let events = [100.0, -50.0, 2e15, 1e300, 0.5]
         .iter()
         .enumerate()
@@ -956,7 +959,7 @@ async fn a_sum_meter_adds_only_what_a_quantity_could_be(env: &Env) {
         })
         .collect();
     ingest(env, &mut client, events).await;
-    let (start, end) = (this_day(), this_day() + Ch::days(1));
+    let (start, end) = (day, day + Ch::days(1));
     let rows = client
         .query_usage(pb::QueryUsageRequest {
             meter: "tokens".into(),
@@ -1123,7 +1126,8 @@ async fn a_rebuild_gives_the_same_usage_and_invoices(env: &Env) {
     let (sub, h) = ("sub_rebuild", this_hour());
     put_plan(&mut client, calls_plan("pro", 1)).await;
     attach(&mut client, sub, "pro", 1, h - Ch::days(30)).await;
-    let (old_start, old_end) = (this_day() - Ch::days(20), this_day() - Ch::days(19));
+    let day = this_day();
+    let (old_start, old_end) = (day - Ch::days(20), day - Ch::days(19));
     for i in 0..5 {
         backfill(
             env,
@@ -1170,7 +1174,7 @@ async fn a_rebuild_gives_the_same_usage_and_invoices(env: &Env) {
         .await
         .unwrap();
     assert_eq!(issued.status, pb::InvoiceStatus::Issued as i32);
-    let (start, end) = (this_day(), this_day() + Ch::days(1));
+    let (start, end) = (day, day + Ch::days(1));
     let draft = generate(&mut client, sub, start, end).await.unwrap();
     // A void after issuance: the issued invoice keeps its usage, a rebuild must too.
     void(env, &mut client, sub, "b3").await.unwrap();

@@ -266,15 +266,18 @@ impl MeteringReadModel for SledReadModel {
             .iter()
             .find(|(k, _)| k == "subscription_id")
             .map(|(_, v)| v.clone());
-        let deadline = std::time::Instant::now()
-            + std::time::Duration::from_secs(super::query::USAGE_QUERY_TIMEOUT_SECONDS);
-        let _turn = self
+        let turn = self
             .queries
             .clone()
             .acquire_owned()
             .await
             .map_err(|e| ProjectionError::Embedded(e.to_string()))?;
         let mut events = tokio::task::spawn_blocking(move || {
+            // Held by the read itself: a caller that gives up does not end it, and must not
+            // free its turn while it runs. Its time counts from its turn, not from the wait.
+            let _turn = turn;
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_secs(super::query::USAGE_QUERY_TIMEOUT_SECONDS);
             let mut events = Vec::new();
             for (read, kv) in tree.range(from..to).enumerate() {
                 if read % 4096 == 0 && std::time::Instant::now() > deadline {

@@ -114,7 +114,10 @@ fn http_host(first: &[u8]) -> Claim {
         // Another protocol whose client speaks first in lines (an SSH banner, say); but a line
         // that names HTTP otherwise (`HTTP/1.2`, a trailing space) is one a lenient server
         // may still take as a request and route: refused, not let through unread.
-        if line.windows(6).any(|w| w == b" HTTP/") {
+        let names_http = line
+            .windows(6)
+            .any(|w| w[0].is_ascii_whitespace() && w[1..].eq_ignore_ascii_case(b"http/"));
+        if names_http {
             return Claim::Unreadable;
         }
         return Claim::Nothing;
@@ -131,11 +134,21 @@ fn http_host(first: &[u8]) -> Claim {
                 .filter(|h| h.name.eq_ignore_ascii_case("host"))
                 .map(|h| std::str::from_utf8(h.value).ok().map(str::to_string))
                 .collect::<Vec<_>>();
+            // A target naming an address (a tunnel to it, or a forward proxy's absolute form)
+            // reaches what no name rule can be checked against: refused.
+            let is_address = |host: &str| {
+                normalize(without_port(host))
+                    .parse::<std::net::IpAddr>()
+                    .is_ok()
+            };
             // CONNECT host:port HTTP/1.1: the tunnel's far end is a name asked for too.
             if request
                 .method
                 .is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"))
             {
+                if request.path.is_some_and(is_address) {
+                    return Claim::Unreadable;
+                }
                 names.push(request.path.map(str::to_string));
             }
             // GET http://host:port/path HTTP/1.1: the target's authority wins over Host.
@@ -147,6 +160,9 @@ fn http_host(first: &[u8]) -> Claim {
                 {
                     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
                     let host = authority.rsplit('@').next().unwrap_or_default();
+                    if is_address(host) {
+                        return Claim::Unreadable;
+                    }
                     names.push(Some(host.to_string()));
                 }
             }
@@ -328,8 +344,13 @@ pub mod tests {
         assert_eq!(claimed_name(&many), Claim::Unreadable);
         let bad = b"GET / HTTP/1.1\r\nHo st: evil.example\r\n\r\n";
         assert_eq!(claimed_name(bad), Claim::Unreadable);
-        // A version a lenient server may still take: HTTP/1.2, a trailing space.
-        for line in ["GET / HTTP/1.2", "GET / HTTP/1.1 "] {
+        // A version a lenient server may still take: HTTP/1.2, a trailing space, a tab, case.
+        for line in [
+            "GET / HTTP/1.2",
+            "GET / HTTP/1.1 ",
+            "GET /\tHTTP/1.1",
+            "GET / http/1.1",
+        ] {
             let head = format!("{line}\r\nHost: evil.example\r\n\r\n");
             assert_eq!(claimed_name(head.as_bytes()), Claim::Unreadable, "{line}");
         }
@@ -338,6 +359,11 @@ pub mod tests {
         assert_eq!(claimed_name(tunnel), Claim::Unreadable);
         let same = b"CONNECT api.vendor.com:443 HTTP/1.1\r\nHost: api.vendor.com\r\n\r\n";
         assert_eq!(claimed_name(same), name("api.vendor.com"));
+        // ... and an address there cannot be checked against a name rule.
+        let to_address = b"CONNECT 203.0.113.9:443 HTTP/1.1\r\n\r\n";
+        assert_eq!(claimed_name(to_address), Claim::Unreadable);
+        let absolute = b"GET http://203.0.113.9/ HTTP/1.1\r\nHost: api.vendor.com\r\n\r\n";
+        assert_eq!(claimed_name(absolute), Claim::Unreadable);
         assert_eq!(
             claimed_name(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
             Claim::Unreadable
