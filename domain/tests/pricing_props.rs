@@ -268,7 +268,7 @@ fn assigned(plan: &Plan, from: DateTime<Utc>) -> PlanAssignment {
 }
 
 /// The billing cycle of `interval` holding `period`'s start (per invoice: `period` itself).
-fn one_interval(interval: BillingInterval, period: Period) -> Period {
+fn one_cycle(interval: BillingInterval, period: Period) -> Period {
     match interval {
         BillingInterval::PerInvoice => period,
         _ => {
@@ -284,7 +284,7 @@ fn whole_period_invoice(
     period: Period,
     usage: &BTreeMap<String, u64>,
 ) -> InvoiceDraft {
-    let period = one_interval(plan.billing_interval, period);
+    let period = one_cycle(plan.billing_interval, period);
     let usage = [SegmentUsage {
         period,
         usage: decimal_usage(usage),
@@ -398,7 +398,7 @@ proptest! {
         flat in money(), currency in currency(), period in period(), before in 0i64..=86_400 * 400,
         interval in interval(),
     ) {
-        let period = one_interval(interval, period);
+        let period = one_cycle(interval, period);
         let plan = Plan {
             id: "p".into(),
             version: 1,
@@ -432,7 +432,7 @@ proptest! {
         share_before in prop::collection::vec(0.0f64..=1.0, 3),
         interval in interval(),
     ) {
-        let period = one_interval(interval, period);
+        let period = one_cycle(interval, period);
         // Versions 1 and 2 list the same prices, in cents so that no line needs rounding.
         let charges: Vec<Charge> = prices.iter().enumerate().map(|(i, (cents, meter))| Charge {
             id: format!("c{i}"),

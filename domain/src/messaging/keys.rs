@@ -158,13 +158,7 @@ pub fn check_public_key(signing: bool, bytes: &[u8]) -> Result<(), EnvelopeError
 }
 
 fn proof_message(tenant: &str, agent_id: &str, key_id: &str, public: &[u8]) -> Vec<u8> {
-    let mut m = PROOF_CONTEXT.to_vec();
-    for part in [tenant.as_bytes(), agent_id.as_bytes(), key_id.as_bytes()] {
-        m.extend_from_slice(part);
-        m.push(0);
-    }
-    m.extend_from_slice(public);
-    m
+    registration_message(PROOF_CONTEXT, [tenant, agent_id, key_id], &[], public)
 }
 
 fn endorsement_message(
@@ -174,12 +168,24 @@ fn endorsement_message(
     purpose: KeyPurpose,
     public: &[u8],
 ) -> Vec<u8> {
-    let mut m = ENDORSE_CONTEXT.to_vec();
-    for part in [tenant.as_bytes(), agent_id.as_bytes(), key_id.as_bytes()] {
-        m.extend_from_slice(part);
+    let purpose = [purpose as i32 as u8];
+    registration_message(
+        ENDORSE_CONTEXT,
+        [tenant, agent_id, key_id],
+        &purpose,
+        public,
+    )
+}
+
+/// `context || tenant || 0 || agent_id || 0 || key_id || 0 || extra || public`: what a proof
+/// of possession or an endorsement signs.
+fn registration_message(context: &[u8], ids: [&str; 3], extra: &[u8], public: &[u8]) -> Vec<u8> {
+    let mut m = context.to_vec();
+    for part in ids {
+        m.extend_from_slice(part.as_bytes());
         m.push(0);
     }
-    m.push(purpose as i32 as u8);
+    m.extend_from_slice(extra);
     m.extend_from_slice(public);
     m
 }

@@ -766,109 +766,92 @@ impl MessagingService for MessagingGateway {
                 .map_err(log_status)?
                 .unwrap_or_default();
             let now = Utc::now();
-            if let Some(existing) = agent.get(&r.key_id) {
-                // A key registered before endorsements existed takes one now, from the agent's
-                // current signing key, so clients that pinned the agent trust it: an upgraded
-                // client's `register` does this for the keys it holds.
-                // Encryption keys only: a signing key endorsed later (by itself, say) would
-                // leave the chain without a root.
-                let endorse_now = same_material(existing)
+            // A key registered before endorsements existed takes one now, from the agent's
+            // current signing key, so clients that pinned the agent trust it: an upgraded
+            // client's `register` does this for the newest encryption key it holds. Encryption
+            // keys only: a signing key endorsed later (by itself, say) would leave no root.
+            let endorse_later = |k: &KeyRecord| {
+                same_material(k)
                     && purpose == KeyPurpose::Encryption
-                    && existing.endorsed_by.is_none()
-                    && !r.endorsed_by.is_empty();
-                if same_material(existing) && !endorse_now {
-                    return Ok(Response::new(pb::RegisterKeyResponse {
-                        key: Some(key_to_proto(existing, now)),
-                        rotated: vec![],
-                        already_registered: true,
-                    }));
-                }
-                if endorse_now {
+                    && k.endorsed_by.is_none()
+                    && !r.endorsed_by.is_empty()
+            };
+            let existing = agent.get(&r.key_id);
+            let (event, id, replaces) = match existing {
+                Some(k) if endorse_later(k) => {
                     check_endorsement(&tenant, &agent, &r, purpose)?;
-                    let event = key_event::Event::Registered(pb::KeyRegistered {
+                    let event = pb::KeyRegistered {
                         agent_id: r.agent_id.clone(),
                         key_id: r.key_id.clone(),
                         purpose: purpose as i32,
                         public_key: r.public_key.clone(),
-                        registered_at: ts(existing.registered_at),
+                        registered_at: ts(k.registered_at),
                         endorsed_by: r.endorsed_by.clone(),
                         endorsement: r.endorsement.clone(),
                         ..Default::default()
-                    });
+                    };
                     let id = format!("endorse:{tenant}:{}:{}", r.agent_id, r.key_id);
-                    match self
-                        .append_key_event(
-                            &tenant,
-                            &r.agent_id,
-                            agent.last_sequence,
-                            id,
-                            event,
-                            "messaging.key_registered",
-                        )
-                        .await
-                    {
-                        Ok(()) => {
-                            let after = self
-                                .directory
-                                .agent(&tenant, &r.agent_id)
-                                .unwrap_or_default();
-                            return Ok(Response::new(pb::RegisterKeyResponse {
-                                key: after.get(&r.key_id).map(|k| key_to_proto(k, now)),
-                                rotated: vec![],
-                                already_registered: true,
-                            }));
-                        }
-                        Err(LogError::Conflict { .. }) => {
-                            self.directory.catch_up().await.map_err(log_status)?;
-                            continue;
-                        }
-                        Err(e) => return Err(log_status(e)),
-                    }
+                    (event, id, Vec::new())
                 }
-                return Err(Status::already_exists(format!(
-                    "key id {:?} of agent {:?} is already registered with other material; choose a new key id",
-                    r.key_id, r.agent_id
-                )));
-            }
-            let endorsed = check_endorsement(&tenant, &agent, &r, purpose)?;
-            // Senders wrap each message for every usable encryption key of its recipient, and
-            // Send takes at most max_recipient_keys: one more would leave the agent unreachable.
-            let usable = agent.usable(purpose, now);
-            if !signing && usable.len() >= self.limits.max_recipient_keys {
-                let ends = usable
-                    .iter()
-                    .filter_map(|k| k.valid_until)
-                    .min()
-                    .map_or("never (revoke one)".to_string(), |t| t.to_rfc3339());
-                return Err(Status::failed_precondition(format!(
-                    "agent {:?} already has {} usable encryption keys, the most a message is wrapped for; \
-                     revoke one with RevokeKey or wait for the oldest overlap to end ({ends})",
-                    r.agent_id,
-                    usable.len()
-                )));
-            }
-            let replaces = agent.replaced_by_new(purpose);
-            let until = now + chrono::Duration::from_std(overlap).unwrap_or_default();
-            let event = key_event::Event::Registered(pb::KeyRegistered {
-                agent_id: r.agent_id.clone(),
-                key_id: r.key_id.clone(),
-                purpose: purpose as i32,
-                public_key: r.public_key.clone(),
-                registered_at: ts(now),
-                replaces: replaces.clone(),
-                replaced_valid_until: if replaces.is_empty() { None } else { ts(until) },
-                endorsed_by: if endorsed {
-                    r.endorsed_by.clone()
-                } else {
-                    String::new()
-                },
-                endorsement: if endorsed {
-                    r.endorsement.clone()
-                } else {
-                    Vec::new()
-                },
-            });
-            let id = format!("key:{tenant}:{}:{}", r.agent_id, r.key_id);
+                Some(k) if same_material(k) => {
+                    return Ok(Response::new(pb::RegisterKeyResponse {
+                        key: Some(key_to_proto(k, now)),
+                        rotated: vec![],
+                        already_registered: true,
+                    }));
+                }
+                Some(_) => {
+                    return Err(Status::already_exists(format!(
+                        "key id {:?} of agent {:?} is already registered with other material; choose a new key id",
+                        r.key_id, r.agent_id
+                    )))
+                }
+                None => {
+                    let endorsed = check_endorsement(&tenant, &agent, &r, purpose)?;
+                    // Senders wrap each message for every usable encryption key of its
+                    // recipient, and Send takes at most max_recipient_keys: one more would
+                    // leave the agent unreachable.
+                    let usable = agent.usable(purpose, now);
+                    if !signing && usable.len() >= self.limits.max_recipient_keys {
+                        let ends = usable
+                            .iter()
+                            .filter_map(|k| k.valid_until)
+                            .min()
+                            .map_or("never (revoke one)".to_string(), |t| t.to_rfc3339());
+                        return Err(Status::failed_precondition(format!(
+                            "agent {:?} already has {} usable encryption keys, the most a message is wrapped for; \
+                             revoke one with RevokeKey or wait for the oldest overlap to end ({ends})",
+                            r.agent_id,
+                            usable.len()
+                        )));
+                    }
+                    let replaces = agent.replaced_by_new(purpose);
+                    let until = now + chrono::Duration::from_std(overlap).unwrap_or_default();
+                    let event = pb::KeyRegistered {
+                        agent_id: r.agent_id.clone(),
+                        key_id: r.key_id.clone(),
+                        purpose: purpose as i32,
+                        public_key: r.public_key.clone(),
+                        registered_at: ts(now),
+                        replaces: replaces.clone(),
+                        replaced_valid_until: if replaces.is_empty() { None } else { ts(until) },
+                        endorsed_by: if endorsed {
+                            r.endorsed_by.clone()
+                        } else {
+                            String::new()
+                        },
+                        endorsement: if endorsed {
+                            r.endorsement.clone()
+                        } else {
+                            Vec::new()
+                        },
+                    };
+                    let id = format!("key:{tenant}:{}:{}", r.agent_id, r.key_id);
+                    (event, id, replaces)
+                }
+            };
+            let endorsing = existing.is_some();
+            let event = key_event::Event::Registered(event);
             match self
                 .append_key_event(
                     &tenant,
@@ -887,7 +870,7 @@ impl MessagingService for MessagingGateway {
                         .unwrap_or_default();
                     // A concurrent registration of the same key id stored first (ours was
                     // taken for its duplicate): ours is not registered, unless it is the same.
-                    if after.get(&r.key_id).is_some_and(|k| !same_material(k)) {
+                    if !endorsing && after.get(&r.key_id).is_some_and(|k| !same_material(k)) {
                         return Err(Status::already_exists(format!(
                             "key id {:?} of agent {:?} was just registered with other material; choose a new key id",
                             r.key_id, r.agent_id
@@ -897,7 +880,7 @@ impl MessagingService for MessagingGateway {
                     return Ok(Response::new(pb::RegisterKeyResponse {
                         key: view(&r.key_id),
                         rotated: replaces.iter().filter_map(|id| view(id)).collect(),
-                        already_registered: false,
+                        already_registered: endorsing,
                     }));
                 }
                 Err(LogError::Conflict { .. }) => {

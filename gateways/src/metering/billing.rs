@@ -442,6 +442,9 @@ pub fn plan_from_proto(p: &pb::Plan) -> Result<Plan, Status> {
     Ok(plan)
 }
 
+const INTERVALS: &str =
+    "BILLING_HOURLY, BILLING_DAILY, BILLING_WEEKLY, BILLING_MONTHLY (the default) or BILLING_YEARLY";
+
 fn interval_from_proto(value: i32) -> Result<BillingInterval, Status> {
     use pb::BillingInterval as P;
     match P::try_from(value) {
@@ -450,14 +453,12 @@ fn interval_from_proto(value: i32) -> Result<BillingInterval, Status> {
         Ok(P::BillingDaily) => Ok(BillingInterval::Day),
         Ok(P::BillingWeekly) => Ok(BillingInterval::Week),
         Ok(P::BillingYearly) => Ok(BillingInterval::Year),
-        Ok(P::BillingPerInvoice) => Err(Status::invalid_argument(
+        Ok(P::BillingPerInvoice) => Err(Status::invalid_argument(format!(
             "billing_interval BILLING_PER_INVOICE is kept only for plan versions defined before \
-             billing intervals; choose BILLING_HOURLY, BILLING_DAILY, BILLING_WEEKLY, \
-             BILLING_MONTHLY (the default) or BILLING_YEARLY",
-        )),
+             billing intervals; choose {INTERVALS}"
+        ))),
         Err(_) => Err(Status::invalid_argument(format!(
-            "billing_interval {value} is not a BillingInterval: use BILLING_HOURLY, \
-             BILLING_DAILY, BILLING_WEEKLY, BILLING_MONTHLY (the default) or BILLING_YEARLY"
+            "billing_interval {value} is not a BillingInterval: use {INTERVALS}"
         ))),
     }
 }

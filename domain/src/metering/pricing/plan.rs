@@ -110,7 +110,7 @@ pub struct Charge {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meter: Option<String>,
     pub model: ChargeModel,
-    /// Minimum per billing period for this charge alone.
+    /// Minimum per billing cycle for this charge alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum: Option<Decimal>,
 }
@@ -120,7 +120,7 @@ pub struct Charge {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChargeModel {
-    /// A fixed amount per period, whatever the usage (prorated when the period is split).
+    /// A fixed amount per billing cycle, whatever the usage (prorated for part of one).
     Flat { amount: Decimal },
     /// Every unit at the same price.
     PerUnit { unit_price: Decimal },
