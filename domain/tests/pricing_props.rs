@@ -299,6 +299,28 @@ fn whole_period_invoice(
     .unwrap()
 }
 
+/// "p" v1: one flat fee, `minimum` both on the charge and on the plan.
+fn flat_fee_plan(
+    currency: Currency,
+    billing_interval: BillingInterval,
+    flat: Decimal,
+    minimum: Option<Decimal>,
+) -> Plan {
+    Plan {
+        id: "p".into(),
+        version: 1,
+        currency,
+        billing_interval,
+        charges: vec![Charge {
+            id: "base".into(),
+            meter: None,
+            model: ChargeModel::Flat { amount: flat },
+            minimum,
+        }],
+        minimum,
+    }
+}
+
 fn amount(model: &ChargeModel, units: u64) -> Decimal {
     price_charge(model, Decimal::from(units)).unwrap().amount
 }
@@ -399,16 +421,7 @@ proptest! {
         interval in interval(),
     ) {
         let period = one_cycle(interval, period);
-        let plan = Plan {
-            id: "p".into(),
-            version: 1,
-            currency,
-            billing_interval: interval,
-            charges: vec![Charge { id: "base".into(), meter: None,
-                                   model: ChargeModel::Flat { amount: flat },
-                                   minimum: Some(flat) }],
-            minimum: Some(flat),
-        };
+        let plan = flat_fee_plan(currency, interval, flat, Some(flat));
         // Assigned exactly at the start of the period or any time before.
         let from = period.start - TimeDelta::seconds(before);
         let usage = [SegmentUsage { period, usage: BTreeMap::new() }];
@@ -488,15 +501,7 @@ proptest! {
         flat in money(), currency in currency(), period in period(),
         from in 0.0f64..1.0, part in 0.0f64..=1.0,
     ) {
-        let plan = Plan {
-            id: "p".into(),
-            version: 1,
-            currency,
-            billing_interval: interval,
-            charges: vec![Charge { id: "base".into(), meter: None,
-                                   model: ChargeModel::Flat { amount: flat }, minimum: None }],
-            minimum: None,
-        };
+        let plan = flat_fee_plan(currency, interval, flat, None);
         let (cycle_start, cycle_end) = ref_cycle(interval, period.start);
         let whole = (cycle_end - cycle_start).num_seconds();
         let start = cycle_start + TimeDelta::seconds(((whole - 1) as f64 * from) as i64);

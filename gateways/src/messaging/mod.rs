@@ -11,6 +11,7 @@ pub mod client;
 pub mod delivery;
 pub mod directory;
 pub mod metrics;
+pub mod replay_guard;
 pub mod service;
 
 pub use service::MessagingGateway;

@@ -789,15 +789,15 @@ async fn segment_usage(
     Ok(total)
 }
 
-/// Prices the period from the read model as it is now.
-async fn compute(
+/// The subscription's plan history; none is `FAILED_PRECONDITION`.
+async fn assignments(
     gw: &MeteringGateway,
     tenant: &str,
     subscription_id: &str,
-    period: Period,
-) -> Result<InvoiceDraft, Status> {
-    let billing = gw.read_model.billing();
-    let assignments = billing
+) -> Result<Vec<PlanAssignment>, Status> {
+    let assignments = gw
+        .read_model
+        .billing()
         .assignments(tenant, subscription_id)
         .await
         .map_err(db_status)?;
@@ -806,7 +806,19 @@ async fn compute(
             "subscription {subscription_id:?} has no plan: attach one with AttachPlan"
         )));
     }
-    let segs = segments(&assignments, period).map_err(pricing_status)?;
+    Ok(assignments)
+}
+
+/// Prices the period on `assignments` from the read model as it is now.
+async fn compute(
+    gw: &MeteringGateway,
+    tenant: &str,
+    subscription_id: &str,
+    period: Period,
+    assignments: &[PlanAssignment],
+) -> Result<InvoiceDraft, Status> {
+    let billing = gw.read_model.billing();
+    let segs = segments(assignments, period).map_err(pricing_status)?;
     let mut plans: Vec<Plan> = Vec::new();
     let refs: BTreeSet<&PlanRef> = segs.iter().map(|s| &s.plan).collect();
     for r in refs {
@@ -844,7 +856,7 @@ async fn compute(
             usage: per_meter,
         });
     }
-    compute_invoice(&plans, &assignments, period, &usage).map_err(pricing_status)
+    compute_invoice(&plans, assignments, period, &usage).map_err(pricing_status)
 }
 
 /// The subscription's issued invoices (document and its stored text): the read model's, and
@@ -972,12 +984,8 @@ async fn issue(
 ) -> Result<String, Status> {
     let stream = gw.stream();
     let subject = gw.catalog.subject(&invoices_subject(tenant));
-    let assignments = gw
-        .read_model
-        .billing()
-        .assignments(tenant, subscription_id)
-        .await
-        .map_err(db_status)?;
+    // Read once: the gap check and the pricing of every attempt use them.
+    let assignments = assignments(gw, tenant, subscription_id).await?;
     let mut draft: Option<InvoiceDraft> = None;
     for attempt in 0..ISSUE_ATTEMPTS {
         let last = gw
@@ -1010,7 +1018,7 @@ async fn issue(
         let invoice = match &draft {
             Some(d) => d.clone(),
             None => draft
-                .insert(compute(gw, tenant, subscription_id, period).await?)
+                .insert(compute(gw, tenant, subscription_id, period, &assignments).await?)
                 .clone(),
         };
         let number_seq = previous + 1;
@@ -1200,7 +1208,8 @@ async fn generate(
                 return stored_to_proto(json.clone());
             }
             refuse_overlap(&issued, period)?;
-            let invoice = compute(gw, tenant, &r.subscription_id, period).await?;
+            let assignments = assignments(gw, tenant, &r.subscription_id).await?;
+            let invoice = compute(gw, tenant, &r.subscription_id, period, &assignments).await?;
             let doc = InvoiceDocument {
                 number: None,
                 number_seq: None,
